@@ -1,0 +1,181 @@
+"""The `eaas-jax` command: generate, train."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate completions from a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; its completion is printed")
+    src.add_argument("--input", help="JSONL file: one prompt per line, a string or an object "
+                     "with 'prompt' (text or token ids) and optional sampling fields")
+    p.add_argument("--output", help="JSONL file for the results of --input (default: stdout)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("-n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.set_defaults(func=_generate)
+
+
+def _completion_dict(output) -> dict:
+    return {
+        "request_id": output.request_id,
+        "prompt": output.prompt,
+        "prompt_token_ids": output.prompt_token_ids,
+        "outputs": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "cumulative_logprob": c.cumulative_logprob,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in output.outputs
+        ],
+    }
+
+
+def _read_jsonl(path: str, defaults) -> tuple[list, list]:
+    from eaas_jax.engine import SamplingParams
+
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    prompts, params = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{number}: not valid JSON ({e})")
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if not isinstance(item, dict) or "prompt" not in item:
+                raise SystemExit(f"{path}:{number}: expected a string or an object with a 'prompt'")
+            unknown = set(item) - fields - {"prompt"}
+            if unknown:
+                raise SystemExit(f"{path}:{number}: unknown field(s) {sorted(unknown)}")
+            overrides = {k: v for k, v in item.items() if k != "prompt"}
+            try:
+                params.append(dataclasses.replace(defaults, **overrides))
+            except ValueError as e:
+                raise SystemExit(f"{path}:{number}: {e}")
+            prompts.append(item["prompt"])
+    return prompts, params
+
+
+def _generate(args) -> int:
+    from eaas_jax.engine import Engine, SamplingParams
+
+    try:
+        defaults = SamplingParams(
+            n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+            max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.prompt is not None:
+        prompts, params = [args.prompt], [defaults]
+    else:
+        prompts, params = _read_jsonl(args.input, defaults)
+        if not prompts:
+            raise SystemExit(f"{args.input}: no prompts")
+    engine = Engine(
+        args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype
+    )
+    start = time.time()
+    try:
+        outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    elapsed = time.time() - start
+    if args.prompt is not None:
+        for c in outputs[0].outputs:
+            print(args.prompt + c.text)
+        return 0
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for o in outputs:
+            out.write(json.dumps(_completion_dict(o)) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print(
+        f"{len(outputs)} requests, {prompt_tokens} prompt tokens, {generated} generated tokens "
+        f"in {elapsed:.1f} s: {len(outputs) / elapsed:.2f} req/s, "
+        f"{generated / elapsed:.1f} generated tok/s, {(prompt_tokens + generated) / elapsed:.1f} total tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a small MoE on the stdlib sources and save a checkpoint")
+    p.add_argument("--config", required=True, help="model config JSON (e.g. configs/tiny-moe.json)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--data-root", default=None, help="directory of .py files (default: the stdlib)")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from eaas_jax.model.config import ModelConfig
+    from eaas_jax.train.trainer import TrainSettings, train
+
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        learning_rate=args.lr, seed=args.seed, eval_every=args.eval_every,
+        data_root=args.data_root,
+    )
+    record = train(ModelConfig.load(args.config), args.out, settings)
+    last = record["history"][-1]
+    print(
+        f"saved {args.out}: {record['parameters']:,} parameters, "
+        f"train loss {last['train_loss']:.3f}, held-out loss {last['held_out_loss']:.3f}, "
+        f"{record['train_time_s']:.0f} s"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eaas-jax", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_train(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Serving: `Engine`, sampling parameters, outputs, continuous batching."""
+
+from eaas_jax.engine.engine import Engine
+from eaas_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from eaas_jax.engine.sampling_params import SamplingParams
+
+__all__ = ["CompletionOutput", "Engine", "Logprob", "RequestMetrics", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,277 @@
+"""`Engine`: load a checkpoint, accept requests, run continuous batching."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from eaas_jax.checkpoint.directory import load_model, tokenizer_path
+from eaas_jax.engine.block_allocator import BlockAllocator
+from eaas_jax.engine.outputs import RequestOutput
+from eaas_jax.engine.runner import ModelRunner, StepRows
+from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from eaas_jax.engine.scheduler import Scheduler
+from eaas_jax.engine.sequence import Request, Sequence
+from eaas_jax.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Seq[int]
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """'auto' is bfloat16 on accelerators and float32 on the CPU."""
+    if dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+        return jnp.dtype(_DTYPES[dtype])
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
+class Engine:
+    """Offline and step-wise generation from a checkpoint directory.
+
+    Args:
+      model_path: a checkpoint directory (config.json, params/, tokenizer.json).
+      max_num_seqs: most sequences decoded together in one step.
+      max_model_len: context limit (prompt + completion); default the model's
+        max_position_embeddings.
+      dtype: 'auto', 'float32' or 'bfloat16'.
+      seed: seeds the sampling of requests that do not set their own seed.
+      block_size: tokens per KV cache block.
+      num_kv_blocks: KV cache blocks in the pool; default enough for
+        `max_num_seqs` full-length sequences, capped by `kv_cache_bytes`.
+      max_num_batched_tokens: prompt tokens prefilled together in one step.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        dtype="auto",
+        seed: int = 0,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_bytes: int = 2 << 30,
+        max_num_batched_tokens: int | None = None,
+    ):
+        if max_num_seqs < 1 or block_size < 1:
+            raise ValueError("max_num_seqs and block_size must be >= 1")
+        self.dtype = resolve_dtype(dtype)
+        model = load_model(model_path, dtype=self.dtype)
+        self.config = model.config
+        limit = self.config.max_position_embeddings
+        self.max_model_len = max_model_len or limit
+        if not 2 <= self.max_model_len <= limit:
+            raise ValueError(
+                f"max_model_len must be in [2, max_position_embeddings={limit}], got {max_model_len}"
+            )
+        self.tokenizer = Tokenizer(tokenizer_path(model_path))
+        self.eos_token_id = self.config.eos_token_id
+
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        if num_kv_blocks is None:
+            c = self.config
+            block_bytes = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+            num_kv_blocks = max(blocks_per_seq, min(max_num_seqs * blocks_per_seq, kv_cache_bytes // block_bytes))
+        if num_kv_blocks < blocks_per_seq:
+            raise ValueError(
+                f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
+                f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size})"
+            )
+        self.runner = ModelRunner(
+            model, num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs
+        )
+        self.scheduler = Scheduler(
+            BlockAllocator(num_kv_blocks, block_size),
+            max_num_seqs,
+            max_num_batched_tokens or max(self.max_model_len, 2048),
+        )
+        self._rng = np.random.default_rng(seed)
+        self._ids = itertools.count()
+        self._requests: dict[str, Request] = {}
+        log.info(
+            "engine ready: %s, dtype=%s, max_num_seqs=%d, max_model_len=%d, %d KV blocks of %d",
+            model_path, self.dtype.name, max_num_seqs, self.max_model_len, num_kv_blocks, block_size,
+        )
+
+    # ----------------------------------------------------------------- requests
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("empty prompt")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = list(prompt), None
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+                raise ValueError("a token-id prompt must be a list of integers")
+            ids = [int(t) for t in ids]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens does not fit max_model_len={self.max_model_len} "
+                "(at least one token must be generated)"
+            )
+        if params.stop and not self.tokenizer.available:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
+        bad_stops = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
+        return Request(request_id, text, ids, params, seed)
+
+    def add_request(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queues a request; raises ValueError (queueing nothing) if it is invalid."""
+        request = self._make_request(prompt, sampling_params or SamplingParams(), request_id)
+        self._enqueue(request)
+        return request.request_id
+
+    def _enqueue(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        for seq in request.sequences:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            for seq in request.sequences:
+                self.scheduler.remove(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_compilations(self) -> int:
+        return self.runner.num_compilations
+
+    # --------------------------------------------------------------------- steps
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling step; returns the outputs of the requests it advanced
+        (finished ones for the last time: they are then forgotten)."""
+        prefill, decode = self.scheduler.schedule()
+        now = time.time()
+        for seq in prefill:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        touched: dict[str, Request] = {}
+        for seqs, is_prefill in ((prefill, True), (decode, False)):
+            if seqs:
+                self._run(seqs, is_prefill)
+                for seq in seqs:
+                    touched[seq.request.request_id] = seq.request
+        outputs = []
+        for request in touched.values():
+            outputs.append(request.output(self.tokenizer))
+            if request.finished:
+                request.metrics.finished_time = time.time()
+                outputs[-1].metrics = request.metrics
+                del self._requests[request.request_id]
+        return outputs
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        rows = StepRows([], [], [], [])
+        for seq in seqs:
+            ids = seq.all_ids
+            start = 0 if is_prefill else len(ids) - 1
+            rows.tokens.append(ids[start:])
+            rows.start_positions.append(start)
+            rows.block_tables.append(seq.blocks)
+            rows.sampling.append(seq.sampling_row(self.eos_token_id))
+        want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        result = self.runner.run(rows, MAX_LOGPROBS if want_logprobs else 0)
+        now = time.time()
+        for i, seq in enumerate(seqs):
+            seq.num_cached = len(seq.all_ids)
+            top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
+            seq.append(
+                int(result.tokens[i]), float(result.logprobs[i]), int(result.ranks[i]), top,
+                self.tokenizer, self.eos_token_id, self.max_model_len,
+            )
+            metrics = seq.request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.last_token_time = now
+            if seq.finished:
+                self.scheduler.finish(seq)
+
+    # ------------------------------------------------------------------ offline
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates completions for every prompt; outputs in prompt order.
+
+        Every prompt is validated before any work starts: one bad prompt raises
+        ValueError and nothing is queued.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                requests.append(self._make_request(prompt, p, None))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        for request in requests:
+            self._enqueue(request)
+
+        results: dict[str, RequestOutput] = {}
+        wanted = {r.request_id for r in requests}
+        bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not use_tqdm)
+        generated, start = 0, time.time()
+        try:
+            while len(results) < len(requests):
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix(tok_per_s=f"{generated / (time.time() - start):.0f}")
+        finally:
+            bar.close()
+            for request in requests:  # interrupted: leave nothing of ours queued
+                if request.request_id not in results:
+                    self.abort_request(request.request_id)
+        return [results[r.request_id] for r in requests]

@@ -1,0 +1,108 @@
+"""In-graph token sampling, one row per sequence, each row with its own parameters.
+
+The order follows vLLM: suppress banned tokens (EOS before `min_tokens`), scale by
+temperature, drop tokens under `min_p` x the top probability, keep the `top_k`
+most likely, then the smallest prefix of the rest whose renormalised mass reaches
+`top_p`. Temperature 0 rows take the argmax. Each row draws from its own key,
+`fold_in(fold_in(key(seed), stream), step)`, so a seeded request samples the same
+tokens whatever else is in the batch. Returned log-probabilities are those of the
+model's raw distribution (before any of the above), as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SamplingInputs(NamedTuple):
+    """Per-row sampling parameters, all [B] unless noted."""
+
+    temperature: jax.Array  # float32, 0 = greedy
+    top_p: jax.Array  # float32 in (0, 1]
+    top_k: jax.Array  # int32, <= 0 = disabled
+    min_p: jax.Array  # float32
+    seed: jax.Array  # uint32
+    stream: jax.Array  # int32: which completion of the request
+    step: jax.Array  # int32: index of the token being sampled within the completion
+    banned: jax.Array  # [B, S] int32 token ids to suppress, -1 = none
+
+    @classmethod
+    def padded(cls, rows: list[dict], batch: int, num_banned: int) -> "SamplingInputs":
+        """Host-side arrays for `rows` (dicts of the fields), padded to `batch` rows."""
+
+        def column(name, dtype, fill):
+            out = np.full((batch,), fill, dtype)
+            out[: len(rows)] = [r[name] for r in rows]
+            return out
+
+        banned = np.full((batch, num_banned), -1, np.int32)
+        for i, r in enumerate(rows):
+            banned[i, : len(r["banned"])] = r["banned"]
+        return cls(
+            column("temperature", np.float32, 0.0),
+            column("top_p", np.float32, 1.0),
+            column("top_k", np.int32, 0),
+            column("min_p", np.float32, 0.0),
+            column("seed", np.uint32, 0),
+            column("stream", np.int32, 0),
+            column("step", np.int32, 0),
+            banned,
+        )
+
+
+def _suppress(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    vocab = logits.shape[-1]
+    hits = jnp.zeros(logits.shape, bool)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    hits = hits.at[rows, jnp.where(banned >= 0, banned, vocab)].set(True, mode="drop")
+    return jnp.where(hits, -jnp.inf, logits)
+
+
+def filtered_logits(logits: jax.Array, params: SamplingInputs) -> tuple[jax.Array, jax.Array]:
+    """Temperature-scaled logits with every filtered-out token at -inf, sorted
+    descending per row, and the token id of each sorted position: ([B, V], [B, V])."""
+    logits = _suppress(logits.astype(jnp.float32), params.banned)
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    order = jnp.argsort(-scaled, axis=-1, stable=True)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(ranked.shape[-1])[None, :]
+
+    probs = jax.nn.softmax(ranked, axis=-1)
+    keep = probs >= params.min_p[:, None] * probs[:, :1]
+    keep &= (params.top_k[:, None] <= 0) | (rank < params.top_k[:, None])
+    ranked = jnp.where(keep, ranked, -jnp.inf)
+    # top_p over what is left, renormalised; the most likely token always stays.
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < params.top_p[:, None]) | (rank == 0)
+    return jnp.where(keep, ranked, -jnp.inf), order
+
+
+def sample(
+    logits: jax.Array, params: SamplingInputs, num_top_logprobs: int
+) -> tuple[jax.Array, ...]:
+    """Samples one token per row.
+
+    Returns (token [B] int32, its logprob [B], its rank [B] (1 = most likely),
+    top token ids [B, L], their logprobs [B, L]) with L = num_top_logprobs (static).
+    """
+    raw_logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ranked, order = filtered_logits(logits, params)
+    greedy = order[:, 0]
+
+    def draw(seed, stream, step, row):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
+        return jax.random.categorical(key, row)
+
+    choice = jax.vmap(draw)(params.seed, params.stream, params.step, ranked)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    token = jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
+    token_logprob = jnp.take_along_axis(raw_logprobs, token[:, None], axis=-1)[:, 0]
+    token_rank = 1 + jnp.sum(raw_logprobs > token_logprob[:, None], axis=-1, dtype=jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)
+    return token, token_logprob, token_rank, top_ids.astype(jnp.int32), top_logprobs

@@ -1,0 +1,105 @@
+"""`SamplingParams`: vLLM's names and meanings, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to sample one request's completions.
+
+    n: completions per prompt. temperature: 0 means greedy. top_p: nucleus mass in
+    (0, 1]. top_k: keep the k most likely tokens (0 or -1: all). min_p: drop tokens
+    whose probability is below min_p times the most likely one's. max_tokens: cap
+    on generated tokens (None: up to the context limit). min_tokens: EOS and
+    stop_token_ids are suppressed until this many tokens are generated. stop:
+    strings that end the completion (not included in the text unless
+    include_stop_str_in_output). stop_token_ids: tokens that end it (kept in
+    token_ids). ignore_eos: keep going past EOS. seed: per-request seed making the
+    completion reproducible whatever else is in the batch. logprobs: return the
+    log-probabilities of this many most likely tokens at each step (plus the
+    sampled one).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            f"temperature must be a number >= 0, got {self.temperature!r}",
+        )
+        _check(
+            _is_number(self.top_p) and 0 < self.top_p <= 1,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        _check(
+            _is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
+            f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}",
+        )
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}",
+        )
+        _check(
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
+        )
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+        )
+        _check(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}",
+        )
+        _check(
+            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32),
+            f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            f"stop must be a non-empty string or a list of them, got {self.stop!r}",
+        )
+        _check(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,90 @@
+"""Continuous batching: which sequences run in the next step.
+
+Every step, running sequences first get the KV block their next token needs
+(preempting the most recently admitted ones when the pool is exhausted: their
+blocks are freed and they go back to the front of the queue, to be recomputed
+later, so nothing is lost); then waiting sequences are admitted for prefill
+while there are free rows, free blocks and prefill token budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from eaas_jax.engine.block_allocator import BlockAllocator
+from eaas_jax.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Returns (sequences to prefill, sequences to decode) for the next step."""
+        decode = self._reserve_decode_blocks()
+        prefill, budget = [], self.max_num_batched_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = len(seq.all_ids)
+            need = self.allocator.blocks_for(num_tokens)
+            if need > self.allocator.num_free or (prefill and num_tokens > budget):
+                break
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(need)
+            budget -= num_tokens
+            self.running.append(seq)
+            prefill.append(seq)
+        return prefill, decode
+
+    def _reserve_decode_blocks(self) -> list[Sequence]:
+        decode = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below for an earlier sequence
+                continue
+            position = len(seq.all_ids) - 1  # the last sampled token, not yet cached
+            while position // self.allocator.block_size >= len(seq.blocks):
+                if self.allocator.num_free:
+                    seq.blocks += self.allocator.allocate(1)
+                else:
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+            if seq in self.running:
+                decode.append(seq)
+        return decode
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.num_cached = [], 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log.info("preempted a sequence of %d tokens (KV cache full); it will be recomputed", len(seq.all_ids))
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+
+    def remove(self, seq: Sequence) -> None:
+        """Drops a sequence wherever it is (an aborted request)."""
+        if seq in self.running:
+            self.finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,150 @@
+"""Per-request and per-completion state, and the rules that end a completion."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from eaas_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from eaas_jax.engine.sampling_params import SamplingParams
+from eaas_jax.engine.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One completion being generated: a prompt plus the tokens sampled so far."""
+
+    request: "Request"
+    index: int  # which of the request's n completions
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    # Tokens whose keys/values are in the cache; 0 until (re)prefilled.
+    num_cached: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def sampling_row(self, eos_id: int | None) -> dict:
+        p = self.params
+        banned = []
+        if len(self.output_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids)
+            if eos_id is not None and not p.ignore_eos:
+                banned.append(eos_id)
+        return {
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": max(p.top_k, 0),
+            "min_p": p.min_p,
+            "seed": self.request.seed,
+            "stream": self.index,
+            "step": len(self.output_ids),
+            "banned": banned,
+        }
+
+    def append(
+        self,
+        token: int,
+        logprob: float,
+        rank: int,
+        top: list[tuple[int, float]],
+        tokenizer: Tokenizer,
+        eos_id: int | None,
+        max_model_len: int,
+    ) -> None:
+        """Records a sampled token and decides whether the completion has ended."""
+        p = self.params
+        self.output_ids.append(token)
+        self.cumulative_logprob += logprob
+        if p.logprobs is not None:
+            entry = {
+                tid: Logprob(lp, rank + 1, tokenizer.token_text(tid))
+                for rank, (tid, lp) in enumerate(top[: p.logprobs])
+            }
+            if token not in entry:
+                entry[token] = Logprob(logprob, rank, tokenizer.token_text(token))
+            self.logprobs.append(entry)
+
+        can_stop = len(self.output_ids) >= p.min_tokens
+        if can_stop and not p.ignore_eos and token == eos_id:
+            self.finish_reason = "stop"
+        elif can_stop and token in p.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        if p.stop or self.finished or self._at_length_limit(max_model_len):
+            self.text = tokenizer.decode(self.output_ids, p.skip_special_tokens)
+        if can_stop and p.stop and not self.finished:
+            self._check_stop_strings()
+        if not self.finished and self._at_length_limit(max_model_len):
+            self.finish_reason = "length"
+
+    def _at_length_limit(self, max_model_len: int) -> bool:
+        p = self.params
+        return (p.max_tokens is not None and len(self.output_ids) >= p.max_tokens) or (
+            len(self.request.prompt_ids) + len(self.output_ids) >= max_model_len
+        )
+
+    def _check_stop_strings(self) -> None:
+        found = [(self.text.find(s), s) for s in self.params.stop]
+        found = [(i, s) for i, s in found if i >= 0]
+        if not found:
+            return
+        index, stop = min(found)
+        end = index + len(stop) if self.params.include_stop_str_in_output else index
+        self.text = self.text[:end]
+        self.finish_reason, self.stop_reason = "stop", stop
+
+    def completion(self, tokenizer: Tokenizer) -> CompletionOutput:
+        # `text` is kept current only where stop strings need it; otherwise
+        # decode on demand (once per completion for offline generation).
+        current = self.finished or bool(self.params.stop)
+        return CompletionOutput(
+            index=self.index,
+            text=self.text if current else tokenizer.decode(self.output_ids, self.params.skip_special_tokens),
+            token_ids=list(self.output_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs if self.params.logprobs is not None else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.time()))
+    sequences: list[Sequence] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.sequences = [Sequence(self, i) for i in range(self.params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
+
+    def output(self, tokenizer: Tokenizer) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_ids),
+            outputs=[s.completion(tokenizer) for s in self.sequences],
+            finished=self.finished,
+            metrics=self.metrics,
+        )

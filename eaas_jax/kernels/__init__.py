@@ -1,0 +1,1 @@
+"""Kernels: the fastest implementation per platform behind one function each."""

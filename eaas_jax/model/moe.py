@@ -1,0 +1,100 @@
+"""Mixture-of-Experts pieces, split along the client/server boundary.
+
+Client side (`Router`, `SharedExpert`): decide, per token, which experts and with
+which gate weights; compute the always-on shared expert. Expert side
+(`ExpertBank`): given tokens with their expert ids and gate weights, run the
+routed SwiGLU experts and return the gate-weighted sum per token. The expert
+side is stateless, so it can run in-graph (embedded) or in an expert server.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eaas_jax.kernels.grouped_matmul import grouped_matmul
+from eaas_jax.model.config import ModelConfig
+from eaas_jax.model.layers import SwiGLU, linear
+
+
+class Routing(NamedTuple):
+    expert_ids: jax.Array  # [N, k] int32
+    weights: jax.Array  # [N, k] float32 gate weights
+    probs: jax.Array  # [N, E] float32 full router distribution (for the aux loss)
+
+
+class Router(nnx.Module):
+    """Top-k softmax router."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = linear(config.hidden_size, config.num_experts, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> Routing:
+        logits = self.gate(x).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        weights, ids = jax.lax.top_k(probs, self.top_k)
+        if self.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return Routing(ids.astype(jnp.int32), weights, probs)
+
+
+class SharedExpert(nnx.Module):
+    """The always-active expert(s), optionally scaled by a sigmoid gate."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.mlp = SwiGLU(
+            config.hidden_size, config.shared_expert_intermediate_size, dtype=dtype, rngs=rngs
+        )
+        self.gate = (
+            linear(config.hidden_size, 1, dtype=dtype, rngs=rngs)
+            if config.shared_expert_gate
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.mlp(x)
+        if self.gate is not None:
+            out = out * jax.nn.sigmoid(self.gate(x).astype(jnp.float32)).astype(out.dtype)
+        return out
+
+
+class ExpertBank(nnx.Module):
+    """The routed experts of one layer, weights stacked as [E, d, f] / [E, f, d]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+        self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, dim, hidden), dtype))
+        self.up_proj = nnx.Param(init(rngs.params(), (num_experts, dim, hidden), dtype))
+        self.down_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, dim), dtype))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array) -> jax.Array:
+        """sum_j weights[n, j] * expert[expert_ids[n, j]](x[n]) for every token n.
+
+        x: [N, d]; expert_ids: [N, k] in [0, E), or any value outside it to skip
+        that slot; weights: [N, k]. Returns [N, d] in x's dtype.
+        """
+        num_tokens, top_k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)
+        # Slots for experts not in this bank sort to the end, past every group,
+        # where grouped_matmul leaves them as zeros.
+        sort_key = jnp.where((flat_ids >= 0) & (flat_ids < self.num_experts), flat_ids, self.num_experts)
+        order = jnp.argsort(sort_key, stable=True)
+        token_of_row = order // top_k
+        group_sizes = jnp.bincount(sort_key, length=self.num_experts + 1)[: self.num_experts]
+        rows = x[token_of_row]
+        hidden = jax.nn.silu(grouped_matmul(rows, self.gate_proj[...], group_sizes))
+        hidden = hidden * grouped_matmul(rows, self.up_proj[...], group_sizes)
+        out_rows = grouped_matmul(hidden, self.down_proj[...], group_sizes)
+        row_weights = weights.reshape(-1)[order].astype(jnp.float32)
+        out = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
+        out = out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
+        return out.astype(x.dtype)

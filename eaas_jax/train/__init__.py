@@ -1,0 +1,1 @@
+"""Training: the small optax trainer that produces the shipped checkpoint."""
