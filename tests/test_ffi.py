@@ -12,6 +12,14 @@ import pytest
 from eaas_jax.transport import native
 
 
+@pytest.fixture(autouse=True)
+def on_cpu():
+    """The handlers here are the CPU transport's: run them on the CPU device
+    also on a machine whose default device is a GPU."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _random_headers(n: int, h: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, h), dtype=np.uint8)
 

@@ -80,9 +80,11 @@ class ModelRunner:
     def run(self, rows: StepRows, num_top_logprobs: int) -> StepResult:
         n = len(rows.tokens)
         batch = bucket(n)
-        seq = bucket(max(len(t) for t in rows.tokens))
-        max_blocks = bucket(max(len(b) for b in rows.block_tables))
-        num_banned = bucket(max(len(s["banned"]) for s in rows.sampling))
+        # Minimum buckets: a few padded rows/tokens cost less than a recompile.
+        longest = max(len(t) for t in rows.tokens)
+        seq = 1 if longest == 1 else bucket(longest, 16)
+        max_blocks = bucket(max(len(b) for b in rows.block_tables), 8)
+        num_banned = bucket(max(len(s["banned"]) for s in rows.sampling), 4)
         shape = (batch, seq, max_blocks, num_banned, num_top_logprobs)
         if shape not in self._shapes:
             self._shapes.add(shape)

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random checkpoints and engines built once per session.
+
+Compiling a model step costs seconds on CI's two cores, so engines are shared
+between tests (session scope) and the test models are tiny.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from eaas_jax.checkpoint import save_checkpoint
+from eaas_jax.model import ModelConfig, MoeTransformer
+
+# The numerics tests compare float32 results tightly; on GPUs XLA would
+# otherwise run float32 matmuls in TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "checkpoints", "tiny-moe")
+
+# Every architectural option on: GQA, q/k norm, shared expert with gate, a dense
+# first layer, untied embeddings.
+TINY_CONFIG = ModelConfig(
+    vocab_size=4096,  # the shipped tokenizer's, so text prompts work
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    norm_topk_prob=True,
+    num_shared_experts=1,
+    shared_expert_intermediate_size=24,
+    shared_expert_gate=True,
+    first_k_dense=1,
+    qk_norm=True,
+    attention_bias=True,
+    tie_word_embeddings=False,
+    max_position_embeddings=256,
+    eos_token_id=0,
+)
+
+
+def tiny_model(config: ModelConfig = TINY_CONFIG, seed: int = 0, dtype=jnp.float32) -> MoeTransformer:
+    """A random model whose weights are large enough to make routing and
+    attention patterns non-trivial."""
+    model = MoeTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A random TINY_CONFIG checkpoint with the shipped tokenizer."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny-random")
+    tokenizer = os.path.join(SHIPPED, "tokenizer.json")
+    save_checkpoint(path, tiny_model(), tokenizer_file=tokenizer if os.path.exists(tokenizer) else None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from eaas_jax.engine import Engine
+
+    return Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4)
+
+
+def replace_config(**changes) -> ModelConfig:
+    return dataclasses.replace(TINY_CONFIG, **changes)

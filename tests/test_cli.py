@@ -1,0 +1,81 @@
+"""The `eaas-jax` command: generate (one prompt, JSONL batch) and train."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sysconfig
+
+import pytest
+
+from eaas_jax.checkpoint import load_model
+from eaas_jax.cli import main
+from eaas_jax.model import ModelConfig
+
+from conftest import SHIPPED, replace_config
+
+
+def test_generate_one_prompt_prints_prompt_and_completion(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", tiny_checkpoint, "--prompt", "def f(x):", "--max-tokens", "5",
+                 "--max-model-len", "64", "--max-num-seqs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def f(x):") and len(out.strip()) > len("def f(x):")
+
+
+def test_generate_batch_from_jsonl(tiny_checkpoint, tmp_path, capsys):
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(
+        json.dumps({"prompt": "import os", "max_tokens": 3}) + "\n"
+        + json.dumps("class A:") + "\n\n"
+        + json.dumps({"prompt": [5, 6, 7], "temperature": 0.8, "seed": 1, "n": 2}) + "\n"
+    )
+    assert main(["generate", "--model", tiny_checkpoint, "--input", str(inp), "--output", str(outp),
+                 "--max-tokens", "4", "--max-model-len", "64", "--max-num-seqs", "4"]) == 0
+    rows = [json.loads(line) for line in outp.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["import os", "class A:", None]
+    assert [len(r["outputs"][0]["token_ids"]) for r in rows][:2] == [3, 4]
+    assert len(rows[2]["outputs"]) == 2 and rows[2]["prompt_token_ids"] == [5, 6, 7]
+    assert "generated tok/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [("{broken", "not valid JSON"), ('{"text": "x"}', "'prompt'"), ('{"prompt": "x", "top_p": 7}', "top_p"),
+     ('{"prompt": "x", "colour": 1}', "unknown field")],
+)
+def test_generate_rejects_bad_jsonl_lines_with_their_line_number(tiny_checkpoint, tmp_path, line, message):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('"fine"\n' + line + "\n")
+    with pytest.raises(SystemExit, match=rf"in\.jsonl:2: .*{message}"):
+        main(["generate", "--model", tiny_checkpoint, "--input", str(inp)])
+
+
+def test_generate_rejects_bad_sampling_flags(tiny_checkpoint):
+    with pytest.raises(SystemExit, match="temperature"):
+        main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--temperature", "-1"])
+
+
+def test_train_writes_a_loadable_checkpoint_and_learns(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for name in ("argparse.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py"):
+        shutil.copy(os.path.join(stdlib, name), data / name)
+    config = replace_config(vocab_size=320, eos_token_id=None, max_position_embeddings=128)
+    config_path = tmp_path / "config.json"
+    config.save(config_path)
+    out = tmp_path / "ckpt"
+    assert main(["train", "--config", str(config_path), "--out", str(out), "--steps", "30",
+                 "--batch-size", "8", "--seq-len", "32", "--lr", "1e-2", "--eval-every", "15",
+                 "--data-root", str(data)]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [15, 30]
+    first, last = log["history"]
+    assert last["train_loss"] < first["train_loss"] < math.log(320)  # it learned something
+    assert last["held_out_loss"] < first["held_out_loss"]
+    model = load_model(out)
+    assert model.config.eos_token_id == 0  # the tokenizer's end-of-text token
+    assert (out / "tokenizer.json").exists()
+    assert ModelConfig.load(out / "config.json").vocab_size == 320

@@ -1,0 +1,90 @@
+"""The in-graph sampler on known logits: filters, seeding, suppression, logprobs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eaas_jax.engine.sampler import SamplingInputs, filtered_logits, sample
+
+# Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 for tokens 3, 0, 4, 1, 2.
+PROBS = np.array([0.3, 0.1, 0.05, 0.4, 0.15], np.float32)
+LOGITS = np.log(PROBS)
+
+
+def _inputs(n=1, **fields):
+    row = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stream=0, step=0, banned=[])
+    row.update(fields)
+    return SamplingInputs.padded([dict(row) for _ in range(n)], n, max(1, len(row["banned"])))
+
+
+def _kept(**fields) -> set[int]:
+    ranked, order = jax.jit(filtered_logits)(jnp.asarray(LOGITS[None]), _inputs(**fields))
+    ranked, order = np.asarray(ranked[0]), np.asarray(order[0])
+    return {int(t) for t, v in zip(order, ranked) if np.isfinite(v)}
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({}, {0, 1, 2, 3, 4}),
+        ({"top_k": 2}, {3, 0}),
+        ({"top_k": 1}, {3}),
+        ({"top_p": 0.5}, {3, 0}),  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+        ({"top_p": 0.4}, {3}),
+        ({"top_p": 0.71}, {3, 0, 4}),
+        ({"top_p": 0.01}, {3}),  # the most likely token always stays
+        ({"min_p": 0.3}, {3, 0, 4}),  # threshold 0.12
+        ({"min_p": 0.5}, {3, 0}),  # threshold 0.2
+        ({"top_k": 3, "top_p": 0.5}, {3, 0}),  # top_p on the renormalised top-3
+        ({"top_k": 3, "top_p": 0.75}, {3, 0}),  # 0.4/0.85 + 0.3/0.85 = 0.82 >= 0.75
+        ({"top_k": 3, "top_p": 0.85}, {3, 0, 4}),
+        ({"banned": [3]}, {0, 1, 2, 4}),
+    ],
+)
+def test_filters_keep_exactly_the_specified_tokens(fields, expected):
+    assert _kept(**fields) == expected
+
+
+def test_temperature_changes_the_distribution_not_the_support():
+    ranked, order = filtered_logits(jnp.asarray(LOGITS[None]), _inputs(temperature=0.5))
+    probs = np.asarray(jax.nn.softmax(ranked[0]))
+    expected = PROBS**2 / (PROBS**2).sum()
+    np.testing.assert_allclose(probs, expected[np.asarray(order[0])], rtol=1e-5)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    n = 4000
+    logits = jnp.asarray(np.tile(LOGITS, (n, 1)))
+    params = _inputs(n, top_k=3)._replace(stream=jnp.arange(n, dtype=jnp.int32))
+    tokens, *_ = jax.jit(sample, static_argnums=2)(logits, params, 0)
+    counts = np.bincount(np.asarray(tokens), minlength=5) / n
+    expected = np.array([0.3, 0, 0, 0.4, 0.15]) / 0.85
+    np.testing.assert_allclose(counts, expected, atol=0.03)
+
+
+def test_same_seed_same_token_different_seed_differs():
+    logits = jnp.asarray(np.tile(np.zeros(64, np.float32), (2, 1)))  # uniform over 64 tokens
+    def draw(seeds, steps):
+        params = _inputs(2)._replace(seed=jnp.asarray(seeds, jnp.uint32), step=jnp.asarray(steps, jnp.int32))
+        return np.asarray(sample(logits, params, 0)[0])
+    a = np.array([draw([7, 7], [s, s]) for s in range(20)])
+    assert (a[:, 0] == a[:, 1]).all()  # same (seed, stream, step), same token, whatever the row
+    b = np.array([draw([7, 8], [s, s]) for s in range(20)])
+    assert (b[:, 0] != b[:, 1]).any()
+
+
+def test_greedy_rows_take_the_argmax_and_respect_bans():
+    logits = jnp.asarray(np.stack([LOGITS, LOGITS]))
+    params = SamplingInputs.padded(
+        [dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=s, stream=0, step=0, banned=b)
+         for s, b in ((1, []), (2, [3]))], 2, 1,
+    )
+    tokens, logprob, rank, top_ids, top_lp = sample(logits, params, 2)
+    assert np.asarray(tokens).tolist() == [3, 0]
+    np.testing.assert_allclose(np.asarray(logprob), np.log([0.4, 0.3]), rtol=1e-5)
+    assert np.asarray(rank).tolist() == [1, 2]
+    assert np.asarray(top_ids).tolist() == [[3, 0], [3, 0]]
+    np.testing.assert_allclose(np.asarray(top_lp)[0], np.log([0.4, 0.3]), rtol=1e-5)
