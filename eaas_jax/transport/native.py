@@ -27,6 +27,10 @@ import numpy as np
 
 __all__ = [
     "HEADER_CHECKSUM_TARGET",
+    "SHM_COMBINE_TARGET",
+    "SHM_DISPATCH_TARGET",
+    "SHM_POLL_TARGET",
+    "SHM_REPLY_TARGET",
     "NativeLibraryNotFoundError",
     "built_xla_ffi_api_version",
     "header_checksum",
@@ -44,9 +48,19 @@ _DIST_NAME = "eaas-jax"
 #: XLA custom-call target name of the header checksum handler.
 HEADER_CHECKSUM_TARGET = "eaas_header_checksum"
 
+#: XLA custom-call target names of the ``shm`` transport (see transport/shm.py).
+SHM_DISPATCH_TARGET = "eaas_shm_dispatch"
+SHM_COMBINE_TARGET = "eaas_shm_combine"
+SHM_POLL_TARGET = "eaas_shm_poll"
+SHM_REPLY_TARGET = "eaas_shm_reply"
+
 #: XLA target name -> exported C symbol, registered for platform "cpu".
 _CPU_HANDLERS: dict[str, str] = {
     HEADER_CHECKSUM_TARGET: "eaas_header_checksum",
+    SHM_DISPATCH_TARGET: "eaas_shm_dispatch",
+    SHM_COMBINE_TARGET: "eaas_shm_combine",
+    SHM_POLL_TARGET: "eaas_shm_poll",
+    SHM_REPLY_TARGET: "eaas_shm_reply",
 }
 
 # 32-bit FNV-1a, must match ffi/wire_format.h.
