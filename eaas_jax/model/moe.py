@@ -77,24 +77,40 @@ class ExpertBank(nnx.Module):
         return self.gate_proj.shape[0]
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array) -> jax.Array:
-        """sum_j weights[n, j] * expert[expert_ids[n, j]](x[n]) for every token n.
+        return routed_experts(
+            x, expert_ids, weights, self.gate_proj[...], self.up_proj[...], self.down_proj[...]
+        )
 
-        x: [N, d]; expert_ids: [N, k] in [0, E), or any value outside it to skip
-        that slot; weights: [N, k]. Returns [N, d] in x's dtype.
-        """
-        num_tokens, top_k = expert_ids.shape
-        flat_ids = expert_ids.reshape(-1)
-        # Slots for experts not in this bank sort to the end, past every group,
-        # where grouped_matmul leaves them as zeros.
-        sort_key = jnp.where((flat_ids >= 0) & (flat_ids < self.num_experts), flat_ids, self.num_experts)
-        order = jnp.argsort(sort_key, stable=True)
-        token_of_row = order // top_k
-        group_sizes = jnp.bincount(sort_key, length=self.num_experts + 1)[: self.num_experts]
-        rows = x[token_of_row]
-        hidden = jax.nn.silu(grouped_matmul(rows, self.gate_proj[...], group_sizes))
-        hidden = hidden * grouped_matmul(rows, self.up_proj[...], group_sizes)
-        out_rows = grouped_matmul(hidden, self.down_proj[...], group_sizes)
-        row_weights = weights.reshape(-1)[order].astype(jnp.float32)
-        out = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
-        out = out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
-        return out.astype(x.dtype)
+
+def routed_experts(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    gate_proj: jax.Array,
+    up_proj: jax.Array,
+    down_proj: jax.Array,
+) -> jax.Array:
+    """sum_j weights[n, j] * expert[expert_ids[n, j]](x[n]) for every token n.
+
+    x: [N, d]; expert_ids: [N, k] in [0, E), or any value outside it to skip
+    that slot; weights: [N, k]; expert weights stacked [E, d, f], [E, d, f],
+    [E, f, d]. One grouped matmul per projection over all experts. Returns
+    [N, d] in x's dtype.
+    """
+    num_experts = gate_proj.shape[0]
+    num_tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)
+    # Slots for experts not in this bank sort to the end, past every group,
+    # where grouped_matmul leaves them as zeros.
+    sort_key = jnp.where((flat_ids >= 0) & (flat_ids < num_experts), flat_ids, num_experts)
+    order = jnp.argsort(sort_key, stable=True)
+    token_of_row = order // top_k
+    group_sizes = jnp.bincount(sort_key, length=num_experts + 1)[:num_experts]
+    rows = x[token_of_row]
+    hidden = jax.nn.silu(grouped_matmul(rows, gate_proj, group_sizes))
+    hidden = hidden * grouped_matmul(rows, up_proj, group_sizes)
+    out_rows = grouped_matmul(hidden, down_proj, group_sizes)
+    row_weights = weights.reshape(-1)[order].astype(jnp.float32)
+    out = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
+    out = out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
+    return out.astype(x.dtype)

@@ -1,0 +1,1 @@
+"""Runtime: expert servers (and, next, the attention client step and registry)."""
