@@ -9,18 +9,12 @@
 #include <cstdint>
 #include <string>
 
+#include "export.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// Handler symbols are the only exported names (the library is built with
-// hidden visibility by default).
-#if defined(_WIN32)
-#define EAAS_FFI_EXPORT __declspec(dllexport)
-#else
-#define EAAS_FFI_EXPORT __attribute__((visibility("default")))
-#endif
 
 extern "C" {
 EAAS_FFI_EXPORT XLA_FFI_Error* eaas_header_checksum(XLA_FFI_CallFrame* call_frame);

@@ -71,16 +71,12 @@
 #include <utility>
 #include <vector>
 
+#include "export.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-#if defined(_WIN32)
-#define EAAS_FFI_EXPORT __declspec(dllexport)
-#else
-#define EAAS_FFI_EXPORT __attribute__((visibility("default")))
-#endif
 
 // The handler symbols (defined at the bottom by XLA_FFI_DEFINE_HANDLER_SYMBOL),
 // declared first so they get default visibility (the library hides the rest).
