@@ -669,6 +669,21 @@ Counter CheckHeader(const MessageHeader& h, const Geometry& geo, std::uint16_t k
 // ---------------------------------------------------------------------------
 // eaas_shm_dispatch
 // ---------------------------------------------------------------------------
+// The header of a message this endpoint sends (Publish fills seq, ticket for
+// requests, and the checksum).
+MessageHeader NewHeader(const Transport& tr, std::uint32_t kind, std::int64_t layer,
+                        std::int64_t micro_batch, std::size_t num_tokens) {
+  MessageHeader h{};
+  h.deployment_id = tr.geo().deployment_id;
+  h.kind = kind;
+  h.hidden_dtype = kHiddenF32;
+  h.sender = static_cast<std::uint32_t>(tr.endpoint());
+  h.layer = static_cast<std::uint32_t>(layer);
+  h.micro_batch = static_cast<std::uint32_t>(micro_batch);
+  h.num_tokens = static_cast<std::uint32_t>(num_tokens);
+  return h;
+}
+
 ffi::Error DispatchImpl(ffi::Buffer<ffi::F32, 2> hidden, ffi::Buffer<ffi::S32, 2> expert_ids,
                         ffi::Buffer<ffi::F32, 2> gates, ffi::Buffer<ffi::S32, 2> targets,
                         ffi::Buffer<ffi::S32, 1> servers, ffi::AnyBuffer /*after*/,
@@ -742,14 +757,7 @@ ffi::Error DispatchImpl(ffi::Buffer<ffi::F32, 2> hidden, ffi::Buffer<ffi::S32, 2
       out[s] = -1;
       continue;
     }
-    MessageHeader h{};
-    h.deployment_id = geo.deployment_id;
-    h.kind = kKindRequest;
-    h.hidden_dtype = kHiddenF32;
-    h.sender = static_cast<std::uint32_t>(tr->endpoint());
-    h.layer = static_cast<std::uint32_t>(layer);
-    h.micro_batch = static_cast<std::uint32_t>(micro_batch);
-    h.num_tokens = static_cast<std::uint32_t>(toks.size());
+    const MessageHeader h = NewHeader(*tr, kKindRequest, layer, micro_batch, toks.size());
     const std::uint64_t seq = tr->Publish(
         peer, p, micro_batch, h, /*ticket_is_seq=*/true, [&](std::uint8_t* slot) {
           auto* dh = reinterpret_cast<float*>(slot + layout.hidden_offset);
@@ -1111,14 +1119,8 @@ ffi::Error ReplyImpl(ffi::Buffer<ffi::F32, 2> results, ffi::Buffer<ffi::S32, 0> 
       tr->Count(st == PeerStatus::kRefused ? kPeerRefused : kPeerUnavailable);
       continue;
     }
-    MessageHeader h{};
-    h.deployment_id = geo.deployment_id;
-    h.kind = kKindReply;
-    h.hidden_dtype = kHiddenF32;
-    h.sender = static_cast<std::uint32_t>(tr->endpoint());
-    h.layer = static_cast<std::uint32_t>(a.layer);
-    h.micro_batch = static_cast<std::uint32_t>(a.channel);
-    h.num_tokens = static_cast<std::uint32_t>(a.num_tokens);
+    MessageHeader h = NewHeader(*tr, kKindReply, a.layer, a.channel,
+                                static_cast<std::size_t>(a.num_tokens));
     h.ticket = a.ticket;
     tr->Publish(peer, a.sender, a.channel, h, /*ticket_is_seq=*/false, [&](std::uint8_t* slot) {
       std::memcpy(slot + layout.hidden_offset, res + static_cast<std::int64_t>(a.first_row) * d,
