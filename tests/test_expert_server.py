@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from eaas_jax.runtime.expert_server import ExpertServer, select_experts
+from eaas_jax.runtime.remote_experts import RemoteExperts
 from eaas_jax.transport import shm
 
 from conftest import TINY_CONFIG, tiny_model
@@ -91,3 +93,27 @@ def test_servers_match_the_embedded_experts(model, deployment):
         np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
     # Both servers did work, and each token-slot was computed exactly once.
     assert all(s.rows_served > 0 for s in servers)
+
+
+def test_model_forward_with_remote_experts_equals_embedded(model, deployment):
+    client, table, servers = deployment
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, 4096, size=(2, TOKENS // 2)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(TOKENS // 2), tokens.shape)
+    live = jnp.ones((4,), bool)
+
+    @nnx.jit
+    def forward(model, table, live):
+        remote = RemoteExperts(client, SERVERS, table, live, timeout_us=5_000_000)
+        hidden, _, _ = model.hidden_states(tokens, positions, expert_fn=remote)
+        return model.client.logits(hidden), jnp.stack(remote.statuses)
+
+    logits, statuses = forward(model, jnp.asarray(table), live)
+    assert statuses.shape == (TINY_CONFIG.num_moe_layers, len(SERVERS))
+    assert (np.asarray(statuses) == shm.STATUS_OK).all()
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(tokens)), rtol=1e-4, atol=1e-5)
+
+    # A dead server's experts are not dispatched (routing around it is the
+    # failover's job): its status says nothing was sent, and the result differs.
+    logits_dead, statuses_dead = forward(model, jnp.asarray(table), live.at[SERVERS[1]].set(False))
+    assert (np.asarray(statuses_dead)[:, 1] == shm.STATUS_NOTHING_SENT).all()
+    assert not np.allclose(np.asarray(logits_dead), np.asarray(logits), atol=1e-3)
