@@ -51,10 +51,8 @@ TINY_CONFIG = ModelConfig(
 
 
 def tiny_model(config: ModelConfig = TINY_CONFIG, seed: int = 0, dtype=jnp.float32) -> MoeTransformer:
-    """A random model whose weights are large enough to make routing and
-    attention patterns non-trivial."""
-    model = MoeTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
-    return model
+    """A randomly initialised model (deterministic for a seed)."""
+    return MoeTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 @pytest.fixture(scope="session")

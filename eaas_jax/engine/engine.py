@@ -96,9 +96,7 @@ class Engine:
                 f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
                 f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size})"
             )
-        self.runner = ModelRunner(
-            model, num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs
-        )
+        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
         self.scheduler = Scheduler(
             BlockAllocator(num_kv_blocks, block_size),
             max_num_seqs,
@@ -194,7 +192,6 @@ class Engine:
             outputs.append(request.output(self.tokenizer))
             if request.finished:
                 request.metrics.finished_time = time.time()
-                outputs[-1].metrics = request.metrics
                 del self._requests[request.request_id]
         return outputs
 

@@ -55,11 +55,10 @@ def _step(graphdef, params, kv_cache, tokens, positions, paged, last_index, samp
 
 
 class ModelRunner:
-    def __init__(self, model: MoeTransformer, *, num_blocks: int, block_size: int, max_num_seqs: int):
+    def __init__(self, model: MoeTransformer, *, num_blocks: int, block_size: int):
         self.config = model.config
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.max_rows = bucket(max_num_seqs)
         self._graphdef, self._params = nnx.split(model)
         dtype = model.client.embed_tokens.embedding.get_value().dtype
         self.kv_cache: KVCache = tuple(
