@@ -1,4 +1,4 @@
-"""The `eaas-jax` command: generate, train."""
+"""The `eaas-jax` command: generate, serve-experts, train."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--deployment", help="deployment TOML: run the experts in expert servers "
+                   "(started here unless --registry is given)")
+    p.add_argument("--registry", help="etcd://HOST:PORT where the deployment's servers registered")
     p.set_defaults(func=_generate)
 
 
@@ -83,7 +86,7 @@ def _read_jsonl(path: str, defaults) -> tuple[list, list]:
 
 
 def _generate(args) -> int:
-    from eaas_jax.engine import Engine, SamplingParams
+    from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 
     try:
         defaults = SamplingParams(
@@ -99,13 +102,17 @@ def _generate(args) -> int:
         prompts, params = _read_jsonl(args.input, defaults)
         if not prompts:
             raise SystemExit(f"{args.input}: no prompts")
+    if args.registry and not args.deployment:
+        raise SystemExit("error: --registry needs --deployment (the servers it names)")
     engine = Engine(
-        args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype
+        args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
+        deployment=args.deployment, registry=args.registry,
     )
     start = time.time()
     try:
-        outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
-    except ValueError as e:
+        with engine:
+            outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
+    except (ValueError, ExpertServerError) as e:
         raise SystemExit(f"error: {e}")
     elapsed = time.time() - start
     if args.prompt is not None:
@@ -127,6 +134,35 @@ def _generate(args) -> int:
         f"{generated / elapsed:.1f} generated tok/s, {(prompt_tokens + generated) / elapsed:.1f} total tok/s",
         file=sys.stderr,
     )
+    return 0
+
+
+def _add_serve_experts(sub) -> None:
+    p = sub.add_parser("serve-experts", help="run one expert server of a deployment")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--deployment", required=True, help="deployment TOML (configs/deploy/)")
+    p.add_argument("--server", required=True, help="which of the deployment's servers this is")
+    p.add_argument("--registry", help="etcd://HOST:PORT to register in (lease as heartbeat)")
+    p.add_argument("--shm-name", help="shared-memory name (default: the deployment's name)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_serve_experts)
+
+
+def _serve_experts(args) -> int:
+    from eaas_jax.checkpoint import CheckpointError
+    from eaas_jax.engine.engine import resolve_dtype
+    from eaas_jax.runtime.deployment import DeploymentError
+    from eaas_jax.runtime.expert_server import run_expert_server
+    from eaas_jax.runtime.registry import RegistryError
+
+    try:
+        run_expert_server(
+            args.model, args.deployment, args.server, shm_name=args.shm_name, registry=args.registry,
+            dtype=resolve_dtype(args.dtype), exit_with_parent=args.exit_with_parent,
+        )
+    except (CheckpointError, DeploymentError, RegistryError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     return 0
 
 
@@ -168,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve_experts(sub)
     _add_train(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from eaas_jax.checkpoint import flat_params
 from eaas_jax.runtime.expert_server import ExpertServer, select_experts
 from eaas_jax.runtime.remote_experts import RemoteExperts
 from eaas_jax.transport import shm
@@ -43,7 +44,7 @@ def deployment(model):
                 table[l, e] = ep_index
             ep = shm.ShmEndpoint(name, ep_index, **geometry)
             endpoints.append(ep)
-            server = ExpertServer(ep, select_experts(model.experts, hosted), poll_timeout_us=2_000)
+            server = ExpertServer(ep, select_experts(flat_params(model), hosted, TINY_CONFIG), poll_timeout_us=2_000)
             servers.append(server)
             threads.append(threading.Thread(target=server.serve, daemon=True))
             threads[-1].start()
@@ -60,9 +61,9 @@ def deployment(model):
 
 def test_select_experts_rejects_unknown_experts(model):
     with pytest.raises(ValueError, match="outside"):
-        select_experts(model.experts, [(0, 99)])
+        select_experts(flat_params(model), [(0, 99)], TINY_CONFIG)
     with pytest.raises(ValueError, match="at least one"):
-        select_experts(model.experts, [])
+        select_experts(flat_params(model), [], TINY_CONFIG)
 
 
 def test_servers_match_the_embedded_experts(model, deployment):
@@ -104,7 +105,7 @@ def test_model_forward_with_remote_experts_equals_embedded(model, deployment):
     @nnx.jit
     def forward(model, table, live):
         remote = RemoteExperts(client, SERVERS, table, live, timeout_us=5_000_000)
-        hidden, _, _ = model.hidden_states(tokens, positions, expert_fn=remote)
+        hidden, _, _ = model.hidden_states(tokens, positions, experts=remote)
         return model.client.logits(hidden), jnp.stack(remote.statuses)
 
     logits, statuses = forward(model, jnp.asarray(table), live)

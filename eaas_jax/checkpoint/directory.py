@@ -20,7 +20,7 @@ from flax import nnx
 
 from eaas_jax.checkpoint.params import flat_params, with_params
 from eaas_jax.model.config import ConfigError, ModelConfig
-from eaas_jax.model.transformer import MoeTransformer
+from eaas_jax.model.transformer import AttentionClientModel, MoeTransformer
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -102,10 +102,9 @@ def check_stored_shapes(params_dir: str, expected: dict, config_path: str) -> No
             )
 
 
-def load_model(
-    directory: str | os.PathLike, *, dtype=jnp.float32, device: jax.Device | None = None
-) -> MoeTransformer:
-    """Restores the model of a checkpoint directory in `dtype` on `device`."""
+def _open(directory, dtype) -> tuple[str, MoeTransformer, dict]:
+    """Checks a checkpoint directory; returns its params dir, the abstract model
+    (from `nnx.eval_shape`) and the expected {name: ShapeDtypeStruct}."""
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory}")
@@ -113,21 +112,63 @@ def load_model(
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"missing {PARAMS_DIR}/ (orbax parameters) in {directory}")
-
     abstract_model = nnx.eval_shape(lambda: MoeTransformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
     expected = flat_params(abstract_model)
     check_stored_shapes(params_dir, expected, os.path.join(directory, CONFIG_FILE))
+    return params_dir, abstract_model, expected
 
+
+def load_model(
+    directory: str | os.PathLike, *, dtype=jnp.float32, device: jax.Device | None = None
+) -> MoeTransformer:
+    """Restores the model of a checkpoint directory in `dtype` on `device`."""
+    params_dir, abstract_model, expected = _open(directory, dtype)
+    return with_params(abstract_model, _restore(params_dir, expected, dtype, device))
+
+
+def load_client(
+    directory: str | os.PathLike, *, dtype=jnp.float32, device: jax.Device | None = None
+) -> AttentionClientModel:
+    """Restores only the attention client (no routed experts): what a client of
+    expert servers needs."""
+    params_dir, abstract_model, expected = _open(directory, dtype)
+    wanted = {k: v for k, v in expected.items() if k.startswith("client.")}
+    params = _restore(params_dir, wanted, dtype, device, partial=True)
+    return with_params(abstract_model.client, {k[len("client."):]: v for k, v in params.items()})
+
+
+def _restore(params_dir: str, expected: dict, dtype, device, *, partial: bool = False) -> dict:
+    """Reads the arrays named in `expected` (all of them, or a subset if `partial`)."""
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     target = {
         name: jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype), sharding=sharding)
         for name, spec in expected.items()
     }
     try:
-        params = ocp.StandardCheckpointer().restore(params_dir, target)
+        if not partial:
+            return ocp.StandardCheckpointer().restore(params_dir, target)
+        args = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        return ocp.PyTreeCheckpointer().restore(params_dir, args=args)
     except Exception as e:  # corrupt or truncated array data
         raise CheckpointError(f"{params_dir}: failed to read parameters ({e})") from None
-    return with_params(abstract_model, params)
+
+
+def load_expert_banks(
+    directory: str | os.PathLike, moe_layers, *, dtype=jnp.float32, device: jax.Device | None = None
+) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """Reads only the routed-expert banks of `moe_layers` (what an expert server
+    needs), checked like `load_model` checks the whole model.
+
+    Returns the config and `{"experts.banks.<i>.<proj>": array}` for those layers.
+    """
+    params_dir, abstract_model, expected = _open(directory, dtype)
+    prefixes = tuple(f"experts.banks.{int(i)}." for i in sorted(set(moe_layers)))
+    wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
+    return abstract_model.config, _restore(params_dir, wanted, dtype, device, partial=True)
 
 
 def tokenizer_path(directory: str | os.PathLike) -> str | None:

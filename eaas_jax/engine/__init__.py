@@ -3,5 +3,8 @@
 from eaas_jax.engine.engine import Engine
 from eaas_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from eaas_jax.engine.sampling_params import SamplingParams
+from eaas_jax.runtime.client import ExpertServerError
 
-__all__ = ["CompletionOutput", "Engine", "Logprob", "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "CompletionOutput", "Engine", "ExpertServerError", "Logprob", "RequestMetrics", "RequestOutput", "SamplingParams",
+]

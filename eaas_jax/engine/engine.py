@@ -13,14 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from eaas_jax.checkpoint.directory import load_model, tokenizer_path
+from eaas_jax.checkpoint.directory import load_client, load_config, load_model, tokenizer_path
 from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.outputs import RequestOutput
-from eaas_jax.engine.runner import ModelRunner, StepRows
+from eaas_jax.engine.runner import EmbeddedExperts, ModelRunner, StepRows
 from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
+from eaas_jax.runtime.client import RemoteExpertBackend, check_exchanges
+from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
+from eaas_jax.transport import shm
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,14 @@ class Engine:
       num_kv_blocks: KV cache blocks in the pool; default enough for
         `max_num_seqs` full-length sequences, capped by `kv_cache_bytes`.
       max_num_batched_tokens: prompt tokens prefilled together in one step.
+      deployment: None to compute the experts in the engine's own graph; a
+        deployment TOML (`configs/deploy/`) to run them in expert servers, which
+        the engine starts itself (or finds in `registry`); or a running
+        `LocalCluster`/`RegistryCluster` to share with other engines.
+      registry: `etcd://HOST:PORT` where the deployment's servers registered.
+
+    With a deployment, call `shutdown()` (or use the engine as a context
+    manager) to stop the servers it started and remove their shared memory.
     """
 
     def __init__(
@@ -71,12 +82,64 @@ class Engine:
         num_kv_blocks: int | None = None,
         kv_cache_bytes: int = 2 << 30,
         max_num_batched_tokens: int | None = None,
+        deployment: str | os.PathLike | LocalCluster | RegistryCluster | None = None,
+        registry: str | None = None,
     ):
         if max_num_seqs < 1 or block_size < 1:
             raise ValueError("max_num_seqs and block_size must be >= 1")
+        if registry is not None and deployment is None:
+            raise ValueError("registry needs a deployment (the file naming the servers to find)")
         self.dtype = resolve_dtype(dtype)
-        model = load_model(model_path, dtype=self.dtype)
-        self.config = model.config
+        self.cluster = None
+        self._owns_cluster = False
+        self._client_endpoint: shm.ShmEndpoint | None = None
+        if deployment is None:
+            model = load_model(model_path, dtype=self.dtype)
+            self.config, client, experts = model.config, model.client, EmbeddedExperts(model.experts)
+        else:
+            self.config = load_config(model_path)
+            try:
+                client, experts = self._connect(model_path, deployment, registry)
+            except BaseException:
+                self.shutdown()
+                raise
+        try:
+            self._init_scheduling(model_path, client, experts, max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len, block_size=block_size,
+                                  num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
+                                  max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _connect(self, model_path, deployment, registry):
+        """Starts or finds the expert servers, opens this client's endpoint."""
+        if isinstance(deployment, (LocalCluster, RegistryCluster)):
+            self.cluster = deployment
+        elif registry is not None:
+            self.cluster, self._owns_cluster = RegistryCluster(registry, deployment), True
+        else:
+            self.cluster = LocalCluster(model_path, deployment, dtype=self.dtype.name)
+            self._owns_cluster = True
+        spec = self.cluster.deployment
+        spec.check(self.config)
+        client = load_client(model_path, dtype=self.dtype)
+        endpoint = self.cluster.claim_client()
+        try:
+            self._client_endpoint = shm.ShmEndpoint(self.cluster.shm_name, endpoint, **spec.geometry(self.config))
+        except BaseException:
+            self.cluster.release_client(endpoint)
+            raise
+        for server in range(spec.num_servers):
+            self._client_endpoint.connect(server, timeout=30.0)
+        experts = RemoteExpertBackend(
+            self._client_endpoint, list(range(spec.num_servers)), spec.routing_table(self.config),
+            timeout_us=spec.timeout_ms * 1000, double_batching=spec.double_batching,
+        )
+        return client, experts
+
+    def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
+                         num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, seed):
         limit = self.config.max_position_embeddings
         self.max_model_len = max_model_len or limit
         if not 2 <= self.max_model_len <= limit:
@@ -96,7 +159,7 @@ class Engine:
                 f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
                 f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size})"
             )
-        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
+        self.runner = ModelRunner(client, experts, num_blocks=num_kv_blocks, block_size=block_size)
         self.scheduler = Scheduler(
             BlockAllocator(num_kv_blocks, block_size),
             max_num_seqs,
@@ -106,9 +169,30 @@ class Engine:
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         log.info(
-            "engine ready: %s, dtype=%s, max_num_seqs=%d, max_model_len=%d, %d KV blocks of %d",
+            "engine ready: %s, dtype=%s, max_num_seqs=%d, max_model_len=%d, %d KV blocks of %d, experts %s",
             model_path, self.dtype.name, max_num_seqs, self.max_model_len, num_kv_blocks, block_size,
+            "embedded" if self.cluster is None else f"in {self.cluster.deployment.num_servers} servers",
         )
+
+    # ----------------------------------------------------------------- lifetime
+
+    def shutdown(self) -> None:
+        """Leaves the deployment: closes this client's mailbox, frees its slot,
+        and stops the expert servers this engine started (idempotent)."""
+        if self._client_endpoint is not None:
+            endpoint = self._client_endpoint
+            self._client_endpoint = None
+            endpoint.close()
+            self.cluster.release_client(endpoint.endpoint)
+        if self._owns_cluster:
+            self._owns_cluster = False
+            self.cluster.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ----------------------------------------------------------------- requests
 
@@ -205,7 +289,10 @@ class Engine:
             rows.block_tables.append(seq.blocks)
             rows.sampling.append(seq.sampling_row(self.eos_token_id))
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
-        result = self.runner.run(rows, MAX_LOGPROBS if want_logprobs else 0)
+        result, exchanges = self.runner.run(rows, MAX_LOGPROBS if want_logprobs else 0)
+        if self.cluster is not None:
+            check_exchanges(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
+                            self.cluster.deployment.timeout_ms)
         now = time.time()
         for i, seq in enumerate(seqs):
             seq.num_cached = len(seq.all_ids)

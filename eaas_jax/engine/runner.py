@@ -18,7 +18,7 @@ from flax import nnx
 
 from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
-from eaas_jax.model.transformer import KVCache, MoeTransformer
+from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +46,68 @@ class StepResult(NamedTuple):
     top_logprobs: np.ndarray  # [rows, L]
 
 
-def _step(graphdef, params, kv_cache, tokens, positions, paged, last_index, sampling, *, num_top_logprobs):
-    model = nnx.merge(graphdef, params)
-    hidden, kv_cache, _ = model.hidden_states(tokens, positions, kv_cache, paged)
+class StepStatuses(NamedTuple):
+    """What the expert exchanges of one step reported (empty when embedded)."""
+
+    statuses: np.ndarray  # [exchanges, servers] transport status codes
+    labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each exchange
+
+
+class EmbeddedExperts:
+    """The routed experts computed in the client's own graph."""
+
+    def __init__(self, experts: ExpertStack):
+        self._graphdef, self.arrays = nnx.split(experts)
+
+    def num_micro_batches(self, batch: int) -> int:
+        return 1
+
+    def exchange(self, arrays):
+        return nnx.merge(self._graphdef, arrays)
+
+    def traced_exchanges(self) -> list[tuple[int, int]]:
+        return []
+
+
+def _step(client_graphdef, backend, client_params, expert_arrays, kv_cache, tokens, positions, paged,
+          last_index, sampling, *, num_top_logprobs):
+    client = nnx.merge(client_graphdef, client_params)
+    experts = backend.exchange(expert_arrays)
+    token_mask = paged.slot_mapping < kv_cache[0].k.shape[0] * kv_cache[0].k.shape[1]
+    hidden, kv_cache, _ = client.hidden_states(
+        tokens, positions, experts, kv_cache, paged,
+        num_micro_batches=backend.num_micro_batches(tokens.shape[0]), token_mask=token_mask,
+    )
     last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
-    logits = model.client.logits(last)
-    return sample(logits, sampling, num_top_logprobs), kv_cache
+    logits = client.logits(last)
+    statuses = getattr(experts, "statuses", [])
+    statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
+    return sample(logits, sampling, num_top_logprobs), kv_cache, statuses
 
 
 class ModelRunner:
-    def __init__(self, model: MoeTransformer, *, num_blocks: int, block_size: int):
-        self.config = model.config
+    """Runs steps of `client` with routed experts from `experts`: an
+    `EmbeddedExperts` or a remote backend (`eaas_jax.runtime.client`) with the
+    same members (`arrays`, `num_micro_batches`, `exchange`, `traced_exchanges`:
+    the (moe_layer, micro_batch) of each status row of the last traced step)."""
+
+    def __init__(self, client: AttentionClientModel, experts, *, num_blocks: int, block_size: int):
+        self.config = client.config
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._graphdef, self._params = nnx.split(model)
-        dtype = model.client.embed_tokens.embedding.get_value().dtype
+        self.experts = experts
+        client_graphdef, self._client_params = nnx.split(client)
+        dtype = client.embed_tokens.embedding.get_value().dtype
         self.kv_cache: KVCache = tuple(
             init_layer_cache(self.config, num_blocks, block_size, dtype)
             for _ in range(self.config.num_layers)
         )
         self._jitted = jax.jit(
-            functools.partial(_step, self._graphdef),
-            donate_argnums=(1,),
+            functools.partial(_step, client_graphdef, experts),
+            donate_argnums=(2,),
             static_argnames=("num_top_logprobs",),
         )
+        self._labels: dict[tuple, list] = {}
         self._shapes: set[tuple] = set()
 
     @property
@@ -108,14 +146,18 @@ class ModelRunner:
             tables[i, : len(table)] = table
             last_index[i] = k - 1
         sampling = SamplingInputs.padded(rows.sampling, batch, num_banned)
-        sampled, self.kv_cache = self._jitted(
-            self._params,
+        args = (
+            self._client_params,
+            self.experts.arrays,
             self.kv_cache,
             tokens,
             positions,
             PagedAttentionInputs(slots, tables),
             last_index,
             sampling,
-            num_top_logprobs=num_top_logprobs,
         )
-        return StepResult(*(x[:n] for x in jax.device_get(sampled)))
+        sampled, self.kv_cache, statuses = self._jitted(*args, num_top_logprobs=num_top_logprobs)
+        if shape not in self._labels:  # this call traced the step: its exchanges are known now
+            self._labels[shape] = self.experts.traced_exchanges()
+        sampled, statuses = jax.device_get((sampled, statuses))
+        return StepResult(*(x[:n] for x in sampled)), StepStatuses(statuses, self._labels[shape])

@@ -9,7 +9,7 @@ with experts in-graph (embedded) or behind a transport (expert servers).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,51 @@ from eaas_jax.model.moe import ExpertBank, Router, Routing, SharedExpert
 # (moe layer index, tokens [N, d], routing) -> gate-weighted expert output [N, d]
 ExpertFn = Callable[[int, jax.Array, Routing], jax.Array]
 KVCache = tuple[LayerCache, ...]
+
+
+class ExpertExchange(Protocol):
+    """Routed experts computed elsewhere, in two halves so the caller can work
+    between them: `send` hands tokens over and returns a handle, `receive`
+    returns their gate-weighted expert output [N, d]. Calls come in program
+    order; an implementation may chain them (e.g. with ordering tokens)."""
+
+    def send(self, moe_layer: int, micro_batch: int, x: jax.Array, routing: Routing,
+             token_mask: jax.Array) -> Any: ...
+
+    def receive(self, handle: Any) -> jax.Array: ...
+
+
+class _InGraphExchange:
+    """An `ExpertFn` seen as an exchange: the work happens at `send`."""
+
+    def __init__(self, expert_fn: ExpertFn):
+        self.expert_fn = expert_fn
+
+    def send(self, moe_layer, micro_batch, x, routing, token_mask):
+        return self.expert_fn(moe_layer, x, routing)
+
+    def receive(self, handle):
+        return handle
+
+
+def _as_exchange(experts) -> ExpertExchange:
+    if hasattr(experts, "send") and hasattr(experts, "receive"):
+        return experts
+    return _InGraphExchange(experts)
+
+
+class _PendingFfn(NamedTuple):
+    """A micro-batch between sending its MoE tokens and adding their output."""
+
+    residual: jax.Array  # [b, t, d]
+    shared: jax.Array | None  # shared-expert output [b, t, d]
+    handle: Any
+
+    def finish(self, exchange: ExpertExchange) -> jax.Array:
+        ffn = exchange.receive(self.handle).reshape(self.residual.shape).astype(self.residual.dtype)
+        if self.shared is not None:
+            ffn = ffn + self.shared
+        return self.residual + ffn
 
 
 class DecoderLayer(nnx.Module):
@@ -70,6 +115,73 @@ class AttentionClientModel(nnx.Module):
             else linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)
         )
 
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        experts: ExpertFn | ExpertExchange,
+        kv_cache: KVCache | None = None,
+        paged: PagedAttentionInputs | None = None,
+        *,
+        num_micro_batches: int = 1,
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None, list[Routing]]:
+        """tokens, positions: [B, T]. Returns the last layer's output [B, T, d],
+        the updated cache (None without one) and each MoE layer's routing.
+
+        `experts` computes the routed experts: an `ExpertFn` (in-graph, e.g. an
+        `ExpertStack`) or an `ExpertExchange` (remote). With
+        `num_micro_batches` = 2 the rows are split in two halves that ping-pong
+        (double batching): every micro-batch sends its MoE tokens and the
+        client goes on with the other micro-batch's attention before it
+        receives them, so the expert servers and the client work at once.
+        `token_mask` [B, T] marks real tokens (padding is not sent anywhere).
+        """
+        exchange = _as_exchange(experts)
+        batch = tokens.shape[0]
+        m = num_micro_batches
+        if m < 1 or batch % m:
+            raise ValueError(f"batch of {batch} rows cannot be split into {m} micro-batches")
+        if token_mask is None:
+            token_mask = jnp.ones(tokens.shape, bool)
+        rows = [slice(i * batch // m, (i + 1) * batch // m) for i in range(m)]
+        client = self
+        x = [client.embed_tokens(tokens[r]) for r in rows]
+        pending: list[_PendingFfn | None] = [None] * m
+        cache = None if kv_cache is None else list(kv_cache)
+        routings: list[list[Routing]] = []
+        moe_layer = -1
+        for i, layer in enumerate(client.layers):
+            moe_layer += layer.is_moe
+            for j, r in enumerate(rows):
+                if pending[j] is not None:
+                    x[j] = pending[j].finish(exchange)
+                    pending[j] = None
+                mb_paged = None if paged is None else PagedAttentionInputs(*(a[r] for a in paged))
+                layer_cache = None if cache is None else cache[i]
+                x[j], h, layer_cache = layer.attention_block(x[j], positions[r], layer_cache, mb_paged)
+                if cache is not None:
+                    cache[i] = layer_cache
+                if not layer.is_moe:
+                    x[j] = x[j] + layer.mlp(h)
+                    continue
+                flat = h.reshape(-1, h.shape[-1])
+                routing = layer.router(flat)
+                if j == 0:
+                    routings.append([])
+                routings[-1].append(routing)
+                sent = exchange.send(moe_layer, j, flat, routing, token_mask[r].reshape(-1))
+                # The shared expert runs while the routed experts are away.
+                shared = None if layer.shared_expert is None else layer.shared_expert(h)
+                pending[j] = _PendingFfn(x[j], shared, sent)
+        x = [p.finish(exchange) if p is not None else xj for p, xj in zip(pending, x)]
+        merged = [Routing(*(jnp.concatenate(f) for f in zip(*per_mb))) for per_mb in routings]
+        return (
+            jnp.concatenate(x) if m > 1 else x[0],
+            None if cache is None else tuple(cache),
+            merged,
+        )
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and LM head; logits in float32."""
         hidden = self.norm(hidden)
@@ -107,36 +219,11 @@ class MoeTransformer(nnx.Module):
         self.client = AttentionClientModel(config, dtype=dtype, rngs=rngs)
         self.experts = ExpertStack(config, dtype=dtype, rngs=rngs)
 
-    def hidden_states(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        kv_cache: KVCache | None = None,
-        paged: PagedAttentionInputs | None = None,
-        expert_fn: ExpertFn | None = None,
-    ) -> tuple[jax.Array, KVCache | None, list[Routing]]:
-        """tokens, positions: [B, T]. Returns the last layer's output [B, T, d],
-        the updated cache (None without one) and each MoE layer's routing."""
-        expert_fn = expert_fn or self.experts
-        client = self.client
-        x = client.embed_tokens(tokens)
-        new_cache, routings = [], []
-        batch, seq = tokens.shape
-        for i, layer in enumerate(client.layers):
-            layer_cache = None if kv_cache is None else kv_cache[i]
-            x, h, layer_cache = layer.attention_block(x, positions, layer_cache, paged)
-            new_cache.append(layer_cache)
-            if layer.is_moe:
-                flat = h.reshape(batch * seq, -1)
-                routing = layer.router(flat)
-                routings.append(routing)
-                ffn = expert_fn(len(routings) - 1, flat, routing).reshape(h.shape)
-                if layer.shared_expert is not None:
-                    ffn = ffn + layer.shared_expert(h)
-            else:
-                ffn = layer.mlp(h)
-            x = x + ffn
-        return x, (None if kv_cache is None else tuple(new_cache)), routings
+    def hidden_states(self, tokens, positions, kv_cache=None, paged=None, experts=None, **kwargs):
+        """`AttentionClientModel.hidden_states` with this model's own experts by default."""
+        return self.client.hidden_states(
+            tokens, positions, self.experts if experts is None else experts, kv_cache, paged, **kwargs
+        )
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Full causal forward without a cache: logits [B, T, V] in float32."""

@@ -11,15 +11,21 @@ comes from.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
 import threading
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eaas_jax.checkpoint.directory import load_config, load_expert_banks
+from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
-from eaas_jax.model.transformer import ExpertStack
+from eaas_jax.runtime.deployment import Deployment
+from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix
 from eaas_jax.transport import shm
 
 log = logging.getLogger(__name__)
@@ -43,10 +49,14 @@ class HostedExperts(NamedTuple):
         return (self.group_of >= 0).astype(np.int32)
 
 
-def select_experts(experts: ExpertStack, hosted: Sequence[tuple[int, int]]) -> HostedExperts:
-    """Stacks the weights of the (MoE layer, expert) pairs in `hosted`."""
-    num_layers = len(experts.banks)
-    num_experts = experts.banks[0].num_experts if num_layers else 0
+def select_experts(params: Mapping[str, jax.Array], hosted: Sequence[tuple[int, int]],
+                   config: ModelConfig) -> HostedExperts:
+    """Stacks the weights of the (MoE layer, expert) pairs in `hosted`.
+
+    params: flat parameters holding at least `experts.banks.<layer>.*` of every
+      hosted layer (`load_expert_banks`, or `flat_params(model)`).
+    """
+    num_layers, num_experts = config.num_moe_layers, config.num_experts
     pairs = sorted(set(hosted))
     if not pairs:
         raise ValueError("an expert server must host at least one (layer, expert)")
@@ -61,9 +71,18 @@ def select_experts(experts: ExpertStack, hosted: Sequence[tuple[int, int]]) -> H
         group_of[layer, expert] = g
 
     def stack(name):
-        return jnp.stack([getattr(experts.banks[l], name)[...][e] for l, e in pairs])
+        return jnp.stack([params[f"experts.banks.{l}.{name}"][e] for l, e in pairs])
 
     return HostedExperts(group_of, stack("gate_proj"), stack("up_proj"), stack("down_proj"))
+
+
+def _row_buckets(capacity: int, smallest: int = 16) -> tuple[int, ...]:
+    """Row counts the server compiles its expert computation for."""
+    sizes, n = [], smallest
+    while n < capacity:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (capacity,)
 
 
 def _server_step(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us):
@@ -71,10 +90,20 @@ def _server_step(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoi
     valid = (request.expert_ids >= 0) & (request.layer[:, None] >= 0)
     layer = jnp.maximum(request.layer, 0)[:, None]
     groups = jnp.where(valid, group_of[layer, jnp.maximum(request.expert_ids, 0)], -1)
-    out = routed_experts(
-        request.hidden.astype(gate_proj.dtype), groups, request.gates, gate_proj, up_proj, down_proj
-    )
-    return shm.reply(endpoint, out.astype(jnp.float32), request.num_rows), request.num_rows
+    hidden = request.hidden.astype(gate_proj.dtype)
+
+    # The poll fills rows [0, num_rows); compute only the smallest bucket that
+    # holds them, so a few decode tokens do not pay for a full-capacity batch.
+    def first_rows(n):
+        def compute():
+            out = routed_experts(hidden[:n], groups[:n], request.gates[:n], gate_proj, up_proj, down_proj)
+            return jnp.zeros((capacity, out.shape[1]), jnp.float32).at[:n].set(out.astype(jnp.float32))
+        return compute
+
+    buckets = _row_buckets(capacity)
+    which = jnp.searchsorted(jnp.asarray(buckets), request.num_rows)
+    out = jax.lax.switch(which, [first_rows(n) for n in buckets])
+    return shm.reply(endpoint, out, request.num_rows), request.num_rows
 
 
 class ExpertServer:
@@ -117,3 +146,66 @@ class ExpertServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def run_expert_server(
+    model_path: str,
+    deployment_path: str,
+    server_name: str,
+    *,
+    shm_name: str | None = None,
+    registry: str | None = None,
+    dtype=jnp.float32,
+    exit_with_parent: bool = False,
+    poll_timeout_us: int = 20_000,
+    announce=lambda: print("ready", flush=True),
+) -> None:
+    """The `eaas-jax serve-experts` process: load the hosted experts, open the
+    server's endpoint, compile, register, serve until SIGTERM/SIGINT.
+
+    `announce` is called once the server answers requests (the engine that
+    started it waits for the "ready" line on its stdout).
+    """
+    deployment = Deployment.load(deployment_path)
+    endpoint_index = deployment.server_endpoint(server_name)
+    config = load_config(model_path)
+    deployment.check(config)
+    hosted = deployment.servers[endpoint_index].hosted(config)
+    _, params = load_expert_banks(model_path, {l for l, _ in hosted}, dtype=dtype)
+    experts = select_experts(params, hosted, config)
+    del params  # the unhosted experts of the loaded layers
+    shm_name = shm_name or deployment.name
+    with shm.ShmEndpoint(shm_name, endpoint_index, **deployment.geometry(config)) as endpoint:
+        server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
+        server.step()  # compiles the step (an idle round)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: server.stop())
+        if exit_with_parent:
+            _stop_when_parent_exits(server)
+        heartbeat = None
+        if registry is not None:
+            etcd = EtcdRegistry(registry)
+            heartbeat = Heartbeat(etcd)
+            etcd.put(servers_prefix(deployment.name) + server_name, {
+                "endpoint": endpoint_index, "shm_name": shm_name, "transport": deployment.transport,
+                "pid": os.getpid(), "host": socket.gethostname(), "hosted": hosted,
+            }, lease=heartbeat.lease)
+        try:
+            announce()
+            server.serve()
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+    log.info("expert server %s stopped after %d rows", server_name, server.rows_served)
+
+
+def _stop_when_parent_exits(server: ExpertServer) -> None:
+    parent = os.getppid()
+
+    def watch():
+        while not server._stop.wait(0.5):
+            if os.getppid() != parent:
+                log.warning("parent process %d exited; stopping", parent)
+                server.stop()
+
+    threading.Thread(target=watch, name="eaas-parent-watch", daemon=True).start()

@@ -1,16 +1,21 @@
-"""The client side of the token exchange: an `ExpertFn` backed by expert servers.
+"""The client side of the token exchange: an `ExpertExchange` over expert servers.
 
 Inside the client's jitted step each MoE layer routes its tokens in-graph
-(`table[layer, expert]` -> server endpoint, masked by the liveness vector),
-dispatches them once per target server and combines the replies. The routing
-table and liveness mask are ordinary device arrays, so changing them never
-recompiles. Each combine's per-server status is collected so the step can
-return it and the host can name a server that missed its deadline.
+(`table[layer, expert, replica]` -> server endpoint; the first replica whose
+server the liveness mask calls live), dispatches them once per target server
+and, later, combines the replies. The routing table and liveness mask are
+ordinary device arrays, so changing them never recompiles. Every custom call
+takes the previous one's output as its ordering token, so the calls run in
+program order: that is what makes double batching ping-pong rather than race.
+
+A micro-batch with more tokens than a mailbox holds is compacted (real tokens
+first) and sent in mailbox-sized chunks one after another; chunks that hold no
+real token send nothing and cost nothing.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,50 +23,116 @@ import jax.numpy as jnp
 from eaas_jax.model.moe import Routing
 from eaas_jax.transport import shm
 
+# combine statuses that mean a server did not deliver what it owed
+FAILED_STATUSES = (shm.STATUS_TIMEOUT, shm.STATUS_BAD_REPLY, shm.STATUS_UNAVAILABLE)
+
+
+class _Chunk(NamedTuple):
+    sent: jax.Array  # [S] dispatch output
+    targets: jax.Array  # [c, k]
+
+
+class _Handle(NamedTuple):
+    moe_layer: int
+    micro_batch: int
+    num_tokens: int
+    order: jax.Array | None  # token of each compacted row, None when not compacted
+    done: list  # outputs of the chunks already combined at send time
+    last: _Chunk
+
+
+def route(table: jax.Array, live: jax.Array, moe_layer: int, expert_ids: jax.Array) -> jax.Array:
+    """Endpoint serving each (token, slot): the first live replica, -1 if none.
+
+    table: [L, E, R] int32 endpoints (-1 = no replica); live: [max_endpoints] bool.
+    """
+    candidates = table[moe_layer][expert_ids]  # [N, k, R]
+    ok = (candidates >= 0) & live[jnp.maximum(candidates, 0)]
+    first = jnp.argmax(ok, axis=-1)[..., None]
+    chosen = jnp.take_along_axis(candidates, first, axis=-1)[..., 0]
+    return jnp.where(ok.any(axis=-1), chosen, -1)
+
 
 class RemoteExperts:
-    """An `ExpertFn` for one traced step; create one per trace.
+    """An `ExpertExchange` for one traced step; create one per trace.
 
     Args:
-      endpoint: this client's open shm endpoint (or its index).
+      endpoint: this client's open `shm.ShmEndpoint`.
       servers: endpoint index of every expert server, fixed per deployment.
-      table: [num_moe_layers, num_experts] int32 device array, the endpoint
-        serving each (layer, expert).
-      live: [max_endpoints] bool device array; experts on dead endpoints are
-        not dispatched.
-      micro_batch: mailbox channel of this exchange.
-      timeout_us: combine deadline per layer.
+      table: [num_moe_layers, num_experts, replicas] (or without the replica
+        axis) int32 device array, the endpoints serving each (layer, expert).
+      live: [max_endpoints] bool device array; dead endpoints get no tokens.
+      timeout_us: combine deadline of each exchange.
+
+    After tracing, `statuses` holds one [S] status vector per combine and
+    `status_labels` its (moe_layer, micro_batch).
     """
 
     def __init__(
         self,
-        endpoint,
+        endpoint: shm.ShmEndpoint,
         servers: Sequence[int],
         table: jax.Array,
         live: jax.Array,
         *,
-        micro_batch: int = 0,
         timeout_us: int = 5_000_000,
     ):
         self.endpoint = endpoint
+        self.capacity = endpoint.geometry.capacity
         self.servers = jnp.asarray(list(servers), jnp.int32)
-        self.table = table
+        self.table = table if table.ndim == 3 else table[..., None]
         self.live = live
-        self.micro_batch = micro_batch
         self.timeout_us = timeout_us
-        self.statuses: list[jax.Array] = []  # one [S] status vector per MoE layer
+        self.statuses: list[jax.Array] = []
+        self.status_labels: list[tuple[int, int]] = []
+        self._chain = None  # output of the last custom call
 
-    def __call__(self, moe_layer: int, x: jax.Array, routing: Routing) -> jax.Array:
-        targets = self.table[moe_layer][routing.expert_ids]
-        targets = jnp.where(self.live[jnp.maximum(targets, 0)] & (targets >= 0), targets, -1)
-        after = self.statuses[-1] if self.statuses else None
+    def _dispatch(self, moe_layer, micro_batch, x, ids, gates, targets) -> _Chunk:
         sent = shm.dispatch(
-            self.endpoint, x.astype(jnp.float32), routing.expert_ids, routing.weights,
-            targets, self.servers, layer=moe_layer, micro_batch=self.micro_batch, after=after,
+            self.endpoint, x, ids, gates, targets, self.servers,
+            layer=moe_layer, micro_batch=micro_batch, after=self._chain,
         )
+        self._chain = sent
+        return _Chunk(sent, targets)
+
+    def _combine(self, moe_layer, micro_batch, chunk: _Chunk) -> jax.Array:
         out, status = shm.combine(
-            self.endpoint, sent, targets, self.servers, layer=moe_layer,
-            micro_batch=self.micro_batch, timeout_us=self.timeout_us, after=sent,
+            self.endpoint, chunk.sent, chunk.targets, self.servers, layer=moe_layer,
+            micro_batch=micro_batch, timeout_us=self.timeout_us, after=self._chain,
         )
+        self._chain = status
         self.statuses.append(status)
-        return out.astype(x.dtype)
+        self.status_labels.append((moe_layer, micro_batch))
+        # A server that failed once in this step gets nothing more in it, so a
+        # dead server costs one deadline per step, not one per exchange.
+        failed = (status[:, None] == jnp.asarray(FAILED_STATUSES)).any(axis=1)
+        index = jnp.where(self.servers >= 0, self.servers, self.live.shape[0])
+        self.live = self.live.at[index].set(self.live[jnp.maximum(self.servers, 0)] & ~failed, mode="drop")
+        return out
+
+    def send(self, moe_layer: int, micro_batch: int, x: jax.Array, routing: Routing,
+             token_mask: jax.Array) -> _Handle:
+        n = x.shape[0]
+        x = x.astype(jnp.float32)
+        ids, gates = routing.expert_ids, routing.weights.astype(jnp.float32)
+        targets = jnp.where(token_mask[:, None], route(self.table, self.live, moe_layer, ids), -1)
+        order = None
+        if n > self.capacity:
+            order = jnp.argsort(~token_mask, stable=True)
+            x, ids, gates, targets = (a[order] for a in (x, ids, gates, targets))
+        bounds = list(range(0, n, self.capacity)) + [n]
+        done = []
+        for lo, hi in zip(bounds[:-2], bounds[1:-1]):  # every chunk but the last: now
+            chunk = self._dispatch(moe_layer, micro_batch, x[lo:hi], ids[lo:hi], gates[lo:hi], targets[lo:hi])
+            done.append(self._combine(moe_layer, micro_batch, chunk))
+        lo = bounds[-2]
+        last = self._dispatch(moe_layer, micro_batch, x[lo:], ids[lo:], gates[lo:], targets[lo:])
+        return _Handle(moe_layer, micro_batch, n, order, done, last)
+
+    def receive(self, handle: _Handle) -> jax.Array:
+        out = self._combine(handle.moe_layer, handle.micro_batch, handle.last)
+        if handle.done:
+            out = jnp.concatenate(handle.done + [out])
+        if handle.order is not None:
+            out = jnp.zeros_like(out).at[handle.order].set(out)
+        return out

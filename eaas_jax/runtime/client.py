@@ -1,0 +1,89 @@
+"""The attention client's side of a deployment: routed experts behind the transport.
+
+`RemoteExpertBackend` plugs into the engine's `ModelRunner` in place of the
+in-graph experts. Its device arrays (routing table, liveness mask) are inputs
+of the compiled step, so marking a server dead or changing the table never
+recompiles; its `exchange` builds the per-trace `RemoteExperts`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eaas_jax.runtime.remote_experts import RemoteExperts
+from eaas_jax.transport import shm
+
+
+class RemoteArrays(NamedTuple):
+    table: jax.Array  # [num_moe_layers, num_experts, replicas] int32 endpoints
+    live: jax.Array  # [max_endpoints] bool
+
+
+class RemoteExpertBackend:
+    """Routed experts served by `servers` (endpoint indices) through `endpoint`."""
+
+    def __init__(
+        self,
+        endpoint: shm.ShmEndpoint,
+        servers: list[int],
+        table: np.ndarray,
+        *,
+        timeout_us: int,
+        double_batching: bool,
+    ):
+        self.endpoint = endpoint
+        self.servers = list(servers)
+        self.timeout_us = int(timeout_us)
+        self.double_batching = double_batching
+        live = np.zeros(endpoint.geometry.max_endpoints, bool)
+        live[self.servers] = True
+        self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(live))
+        self._traced: RemoteExperts | None = None
+
+    def set_live(self, endpoint: int, live: bool) -> None:
+        """Routes around (or back to) a server from the next step on; no recompile."""
+        self.arrays = self.arrays._replace(live=self.arrays.live.at[endpoint].set(live))
+
+    def num_micro_batches(self, batch: int) -> int:
+        return 2 if self.double_batching and batch >= 2 else 1
+
+    def exchange(self, arrays: RemoteArrays) -> RemoteExperts:
+        self._traced = RemoteExperts(
+            self.endpoint, self.servers, arrays.table, arrays.live, timeout_us=self.timeout_us
+        )
+        return self._traced
+
+    def traced_exchanges(self) -> list[tuple[int, int]]:
+        return list(self._traced.status_labels) if self._traced is not None else []
+
+
+class ExpertServerError(RuntimeError):
+    """Expert servers did not deliver their part of a step (the step's outputs
+    were discarded)."""
+
+
+_FAILURES = {
+    shm.STATUS_TIMEOUT: "did not reply within the {timeout_ms} ms deadline",
+    shm.STATUS_BAD_REPLY: "sent a reply that failed validation",
+    shm.STATUS_UNAVAILABLE: "could not be reached (no mailbox to write to)",
+}
+
+
+def check_exchanges(statuses: np.ndarray, labels, describe_server, timeout_ms: int) -> None:
+    """Raises ExpertServerError naming every server whose exchange failed.
+
+    statuses: [exchanges, servers] from the step; labels: (moe_layer,
+    micro_batch) of each exchange; describe_server(endpoint) -> str.
+    """
+    failures = {}
+    for row, (layer, micro_batch) in zip(np.asarray(statuses), labels):
+        for server, status in enumerate(row.tolist()):
+            if status in _FAILURES and server not in failures:
+                what = _FAILURES[status].format(timeout_ms=timeout_ms)
+                failures[server] = f"{describe_server(server)} {what} at MoE layer {layer}, micro-batch {micro_batch}"
+    if failures:
+        raise ExpertServerError("; ".join(failures.values()))

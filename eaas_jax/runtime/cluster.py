@@ -1,0 +1,255 @@
+"""Where an engine's expert servers come from.
+
+* `LocalCluster`: the engine starts one `eaas-jax serve-experts` process per
+  server of a deployment file on this host, waits until each says "ready",
+  and on `close()` stops them and removes every shared-memory segment of the
+  deployment, whatever state they were left in. Several engines of one process
+  can share it (each claims a client slot).
+* `RegistryCluster`: servers started elsewhere registered themselves in etcd;
+  the engine waits for every server the deployment names, and claims a client
+  slot there (a key under its own lease, so a crashed client frees its slot).
+
+Both give the engine: the `deployment`, the shm name of the segments, client
+slots, and `describe_server(endpoint)` for error messages.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+from eaas_jax.runtime.deployment import Deployment, DeploymentError
+from eaas_jax.runtime.registry import (
+    EtcdRegistry,
+    Heartbeat,
+    RegistryError,
+    clients_prefix,
+    servers_prefix,
+    wait_for_servers,
+)
+from eaas_jax.transport import shm
+
+log = logging.getLogger(__name__)
+
+
+class ExpertServerStartError(RuntimeError):
+    """An expert server process could not be started."""
+
+
+class _Slots:
+    """Client slots of one process, handed out and returned thread-safely."""
+
+    def __init__(self, count: int):
+        self._free = list(range(count))
+        self._lock = threading.Lock()
+
+    def claim(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise DeploymentError("every client slot of the deployment is taken (raise max_clients)")
+            return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+            self._free.sort()
+
+
+class LocalCluster:
+    """Expert-server processes of `deployment_path` for `model_path`, on this host.
+
+    Args:
+      startup_timeout: seconds each server may take to load, compile and answer.
+      dtype: the experts' dtype name ('float32' or 'bfloat16').
+    """
+
+    def __init__(self, model_path: str, deployment_path: str, *, dtype: str = "float32",
+                 startup_timeout: float = 300.0):
+        self.deployment = Deployment.load(deployment_path)
+        # A unique name per cluster: two clusters on one host never share segments.
+        self.shm_name = f"{self.deployment.name[:24]}-{uuid.uuid4().hex[:12]}"
+        self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")
+        self._slots = _Slots(self.deployment.max_clients)
+        self._procs: list[subprocess.Popen] = []
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            for spec in self.deployment.servers:
+                self._procs.append(self._spawn(model_path, deployment_path, spec.name, dtype))
+            for spec, proc in zip(self.deployment.servers, self._procs):
+                self._wait_ready(spec.name, proc, startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+        log.info("started %d expert servers (%s); logs in %s",
+                 len(self._procs), self.shm_name, self.log_dir)
+
+    def _log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
+    def _spawn(self, model_path, deployment_path, name, dtype) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "eaas_jax.cli", "--verbose", "serve-experts",
+            "--model", os.fspath(model_path), "--deployment", os.fspath(deployment_path),
+            "--server", name, "--shm-name", self.shm_name, "--dtype", dtype, "--exit-with-parent",
+        ]
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        with open(self._log_path(name), "wb") as log_file:
+            return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file,
+                                    stdin=subprocess.DEVNULL, env=env)
+
+    def _log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            with open(self._log_path(name), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExpertServerStartError(
+                        f"expert server {name!r} was not ready within {timeout:.0f} s; its log "
+                        f"({self._log_path(name)}) ends:\n{self._log_tail(name)}"
+                    )
+                if sel.select(timeout=min(left, 0.5)):
+                    line = proc.stdout.readline()
+                    if line.strip() == b"ready":
+                        return
+                    if not line:  # stdout closed: the process is gone
+                        proc.wait(timeout=10)
+                        raise ExpertServerStartError(
+                            f"expert server {name!r} exited with code {proc.returncode} while "
+                            f"starting; its log ends:\n{self._log_tail(name)}"
+                        )
+
+    # -------------------------------------------------------------- engine API
+
+    def claim_client(self) -> int:
+        return self.deployment.client_endpoint(self._slots.claim())
+
+    def release_client(self, endpoint: int) -> None:
+        self._slots.release(endpoint - self.deployment.num_servers)
+
+    def process(self, name: str) -> subprocess.Popen:
+        return self._procs[self.deployment.server_endpoint(name)]
+
+    def describe_server(self, endpoint: int) -> str:
+        spec = self.deployment.servers[endpoint]
+        proc = self._procs[endpoint] if endpoint < len(self._procs) else None
+        if proc is None:
+            state = "not started"
+        elif proc.poll() is None:
+            state = f"process {proc.pid} still running"
+        elif proc.returncode < 0:
+            state = f"process {proc.pid} was killed by {signal.Signals(-proc.returncode).name}"
+        else:
+            state = f"process {proc.pid} exited with code {proc.returncode}"
+        return f"expert server {spec.name!r} (endpoint {endpoint}; {state}; log {self._log_path(spec.name)})"
+
+    def close(self) -> None:
+        """Stops every server (SIGTERM, then SIGKILL after 10 s) and unlinks
+        every segment of the deployment (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        # Servers that were killed could not unlink their inboxes.
+        for endpoint in range(self.deployment.max_endpoints):
+            try:
+                os.unlink(shm.segment_path(self.shm_name, endpoint))
+            except FileNotFoundError:
+                pass
+        if all(p.returncode in (0, -signal.SIGTERM) for p in self._procs):
+            for name in os.listdir(self.log_dir):
+                os.unlink(os.path.join(self.log_dir, name))
+            os.rmdir(self.log_dir)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RegistryCluster:
+    """The expert servers of `deployment_path` as registered in etcd at `registry`."""
+
+    def __init__(self, registry: str, deployment_path: str, *, wait_s: float = 60.0, lease_ttl_s: int = 5):
+        self.deployment = Deployment.load(deployment_path)
+        self.registry = EtcdRegistry(registry)
+        names = [s.name for s in self.deployment.servers]
+        self.entries = wait_for_servers(self.registry, self.deployment.name, names, wait_s)
+        shm_names = {e.get("shm_name") for e in self.entries.values()}
+        if len(shm_names) != 1:
+            raise RegistryError(f"servers of {self.deployment.name!r} disagree on the shm name: {shm_names}")
+        self.shm_name = shm_names.pop()
+        for name, entry in self.entries.items():
+            want = self.deployment.server_endpoint(name) if name in names else None
+            if want is not None and entry.get("endpoint") != want:
+                raise RegistryError(
+                    f"server {name!r} registered endpoint {entry.get('endpoint')} but "
+                    f"{self.deployment.source} puts it at {want}"
+                )
+        self._lease_ttl_s = lease_ttl_s
+        self._heartbeats: dict[int, Heartbeat] = {}
+
+    def claim_client(self) -> int:
+        heartbeat = Heartbeat(self.registry, self._lease_ttl_s)
+        prefix = clients_prefix(self.deployment.name)
+        for slot in range(self.deployment.max_clients):
+            claimed = self.registry.create(
+                f"{prefix}{slot}", {"pid": os.getpid(), "host": socket.gethostname()},
+                lease=heartbeat.lease,
+            )
+            if claimed:
+                endpoint = self.deployment.client_endpoint(slot)
+                self._heartbeats[endpoint] = heartbeat
+                return endpoint
+        heartbeat.stop()
+        raise DeploymentError(
+            f"every client slot of deployment {self.deployment.name!r} is taken in {self.registry.url}"
+        )
+
+    def release_client(self, endpoint: int) -> None:
+        heartbeat = self._heartbeats.pop(endpoint, None)
+        if heartbeat is not None:
+            heartbeat.stop()  # revoking the lease deletes the slot's key
+
+    def describe_server(self, endpoint: int) -> str:
+        spec = self.deployment.servers[endpoint]
+        try:
+            prefix = servers_prefix(self.deployment.name)
+            registered = prefix + spec.name in self.registry.get_prefix(prefix)
+            state = "still registered" if registered else "no longer registered (its lease expired)"
+        except RegistryError as e:
+            state = f"registry unreachable: {e}"
+        return f"expert server {spec.name!r} (endpoint {endpoint}; {state} in {self.registry.url})"
+
+    def close(self) -> None:
+        for endpoint in list(self._heartbeats):
+            self.release_client(endpoint)

@@ -1,0 +1,220 @@
+"""Deployment files: which expert servers exist, what each hosts, and how they talk.
+
+A deployment is a TOML file (see `configs/deploy/`):
+
+    name = "tiny-moe"          # shm segment prefix / etcd key prefix
+    transport = "shm"
+    capacity = 256             # tokens per mailbox message
+    timeout_ms = 10000         # deadline of one exchange (combine)
+    double_batching = true     # two micro-batches ping-pong in the client step
+    max_clients = 2            # attention clients that may connect at once
+
+    [[servers]]
+    name = "experts-even"
+    layers = "all"             # MoE layer indices, or "all"
+    experts = [0, 2, 4, 6]     # expert indices, ranges like "0-3", or "all"
+
+A (layer, expert) hosted by several servers has replicas; the client sends to
+the first live one in file order. Endpoint indices are fixed by the file:
+server i is endpoint i, client slot c is endpoint len(servers) + c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+
+import numpy as np
+
+from eaas_jax.model.config import ModelConfig
+
+TRANSPORTS = ("shm",)
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_KEYS = {"name", "transport", "capacity", "timeout_ms", "double_batching", "max_clients", "servers"}
+_SERVER_KEYS = {"name", "layers", "experts"}
+
+
+class DeploymentError(ValueError):
+    """A deployment file that is malformed or does not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    layers: tuple[int, ...] | None  # None = every MoE layer
+    experts: tuple[int, ...] | None  # None = every expert
+
+    def hosted(self, config: ModelConfig) -> list[tuple[int, int]]:
+        layers = range(config.num_moe_layers) if self.layers is None else self.layers
+        experts = range(config.num_experts) if self.experts is None else self.experts
+        return [(l, e) for l in layers for e in experts]
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    name: str
+    servers: tuple[ServerSpec, ...]
+    transport: str = "shm"
+    capacity: int = 256
+    timeout_ms: int = 10_000
+    double_batching: bool = True
+    max_clients: int = 2
+    source: str = "<deployment>"
+
+    # ------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Deployment":
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise DeploymentError(f"deployment file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise DeploymentError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, source: str = "<deployment>") -> "Deployment":
+        def fail(msg):
+            raise DeploymentError(f"{source}: {msg}")
+
+        unknown = sorted(set(raw) - _KEYS)
+        if unknown:
+            fail(f"unknown keys {unknown} (known: {sorted(_KEYS)})")
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            fail(f"name must be 1-40 characters of [A-Za-z0-9_-], got {name!r}")
+        transport = raw.get("transport", "shm")
+        if transport not in TRANSPORTS:
+            fail(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+        ints = {}
+        for key, default, lo in (("capacity", 256, 1), ("timeout_ms", 10_000, 1), ("max_clients", 2, 1)):
+            value = raw.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                fail(f"{key} must be an integer >= {lo}, got {value!r}")
+            ints[key] = value
+        double_batching = raw.get("double_batching", True)
+        if not isinstance(double_batching, bool):
+            fail(f"double_batching must be true or false, got {double_batching!r}")
+        servers_raw = raw.get("servers")
+        if not isinstance(servers_raw, list) or not servers_raw:
+            fail("needs at least one [[servers]] table")
+        servers, seen = [], set()
+        for i, s in enumerate(servers_raw):
+            where = f"servers[{i}]"
+            if not isinstance(s, dict):
+                fail(f"{where} must be a table")
+            unknown = sorted(set(s) - _SERVER_KEYS)
+            if unknown:
+                fail(f"{where}: unknown keys {unknown} (known: {sorted(_SERVER_KEYS)})")
+            sname = s.get("name")
+            if not isinstance(sname, str) or not _NAME.match(sname):
+                fail(f"{where}: name must be 1-40 characters of [A-Za-z0-9_-], got {sname!r}")
+            if sname in seen:
+                fail(f"{where}: server name {sname!r} is used twice")
+            seen.add(sname)
+            servers.append(ServerSpec(
+                sname,
+                _index_set(s.get("layers", "all"), f"{source}: {where}.layers"),
+                _index_set(s.get("experts", "all"), f"{source}: {where}.experts"),
+            ))
+        return cls(name=name, servers=tuple(servers), transport=transport,
+                   double_batching=double_batching, source=source, **ints)
+
+    # ------------------------------------------------------------- checks
+
+    def check(self, config: ModelConfig) -> None:
+        """Raises DeploymentError unless every server's experts exist in the
+        model and every (MoE layer, expert) is hosted somewhere."""
+        if not config.num_moe_layers:
+            raise DeploymentError(f"{self.source}: the model has no MoE layer to serve")
+        for s in self.servers:
+            for what, values, limit in (("layers", s.layers, config.num_moe_layers),
+                                        ("experts", s.experts, config.num_experts)):
+                bad = [v for v in values or () if v >= limit]
+                if bad:
+                    raise DeploymentError(
+                        f"{self.source}: server {s.name!r} names {what} {bad}, but the model "
+                        f"has {limit} MoE {what} (0-{limit - 1})"
+                    )
+        table = self.routing_table(config)
+        missing = np.argwhere(table[..., 0] < 0)
+        if len(missing):
+            l, e = missing[0]
+            raise DeploymentError(
+                f"{self.source}: no server hosts MoE layer {l}, expert {e} "
+                f"({len(missing)} (layer, expert) pairs are unhosted)"
+            )
+
+    # ------------------------------------------------------------- derived
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.servers)
+
+    @property
+    def max_endpoints(self) -> int:
+        return self.num_servers + self.max_clients
+
+    def server_endpoint(self, name: str) -> int:
+        for i, s in enumerate(self.servers):
+            if s.name == name:
+                return i
+        raise DeploymentError(
+            f"{self.source}: no server named {name!r} (servers: {[s.name for s in self.servers]})"
+        )
+
+    def client_endpoint(self, slot: int) -> int:
+        if not 0 <= slot < self.max_clients:
+            raise DeploymentError(f"client slot {slot} is outside max_clients={self.max_clients}")
+        return self.num_servers + slot
+
+    def routing_table(self, config: ModelConfig) -> np.ndarray:
+        """[num_moe_layers, num_experts, replicas] int32: the endpoints hosting
+        each (layer, expert), in file order, -1 padded."""
+        hosts: dict[tuple[int, int], list[int]] = {}
+        for endpoint, s in enumerate(self.servers):
+            for pair in s.hosted(config):
+                hosts.setdefault(pair, []).append(endpoint)
+        replicas = max((len(v) for v in hosts.values()), default=1)
+        table = np.full((config.num_moe_layers, config.num_experts, replicas), -1, np.int32)
+        for (l, e), endpoints in hosts.items():
+            if l < config.num_moe_layers and e < config.num_experts:
+                table[l, e, : len(endpoints)] = endpoints
+        return table
+
+    def geometry(self, config: ModelConfig) -> dict:
+        """The mailbox geometry every endpoint of this deployment opens with."""
+        return dict(
+            max_endpoints=self.max_endpoints,
+            num_channels=2 if self.double_batching else 1,
+            capacity=self.capacity,
+            hidden_size=config.hidden_size,
+            top_k=config.num_experts_per_tok,
+            num_layers=config.num_moe_layers,
+            num_experts=config.num_experts,
+        )
+
+
+def _index_set(value, where: str) -> tuple[int, ...] | None:
+    """"all" -> None; [0, "2-4", 7] -> (0, 2, 3, 4, 7)."""
+    if value == "all":
+        return None
+    if not isinstance(value, list) or not value:
+        raise DeploymentError(f"{where} must be \"all\" or a non-empty list, got {value!r}")
+    out: set[int] = set()
+    for v in value:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out.add(v)
+        elif isinstance(v, str) and re.fullmatch(r"\d+-\d+", v):
+            lo, hi = map(int, v.split("-"))
+            if lo > hi:
+                raise DeploymentError(f"{where}: empty range {v!r}")
+            out.update(range(lo, hi + 1))
+        else:
+            raise DeploymentError(f"{where}: {v!r} is not an index >= 0 or a range like \"0-3\"")
+    return tuple(sorted(out))
