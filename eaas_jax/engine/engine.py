@@ -23,6 +23,7 @@ from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.runtime.client import RemoteExpertBackend, check_exchanges
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
+from eaas_jax.runtime.deployment import Deployment
 from eaas_jax.transport import shm
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Engine:
         the engine starts itself (or finds in `registry`); or a running
         `LocalCluster`/`RegistryCluster` to share with other engines.
       registry: `etcd://HOST:PORT` where the deployment's servers registered.
+      double_batching: override the deployment's choice for this client (True
+        needs a deployment opened with two mailbox channels).
 
     With a deployment, call `shutdown()` (or use the engine as a context
     manager) to stop the servers it started and remove their shared memory.
@@ -84,6 +87,7 @@ class Engine:
         max_num_batched_tokens: int | None = None,
         deployment: str | os.PathLike | LocalCluster | RegistryCluster | None = None,
         registry: str | None = None,
+        double_batching: bool | None = None,
     ):
         if max_num_seqs < 1 or block_size < 1:
             raise ValueError("max_num_seqs and block_size must be >= 1")
@@ -99,7 +103,7 @@ class Engine:
         else:
             self.config = load_config(model_path)
             try:
-                client, experts = self._connect(model_path, deployment, registry)
+                client, experts = self._connect(model_path, deployment, registry, double_batching)
             except BaseException:
                 self.shutdown()
                 raise
@@ -112,17 +116,24 @@ class Engine:
             self.shutdown()
             raise
 
-    def _connect(self, model_path, deployment, registry):
+    def _connect(self, model_path, deployment, registry, double_batching):
         """Starts or finds the expert servers, opens this client's endpoint."""
-        if isinstance(deployment, (LocalCluster, RegistryCluster)):
+        shared = isinstance(deployment, (LocalCluster, RegistryCluster))
+        spec = deployment.deployment if shared else Deployment.load(deployment)
+        spec.check(self.config)
+        if double_batching is None:
+            double_batching = spec.double_batching
+        elif double_batching and not spec.double_batching:
+            raise ValueError(
+                f"double batching needs two mailbox channels, but {spec.source} sets double_batching = false"
+            )
+        if shared:
             self.cluster = deployment
         elif registry is not None:
             self.cluster, self._owns_cluster = RegistryCluster(registry, deployment), True
         else:
             self.cluster = LocalCluster(model_path, deployment, dtype=self.dtype.name)
             self._owns_cluster = True
-        spec = self.cluster.deployment
-        spec.check(self.config)
         client = load_client(model_path, dtype=self.dtype)
         endpoint = self.cluster.claim_client()
         try:
@@ -134,7 +145,7 @@ class Engine:
             self._client_endpoint.connect(server, timeout=30.0)
         experts = RemoteExpertBackend(
             self._client_endpoint, list(range(spec.num_servers)), spec.routing_table(self.config),
-            timeout_us=spec.timeout_ms * 1000, double_batching=spec.double_batching,
+            timeout_us=spec.timeout_ms * 1000, double_batching=double_batching,
         )
         return client, experts
 

@@ -107,14 +107,15 @@ class ModelRunner:
             donate_argnums=(2,),
             static_argnames=("num_top_logprobs",),
         )
-        self._labels: dict[tuple, list] = {}
-        self._shapes: set[tuple] = set()
+        # (moe_layer, micro_batch) of each exchange, per compiled step shape
+        self._labels: dict[tuple, list[tuple[int, int]]] = {}
 
     @property
     def num_compilations(self) -> int:
-        return len(self._shapes)
+        return len(self._labels)
 
-    def run(self, rows: StepRows, num_top_logprobs: int) -> StepResult:
+    def _prepare(self, rows: StepRows, num_top_logprobs: int) -> tuple[tuple, tuple]:
+        """The step's shape key and padded arguments for `rows`."""
         n = len(rows.tokens)
         batch = bucket(n)
         # Minimum buckets: a few padded rows/tokens cost less than a recompile.
@@ -123,12 +124,6 @@ class ModelRunner:
         max_blocks = bucket(max(len(b) for b in rows.block_tables), 8)
         num_banned = bucket(max(len(s["banned"]) for s in rows.sampling), 4)
         shape = (batch, seq, max_blocks, num_banned, num_top_logprobs)
-        if shape not in self._shapes:
-            self._shapes.add(shape)
-            log.info(
-                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d",
-                len(self._shapes), *shape,
-            )
 
         tokens = np.zeros((batch, seq), np.int32)
         positions = np.zeros((batch, seq), np.int32)
@@ -156,8 +151,24 @@ class ModelRunner:
             last_index,
             sampling,
         )
+        return shape, args
+
+    def lower(self, rows: StepRows, num_top_logprobs: int = 0) -> jax.stages.Lowered:
+        """The compiled step for `rows`' shapes, lowered (to inspect its HLO)."""
+        _, args = self._prepare(rows, num_top_logprobs)
+        return self._jitted.lower(*args, num_top_logprobs=num_top_logprobs)
+
+    def run(self, rows: StepRows, num_top_logprobs: int) -> tuple[StepResult, StepStatuses]:
+        n = len(rows.tokens)
+        shape, args = self._prepare(rows, num_top_logprobs)
+        new_shape = shape not in self._labels
+        if new_shape:
+            log.info(
+                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d",
+                len(self._labels) + 1, *shape,
+            )
         sampled, self.kv_cache, statuses = self._jitted(*args, num_top_logprobs=num_top_logprobs)
-        if shape not in self._labels:  # this call traced the step: its exchanges are known now
+        if new_shape:  # this call traced the step: its exchanges are known now
             self._labels[shape] = self.experts.traced_exchanges()
         sampled, statuses = jax.device_get((sampled, statuses))
         return StepResult(*(x[:n] for x in sampled)), StepStatuses(statuses, self._labels[shape])

@@ -127,7 +127,7 @@ class ExpertServer:
             static_argnames=("endpoint", "capacity", "timeout_us"),
         )
         self._static = dict(endpoint=endpoint.endpoint, capacity=capacity, timeout_us=poll_timeout_us)
-        self._stop = threading.Event()
+        self.stopped = threading.Event()
         self.rows_served = 0
 
     def step(self) -> int:
@@ -141,11 +141,11 @@ class ExpertServer:
     def serve(self) -> None:
         """Loops until `stop()`; each idle round waits at most poll_timeout_us."""
         log.info("expert server on endpoint %d serving", self.endpoint.endpoint)
-        while not self._stop.is_set():
+        while not self.stopped.is_set():
             self.step()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stopped.set()
 
 
 def run_expert_server(
@@ -180,8 +180,9 @@ def run_expert_server(
         server.step()  # compiles the step (an idle round)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
+        parent_gone = threading.Event()
         if exit_with_parent:
-            _stop_when_parent_exits(server)
+            _stop_when_parent_exits(server, parent_gone)
         heartbeat = None
         if registry is not None:
             etcd = EtcdRegistry(registry)
@@ -196,16 +197,25 @@ def run_expert_server(
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+    if parent_gone.is_set():
+        # The engine that owned this deployment died without cleaning up: the
+        # last servers out remove every mailbox of it, clients' included.
+        for index in range(deployment.max_endpoints):
+            try:
+                os.unlink(shm.segment_path(shm_name, index))
+            except FileNotFoundError:
+                pass
     log.info("expert server %s stopped after %d rows", server_name, server.rows_served)
 
 
-def _stop_when_parent_exits(server: ExpertServer) -> None:
+def _stop_when_parent_exits(server: ExpertServer, parent_gone: threading.Event) -> None:
     parent = os.getppid()
 
     def watch():
-        while not server._stop.wait(0.5):
+        while not server.stopped.wait(0.5):
             if os.getppid() != parent:
                 log.warning("parent process %d exited; stopping", parent)
+                parent_gone.set()
                 server.stop()
 
     threading.Thread(target=watch, name="eaas-parent-watch", daemon=True).start()

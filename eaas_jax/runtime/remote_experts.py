@@ -86,6 +86,7 @@ class RemoteExperts:
         self.statuses: list[jax.Array] = []
         self.status_labels: list[tuple[int, int]] = []
         self._chain = None  # output of the last custom call
+        self._failed = jnp.zeros(self.servers.shape, bool)  # servers that failed in this step
 
     def _dispatch(self, moe_layer, micro_batch, x, ids, gates, targets) -> _Chunk:
         sent = shm.dispatch(
@@ -96,18 +97,20 @@ class RemoteExperts:
         return _Chunk(sent, targets)
 
     def _combine(self, moe_layer, micro_batch, chunk: _Chunk) -> jax.Array:
+        # A server that failed once in this step is neither waited for again
+        # (tokens already dispatched to it count as not sent) nor sent more:
+        # a dead server costs one deadline per step, not one per exchange.
+        sent = jnp.where(self._failed, 0, chunk.sent)
         out, status = shm.combine(
-            self.endpoint, chunk.sent, chunk.targets, self.servers, layer=moe_layer,
+            self.endpoint, sent, chunk.targets, self.servers, layer=moe_layer,
             micro_batch=micro_batch, timeout_us=self.timeout_us, after=self._chain,
         )
         self._chain = status
         self.statuses.append(status)
         self.status_labels.append((moe_layer, micro_batch))
-        # A server that failed once in this step gets nothing more in it, so a
-        # dead server costs one deadline per step, not one per exchange.
-        failed = (status[:, None] == jnp.asarray(FAILED_STATUSES)).any(axis=1)
+        self._failed = self._failed | (status[:, None] == jnp.asarray(FAILED_STATUSES)).any(axis=1)
         index = jnp.where(self.servers >= 0, self.servers, self.live.shape[0])
-        self.live = self.live.at[index].set(self.live[jnp.maximum(self.servers, 0)] & ~failed, mode="drop")
+        self.live = self.live.at[index].set(self.live[jnp.maximum(self.servers, 0)] & ~self._failed, mode="drop")
         return out
 
     def send(self, moe_layer: int, micro_batch: int, x: jax.Array, routing: Routing,

@@ -1,0 +1,84 @@
+"""Deployment files: parsing, validation against the model, the routing table."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from eaas_jax.checkpoint import load_config
+from eaas_jax.runtime.deployment import Deployment, DeploymentError
+
+from conftest import REPO, SHIPPED, TINY_CONFIG
+
+
+def _load(tmp_path, text: str) -> Deployment:
+    path = tmp_path / "deploy.toml"
+    path.write_text(text)
+    return Deployment.load(path)
+
+
+def test_shipped_deployment_files_fit_the_shipped_checkpoint():
+    config = load_config(SHIPPED)
+    files = sorted(glob.glob(os.path.join(REPO, "configs", "deploy", "*.toml")))
+    assert len(files) >= 3
+    for path in files:
+        Deployment.load(path).check(config)
+
+
+def test_routing_table_lists_replicas_in_file_order(tmp_path):
+    d = _load(tmp_path, """
+name = "t"
+[[servers]]
+name = "a"
+experts = ["0-4"]
+[[servers]]
+name = "b"
+experts = [3, "5-7"]
+[[servers]]
+name = "c"
+layers = [1]
+""")
+    d.check(TINY_CONFIG)
+    table = d.routing_table(TINY_CONFIG)
+    assert table.shape == (TINY_CONFIG.num_moe_layers, TINY_CONFIG.num_experts, 3)
+    assert table[0, 0].tolist() == [0, -1, -1]
+    assert table[0, 3].tolist() == [0, 1, -1]
+    assert table[0, 7].tolist() == [1, -1, -1]
+    assert table[1, 0].tolist() == [0, 2, -1]
+    assert table[1, 3].tolist() == [0, 1, 2]
+    assert d.max_endpoints == 3 + 2 and d.client_endpoint(1) == 4
+    assert d.geometry(TINY_CONFIG)["num_channels"] == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name = 'bad name!'\n[[servers]]\nname='a'", "name must be"),
+    ("name = 't'", "at least one"),
+    ("name = 't'\ncolour = 1\n[[servers]]\nname='a'", "unknown keys \\['colour'\\]"),
+    ("name = 't'\ntransport = 'carrier-pigeon'\n[[servers]]\nname='a'", "transport must be"),
+    ("name = 't'\ncapacity = 0\n[[servers]]\nname='a'", "capacity must be an integer >= 1"),
+    ("name = 't'\ndouble_batching = 'yes'\n[[servers]]\nname='a'", "double_batching must be"),
+    ("name = 't'\n[[servers]]\nname='a'\n[[servers]]\nname='a'", "used twice"),
+    ("name = 't'\n[[servers]]\nname='a'\nexperts = [-1]", "not an index"),
+    ("name = 't'\n[[servers]]\nname='a'\nexperts = ['5-2']", "empty range"),
+    ("name = 't'\n[[servers]]\nname='a'\ngpu = 1", "servers\\[0\\]: unknown keys"),
+    ("name = [", "not valid TOML"),
+])
+def test_malformed_files_are_rejected_with_the_reason(tmp_path, text, message):
+    with pytest.raises(DeploymentError, match=message):
+        _load(tmp_path, text)
+
+
+def test_files_that_do_not_fit_the_model_are_rejected(tmp_path):
+    d = _load(tmp_path, "name = 't'\n[[servers]]\nname='a'\nexperts = [0, 9]")
+    with pytest.raises(DeploymentError, match=r"server 'a' names experts \[9\].* 8 MoE experts"):
+        d.check(TINY_CONFIG)
+    d = _load(tmp_path, "name = 't'\n[[servers]]\nname='a'\nexperts = ['0-6']")
+    with pytest.raises(DeploymentError, match="no server hosts MoE layer 0, expert 7"):
+        d.check(TINY_CONFIG)
+    with pytest.raises(DeploymentError, match="not found"):
+        Deployment.load(tmp_path / "missing.toml")
+    with pytest.raises(DeploymentError, match="no server named 'z'"):
+        d.server_endpoint("z")

@@ -1,0 +1,226 @@
+"""The disaggregated engine (experts in expert-server processes) against the embedded one.
+
+Real processes over the shm transport: greedy token ids must equal the embedded
+engine's for the shipped checkpoint and a random config, with 1, 2 and 3
+servers (one of them with replicated experts), with and without double
+batching, and with two clients sharing the servers. Also: the compiled client
+step holds the exchange custom calls of every layer and no host callback; a
+killed server is named within the deadline; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
+from eaas_jax.engine.runner import StepRows
+from eaas_jax.runtime.cluster import LocalCluster
+
+from conftest import REPO, SHIPPED, TINY_CONFIG
+
+PROMPTS = [
+    "def parse_args(argv):",
+    "import os\n",
+    "class Queue:\n    def __init__(self",
+    "x = 1",
+    "    return self._",
+    "for i in range(len(items)):\n        if",
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+ENGINE_ARGS = dict(max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4)
+
+# Deployments of the random TINY_CONFIG model (2 MoE layers x 8 experts).
+RANDOM_DEPLOYMENTS = {
+    1: '[[servers]]\nname = "all"\n',
+    2: '[[servers]]\nname = "low"\nexperts = ["0-3"]\n[[servers]]\nname = "high"\nexperts = ["4-7"]\n',
+    # Replicas: experts 3 and 4 of every layer and all of MoE layer 1 live on two servers.
+    3: ('[[servers]]\nname = "r0"\nexperts = ["0-4"]\n[[servers]]\nname = "r1"\nexperts = ["3-7"]\n'
+        '[[servers]]\nname = "r2"\nlayers = [1]\n'),
+}
+SHIPPED_DEPLOYMENTS = {
+    n: os.path.join(REPO, "configs", "deploy", f"tiny-moe-{n}-server{'s' if n > 1 else ''}.toml")
+    for n in (1, 2, 3)
+}
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def write_deployment(directory, servers: int, *, timeout_ms: int = 10_000) -> str:
+    path = os.path.join(directory, f"random-{servers}-{timeout_ms}.toml")
+    with open(path, "w") as f:
+        f.write(f'name = "rand{servers}"\ntimeout_ms = {timeout_ms}\ncapacity = 64\n' + RANDOM_DEPLOYMENTS[servers])
+    return path
+
+
+def assert_left_nothing(cluster: LocalCluster) -> None:
+    assert all(p.poll() is not None for p in cluster._procs), "a server process is still running"
+    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{cluster.shm_name}-")]
+    assert not leftovers, f"shared memory left behind: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoint):
+    """Embedded greedy token ids per model."""
+    out = {}
+    for name, path in (("shipped", SHIPPED), ("random", tiny_checkpoint)):
+        with Engine(path, **ENGINE_ARGS) as engine:
+            out[name] = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+    return out
+
+
+@pytest.mark.parametrize("model", ["shipped", "random"])
+@pytest.mark.parametrize("servers", [1, 2, 3])
+def test_disaggregated_greedy_equals_embedded(model, servers, references, tiny_checkpoint, tmp_path):
+    path = SHIPPED if model == "shipped" else tiny_checkpoint
+    deployment = SHIPPED_DEPLOYMENTS[servers] if model == "shipped" else write_deployment(tmp_path, servers)
+    with LocalCluster(path, deployment, dtype="float32") as cluster:
+        assert len(cluster._procs) == servers
+        for double_batching in (True, False):
+            with Engine(path, deployment=cluster, double_batching=double_batching, **ENGINE_ARGS) as engine:
+                got = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+            assert got == references[model], f"double_batching={double_batching}"
+    assert_left_nothing(cluster)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tiny_checkpoint, tmp_path_factory):
+    """Two servers of the random model with a short deadline, for the tests below."""
+    deployment = write_deployment(str(tmp_path_factory.mktemp("deploy")), 2, timeout_ms=3000)
+    cluster = LocalCluster(tiny_checkpoint, deployment, dtype="float32")
+    yield cluster
+    cluster.close()
+    assert_left_nothing(cluster)
+
+
+def test_two_clients_share_the_servers(shared_cluster, tiny_checkpoint, references):
+    engines = [Engine(tiny_checkpoint, deployment=shared_cluster, **ENGINE_ARGS) for _ in range(2)]
+    halves = [PROMPTS[0::2], PROMPTS[1::2]]
+    results, errors = [None, None], []
+
+    def run(i):
+        try:
+            for _ in range(2):  # long enough for the two clients' steps to overlap
+                results[i] = token_ids(engines[i].generate(halves[i], GREEDY, use_tqdm=False))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for engine in engines:
+        engine.shutdown()
+    assert not errors, errors
+    assert results == [references["random"][0::2], references["random"][1::2]]
+    endpoints = {e._client_endpoint for e in engines}
+    assert endpoints == {None}  # both left their slots
+
+
+def test_client_step_is_one_program_with_every_exchange_and_no_host_callback(shared_cluster, tiny_checkpoint):
+    with Engine(tiny_checkpoint, deployment=shared_cluster, **ENGINE_ARGS) as engine:
+        sampling = [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 0,
+                     "stream": 0, "step": 0, "banned": []}] * 4
+        rows = StepRows([[5]] * 4, [3] * 4, [[0]] * 4, sampling)
+        lowered = engine.runner.lower(rows)
+        text = lowered.as_text()
+        compiled = lowered.compile().as_text()
+    calls = []
+    for line in text.splitlines():
+        m = re.search(r"custom_call @(eaas_shm_\w+)", line)
+        if m:
+            layer = int(re.search(r"layer = (\d+)", line).group(1))
+            mb = int(re.search(r"micro_batch = (\d+)", line).group(1))
+            calls.append((m.group(1).removeprefix("eaas_shm_"), layer, mb))
+    # Ping-pong: each micro-batch's combine comes after the other one's dispatch.
+    expected = [("dispatch", 0, 0), ("dispatch", 0, 1)]
+    for layer in range(1, TINY_CONFIG.num_moe_layers):
+        expected += [("combine", layer - 1, 0), ("dispatch", layer, 0),
+                     ("combine", layer - 1, 1), ("dispatch", layer, 1)]
+    last = TINY_CONFIG.num_moe_layers - 1
+    expected += [("combine", last, 0), ("combine", last, 1)]
+    assert calls == expected
+    # Host callbacks (jax.pure_callback, io_callback, debug.print) lower to
+    # custom calls whose target names a callback.
+    assert not re.findall(r"custom_call @\w*callback", text)
+    assert not re.findall(r'custom_call_target="[^"]*callback', compiled)
+    assert "eaas_shm" in compiled
+    assert compiled.count('custom_call_target="eaas_shm_dispatch"') == len(expected) // 2
+
+
+def test_killed_server_is_named_within_the_deadline(shared_cluster, tiny_checkpoint):
+    engine = Engine(tiny_checkpoint, deployment=shared_cluster, **ENGINE_ARGS)
+    try:
+        assert token_ids(engine.generate(PROMPTS[:2], GREEDY, use_tqdm=False))  # warm: compiled
+        victim = shared_cluster.process("high")
+        victim.kill()
+        victim.wait()
+        start = time.monotonic()
+        with pytest.raises(ExpertServerError, match=r"'high' \(endpoint 1; process \d+ was killed by SIGKILL.*"
+                                                    r"did not reply within the 3000 ms deadline"):
+            engine.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+        # About one deadline per step (the dead server is skipped for the rest
+        # of it), not one per exchange (2 layers x 2 micro-batches = 12 s).
+        assert time.monotonic() - start < 9.0
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+
+
+CRASHING_CLIENT = textwrap.dedent("""
+    import os, signal, sys
+    from eaas_jax.engine import Engine
+    engine = Engine(sys.argv[1], deployment=sys.argv[2], max_num_seqs=4, max_model_len=64, dtype="float32")
+    print(engine.cluster.shm_name, *[p.pid for p in engine.cluster._procs], flush=True)
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    with engine:
+        raise RuntimeError("the test body failed")
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["exception", "kill"])
+def test_a_crashing_client_leaves_no_servers_or_segments(how, tiny_checkpoint, tmp_path):
+    deployment = write_deployment(tmp_path, 2)
+    run = subprocess.run([sys.executable, "-c", CRASHING_CLIENT, tiny_checkpoint, deployment, how],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    shm_name, *pids = run.stdout.split()
+    assert len(pids) == 2, run.stderr
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (
+        any(_alive(int(p)) for p in pids)
+        or any(f.startswith(f"eaas-{shm_name}-") for f in os.listdir("/dev/shm"))
+    ):
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(int(p))]
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{shm_name}-")]
+
+
+def test_bad_deployment_arguments_fail_before_starting_anything(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="registry needs a deployment"):
+        Engine(tiny_checkpoint, registry="etcd://127.0.0.1:1")
+    path = tmp_path / "nodouble.toml"
+    path.write_text('name = "nd"\ndouble_batching = false\n' + RANDOM_DEPLOYMENTS[1])
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ValueError, match="double batching needs two mailbox channels"):
+        Engine(tiny_checkpoint, deployment=str(path), double_batching=True, **ENGINE_ARGS)
+    assert set(os.listdir("/dev/shm")) <= before

@@ -1,0 +1,118 @@
+"""etcd discovery with a real etcd server: servers started on their own register
+under a lease, an engine given the registry finds them and matches the
+embedded engine, and every key and segment is gone after shutdown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eaas_jax.engine import Engine, SamplingParams
+from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, RegistryError, clients_prefix, servers_prefix
+
+from conftest import REPO, SHIPPED
+
+ETCD = shutil.which("etcd")
+pytestmark = pytest.mark.skipif(ETCD is None, reason="needs Debian's etcd-server (.ci/run installs it)")
+
+DEPLOYMENT = os.path.join(REPO, "configs", "deploy", "tiny-moe-2-servers.toml")
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = ["def parse_args(argv):", "import sys\n"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    client, peer = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [ETCD, "--data-dir", str(tmp_path_factory.mktemp("etcd")),
+         "--listen-client-urls", f"http://127.0.0.1:{client}",
+         "--advertise-client-urls", f"http://127.0.0.1:{client}",
+         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"etcd://127.0.0.1:{client}"
+    registry = EtcdRegistry(url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            registry.get_prefix("probe/")
+            break
+        except RegistryError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("etcd did not start")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_lease_expiry_removes_keys(etcd):
+    registry = EtcdRegistry(etcd)
+    lease = registry.grant_lease(1)  # never kept alive
+    registry.put("eaas/t/servers/x", {"endpoint": 0}, lease=lease)
+    assert registry.create("eaas/t/clients/0", {"pid": 1}, lease=lease)
+    assert not registry.create("eaas/t/clients/0", {"pid": 2})  # slot taken
+    assert set(registry.get_prefix("eaas/t/")) == {"eaas/t/servers/x", "eaas/t/clients/0"}
+    deadline = time.monotonic() + 10
+    while registry.get_prefix("eaas/t/") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert registry.get_prefix("eaas/t/") == {}
+    heartbeat = Heartbeat(registry, ttl_s=1)  # kept alive past its TTL
+    registry.put("eaas/t/servers/y", {}, lease=heartbeat.lease)
+    time.sleep(2.5)
+    assert "eaas/t/servers/y" in registry.get_prefix("eaas/t/")
+    heartbeat.stop()
+    assert registry.get_prefix("eaas/t/") == {}
+
+
+def test_unreachable_registry_is_a_clear_error():
+    with pytest.raises(RegistryError, match="cannot reach etcd at etcd://127.0.0.1:1"):
+        EtcdRegistry("etcd://127.0.0.1:1", timeout=1).get_prefix("x/")
+    with pytest.raises(ValueError, match="etcd://HOST:PORT"):
+        EtcdRegistry("http://localhost:2379")
+
+
+def test_engine_discovers_servers_started_elsewhere(etcd, tmp_path):
+    shm_name = f"etcdtest-{os.getpid()}"
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "eaas_jax.cli", "serve-experts", "--model", SHIPPED,
+             "--deployment", DEPLOYMENT, "--server", name, "--registry", etcd, "--shm-name", shm_name],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "wb"),
+        )
+        for name in ("experts-even", "experts-odd")
+    ]
+    registry = EtcdRegistry(etcd)
+    try:
+        with Engine(SHIPPED, max_num_seqs=4, max_model_len=64, dtype="float32") as embedded:
+            expected = [o.outputs[0].token_ids for o in embedded.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        with Engine(SHIPPED, max_num_seqs=4, max_model_len=64, dtype="float32",
+                    deployment=DEPLOYMENT, registry=etcd) as engine:
+            entries = registry.get_prefix(servers_prefix("tiny-moe"))
+            assert {e["pid"] for e in entries.values()} == {p.pid for p in servers}
+            assert len(registry.get_prefix(clients_prefix("tiny-moe"))) == 1  # our slot
+            got = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        assert got == expected
+        assert registry.get_prefix(clients_prefix("tiny-moe")) == {}  # slot released
+    finally:
+        for p in servers:
+            p.terminate()
+        codes = [p.wait(timeout=30) for p in servers]
+    assert codes == [0, 0], [open(tmp_path / f"{n}.log").read()[-2000:] for n in ("experts-even", "experts-odd")]
+    assert registry.get_prefix("eaas/tiny-moe/") == {}  # leases revoked on the way out
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{shm_name}-")]
