@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eaas_jax.checkpoint import flat_params
+from eaas_jax.checkpoint import flat_params, load_client, load_expert_banks, load_model
 from eaas_jax.runtime.expert_server import ExpertServer, select_experts
 from eaas_jax.runtime.remote_experts import RemoteExperts
 from eaas_jax.transport import shm
@@ -118,3 +118,19 @@ def test_model_forward_with_remote_experts_equals_embedded(model, deployment):
     logits_dead, statuses_dead = forward(model, jnp.asarray(table), live.at[SERVERS[1]].set(False))
     assert (np.asarray(statuses_dead)[:, 1] == shm.STATUS_NOTHING_SENT).all()
     assert not np.allclose(np.asarray(logits_dead), np.asarray(logits), atol=1e-3)
+
+
+def test_each_side_reads_only_its_parameters(tiny_checkpoint):
+    full = load_model(tiny_checkpoint)
+    config, banks = load_expert_banks(tiny_checkpoint, [1])
+    assert sorted(banks) == [f"experts.banks.1.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    np.testing.assert_array_equal(np.asarray(banks["experts.banks.1.up_proj"]),
+                                  np.asarray(full.experts.banks[1].up_proj[...]))
+    hosted = select_experts(banks, [(1, 3), (1, 6)], config)
+    np.testing.assert_array_equal(np.asarray(hosted.down_proj[1]),
+                                  np.asarray(full.experts.banks[1].down_proj[...][6]))
+    client = load_client(tiny_checkpoint)
+    names = flat_params(client)
+    assert names and not any("experts.banks" in k for k in names)
+    np.testing.assert_array_equal(np.asarray(client.embed_tokens.embedding[...]),
+                                  np.asarray(full.client.embed_tokens.embedding[...]))

@@ -1,1 +1,2 @@
-"""Runtime: expert servers (and, next, the attention client step and registry)."""
+"""Runtime: deployments, expert servers, the client's remote experts, server
+processes (local or found through the etcd registry)."""

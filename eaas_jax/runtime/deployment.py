@@ -82,12 +82,17 @@ class Deployment:
         def fail(msg):
             raise DeploymentError(f"{source}: {msg}")
 
-        unknown = sorted(set(raw) - _KEYS)
-        if unknown:
-            fail(f"unknown keys {unknown} (known: {sorted(_KEYS)})")
-        name = raw.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            fail(f"name must be 1-40 characters of [A-Za-z0-9_-], got {name!r}")
+        def check_table(table: dict, known: set, where: str) -> str:
+            """Rejects unknown keys; returns the table's valid `name`."""
+            unknown = sorted(set(table) - known)
+            if unknown:
+                fail(f"{where}unknown keys {unknown} (known: {sorted(known)})")
+            name = table.get("name")
+            if not isinstance(name, str) or not _NAME.match(name):
+                fail(f"{where}name must be 1-40 characters of [A-Za-z0-9_-], got {name!r}")
+            return name
+
+        name = check_table(raw, _KEYS, "")
         transport = raw.get("transport", "shm")
         if transport not in TRANSPORTS:
             fail(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
@@ -108,12 +113,7 @@ class Deployment:
             where = f"servers[{i}]"
             if not isinstance(s, dict):
                 fail(f"{where} must be a table")
-            unknown = sorted(set(s) - _SERVER_KEYS)
-            if unknown:
-                fail(f"{where}: unknown keys {unknown} (known: {sorted(_SERVER_KEYS)})")
-            sname = s.get("name")
-            if not isinstance(sname, str) or not _NAME.match(sname):
-                fail(f"{where}: name must be 1-40 characters of [A-Za-z0-9_-], got {sname!r}")
+            sname = check_table(s, _SERVER_KEYS, f"{where}: ")
             if sname in seen:
                 fail(f"{where}: server name {sname!r} is used twice")
             seen.add(sname)
