@@ -1,4 +1,4 @@
-"""The `eaas-jax` command: generate, serve-experts, train."""
+"""The `eaas-jax` command: generate, serve-experts, train, convert."""
 
 from __future__ import annotations
 
@@ -199,6 +199,38 @@ def _train(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a HF model directory (safetensors) to this "
+                       "project's checkpoint directory")
+    p.add_argument("--from-hf", required=True, metavar="DIR",
+                   help="HF model directory: config.json and *.safetensors")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="dtype of the stored parameters (default bfloat16)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_convert)
+
+
+def _convert(args) -> int:
+    import jax.numpy as jnp
+
+    from eaas_jax.checkpoint import CheckpointError, convert_checkpoint
+    from eaas_jax.checkpoint.hf import is_hf_directory
+
+    if not is_hf_directory(args.from_hf):
+        raise SystemExit(f"error: {args.from_hf} is not a HF model directory "
+                         "(needs config.json and model.safetensors or model.safetensors.index.json)")
+    start = time.time()
+    try:
+        config = convert_checkpoint(args.from_hf, args.out, dtype=jnp.dtype(args.dtype),
+                                    overwrite=args.force)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {args.out}: {config.num_layers} layers, {config.num_moe_layers} MoE layers of "
+          f"{config.num_experts} experts, {args.dtype}, in {time.time() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eaas-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -206,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_serve_experts(sub)
     _add_train(sub)
+    _add_convert(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -115,13 +115,13 @@ def test_min_tokens_suppresses_stop_ids_until_reached(tiny_engine):
 def test_eos_ends_the_output_unless_ignored(tiny_engine):
     prompt = _prompts(1, seed=6)[0]
     base = tiny_engine.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    eos = tiny_engine.eos_token_id
-    tiny_engine.eos_token_id = base[2]  # pretend that token is EOS
+    eos = tiny_engine.eos_token_ids
+    tiny_engine.eos_token_ids = (base[2],)  # pretend that token is EOS
     try:
         out = tiny_engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0].outputs[0]
         ignored = tiny_engine.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
     finally:
-        tiny_engine.eos_token_id = eos
+        tiny_engine.eos_token_ids = eos
     assert out.token_ids == base[: base.index(base[2]) + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", None)
     assert ignored.token_ids == base and ignored.finish_reason == "length"

@@ -1,4 +1,4 @@
-"""Checkpoints: the project's orbax directory format (and, later, importers)."""
+"""Checkpoints: the project's orbax directory format and HF safetensors imports."""
 
 from eaas_jax.checkpoint.directory import (
     CheckpointError,
@@ -6,19 +6,19 @@ from eaas_jax.checkpoint.directory import (
     load_config,
     load_expert_banks,
     load_model,
+    convert_checkpoint,
     save_checkpoint,
-    tokenizer_path,
 )
 from eaas_jax.checkpoint.params import flat_params, with_params
 
 __all__ = [
     "CheckpointError",
+    "convert_checkpoint",
     "flat_params",
     "load_client",
     "load_config",
     "load_expert_banks",
     "load_model",
     "save_checkpoint",
-    "tokenizer_path",
     "with_params",
 ]

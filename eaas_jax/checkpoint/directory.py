@@ -1,4 +1,6 @@
-"""The project's checkpoint directory: `config.json`, `params/` (orbax), `tokenizer.json`.
+"""Checkpoint directories: the project's own (`config.json`, `params/` (orbax),
+`tokenizer.json`) and HF model directories (`config.json`, `*.safetensors`), which
+every loader here accepts alike.
 
 Parameters are restored straight into the requested dtype and device: orbax reads
 each stored array and casts it while placing it, so a bf16 checkpoint can be
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from eaas_jax.checkpoint.hf import HfCheckpointError, is_hf_directory, load_hf_params, read_hf_config
 from eaas_jax.checkpoint.params import flat_params, with_params
 from eaas_jax.model.config import ConfigError, ModelConfig
 from eaas_jax.model.transformer import AttentionClientModel, MoeTransformer
@@ -25,6 +28,8 @@ from eaas_jax.model.transformer import AttentionClientModel, MoeTransformer
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.json"
+# Files beside the parameters that tokenization and generation read; all optional.
+ASSET_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 class CheckpointError(ValueError):
@@ -61,12 +66,22 @@ def save_checkpoint(
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
+    """The model config of a project or HF checkpoint directory."""
+    if is_hf_directory(directory):
+        return _hf_config(directory)[0]
     path = os.path.join(os.fspath(directory), CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"missing {CONFIG_FILE} in checkpoint directory {directory}")
     try:
         return ModelConfig.load(path)
     except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _hf_config(directory):
+    try:
+        return read_hf_config(directory)
+    except HfCheckpointError as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -102,28 +117,57 @@ def check_stored_shapes(params_dir: str, expected: dict, config_path: str) -> No
             )
 
 
-def _open(directory, dtype) -> tuple[str, MoeTransformer, dict]:
-    """Checks a checkpoint directory; returns its params dir, the abstract model
-    (from `nnx.eval_shape`) and the expected {name: ShapeDtypeStruct}."""
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
-    config = load_config(directory)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
-        raise CheckpointError(f"missing {PARAMS_DIR}/ (orbax parameters) in {directory}")
-    abstract_model = nnx.eval_shape(lambda: MoeTransformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    expected = flat_params(abstract_model)
-    check_stored_shapes(params_dir, expected, os.path.join(directory, CONFIG_FILE))
-    return params_dir, abstract_model, expected
+class _Checkpoint:
+    """An opened checkpoint directory of either kind: its config, the abstract
+    model (from `nnx.eval_shape`) and the expected {name: ShapeDtypeStruct};
+    `read(names)` restores those parameters."""
+
+    def __init__(self, directory, dtype, device):
+        directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"checkpoint directory not found: {directory}")
+        self.directory, self.dtype, self.device = directory, dtype, device
+        self.hf_layout = None
+        if is_hf_directory(directory):
+            self.config, self.hf_layout = _hf_config(directory)
+        else:
+            self.config = load_config(directory)
+            self.params_dir = os.path.join(directory, PARAMS_DIR)
+            if not os.path.isdir(self.params_dir):
+                raise CheckpointError(
+                    f"{directory} is neither a checkpoint of this project (no {PARAMS_DIR}/) "
+                    "nor a HF model directory (no *.safetensors)"
+                )
+        config = self.config
+        self.abstract_model = nnx.eval_shape(
+            lambda: MoeTransformer(config, dtype=dtype, rngs=nnx.Rngs(0))
+        )
+        self.expected = flat_params(self.abstract_model)
+        if self.hf_layout is None:
+            check_stored_shapes(self.params_dir, self.expected, os.path.join(directory, CONFIG_FILE))
+
+    def read(self, names=None) -> dict[str, jax.Array]:
+        """The parameters named in `names` (default: all)."""
+        wanted = set(self.expected) if names is None else set(names)
+        if self.hf_layout is not None:
+            try:
+                return load_hf_params(
+                    self.directory, self.config, self.hf_layout, self.expected, wanted,
+                    dtype=self.dtype, device=self.device,
+                )
+            except HfCheckpointError as e:
+                raise CheckpointError(str(e)) from None
+        expected = {k: v for k, v in self.expected.items() if k in wanted}
+        return _restore(self.params_dir, expected, self.dtype, self.device,
+                        partial=len(expected) < len(self.expected))
 
 
 def load_model(
     directory: str | os.PathLike, *, dtype=jnp.float32, device: jax.Device | None = None
 ) -> MoeTransformer:
-    """Restores the model of a checkpoint directory in `dtype` on `device`."""
-    params_dir, abstract_model, expected = _open(directory, dtype)
-    return with_params(abstract_model, _restore(params_dir, expected, dtype, device))
+    """Restores the model of a checkpoint directory (project or HF) in `dtype` on `device`."""
+    checkpoint = _Checkpoint(directory, dtype, device)
+    return with_params(checkpoint.abstract_model, checkpoint.read())
 
 
 def load_client(
@@ -131,10 +175,11 @@ def load_client(
 ) -> AttentionClientModel:
     """Restores only the attention client (no routed experts): what a client of
     expert servers needs."""
-    params_dir, abstract_model, expected = _open(directory, dtype)
-    wanted = {k: v for k, v in expected.items() if k.startswith("client.")}
-    params = _restore(params_dir, wanted, dtype, device, partial=True)
-    return with_params(abstract_model.client, {k[len("client."):]: v for k, v in params.items()})
+    checkpoint = _Checkpoint(directory, dtype, device)
+    params = checkpoint.read(k for k in checkpoint.expected if k.startswith("client."))
+    return with_params(
+        checkpoint.abstract_model.client, {k[len("client."):]: v for k, v in params.items()}
+    )
 
 
 def _restore(params_dir: str, expected: dict, dtype, device, *, partial: bool = False) -> dict:
@@ -165,12 +210,25 @@ def load_expert_banks(
 
     Returns the config and `{"experts.banks.<i>.<proj>": array}` for those layers.
     """
-    params_dir, abstract_model, expected = _open(directory, dtype)
+    checkpoint = _Checkpoint(directory, dtype, device)
     prefixes = tuple(f"experts.banks.{int(i)}." for i in sorted(set(moe_layers)))
-    wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
-    return abstract_model.config, _restore(params_dir, wanted, dtype, device, partial=True)
+    return checkpoint.config, checkpoint.read(k for k in checkpoint.expected if k.startswith(prefixes))
 
 
-def tokenizer_path(directory: str | os.PathLike) -> str | None:
-    path = os.path.join(os.fspath(directory), TOKENIZER_FILE)
-    return path if os.path.isfile(path) else None
+def convert_checkpoint(
+    source: str | os.PathLike, out: str | os.PathLike, *, dtype=jnp.bfloat16, overwrite: bool = False
+) -> ModelConfig:
+    """Writes a HF model directory (or any loadable checkpoint) as this project's
+    checkpoint directory, parameters in `dtype`, with its tokenizer and
+    generation files, so later loads are one orbax restore."""
+    source, out = os.path.abspath(os.fspath(source)), os.path.abspath(os.fspath(out))
+    if source == out:
+        raise CheckpointError("the output directory must differ from the source")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise CheckpointError(f"output directory {out} is not empty (pass overwrite=True / --force)")
+    model = load_model(source, dtype=dtype)
+    save_checkpoint(out, model)
+    for name in ASSET_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
+    return model.config

@@ -13,14 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from eaas_jax.checkpoint.directory import load_client, load_config, load_model, tokenizer_path
+from eaas_jax.checkpoint.directory import load_client, load_config, load_model
 from eaas_jax.engine.block_allocator import BlockAllocator
+from eaas_jax.engine.chat_template import check_messages
+from eaas_jax.engine.generation_config import GenerationDefaults
 from eaas_jax.engine.outputs import RequestOutput
 from eaas_jax.engine.runner import EmbeddedExperts, ModelRunner, StepRows
 from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
+from eaas_jax.model.attention import kv_cache_bytes_per_token
 from eaas_jax.runtime.client import RemoteExpertBackend, check_exchanges
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
@@ -157,13 +160,19 @@ class Engine:
             raise ValueError(
                 f"max_model_len must be in [2, max_position_embeddings={limit}], got {max_model_len}"
             )
-        self.tokenizer = Tokenizer(tokenizer_path(model_path))
-        self.eos_token_id = self.config.eos_token_id
+        self.tokenizer = Tokenizer.from_directory(model_path)
+        self.generation_defaults = GenerationDefaults.load(model_path)
+        # Both files may name end-of-sequence ids (generation_config.json often more).
+        self.eos_token_ids = tuple(
+            dict.fromkeys(self.config.eos_token_ids + self.generation_defaults.eos_token_ids)
+        )
+        bad = [t for t in self.eos_token_ids if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(f"eos token ids {bad} of {model_path} are outside the vocabulary")
 
         blocks_per_seq = -(-self.max_model_len // block_size)
         if num_kv_blocks is None:
-            c = self.config
-            block_bytes = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+            block_bytes = block_size * kv_cache_bytes_per_token(self.config, self.dtype.itemsize)
             num_kv_blocks = max(blocks_per_seq, min(max_num_seqs * blocks_per_seq, kv_cache_bytes // block_bytes))
         if num_kv_blocks < blocks_per_seq:
             raise ValueError(
@@ -210,7 +219,9 @@ class Engine:
     def _make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
+        if isinstance(prompt, _ChatPrompt):
+            ids, text = self.tokenizer.encode(prompt.text, add_special_tokens=False), prompt.text
+        elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("empty prompt")
             ids, text = self.tokenizer.encode(prompt), prompt
@@ -240,11 +251,16 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
         return Request(request_id, text, ids, params, seed)
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What requests without sampling params get: the checkpoint's
+        generation_config.json values over `SamplingParams()`'s defaults."""
+        return self.generation_defaults.sampling_params()
+
     def add_request(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Queues a request; raises ValueError (queueing nothing) if it is invalid."""
-        request = self._make_request(prompt, sampling_params or SamplingParams(), request_id)
+        request = self._make_request(prompt, sampling_params or self.default_sampling_params(), request_id)
         self._enqueue(request)
         return request.request_id
 
@@ -298,7 +314,7 @@ class Engine:
             rows.tokens.append(ids[start:])
             rows.start_positions.append(start)
             rows.block_tables.append(seq.blocks)
-            rows.sampling.append(seq.sampling_row(self.eos_token_id))
+            rows.sampling.append(seq.sampling_row(self.eos_token_ids))
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         result, exchanges = self.runner.run(rows, MAX_LOGPROBS if want_logprobs else 0)
         if self.cluster is not None:
@@ -310,7 +326,7 @@ class Engine:
             top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
             seq.append(
                 int(result.tokens[i]), float(result.logprobs[i]), int(result.ranks[i]), top,
-                self.tokenizer, self.eos_token_id, self.max_model_len,
+                self.tokenizer, self.eos_token_ids, self.max_model_len,
             )
             metrics = seq.request.metrics
             metrics.first_token_time = metrics.first_token_time or now
@@ -338,7 +354,7 @@ class Engine:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -370,3 +386,37 @@ class Engine:
                 if request.request_id not in results:
                     self.abort_request(request.request_id)
         return [results[r.request_id] for r in requests]
+
+    def chat(
+        self,
+        messages: Seq[dict] | Seq[Seq[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates replies to one conversation ([{"role": ..., "content": ...}])
+        or a list of conversations, rendered with the checkpoint's chat template.
+
+        The rendered text is tokenized without adding special tokens again (the
+        template writes them), as transformers' `apply_chat_template` does.
+        Each output's `prompt` is the rendered text.
+        """
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    check_messages(conversation), add_generation_prompt=add_generation_prompt
+                )
+            except ValueError as e:
+                raise type(e)(f"conversation {i}: {e}") from None
+            prompts.append(_ChatPrompt(text))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+class _ChatPrompt(str):
+    """Prompt text rendered from a chat template: tokenized without adding
+    special tokens, since the template already wrote them."""
+
+    __slots__ = ()

@@ -38,13 +38,13 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def sampling_row(self, eos_id: int | None) -> dict:
+    def sampling_row(self, eos_ids: tuple[int, ...]) -> dict:
         p = self.params
         banned = []
         if len(self.output_ids) < p.min_tokens:
             banned = list(p.stop_token_ids)
-            if eos_id is not None and not p.ignore_eos:
-                banned.append(eos_id)
+            if not p.ignore_eos:
+                banned.extend(eos_ids)
         return {
             "temperature": p.temperature,
             "top_p": p.top_p,
@@ -63,7 +63,7 @@ class Sequence:
         rank: int,
         top: list[tuple[int, float]],
         tokenizer: Tokenizer,
-        eos_id: int | None,
+        eos_ids: tuple[int, ...],
         max_model_len: int,
     ) -> None:
         """Records a sampled token and decides whether the completion has ended."""
@@ -80,7 +80,7 @@ class Sequence:
             self.logprobs.append(entry)
 
         can_stop = len(self.output_ids) >= p.min_tokens
-        if can_stop and not p.ignore_eos and token == eos_id:
+        if can_stop and not p.ignore_eos and token in eos_ids:
             self.finish_reason = "stop"
         elif can_stop and token in p.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token

@@ -17,7 +17,8 @@ from flax import nnx
 
 from eaas_jax.kernels.attention import grouped_query_attention
 from eaas_jax.model.config import ModelConfig
-from eaas_jax.model.layers import RMSNorm, apply_rope, linear
+from eaas_jax.model.layers import RMSNorm, linear
+from eaas_jax.model.rope import apply_rope, rope_frequencies
 
 
 class LayerCache(NamedTuple):
@@ -40,8 +41,22 @@ class PagedAttentionInputs(NamedTuple):
 
 
 def init_layer_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype) -> LayerCache:
+    if config.attention == "mla":
+        # One latent (and its rotary key part) per token, shared by every head;
+        # the values are the latent itself, so `v` is empty.
+        shape = (num_blocks, block_size, 1, config.kv_lora_rank + config.qk_rope_head_dim)
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape[:-1] + (0,), dtype))
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
     return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, itemsize: int) -> int:
+    """KV cache bytes one token takes over all layers."""
+    if config.attention == "mla":
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        per_layer = 2 * config.num_kv_heads * config.head_dim
+    return config.num_layers * per_layer * itemsize
 
 
 def _write(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
@@ -60,6 +75,19 @@ def _gather(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
     return gathered.reshape(batch, max_blocks * pool.shape[1], *pool.shape[2:])
 
 
+def attend_to(cache: LayerCache | None, paged: PagedAttentionInputs | None, k, v, positions):
+    """The keys, values and key positions this step's queries attend over, and
+    the updated cache: the new k/v alone without a cache; with one, the new k/v
+    are written to their slots and each sequence's blocks are read back."""
+    if cache is None:
+        return k, v, positions, None
+    cache = LayerCache(_write(cache.k, paged.slot_mapping, k), _write(cache.v, paged.slot_mapping, v))
+    keys = _gather(cache.k, paged.block_tables)
+    values = _gather(cache.v, paged.block_tables)
+    key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
+    return keys, values, key_positions, cache
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.config = config
@@ -70,18 +98,29 @@ class Attention(nnx.Module):
         self.v_proj = linear(d, kv * hd, dtype=dtype, rngs=rngs, bias=bias)
         self.o_proj = linear(h * hd, d, dtype=dtype, rngs=rngs)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, dtype=dtype)
+            q_dim, k_dim = (hd, hd) if config.qk_norm_per_head else (h * hd, kv * hd)
+            self.q_norm = RMSNorm(q_dim, eps=config.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(k_dim, eps=config.rms_norm_eps, dtype=dtype)
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         c = self.config
         batch, seq = x.shape[:2]
-        q = self.q_proj(x).reshape(batch, seq, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.qk_norm and not c.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta), v
+        if c.clip_qkv is not None:  # after the full-width norm, as OLMoE does
+            q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.reshape(batch, seq, c.num_heads, c.head_dim)
+        k = k.reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        if c.qk_norm and c.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        return (
+            apply_rope(q, positions, inv_freq, scale),
+            apply_rope(k, positions, inv_freq, scale),
+            v,
+        )
 
     def __call__(
         self,
@@ -97,17 +136,7 @@ class Attention(nnx.Module):
         sequence's blocks up to its own position.
         """
         q, k, v = self._qkv(x, positions)
-        if cache is None:
-            out = grouped_query_attention(q, k, v, positions, positions)
-        else:
-            cache = LayerCache(
-                _write(cache.k, paged.slot_mapping, k), _write(cache.v, paged.slot_mapping, v)
-            )
-            keys = _gather(cache.k, paged.block_tables)
-            values = _gather(cache.v, paged.block_tables)
-            key_positions = jnp.broadcast_to(
-                jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2]
-            )
-            out = grouped_query_attention(q, keys, values, positions, key_positions)
+        keys, values, key_positions, cache = attend_to(cache, paged, k, v, positions)
+        out = grouped_query_attention(q, keys, values, positions, key_positions)
         batch, seq = x.shape[:2]
         return self.o_proj(out.reshape(batch, seq, -1)), cache

@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, rotary embeddings, the SwiGLU MLP."""
+"""Small building blocks: RMSNorm, linear layers, the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -17,22 +17,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in the "rotate half" layout (first half pairs with second).
-
-    x: [..., T, H, D]; positions: [..., T] integer positions.
-    """
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, D/2]
-    cos = jnp.cos(angles)[..., None, :]
-    sin = jnp.sin(angles)[..., None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : dim // 2], x32[..., dim // 2 :]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
 
 
 def linear(in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:

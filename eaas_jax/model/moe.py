@@ -27,20 +27,48 @@ class Routing(NamedTuple):
 
 
 class Router(nnx.Module):
-    """Top-k softmax router."""
+    """Chooses each token's top-k experts and their gate weights.
+
+    Covers the published routers: softmax top-k with or without renormalising
+    (Mixtral, Qwen, OLMoE), DeepSeek-V2's group-limited softmax, and
+    DeepSeek-V3's sigmoid scores with a selection-only bias, group-limited
+    choice and a routed scaling factor. Scores are computed in float32.
+    """
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
+        self.config = config
         self.gate = linear(config.hidden_size, config.num_experts, dtype=dtype, rngs=rngs)
+        if config.router_score_bias:
+            self.score_bias = nnx.Param(jnp.zeros((config.num_experts,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> Routing:
-        logits = self.gate(x).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        weights, ids = jax.lax.top_k(probs, self.top_k)
-        if self.norm_topk_prob:
+        c = self.config
+        logits = jnp.dot(x.astype(jnp.float32), self.gate.kernel[...].astype(jnp.float32))
+        if c.router_scoring == "softmax":
+            probs = jax.nn.softmax(logits, axis=-1)
+        else:
+            probs = jax.nn.sigmoid(logits)
+        choice = probs + self.score_bias[...] if c.router_score_bias else probs
+        if c.router_num_groups > 1:
+            choice = self._keep_best_groups(choice)
+        _, ids = jax.lax.top_k(choice, c.num_experts_per_tok)
+        weights = jnp.take_along_axis(probs, ids, axis=-1)
+        if c.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        weights = weights * c.routed_scaling_factor
         return Routing(ids.astype(jnp.int32), weights, probs)
+
+    def _keep_best_groups(self, choice: jax.Array) -> jax.Array:
+        """Masks (to -inf) every expert outside the best `router_topk_groups` groups."""
+        c = self.config
+        groups = choice.reshape(*choice.shape[:-1], c.router_num_groups, -1)
+        if c.router_group_score == "max":
+            group_score = groups.max(axis=-1)
+        else:
+            group_score = jax.lax.top_k(groups, 2)[0].sum(axis=-1)
+        _, best = jax.lax.top_k(group_score, c.router_topk_groups)
+        keep = jax.nn.one_hot(best, c.router_num_groups, dtype=bool).any(axis=-2)
+        return jnp.where(keep[..., None], groups, -jnp.inf).reshape(choice.shape)
 
 
 class SharedExpert(nnx.Module):

@@ -18,6 +18,7 @@ from flax import nnx
 from eaas_jax.model.attention import Attention, LayerCache, PagedAttentionInputs
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import RMSNorm, SwiGLU, linear
+from eaas_jax.model.mla import MultiHeadLatentAttention
 from eaas_jax.model.moe import ExpertBank, Router, Routing, SharedExpert
 
 # (moe layer index, tokens [N, d], routing) -> gate-weighted expert output [N, d]
@@ -77,7 +78,8 @@ class DecoderLayer(nnx.Module):
         eps = config.rms_norm_eps
         self.is_moe = config.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        attention = MultiHeadLatentAttention if config.attention == "mla" else Attention
+        self.self_attn = attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
         if self.is_moe:
             self.router = Router(config, dtype=dtype, rngs=rngs)
