@@ -1,19 +1,20 @@
 """A reader for `.safetensors` files that needs only numpy and ml_dtypes.
 
 The format is an 8-byte little-endian header length, a JSON header mapping each
-tensor name to its dtype, shape and byte range, then the raw data. Tensors are
-read through a memory map, one at a time, so reading a shard never holds more
-than the tensor being converted. bfloat16 and float8 (which numpy lacks) come
-from ml_dtypes, already a dependency of jax. Every header entry is checked
+tensor name to its dtype, shape and byte range, then the raw data. bfloat16 and
+float8 (which numpy lacks) come from ml_dtypes, already a dependency of jax. Every header entry is checked
 before use, so a truncated or hostile file raises `SafetensorsError` naming the
 file and tensor instead of returning garbage.
+
+Tensors are read with positioned reads into their own arrays, not through a
+memory map: mapped pages of a shard would count in the process's resident set
+until the whole shard is unmapped, while a read holds one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 
@@ -58,8 +59,6 @@ class SafetensorsFile:
         self._file = open(self.path, "rb")
         try:
             self.tensors, self._data_start = self._read_header()
-            size = os.fstat(self._file.fileno()).st_size
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except BaseException:
             self._file.close()
             raise
@@ -110,19 +109,19 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, tuple(shape), start, end)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a read-only array backed by the memory map (no copy)."""
+        """The tensor, read into a new array."""
         info = self.tensors[name]
-        if info.start == info.end:
-            return np.zeros(info.shape, info.dtype)
-        buffer = memoryview(self._map)[self._data_start + info.start : self._data_start + info.end]
-        return np.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        array = np.empty(info.shape, info.dtype)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        done, offset = 0, self._data_start + info.start
+        while done < len(view):
+            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if n == 0:
+                raise self._fail(f"tensor {name}: file ended while reading")
+            done += n
+        return array
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # an array still views the map; it closes when freed
-                pass
         self._file.close()
 
     def __enter__(self):

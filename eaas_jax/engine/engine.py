@@ -220,7 +220,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, _ChatPrompt):
-            ids, text = self.tokenizer.encode(prompt.text, add_special_tokens=False), prompt.text
+            ids, text = self.tokenizer.encode(prompt, add_special_tokens=False), str(prompt)
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("empty prompt")

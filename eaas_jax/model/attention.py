@@ -63,7 +63,7 @@ def _write(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
     num_blocks, block_size, kv_heads, head_dim = pool.shape
     flat = pool.reshape(num_blocks * block_size, kv_heads, head_dim)
     flat = flat.at[slots.reshape(-1)].set(
-        values.reshape(-1, kv_heads, head_dim).astype(pool.dtype), mode="drop"
+        values.reshape(slots.size, kv_heads, head_dim).astype(pool.dtype), mode="drop"
     )
     return flat.reshape(pool.shape)
 
