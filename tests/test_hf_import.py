@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from eaas_jax.checkpoint import CheckpointError, load_expert_banks, load_model
@@ -183,3 +184,54 @@ def test_failed_load_leaves_nothing_half_done(qwen3_dir, tmp_path):
     with pytest.raises(CheckpointError):
         load_model(directory)
     load_model(qwen3_dir)
+
+
+def _quantize_fp8_blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's release format: float8 e4m3 values and one float32 scale
+    per (block x block) tile, weight ~= fp8 * scale."""
+    rows, cols = weight.shape
+    tiles_r, tiles_c = -(-rows // block), -(-cols // block)
+    padded = torch.zeros(tiles_r * block, tiles_c * block)
+    padded[:rows, :cols] = weight
+    tiles = padded.reshape(tiles_r, block, tiles_c, block)
+    scale = tiles.abs().amax(dim=(1, 3)) / 448.0
+    quantized = (tiles / scale[:, None, :, None]).reshape(padded.shape)[:rows, :cols]
+    return quantized.to(torch.float8_e4m3fn), scale
+
+
+def test_fp8_block_quantized_checkpoint(tmp_path):
+    """Float8 weights with per-block scales (as DeepSeek-V3 ships) load
+    dequantized: logits equal transformers' model holding the same dequantized weights."""
+    block = 16
+    reference = hf_models.build("deepseek_v3", seed=7)
+    directory = hf_models.save(reference, str(tmp_path / "fp8"))
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    dequantized = {}
+    for name in list(tensors):
+        # Every linear layer but the router, as in the release.
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            q, scale = _quantize_fp8_blocks(tensors[name], block)
+            tensors[name], tensors[name + "_scale_inv"] = q, scale
+            s = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: q.shape[0], : q.shape[1]]
+            dequantized[name] = q.float() * s
+    assert len(dequantized) > 20
+    save_file(tensors, path)
+    hf_models.edit_config(directory, quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [block, block]})
+    # The reference: transformers' model loaded from the dequantized weights.
+    plain = hf_models.save(reference, str(tmp_path / "dequantized"))
+    plain_tensors = load_file(os.path.join(plain, "model.safetensors"))
+    save_file({**plain_tensors, **dequantized}, os.path.join(plain, "model.safetensors"))
+    dequantized_model = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    original = reference.state_dict()["model.layers.1.self_attn.o_proj.weight"]
+    assert not torch.equal(dequantized_model.state_dict()["model.layers.1.self_attn.o_proj.weight"], original)
+    _assert_logits_match(load_model(directory), dequantized_model, hf_models.prompts()[:2])
+
+
+def test_quantization_other_than_fp8_blocks_is_refused(qwen3_dir, tmp_path):
+    directory = _copy(qwen3_dir, tmp_path)
+    hf_models.edit_config(directory, quantization_config={"quant_method": "awq", "bits": 4})
+    with pytest.raises(CheckpointError, match="quant_method='awq' is not supported"):
+        load_model(directory)

@@ -16,9 +16,11 @@ layers, and an LM head stored beside tied embeddings).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Callable
 
@@ -33,6 +35,7 @@ from eaas_jax.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
+SCALE_SUFFIX = "_scale_inv"  # float8 block scales: "X.weight" -> "X.weight_scale_inv"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _FLOAT_KINDS = ("f", "V")  # numpy float kinds; ml_dtypes' bfloat16/float8 report "V"
@@ -230,6 +233,11 @@ def build_plan(config: ModelConfig, layout: HfLayout, names, params: dict) -> di
     return _Planner(config, layout, set(names), params).build()
 
 
+def _is_scale_of_planned(name: str, plan: dict, layout: HfLayout) -> bool:
+    return (layout.fp8_block is not None and name.endswith(SCALE_SUFFIX)
+            and name[: -len(SCALE_SUFFIX)] in plan)
+
+
 def _skippable(name: str, config: ModelConfig, layout: HfLayout) -> bool:
     """Tensors that exist on disk but are deliberately not served."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -241,7 +249,10 @@ def _skippable(name: str, config: ModelConfig, layout: HfLayout) -> bool:
 
 def check_tensor_names(plan: dict, files: dict, config: ModelConfig, layout: HfLayout, where: str):
     missing = sorted(set(plan) - set(files))
-    extra = [n for n in sorted(set(files) - set(plan)) if not _skippable(n, config, layout)]
+    extra = [
+        n for n in sorted(set(files) - set(plan))
+        if not _skippable(n, config, layout) and not _is_scale_of_planned(n, plan, layout)
+    ]
     if missing or extra:
         parts = []
         if missing:
@@ -249,7 +260,7 @@ def check_tensor_names(plan: dict, files: dict, config: ModelConfig, layout: HfL
         if extra:
             parts.append(f"unexpected tensors {extra[:8]}" + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
         raise HfCheckpointError(f"{where} ({layout.architecture}): " + "; ".join(parts))
-    skipped = sorted(set(files) - set(plan))
+    skipped = [n for n in sorted(set(files) - set(plan)) if not _is_scale_of_planned(n, plan, layout)]
     if skipped:
         logger.info("%s: not loading %d tensors not used for serving (%s, ...)", where, len(skipped), skipped[0])
 
@@ -282,10 +293,20 @@ def load_hf_params(
     buffers: dict[str, np.ndarray] = {}
     loaded: dict[str, jax.Array] = {}
     shards = sorted(by_file)
-    for path in tqdm(shards, desc="loading shards", unit="shard", disable=len(shards) < 2):
-        with _open_shard(path) as shard:
+    with contextlib.ExitStack() as stack:
+        opened: dict[str, SafetensorsFile] = {}
+
+        def shard_of(name: str) -> SafetensorsFile:
+            path = files[name]
+            if path not in opened:
+                opened[path] = stack.enter_context(_open_shard(path))
+            return opened[path]
+
+        for path in tqdm(shards, desc="loading shards", unit="shard", disable=len(shards) < 2):
             for name in by_file[path]:
-                array = _read_checked(shard, name, plan[name].shape)
+                array = _read_checked(shard_of(name), name, plan[name].shape)
+                if array.dtype.itemsize == 1:
+                    array = _dequantize(array, name, files, shard_of, layout.fp8_block)
                 for piece in plan[name].pieces:
                     if piece.param not in wanted:
                         continue
@@ -297,17 +318,36 @@ def load_hf_params(
                     if remaining[piece.param] == 0:
                         loaded[piece.param] = jax.device_put(buffers.pop(piece.param), sharding)
                 del array
+            # Close finished shards (keeping none open beyond the current one).
+            for done in [p for p in opened if p <= path]:
+                opened.pop(done).close()
     return loaded
+
+
+def _dequantize(array, name, files, shard_of, block) -> np.ndarray:
+    """A float8 weight times its per-block scales, in float32."""
+    scale_name = name + SCALE_SUFFIX
+    if block is None or scale_name not in files:
+        raise HfCheckpointError(
+            f"tensor {name} is float8 ({array.dtype.name}) without block scales "
+            f"({scale_name} and a quantization_config)"
+        )
+    rows, cols = array.shape
+    blocks = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    scale = _read_checked(shard_of(scale_name), scale_name, blocks).astype(np.float32)
+    full = np.repeat(np.repeat(scale, block[0], axis=0), block[1], axis=1)[:rows, :cols]
+    return array.astype(np.float32) * full
 
 
 def _read_checked(shard: SafetensorsFile, name: str, shape: tuple) -> np.ndarray:
     info = shard.tensors.get(name)
     if info is None:
         raise HfCheckpointError(f"{shard.path}: tensor {name} is listed in the index but not in the file")
-    if info.dtype.kind not in _FLOAT_KINDS or info.dtype.itemsize < 2:
+    fp8 = info.dtype.itemsize == 1 and info.dtype.kind == "V" and len(shape) == 2
+    if info.dtype.kind not in _FLOAT_KINDS or (info.dtype.itemsize < 2 and not fp8):
         raise HfCheckpointError(
             f"{shard.path}: tensor {name} has dtype {info.dtype.name}; expected a floating-point "
-            "type (float32, float16 or bfloat16)"
+            "type (float32, float16, bfloat16, or block-scaled float8 for 2-D weights)"
         )
     if info.shape != shape:
         raise HfCheckpointError(

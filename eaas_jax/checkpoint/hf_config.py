@@ -33,6 +33,10 @@ class HfLayout:
     rope_interleaved: bool = False
     # Trailing layers holding multi-token-prediction weights, which serving skips.
     num_mtp_layers: int = 0
+    # Block-quantized float8 weights (DeepSeek-V3's release): each `X.weight` in
+    # float8 comes with `X.weight_scale_inv` holding one scale per block of
+    # (rows, columns); they are dequantized while loading.
+    fp8_block: tuple[int, int] | None = None
 
 
 def _get(hf: dict, name: str, default: Any = ConfigError) -> Any:
@@ -205,6 +209,22 @@ def _deepseek_v3(hf: dict):
                 num_mtp_layers=int(hf.get("num_nextn_predict_layers") or 0))
 
 
+def _fp8_block(hf: dict) -> tuple[int, int] | None:
+    quantization = hf.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method")
+    if method != "fp8" or quantization.get("fmt", "e4m3") != "e4m3":
+        raise HfConfigError(
+            f"quantization_config with quant_method={method!r} is not supported "
+            "(only block-wise float8 e4m3, as DeepSeek-V3 ships)"
+        )
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise HfConfigError(f"quantization_config.weight_block_size must be [rows, columns], got {block!r}")
+    return tuple(block)
+
+
 CONVERTERS = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen2_moe,
@@ -229,6 +249,6 @@ def convert_config(hf: dict, *, source: str = "config.json") -> tuple[ModelConfi
     try:
         specific, layout = CONVERTERS[known[0]](hf)
         fields = {**_common(hf), **specific}
-        return ModelConfig(**fields), layout
+        return ModelConfig(**fields), dataclasses.replace(layout, fp8_block=_fp8_block(hf))
     except (ConfigError, TypeError, KeyError) as e:
         raise HfConfigError(f"{source} ({known[0]}): {e}") from None
