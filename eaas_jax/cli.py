@@ -12,7 +12,7 @@ import time
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate completions from a checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", required=True, help="checkpoint directory (this project's or HF safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; its completion is printed")
     src.add_argument("--input", help="JSONL file: one prompt per line, a string or an object "
@@ -28,6 +28,8 @@ def _add_generate(sub) -> None:
     p.add_argument("-n", type=int, default=1, help="completions per prompt")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--chat", action="store_true",
+                   help="send each text prompt as a user message through the chat template")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -108,16 +110,22 @@ def _generate(args) -> int:
         args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
         deployment=args.deployment, registry=args.registry,
     )
+    if args.chat and not all(isinstance(p, str) for p in prompts):
+        raise SystemExit("error: --chat needs text prompts, not token ids")
     start = time.time()
     try:
         with engine:
-            outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
+            if args.chat:
+                conversations = [[{"role": "user", "content": p}] for p in prompts]
+                outputs = engine.chat(conversations, params, use_tqdm=args.input is not None)
+            else:
+                outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
     except (ValueError, ExpertServerError) as e:
         raise SystemExit(f"error: {e}")
     elapsed = time.time() - start
     if args.prompt is not None:
         for c in outputs[0].outputs:
-            print(args.prompt + c.text)
+            print(c.text if args.chat else args.prompt + c.text)
         return 0
     out = open(args.output, "w") if args.output else sys.stdout
     try:

@@ -112,7 +112,7 @@ def test_chat_greedy_equals_transformers_generate(chat_dir, chat_engine):
 
 
 def test_generation_config_sets_defaults_and_eos(chat_engine):
-    end, eot = chat_engine.tokenizer._tok.token_to_id("<|im_end|>"), chat_engine.tokenizer._tok.token_to_id("<|endoftext|>")
+    end, eot = (chat_engine.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("<|im_end|>", "<|endoftext|>"))
     assert set(chat_engine.eos_token_ids) >= {end, eot}
     defaults = chat_engine.default_sampling_params()
     assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.6, 0.9, 20, 20)
@@ -178,3 +178,14 @@ def test_expert_servers_serve_a_hf_directory(chat_dir, chat_engine, tmp_path):
     with Engine(chat_dir[1], deployment=str(deployment), **ENGINE_ARGS) as engine:
         got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
     assert got == expected
+
+
+def test_cli_chat_prompt(chat_dir, capsys):
+    cli(["generate", "--model", chat_dir[1], "--chat", "--prompt", "what is the time",
+         "--max-tokens", "8", "--dtype", "float32", "--max-model-len", "64"])
+    printed = capsys.readouterr().out
+    assert "what is the time" not in printed  # the reply alone, not prompt + reply
+    engine = Engine(chat_dir[1], **ENGINE_ARGS)
+    reply = engine.chat([{"role": "user", "content": "what is the time"}],
+                        SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    assert printed == reply + "\n"

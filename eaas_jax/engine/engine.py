@@ -54,7 +54,9 @@ class Engine:
     """Offline and step-wise generation from a checkpoint directory.
 
     Args:
-      model_path: a checkpoint directory (config.json, params/, tokenizer.json).
+      model_path: a checkpoint directory: this project's (config.json, params/)
+        or a HF model directory (config.json, *.safetensors); either may hold
+        tokenizer, chat template and generation config files.
       max_num_seqs: most sequences decoded together in one step.
       max_model_len: context limit (prompt + completion); default the model's
         max_position_embeddings.
