@@ -7,7 +7,8 @@ are [out, in], ours [in, out]; experts are stacked [E, in, out]). Loading then
 streams the shards one tensor at a time into per-parameter host buffers and
 moves each parameter to its device as soon as its last piece has arrived, so
 host memory beyond the final parameters stays near the expert banks still being
-assembled. Missing tensors, unexpected tensors and shape or dtype mismatches
+assembled. Block-scaled float8 weights (DeepSeek-V3's release) are dequantized
+on the way, their `*_scale_inv` read from whichever shard holds them. Missing tensors, unexpected tensors and shape or dtype mismatches
 raise `HfCheckpointError` naming the tensor; nothing is skipped silently (the
 only tensors skipped are listed in the log: DeepSeek-V3's multi-token-prediction
 layers, and an LM head stored beside tied embeddings).

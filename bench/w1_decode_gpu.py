@@ -1,0 +1,246 @@
+"""W1 on one GPU: decode of the embedded engine against HF transformers (same
+config, same weights, same run) and against the HBM roofline.
+
+    python bench/w1_decode_gpu.py [--batches 1,16,64,256] [--steps 64] [--append bench/RESULTS.md]
+
+W1 (`../shared/BENCH.md`): Qwen3-30B-A3B shapes with 8 layers, bfloat16, random
+weights from a fixed seed; prompts of 128 random tokens, then decode. Phases run
+in separate processes (each framework gets the whole GPU):
+  make  transformers builds the model on the GPU and saves it as a HF directory;
+  eaas  this project's Engine loads that directory (its own HF importer), then per
+        batch: prefill, then `steps` engine steps timed one by one (host wall
+        clock; each step ends with the sampled tokens on the host); also the
+        device copy bandwidth (one compiled loop of elementwise passes);
+  hf    transformers `generate` greedy on the same directory; time per decode
+        step = difference of two generation lengths / their token difference.
+Roofline: bytes one decode step must move (non-expert weights once, the LM head,
+the experts the batch's routing is expected to touch, uniform routing assumed,
+and the KV cache read) over the measured copy bandwidth (read + write).
+Greedy tokens of prompt 0 are compared between the two engines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_LEN = 128
+W1 = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096,
+    rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+
+
+def prompts(batch: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, W1["vocab_size"], size=PROMPT_LEN).tolist() for _ in range(batch)]
+
+
+def _torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def phase_make(directory: str) -> dict:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("qwen3_moe", **W1)
+    start = time.time()
+    with torch.device(_torch_device()):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="4GB")
+    return {"params": sum(p.numel() for p in model.parameters()), "make_s": time.time() - start}
+
+
+def _copy_bandwidth() -> float:
+    """Bytes read + written per second by an elementwise pass over 2 GiB, timed
+    over 20 passes inside one compiled loop."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)
+    passes = 20
+    loop = jax.jit(lambda a: jax.lax.fori_loop(0, passes, lambda i, y: y * 1.0001, a))
+    loop(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        loop(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes * passes / min(times)
+
+
+def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
+    sys.path.insert(0, REPO)
+    from eaas_jax.engine import Engine, SamplingParams
+
+    result = {"bandwidth": _copy_bandwidth()}
+    start = time.time()
+    engine = Engine(directory, dtype="bfloat16", max_num_seqs=max(batches),
+                    max_model_len=PROMPT_LEN + steps + 16, block_size=16,
+                    max_num_batched_tokens=8192)
+    result["load_s"] = time.time() - start
+    for batch in batches:
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts(batch)]
+        outputs: dict[str, list[int]] = {}
+        prefilled: set[str] = set()
+        while len(prefilled) < batch:  # prefill (compiles)
+            prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+        engine.step()
+        engine.step()  # decode shapes compiled
+        times = []
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+            times.append(time.perf_counter() - t0)
+        times = times[:-1]  # the last step only finishes
+        result[f"b{batch}"] = {"median": statistics.median(times), "min": min(times), "max": max(times),
+                              "tokens0": outputs[ids[0]][:32]}
+    return result
+
+
+def phase_hf(directory: str, batches: list[int]) -> dict:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(_torch_device())
+    model.generation_config.eos_token_id = None
+    result = {}
+
+    def generate(batch, new_tokens):
+        ids = torch.tensor(prompts(batch), device=_torch_device())
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0,
+                                 attention_mask=torch.ones_like(ids))
+        _sync()
+        return time.perf_counter() - start, out
+
+    short, long_ = 8, 40
+    for batch in batches:
+        generate(batch, 2)  # warm-up
+        t_short, _ = generate(batch, short)
+        t_long, out = generate(batch, long_)
+        result[f"b{batch}"] = {"step": (t_long - t_short) / (long_ - short),
+                              "tokens0": out[0, PROMPT_LEN:PROMPT_LEN + 32].tolist()}
+    return result
+
+
+def roofline_bytes(batch: int, steps: int) -> float:
+    """Bytes one W1 decode step must read (bf16), uniform routing assumed."""
+    d, L, E, k, f = W1["hidden_size"], W1["num_hidden_layers"], W1["num_experts"], W1["num_experts_per_tok"], W1["moe_intermediate_size"]
+    h, kv, hd, V = W1["num_attention_heads"], W1["num_key_value_heads"], W1["head_dim"], W1["vocab_size"]
+    attention = d * (h + 2 * kv) * hd + h * hd * d + 2 * hd + 2 * d  # q, k, v, o, q/k norms, layer norms
+    router = d * E
+    touched = E * (1 - (1 - k / E) ** batch)
+    experts = touched * 3 * d * f
+    kv_read = batch * (PROMPT_LEN + steps / 2) * 2 * kv * hd
+    per_layer = attention + router + experts + kv_read
+    return 2 * (L * per_layer + V * d + batch * d + d)  # + LM head, embedding rows, final norm
+
+
+def run_phase(args, phase: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches,
+         "--steps", str(args.steps)],
+        capture_output=True, text=True,
+    )
+    sys.stderr.write(out.stderr[-3000:])
+    if out.returncode:
+        raise SystemExit(f"phase {phase} failed ({out.returncode})")
+    line = out.stdout.strip().splitlines()[-1]
+    if args.raw:  # keep each phase's numbers even if a later phase fails
+        with open(args.raw, "a") as f:
+            f.write(json.dumps({"phase": phase, **json.loads(line)}) + "\n")
+    return json.loads(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--dir", default="/tmp/w1-qwen3-moe-8l")
+    parser.add_argument("--phase", choices=["make", "eaas", "hf"])
+    parser.add_argument("--append", help="results file to append the table to")
+    parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.phase == "make":
+        print(json.dumps(phase_make(args.dir)))
+        return
+    if args.phase == "eaas":
+        print(json.dumps(phase_eaas(args.dir, batches, args.steps)))
+        return
+    if args.phase == "hf":
+        print(json.dumps(phase_hf(args.dir, batches)))
+        return
+
+    made = run_phase(args, "make") if not os.path.exists(os.path.join(args.dir, "config.json")) else {}
+    ours = run_phase(args, "eaas")
+    peer = run_phase(args, "hf")
+    import jax
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    bandwidth = ours["bandwidth"]
+    lines = [
+        f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
+        "",
+        f"Device: {device}; JAX {jax.__version__}, torch {torch.__version__}; "
+        f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}`; "
+        f"{made.get('params', 0) / 1e9:.2f}B parameters (when built this run), bfloat16; "
+        f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s.",
+        "",
+        "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch in batches:
+        o, p = ours[f"b{batch}"], peer[f"b{batch}"]
+        roof = roofline_bytes(batch, args.steps) / bandwidth
+        prefix = 0
+        for a, b in zip(o["tokens0"], p["tokens0"]):
+            if a != b:
+                break
+            prefix += 1
+        lines.append(
+            f"| {batch} | {o['median'] * 1e3:.2f} ({o['min'] * 1e3:.2f}-{o['max'] * 1e3:.2f}) | "
+            f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
+            f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {prefix}/32 |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
