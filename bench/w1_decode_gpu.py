@@ -82,7 +82,9 @@ def _copy_bandwidth() -> float:
 
     x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)
     passes = 20
-    loop = jax.jit(lambda a: jax.lax.fori_loop(0, passes, lambda i, y: y * 1.0001, a))
+    # 1 - y: one read and one write per element and pass, nothing XLA can fold
+    # (y * 1.0001 would be y * 1 in bfloat16).
+    loop = jax.jit(lambda a: jax.lax.fori_loop(0, passes, lambda i, y: 1 - y, a))
     loop(x).block_until_ready()
     times = []
     for _ in range(5):
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["make", "eaas", "hf"])
     parser.add_argument("--append", help="results file to append the table to")
     parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
+    parser.add_argument("--commit", help="commit to record (default: git HEAD; a copied tree may lack .git)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.phase == "make":
@@ -209,7 +212,8 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True).stdout.strip()
     bandwidth = ours["bandwidth"]
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
