@@ -168,6 +168,11 @@ def roofline_bytes(batch: int, steps: int) -> float:
     return 2 * (L * per_layer + V * d + batch * d + d)  # + LM head, embedding rows, final norm
 
 
+def _stored_params(directory: str) -> float:
+    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+        return json.load(f)["metadata"]["total_size"] / 2  # bfloat16
+
+
 def run_phase(args, phase: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches,
@@ -205,7 +210,8 @@ def main() -> None:
         print(json.dumps(phase_hf(args.dir, batches)))
         return
 
-    made = run_phase(args, "make") if not os.path.exists(os.path.join(args.dir, "config.json")) else {}
+    if not os.path.exists(os.path.join(args.dir, "config.json")):
+        run_phase(args, "make")
     ours = run_phase(args, "eaas")
     peer = run_phase(args, "hf")
     import jax
@@ -220,7 +226,7 @@ def main() -> None:
         "",
         f"Device: {device}; JAX {jax.__version__}, torch {torch.__version__}; "
         f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}`; "
-        f"{made.get('params', 0) / 1e9:.2f}B parameters (when built this run), bfloat16; "
+        f"{_stored_params(args.dir) / 1e9:.2f}B parameters, bfloat16; "
         f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s.",
         "",
         "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |",
