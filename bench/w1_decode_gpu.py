@@ -97,8 +97,11 @@ def _copy_bandwidth() -> float:
 def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine, SamplingParams
+    from eaas_jax.kernels.grouped_matmul import _tokamax
 
-    result = {"bandwidth": _copy_bandwidth()}
+    tokamax = _tokamax()
+    result = {"bandwidth": _copy_bandwidth(),
+              "grouped_matmul": f"tokamax {tokamax.__version__}" if tokamax else "lax.ragged_dot"}
     start = time.time()
     engine = Engine(directory, dtype="bfloat16", max_num_seqs=max(batches),
                     max_model_len=PROMPT_LEN + steps + 16, block_size=16,
@@ -227,7 +230,8 @@ def main() -> None:
         f"Device: {device}; JAX {jax.__version__}, torch {torch.__version__}; "
         f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}`; "
         f"{_stored_params(args.dir) / 1e9:.2f}B parameters, bfloat16; "
-        f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s.",
+        f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s; "
+        f"grouped matmul: {ours['grouped_matmul']}.",
         "",
         "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |",
         "|---|---|---|---|---|---|---|---|",

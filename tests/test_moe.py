@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eaas_jax.kernels.grouped_matmul import grouped_matmul, tiled_grouped_matmul
+from eaas_jax.kernels import grouped_matmul as grouped_matmul_module
+from eaas_jax.kernels.grouped_matmul import grouped_matmul, tiled_grouped_matmul, tokamax_grouped_matmul
 from eaas_jax.model.moe import ExpertBank
 
 from conftest import TINY_CONFIG, tiny_model
@@ -95,3 +96,36 @@ def test_grouped_matmul_gradient_matches_ragged_dot():
     ref = jax.grad(lambda x, w: (jax.lax.ragged_dot(x, w, gs) ** 2).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+class _GarbagePastTheSum:
+    """Stands in for tokamax: right rows, NaN past the groups (allowed by its contract)."""
+
+    @staticmethod
+    def ragged_dot(x, w, sizes):
+        out = jax.lax.ragged_dot(x, w, sizes)
+        return jnp.where((jnp.arange(x.shape[0]) < sizes.sum())[:, None], out, jnp.nan)
+
+
+def test_tokamax_wrapper_zeroes_rows_past_the_groups():
+    x = jax.random.normal(jax.random.key(0), (16, 8))
+    w = jax.random.normal(jax.random.key(1), (4, 8, 8))
+    gs = jnp.array([3, 0, 5, 2], jnp.int32)
+    out = np.asarray(jax.jit(lambda *a: tokamax_grouped_matmul(_GarbagePastTheSum, *a))(x, w, gs))
+    np.testing.assert_allclose(out, np.asarray(jax.lax.ragged_dot(x, w, gs)), rtol=1e-6)
+    assert (out[10:] == 0).all()
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu" or grouped_matmul_module._tokamax() is None,
+    reason="tokamax kernels run on GPUs with the optional tokamax package",
+)
+def test_tokamax_grouped_matmul_equals_ragged_dot_on_gpu():
+    sizes = np.random.default_rng(0).multinomial(500, np.ones(16) / 16)
+    x = jax.random.normal(jax.random.key(0), (512, 256), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (16, 256, 128), jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = np.asarray(jax.jit(grouped_matmul)(x, w, gs), np.float32)
+    expected = np.asarray(jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32), np.float32)
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+    assert (got[500:] == 0).all()

@@ -4,7 +4,12 @@ This is the expert FFN's workhorse. Rows of `x` are sorted by expert so that
 group g is `x[offsets[g]:offsets[g+1]]` and is multiplied by `w[g]`. Every
 platform goes through `grouped_matmul`, which picks the implementation:
 
-- `lax.ragged_dot` where XLA has a real grouped kernel (GPU/TPU);
+- on GPUs, tokamax's `ragged_dot` (Mosaic GPU kernels for Hopper) when the
+  optional `tokamax` package is installed: measured on an H100 for 128 experts
+  x 2048 x 768 in bf16 at 0.23 / 0.33 / 0.49 / 0.54 ms for 128 / 512 / 2048 /
+  8192 rows against 0.36 / 0.62 / 1.54 / 5.34 ms for `lax.ragged_dot`, with
+  equal results; set EAAS_JAX_GROUPED_MATMUL=lax to compare;
+- `lax.ragged_dot` elsewhere off the CPU (and on GPUs without tokamax);
 - on the CPU, XLA lowers `ragged_dot` to a dense matmul of every row with every
   group's weights (G times the work, and slower still in the backward pass), so
   there we pad each group to a multiple of a row tile and run one batched matmul
@@ -14,8 +19,14 @@ platform goes through `grouped_matmul`, which picks the implementation:
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import jax
 import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -29,13 +40,40 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     Returns:
       [M, N] in x's dtype, accumulated in float32.
     """
-    if jax.default_backend() == "cpu":
+    backend = jax.default_backend()
+    if backend == "cpu":
         out = tiled_grouped_matmul(x, w, group_sizes)
+    elif backend == "gpu" and _tokamax() is not None:
+        out = tokamax_grouped_matmul(_tokamax(), x, w, group_sizes)
     else:
         out = jax.lax.ragged_dot(
             x, w, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32
         )
     return out.astype(x.dtype)
+
+
+@functools.cache
+def _tokamax():
+    """The tokamax module if it is installed and not switched off, else None.
+    Imported on first use: it is an optional, GPU-only dependency."""
+    if os.environ.get("EAAS_JAX_GROUPED_MATMUL", "auto") == "lax":
+        return None
+    try:
+        import tokamax
+    except ImportError as e:
+        log.info("tokamax not available (%s); grouped matmul uses lax.ragged_dot", e)
+        return None
+    log.info("grouped matmul uses tokamax %s", getattr(tokamax, "__version__", "?"))
+    return tokamax
+
+
+def tokamax_grouped_matmul(tokamax, x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """tokamax's ragged_dot, with rows past the last group zeroed: tokamax does
+    not promise zeros there (lax.ragged_dot does, and callers rely on it)."""
+    sizes = group_sizes.astype(jnp.int32)
+    out = tokamax.ragged_dot(x, w, sizes)
+    valid = jnp.arange(x.shape[0]) < jnp.sum(sizes)
+    return jnp.where(valid[:, None], out, 0)
 
 
 def _row_tile(num_rows: int, num_groups: int) -> int:
