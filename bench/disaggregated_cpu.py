@@ -18,7 +18,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from _results import git_commit, publish  # noqa: E402
 from eaas_jax.checkpoint import load_model  # noqa: E402
 from eaas_jax.engine import Engine, SamplingParams  # noqa: E402
 from eaas_jax.runtime.cluster import LocalCluster  # noqa: E402
@@ -137,7 +137,7 @@ def main() -> None:
                 for tokens in (16, 64):
                     exchanges[tokens] = round_trip(cluster, tokens, args.rounds)
 
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         f"### W0 disaggregated vs embedded, CPU ({datetime.date.today()}, commit {commit})",
         "",
@@ -154,11 +154,7 @@ def main() -> None:
         *[f"| {t} | {r:.0f} | {l:.0f} | {r / l:.1f} |" for t, (r, l) in exchanges.items()],
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+    publish(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _results import REPO, git_commit, publish
 
 _MEASURE = r"""
 import json, sys
@@ -95,8 +95,7 @@ def main() -> None:
                 r = measure(kind, directory, dtype)
                 used = r["peak_mb"] - r["before_mb"]
                 rows.append((dtype, label, r["params_mb"], used, used - r["params_mb"]))
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         f"### HF checkpoint load, peak host memory ({datetime.date.today()}, commit {commit})",
         "",
@@ -109,11 +108,7 @@ def main() -> None:
     ]
     for dtype, label, params, used, beyond in rows:
         lines.append(f"| {dtype} | {label} | {params:.0f} | {used:.0f} | {beyond:.0f} | {beyond / max(shards):.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+    publish(lines, args.append)
 
 
 if __name__ == "__main__":

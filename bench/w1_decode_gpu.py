@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _results import REPO, git_commit, publish
 PROMPT_LEN = 128
 W1 = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -221,8 +221,7 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
-    commit = args.commit or subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip()
+    commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
@@ -249,11 +248,7 @@ def main() -> None:
             f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {prefix}/32 |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+    publish(lines, args.append)
 
 
 if __name__ == "__main__":

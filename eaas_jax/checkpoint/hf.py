@@ -17,7 +17,6 @@ layers, and an LM head stored beside tied embeddings).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
@@ -250,20 +249,17 @@ def _skippable(name: str, config: ModelConfig, layout: HfLayout) -> bool:
 
 def check_tensor_names(plan: dict, files: dict, config: ModelConfig, layout: HfLayout, where: str):
     missing = sorted(set(plan) - set(files))
-    extra = [
-        n for n in sorted(set(files) - set(plan))
-        if not _skippable(n, config, layout) and not _is_scale_of_planned(n, plan, layout)
-    ]
+    unplanned = sorted(n for n in set(files) - set(plan) if not _is_scale_of_planned(n, plan, layout))
+    extra = [n for n in unplanned if not _skippable(n, config, layout)]
     if missing or extra:
         parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-        if extra:
-            parts.append(f"unexpected tensors {extra[:8]}" + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+        for what, names in (("missing", missing), ("unexpected", extra)):
+            if names:
+                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+                parts.append(f"{what} tensors {names[:8]}{more}")
         raise HfCheckpointError(f"{where} ({layout.architecture}): " + "; ".join(parts))
-    skipped = [n for n in sorted(set(files) - set(plan)) if not _is_scale_of_planned(n, plan, layout)]
-    if skipped:
-        logger.info("%s: not loading %d tensors not used for serving (%s, ...)", where, len(skipped), skipped[0])
+    if unplanned:
+        logger.info("%s: not loading %d tensors not used for serving (%s, ...)", where, len(unplanned), unplanned[0])
 
 
 def load_hf_params(
@@ -293,16 +289,16 @@ def load_hf_params(
     host_dtype = np.dtype(jnp.dtype(dtype))
     buffers: dict[str, np.ndarray] = {}
     loaded: dict[str, jax.Array] = {}
+    opened: dict[str, SafetensorsFile] = {}
+
+    def shard_of(name: str) -> SafetensorsFile:
+        path = files[name]
+        if path not in opened:
+            opened[path] = _open_shard(path)
+        return opened[path]
+
     shards = sorted(by_file)
-    with contextlib.ExitStack() as stack:
-        opened: dict[str, SafetensorsFile] = {}
-
-        def shard_of(name: str) -> SafetensorsFile:
-            path = files[name]
-            if path not in opened:
-                opened[path] = stack.enter_context(_open_shard(path))
-            return opened[path]
-
+    try:
         for path in tqdm(shards, desc="loading shards", unit="shard", disable=len(shards) < 2):
             for name in by_file[path]:
                 array = _read_checked(shard_of(name), name, plan[name].shape)
@@ -319,9 +315,12 @@ def load_hf_params(
                     if remaining[piece.param] == 0:
                         loaded[piece.param] = jax.device_put(buffers.pop(piece.param), sharding)
                 del array
-            # Close finished shards (keeping none open beyond the current one).
-            for done in [p for p in opened if p <= path]:
-                opened.pop(done).close()
+            # A shard (or one opened for a float8 scale) is reopened if needed again.
+            while opened:
+                opened.popitem()[1].close()
+    finally:
+        for shard in opened.values():
+            shard.close()
     return loaded
 
 
