@@ -9,8 +9,10 @@ in separate processes (each framework gets the whole GPU):
   make  transformers builds the model on the GPU and saves it as a HF directory;
   eaas  this project's Engine loads that directory (its own HF importer), then per
         batch: prefill, then `steps` engine steps timed one by one (host wall
-        clock; each step ends with the sampled tokens on the host); also the
-        device copy bandwidth (one compiled loop of elementwise passes);
+        clock between `Engine.step()` returns; each return brings one decode
+        step's tokens to the host, the next step already queued on the
+        device); also the device copy bandwidth (one compiled loop of
+        elementwise passes);
   hf    transformers `generate` greedy on the same directory; time per decode
         step = difference of two generation lengths / their token difference.
 Roofline: bytes one decode step must move (non-expert weights once, the LM head,

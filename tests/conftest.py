@@ -9,6 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
+# Two CPU devices for the expert-parallel engine's tests (one-device code uses
+# the first); read when JAX creates its CPU backend, so set before any use.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]
+).strip()
+
 import jax
 import jax.numpy as jnp
 import pytest

@@ -91,15 +91,15 @@ def test_greedy_rows_take_the_argmax_and_respect_bans():
 
 
 def test_all_greedy_batch_takes_the_argmax_path_with_the_same_tokens():
-    """A batch of greedy rows skips the vocabulary sort (lax.cond); its tokens
+    """A batch of greedy rows skips the vocabulary sort (greedy_only); its tokens
     must equal those the same rows get beside a sampled row, bans included."""
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)), jnp.float32)
     greedy_row = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stream=0, step=0, banned=[])
     best = np.asarray(logits).argmax(-1)
     rows = [dict(greedy_row), dict(greedy_row, banned=[int(best[1])]), dict(greedy_row)]
-    alone = jax.jit(sample, static_argnums=2)(logits, SamplingInputs.padded(rows, 3, 1), 0)[0]
+    alone = jax.jit(sample, static_argnums=(2, 3))(logits, SamplingInputs.padded(rows, 3, 1), 0, True)[0]
     mixed_rows = rows[:2] + [dict(greedy_row, temperature=1.0)]
-    mixed = jax.jit(sample, static_argnums=2)(logits, SamplingInputs.padded(mixed_rows, 3, 1), 0)[0]
+    mixed = jax.jit(sample, static_argnums=(2, 3))(logits, SamplingInputs.padded(mixed_rows, 3, 1), 0, False)[0]
     assert np.asarray(alone).tolist()[:2] == np.asarray(mixed).tolist()[:2]
     assert int(alone[0]) == best[0] and int(alone[1]) != best[1]
     assert int(alone[1]) == int(np.argsort(-np.asarray(logits[1]))[1])

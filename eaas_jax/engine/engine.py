@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from eaas_jax.checkpoint.directory import load_client, load_config, load_model
 from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.chat_template import check_messages
+from eaas_jax.engine.expert_parallel import ExpertParallelExperts, expert_mesh
 from eaas_jax.engine.generation_config import GenerationDefaults
 from eaas_jax.engine.outputs import RequestOutput
-from eaas_jax.engine.runner import EmbeddedExperts, ModelRunner, StepRows
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows
 from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
@@ -73,6 +74,9 @@ class Engine:
       registry: `etcd://HOST:PORT` where the deployment's servers registered.
       double_batching: override the deployment's choice for this client (True
         needs a deployment opened with two mailbox channels).
+      expert_parallel: without a deployment, the number of local devices the
+        routed experts are sharded over (the rest of the model is replicated;
+        `eaas_jax.engine.expert_parallel`); 1 runs on one device.
 
     With a deployment, call `shutdown()` (or use the engine as a context
     manager) to stop the servers it started and remove their shared memory.
@@ -93,18 +97,28 @@ class Engine:
         deployment: str | os.PathLike | LocalCluster | RegistryCluster | None = None,
         registry: str | None = None,
         double_batching: bool | None = None,
+        expert_parallel: int = 1,
     ):
         if max_num_seqs < 1 or block_size < 1:
             raise ValueError("max_num_seqs and block_size must be >= 1")
+        if expert_parallel != 1 and deployment is not None:
+            raise ValueError("expert_parallel shards the experts inside the engine; a deployment runs them in servers")
         if registry is not None and deployment is None:
             raise ValueError("registry needs a deployment (the file naming the servers to find)")
         self.dtype = resolve_dtype(dtype)
+        self.runner: ModelRunner | None = None
         self.cluster = None
         self._owns_cluster = False
         self._client_endpoint: shm.ShmEndpoint | None = None
+        sharding = None
         if deployment is None:
             model = load_model(model_path, dtype=self.dtype)
-            self.config, client, experts = model.config, model.client, EmbeddedExperts(model.experts)
+            self.config, client = model.config, model.client
+            if expert_parallel == 1:
+                experts = EmbeddedExperts(model.experts)
+            else:
+                experts = ExpertParallelExperts(model.experts, expert_mesh(expert_parallel))
+                sharding = experts.replicated
         else:
             self.config = load_config(model_path)
             try:
@@ -116,7 +130,8 @@ class Engine:
             self._init_scheduling(model_path, client, experts, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, block_size=block_size,
                                   num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
-                                  max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+                                  max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+                                  sharding=sharding)
         except BaseException:
             self.shutdown()
             raise
@@ -155,7 +170,7 @@ class Engine:
         return client, experts
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
-                         num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, seed):
+                         num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, seed, sharding):
         limit = self.config.max_position_embeddings
         self.max_model_len = max_model_len or limit
         if not 2 <= self.max_model_len <= limit:
@@ -181,12 +196,17 @@ class Engine:
                 f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
                 f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size})"
             )
-        self.runner = ModelRunner(client, experts, num_blocks=num_kv_blocks, block_size=block_size)
+        self.runner = ModelRunner(client, experts, num_blocks=num_kv_blocks, block_size=block_size,
+                                  max_rows=max_num_seqs, sharding=sharding)
         self.scheduler = Scheduler(
             BlockAllocator(num_kv_blocks, block_size),
             max_num_seqs,
             max_num_batched_tokens or max(self.max_model_len, 2048),
+            self.max_model_len,
         )
+        # The steps queued on the device whose tokens have not been collected:
+        # (their sequences in row order, the dispatched step).
+        self._in_flight: list[tuple[list[Sequence], DispatchedStep]] = []
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -202,6 +222,8 @@ class Engine:
         """Leaves the deployment: closes this client's mailbox, frees its slot,
         and stops the expert servers this engine started (idempotent)."""
         if self._client_endpoint is not None:
+            if self.runner is not None:
+                self.runner.wait()  # a step still queued on the device uses the mailbox
             endpoint = self._client_endpoint
             self._client_endpoint = None
             endpoint.close()
@@ -287,54 +309,106 @@ class Engine:
     # --------------------------------------------------------------------- steps
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduling step; returns the outputs of the requests it advanced
-        (finished ones for the last time: they are then forgotten)."""
-        prefill, decode = self.scheduler.schedule()
-        now = time.time()
-        for seq in prefill:
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = now
+        """Runs one scheduling step; returns the outputs of the requests whose
+        tokens it collected (finished ones for the last time: they are then
+        forgotten).
+
+        Steps overlap: this queues the next step on the device first, its
+        decode rows reading the tokens of the step still in flight there, and
+        only then waits for that step's tokens, so the host's bookkeeping runs
+        while the device computes. A call therefore returns the tokens of the
+        step queued by the call before it (the first returns none). A sequence
+        ended by a stop token or string has computed one token past its end,
+        which is dropped.
+        """
+        return [request.output(self.tokenizer) for request in self._advance()]
+
+    def _advance(self) -> list[Request]:
+        """`step()` without building outputs: the requests whose tokens arrived
+        (finished ones are forgotten here)."""
         touched: dict[str, Request] = {}
-        for seqs, is_prefill in ((prefill, True), (decode, False)):
-            if seqs:
-                self._run(seqs, is_prefill)
+        in_flight, self._in_flight = self._in_flight, []
+        dispatched = []
+        try:
+            if len(in_flight) > 1:
+                # A prefill and a decode step in flight: the next step's tokens
+                # would come from both; collect them first.
+                self._collect(in_flight, touched)
+                in_flight = []
+            prefill, decode = self.scheduler.schedule()
+            now = time.time()
+            for seq in prefill:
+                if seq.request.metrics.first_scheduled_time is None:
+                    seq.request.metrics.first_scheduled_time = now
+            previous = in_flight[0] if in_flight else None
+            for seqs, is_prefill in ((prefill, True), (decode, False)):
+                if seqs:
+                    dispatched.append((seqs, self._dispatch(seqs, is_prefill, previous)))
+            self._collect(in_flight, touched)
+        except BaseException:
+            # Tokens of failed or abandoned steps are dropped; their sequences
+            # run those positions again (rewriting the same cache slots).
+            for seqs, _ in in_flight + dispatched:
                 for seq in seqs:
-                    touched[seq.request.request_id] = seq.request
-        outputs = []
+                    seq.num_pending = 0
+            raise
+        self._in_flight = dispatched
         for request in touched.values():
-            outputs.append(request.output(self.tokenizer))
             if request.finished:
                 request.metrics.finished_time = time.time()
                 del self._requests[request.request_id]
-        return outputs
+        return list(touched.values())
 
-    def _run(self, seqs: list[Sequence], is_prefill: bool) -> None:
-        rows = StepRows([], [], [], [])
+    def _dispatch(self, seqs: list[Sequence], is_prefill: bool, previous) -> DispatchedStep:
+        """Queues a step for `seqs`; a decode row whose last token is pending
+        reads it from `previous` (sequences, step) on the device."""
+        source_row = {id(seq): i for i, seq in enumerate(previous[0])} if previous else {}
+        rows = StepRows([], [], [], [], [])
         for seq in seqs:
-            ids = seq.all_ids
-            start = 0 if is_prefill else len(ids) - 1
-            rows.tokens.append(ids[start:])
+            start = 0 if is_prefill else seq.num_tokens - 1
+            if seq.num_pending:
+                rows.tokens.append([0])  # placeholder for the token on the device
+                rows.token_sources.append(source_row[id(seq)])
+            else:
+                rows.tokens.append(seq.all_ids if is_prefill else [seq.last_token])
+                rows.token_sources.append(-1)
             rows.start_positions.append(start)
             rows.block_tables.append(seq.blocks)
             rows.sampling.append(seq.sampling_row(self.eos_token_ids))
+        if not any(seq.num_pending for seq in seqs):
+            rows, previous = rows._replace(token_sources=None), None
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
-        result, exchanges = self.runner.run(rows, MAX_LOGPROBS if want_logprobs else 0)
-        if self.cluster is not None:
-            check_exchanges(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
-                            self.cluster.deployment.timeout_ms)
-        now = time.time()
-        for i, seq in enumerate(seqs):
-            seq.num_cached = len(seq.all_ids)
-            top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
-            seq.append(
-                int(result.tokens[i]), float(result.logprobs[i]), int(result.ranks[i]), top,
-                self.tokenizer, self.eos_token_ids, self.max_model_len,
-            )
-            metrics = seq.request.metrics
-            metrics.first_token_time = metrics.first_token_time or now
-            metrics.last_token_time = now
-            if seq.finished:
-                self.scheduler.finish(seq)
+        step = self.runner.dispatch(rows, MAX_LOGPROBS if want_logprobs else 0,
+                                    previous[1] if previous else None)
+        for seq in seqs:
+            seq.num_pending += 1
+        return step
+
+    def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
+        """Waits for the dispatched steps' tokens and appends them."""
+        for seqs, step in in_flight:
+            result, exchanges = step.fetch()
+            if self.cluster is not None:
+                check_exchanges(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
+                                self.cluster.deployment.timeout_ms)
+            now = time.time()
+            for i, seq in enumerate(seqs):
+                seq.num_pending -= 1
+                request = seq.request
+                if seq.finished or self._requests.get(request.request_id) is not request:
+                    continue  # a token past a stop, or of an aborted request
+                top = (list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
+                       if seq.params.logprobs is not None else [])
+                seq.append(
+                    int(result.tokens[i]), float(result.logprobs[i]), int(result.ranks[i]), top,
+                    self.tokenizer, self.eos_token_ids, self.max_model_len,
+                )
+                metrics = request.metrics
+                metrics.first_token_time = metrics.first_token_time or now
+                metrics.last_token_time = now
+                if seq.finished:
+                    self.scheduler.remove(seq)
+                touched[request.request_id] = request
 
     # ------------------------------------------------------------------ offline
 
@@ -376,9 +450,11 @@ class Engine:
         generated, start = 0, time.time()
         try:
             while len(results) < len(requests):
-                for out in self.step():
-                    if out.finished and out.request_id in wanted:
-                        results[out.request_id] = out
+                # Outputs of finished requests only: decoding every running
+                # completion's text at every step would cost more than the step.
+                for request in self._advance():
+                    if request.finished and request.request_id in wanted:
+                        out = results[request.request_id] = request.output(self.tokenizer)
                         generated += sum(len(c.token_ids) for c in out.outputs)
                         bar.update(1)
                         bar.set_postfix(tok_per_s=f"{generated / (time.time() - start):.0f}")

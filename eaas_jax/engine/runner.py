@@ -36,6 +36,10 @@ class StepRows(NamedTuple):
     start_positions: list[int]  # position of each row's first new token
     block_tables: list[list[int]]
     sampling: list[dict]  # SamplingInputs fields per row
+    # Per row, -1, or the row of the previous dispatched step whose sampled token
+    # is this row's (single) new token: a token still on the device, in place
+    # of the placeholder in `tokens`.
+    token_sources: list[int] | None = None
 
 
 class StepResult(NamedTuple):
@@ -51,6 +55,26 @@ class StepStatuses(NamedTuple):
 
     statuses: np.ndarray  # [exchanges, servers] transport status codes
     labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each exchange
+
+
+class DispatchedStep:
+    """A step queued on the device; `fetch()` waits for and returns its results.
+
+    `next_tokens` (device, [max_rows]) are its sampled tokens, padded, for the
+    `token_sources` of a step dispatched before this one is fetched.
+    """
+
+    def __init__(self, num_rows: int, sampled, statuses, next_tokens, labels: list[tuple[int, int]]):
+        self.num_rows = num_rows
+        self.next_tokens = next_tokens
+        self._outputs = (sampled, statuses)
+        self._labels = labels
+        for x in jax.tree.leaves(self._outputs):  # start the copies as soon as the step ends
+            x.copy_to_host_async()
+
+    def fetch(self) -> tuple[StepResult, StepStatuses]:
+        sampled, statuses = jax.device_get(self._outputs)
+        return StepResult(*(x[: self.num_rows] for x in sampled)), StepStatuses(statuses, self._labels)
 
 
 class EmbeddedExperts:
@@ -70,8 +94,10 @@ class EmbeddedExperts:
 
 
 def _step(client_graphdef, backend, client_params, expert_arrays, kv_cache, tokens, positions, paged,
-          last_index, sampling, *, num_top_logprobs):
+          last_index, sampling, previous_tokens, token_sources, *, num_top_logprobs, greedy_only):
     client = nnx.merge(client_graphdef, client_params)
+    from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
+    tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
     experts = backend.exchange(expert_arrays)
     token_mask = paged.slot_mapping < kv_cache[0].k.shape[0] * kv_cache[0].k.shape[1]
     hidden, kv_cache, _ = client.hidden_states(
@@ -82,31 +108,46 @@ def _step(client_graphdef, backend, client_params, expert_arrays, kv_cache, toke
     logits = client.logits(last)
     statuses = getattr(experts, "statuses", [])
     statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
-    return sample(logits, sampling, num_top_logprobs), kv_cache, statuses
+    sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
+    next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
+    return sampled, kv_cache, statuses, next_tokens
 
 
 class ModelRunner:
     """Runs steps of `client` with routed experts from `experts`: an
     `EmbeddedExperts` or a remote backend (`eaas_jax.runtime.client`) with the
     same members (`arrays`, `num_micro_batches`, `exchange`, `traced_exchanges`:
-    the (moe_layer, micro_batch) of each status row of the last traced step)."""
+    the (moe_layer, micro_batch) of each status row of the last traced step).
 
-    def __init__(self, client: AttentionClientModel, experts, *, num_blocks: int, block_size: int):
+    Steps are dispatched without waiting (`dispatch`), so that the host can
+    prepare step n+1, feeding it step n's tokens on the device, while step n
+    runs; `max_rows` bounds the rows of any step. `sharding` places the client's
+    parameters and the KV cache (default: the default device).
+    """
+
+    def __init__(self, client: AttentionClientModel, experts, *, num_blocks: int, block_size: int,
+                 max_rows: int, sharding: jax.sharding.Sharding | None = None):
         self.config = client.config
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.experts = experts
         client_graphdef, self._client_params = nnx.split(client)
         dtype = client.embed_tokens.embedding.get_value().dtype
-        self.kv_cache: KVCache = tuple(
-            init_layer_cache(self.config, num_blocks, block_size, dtype)
-            for _ in range(self.config.num_layers)
-        )
+        def empty_cache() -> KVCache:
+            return tuple(init_layer_cache(self.config, num_blocks, block_size, dtype)
+                         for _ in range(self.config.num_layers))
+
+        if sharding is None:
+            self.kv_cache = empty_cache()
+        else:
+            self.kv_cache = jax.jit(empty_cache, out_shardings=sharding)()
+            self._client_params = jax.device_put(self._client_params, sharding)
         self._jitted = jax.jit(
             functools.partial(_step, client_graphdef, experts),
             donate_argnums=(2,),
-            static_argnames=("num_top_logprobs",),
+            static_argnames=("num_top_logprobs", "greedy_only"),
         )
+        self._no_previous_tokens = jnp.zeros((bucket(max_rows),), jnp.int32)
         # (moe_layer, micro_batch) of each exchange, per compiled step shape
         self._labels: dict[tuple, list[tuple[int, int]]] = {}
 
@@ -114,8 +155,8 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return len(self._labels)
 
-    def _prepare(self, rows: StepRows, num_top_logprobs: int) -> tuple[tuple, tuple]:
-        """The step's shape key and padded arguments for `rows`."""
+    def _prepare(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None):
+        """The step's shape key, padded arguments and static options for `rows`."""
         n = len(rows.tokens)
         batch = bucket(n)
         # Minimum buckets: a few padded rows/tokens cost less than a recompile.
@@ -123,23 +164,31 @@ class ModelRunner:
         seq = 1 if longest == 1 else bucket(longest, 16)
         max_blocks = bucket(max(len(b) for b in rows.block_tables), 8)
         num_banned = bucket(max(len(s["banned"]) for s in rows.sampling), 4)
-        shape = (batch, seq, max_blocks, num_banned, num_top_logprobs)
+        greedy_only = all(s["temperature"] == 0 for s in rows.sampling)
+        shape = (batch, seq, max_blocks, num_banned, num_top_logprobs, greedy_only)
 
         tokens = np.zeros((batch, seq), np.int32)
-        positions = np.zeros((batch, seq), np.int32)
-        invalid_slot = self.num_blocks * self.block_size  # dropped by the cache write
-        slots = np.full((batch, seq), invalid_slot, np.int32)
         tables = np.zeros((batch, max_blocks), np.int32)
-        last_index = np.zeros((batch,), np.int32)
-        for i, (toks, start, table) in enumerate(zip(rows.tokens, rows.start_positions, rows.block_tables)):
-            k = len(toks)
-            pos = np.arange(start, start + k)
-            tokens[i, :k] = toks
-            positions[i, :k] = pos
-            table_arr = np.asarray(table, np.int32)
-            slots[i, :k] = table_arr[pos // self.block_size] * self.block_size + pos % self.block_size
+        for i, (toks, table) in enumerate(zip(rows.tokens, rows.block_tables)):
+            tokens[i, : len(toks)] = toks
             tables[i, : len(table)] = table
-            last_index[i] = k - 1
+        lengths = np.zeros((batch,), np.int32)
+        lengths[:n] = [len(t) for t in rows.tokens]
+        starts = np.zeros((batch,), np.int32)
+        starts[:n] = rows.start_positions
+        positions = starts[:, None] + np.arange(seq, dtype=np.int32)[None, :]
+        block_index = np.minimum(positions // self.block_size, max_blocks - 1)
+        slots = np.take_along_axis(tables, block_index, axis=1) * self.block_size + positions % self.block_size
+        invalid_slot = self.num_blocks * self.block_size  # dropped by the cache write
+        is_token = np.arange(seq)[None, :] < lengths[:, None]
+        slots = np.where(is_token, slots, invalid_slot).astype(np.int32)
+        positions = np.where(is_token, positions, 0).astype(np.int32)
+        last_index = np.maximum(lengths - 1, 0)
+        sources = np.full((batch,), -1, np.int32)
+        if rows.token_sources is not None:
+            if previous is None or seq != 1:
+                raise ValueError("token_sources need a previous step and one new token per row")
+            sources[:n] = rows.token_sources
         sampling = SamplingInputs.padded(rows.sampling, batch, num_banned)
         args = (
             self._client_params,
@@ -150,25 +199,37 @@ class ModelRunner:
             PagedAttentionInputs(slots, tables),
             last_index,
             sampling,
+            self._no_previous_tokens if previous is None else previous.next_tokens,
+            sources,
         )
-        return shape, args
+        return shape, args, dict(num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
+
+    def wait(self) -> None:
+        """Blocks until every dispatched step has run. A failure is logged, not
+        raised: it belongs to a step whose results nobody will fetch (the
+        engine fetches those it keeps)."""
+        try:
+            jax.block_until_ready(self.kv_cache)  # each step's cache feeds the next
+        except Exception as e:  # noqa: BLE001 - see above
+            log.info("a step dropped before its results were fetched failed: %s", e)
 
     def lower(self, rows: StepRows, num_top_logprobs: int = 0) -> jax.stages.Lowered:
         """The compiled step for `rows`' shapes, lowered (to inspect its HLO)."""
-        _, args = self._prepare(rows, num_top_logprobs)
-        return self._jitted.lower(*args, num_top_logprobs=num_top_logprobs)
+        _, args, static = self._prepare(rows, num_top_logprobs, None)
+        return self._jitted.lower(*args, **static)
 
-    def run(self, rows: StepRows, num_top_logprobs: int) -> tuple[StepResult, StepStatuses]:
-        n = len(rows.tokens)
-        shape, args = self._prepare(rows, num_top_logprobs)
+    def dispatch(self, rows: StepRows, num_top_logprobs: int,
+                 previous: DispatchedStep | None = None) -> DispatchedStep:
+        """Queues a step for `rows` on the device; `previous` is the step whose
+        tokens `rows.token_sources` name."""
+        shape, args, static = self._prepare(rows, num_top_logprobs, previous)
         new_shape = shape not in self._labels
         if new_shape:
             log.info(
-                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d",
+                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d greedy=%s",
                 len(self._labels) + 1, *shape,
             )
-        sampled, self.kv_cache, statuses = self._jitted(*args, num_top_logprobs=num_top_logprobs)
+        sampled, self.kv_cache, statuses, next_tokens = self._jitted(*args, **static)
         if new_shape:  # this call traced the step: its exchanges are known now
             self._labels[shape] = self.experts.traced_exchanges()
-        sampled, statuses = jax.device_get((sampled, statuses))
-        return StepResult(*(x[:n] for x in sampled)), StepStatuses(statuses, self._labels[shape])
+        return DispatchedStep(len(rows.tokens), sampled, statuses, next_tokens, self._labels[shape])

@@ -98,21 +98,24 @@ def _sample_or_argmax(logits: jax.Array, params: SamplingInputs) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, params: SamplingInputs, num_top_logprobs: int
+    logits: jax.Array, params: SamplingInputs, num_top_logprobs: int, greedy_only: bool = False
 ) -> tuple[jax.Array, ...]:
     """Samples one token per row.
 
     Returns (token [B] int32, its logprob [B], its rank [B] (1 = most likely),
     top token ids [B, L], their logprobs [B, L]) with L = num_top_logprobs (static).
+    `greedy_only` (static) promises that every row has temperature 0: sorting the
+    vocabulary (150k entries for Qwen) costs more than the rest of the sampler,
+    and such a batch only needs an argmax. It is a trace-time choice rather than
+    a `lax.cond` because a conditional makes a GPU program wait for its
+    predicate on the host, which would stall the next step queued behind it.
     """
     raw_logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    # Sorting the vocabulary (150k entries for Qwen) costs more than the rest of
-    # the sampler; a batch of greedy rows only needs an argmax.
-    token = jax.lax.cond(
-        jnp.any(params.temperature > 0),
-        lambda: _sample_or_argmax(logits, params),
-        lambda: jnp.argmax(_suppress(logits.astype(jnp.float32), params.banned), axis=-1),
-    ).astype(jnp.int32)
+    if greedy_only:
+        token = jnp.argmax(_suppress(logits.astype(jnp.float32), params.banned), axis=-1)
+    else:
+        token = _sample_or_argmax(logits, params)
+    token = token.astype(jnp.int32)
     token_logprob = jnp.take_along_axis(raw_logprobs, token[:, None], axis=-1)[:, 0]
     token_rank = 1 + jnp.sum(raw_logprobs > token_logprob[:, None], axis=-1, dtype=jnp.int32)
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)

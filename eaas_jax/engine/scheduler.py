@@ -5,6 +5,11 @@ Every step, running sequences first get the KV block their next token needs
 blocks are freed and they go back to the front of the queue, to be recomputed
 later, so nothing is lost); then waiting sequences are admitted for prefill
 while there are free rows, free blocks and prefill token budget.
+
+Sequences may have a token pending (sampled by a step still on the device):
+it counts for positions and blocks; a sequence whose pending token ends it by
+length is not scheduled again, and a preempted one is not re-prefilled before
+its pending token has arrived.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
         self.allocator = allocator
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -40,7 +47,9 @@ class Scheduler:
         prefill, budget = [], self.max_num_batched_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_tokens = len(seq.all_ids)
+            if seq.num_pending:
+                break
+            num_tokens = seq.num_tokens
             need = self.allocator.blocks_for(num_tokens)
             if need > self.allocator.num_free or (prefill and num_tokens > budget):
                 break
@@ -56,7 +65,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted below for an earlier sequence
                 continue
-            position = len(seq.all_ids) - 1  # the last sampled token, not yet cached
+            if seq.ends_with_pending_token(self.max_model_len):
+                continue
+            position = seq.num_tokens - 1  # the last sampled token, not yet cached
             while position // self.allocator.block_size >= len(seq.blocks):
                 if self.allocator.num_free:
                     seq.blocks += self.allocator.allocate(1)
@@ -72,10 +83,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.allocator.free(seq.blocks)
-        seq.blocks, seq.num_cached = [], 0
+        seq.blocks = []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-        log.info("preempted a sequence of %d tokens (KV cache full); it will be recomputed", len(seq.all_ids))
+        log.info("preempted a sequence of %d tokens (KV cache full); it will be recomputed", seq.num_tokens)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -20,8 +20,8 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
     cumulative_logprob: float = 0.0
     blocks: list[int] = dataclasses.field(default_factory=list)
-    # Tokens whose keys/values are in the cache; 0 until (re)prefilled.
-    num_cached: int = 0
+    # Tokens sampled by dispatched steps but not yet appended (still on the device).
+    num_pending: int = 0
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -35,13 +35,27 @@ class Sequence:
         return self.request.prompt_ids + self.output_ids
 
     @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt, sampled and pending tokens: the position of the next one."""
+        return len(self.request.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def ends_with_pending_token(self, max_model_len: int) -> bool:
+        """Whether a pending token reaches the length limit: nothing to run after it."""
+        return self.num_pending > 0 and self._at_length_limit(max_model_len, self.num_pending)
+
     def sampling_row(self, eos_ids: tuple[int, ...]) -> dict:
         p = self.params
+        num_sampled = len(self.output_ids) + self.num_pending
         banned = []
-        if len(self.output_ids) < p.min_tokens:
+        if num_sampled < p.min_tokens:
             banned = list(p.stop_token_ids)
             if not p.ignore_eos:
                 banned.extend(eos_ids)
@@ -52,7 +66,7 @@ class Sequence:
             "min_p": p.min_p,
             "seed": self.request.seed,
             "stream": self.index,
-            "step": len(self.output_ids),
+            "step": num_sampled,
             "banned": banned,
         }
 
@@ -91,10 +105,11 @@ class Sequence:
         if not self.finished and self._at_length_limit(max_model_len):
             self.finish_reason = "length"
 
-    def _at_length_limit(self, max_model_len: int) -> bool:
+    def _at_length_limit(self, max_model_len: int, num_pending: int = 0) -> bool:
         p = self.params
-        return (p.max_tokens is not None and len(self.output_ids) >= p.max_tokens) or (
-            len(self.request.prompt_ids) + len(self.output_ids) >= max_model_len
+        num_sampled = len(self.output_ids) + num_pending
+        return (p.max_tokens is not None and num_sampled >= p.max_tokens) or (
+            len(self.request.prompt_ids) + num_sampled >= max_model_len
         )
 
     def _check_stop_strings(self) -> None:

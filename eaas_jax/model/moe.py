@@ -117,13 +117,14 @@ def routed_experts(
     gate_proj: jax.Array,
     up_proj: jax.Array,
     down_proj: jax.Array,
+    out_dtype=None,
 ) -> jax.Array:
     """sum_j weights[n, j] * expert[expert_ids[n, j]](x[n]) for every token n.
 
     x: [N, d]; expert_ids: [N, k] in [0, E), or any value outside it to skip
     that slot; weights: [N, k]; expert weights stacked [E, d, f], [E, d, f],
     [E, f, d]. One grouped matmul per projection over all experts. Returns
-    [N, d] in x's dtype.
+    [N, d] in `out_dtype` (default x's dtype), summed in float32.
     """
     num_experts = gate_proj.shape[0]
     num_tokens, top_k = expert_ids.shape
@@ -141,4 +142,4 @@ def routed_experts(
     row_weights = weights.reshape(-1)[order].astype(jnp.float32)
     out = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
     out = out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
-    return out.astype(x.dtype)
+    return out.astype(out_dtype or x.dtype)
