@@ -110,25 +110,37 @@ def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
                     max_num_batched_tokens=8192)
     result["load_s"] = time.time() - start
     for batch in batches:
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-        ids = [engine.add_request(p, params) for p in prompts(batch)]
-        outputs: dict[str, list[int]] = {}
-        prefilled: set[str] = set()
-        while len(prefilled) < batch:  # prefill (compiles)
-            prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
-        engine.step()
-        engine.step()  # decode shapes compiled
-        times = []
-        while engine.has_unfinished_requests():
-            t0 = time.perf_counter()
-            for out in engine.step():
-                if out.finished:
-                    outputs[out.request_id] = out.outputs[0].token_ids
-            times.append(time.perf_counter() - t0)
-        times = times[:-1]  # the last step only finishes
-        result[f"b{batch}"] = {"median": statistics.median(times), "min": min(times), "max": max(times),
-                              "tokens0": outputs[ids[0]][:32]}
+        result[f"b{batch}"] = time_decode(engine, batch, steps)
     return result
+
+
+def time_decode(engine, batch: int, steps: int) -> dict:
+    """Prefill `batch` W1 prompts, then time `steps` greedy decode steps of
+    `engine` one by one; steps that compiled a new program are left out."""
+    from eaas_jax.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts(batch)]
+    outputs: dict[str, list[int]] = {}
+    prefilled: set[str] = set()
+    while len(prefilled) < batch:  # prefill (compiles)
+        prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    engine.step()
+    engine.step()  # decode shapes compiled
+    times, compiling = [], 0
+    while engine.has_unfinished_requests():
+        compiled = engine.num_compilations
+        t0 = time.perf_counter()
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+        if engine.num_compilations == compiled:
+            times.append(time.perf_counter() - t0)
+        else:
+            compiling += 1
+    times = times[:-1]  # the last step only collects
+    return {"median": statistics.median(times), "min": min(times), "max": max(times),
+            "compiling_steps": compiling, "tokens0": outputs[ids[0]][:32]}
 
 
 def phase_hf(directory: str, batches: list[int]) -> dict:
