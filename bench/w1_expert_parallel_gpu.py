@@ -47,7 +47,11 @@ def run_phase(args, expert_parallel: int) -> dict:
     sys.stderr.write(out.stderr[-3000:])
     if out.returncode:
         raise SystemExit(f"phase expert_parallel={expert_parallel} failed ({out.returncode})")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.raw:  # keep each phase's numbers even if a later phase fails
+        with open(args.raw, "a") as f:
+            f.write(json.dumps({"expert_parallel": expert_parallel, **result}) + "\n")
+    return result
 
 
 def main() -> None:
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/w1-qwen3-moe-8l")
     parser.add_argument("--phase", type=int, help="(internal) run one configuration")
     parser.add_argument("--append", help="results file to append the table to")
+    parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
     parser.add_argument("--commit", help="commit to record (default: git HEAD)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]

@@ -97,7 +97,7 @@ namespace {
 
 // "EAASSHM1" read as a little-endian u64.
 constexpr std::uint64_t kSegmentMagic = 0x314D485353414145ull;
-constexpr std::uint32_t kSegmentVersion = 1;
+constexpr std::uint32_t kSegmentVersion = 2;
 constexpr std::size_t kSegmentHeaderBytes = 256;
 
 struct SegmentHeader {
@@ -118,7 +118,8 @@ struct SegmentHeader {
   std::uint64_t slot_bytes;        //  64
   std::uint64_t total_bytes;       //  72
   std::int64_t owner_pid;          //  80
-  std::uint8_t reserved[kSegmentHeaderBytes - 88];
+  std::uint32_t hidden_dtype;      //  88: HiddenDtype of requests
+  std::uint8_t reserved[kSegmentHeaderBytes - 92];
 };
 static_assert(sizeof(SegmentHeader) == kSegmentHeaderBytes, "segment header size");
 
@@ -126,6 +127,7 @@ struct Geometry {
   std::int64_t max_endpoints = 0, num_channels = 0, capacity = 0, d = 0, k = 0,
                num_layers = 0, num_experts = 0;
   std::uint64_t deployment_id = 0;
+  std::uint32_t hidden_dtype = kHiddenF32;  // of requests
 
   std::size_t NumSlots() const {
     return static_cast<std::size_t>(max_endpoints * num_channels);
@@ -341,6 +343,7 @@ PeerStatus OpenPeer(const std::string& deployment, std::int64_t peer,
   check("k", h->k, static_cast<std::uint64_t>(geo.k));
   check("num_layers", h->num_layers, static_cast<std::uint64_t>(geo.num_layers));
   check("num_experts", h->num_experts, static_cast<std::uint64_t>(geo.num_experts));
+  check("hidden_dtype", h->hidden_dtype, geo.hidden_dtype);
   check("slot_bytes", h->slot_bytes, geo.Slot().bytes);
   check("total_bytes", h->total_bytes, geo.TotalBytes());
   check("segment size", size, geo.TotalBytes());
@@ -574,6 +577,7 @@ std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
   h->k = static_cast<std::uint32_t>(geo.k);
   h->num_layers = static_cast<std::uint32_t>(geo.num_layers);
   h->num_experts = static_cast<std::uint32_t>(geo.num_experts);
+  h->hidden_dtype = geo.hidden_dtype;
   h->closed = 0;
   h->deployment_id = geo.deployment_id;
   h->slot_bytes = geo.Slot().bytes;
@@ -662,7 +666,8 @@ Counter CheckHeader(const MessageHeader& h, const Geometry& geo, std::uint16_t k
     return kDropNumTokens;
   }
   if (h.layer >= static_cast<std::uint64_t>(geo.num_layers)) return kDropLayer;
-  if (h.hidden_dtype != kHiddenF32) return kDropDtype;
+  const std::uint32_t dtype = kind == kKindRequest ? geo.hidden_dtype : std::uint32_t{kHiddenF32};
+  if (h.hidden_dtype != dtype) return kDropDtype;
   return kNumCounters;
 }
 
@@ -676,7 +681,8 @@ MessageHeader NewHeader(const Transport& tr, std::uint32_t kind, std::int64_t la
   MessageHeader h{};
   h.deployment_id = tr.geo().deployment_id;
   h.kind = kind;
-  h.hidden_dtype = kHiddenF32;
+  h.hidden_dtype = static_cast<std::uint16_t>(
+      kind == kKindRequest ? tr.geo().hidden_dtype : std::uint32_t{kHiddenF32});
   h.sender = static_cast<std::uint32_t>(tr.endpoint());
   h.layer = static_cast<std::uint32_t>(layer);
   h.micro_batch = static_cast<std::uint32_t>(micro_batch);
@@ -684,7 +690,15 @@ MessageHeader NewHeader(const Transport& tr, std::uint32_t kind, std::int64_t la
   return h;
 }
 
-ffi::Error DispatchImpl(ffi::Buffer<ffi::F32, 2> hidden, ffi::Buffer<ffi::S32, 2> expert_ids,
+// The XLA element type of the hidden rows of requests in `dtype`.
+ffi::DataType HiddenFfiType(std::uint32_t dtype) {
+  return dtype == kHiddenBF16 ? ffi::DataType::BF16
+         : dtype == kHiddenF8E4M3 ? ffi::DataType::F8E4M3FN
+                                  : ffi::DataType::F32;
+}
+
+ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
+                        ffi::Buffer<ffi::S32, 2> expert_ids,
                         ffi::Buffer<ffi::F32, 2> gates, ffi::Buffer<ffi::S32, 2> targets,
                         ffi::Buffer<ffi::S32, 1> servers, ffi::AnyBuffer /*after*/,
                         ffi::ResultBuffer<ffi::S32, 1> sent, std::int64_t endpoint,
@@ -694,11 +708,18 @@ ffi::Error DispatchImpl(ffi::Buffer<ffi::F32, 2> hidden, ffi::Buffer<ffi::S32, 2
   if (!tr) return NotOpen(kWhere, endpoint);
   const Geometry& geo = tr->geo();
   const auto hd = hidden.dimensions();
+  if (hd.size() != 2 || hd[1] != geo.d || hidden.element_type() != HiddenFfiType(geo.hidden_dtype)) {
+    return ffi::Error::InvalidArgument(
+        std::string(kWhere) + ": hidden is " + Dims(hd) + " of XLA type " +
+        std::to_string(static_cast<int>(hidden.element_type())) + ", expected [T, d=" +
+        std::to_string(geo.d) + "] of the deployment's dispatch dtype (XLA type " +
+        std::to_string(static_cast<int>(HiddenFfiType(geo.hidden_dtype))) + ")");
+  }
   const std::int64_t T = hd[0];
   const std::int64_t S = servers.dimensions()[0];
-  if (hd[1] != geo.d) {
-    return ffi::Error::InvalidArgument(std::string(kWhere) + ": hidden is " + Dims(hd) +
-                                       ", expected [T, d=" + std::to_string(geo.d) + "]");
+  if (scales.dimensions()[0] != T) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": scales is " +
+                                       Dims(scales.dimensions()) + ", expected [T]");
   }
   for (auto* b : {&expert_ids, &targets}) {
     if (b->dimensions()[0] != T || b->dimensions()[1] != geo.k) {
@@ -731,13 +752,16 @@ ffi::Error DispatchImpl(ffi::Buffer<ffi::F32, 2> hidden, ffi::Buffer<ffi::S32, 2
   if (!route_error.empty()) return ffi::Error::InvalidArgument(std::string(kWhere) + ": " + route_error);
   if (unrouted) tr->Count(kUnroutedTargets);
 
-  const float* x = hidden.typed_data();
+  const auto* x = static_cast<const std::uint8_t*>(hidden.untyped_data());
+  const std::size_t row_bytes = static_cast<std::size_t>(geo.d) * HiddenElementBytes(geo.hidden_dtype);
+  const bool scaled = geo.hidden_dtype == kHiddenF8E4M3;
+  const float* sc = scales.typed_data();
   const std::int32_t* eids = expert_ids.typed_data();
   const float* g = gates.typed_data();
   const std::int32_t* tg = targets.typed_data();
   const std::int32_t* srv = servers.typed_data();
   std::int32_t* out = sent->typed_data();
-  const std::int64_t d = geo.d, k = geo.k;
+  const std::int64_t k = geo.k;
   const SlotLayout layout = tr->slot();
 
   std::lock_guard<std::mutex> lock(tr->mu());
@@ -760,12 +784,14 @@ ffi::Error DispatchImpl(ffi::Buffer<ffi::F32, 2> hidden, ffi::Buffer<ffi::S32, 2
     const MessageHeader h = NewHeader(*tr, kKindRequest, layer, micro_batch, toks.size());
     const std::uint64_t seq = tr->Publish(
         peer, p, micro_batch, h, /*ticket_is_seq=*/true, [&](std::uint8_t* slot) {
-          auto* dh = reinterpret_cast<float*>(slot + layout.hidden_offset);
+          std::uint8_t* dh = slot + layout.hidden_offset;
           auto* de = reinterpret_cast<std::int32_t*>(slot + layout.expert_ids_offset);
           auto* dg = reinterpret_cast<float*>(slot + layout.gates_offset);
+          auto* ds = reinterpret_cast<float*>(slot + layout.scales_offset);
           for (std::size_t r = 0; r < toks.size(); ++r) {
             const std::int64_t t = toks[r];
-            std::memcpy(dh + r * d, x + t * d, static_cast<std::size_t>(d) * sizeof(float));
+            std::memcpy(dh + r * row_bytes, x + static_cast<std::size_t>(t) * row_bytes, row_bytes);
+            if (scaled) ds[r] = sc[t];
             for (std::int64_t j = 0; j < k; ++j) {
               const bool mine = tg[t * k + j] == p;
               de[r * k + j] = mine ? eids[t * k + j] : -1;
@@ -938,7 +964,8 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
 // eaas_shm_poll
 // ---------------------------------------------------------------------------
 ffi::Error PollImpl(ffi::Buffer<ffi::S32, 2> hosted, ffi::AnyBuffer /*after*/,
-                    ffi::ResultBuffer<ffi::F32, 2> out_hidden,
+                    ffi::Result<ffi::AnyBuffer> out_hidden,
+                    ffi::ResultBuffer<ffi::F32, 1> out_scales,
                     ffi::ResultBuffer<ffi::S32, 2> out_expert_ids,
                     ffi::ResultBuffer<ffi::F32, 2> out_gates, ffi::ResultBuffer<ffi::S32, 1> out_layer,
                     ffi::ResultBuffer<ffi::S32, 0> out_num_rows, std::int64_t endpoint,
@@ -956,12 +983,16 @@ ffi::Error PollImpl(ffi::Buffer<ffi::S32, 2> hosted, ffi::AnyBuffer /*after*/,
                                        std::to_string(geo.num_layers) + ", num_experts=" +
                                        std::to_string(E) + "]");
   }
-  if (out_hidden->dimensions()[1] != d || out_expert_ids->dimensions()[0] != C ||
+  if (out_hidden->dimensions().size() != 2 ||
+      out_hidden->element_type() != HiddenFfiType(geo.hidden_dtype) ||
+      out_scales->dimensions()[0] != C ||
+      out_hidden->dimensions()[1] != d || out_expert_ids->dimensions()[0] != C ||
       out_expert_ids->dimensions()[1] != k || out_gates->dimensions()[0] != C ||
       out_gates->dimensions()[1] != k || out_layer->dimensions()[0] != C) {
     return ffi::Error::InvalidArgument(std::string(kWhere) + ": outputs must be hidden [C, d=" +
-                                       std::to_string(d) + "], expert_ids/gates [C, k=" +
-                                       std::to_string(k) + "], layer [C]");
+                                       std::to_string(d) + "] of the dispatch dtype, scales [C], "
+                                       "expert_ids/gates [C, k=" + std::to_string(k) +
+                                       "], layer [C]");
   }
   if (C < geo.capacity) {
     return ffi::Error::InvalidArgument(
@@ -973,7 +1004,10 @@ ffi::Error PollImpl(ffi::Buffer<ffi::S32, 2> hosted, ffi::AnyBuffer /*after*/,
     return ffi::Error::InvalidArgument(std::string(kWhere) + ": max_messages must be >= 1");
   }
   const std::int32_t* host = hosted.typed_data();
-  float* oh = out_hidden->typed_data();
+  auto* oh = static_cast<std::uint8_t*>(out_hidden->untyped_data());
+  const std::size_t row_bytes = static_cast<std::size_t>(d) * HiddenElementBytes(geo.hidden_dtype);
+  const bool scaled = geo.hidden_dtype == kHiddenF8E4M3;
+  float* os = out_scales->typed_data();
   std::int32_t* oe = out_expert_ids->typed_data();
   float* og = out_gates->typed_data();
   std::int32_t* ol = out_layer->typed_data();
@@ -1010,8 +1044,14 @@ ffi::Error PollImpl(ffi::Buffer<ffi::S32, 2> hosted, ffi::AnyBuffer /*after*/,
           defer = true;
         } else {
           // Copy into the outputs at row `used`; committed only if not torn.
-          std::memcpy(oh + used * d, slot + layout.hidden_offset,
-                      static_cast<std::size_t>(n * d) * sizeof(float));
+          std::memcpy(oh + static_cast<std::size_t>(used) * row_bytes, slot + layout.hidden_offset,
+                      static_cast<std::size_t>(n) * row_bytes);
+          if (scaled) {
+            std::memcpy(os + used, slot + layout.scales_offset,
+                        static_cast<std::size_t>(n) * sizeof(float));
+          } else {
+            std::fill(os + used, os + used + n, 1.0f);
+          }
           std::memcpy(oe + used * k, slot + layout.expert_ids_offset,
                       static_cast<std::size_t>(n * k) * sizeof(std::int32_t));
           std::memcpy(og + used * k, slot + layout.gates_offset,
@@ -1058,7 +1098,9 @@ ffi::Error PollImpl(ffi::Buffer<ffi::S32, 2> hosted, ffi::AnyBuffer /*after*/,
     if (!accepted.empty() || !backoff.Wait()) break;
   }
   // Padding rows.
-  std::fill(oh + used * d, oh + C * d, 0.0f);
+  std::fill(oh + static_cast<std::size_t>(used) * row_bytes, oh + static_cast<std::size_t>(C) * row_bytes,
+            std::uint8_t{0});
+  std::fill(os + used, os + C, 1.0f);
   std::fill(oe + used * k, oe + C * k, -1);
   std::fill(og + used * k, og + C * k, 0.0f);
   std::fill(ol + used, ol + C, -1);
@@ -1148,6 +1190,7 @@ ffi::Error ReplyImpl(ffi::Buffer<ffi::F32, 2> results, ffi::Buffer<ffi::S32, 0> 
 // would split `Buffer<F32, 2>` at the comma.
 namespace eaas::shm {
 using F32R2 = ffi::Buffer<ffi::F32, 2>;
+using F32R1 = ffi::Buffer<ffi::F32, 1>;
 using S32R2 = ffi::Buffer<ffi::S32, 2>;
 using S32R1 = ffi::Buffer<ffi::S32, 1>;
 using S32R0 = ffi::Buffer<ffi::S32, 0>;
@@ -1155,7 +1198,8 @@ using S32R0 = ffi::Buffer<ffi::S32, 0>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_shm_dispatch, eaas::shm::DispatchImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<eaas::shm::F32R2>()  // hidden [T, d]
+                                  .Arg<ffi::AnyBuffer>()    // hidden [T, d], dispatch dtype
+                                  .Arg<eaas::shm::F32R1>()  // scales [T] (float8 rows)
                                   .Arg<eaas::shm::S32R2>()  // expert_ids [T, k]
                                   .Arg<eaas::shm::F32R2>()  // gates [T, k]
                                   .Arg<eaas::shm::S32R2>()  // targets [T, k]
@@ -1183,7 +1227,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_shm_poll, eaas::shm::PollImpl,
                               ffi::Ffi::Bind()
                                   .Arg<eaas::shm::S32R2>()  // hosted [L, E]
                                   .Arg<ffi::AnyBuffer>()            // after (ordering)
-                                  .Ret<eaas::shm::F32R2>()  // hidden [C, d]
+                                  .Ret<ffi::AnyBuffer>()    // hidden [C, d], dispatch dtype
+                                  .Ret<eaas::shm::F32R1>()  // scales [C] (1 unless float8)
                                   .Ret<eaas::shm::S32R2>()  // expert_ids [C, k]
                                   .Ret<eaas::shm::F32R2>()  // gates [C, k]
                                   .Ret<eaas::shm::S32R1>()  // layer [C]
@@ -1209,7 +1254,8 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
                                   std::int64_t endpoint, std::int64_t max_endpoints,
                                   std::int64_t num_channels, std::int64_t capacity,
                                   std::int64_t d, std::int64_t k, std::int64_t num_layers,
-                                  std::int64_t num_experts, char* err, std::int64_t errlen) {
+                                  std::int64_t num_experts, std::int64_t hidden_dtype, char* err,
+                                  std::int64_t errlen) {
   using namespace eaas::shm;
   const std::string dep = deployment ? deployment : "";
   if (!ValidDeploymentName(dep)) {
@@ -1229,6 +1275,12 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
               err, errlen);
     return -1;
   }
+  if (hidden_dtype < eaas::kHiddenF32 || hidden_dtype > eaas::kHiddenF8E4M3) {
+    CopyError("unknown hidden dtype " + std::to_string(hidden_dtype) +
+                  " (1 float32, 2 bfloat16, 3 float8_e4m3fn)",
+              err, errlen);
+    return -1;
+  }
   if (endpoint < 0 || endpoint >= max_endpoints) {
     CopyError("endpoint " + std::to_string(endpoint) + " is not in [0, max_endpoints=" +
                   std::to_string(max_endpoints) + ")",
@@ -1244,6 +1296,7 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
   geo.num_layers = num_layers;
   geo.num_experts = num_experts;
   geo.deployment_id = deployment_id;
+  geo.hidden_dtype = static_cast<std::uint32_t>(hidden_dtype);
   const double bytes = static_cast<double>(geo.TotalBytes());
   if (bytes > static_cast<double>(std::int64_t{1} << 40)) {
     CopyError("inbox would need " + std::to_string(bytes) + " bytes", err, errlen);
@@ -1297,10 +1350,11 @@ EAAS_FFI_EXPORT int eaas_shm_stats(std::int64_t endpoint, std::int64_t* out, std
   return kNumCounters;
 }
 
-// Geometry and layout of an open endpoint: out[0..13] = max_endpoints,
+// Geometry and layout of an open endpoint: out[0..15] = max_endpoints,
 // num_channels, capacity, d, k, num_layers, num_experts, deployment_id (bits),
-// segment header bytes, slot bytes, total bytes, hidden / expert_ids / gates
-// offsets within a slot. Returns the number of values, or -1 if not open.
+// hidden dtype, segment header bytes, slot bytes, total bytes, hidden /
+// expert_ids / gates / scales offsets within a slot. Returns the number of
+// values, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_shm_info(std::int64_t endpoint, std::int64_t* out, std::int64_t n) {
   using namespace eaas::shm;
   auto tr = Lookup(endpoint);
@@ -1309,12 +1363,14 @@ EAAS_FFI_EXPORT int eaas_shm_info(std::int64_t endpoint, std::int64_t* out, std:
   const eaas::SlotLayout s = g.Slot();
   const std::int64_t v[] = {g.max_endpoints, g.num_channels, g.capacity, g.d, g.k,
                             g.num_layers, g.num_experts, static_cast<std::int64_t>(g.deployment_id),
+                            static_cast<std::int64_t>(g.hidden_dtype),
                             static_cast<std::int64_t>(kSegmentHeaderBytes),
                             static_cast<std::int64_t>(s.bytes),
                             static_cast<std::int64_t>(g.TotalBytes()),
                             static_cast<std::int64_t>(s.hidden_offset),
                             static_cast<std::int64_t>(s.expert_ids_offset),
-                            static_cast<std::int64_t>(s.gates_offset)};
+                            static_cast<std::int64_t>(s.gates_offset),
+                            static_cast<std::int64_t>(s.scales_offset)};
   const std::int64_t count = static_cast<std::int64_t>(sizeof(v) / sizeof(v[0]));
   for (std::int64_t i = 0; i < n && i < count; ++i) out[i] = v[i];
   return static_cast<int>(count);

@@ -20,10 +20,14 @@
 //   MessageHeader                      64 bytes
 //   hidden      [capacity, d]          sized for float32 (the widest hidden
 //                                      dtype); requests: the tokens' hidden
-//                                      states; replies: the [n, d] float32
-//                                      expert output (partial sums per token)
+//                                      states, rows of d elements of the
+//                                      message's hidden_dtype, packed;
+//                                      replies: the [n, d] float32 expert
+//                                      output (partial sums per token)
 //   expert_ids  [capacity, k] int32    requests only; -1 = no expert
 //   gates       [capacity, k] float32  requests only
+//   scales      [capacity] float32     requests in float8 only: row r's
+//                                      values are its e4m3 codes x scales[r]
 // Only the first `num_tokens` rows of each array are meaningful.
 //
 // == Publication protocol (a seqlock whose sequence only grows) ==
@@ -81,7 +85,7 @@ inline constexpr std::uint32_t Fnv1a32(const std::uint8_t* data,
 }
 
 // Version of this wire format (message header + slot layout).
-inline constexpr std::uint32_t kWireFormatVersion = 1;
+inline constexpr std::uint32_t kWireFormatVersion = 2;
 
 // MessageHeader::kind.
 enum MessageKind : std::uint16_t {
@@ -89,13 +93,18 @@ enum MessageKind : std::uint16_t {
   kKindReply = 2,    // server -> client: [n, d] float32 partial sums
 };
 
-// MessageHeader::hidden_dtype. Only float32 is produced and accepted today;
-// the field exists so bf16 / fp8 payloads can be added without a new header.
+// MessageHeader::hidden_dtype. Replies are always float32; requests carry the
+// deployment's dispatch dtype (every endpoint of a deployment agrees on it).
 enum HiddenDtype : std::uint16_t {
   kHiddenF32 = 1,
-  kHiddenBF16 = 2,     // reserved
-  kHiddenF8E4M3 = 3,   // reserved (+ per-row scale)
+  kHiddenBF16 = 2,
+  kHiddenF8E4M3 = 3,  // float8_e4m3fn codes + a float32 scale per row
 };
+
+// Bytes of one hidden element of `dtype`; 0 for an unknown dtype.
+inline constexpr std::size_t HiddenElementBytes(std::uint32_t dtype) {
+  return dtype == kHiddenF32 ? 4 : dtype == kHiddenBF16 ? 2 : dtype == kHiddenF8E4M3 ? 1 : 0;
+}
 
 // The 64-byte header of every message, every backend.
 struct MessageHeader {
@@ -137,6 +146,7 @@ struct SlotLayout {
   std::size_t hidden_offset;
   std::size_t expert_ids_offset;
   std::size_t gates_offset;
+  std::size_t scales_offset;
   std::size_t bytes;  // whole slot, a multiple of 64
 
   static constexpr SlotLayout Make(std::size_t capacity, std::size_t d,
@@ -145,7 +155,8 @@ struct SlotLayout {
     l.hidden_offset = sizeof(MessageHeader);
     l.expert_ids_offset = AlignUp(l.hidden_offset + capacity * d * 4, 64);
     l.gates_offset = AlignUp(l.expert_ids_offset + capacity * k * 4, 64);
-    l.bytes = AlignUp(l.gates_offset + capacity * k * 4, 64);
+    l.scales_offset = AlignUp(l.gates_offset + capacity * k * 4, 64);
+    l.bytes = AlignUp(l.scales_offset + capacity * 4, 64);
     return l;
   }
 };

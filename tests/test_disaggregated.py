@@ -23,6 +23,7 @@ import pytest
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.engine.runner import StepRows
 from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.transport import hidden_codec
 
 from conftest import REPO, SHIPPED, TINY_CONFIG
 
@@ -55,10 +56,11 @@ def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def write_deployment(directory, servers: int, *, timeout_ms: int = 10_000) -> str:
-    path = os.path.join(directory, f"random-{servers}-{timeout_ms}.toml")
+def write_deployment(directory, servers: int, *, timeout_ms: int = 10_000, dispatch_dtype: str = "float32") -> str:
+    path = os.path.join(directory, f"random-{servers}-{timeout_ms}-{dispatch_dtype}.toml")
     with open(path, "w") as f:
-        f.write(f'name = "rand{servers}"\ntimeout_ms = {timeout_ms}\ncapacity = 64\n' + RANDOM_DEPLOYMENTS[servers])
+        f.write(f'name = "rand{servers}"\ntimeout_ms = {timeout_ms}\ncapacity = 64\n'
+                f'dispatch_dtype = "{dispatch_dtype}"\n' + RANDOM_DEPLOYMENTS[servers])
     return path
 
 
@@ -89,6 +91,41 @@ def test_disaggregated_greedy_equals_embedded(model, servers, references, tiny_c
             with Engine(path, deployment=cluster, double_batching=double_batching, **ENGINE_ARGS) as engine:
                 got = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
             assert got == references[model], f"double_batching={double_batching}"
+    assert_left_nothing(cluster)
+
+
+def _embedded_with_quantized_expert_inputs(path, dtype) -> Engine:
+    """The embedded engine, its experts fed the tokens as the wire carries them
+    in `dtype` (encoded, then decoded): the reference for that dispatch dtype."""
+    engine = Engine(path, **ENGINE_ARGS)
+    backend = engine.runner.experts
+    exchange = backend.exchange
+
+    def quantizing_exchange(arrays):
+        stack = exchange(arrays)
+
+        def experts(moe_layer, x, routing):
+            payload, scales = hidden_codec.encode(x, dtype)
+            return stack(moe_layer, hidden_codec.decode(payload, scales, x.dtype), routing)
+
+        return experts
+
+    backend.exchange = quantizing_exchange  # read when the step is first traced
+    return engine
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_narrow_dispatch_equals_embedded_with_the_same_rounding(dtype, references, tiny_checkpoint, tmp_path):
+    with _embedded_with_quantized_expert_inputs(tiny_checkpoint, dtype) as engine:
+        expected = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+    if dtype == "float8_e4m3fn":  # the rounding matters: the comparison can tell
+        assert expected != references["random"]
+    deployment = write_deployment(tmp_path, 2, dispatch_dtype=dtype)
+    with LocalCluster(tiny_checkpoint, deployment, dtype="float32") as cluster:
+        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            assert engine.runner.experts.endpoint.geometry.dispatch_dtype == dtype
+            got = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert got == expected
     assert_left_nothing(cluster)
 
 

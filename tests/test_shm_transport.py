@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eaas_jax.transport import native, shm
+from eaas_jax.transport import hidden_codec, native, shm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shm_worker import expert_compute, make_weights, reference  # noqa: E402
@@ -340,10 +340,10 @@ def test_stale_segment_of_dead_owner_is_reclaimed(deployment):
         "import ctypes, os, sys\n"
         "lib = ctypes.CDLL(sys.argv[1])\n"
         "i64 = ctypes.c_int64\n"
-        "lib.eaas_shm_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64] + [i64] * 8 + "
+        "lib.eaas_shm_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64] + [i64] * 9 + "
         "[ctypes.c_char_p, i64]\n"
         "err = ctypes.create_string_buffer(256)\n"
-        f"rc = lib.eaas_shm_open(b'{deployment}', 7, 2, 4, 2, {CAP}, {D}, {K}, {L}, {E}, err, 256)\n"
+        f"rc = lib.eaas_shm_open(b'{deployment}', 7, 2, 4, 2, {CAP}, {D}, {K}, {L}, {E}, 1, err, 256)\n"
         "assert rc == 0, err.value\n"
         "os.kill(os.getpid(), 9)\n"
     )
@@ -732,11 +732,21 @@ def test_argument_checks(open_ep):
     # ... and the capacity rule: more tokens than a mailbox holds is an error.
     raw_dispatch = jax.ffi.ffi_call(native.SHM_DISPATCH_TARGET,
                                     jax.ShapeDtypeStruct((1,), jnp.int32), has_side_effect=True)
+    hidden, *rest = (jnp.asarray(a) for a in big)
+    scales = jnp.ones((CAP + 1,), jnp.float32)
     with pytest.raises(Exception, match="exceed the mailbox capacity"):
         jax.block_until_ready(raw_dispatch(
-            *(jnp.asarray(a) for a in big), jnp.ones((CAP + 1, K), jnp.int32), jnp.asarray(s),
+            hidden, scales, *rest, jnp.ones((CAP + 1, K), jnp.int32), jnp.asarray(s),
             jnp.zeros((), jnp.int32), endpoint=np.int64(0), layer=np.int64(0),
             micro_batch=np.int64(0)))
+    # ... and the dtype rule: hidden rows in another dtype than the deployment's.
+    with pytest.raises(Exception, match="the deployment's dispatch dtype"):
+        jax.block_until_ready(raw_dispatch(
+            jnp.asarray(h, jnp.bfloat16), jnp.ones((h.shape[0],), jnp.float32), jnp.asarray(e),
+            jnp.asarray(g), jnp.asarray(t), jnp.asarray(s), jnp.zeros((), jnp.int32),
+            endpoint=np.int64(0), layer=np.int64(0), micro_batch=np.int64(0)))
+    with pytest.raises(TypeError, match="hidden must be an array of dtype float32, got bfloat16"):
+        shm.dispatch(client, jnp.asarray(h, jnp.bfloat16), e, g, t, s, layer=0, micro_batch=0)
     # combine without a matching dispatch is a caller error, not a hang.
     with pytest.raises(Exception, match="no matching dispatch"):
         jax.block_until_ready(shm.combine(client, np.array([4], np.int32), t, s, layer=0,
@@ -744,3 +754,63 @@ def test_argument_checks(open_ep):
     client.close()
     with pytest.raises(shm.ShmError, match="closed"):
         shm.dispatch(client, h, e, g, t, s, layer=0, micro_batch=0)
+
+
+# --------------------------------------------------------------------------
+# Dispatch dtypes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_narrow_dispatch_dtypes_arrive_bit_exact_with_their_scales(open_ep, dtype):
+    client, server = open_ep(0, dispatch_dtype=dtype), open_ep(1, dispatch_dtype=dtype)
+    assert client.geometry.dispatch_dtype == dtype
+    hidden, ids, gates = _tokens(CAP, seed=21, experts=range(4))
+    hidden[3] = 0.0  # an all-zero row stays zero (scale 1, not 0/0)
+    payload, scales = hidden_codec.encode(jnp.asarray(hidden), dtype)
+    targets = SERVER_OF[ids]
+    servers = np.array([1], np.int32)
+    sent = shm.dispatch(client, payload, ids, gates, targets, servers, layer=1, micro_batch=0, scales=scales)
+    r = shm.poll(server, HOSTED[1], capacity=CAP, timeout_us=1_000_000, after=sent)
+    assert r.hidden.dtype == jnp.dtype(dtype) and int(r.num_rows) == CAP
+    np.testing.assert_array_equal(np.asarray(r.hidden).view(np.uint8), np.asarray(payload).view(np.uint8))
+    expected_scales = np.asarray(scales) if dtype == "float8_e4m3fn" else np.ones(CAP, np.float32)
+    np.testing.assert_array_equal(np.asarray(r.scales), expected_scales)
+    decoded = np.asarray(hidden_codec.decode(r.hidden, r.scales, jnp.float32))
+    # bf16: 8 mantissa bits; e4m3: 3, relative to the row's largest value.
+    tolerance = 2.0**-8 if dtype == "bfloat16" else 2.0**-4
+    row_max = np.abs(hidden).max(axis=1, keepdims=True)
+    assert (np.abs(decoded - hidden) <= tolerance * np.maximum(row_max, 1e-30)).all()
+    assert (decoded[3] == 0).all()
+    y = expert_compute(WEIGHTS, hidden_codec.decode(r.hidden, r.scales, jnp.float32), r.expert_ids, r.gates, r.layer)
+    token = shm.reply(server, y, r.num_rows)
+    out, status = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
+                              timeout_us=LONG_US, after=token)
+    assert np.asarray(status).tolist() == [shm.STATUS_OK]
+    reference = expert_compute(WEIGHTS, decoded, ids, gates, np.ones(CAP, np.int32))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_endpoints_of_different_dispatch_dtypes_refuse_each_other(open_ep):
+    client = open_ep(0, dispatch_dtype="bfloat16")
+    open_ep(1)  # float32
+    with pytest.raises(shm.ShmPeerRefusedError, match="hidden_dtype 1 != ours 2"):
+        client.connect(1)
+    with pytest.raises(ValueError, match="dispatch_dtype must be one of"):
+        open_ep(2, dispatch_dtype="float16")
+
+
+def test_a_request_in_another_dtype_than_the_deployments_is_dropped(open_ep):
+    """A peer writing float32 rows into a bfloat16 deployment's inbox (a
+    hostile or misconfigured sender, bypassing the geometry check)."""
+    server = open_ep(1, dispatch_dtype="bfloat16")
+    hidden, ids, gates = _tokens(2, seed=22, experts=range(4))
+    header = shm.pack_header(seq=2, deployment_id=server.geometry.deployment_id, ticket=2,
+                             kind=shm.KIND_REQUEST, sender=0, layer=0, micro_batch=0, num_tokens=2,
+                             hidden_dtype=shm.HIDDEN_F32)
+    with open(server.segment_path, "r+b") as f:
+        f.seek(server.layout.segment_header_bytes)  # slot (sender 0, channel 0)
+        f.write(header)
+    r = shm.poll(server, HOSTED[1], capacity=CAP, timeout_us=0)
+    assert int(r.num_rows) == 0
+    assert server.stats()["drop_dtype"] == 1

@@ -61,9 +61,9 @@ class Scheduler:
         return prefill, decode
 
     def _reserve_decode_blocks(self) -> list[Sequence]:
-        decode = []
+        decode, preempted = [], set()
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below for an earlier sequence
+            if seq in preempted:  # preempted below for an earlier sequence
                 continue
             if seq.ends_with_pending_token(self.max_model_len):
                 continue
@@ -74,9 +74,10 @@ class Scheduler:
                 else:
                     victim = self.running[-1]
                     self._preempt(victim)
+                    preempted.add(victim)
                     if victim is seq:
                         break
-            if seq in self.running:
+            if seq not in preempted:
                 decode.append(seq)
         return decode
 

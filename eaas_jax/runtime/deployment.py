@@ -8,6 +8,9 @@ A deployment is a TOML file (see `configs/deploy/`):
     timeout_ms = 10000         # deadline of one exchange (combine)
     double_batching = true     # two micro-batches ping-pong in the client step
     max_clients = 2            # attention clients that may connect at once
+    dispatch_dtype = "float32" # of the tokens sent: float32, bfloat16 or
+                               # float8_e4m3fn (a scale per token); replies
+                               # are float32
 
     [[servers]]
     name = "experts-even"
@@ -29,10 +32,12 @@ import tomllib
 import numpy as np
 
 from eaas_jax.model.config import ModelConfig
+from eaas_jax.transport.shm import DISPATCH_DTYPES
 
 TRANSPORTS = ("shm",)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-_KEYS = {"name", "transport", "capacity", "timeout_ms", "double_batching", "max_clients", "servers"}
+_KEYS = {"name", "transport", "capacity", "timeout_ms", "double_batching", "max_clients", "dispatch_dtype",
+         "servers"}
 _SERVER_KEYS = {"name", "layers", "experts"}
 
 
@@ -61,6 +66,7 @@ class Deployment:
     timeout_ms: int = 10_000
     double_batching: bool = True
     max_clients: int = 2
+    dispatch_dtype: str = "float32"
     source: str = "<deployment>"
 
     # ------------------------------------------------------------- loading
@@ -105,6 +111,9 @@ class Deployment:
         double_batching = raw.get("double_batching", True)
         if not isinstance(double_batching, bool):
             fail(f"double_batching must be true or false, got {double_batching!r}")
+        dispatch_dtype = raw.get("dispatch_dtype", "float32")
+        if dispatch_dtype not in DISPATCH_DTYPES:
+            fail(f"dispatch_dtype must be one of {sorted(DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
         servers_raw = raw.get("servers")
         if not isinstance(servers_raw, list) or not servers_raw:
             fail("needs at least one [[servers]] table")
@@ -123,7 +132,7 @@ class Deployment:
                 _index_set(s.get("experts", "all"), f"{source}: {where}.experts"),
             ))
         return cls(name=name, servers=tuple(servers), transport=transport,
-                   double_batching=double_batching, source=source, **ints)
+                   double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
 
     # ------------------------------------------------------------- checks
 
@@ -197,6 +206,7 @@ class Deployment:
             top_k=config.num_experts_per_tok,
             num_layers=config.num_moe_layers,
             num_experts=config.num_experts,
+            dispatch_dtype=self.dispatch_dtype,
         )
 
 

@@ -26,7 +26,7 @@ from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
 from eaas_jax.runtime.deployment import Deployment
 from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix
-from eaas_jax.transport import shm
+from eaas_jax.transport import hidden_codec, shm
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _server_step(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoi
     valid = (request.expert_ids >= 0) & (request.layer[:, None] >= 0)
     layer = jnp.maximum(request.layer, 0)[:, None]
     groups = jnp.where(valid, group_of[layer, jnp.maximum(request.expert_ids, 0)], -1)
-    hidden = request.hidden.astype(gate_proj.dtype)
+    hidden = hidden_codec.decode(request.hidden, request.scales, gate_proj.dtype)
 
     # The poll fills rows [0, num_rows); compute only the smallest bucket that
     # holds them, so a few decode tokens do not pay for a full-capacity batch.

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from eaas_jax.model.moe import Routing
-from eaas_jax.transport import shm
+from eaas_jax.transport import hidden_codec, shm
 
 # combine statuses that mean a server did not deliver what it owed
 FAILED_STATUSES = (shm.STATUS_TIMEOUT, shm.STATUS_BAD_REPLY, shm.STATUS_UNAVAILABLE)
@@ -89,9 +89,10 @@ class RemoteExperts:
         self._failed = jnp.zeros(self.servers.shape, bool)  # servers that failed in this step
 
     def _dispatch(self, moe_layer, micro_batch, x, ids, gates, targets) -> _Chunk:
+        payload, scales = hidden_codec.encode(x, self.endpoint.geometry.dispatch_dtype)
         sent = shm.dispatch(
-            self.endpoint, x, ids, gates, targets, self.servers,
-            layer=moe_layer, micro_batch=micro_batch, after=self._chain,
+            self.endpoint, payload, ids, gates, targets, self.servers,
+            layer=moe_layer, micro_batch=micro_batch, scales=scales, after=self._chain,
         )
         self._chain = sent
         return _Chunk(sent, targets)
@@ -116,7 +117,6 @@ class RemoteExperts:
     def send(self, moe_layer: int, micro_batch: int, x: jax.Array, routing: Routing,
              token_mask: jax.Array) -> _Handle:
         n = x.shape[0]
-        x = x.astype(jnp.float32)
         ids, gates = routing.expert_ids, routing.weights.astype(jnp.float32)
         targets = jnp.where(token_mask[:, None], route(self.table, self.live, moe_layer, ids), -1)
         order = None

@@ -8,16 +8,19 @@ inbox, the POSIX shared-memory segment ``/eaas-<deployment>-<e>``
 ``max_endpoints x num_channels`` mailbox slots; slot ``(sender, channel)`` is
 written one-sidedly, and only, by ``sender`` (``channel`` = micro-batch index).
 A slot is a 64-byte message header followed by fixed-capacity payload arrays
-(hidden ``[capacity, d]`` float32, expert ids ``[capacity, k]`` int32, gates
-``[capacity, k]`` float32). Requests go into the server's inbox, replies (the
-``[n, d]`` float32 partial sums) into the client's. The wire format, seqlock
+(hidden ``[capacity, d]`` in the deployment's dispatch dtype, float32,
+bfloat16 or float8_e4m3fn; expert ids ``[capacity, k]`` int32; gates
+``[capacity, k]`` float32; a float32 scale per float8 row). Requests go into
+the server's inbox, replies (the ``[n, d]`` float32 partial sums) into the
+client's. The wire format, seqlock
 publication protocol and validation rules are documented at the top of
 ``ffi/wire_format.h``; the segment layout and process-wide state at the top of
 ``ffi/shm_transport.cc``.
 
 Every endpoint of a deployment must use the same geometry (``max_endpoints``,
 ``num_channels``, ``capacity``, ``hidden_size``, ``top_k``, ``num_layers``,
-``num_experts``) and deployment id; a peer whose inbox differs is refused.
+``num_experts``, ``dispatch_dtype``) and deployment id; a peer whose inbox
+differs is refused.
 
 Four XLA FFI custom calls (CPU, usable inside ``jax.jit``, side-effecting so
 XLA never drops or merges them; their order is fixed by data dependencies: each
@@ -79,7 +82,10 @@ __all__ = [
     "HEADER",
     "KIND_REPLY",
     "KIND_REQUEST",
+    "DISPATCH_DTYPES",
+    "HIDDEN_BF16",
     "HIDDEN_F32",
+    "HIDDEN_F8E4M3",
     "PollResult",
     "STATUS_BAD_REPLY",
     "STATUS_NOTHING_SENT",
@@ -116,6 +122,10 @@ _HEADER_FIELDS = (
 KIND_REQUEST = 1
 KIND_REPLY = 2
 HIDDEN_F32 = 1
+HIDDEN_BF16 = 2
+HIDDEN_F8E4M3 = 3
+#: dtype of dispatched hidden states -> MessageHeader.hidden_dtype code
+DISPATCH_DTYPES = {"float32": HIDDEN_F32, "bfloat16": HIDDEN_BF16, "float8_e4m3fn": HIDDEN_F8E4M3}
 
 #: combine status codes, per server.
 STATUS_OK = 0  #: reply received and summed in
@@ -151,6 +161,7 @@ class ShmGeometry:
     num_layers: int
     num_experts: int
     deployment_id: int
+    dispatch_dtype: str = "float32"  #: of the hidden states in requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +172,7 @@ class _Layout:
     hidden_offset: int
     expert_ids_offset: int
     gates_offset: int
+    scales_offset: int
 
 
 def default_deployment_id(deployment: str) -> int:
@@ -234,7 +246,7 @@ def _lib() -> ctypes.CDLL:
         if _c_api is None:
             lib = native.load_library()
             i64, p_i64, c_char_p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p
-            lib.eaas_shm_open.argtypes = [c_char_p, ctypes.c_uint64] + [i64] * 8 + [c_char_p, i64]
+            lib.eaas_shm_open.argtypes = [c_char_p, ctypes.c_uint64] + [i64] * 9 + [c_char_p, i64]
             lib.eaas_shm_open.restype = ctypes.c_int
             lib.eaas_shm_close.argtypes = [i64]
             lib.eaas_shm_close.restype = ctypes.c_int
@@ -269,12 +281,13 @@ def _info(endpoint: int) -> tuple[ShmGeometry, _Layout]:
             "ShmEndpoint(...) first (its geometry gives the output shapes)"
         )
     v = list(out[:n])
+    dtype_names = {code: name for name, code in DISPATCH_DTYPES.items()}
     geo = ShmGeometry(
         max_endpoints=v[0], num_channels=v[1], capacity=v[2], hidden_size=v[3],
         top_k=v[4], num_layers=v[5], num_experts=v[6],
-        deployment_id=v[7] & 0xFFFFFFFFFFFFFFFF,
+        deployment_id=v[7] & 0xFFFFFFFFFFFFFFFF, dispatch_dtype=dtype_names[v[8]],
     )
-    layout = _Layout(*v[8:14])
+    layout = _Layout(*v[9:16])
     return geo, layout
 
 
@@ -304,6 +317,8 @@ class ShmEndpoint:
         ``capacity`` = most tokens per message (>= tokens per micro-batch).
       deployment_id: 64-bit id checked in every message; defaults to a hash of
         ``deployment``.
+      dispatch_dtype: dtype of the hidden states clients send (a key of
+        ``DISPATCH_DTYPES``; float8 rows travel with a float32 scale each).
 
     Raises:
       ShmEndpointInUseError: the endpoint is already open (here or in a live
@@ -323,7 +338,10 @@ class ShmEndpoint:
         num_layers: int,
         num_experts: int,
         deployment_id: int | None = None,
+        dispatch_dtype: str = "float32",
     ):
+        if dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(f"dispatch_dtype must be one of {sorted(DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
         self.deployment = str(deployment)
         self.endpoint = int(endpoint)
         if deployment_id is None:
@@ -332,7 +350,8 @@ class ShmEndpoint:
         rc = _lib().eaas_shm_open(
             self.deployment.encode(), int(deployment_id) & 0xFFFFFFFFFFFFFFFF,
             self.endpoint, int(max_endpoints), int(num_channels), int(capacity),
-            int(hidden_size), int(top_k), int(num_layers), int(num_experts), err, _ERRLEN,
+            int(hidden_size), int(top_k), int(num_layers), int(num_experts),
+            DISPATCH_DTYPES[dispatch_dtype], err, _ERRLEN,
         )
         if rc != 0:
             msg = err.value.decode(errors="replace")
@@ -437,7 +456,8 @@ class ShmEndpoint:
 class PollResult(NamedTuple):
     """What :func:`poll` returns (rows ``num_rows..C-1`` are padding)."""
 
-    hidden: jax.Array  #: [C, d] float32 (padding: 0)
+    hidden: jax.Array  #: [C, d] in the dispatch dtype (padding: 0)
+    scales: jax.Array  #: [C] float32: row r is hidden[r] * scales[r] (1 unless float8)
     expert_ids: jax.Array  #: [C, k] int32 (padding, and slots for other servers: -1)
     gates: jax.Array  #: [C, k] float32 (0 where expert_ids is -1)
     layer: jax.Array  #: [C] int32 (padding: -1)
@@ -485,12 +505,14 @@ def _static_int(where: str, name: str, value, lo: int, hi: int) -> np.int64:
 
 
 def dispatch(endpoint, hidden, expert_ids, gates, targets, servers, *, layer: int,
-             micro_batch: int, after=None) -> jax.Array:
+             micro_batch: int, scales=None, after=None) -> jax.Array:
     """Client: send each token once to every server one of its top-k slots targets.
 
     Args:
       endpoint: this client's :class:`ShmEndpoint` (or its index, open here).
-      hidden: ``float32[T, d]``, ``T <= capacity``.
+      hidden: ``[T, d]`` in the endpoint's dispatch dtype, ``T <= capacity``
+        (`eaas_jax.transport.hidden_codec.encode` makes it from float rows).
+      scales: ``float32[T]``, the float8 rows' scales (ignored otherwise).
       expert_ids: ``int32[T, k]`` routed experts (-1: none).
       gates: ``float32[T, k]`` their gate weights.
       targets: ``int32[T, k]`` endpoint index serving each (token, slot), -1 = none
@@ -507,8 +529,9 @@ def dispatch(endpoint, hidden, expert_ids, gates, targets, servers, *, layer: in
     """
     where = "shm.dispatch"
     ep, geo = _resolve(endpoint)
-    hidden = _check(where, "hidden", hidden, np.float32, (None, geo.hidden_size))
+    hidden = _check(where, "hidden", hidden, jnp.dtype(geo.dispatch_dtype), (None, geo.hidden_size))
     t = hidden.shape[0]
+    scales = jnp.ones((t,), jnp.float32) if scales is None else _check(where, "scales", scales, np.float32, (t,))
     expert_ids = _check(where, "expert_ids", expert_ids, np.int32, (t, geo.top_k))
     gates = _check(where, "gates", gates, np.float32, (t, geo.top_k))
     targets = _check(where, "targets", targets, np.int32, (t, geo.top_k))
@@ -525,7 +548,7 @@ def dispatch(endpoint, hidden, expert_ids, gates, targets, servers, *, layer: in
         has_side_effect=True,
     )
     return call(
-        hidden, expert_ids, gates, targets, servers, _order(after),
+        hidden, scales, expert_ids, gates, targets, servers, _order(after),
         endpoint=np.int64(ep),
         layer=_static_int(where, "layer", layer, 0, geo.num_layers),
         micro_batch=_static_int(where, "micro_batch", micro_batch, 0, geo.num_channels),
@@ -606,7 +629,8 @@ def poll(endpoint, hosted, *, capacity: int, max_messages: int | None = None,
     call = jax.ffi.ffi_call(
         native.SHM_POLL_TARGET,
         (
-            jax.ShapeDtypeStruct((c, d), jnp.float32),
+            jax.ShapeDtypeStruct((c, d), jnp.dtype(geo.dispatch_dtype)),
+            jax.ShapeDtypeStruct((c,), jnp.float32),
             jax.ShapeDtypeStruct((c, k), jnp.int32),
             jax.ShapeDtypeStruct((c, k), jnp.float32),
             jax.ShapeDtypeStruct((c,), jnp.int32),
