@@ -93,9 +93,13 @@ class EmbeddedExperts:
         return []
 
 
-def _step(client_graphdef, backend, client_params, expert_arrays, kv_cache, tokens, positions, paged,
-          last_index, sampling, previous_tokens, token_sources, *, num_top_logprobs, greedy_only):
-    client = nnx.merge(client_graphdef, client_params)
+def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
+          tokens, positions, paged, last_index, sampling, previous_tokens, token_sources, *,
+          num_top_logprobs, greedy_only):
+    # Parameters arrive as flat leaves: flattening nnx state in Python on
+    # every call would cost the host ~0.5 ms per step.
+    client = nnx.merge(client_graphdef, jax.tree.unflatten(client_treedef, client_leaves))
+    expert_arrays = jax.tree.unflatten(expert_treedef, expert_leaves)
     from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
     tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
     experts = backend.exchange(expert_arrays)
@@ -131,7 +135,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.experts = experts
-        client_graphdef, self._client_params = nnx.split(client)
+        client_graphdef, client_params = nnx.split(client)
         dtype = client.embed_tokens.embedding.get_value().dtype
         def empty_cache() -> KVCache:
             return tuple(init_layer_cache(self.config, num_blocks, block_size, dtype)
@@ -141,9 +145,12 @@ class ModelRunner:
             self.kv_cache = empty_cache()
         else:
             self.kv_cache = jax.jit(empty_cache, out_shardings=sharding)()
-            self._client_params = jax.device_put(self._client_params, sharding)
+            client_params = jax.device_put(client_params, sharding)
+        self._client_leaves, client_treedef = jax.tree.flatten(client_params)
+        self._expert_arrays = experts.arrays
+        self._expert_leaves, self._expert_treedef = jax.tree.flatten(experts.arrays)
         self._jitted = jax.jit(
-            functools.partial(_step, client_graphdef, experts),
+            functools.partial(_step, client_graphdef, client_treedef, self._expert_treedef, experts),
             donate_argnums=(2,),
             static_argnames=("num_top_logprobs", "greedy_only"),
         )
@@ -190,9 +197,14 @@ class ModelRunner:
                 raise ValueError("token_sources need a previous step and one new token per row")
             sources[:n] = rows.token_sources
         sampling = SamplingInputs.padded(rows.sampling, batch, num_banned)
+        if self.experts.arrays is not self._expert_arrays:  # e.g. a new liveness mask
+            self._expert_arrays = self.experts.arrays
+            self._expert_leaves, treedef = jax.tree.flatten(self._expert_arrays)
+            if treedef != self._expert_treedef:
+                raise ValueError("the experts backend changed the structure of its arrays")
         args = (
-            self._client_params,
-            self.experts.arrays,
+            self._client_leaves,
+            self._expert_leaves,
             self.kv_cache,
             tokens,
             positions,
