@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -143,6 +144,16 @@ def time_decode(engine, batch: int, steps: int) -> dict:
             "compiling_steps": compiling, "tokens0": outputs[ids[0]][:32]}
 
 
+def step_ms(timing: dict) -> str:
+    """'median (min-max)' in ms of a `time_decode` result."""
+    return f"{timing['median'] * 1e3:.2f} ({timing['min'] * 1e3:.2f}-{timing['max'] * 1e3:.2f})"
+
+
+def equal_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b)))
+
+
 def phase_hf(directory: str, batches: list[int]) -> dict:
     import torch
     import transformers
@@ -252,15 +263,10 @@ def main() -> None:
     for batch in batches:
         o, p = ours[f"b{batch}"], peer[f"b{batch}"]
         roof = roofline_bytes(batch, args.steps) / bandwidth
-        prefix = 0
-        for a, b in zip(o["tokens0"], p["tokens0"]):
-            if a != b:
-                break
-            prefix += 1
         lines.append(
-            f"| {batch} | {o['median'] * 1e3:.2f} ({o['min'] * 1e3:.2f}-{o['max'] * 1e3:.2f}) | "
+            f"| {batch} | {step_ms(o)} | "
             f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
-            f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {prefix}/32 |"
+            f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {equal_prefix(o['tokens0'], p['tokens0'])}/32 |"
         )
     publish(lines, args.append)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import os
 import subprocess
@@ -90,11 +89,9 @@ def main() -> None:
     ]
     for batch in batches:
         a, b = one[f"b{batch}"], many[f"b{batch}"]
-        equal = sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(a["tokens0"], b["tokens0"])))
         lines.append(
-            f"| {batch} | {a['median'] * 1e3:.2f} ({a['min'] * 1e3:.2f}-{a['max'] * 1e3:.2f}) | "
-            f"{b['median'] * 1e3:.2f} ({b['min'] * 1e3:.2f}-{b['max'] * 1e3:.2f}) | "
-            f"{a['median'] / b['median']:.2f}x | {equal}/32 |"
+            f"| {batch} | {w1.step_ms(a)} | {w1.step_ms(b)} | {a['median'] / b['median']:.2f}x | "
+            f"{w1.equal_prefix(a['tokens0'], b['tokens0'])}/32 |"
         )
     publish(lines, args.append)
 
