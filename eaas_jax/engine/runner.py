@@ -137,6 +137,7 @@ class ModelRunner:
         self.experts = experts
         client_graphdef, client_params = nnx.split(client)
         dtype = client.embed_tokens.embedding.get_value().dtype
+
         def empty_cache() -> KVCache:
             return tuple(init_layer_cache(self.config, num_blocks, block_size, dtype)
                          for _ in range(self.config.num_layers))
