@@ -72,6 +72,7 @@
 #include <vector>
 
 #include "export.h"
+#include "transport_common.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -141,42 +142,6 @@ struct Geometry {
     return kSegmentHeaderBytes + NumSlots() * Slot().bytes;
   }
 };
-
-// ---------------------------------------------------------------------------
-// Counters (order = eaas_shm_stat_names())
-// ---------------------------------------------------------------------------
-enum Counter : int {
-  kRequestsSent = 0,    // request messages published (dispatch)
-  kRepliesSent,         // reply messages published (reply)
-  kRequestsAccepted,    // requests accepted by poll
-  kRepliesAccepted,     // replies accepted by combine
-  kDropChecksum,        // header checksum mismatch
-  kDropDeployment,      // wrong deployment id
-  kDropKind,            // request where a reply belongs or vice versa / unknown
-  kDropSender,          // sender field != the slot's owner
-  kDropChannel,         // micro_batch != the slot's channel
-  kDropNumTokens,       // num_tokens 0 or over capacity
-  kDropLayer,           // layer out of range (or != the awaited layer)
-  kDropDtype,           // unsupported hidden dtype
-  kDropExpert,          // expert id neither -1 nor hosted here
-  kDropReplySize,       // reply with the right ticket but the wrong token count
-  kStaleReplies,        // reply with an old ticket (skipped, not an error)
-  kTornReads,           // slot rewritten while being copied (retried later)
-  kDeferred,            // valid request left for the next poll (did not fit)
-  kUnreplied,           // accepted requests a new poll discarded before reply
-  kTimeouts,            // servers combine gave up on at its deadline
-  kPeerUnavailable,     // send skipped: peer inbox missing / not ready / closed
-  kPeerRefused,         // send skipped: peer inbox geometry / identity mismatch
-  kUnroutedTargets,     // dispatch calls with a target not in `servers`
-  kNumCounters
-};
-
-constexpr const char* kCounterNames =
-    "requests_sent,replies_sent,requests_accepted,replies_accepted,"
-    "drop_checksum,drop_deployment,drop_kind,drop_sender,drop_channel,"
-    "drop_num_tokens,drop_layer,drop_dtype,drop_expert,drop_reply_size,"
-    "stale_replies,torn_reads,deferred,unreplied,timeouts,peer_unavailable,"
-    "peer_refused,unrouted_targets";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -653,22 +618,12 @@ std::string Dims(ffi::AnyBuffer::Dimensions dims) {
   return s + "]";
 }
 
-// Validates a copied request/reply header common fields. Returns the counter
-// of the failed check, or kNumCounters when valid.
+// Validates a copied request/reply header's common fields (CheckMessageHeader
+// with this endpoint's geometry).
 Counter CheckHeader(const MessageHeader& h, const Geometry& geo, std::uint16_t kind,
                     std::int64_t sender, std::int64_t channel) {
-  if (HeaderChecksum(h) != h.checksum) return kDropChecksum;
-  if (h.deployment_id != geo.deployment_id) return kDropDeployment;
-  if (h.kind != kind) return kDropKind;
-  if (h.sender != static_cast<std::uint64_t>(sender)) return kDropSender;
-  if (h.micro_batch != static_cast<std::uint64_t>(channel)) return kDropChannel;
-  if (h.num_tokens == 0 || h.num_tokens > static_cast<std::uint64_t>(geo.capacity)) {
-    return kDropNumTokens;
-  }
-  if (h.layer >= static_cast<std::uint64_t>(geo.num_layers)) return kDropLayer;
-  const std::uint32_t dtype = kind == kKindRequest ? geo.hidden_dtype : std::uint32_t{kHiddenF32};
-  if (h.hidden_dtype != dtype) return kDropDtype;
-  return kNumCounters;
+  return CheckMessageHeader(h, geo.deployment_id, geo.capacity, geo.num_layers, geo.hidden_dtype,
+                            kind, sender, channel);
 }
 
 // ---------------------------------------------------------------------------
@@ -812,13 +767,6 @@ ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
 // ---------------------------------------------------------------------------
 // eaas_shm_combine
 // ---------------------------------------------------------------------------
-enum CombineStatus : std::int32_t {
-  kStatusOk = 0,
-  kStatusTimeout = 1,
-  kStatusBadReply = 2,
-  kStatusNothingSent = 3,
-  kStatusUnavailable = 4,  // dispatch could not reach the server (sent < 0)
-};
 
 ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> targets,
                        ffi::Buffer<ffi::S32, 1> servers, ffi::AnyBuffer /*after*/,
@@ -1256,6 +1204,7 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
                                   std::int64_t d, std::int64_t k, std::int64_t num_layers,
                                   std::int64_t num_experts, std::int64_t hidden_dtype, char* err,
                                   std::int64_t errlen) {
+  using namespace eaas;
   using namespace eaas::shm;
   const std::string dep = deployment ? deployment : "";
   if (!ValidDeploymentName(dep)) {
@@ -1324,6 +1273,7 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
 // Closes an endpoint: marks its inbox closed and unlinks it (the mapping goes
 // away once no handler uses it any more). Returns 0, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_shm_close(std::int64_t endpoint) {
+  using namespace eaas;
   using namespace eaas::shm;
   std::shared_ptr<Transport> tr;
   {
@@ -1338,11 +1288,12 @@ EAAS_FFI_EXPORT int eaas_shm_close(std::int64_t endpoint) {
 }
 
 // Comma-separated counter names, in the order eaas_shm_stats writes them.
-EAAS_FFI_EXPORT const char* eaas_shm_stat_names() { return eaas::shm::kCounterNames; }
+EAAS_FFI_EXPORT const char* eaas_shm_stat_names() { return eaas::kCounterNames; }
 
 // Writes min(n, number of counters) counters of `endpoint` into out. Returns
 // the number of counters, or -1 if the endpoint is not open.
 EAAS_FFI_EXPORT int eaas_shm_stats(std::int64_t endpoint, std::int64_t* out, std::int64_t n) {
+  using namespace eaas;
   using namespace eaas::shm;
   auto tr = Lookup(endpoint);
   if (!tr) return -1;
@@ -1356,6 +1307,7 @@ EAAS_FFI_EXPORT int eaas_shm_stats(std::int64_t endpoint, std::int64_t* out, std
 // expert_ids / gates / scales offsets within a slot. Returns the number of
 // values, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_shm_info(std::int64_t endpoint, std::int64_t* out, std::int64_t n) {
+  using namespace eaas;
   using namespace eaas::shm;
   auto tr = Lookup(endpoint);
   if (!tr) return -1;
@@ -1381,6 +1333,7 @@ EAAS_FFI_EXPORT int eaas_shm_info(std::int64_t endpoint, std::int64_t* out, std:
 // 2 if it was refused (message in err); -1 if `endpoint` is not open.
 EAAS_FFI_EXPORT int eaas_shm_connect(std::int64_t endpoint, std::int64_t peer, char* err,
                                      std::int64_t errlen) {
+  using namespace eaas;
   using namespace eaas::shm;
   auto tr = Lookup(endpoint);
   if (!tr) {

@@ -64,6 +64,14 @@
 #error "the eaas wire format is little-endian only"
 #endif
 
+// Functions device code calls too (the cuda_ipc kernels) are marked
+// EAAS_HOST_DEVICE.
+#if defined(__CUDACC__)
+#define EAAS_HOST_DEVICE __host__ __device__
+#else
+#define EAAS_HOST_DEVICE
+#endif
+
 namespace eaas {
 
 // 32-bit FNV-1a parameters (http://www.isthe.com/chongo/tech/comp/fnv/).
@@ -73,7 +81,7 @@ inline constexpr std::uint32_t kFnv1a32Prime = 16777619u;          // 0x01000193
 // FNV-1a over `size` bytes starting at `data`, continuing from `seed` (pass the
 // previous result to hash a message in several pieces). `data` may be null
 // when `size` is 0; the hash of an empty input is the offset basis.
-inline constexpr std::uint32_t Fnv1a32(const std::uint8_t* data,
+EAAS_HOST_DEVICE inline constexpr std::uint32_t Fnv1a32(const std::uint8_t* data,
                                        std::size_t size,
                                        std::uint32_t seed = kFnv1a32OffsetBasis) {
   std::uint32_t hash = seed;
@@ -132,7 +140,7 @@ static_assert(std::is_standard_layout<MessageHeader>::value &&
               "MessageHeader is plain old data");
 
 // Checksum of a header: FNV-1a over every byte except the checksum field.
-inline std::uint32_t HeaderChecksum(const MessageHeader& h) {
+EAAS_HOST_DEVICE inline std::uint32_t HeaderChecksum(const MessageHeader& h) {
   return Fnv1a32(reinterpret_cast<const std::uint8_t*>(&h),
                  offsetof(MessageHeader, checksum));
 }

@@ -64,11 +64,22 @@ layers = [1]
     ("name = 't'\n[[servers]]\nname='a'\nexperts = [-1]", "not an index"),
     ("name = 't'\n[[servers]]\nname='a'\nexperts = ['5-2']", "empty range"),
     ("name = 't'\n[[servers]]\nname='a'\ngpu = 1", "servers\\[0\\]: unknown keys"),
+    ("name = 't'\n[[servers]]\nname='a'\ndevice = 1", "device is for the cuda_ipc transport"),
+    ("name = 't'\ntransport = 'cuda_ipc'\n[[servers]]\nname='a'\ndevice = -1", "device must be a GPU index"),
+    ("name = 't'\ntransport = 'cuda_ipc'\n[[servers]]\nname='a'\ndevice = '1'", "device must be a GPU index"),
     ("name = [", "not valid TOML"),
 ])
 def test_malformed_files_are_rejected_with_the_reason(tmp_path, text, message):
     with pytest.raises(DeploymentError, match=message):
         _load(tmp_path, text)
+
+
+def test_cuda_ipc_deployment_names_each_servers_gpu(tmp_path):
+    d = _load(tmp_path, "name = 't'\ntransport = 'cuda_ipc'\n[[servers]]\nname='a'\ndevice = 1\n"
+                        "[[servers]]\nname='b'")
+    assert d.transport == "cuda_ipc"
+    assert [s.device for s in d.servers] == [1, None]
+    assert d.endpoint_paths("t")[0] == "/dev/shm/eaas-t-0.cuda-ipc"
 
 
 def test_files_that_do_not_fit_the_model_are_rejected(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 from eaas_jax.transport import hidden_codec, native, shm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shm_worker import expert_compute, make_weights, reference  # noqa: E402
+from _transport_worker import expert_compute, make_weights, reference  # noqa: E402
 
 if not os.path.isdir("/dev/shm"):
     pytest.skip("needs POSIX shared memory under /dev/shm", allow_module_level=True)
@@ -283,7 +283,7 @@ def test_multiprocess_server(open_ep, deployment):
     cfg = dict(deployment=deployment, endpoint=1, geometry=GEO, seed=0,
                hosted=np.ones((L, E), np.int32).tolist(), poll_capacity=2 * CAP,
                messages=2 * rounds, deadline_s=60)
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shm_worker.py")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_transport_worker.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, worker, json.dumps(cfg)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

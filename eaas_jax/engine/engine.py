@@ -28,7 +28,6 @@ from eaas_jax.model.attention import kv_cache_bytes_per_token
 from eaas_jax.runtime.client import RemoteExpertBackend, check_exchanges
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
-from eaas_jax.transport import shm
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class Engine:
         self.runner: ModelRunner | None = None
         self.cluster = None
         self._owns_cluster = False
-        self._client_endpoint: shm.ShmEndpoint | None = None
+        self._client_endpoint = None  # ShmEndpoint or CudaIpcEndpoint
         sharding = None
         if deployment is None:
             model = load_model(model_path, dtype=self.dtype)
@@ -157,7 +156,7 @@ class Engine:
         client = load_client(model_path, dtype=self.dtype)
         endpoint = self.cluster.claim_client()
         try:
-            self._client_endpoint = shm.ShmEndpoint(self.cluster.shm_name, endpoint, **spec.geometry(self.config))
+            self._client_endpoint = spec.open_endpoint(self.cluster.shm_name, endpoint, self.config)
         except BaseException:
             self.cluster.release_client(endpoint)
             raise

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eaas_jax.runtime.remote_experts import RemoteExperts
-from eaas_jax.transport import shm
+from eaas_jax.transport import custom_calls
 
 
 class RemoteArrays(NamedTuple):
@@ -28,7 +28,7 @@ class RemoteExpertBackend:
 
     def __init__(
         self,
-        endpoint: shm.ShmEndpoint,
+        endpoint,
         servers: list[int],
         table: np.ndarray,
         *,
@@ -67,9 +67,9 @@ class ExpertServerError(RuntimeError):
 
 
 _FAILURES = {
-    shm.STATUS_TIMEOUT: "did not reply within the {timeout_ms} ms deadline",
-    shm.STATUS_BAD_REPLY: "sent a reply that failed validation",
-    shm.STATUS_UNAVAILABLE: "could not be reached (no mailbox to write to)",
+    custom_calls.STATUS_TIMEOUT: "did not reply within the {timeout_ms} ms deadline",
+    custom_calls.STATUS_BAD_REPLY: "sent a reply that failed validation",
+    custom_calls.STATUS_UNAVAILABLE: "could not be reached (no mailbox to write to)",
 }
 
 

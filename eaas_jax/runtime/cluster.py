@@ -28,6 +28,8 @@ import threading
 import time
 import uuid
 
+import jax
+
 from eaas_jax.runtime.deployment import Deployment, DeploymentError
 from eaas_jax.runtime.registry import (
     EtcdRegistry,
@@ -37,9 +39,12 @@ from eaas_jax.runtime.registry import (
     servers_prefix,
     wait_for_servers,
 )
-from eaas_jax.transport import shm
 
 log = logging.getLogger(__name__)
+
+
+def _local_gpu_count() -> int:
+    return len(jax.devices("gpu")) if jax.default_backend() == "gpu" else 1
 
 
 class ExpertServerStartError(RuntimeError):
@@ -103,7 +108,19 @@ class LocalCluster:
             "--model", os.fspath(model_path), "--deployment", os.fspath(deployment_path),
             "--server", name, "--shm-name", self.shm_name, "--dtype", dtype, "--exit-with-parent",
         ]
-        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        spec = self.deployment.servers[self.deployment.server_endpoint(name)]
+        if self.deployment.transport == "cuda_ipc":
+            # One GPU per server process; by default the GPU after the
+            # client's (0), round robin over what this host has.
+            device = spec.device
+            if device is None:
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                gpus = visible.split(",") if visible else [str(i) for i in range(_local_gpu_count())]
+                device = gpus[(self.deployment.server_endpoint(name) + 1) % len(gpus)]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(device))
+            env.pop("JAX_PLATFORMS", None)
+        else:
+            env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         with open(self._log_path(name), "wb") as log_file:
             return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file,
                                     stdin=subprocess.DEVNULL, env=env)
@@ -179,9 +196,9 @@ class LocalCluster:
                 proc.wait()
             proc.stdout.close()
         # Servers that were killed could not unlink their inboxes.
-        for endpoint in range(self.deployment.max_endpoints):
+        for path in self.deployment.endpoint_paths(self.shm_name):
             try:
-                os.unlink(shm.segment_path(self.shm_name, endpoint))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         if all(p.returncode in (0, -signal.SIGTERM) for p in self._procs):

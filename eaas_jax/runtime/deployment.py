@@ -3,7 +3,8 @@
 A deployment is a TOML file (see `configs/deploy/`):
 
     name = "tiny-moe"          # shm segment prefix / etcd key prefix
-    transport = "shm"
+    transport = "shm"          # "shm" (CPU processes) or "cuda_ipc" (GPUs of
+                               # one host, one process per GPU)
     capacity = 256             # tokens per mailbox message
     timeout_ms = 10000         # deadline of one exchange (combine)
     double_batching = true     # two micro-batches ping-pong in the client step
@@ -16,6 +17,8 @@ A deployment is a TOML file (see `configs/deploy/`):
     name = "experts-even"
     layers = "all"             # MoE layer indices, or "all"
     experts = [0, 2, 4, 6]     # expert indices, ranges like "0-3", or "all"
+    device = 1                 # cuda_ipc only: the GPU (CUDA_VISIBLE_DEVICES
+                               # value) a locally started server runs on
 
 A (layer, expert) hosted by several servers has replicas; the client sends to
 the first live one in file order. Endpoint indices are fixed by the file:
@@ -34,11 +37,11 @@ import numpy as np
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.transport.shm import DISPATCH_DTYPES
 
-TRANSPORTS = ("shm",)
+TRANSPORTS = ("shm", "cuda_ipc")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _KEYS = {"name", "transport", "capacity", "timeout_ms", "double_batching", "max_clients", "dispatch_dtype",
          "servers"}
-_SERVER_KEYS = {"name", "layers", "experts"}
+_SERVER_KEYS = {"name", "layers", "experts", "device"}
 
 
 class DeploymentError(ValueError):
@@ -50,6 +53,7 @@ class ServerSpec:
     name: str
     layers: tuple[int, ...] | None  # None = every MoE layer
     experts: tuple[int, ...] | None  # None = every expert
+    device: int | None = None  # cuda_ipc: GPU of a locally started server
 
     def hosted(self, config: ModelConfig) -> list[tuple[int, int]]:
         layers = range(config.num_moe_layers) if self.layers is None else self.layers
@@ -126,10 +130,17 @@ class Deployment:
             if sname in seen:
                 fail(f"{where}: server name {sname!r} is used twice")
             seen.add(sname)
+            device = s.get("device")
+            if device is not None:
+                if transport != "cuda_ipc":
+                    fail(f"{where}: device is for the cuda_ipc transport (this deployment uses {transport!r})")
+                if not isinstance(device, int) or isinstance(device, bool) or device < 0:
+                    fail(f"{where}: device must be a GPU index >= 0, got {device!r}")
             servers.append(ServerSpec(
                 sname,
                 _index_set(s.get("layers", "all"), f"{source}: {where}.layers"),
                 _index_set(s.get("experts", "all"), f"{source}: {where}.experts"),
+                device,
             ))
         return cls(name=name, servers=tuple(servers), transport=transport,
                    double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
@@ -208,6 +219,27 @@ class Deployment:
             num_experts=config.num_experts,
             dispatch_dtype=self.dispatch_dtype,
         )
+
+
+    def open_endpoint(self, shm_name: str, endpoint: int, config: ModelConfig):
+        """Opens endpoint `endpoint` of this deployment with its transport
+        (cuda_ipc: on the process's first GPU)."""
+        if self.transport == "cuda_ipc":
+            from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
+
+            return CudaIpcEndpoint(shm_name, endpoint, **self.geometry(config))
+        from eaas_jax.transport.shm import ShmEndpoint
+
+        return ShmEndpoint(shm_name, endpoint, **self.geometry(config))
+
+    def endpoint_paths(self, shm_name: str) -> list[str]:
+        """Where this deployment's endpoints appear in the file system (for
+        cleaning up after processes that were killed)."""
+        if self.transport == "cuda_ipc":
+            from eaas_jax.transport.cuda_ipc import directory_path as path
+        else:
+            from eaas_jax.transport.shm import segment_path as path
+        return [path(shm_name, e) for e in range(self.max_endpoints)]
 
 
 def _index_set(value, where: str) -> tuple[int, ...] | None:

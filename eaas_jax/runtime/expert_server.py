@@ -26,7 +26,7 @@ from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
 from eaas_jax.runtime.deployment import Deployment
 from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix
-from eaas_jax.transport import hidden_codec, shm
+from eaas_jax.transport import custom_calls, hidden_codec
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _row_buckets(capacity: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 def _server_step(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us):
-    request = shm.poll(endpoint, hosted_mask, capacity=capacity, timeout_us=timeout_us)
+    request = custom_calls.poll(endpoint, hosted_mask, capacity=capacity, timeout_us=timeout_us)
     valid = (request.expert_ids >= 0) & (request.layer[:, None] >= 0)
     layer = jnp.maximum(request.layer, 0)[:, None]
     groups = jnp.where(valid, group_of[layer, jnp.maximum(request.expert_ids, 0)], -1)
@@ -103,15 +103,15 @@ def _server_step(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoi
     buckets = _row_buckets(capacity)
     which = jnp.searchsorted(jnp.asarray(buckets), request.num_rows)
     out = jax.lax.switch(which, [first_rows(n) for n in buckets])
-    return shm.reply(endpoint, out, request.num_rows), request.num_rows
+    return custom_calls.reply(endpoint, out, request.num_rows), request.num_rows
 
 
 class ExpertServer:
-    """Serves `experts` on an open shm endpoint until stopped."""
+    """Serves `experts` on an open transport endpoint until stopped."""
 
     def __init__(
         self,
-        endpoint: shm.ShmEndpoint,
+        endpoint,
         experts: HostedExperts,
         *,
         poll_timeout_us: int = 20_000,
@@ -126,7 +126,7 @@ class ExpertServer:
             _server_step,
             static_argnames=("endpoint", "capacity", "timeout_us"),
         )
-        self._static = dict(endpoint=endpoint.endpoint, capacity=capacity, timeout_us=poll_timeout_us)
+        self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us)
         self.stopped = threading.Event()
         self.rows_served = 0
 
@@ -175,7 +175,7 @@ def run_expert_server(
     experts = select_experts(params, hosted, config)
     del params  # the unhosted experts of the loaded layers
     shm_name = shm_name or deployment.name
-    with shm.ShmEndpoint(shm_name, endpoint_index, **deployment.geometry(config)) as endpoint:
+    with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
         server.step()  # compiles the step (an idle round)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,9 +200,9 @@ def run_expert_server(
     if parent_gone.is_set():
         # The engine that owned this deployment died without cleaning up: the
         # last servers out remove every mailbox of it, clients' included.
-        for index in range(deployment.max_endpoints):
+        for path in deployment.endpoint_paths(shm_name):
             try:
-                os.unlink(shm.segment_path(shm_name, index))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
     log.info("expert server %s stopped after %d rows", server_name, server.rows_served)

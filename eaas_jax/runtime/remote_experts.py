@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from eaas_jax.model.moe import Routing
-from eaas_jax.transport import hidden_codec, shm
+from eaas_jax.transport import custom_calls, hidden_codec
 
 # combine statuses that mean a server did not deliver what it owed
-FAILED_STATUSES = (shm.STATUS_TIMEOUT, shm.STATUS_BAD_REPLY, shm.STATUS_UNAVAILABLE)
+FAILED_STATUSES = (custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY, custom_calls.STATUS_UNAVAILABLE)
 
 
 class _Chunk(NamedTuple):
@@ -57,7 +57,7 @@ class RemoteExperts:
     """An `ExpertExchange` for one traced step; create one per trace.
 
     Args:
-      endpoint: this client's open `shm.ShmEndpoint`.
+      endpoint: this client's open transport endpoint (`ShmEndpoint`, `CudaIpcEndpoint`).
       servers: endpoint index of every expert server, fixed per deployment.
       table: [num_moe_layers, num_experts, replicas] (or without the replica
         axis) int32 device array, the endpoints serving each (layer, expert).
@@ -70,7 +70,7 @@ class RemoteExperts:
 
     def __init__(
         self,
-        endpoint: shm.ShmEndpoint,
+        endpoint,
         servers: Sequence[int],
         table: jax.Array,
         live: jax.Array,
@@ -90,7 +90,7 @@ class RemoteExperts:
 
     def _dispatch(self, moe_layer, micro_batch, x, ids, gates, targets) -> _Chunk:
         payload, scales = hidden_codec.encode(x, self.endpoint.geometry.dispatch_dtype)
-        sent = shm.dispatch(
+        sent = custom_calls.dispatch(
             self.endpoint, payload, ids, gates, targets, self.servers,
             layer=moe_layer, micro_batch=micro_batch, scales=scales, after=self._chain,
         )
@@ -102,7 +102,7 @@ class RemoteExperts:
         # (tokens already dispatched to it count as not sent) nor sent more:
         # a dead server costs one deadline per step, not one per exchange.
         sent = jnp.where(self._failed, 0, chunk.sent)
-        out, status = shm.combine(
+        out, status = custom_calls.combine(
             self.endpoint, sent, chunk.targets, self.servers, layer=moe_layer,
             micro_batch=micro_batch, timeout_us=self.timeout_us, after=self._chain,
         )

@@ -63,6 +63,21 @@ _CPU_HANDLERS: dict[str, str] = {
     SHM_REPLY_TARGET: "eaas_shm_reply",
 }
 
+#: XLA custom-call target names of the ``cuda_ipc`` transport (transport/cuda_ipc.py).
+CUDA_IPC_DISPATCH_TARGET = "eaas_cuda_ipc_dispatch"
+CUDA_IPC_COMBINE_TARGET = "eaas_cuda_ipc_combine"
+CUDA_IPC_POLL_TARGET = "eaas_cuda_ipc_poll"
+CUDA_IPC_REPLY_TARGET = "eaas_cuda_ipc_reply"
+
+#: XLA target name -> exported C symbol, registered for platform "CUDA" when
+#: the library was built with a CUDA compiler.
+_CUDA_HANDLERS: dict[str, str] = {
+    CUDA_IPC_DISPATCH_TARGET: "eaas_cuda_ipc_dispatch",
+    CUDA_IPC_COMBINE_TARGET: "eaas_cuda_ipc_combine",
+    CUDA_IPC_POLL_TARGET: "eaas_cuda_ipc_poll",
+    CUDA_IPC_REPLY_TARGET: "eaas_cuda_ipc_reply",
+}
+
 # 32-bit FNV-1a, must match ffi/wire_format.h.
 FNV1A32_OFFSET_BASIS = 0x811C9DC5
 FNV1A32_PRIME = 0x01000193
@@ -156,10 +171,13 @@ def built_xla_ffi_api_version() -> tuple[int, int]:
     return major.value, minor.value
 
 
-@functools.cache
-def _register_targets_once() -> ctypes.CDLL:
-    lib = load_library()
-    for target, symbol in _CPU_HANDLERS.items():
+def has_cuda_handlers() -> bool:
+    """Whether the library was built with the CUDA (cuda_ipc) handlers."""
+    return hasattr(load_library(), "eaas_cuda_ipc_dispatch")
+
+
+def _register(lib: ctypes.CDLL, handlers: dict[str, str], platform: str) -> None:
+    for target, symbol in handlers.items():
         try:
             fn = getattr(lib, symbol)
         except AttributeError as e:
@@ -169,7 +187,7 @@ def _register_targets_once() -> ctypes.CDLL:
             ) from e
         try:
             jax.ffi.register_ffi_target(
-                target, jax.ffi.pycapsule(fn), platform="cpu", api_version=1
+                target, jax.ffi.pycapsule(fn), platform=platform, api_version=1
             )
         except Exception as e:  # XLA raises its own runtime error type
             import jaxlib
@@ -183,6 +201,16 @@ def _register_targets_once() -> ctypes.CDLL:
                 "against this environment's jaxlib: `pip install -e . "
                 "--no-build-isolation` (or `pip install --no-build-isolation .`)."
             ) from e
+
+
+@functools.cache
+def _register_targets_once() -> ctypes.CDLL:
+    lib = load_library()
+    _register(lib, _CPU_HANDLERS, "cpu")
+    # Only where JAX has a CUDA backend: registering for a platform JAX
+    # does not have fails.
+    if has_cuda_handlers() and any(d.platform == "gpu" for d in jax.devices()):
+        _register(lib, _CUDA_HANDLERS, "CUDA")
     return lib
 
 

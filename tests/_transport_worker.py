@@ -1,13 +1,15 @@
-"""Helpers of tests/test_shm_transport.py; run as a script it is an expert server.
+"""Helpers of the transport tests; run as a script it is an expert server.
 
 A toy expert bank: expert (l, e) maps x to x @ W[l, e]; a server's answer for a
 row is the gate-weighted sum over the row's experts (-1 = none).
 
-    python tests/_shm_worker.py '<json config>'
+    python tests/_transport_worker.py '<json config>'
 
-runs an expert-server endpoint in its own process: poll -> compute -> reply in
-one jitted step, until it has accepted `messages` requests (or `deadline_s`
-passed), then closes its endpoint and exits 0 (1 on timeout).
+runs an expert-server endpoint (`transport`: "shm", the default, or
+"cuda_ipc") in its own process: poll -> compute -> reply in one jitted step,
+until it has accepted `messages` requests (or `deadline_s` passed), then
+closes its endpoint and exits 0 (1 on timeout). It prints "ready" once its
+endpoint is open and its step compiled.
 """
 
 from __future__ import annotations
@@ -50,22 +52,37 @@ def reference(weights, layer, hidden, expert_ids, gates, served=None) -> np.ndar
     return out.astype(np.float32)
 
 
+def open_endpoint(cfg: dict):
+    geo = cfg["geometry"]
+    if cfg.get("transport", "shm") == "cuda_ipc":
+        from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
+
+        return CudaIpcEndpoint(cfg["deployment"], cfg["endpoint"], **geo)
+    from eaas_jax.transport.shm import ShmEndpoint
+
+    return ShmEndpoint(cfg["deployment"], cfg["endpoint"], **geo)
+
+
 def serve(cfg: dict) -> int:
     import jax
+    import jax.numpy as jnp
 
-    from eaas_jax.transport import shm
+    from eaas_jax.transport import hidden_codec
 
     geo = cfg["geometry"]
     weights = make_weights(geo["num_layers"], geo["num_experts"], geo["hidden_size"], cfg["seed"])
     hosted = np.asarray(cfg["hosted"], dtype=np.int32)
-    with shm.ShmEndpoint(cfg["deployment"], cfg["endpoint"], **geo) as ep:
+    with open_endpoint(cfg) as ep:
 
         @jax.jit
         def step(hosted):
-            r = shm.poll(ep, hosted, capacity=cfg["poll_capacity"], timeout_us=20_000)
-            y = expert_compute(weights, r.hidden, r.expert_ids, r.gates, r.layer)
-            return shm.reply(ep, y, r.num_rows)
+            r = ep.poll(hosted, capacity=cfg["poll_capacity"], timeout_us=20_000)
+            hidden = hidden_codec.decode(r.hidden, r.scales, jnp.float32)
+            y = expert_compute(weights, hidden, r.expert_ids, r.gates, r.layer)
+            return ep.reply(y, r.num_rows)
 
+        jax.block_until_ready(step(hosted))  # compiles (an idle round)
+        print("ready", flush=True)
         deadline = time.monotonic() + cfg["deadline_s"]
         while ep.stats()["requests_accepted"] < cfg["messages"]:
             if time.monotonic() > deadline:

@@ -1,0 +1,211 @@
+"""Token exchange between two GPUs: one dispatch + combine round trip of the
+`cuda_ipc` transport against XLA's all-to-all moving the same bytes.
+
+    python bench/token_exchange_gpu.py [--tokens 16,64,256,1024] [--dtype bfloat16] [--append bench/RESULTS.md]
+
+Three processes: an expert server on GPU 1 and a client on GPU 0 (the
+transport: the client sends T rows of width 2048 in the dispatch dtype, the
+server answers each with a float32 row; the server's "expert" is a fixed
+buffer, so only the exchange is timed), then one process with both GPUs
+running `jax.lax.all_to_all` in `shard_map` over the same bytes (T rows of the
+dispatch dtype out, T float32 rows back). Both sides time `--iters`
+dependent round trips unrolled inside ONE compiled program, called `--calls`
+times after a warm-up call; the table gives microseconds per round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+from _results import REPO, git_commit, publish
+
+D = 2048
+K = 2
+DEPLOYMENT = f"xbench{os.getpid()}"
+
+
+def geometry(args) -> dict:
+    return dict(max_endpoints=2, num_channels=1, capacity=max(args.token_list), hidden_size=D, top_k=K,
+                num_layers=1, num_experts=2, dispatch_dtype=args.dtype)
+
+
+def server(args) -> None:
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+
+    from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
+
+    geo = geometry(args)
+    with CudaIpcEndpoint(args.deployment, 1, **geo) as ep:
+        hosted = jnp.ones((1, 2), jnp.int32)
+        c = geo["capacity"]
+
+        @jax.jit
+        def rounds(hosted, answer):
+            token = None
+            for _ in range(args.iters):
+                request = ep.poll(hosted, capacity=c, timeout_us=60_000_000, after=token)
+                token = ep.reply(answer, request.num_rows)
+            return token
+
+        answer = jnp.ones((c, D), jnp.float32)
+        print("ready", flush=True)
+        # Queued back to back (the client paces them): warm-up + timed calls per size.
+        last = [rounds(hosted, answer) for _ in args.token_list for _ in range(1 + args.calls)]
+        jax.block_until_ready(last)
+        print(json.dumps({"server": ep.stats()}), flush=True)
+
+
+def client(args) -> None:
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
+
+    with CudaIpcEndpoint(args.deployment, 0, **geometry(args)) as ep:
+        ep.connect(1, timeout=120)
+        servers = jnp.array([1], jnp.int32)
+        result = {}
+        for t in args.token_list:
+            rng = np.random.default_rng(0)
+            hidden = jnp.asarray(rng.standard_normal((t, D)), args.dtype)
+            scales = jnp.ones((t,), jnp.float32)
+            ids = jnp.asarray(rng.integers(0, 2, (t, K)), jnp.int32)
+            gates = jnp.full((t, K), 0.5, jnp.float32)
+            targets = jnp.ones((t, K), jnp.int32)
+
+            @jax.jit
+            def rounds(hidden, scales, ids, gates, targets):
+                token, total = None, jnp.zeros((), jnp.int32)
+                for _ in range(args.iters):
+                    sent = ep.dispatch(hidden, ids, gates, targets, servers, layer=0, micro_batch=0,
+                                       scales=scales, after=token)
+                    out, status = ep.combine(sent, targets, servers, layer=0, micro_batch=0,
+                                             timeout_us=60_000_000, after=sent)
+                    token = status
+                    total = total + (status[0] != 0)
+                return total, out[0, 0]
+
+            jax.block_until_ready(rounds(hidden, scales, ids, gates, targets))  # compile + warm up
+            start = time.perf_counter()
+            outs = [rounds(hidden, scales, ids, gates, targets) for _ in range(args.calls)]
+            jax.block_until_ready(outs)
+            elapsed = time.perf_counter() - start
+            failures = sum(int(bad) for bad, _ in outs)
+            if failures or float(outs[-1][1]) != 1.0:
+                raise SystemExit(f"{t} tokens: {failures} failed round trips, last value {float(outs[-1][1])}")
+            result[t] = elapsed / (args.calls * args.iters) * 1e6
+        print(json.dumps({"client_us": result, "client": ep.stats()}), flush=True)
+
+
+def xla(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = jax.devices()[:2]
+    mesh = Mesh(devices, ("x",))
+    result = {}
+    for t in args.token_list:
+        # Each device holds [2, t, D]: row block i goes to device i, so t rows
+        # cross to the peer each way, as in one dispatch + combine.
+        out_rows = jnp.ones((4, t, D), args.dtype)
+        back_rows = jnp.ones((4, t, D), jnp.float32)
+
+        def body(x, y):
+            for _ in range(args.iters):
+                x = jax.lax.all_to_all(x, "x", 0, 0, tiled=True)
+                y = jax.lax.all_to_all(y, "x", 0, 0, tiled=True)
+            return x, y
+
+        rounds = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=(P("x"), P("x"))))
+        x = jax.device_put(out_rows, NamedSharding(mesh, P("x")))
+        y = jax.device_put(back_rows, NamedSharding(mesh, P("x")))
+        jax.block_until_ready(rounds(x, y))
+        start = time.perf_counter()
+        outs = [rounds(x, y) for _ in range(args.calls)]
+        jax.block_until_ready(outs)
+        result[t] = (time.perf_counter() - start) / (args.calls * args.iters) * 1e6
+    print(json.dumps({"xla_us": result}), flush=True)
+
+
+def run(role: str, args, gpus: str) -> subprocess.Popen:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env.pop("JAX_PLATFORMS", None)
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", role, "--tokens", args.tokens, "--dtype", args.dtype,
+         "--iters", str(args.iters), "--calls", str(args.calls), "--deployment", DEPLOYMENT],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_json(proc: subprocess.Popen, what: str) -> dict:
+    stdout, stderr = proc.communicate(timeout=900)
+    if proc.returncode:
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", default="16,64,256,1024")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float8_e4m3fn"])
+    parser.add_argument("--iters", type=int, default=64, help="round trips per compiled call")
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per size")
+    parser.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
+    parser.add_argument("--commit", help="commit to report (default: git HEAD)")
+    parser.add_argument("--role", choices=["server", "client", "xla"], help=argparse.SUPPRESS)
+    parser.add_argument("--deployment", default=DEPLOYMENT, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.token_list = [int(t) for t in args.tokens.split(",")]
+    if args.role:
+        {"server": server, "client": client, "xla": xla}[args.role](args)
+        return
+
+    srv = run("server", args, "1")
+    try:
+        if srv.stdout.readline().strip() != "ready":
+            raise SystemExit(f"server did not start:\n{srv.communicate()[1][-4000:]}")
+        client_result = last_json(run("client", args, "0"), "client")
+        server_result = last_json(srv, "server")
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+    xla_result = last_json(run("xla", args, "0,1"), "xla all_to_all")
+
+    import jax
+
+    device = jax.devices()[0].device_kind
+    itemsize = {"float32": 4, "bfloat16": 2, "float8_e4m3fn": 1}[args.dtype]
+    lines = [
+        f"## Token exchange between two GPUs ({datetime.date.today()}, commit {args.commit or git_commit()})",
+        "",
+        f"{device} x2, one dispatch+combine round trip (cuda_ipc: client process on GPU 0, server process on "
+        f"GPU 1) vs XLA all_to_all of the same bytes (one process, both GPUs), width {D}, dispatch "
+        f"{args.dtype}, replies float32; {args.iters} dependent round trips unrolled in one compiled program, "
+        f"mean of {args.calls} calls. `python bench/token_exchange_gpu.py --tokens {args.tokens} "
+        f"--dtype {args.dtype}`",
+        "",
+        "| tokens | bytes out + back | cuda_ipc us | XLA all_to_all us | cuda_ipc / XLA |",
+        "|---|---|---|---|---|",
+    ]
+    for t in args.token_list:
+        ours, theirs = client_result["client_us"][str(t)], xla_result["xla_us"][str(t)]
+        lines.append(f"| {t} | {t * D * (itemsize + 4) / 1e6:.2f} MB | {ours:.1f} | {theirs:.1f} | "
+                     f"{ours / theirs:.2f} |")
+    drops = {k: v for side in (client_result["client"], server_result["server"]) for k, v in side.items()
+             if v and (k.startswith("drop_") or k in ("timeouts", "torn_reads"))}
+    lines += ["", f"Transport counters with nonzero drops/timeouts: {drops or 'none'}."]
+    publish(lines, args.append)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1289 @@
+// The `cuda_ipc` backend of the expert transport: GPUs of one host, one
+// process per GPU. Same wire format (wire_format.h), counters and statuses
+// (transport_common.h) and custom-call signatures as the CPU `shm` backend,
+// with the data path entirely on the GPU:
+//
+//   eaas_cuda_ipc_dispatch  (client)  kernels store each token's row straight
+//                                     into the server GPU's inbox (NVLink)
+//   eaas_cuda_ipc_combine   (client)  wait for the replies in device memory
+//                                     (acquire loads, %globaltimer deadline),
+//                                     then sum them back per token
+//   eaas_cuda_ipc_poll      (server)  wait for requests, copy them out
+//   eaas_cuda_ipc_reply     (server)  store each reply into the client's inbox
+//
+// == Memory ==
+// Each endpoint owns ONE inbox in its GPU's memory (cudaMalloc, exported with
+// cudaIpcGetMemHandle): max_endpoints x num_channels slots with the layout of
+// wire_format.h (no segment header; the identity checks live in the
+// directory file Python writes, see transport/cuda_ipc.py). Peers' inboxes
+// are imported with cudaIpcOpenMemHandle by the control path
+// (eaas_cuda_ipc_set_peer) and their device pointers kept in a device array.
+// Everything a kernel needs about an endpoint (inbox, peers, sequence
+// numbers, tickets, the last poll's accepted requests, counters) is in device
+// memory and found through `g_views[endpoint]`, a __device__ table the host
+// writes only when an endpoint is opened or closed. Kernel arguments are thus
+// only XLA buffers and attributes, so the handlers can be captured in CUDA
+// graphs (kCmdBufferCompatible): replaying a graph reads the current state.
+// An endpoint index reopened in a process must keep its geometry (checked),
+// since the launch shapes of a captured graph depend on it.
+//
+// == Publication (wire_format.h's seqlock, across GPUs) ==
+// The blocks that write one message first store the odd sequence number
+// (relaxed, system scope) and fence, then copy their rows; each then fences
+// (system scope) and increments a per-message counter; the last block writes
+// the header fields and publishes the even sequence number with
+// st.release.sys. Readers spin with ld.acquire.sys and re-check the sequence
+// number after copying (torn read). Sequence numbers start at the host's
+// CLOCK_REALTIME nanoseconds at open, as in shm.
+//
+// == Peers ==
+// A peer whose inbox is not imported yet gets nothing: dispatch returns
+// sent = -1 (STATUS_UNAVAILABLE in combine); poll leaves a request whose
+// sender is not imported in its slot. Both raise the peer's flag in a
+// host-mapped `wanted` array; the endpoint's control thread (Python) imports
+// it and the next call goes through. No host code runs on the data path.
+//
+// == Trust ==
+// As in shm, headers are validated on a private copy and expert ids on the
+// copied rows. Payload rows are read in place (no private copy): a sender
+// that rewrites a slot while it is read is caught by the sequence re-check
+// (poll: the request is dropped and read again later; combine: that server's
+// status becomes STATUS_BAD_REPLY, its rows' values are then undefined).
+#include <cuda_runtime.h>
+#include <time.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "export.h"
+#include "transport_common.h"
+#include "wire_format.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" {
+EAAS_FFI_EXPORT XLA_FFI_Error* eaas_cuda_ipc_dispatch(XLA_FFI_CallFrame* call_frame);
+EAAS_FFI_EXPORT XLA_FFI_Error* eaas_cuda_ipc_combine(XLA_FFI_CallFrame* call_frame);
+EAAS_FFI_EXPORT XLA_FFI_Error* eaas_cuda_ipc_poll(XLA_FFI_CallFrame* call_frame);
+EAAS_FFI_EXPORT XLA_FFI_Error* eaas_cuda_ipc_reply(XLA_FFI_CallFrame* call_frame);
+}  // extern "C"
+
+namespace eaas {
+namespace cuda_ipc {
+namespace {
+
+constexpr int kMaxEndpointIndex = 1024;  // endpoint indices a process can open
+constexpr int kMaxSlots = 256;           // max_endpoints x num_channels per inbox
+constexpr int kThreads = 256;            // threads of the multi-block kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxBlocksPerMessage = 32;  // enough SMs to fill NVLink
+constexpr int kMaxCapacity = 8192;  // tokens per message: dispatch lists them in shared memory
+
+// A request the last poll accepted (device memory).
+struct Accepted {
+  std::int32_t sender, channel, layer, first_row, num_tokens, valid;
+  std::uint64_t ticket, seq;
+};
+
+// Poll bookkeeping (device memory).
+struct PollInfo {
+  std::int32_t num_accepted;   // entries of `accepted`
+  std::int32_t rows;           // rows in use
+  std::int32_t capacity;       // C of the poll
+  std::int32_t start;          // slot the next sweep starts at (fairness)
+  std::int32_t replied;        // 1 once reply answered the poll (or nothing to answer)
+};
+
+// Everything the kernels know about an endpoint; one per endpoint index.
+struct View {
+  std::uint8_t* inbox;          // [slots] own inbox
+  std::uint8_t** peers;         // [max_endpoints] imported inboxes (null: not imported)
+  std::int32_t* wanted;         // [max_endpoints] host-mapped: peers to import
+  std::uint64_t* send_seq;      // [slots] last seq published per (peer, channel)
+  std::uint64_t* last_seen;     // [slots] last seq consumed per inbox slot
+  std::uint64_t* pending_ticket;  // [slots] per (peer, channel): awaited reply, 0 none
+  std::int32_t* pending_tokens;   // [slots]
+  std::int32_t* pending_layer;    // [slots]
+  std::int32_t* row_of;           // [channels, max_endpoints, capacity]: row of token t
+                                  //   in the message to servers[s], -1 none
+  std::uint32_t* done;            // [max_endpoints + slots] last-block counters
+  std::uint32_t* abort;           // [max_endpoints + slots] a block could not write
+  std::uint64_t* combine_seq;     // [max_endpoints] seq of the reply combine accepted
+  Accepted* accepted;             // [slots]
+  std::uint32_t* poll_bad;        // [slots] a row of accepted[m] named a foreign expert
+  PollInfo* poll;
+  unsigned long long* counters;   // [kNumCounters]
+  std::uint64_t deployment_id;
+  std::uint64_t slot_bytes, hidden_offset, expert_ids_offset, gates_offset, scales_offset;
+  std::int32_t endpoint, max_endpoints, num_channels, capacity, d, k, num_layers, num_experts;
+  std::uint32_t hidden_dtype;
+  std::uint32_t row_bytes;  // of a request row
+};
+
+__device__ View g_views[kMaxEndpointIndex];
+
+// ---------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ std::uint64_t GlobalTimerNs() {
+  std::uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ std::uint64_t LoadAcquireSys(const std::uint64_t* p) {
+  std::uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ std::uint64_t LoadRelaxedSys(const std::uint64_t* p) {
+  std::uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void StoreReleaseSys(std::uint64_t* p, std::uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void StoreRelaxedSys(std::uint64_t* p, std::uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ std::uint8_t* LoadPointer(std::uint8_t* const* p) {
+  return reinterpret_cast<std::uint8_t*>(
+      LoadRelaxedSys(reinterpret_cast<const std::uint64_t*>(p)));
+}
+
+__device__ __forceinline__ void Count(const View& v, Counter c, unsigned long long n = 1) {
+  atomicAdd(&v.counters[c], n);
+}
+
+__device__ __forceinline__ std::uint8_t* Slot(const View& v, std::uint8_t* inbox, std::int64_t sender,
+                                             std::int64_t channel) {
+  return inbox + static_cast<std::size_t>(sender * v.num_channels + channel) * v.slot_bytes;
+}
+
+// A private copy of a slot's header (relaxed system-scope loads).
+__device__ MessageHeader ReadHeader(const std::uint8_t* slot) {
+  MessageHeader h;
+  auto* words = reinterpret_cast<std::uint64_t*>(&h);
+  const auto* src = reinterpret_cast<const std::uint64_t*>(slot);
+  for (int i = 0; i < 8; ++i) words[i] = LoadRelaxedSys(src + i);
+  return h;
+}
+
+// Copies `bytes` from src to dst with the 32 lanes of a warp; 16-byte
+// vectors when both are aligned. Loads bypass L1 (`src` may be written by a
+// peer GPU between kernels).
+__device__ __forceinline__ void WarpCopy(std::uint8_t* dst, const std::uint8_t* src, std::size_t bytes,
+                                         int lane) {
+  if ((bytes % 16) == 0 && (reinterpret_cast<std::uintptr_t>(dst) % 16) == 0 &&
+      (reinterpret_cast<std::uintptr_t>(src) % 16) == 0) {
+    auto* d4 = reinterpret_cast<int4*>(dst);
+    const auto* s4 = reinterpret_cast<const int4*>(src);
+    for (std::size_t i = lane; i < bytes / 16; i += 32) d4[i] = __ldcg(s4 + i);
+  } else {
+    for (std::size_t i = lane; i < bytes; i += 32) dst[i] = src[i];
+  }
+}
+
+// Publishes a message whose rows the blocks of this kernel (blockIdx.x over
+// gridDim.x) wrote: called by thread 0 of every block after __syncthreads.
+// Returns true in the one block that published (the last to finish) and
+// false elsewhere or when a block aborted (then nothing is published and
+// `*aborted` is set in the last block).
+__device__ bool FinishMessage(const View& v, std::size_t counter, std::uint8_t* slot,
+                              MessageHeader h, bool* aborted) {
+  __threadfence_system();  // this block's rows before the counter
+  const unsigned prev = atomicAdd(&v.done[counter], 1u);
+  if (prev != gridDim.x - 1) return false;
+  v.done[counter] = 0;
+  *aborted = atomicExch(&v.abort[counter], 0u) != 0;
+  if (*aborted) return false;
+  __threadfence_system();  // every block's rows before the header
+  h.checksum = HeaderChecksum(h);
+  const auto* words = reinterpret_cast<const std::uint64_t*>(&h);
+  auto* dst = reinterpret_cast<std::uint64_t*>(slot);
+  for (int i = 1; i < 8; ++i) StoreRelaxedSys(dst + i, words[i]);
+  StoreReleaseSys(dst, h.seq);
+  return true;
+}
+
+__device__ MessageHeader NewHeader(const View& v, std::uint16_t kind, std::int32_t layer,
+                                   std::int32_t channel, std::int32_t num_tokens, std::uint64_t seq,
+                                   std::uint64_t ticket) {
+  MessageHeader h{};
+  h.seq = seq;
+  h.deployment_id = v.deployment_id;
+  h.ticket = ticket;
+  h.kind = kind;
+  h.hidden_dtype = static_cast<std::uint16_t>(kind == kKindRequest ? v.hidden_dtype : kHiddenF32);
+  h.sender = static_cast<std::uint32_t>(v.endpoint);
+  h.layer = static_cast<std::uint32_t>(layer);
+  h.micro_batch = static_cast<std::uint32_t>(channel);
+  h.num_tokens = static_cast<std::uint32_t>(num_tokens);
+  return h;
+}
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+// grid (B, S): blocks (., s) send server s's tokens; dynamic shared memory
+// holds the token list ([capacity] int32).
+__global__ void DispatchKernel(int endpoint, const std::uint8_t* hidden, const float* scales,
+                               const std::int32_t* expert_ids, const float* gates,
+                               const std::int32_t* targets, const std::int32_t* servers, int T, int S,
+                               int layer, int channel, std::int32_t* sent) {
+  const View v = g_views[endpoint];
+  extern __shared__ std::int32_t tokens[];
+  __shared__ std::int32_t warp_counts[kWarps];
+  __shared__ std::int32_t count;
+  const int s = blockIdx.y, b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int k = v.k;
+  __shared__ int unrouted;
+  const std::int32_t p = servers[s];
+  if (b == 0 && s == 0) {  // targets naming no server of `servers` (counted once per call)
+    if (threadIdx.x == 0) unrouted = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < T * k; i += kThreads) {
+      if (targets[i] == -1) continue;
+      bool found = false;
+      for (int j = 0; j < S; ++j) found |= servers[j] == targets[i];
+      if (!found) unrouted = 1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && unrouted) Count(v, kUnroutedTargets);
+  }
+  if (p == -1) {
+    if (b == 0 && threadIdx.x == 0) sent[s] = 0;
+    return;
+  }
+  const bool known = p >= 0 && p < v.max_endpoints;
+  // The tokens for p, in increasing order (every block computes the list).
+  std::int32_t* row_of = v.row_of + (static_cast<std::size_t>(channel) * v.max_endpoints + s) * v.capacity;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  for (int base = 0; base < T; base += kThreads) {
+    const int t = base + threadIdx.x;
+    bool mine = false;
+    if (t < T) {
+      for (int j = 0; j < k; ++j) mine |= targets[t * k + j] == p;
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = count;
+    for (int w = 0; w < warp; ++w) offset += warp_counts[w];
+    const int rank = offset + __popc(ballot & ((1u << lane) - 1u));
+    if (mine) tokens[rank] = t;
+    if (b == 0 && t < T) row_of[t] = mine ? rank : -1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 0; w < kWarps; ++w) count += warp_counts[w];
+    }
+    __syncthreads();
+  }
+  const int n = count;
+  const std::size_t si = known ? static_cast<std::size_t>(p) * v.num_channels + channel : 0;
+  if (n == 0 || !known) {
+    if (b == 0 && threadIdx.x == 0) {
+      sent[s] = n == 0 ? 0 : -1;
+      if (known) v.pending_ticket[si] = 0;
+      if (!known) Count(v, kPeerRefused);
+    }
+    return;
+  }
+  std::uint8_t* peer = LoadPointer(v.peers + p);
+  std::uint8_t* slot = peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, channel);
+  const std::uint64_t seq = v.send_seq[si] + 2;
+  if (slot == nullptr) {
+    if (threadIdx.x == 0) atomicOr(&v.abort[s], 1u);
+  } else {
+    if (threadIdx.x == 0) {
+      StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);  // odd: being written
+      __threadfence_system();
+    }
+    __syncthreads();
+    auto* dst_ids = reinterpret_cast<std::int32_t*>(slot + v.expert_ids_offset);
+    auto* dst_gates = reinterpret_cast<float*>(slot + v.gates_offset);
+    auto* dst_scales = reinterpret_cast<float*>(slot + v.scales_offset);
+    for (int r = b * kWarps + warp; r < n; r += gridDim.x * kWarps) {
+      const int t = tokens[r];
+      WarpCopy(slot + v.hidden_offset + static_cast<std::size_t>(r) * v.row_bytes,
+               hidden + static_cast<std::size_t>(t) * v.row_bytes, v.row_bytes, lane);
+      for (int j = lane; j < k; j += 32) {
+        const bool to_p = targets[t * k + j] == p;
+        dst_ids[r * k + j] = to_p ? expert_ids[t * k + j] : -1;
+        dst_gates[r * k + j] = to_p ? gates[t * k + j] : 0.0f;
+      }
+      if (lane == 0) dst_scales[r] = scales[t];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  bool aborted = false;
+  const MessageHeader h = NewHeader(v, kKindRequest, layer, channel, n, seq, seq);
+  if (FinishMessage(v, s, slot, h, &aborted)) {
+    v.send_seq[si] = seq;
+    v.pending_ticket[si] = seq;
+    v.pending_tokens[si] = n;
+    v.pending_layer[si] = layer;
+    sent[s] = n;
+    Count(v, kRequestsSent);
+  } else if (aborted) {
+    v.wanted[p] = 1;
+    v.pending_ticket[si] = 0;
+    sent[s] = -1;
+    Count(v, kPeerUnavailable);
+  }
+}
+
+// One block; warp w waits for servers w, w + kWarps, ... (lane 0).
+__global__ void CombineWaitKernel(int endpoint, const std::int32_t* sent, const std::int32_t* servers,
+                                  int S, int layer, int channel, std::int64_t timeout_ns,
+                                  std::int32_t* status) {
+  const View v = g_views[endpoint];
+  __shared__ std::uint64_t deadline;
+  if (threadIdx.x == 0) deadline = GlobalTimerNs() + static_cast<std::uint64_t>(timeout_ns);
+  __syncthreads();
+  if (threadIdx.x % 32 != 0) return;
+  for (int s = threadIdx.x / 32; s < S; s += blockDim.x / 32) {
+    const std::int32_t p = servers[s], n = sent[s];
+    if (p == -1 || n == 0) {
+      status[s] = kStatusNothingSent;
+      continue;
+    }
+    if (n < 0 || p < 0 || p >= v.max_endpoints) {
+      status[s] = kStatusUnavailable;
+      continue;
+    }
+    const std::size_t si = static_cast<std::size_t>(p) * v.num_channels + channel;
+    const std::uint64_t ticket = v.pending_ticket[si];
+    if (ticket == 0 || v.pending_tokens[si] != n || v.pending_layer[si] != layer) {
+      status[s] = kStatusBadReply;  // no matching dispatch outstanding (misuse)
+      continue;
+    }
+    v.pending_ticket[si] = 0;  // consumed: a late reply to it is stale
+    const std::uint8_t* slot = Slot(v, v.inbox, p, channel);
+    const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(slot);
+    std::int32_t st = kStatusTimeout;
+    for (;;) {
+      const std::uint64_t s1 = LoadAcquireSys(seq_ptr);
+      if (s1 != 0 && (s1 & 1) == 0 && s1 != v.last_seen[si]) {
+        const MessageHeader h = ReadHeader(slot);
+        Counter bad = h.seq != s1 ? kTornReads
+                                  : CheckMessageHeader(h, v.deployment_id, v.capacity, v.num_layers,
+                                                       v.hidden_dtype, kKindReply, p, channel);
+        bool stale = false;
+        if (bad == kNumCounters) {
+          if (h.ticket != ticket) {
+            stale = true;
+          } else if (h.layer != static_cast<std::uint32_t>(layer)) {
+            bad = kDropLayer;
+          } else if (h.num_tokens != static_cast<std::uint32_t>(n)) {
+            bad = kDropReplySize;
+          }
+        }
+        __threadfence_system();
+        if (bad == kTornReads || LoadRelaxedSys(seq_ptr) != s1) {
+          Count(v, kTornReads);
+          continue;
+        }
+        v.last_seen[si] = s1;
+        if (stale) {
+          Count(v, kStaleReplies);
+          continue;
+        }
+        if (bad != kNumCounters) {
+          Count(v, bad);
+          st = kStatusBadReply;
+        } else {
+          v.combine_seq[s] = s1;
+          st = kStatusOk;
+          Count(v, kRepliesAccepted);
+        }
+        break;
+      }
+      if (GlobalTimerNs() > deadline) {
+        Count(v, kTimeouts);
+        break;
+      }
+      __nanosleep(64);
+    }
+    status[s] = st;
+  }
+}
+
+// out[t] = sum over servers s (in order) with status OK of their reply row
+// for t; then re-checks that no accepted reply was rewritten meanwhile.
+__global__ void CombineSumKernel(int endpoint, const std::int32_t* servers, int S, int T, int channel,
+                                 std::int32_t* status, float* out) {
+  const View v = g_views[endpoint];
+  const int d = v.d;
+  const std::int32_t* row_of = v.row_of + static_cast<std::size_t>(channel) * v.max_endpoints * v.capacity;
+  const bool vec = d % 4 == 0;
+  const std::int64_t width = vec ? d / 4 : d;
+  const std::int64_t total = static_cast<std::int64_t>(T) * width;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t t = i / width, c = i % width;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < S; ++s) {
+      if (status[s] != kStatusOk) continue;
+      const int r = row_of[static_cast<std::size_t>(s) * v.capacity + t];
+      if (r < 0) continue;
+      const auto* rows = reinterpret_cast<const float*>(Slot(v, v.inbox, servers[s], channel) +
+                                                        v.hidden_offset);
+      if (vec) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(rows + static_cast<std::int64_t>(r) * d) + c);
+        acc.x += x.x;
+        acc.y += x.y;
+        acc.z += x.z;
+        acc.w += x.w;
+      } else {
+        acc.x += __ldcg(rows + static_cast<std::int64_t>(r) * d + c);
+      }
+    }
+    if (vec) {
+      reinterpret_cast<float4*>(out + t * d)[c] = acc;
+    } else {
+      out[t * d + c] = acc.x;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < S && status[threadIdx.x] == kStatusOk) {
+    const int s = threadIdx.x;
+    const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(Slot(v, v.inbox, servers[s], channel));
+    if (LoadRelaxedSys(seq_ptr) != v.combine_seq[s] &&
+        atomicCAS(status + s, kStatusOk, kStatusBadReply) == kStatusOk) {
+      Count(v, kTornReads);
+    }
+  }
+}
+
+// One warp: wait until at least one valid request from an imported sender
+// has arrived (or the deadline), then accept requests in slot order from
+// poll->start while they fit in C rows and max_messages.
+__global__ void PollAcceptKernel(int endpoint, int C, int max_messages, std::int64_t timeout_ns,
+                                 std::int32_t* num_rows) {
+  const View v = g_views[endpoint];
+  __shared__ std::uint64_t cand_seq[kMaxSlots];  // 0: no candidate in that slot
+  __shared__ MessageHeader cand[kMaxSlots];
+  const int lane = threadIdx.x;
+  const int nslots = v.max_endpoints * v.num_channels;
+  const std::uint64_t deadline = GlobalTimerNs() + static_cast<std::uint64_t>(timeout_ns);
+  PollInfo* info = v.poll;
+  if (lane == 0 && info->replied == 0 && info->num_accepted > 0) {
+    Count(v, kUnreplied, info->num_accepted);
+  }
+  const int start = info->start;
+  int accepted = 0, used = 0, first_deferred = -1;
+  for (;;) {
+    for (int si = lane; si < nslots; si += 32) {
+      cand_seq[si] = 0;
+      const std::uint8_t* slot = v.inbox + static_cast<std::size_t>(si) * v.slot_bytes;
+      const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(slot);
+      const std::uint64_t s1 = LoadAcquireSys(seq_ptr);
+      if (s1 == 0 || (s1 & 1) || s1 == v.last_seen[si]) continue;
+      const int sender = si / v.num_channels, channel = si % v.num_channels;
+      const MessageHeader h = ReadHeader(slot);
+      const Counter bad = h.seq != s1 ? kTornReads
+                                      : CheckMessageHeader(h, v.deployment_id, v.capacity, v.num_layers,
+                                                           v.hidden_dtype, kKindRequest, sender, channel);
+      __threadfence_system();
+      if (bad == kTornReads || LoadRelaxedSys(seq_ptr) != s1) {
+        Count(v, kTornReads);
+        continue;
+      }
+      if (bad != kNumCounters) {
+        v.last_seen[si] = s1;
+        Count(v, bad);
+        continue;
+      }
+      if (LoadPointer(v.peers + sender) == nullptr) {  // cannot answer it yet
+        v.wanted[sender] = 1;
+        continue;
+      }
+      cand[si] = h;
+      cand_seq[si] = s1;
+    }
+    __syncwarp();
+    if (lane == 0) {
+      first_deferred = -1;
+      for (int j = 0; j < nslots; ++j) {
+        const int si = (start + j) % nslots;
+        if (cand_seq[si] == 0) continue;
+        const MessageHeader& h = cand[si];
+        const int n = static_cast<int>(h.num_tokens);
+        if (accepted >= max_messages || used + n > C) {
+          Count(v, kDeferred);
+          if (first_deferred < 0) first_deferred = si;
+          continue;
+        }
+        v.accepted[accepted] = Accepted{si / v.num_channels, si % v.num_channels,
+                                        static_cast<std::int32_t>(h.layer), used, n, 1, h.ticket,
+                                        cand_seq[si]};
+        ++accepted;
+        used += n;
+      }
+    }
+    // Lane 0 decides for the warp (the lanes' clocks may straddle the deadline).
+    const int stop = __shfl_sync(0xffffffffu, accepted > 0 || GlobalTimerNs() > deadline ? 1 : 0, 0);
+    if (stop) break;
+    __nanosleep(64);
+  }
+  if (lane == 0) {
+    info->num_accepted = accepted;
+    info->rows = used;
+    info->capacity = C;
+    info->start = first_deferred >= 0 ? first_deferred : (start + 1) % nslots;
+    info->replied = accepted == 0;
+    *num_rows = used;
+  }
+}
+
+// Copies the accepted requests' rows into the outputs (rows past the last
+// one: padding) and checks their expert ids against `hosted`.
+__global__ void PollCopyKernel(int endpoint, const std::int32_t* hosted, int C, std::uint8_t* out_hidden,
+                               float* out_scales, std::int32_t* out_ids, float* out_gates,
+                               std::int32_t* out_layer) {
+  const View v = g_views[endpoint];
+  const int lane = threadIdx.x % 32, k = v.k;
+  const int M = v.poll->num_accepted;
+  for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < C; r += gridDim.x * kWarps) {
+    int m = 0;
+    while (m < M && !(r >= v.accepted[m].first_row && r < v.accepted[m].first_row + v.accepted[m].num_tokens)) ++m;
+    std::uint8_t* dst = out_hidden + static_cast<std::size_t>(r) * v.row_bytes;
+    if (m == M) {  // padding
+      if (v.row_bytes % 16 == 0) {
+        for (std::size_t i = lane; i < v.row_bytes / 16; i += 32) reinterpret_cast<int4*>(dst)[i] = int4{0, 0, 0, 0};
+      } else {
+        for (std::size_t i = lane; i < v.row_bytes; i += 32) dst[i] = 0;
+      }
+      for (int j = lane; j < k; j += 32) {
+        out_ids[r * k + j] = -1;
+        out_gates[r * k + j] = 0.0f;
+      }
+      if (lane == 0) {
+        out_scales[r] = 1.0f;
+        out_layer[r] = -1;
+      }
+      continue;
+    }
+    const Accepted a = v.accepted[m];
+    const int rr = r - a.first_row;
+    const std::uint8_t* slot = Slot(v, v.inbox, a.sender, a.channel);
+    WarpCopy(dst, slot + v.hidden_offset + static_cast<std::size_t>(rr) * v.row_bytes, v.row_bytes, lane);
+    const auto* ids = reinterpret_cast<const std::int32_t*>(slot + v.expert_ids_offset);
+    const auto* gts = reinterpret_cast<const float*>(slot + v.gates_offset);
+    bool bad = false;
+    for (int j = lane; j < k; j += 32) {
+      const std::int32_t e = __ldcg(ids + rr * k + j);
+      out_ids[r * k + j] = e;
+      out_gates[r * k + j] = e == -1 ? 0.0f : __ldcg(gts + rr * k + j);
+      if (e != -1 && (e < 0 || e >= v.num_experts || hosted[a.layer * v.num_experts + e] == 0)) bad = true;
+    }
+    if (bad) atomicOr(&v.poll_bad[m], 1u);
+    if (lane == 0) {
+      out_scales[r] = v.hidden_dtype == kHiddenF8E4M3
+                          ? __ldcg(reinterpret_cast<const float*>(slot + v.scales_offset) + rr)
+                          : 1.0f;
+      out_layer[r] = a.layer;
+    }
+  }
+}
+
+// One block: commits the poll. A request rewritten while copied (torn) is
+// dropped and stays unseen (read again by the next poll); one naming a
+// foreign expert is dropped and counted. Dropped requests' rows become inert
+// (expert -1, gate 0, layer -1) and get no reply.
+__global__ void PollCommitKernel(int endpoint, std::int32_t* out_ids, float* out_gates,
+                                 std::int32_t* out_layer) {
+  const View v = g_views[endpoint];
+  __shared__ int drop;
+  const int M = v.poll->num_accepted, k = v.k;
+  for (int m = 0; m < M; ++m) {
+    Accepted& a = v.accepted[m];
+    if (threadIdx.x == 0) {
+      const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(Slot(v, v.inbox, a.sender, a.channel));
+      const bool torn = LoadRelaxedSys(seq_ptr) != a.seq;
+      const bool bad = atomicExch(&v.poll_bad[m], 0u) != 0;
+      const std::size_t si = static_cast<std::size_t>(a.sender) * v.num_channels + a.channel;
+      if (torn) {
+        Count(v, kTornReads);
+      } else {
+        v.last_seen[si] = a.seq;
+        Count(v, bad ? kDropExpert : kRequestsAccepted);
+      }
+      drop = torn || bad;
+      if (drop) a.valid = 0;
+    }
+    __syncthreads();
+    if (drop) {
+      for (int i = threadIdx.x; i < a.num_tokens * k; i += blockDim.x) {
+        out_ids[a.first_row * k + i] = -1;
+        out_gates[a.first_row * k + i] = 0.0f;
+      }
+      for (int i = threadIdx.x; i < a.num_tokens; i += blockDim.x) out_layer[a.first_row + i] = -1;
+    }
+    __syncthreads();
+  }
+}
+
+// grid (B, slots): blocks (., m) answer accepted request m.
+__global__ void ReplyKernel(int endpoint, const float* results, std::int32_t* replies) {
+  const View v = g_views[endpoint];
+  const PollInfo info = *v.poll;
+  const int m = blockIdx.y, b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (b == 0 && m == 0 && threadIdx.x == 0) {
+    int valid = 0;
+    for (int i = 0; i < info.num_accepted; ++i) valid += v.accepted[i].valid;
+    *replies = info.replied ? 0 : valid;
+  }
+  if (info.replied || m >= info.num_accepted) return;
+  const Accepted a = v.accepted[m];
+  if (!a.valid) return;
+  const std::size_t si = static_cast<std::size_t>(a.sender) * v.num_channels + a.channel;
+  const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + si;
+  std::uint8_t* peer = LoadPointer(v.peers + a.sender);
+  std::uint8_t* slot = peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, a.channel);
+  const std::uint64_t seq = v.send_seq[si] + 2;
+  const std::size_t row = static_cast<std::size_t>(v.d) * sizeof(float);
+  if (slot == nullptr) {
+    if (threadIdx.x == 0) atomicOr(&v.abort[counter], 1u);
+  } else {
+    if (threadIdx.x == 0) {
+      StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);
+      __threadfence_system();
+    }
+    __syncthreads();
+    for (int r = b * kWarps + warp; r < a.num_tokens; r += gridDim.x * kWarps) {
+      WarpCopy(slot + v.hidden_offset + r * row,
+               reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row + r) * v.d),
+               row, lane);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  bool aborted = false;
+  const MessageHeader h = NewHeader(v, kKindReply, a.layer, a.channel, a.num_tokens, seq, a.ticket);
+  if (FinishMessage(v, counter, slot, h, &aborted)) {
+    v.send_seq[si] = seq;
+    Count(v, kRepliesSent);
+  } else if (aborted) {
+    v.wanted[a.sender] = 1;
+    Count(v, kPeerUnavailable);
+  }
+}
+
+__global__ void ReplyDoneKernel(int endpoint) { g_views[endpoint].poll->replied = 1; }
+
+// ---------------------------------------------------------------------------
+// Host side: open endpoints
+// ---------------------------------------------------------------------------
+
+struct Geometry {
+  std::int64_t max_endpoints = 0, num_channels = 0, capacity = 0, d = 0, k = 0, num_layers = 0,
+               num_experts = 0, hidden_dtype = kHiddenF32;
+  std::uint64_t deployment_id = 0;
+  bool operator==(const Geometry& o) const {
+    return max_endpoints == o.max_endpoints && num_channels == o.num_channels && capacity == o.capacity &&
+           d == o.d && k == o.k && num_layers == o.num_layers && num_experts == o.num_experts &&
+           hidden_dtype == o.hidden_dtype && deployment_id == o.deployment_id;
+  }
+  std::int64_t Slots() const { return max_endpoints * num_channels; }
+  SlotLayout Layout() const {
+    return SlotLayout::Make(static_cast<std::size_t>(capacity), static_cast<std::size_t>(d),
+                            static_cast<std::size_t>(k));
+  }
+};
+
+struct Endpoint {
+  Geometry geo;
+  int device = 0;
+  View view{};             // host copy of g_views[endpoint]
+  void* state = nullptr;   // one device allocation for every array of `view` but
+                           // the inbox and `wanted`
+  std::int32_t* wanted_host = nullptr;  // cudaHostAlloc'ed (mapped)
+  cudaStream_t control = nullptr;       // for the control path's copies
+  std::int64_t poll_rows = -1;          // C of the last poll enqueued (reply checks it)
+  std::map<std::int64_t, void*> imported;  // peer -> cudaIpcOpenMemHandle pointer
+  std::vector<void*> retired;  // replaced imports, closed with the endpoint (a
+                               // kernel may still be writing through them)
+};
+
+std::mutex g_mu;
+std::map<std::int64_t, std::unique_ptr<Endpoint>>& Endpoints() {
+  static auto* m = new std::map<std::int64_t, std::unique_ptr<Endpoint>>();
+  return *m;
+}
+// Geometry an index was first opened with in this process (captured graphs
+// depend on it).
+std::map<std::int64_t, Geometry>& FirstGeometry() {
+  static auto* m = new std::map<std::int64_t, Geometry>();
+  return *m;
+}
+
+std::string CudaText(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+
+void CopyError(const std::string& msg, char* err, std::int64_t errlen) {
+  if (err == nullptr || errlen <= 0) return;
+  const std::size_t n = std::min<std::size_t>(msg.size(), static_cast<std::size_t>(errlen - 1));
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
+}
+
+void WriteView(std::int64_t index, const View& view, cudaStream_t stream) {
+  cudaMemcpyToSymbolAsync(g_views, &view, sizeof(View), static_cast<std::size_t>(index) * sizeof(View),
+                          cudaMemcpyHostToDevice, stream);
+  cudaStreamSynchronize(stream);
+}
+
+void Release(Endpoint* ep) {
+  for (auto& kv : ep->imported) cudaIpcCloseMemHandle(kv.second);
+  for (void* p : ep->retired) cudaIpcCloseMemHandle(p);
+  if (ep->view.inbox) cudaFree(ep->view.inbox);
+  if (ep->state) cudaFree(ep->state);
+  if (ep->wanted_host) cudaFreeHost(ep->wanted_host);
+  if (ep->control) cudaStreamDestroy(ep->control);
+}
+
+// Allocates and initialises an endpoint's device memory. "" or an error.
+std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint* ep,
+                   cudaIpcMemHandle_t* handle) {
+  ep->geo = geo;
+  ep->device = device;
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return "cudaSetDevice(" + std::to_string(device) + "): " + CudaText(e);
+  const SlotLayout layout = geo.Layout();
+  const std::size_t slots = static_cast<std::size_t>(geo.Slots());
+  const std::size_t E = static_cast<std::size_t>(geo.max_endpoints);
+  // Carve the state arrays out of one allocation (8-byte aligned pieces).
+  std::size_t offset = 0;
+  auto take = [&offset](std::size_t bytes) {
+    const std::size_t at = offset;
+    offset = AlignUp(offset + bytes, 64);
+    return at;
+  };
+  const std::size_t o_peers = take(E * sizeof(void*));
+  const std::size_t o_send = take(slots * 8), o_seen = take(slots * 8), o_ticket = take(slots * 8);
+  const std::size_t o_tokens = take(slots * 4), o_layer = take(slots * 4);
+  const std::size_t o_rows = take(static_cast<std::size_t>(geo.num_channels) * E * geo.capacity * 4);
+  const std::size_t o_done = take((E + slots) * 4), o_abort = take((E + slots) * 4);
+  const std::size_t o_cseq = take(E * 8), o_acc = take(slots * sizeof(Accepted));
+  const std::size_t o_bad = take(slots * 4), o_poll = take(sizeof(PollInfo));
+  const std::size_t o_counters = take(kNumCounters * sizeof(unsigned long long));
+  const std::size_t state_bytes = offset;
+  if ((e = cudaStreamCreateWithFlags(&ep->control, cudaStreamNonBlocking)) != cudaSuccess ||
+      (e = cudaMalloc(&ep->view.inbox, slots * layout.bytes)) != cudaSuccess ||
+      (e = cudaMalloc(&ep->state, state_bytes)) != cudaSuccess ||
+      (e = cudaHostAlloc(reinterpret_cast<void**>(&ep->wanted_host), E * 4, cudaHostAllocMapped)) != cudaSuccess) {
+    return "allocating the endpoint's GPU memory (" + std::to_string(slots * layout.bytes + state_bytes) +
+           " bytes on device " + std::to_string(device) + "): " + CudaText(e);
+  }
+  std::memset(ep->wanted_host, 0, E * 4);
+  cudaMemsetAsync(ep->view.inbox, 0, slots * layout.bytes, ep->control);
+  cudaMemsetAsync(ep->state, 0, state_bytes, ep->control);
+  auto* base = static_cast<std::uint8_t*>(ep->state);
+  View& v = ep->view;
+  v.peers = reinterpret_cast<std::uint8_t**>(base + o_peers);
+  if ((e = cudaHostGetDevicePointer(reinterpret_cast<void**>(&v.wanted), ep->wanted_host, 0)) != cudaSuccess) {
+    return "cudaHostGetDevicePointer: " + CudaText(e);
+  }
+  v.send_seq = reinterpret_cast<std::uint64_t*>(base + o_send);
+  v.last_seen = reinterpret_cast<std::uint64_t*>(base + o_seen);
+  v.pending_ticket = reinterpret_cast<std::uint64_t*>(base + o_ticket);
+  v.pending_tokens = reinterpret_cast<std::int32_t*>(base + o_tokens);
+  v.pending_layer = reinterpret_cast<std::int32_t*>(base + o_layer);
+  v.row_of = reinterpret_cast<std::int32_t*>(base + o_rows);
+  v.done = reinterpret_cast<std::uint32_t*>(base + o_done);
+  v.abort = reinterpret_cast<std::uint32_t*>(base + o_abort);
+  v.combine_seq = reinterpret_cast<std::uint64_t*>(base + o_cseq);
+  v.accepted = reinterpret_cast<Accepted*>(base + o_acc);
+  v.poll_bad = reinterpret_cast<std::uint32_t*>(base + o_bad);
+  v.poll = reinterpret_cast<PollInfo*>(base + o_poll);
+  v.counters = reinterpret_cast<unsigned long long*>(base + o_counters);
+  v.deployment_id = geo.deployment_id;
+  v.slot_bytes = layout.bytes;
+  v.hidden_offset = layout.hidden_offset;
+  v.expert_ids_offset = layout.expert_ids_offset;
+  v.gates_offset = layout.gates_offset;
+  v.scales_offset = layout.scales_offset;
+  v.endpoint = static_cast<std::int32_t>(index);
+  v.max_endpoints = static_cast<std::int32_t>(geo.max_endpoints);
+  v.num_channels = static_cast<std::int32_t>(geo.num_channels);
+  v.capacity = static_cast<std::int32_t>(geo.capacity);
+  v.d = static_cast<std::int32_t>(geo.d);
+  v.k = static_cast<std::int32_t>(geo.k);
+  v.num_layers = static_cast<std::int32_t>(geo.num_layers);
+  v.num_experts = static_cast<std::int32_t>(geo.num_experts);
+  v.hidden_dtype = static_cast<std::uint32_t>(geo.hidden_dtype);
+  v.row_bytes = static_cast<std::uint32_t>(geo.d * HiddenElementBytes(v.hidden_dtype));
+  // Sequence numbers start at the wall clock (see wire_format.h); nothing replied yet.
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  const std::uint64_t start =
+      ((static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<std::uint64_t>(ts.tv_nsec)) &
+       ~std::uint64_t{1}) + 2;
+  const std::vector<std::uint64_t> seqs(slots, start);
+  cudaMemcpyAsync(v.send_seq, seqs.data(), slots * 8, cudaMemcpyHostToDevice, ep->control);
+  const PollInfo idle{0, 0, -1, 0, 1};
+  cudaMemcpyAsync(v.poll, &idle, sizeof(idle), cudaMemcpyHostToDevice, ep->control);
+  if ((e = cudaStreamSynchronize(ep->control)) != cudaSuccess) return "initialising the inbox: " + CudaText(e);
+  if ((e = cudaIpcGetMemHandle(handle, v.inbox)) != cudaSuccess) return "cudaIpcGetMemHandle: " + CudaText(e);
+  WriteView(index, v, ep->control);
+  if ((e = cudaGetLastError()) != cudaSuccess) return "publishing the endpoint to the kernels: " + CudaText(e);
+  return "";
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------
+
+// The open endpoint `index`, or null with `*error` set.
+Endpoint* Find(const char* where, std::int64_t index, ffi::Error* error) {
+  auto it = Endpoints().find(index);
+  if (it == Endpoints().end()) {
+    *error = ffi::Error::InvalidArgument(std::string(where) + ": cuda_ipc endpoint " + std::to_string(index) +
+                                         " is not open in this process (open it with "
+                                         "eaas_jax.transport.cuda_ipc.CudaIpcEndpoint)");
+    return nullptr;
+  }
+  int device = -1;
+  cudaGetDevice(&device);
+  if (device != it->second->device) {
+    *error = ffi::Error::InvalidArgument(std::string(where) + ": runs on CUDA device " + std::to_string(device) +
+                                         " but endpoint " + std::to_string(index) + " lives on device " +
+                                         std::to_string(it->second->device));
+    return nullptr;
+  }
+  return it->second.get();
+}
+
+ffi::Error Launched(const char* where) {
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(where) + ": kernel launch failed: " + CudaText(e));
+}
+
+ffi::DataType HiddenFfiType(std::int64_t dtype) {
+  return dtype == kHiddenBF16 ? ffi::DataType::BF16
+         : dtype == kHiddenF8E4M3 ? ffi::DataType::F8E4M3FN
+                                  : ffi::DataType::F32;
+}
+
+int BlocksFor(std::int64_t rows) {
+  return static_cast<int>(std::clamp<std::int64_t>((rows + kWarps - 1) / kWarps, 1, kMaxBlocksPerMessage));
+}
+
+ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
+                        ffi::Buffer<ffi::S32, 2> expert_ids, ffi::Buffer<ffi::F32, 2> gates,
+                        ffi::Buffer<ffi::S32, 2> targets, ffi::Buffer<ffi::S32, 1> servers,
+                        ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::S32, 1> sent, std::int64_t endpoint,
+                        std::int64_t layer, std::int64_t micro_batch) {
+  static constexpr const char* kWhere = "eaas_cuda_ipc_dispatch";
+  std::lock_guard<std::mutex> lock(g_mu);
+  ffi::Error error;
+  Endpoint* ep = Find(kWhere, endpoint, &error);
+  if (ep == nullptr) return error;
+  const Geometry& geo = ep->geo;
+  const auto hd = hidden.dimensions();
+  const std::int64_t T = hd.size() == 2 ? hd[0] : -1;
+  const std::int64_t S = servers.dimensions()[0];
+  if (hd.size() != 2 || hd[1] != geo.d || hidden.element_type() != HiddenFfiType(geo.hidden_dtype) ||
+      scales.dimensions()[0] != T || expert_ids.dimensions()[0] != T || expert_ids.dimensions()[1] != geo.k ||
+      gates.dimensions()[0] != T || gates.dimensions()[1] != geo.k || targets.dimensions()[0] != T ||
+      targets.dimensions()[1] != geo.k || sent->dimensions()[0] != S) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) +
+                                       ": expected hidden [T, d=" + std::to_string(geo.d) +
+                                       "] of the dispatch dtype, scales [T], expert_ids/gates/targets [T, k=" +
+                                       std::to_string(geo.k) + "], sent [S]");
+  }
+  if (T > geo.capacity) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": " + std::to_string(T) +
+                                       " tokens exceed the mailbox capacity " + std::to_string(geo.capacity));
+  }
+  if (S > geo.max_endpoints || layer < 0 || layer >= geo.num_layers || micro_batch < 0 ||
+      micro_batch >= geo.num_channels) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": servers longer than max_endpoints, or layer " +
+                                       std::to_string(layer) + " / micro_batch " + std::to_string(micro_batch) +
+                                       " out of range");
+  }
+  if (S == 0) return ffi::Error::Success();
+  DispatchKernel<<<dim3(BlocksFor(T), static_cast<unsigned>(S)), kThreads,
+                   static_cast<std::size_t>(geo.capacity) * sizeof(std::int32_t), stream>>>(
+      static_cast<int>(endpoint), static_cast<const std::uint8_t*>(hidden.untyped_data()), scales.typed_data(),
+      expert_ids.typed_data(), gates.typed_data(), targets.typed_data(), servers.typed_data(),
+      static_cast<int>(T), static_cast<int>(S), static_cast<int>(layer), static_cast<int>(micro_batch),
+      sent->typed_data());
+  return Launched(kWhere);
+}
+
+ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> targets,
+                       ffi::Buffer<ffi::S32, 1> servers, ffi::AnyBuffer /*after*/,
+                       ffi::ResultBuffer<ffi::F32, 2> out, ffi::ResultBuffer<ffi::S32, 1> status,
+                       std::int64_t endpoint, std::int64_t layer, std::int64_t micro_batch,
+                       std::int64_t timeout_us) {
+  static constexpr const char* kWhere = "eaas_cuda_ipc_combine";
+  std::lock_guard<std::mutex> lock(g_mu);
+  ffi::Error error;
+  Endpoint* ep = Find(kWhere, endpoint, &error);
+  if (ep == nullptr) return error;
+  const Geometry& geo = ep->geo;
+  const std::int64_t T = targets.dimensions()[0];
+  const std::int64_t S = servers.dimensions()[0];
+  if (targets.dimensions()[1] != geo.k || sent.dimensions()[0] != S || out->dimensions()[0] != T ||
+      out->dimensions()[1] != geo.d || status->dimensions()[0] != S || T > geo.capacity ||
+      S > std::min<std::int64_t>(geo.max_endpoints, kThreads)) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": expected sent/servers/status [S <= " +
+                                       std::to_string(std::min<std::int64_t>(geo.max_endpoints, kThreads)) +
+                                       "], targets [T <= capacity, k=" + std::to_string(geo.k) +
+                                       "], out [T, d=" + std::to_string(geo.d) + "]");
+  }
+  if (layer < 0 || layer >= geo.num_layers || micro_batch < 0 || micro_batch >= geo.num_channels) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": layer / micro_batch out of range");
+  }
+  const std::int64_t timeout_ns = std::min<std::int64_t>(std::max<std::int64_t>(timeout_us, 0), std::int64_t{1} << 40) * 1000;
+  if (S > 0) {
+    CombineWaitKernel<<<1, kThreads, 0, stream>>>(static_cast<int>(endpoint), sent.typed_data(),
+                                                   servers.typed_data(), static_cast<int>(S),
+                                                   static_cast<int>(layer), static_cast<int>(micro_batch),
+                                                   timeout_ns, status->typed_data());
+  }
+  const std::int64_t work = T * (geo.d % 4 == 0 ? geo.d / 4 : geo.d);
+  const int blocks = static_cast<int>(std::clamp<std::int64_t>((work + kThreads - 1) / kThreads, 1, 528));
+  CombineSumKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), servers.typed_data(),
+                                                     static_cast<int>(S), static_cast<int>(T),
+                                                     static_cast<int>(micro_batch), status->typed_data(),
+                                                     out->typed_data());
+  return Launched(kWhere);
+}
+
+ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::AnyBuffer /*after*/,
+                    ffi::Result<ffi::AnyBuffer> out_hidden, ffi::ResultBuffer<ffi::F32, 1> out_scales,
+                    ffi::ResultBuffer<ffi::S32, 2> out_expert_ids, ffi::ResultBuffer<ffi::F32, 2> out_gates,
+                    ffi::ResultBuffer<ffi::S32, 1> out_layer, ffi::ResultBuffer<ffi::S32, 0> out_num_rows,
+                    std::int64_t endpoint, std::int64_t max_messages, std::int64_t timeout_us) {
+  static constexpr const char* kWhere = "eaas_cuda_ipc_poll";
+  std::lock_guard<std::mutex> lock(g_mu);
+  ffi::Error error;
+  Endpoint* ep = Find(kWhere, endpoint, &error);
+  if (ep == nullptr) return error;
+  const Geometry& geo = ep->geo;
+  const std::int64_t C = out_hidden->dimensions()[0];
+  if (hosted.dimensions()[0] != geo.num_layers || hosted.dimensions()[1] != geo.num_experts ||
+      out_hidden->dimensions().size() != 2 || out_hidden->dimensions()[1] != geo.d ||
+      out_hidden->element_type() != HiddenFfiType(geo.hidden_dtype) || out_scales->dimensions()[0] != C ||
+      out_expert_ids->dimensions()[0] != C || out_expert_ids->dimensions()[1] != geo.k ||
+      out_gates->dimensions()[0] != C || out_gates->dimensions()[1] != geo.k || out_layer->dimensions()[0] != C) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": expected hosted [num_layers, num_experts], "
+                                       "hidden [C, d] of the dispatch dtype, scales [C], expert_ids/gates [C, k], "
+                                       "layer [C]");
+  }
+  if (C < geo.capacity || C >= (std::int64_t{1} << 30) || max_messages < 1) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": poll capacity " + std::to_string(C) +
+                                       " must be at least the mailbox capacity " + std::to_string(geo.capacity) +
+                                       " and max_messages >= 1");
+  }
+  const std::int64_t timeout_ns = std::min<std::int64_t>(std::max<std::int64_t>(timeout_us, 0), std::int64_t{1} << 40) * 1000;
+  ep->poll_rows = C;
+  const int ix = static_cast<int>(endpoint);
+  PollAcceptKernel<<<1, 32, 0, stream>>>(ix, static_cast<int>(C),
+                                          static_cast<int>(std::min<std::int64_t>(max_messages, kMaxSlots)),
+                                          timeout_ns, out_num_rows->typed_data());
+  const int blocks = static_cast<int>(std::clamp<std::int64_t>((C + kWarps - 1) / kWarps, 1, 264));
+  PollCopyKernel<<<blocks, kThreads, 0, stream>>>(ix, hosted.typed_data(), static_cast<int>(C),
+                                                   static_cast<std::uint8_t*>(out_hidden->untyped_data()),
+                                                   out_scales->typed_data(), out_expert_ids->typed_data(),
+                                                   out_gates->typed_data(), out_layer->typed_data());
+  PollCommitKernel<<<1, kThreads, 0, stream>>>(ix, out_expert_ids->typed_data(), out_gates->typed_data(),
+                                                out_layer->typed_data());
+  return Launched(kWhere);
+}
+
+ffi::Error ReplyImpl(cudaStream_t stream, ffi::Buffer<ffi::F32, 2> results, ffi::Buffer<ffi::S32, 0> /*num_rows*/,
+                     ffi::ResultBuffer<ffi::S32, 0> token, std::int64_t endpoint) {
+  static constexpr const char* kWhere = "eaas_cuda_ipc_reply";
+  std::lock_guard<std::mutex> lock(g_mu);
+  ffi::Error error;
+  Endpoint* ep = Find(kWhere, endpoint, &error);
+  if (ep == nullptr) return error;
+  const Geometry& geo = ep->geo;
+  if (results.dimensions()[1] != geo.d || results.dimensions()[0] != ep->poll_rows) {
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": out is [" +
+                                       std::to_string(results.dimensions()[0]) + ", " +
+                                       std::to_string(results.dimensions()[1]) + "], expected [C=" +
+                                       std::to_string(ep->poll_rows) + " (the last poll's), d=" +
+                                       std::to_string(geo.d) + "]");
+  }
+  const int ix = static_cast<int>(endpoint);
+  ReplyKernel<<<dim3(BlocksFor(geo.capacity), static_cast<unsigned>(geo.Slots())), kThreads, 0, stream>>>(
+      ix, results.typed_data(), token->typed_data());
+  ReplyDoneKernel<<<1, 1, 0, stream>>>(ix);
+  return Launched(kWhere);
+}
+
+}  // namespace
+}  // namespace cuda_ipc
+}  // namespace eaas
+
+// ---------------------------------------------------------------------------
+// Exported symbols
+// ---------------------------------------------------------------------------
+namespace eaas::cuda_ipc {
+using F32R2 = ffi::Buffer<ffi::F32, 2>;
+using F32R1 = ffi::Buffer<ffi::F32, 1>;
+using S32R2 = ffi::Buffer<ffi::S32, 2>;
+using S32R1 = ffi::Buffer<ffi::S32, 1>;
+using S32R0 = ffi::Buffer<ffi::S32, 0>;
+using Stream = ffi::PlatformStream<cudaStream_t>;
+}  // namespace eaas::cuda_ipc
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_dispatch, eaas::cuda_ipc::DispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<eaas::cuda_ipc::Stream>()
+                                  .Arg<ffi::AnyBuffer>()         // hidden [T, d], dispatch dtype
+                                  .Arg<eaas::cuda_ipc::F32R1>()  // scales [T]
+                                  .Arg<eaas::cuda_ipc::S32R2>()  // expert_ids [T, k]
+                                  .Arg<eaas::cuda_ipc::F32R2>()  // gates [T, k]
+                                  .Arg<eaas::cuda_ipc::S32R2>()  // targets [T, k]
+                                  .Arg<eaas::cuda_ipc::S32R1>()  // servers [S]
+                                  .Arg<ffi::AnyBuffer>()         // after (ordering)
+                                  .Ret<eaas::cuda_ipc::S32R1>()  // sent [S]
+                                  .Attr<std::int64_t>("endpoint")
+                                  .Attr<std::int64_t>("layer")
+                                  .Attr<std::int64_t>("micro_batch"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_combine, eaas::cuda_ipc::CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<eaas::cuda_ipc::Stream>()
+                                  .Arg<eaas::cuda_ipc::S32R1>()  // sent [S]
+                                  .Arg<eaas::cuda_ipc::S32R2>()  // targets [T, k]
+                                  .Arg<eaas::cuda_ipc::S32R1>()  // servers [S]
+                                  .Arg<ffi::AnyBuffer>()         // after (ordering)
+                                  .Ret<eaas::cuda_ipc::F32R2>()  // out [T, d]
+                                  .Ret<eaas::cuda_ipc::S32R1>()  // status [S]
+                                  .Attr<std::int64_t>("endpoint")
+                                  .Attr<std::int64_t>("layer")
+                                  .Attr<std::int64_t>("micro_batch")
+                                  .Attr<std::int64_t>("timeout_us"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_poll, eaas::cuda_ipc::PollImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<eaas::cuda_ipc::Stream>()
+                                  .Arg<eaas::cuda_ipc::S32R2>()  // hosted [L, E]
+                                  .Arg<ffi::AnyBuffer>()         // after (ordering)
+                                  .Ret<ffi::AnyBuffer>()         // hidden [C, d], dispatch dtype
+                                  .Ret<eaas::cuda_ipc::F32R1>()  // scales [C]
+                                  .Ret<eaas::cuda_ipc::S32R2>()  // expert_ids [C, k]
+                                  .Ret<eaas::cuda_ipc::F32R2>()  // gates [C, k]
+                                  .Ret<eaas::cuda_ipc::S32R1>()  // layer [C]
+                                  .Ret<eaas::cuda_ipc::S32R0>()  // num_rows []
+                                  .Attr<std::int64_t>("endpoint")
+                                  .Attr<std::int64_t>("max_messages")
+                                  .Attr<std::int64_t>("timeout_us"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_reply, eaas::cuda_ipc::ReplyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<eaas::cuda_ipc::Stream>()
+                                  .Arg<eaas::cuda_ipc::F32R2>()  // out [C, d]
+                                  .Arg<eaas::cuda_ipc::S32R0>()  // num_rows []
+                                  .Ret<eaas::cuda_ipc::S32R0>()  // token []
+                                  .Attr<std::int64_t>("endpoint"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+extern "C" {
+
+// Number of CUDA devices this process sees (0 when none or no driver).
+EAAS_FFI_EXPORT int eaas_cuda_ipc_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+// Opens endpoint `endpoint` on CUDA device `device`: allocates its inbox and
+// writes the inbox's 64-byte IPC handle into handle_out. Returns 0; -2 if
+// already open in this process; -1 for any other error (message in err).
+EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t endpoint, std::int64_t device,
+                                       std::int64_t max_endpoints, std::int64_t num_channels,
+                                       std::int64_t capacity, std::int64_t d, std::int64_t k,
+                                       std::int64_t num_layers, std::int64_t num_experts,
+                                       std::int64_t hidden_dtype, std::uint8_t* handle_out, char* err,
+                                       std::int64_t errlen) {
+  using namespace eaas::cuda_ipc;
+  auto in = [](std::int64_t v, std::int64_t hi) { return v >= 1 && v <= hi; };
+  if (!in(max_endpoints, kMaxEndpointIndex) || !in(num_channels, 64) ||
+      max_endpoints * num_channels > kMaxSlots || !in(capacity, kMaxCapacity) || !in(d, 1 << 16) || !in(k, 256) ||
+      !in(num_layers, 1 << 16) || !in(num_experts, 1 << 20)) {
+    CopyError("cuda_ipc geometry out of range: max_endpoints=" + std::to_string(max_endpoints) +
+                  " num_channels=" + std::to_string(num_channels) + " (their product at most " +
+                  std::to_string(kMaxSlots) + "), capacity=" + std::to_string(capacity) +
+                  " (<= " + std::to_string(kMaxCapacity) + "), d=" + std::to_string(d) + " k=" + std::to_string(k) +
+                  " num_layers=" + std::to_string(num_layers) + " num_experts=" + std::to_string(num_experts),
+              err, errlen);
+    return -1;
+  }
+  if (hidden_dtype < eaas::kHiddenF32 || hidden_dtype > eaas::kHiddenF8E4M3) {
+    CopyError("unknown hidden dtype " + std::to_string(hidden_dtype), err, errlen);
+    return -1;
+  }
+  if (endpoint < 0 || endpoint >= max_endpoints) {
+    CopyError("endpoint " + std::to_string(endpoint) + " is not in [0, max_endpoints=" +
+                  std::to_string(max_endpoints) + ")",
+              err, errlen);
+    return -1;
+  }
+  Geometry geo;
+  geo.max_endpoints = max_endpoints;
+  geo.num_channels = num_channels;
+  geo.capacity = capacity;
+  geo.d = d;
+  geo.k = k;
+  geo.num_layers = num_layers;
+  geo.num_experts = num_experts;
+  geo.hidden_dtype = hidden_dtype;
+  geo.deployment_id = deployment_id;
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (Endpoints().count(endpoint)) {
+    CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);
+    return -2;
+  }
+  auto first = FirstGeometry().find(endpoint);
+  if (first != FirstGeometry().end() && !(first->second == geo)) {
+    CopyError("cuda_ipc endpoint " + std::to_string(endpoint) +
+                  " was opened in this process before with another geometry; compiled programs may "
+                  "still launch for that one, so an index keeps its geometry for the process's life",
+              err, errlen);
+    return -1;
+  }
+  auto ep = std::make_unique<Endpoint>();
+  cudaIpcMemHandle_t handle{};
+  const std::string msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), &handle);
+  if (!msg.empty()) {
+    Release(ep.get());
+    cudaGetLastError();
+    CopyError(msg, err, errlen);
+    return -1;
+  }
+  std::memcpy(handle_out, &handle, sizeof(handle));
+  FirstGeometry()[endpoint] = geo;
+  Endpoints()[endpoint] = std::move(ep);
+  return 0;
+}
+
+// Closes an endpoint: waits for its device's work, unpublishes it from the
+// kernels and frees its memory. Returns 0, or -1 if not open.
+EAAS_FFI_EXPORT int eaas_cuda_ipc_close(std::int64_t endpoint) {
+  using namespace eaas::cuda_ipc;
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = Endpoints().find(endpoint);
+  if (it == Endpoints().end()) return -1;
+  Endpoint* ep = it->second.get();
+  cudaSetDevice(ep->device);
+  cudaDeviceSynchronize();
+  WriteView(endpoint, View{}, ep->control);
+  Release(ep);
+  Endpoints().erase(it);
+  cudaGetLastError();
+  return 0;
+}
+
+// Imports `peer`'s inbox from its 64-byte IPC handle (null: forget the peer).
+// The next kernel that writes to it uses the new inbox. Returns 0, -1 with a
+// message in err.
+EAAS_FFI_EXPORT int eaas_cuda_ipc_set_peer(std::int64_t endpoint, std::int64_t peer, const std::uint8_t* handle,
+                                           char* err, std::int64_t errlen) {
+  using namespace eaas::cuda_ipc;
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = Endpoints().find(endpoint);
+  if (it == Endpoints().end()) {
+    CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is not open", err, errlen);
+    return -1;
+  }
+  Endpoint* ep = it->second.get();
+  if (peer < 0 || peer >= ep->geo.max_endpoints || peer == endpoint) {
+    CopyError("peer " + std::to_string(peer) + " is not another endpoint in [0, max_endpoints)", err, errlen);
+    return -1;
+  }
+  cudaSetDevice(ep->device);
+  void* ptr = nullptr;
+  if (handle != nullptr) {
+    cudaIpcMemHandle_t h;
+    std::memcpy(&h, handle, sizeof(h));
+    const cudaError_t e = cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      CopyError("importing the inbox of endpoint " + std::to_string(peer) + ": " + CudaText(e) +
+                    " (cuda_ipc peers must be other processes on this host)",
+                err, errlen);
+      return -1;
+    }
+  }
+  cudaMemcpyAsync(ep->view.peers + peer, &ptr, sizeof(ptr), cudaMemcpyHostToDevice, ep->control);
+  const cudaError_t e = cudaStreamSynchronize(ep->control);
+  auto old = ep->imported.find(peer);
+  if (old != ep->imported.end()) {
+    ep->retired.push_back(old->second);
+    ep->imported.erase(old);
+  }
+  if (ptr != nullptr) ep->imported[peer] = ptr;
+  if (e != cudaSuccess) {
+    CopyError("updating the peer table: " + CudaText(e), err, errlen);
+    return -1;
+  }
+  return 0;
+}
+
+// Copies and clears the flags of peers a kernel wanted to write to or answer
+// but had not imported: out[p] = 1. Returns how many, or -1 if not open.
+EAAS_FFI_EXPORT int eaas_cuda_ipc_take_wanted(std::int64_t endpoint, std::int32_t* out, std::int64_t n) {
+  using namespace eaas::cuda_ipc;
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = Endpoints().find(endpoint);
+  if (it == Endpoints().end()) return -1;
+  Endpoint* ep = it->second.get();
+  int count = 0;
+  for (std::int64_t p = 0; p < ep->geo.max_endpoints && p < n; ++p) {
+    volatile std::int32_t* flag = ep->wanted_host + p;
+    out[p] = *flag;
+    if (out[p]) {
+      *flag = 0;
+      ++count;
+    }
+  }
+  return count;
+}
+
+// Writes min(n, number of counters) counters (eaas_shm_stat_names order).
+// Returns the number of counters, or -1 if the endpoint is not open.
+EAAS_FFI_EXPORT int eaas_cuda_ipc_stats(std::int64_t endpoint, std::int64_t* out, std::int64_t n) {
+  using namespace eaas::cuda_ipc;
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = Endpoints().find(endpoint);
+  if (it == Endpoints().end()) return -1;
+  Endpoint* ep = it->second.get();
+  unsigned long long values[eaas::kNumCounters] = {};
+  cudaSetDevice(ep->device);
+  cudaMemcpyAsync(values, ep->view.counters, sizeof(values), cudaMemcpyDeviceToHost, ep->control);
+  if (cudaStreamSynchronize(ep->control) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  for (std::int64_t i = 0; i < n && i < eaas::kNumCounters; ++i) out[i] = static_cast<std::int64_t>(values[i]);
+  return eaas::kNumCounters;
+}
+
+}  // extern "C"

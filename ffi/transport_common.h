@@ -1,0 +1,79 @@
+// What every transport backend (shm, cuda_ipc) does the same way: the
+// per-endpoint counters (`stats()` in Python), the per-server status that
+// combine returns, and the validation of a received message header. Usable
+// from host and device code.
+#ifndef EAAS_FFI_TRANSPORT_COMMON_H_
+#define EAAS_FFI_TRANSPORT_COMMON_H_
+
+#include <cstdint>
+
+#include "wire_format.h"
+
+namespace eaas {
+
+// Counters, in the order of kCounterNames.
+enum Counter : int {
+  kRequestsSent = 0,    // request messages published (dispatch)
+  kRepliesSent,         // reply messages published (reply)
+  kRequestsAccepted,    // requests accepted by poll
+  kRepliesAccepted,     // replies accepted by combine
+  kDropChecksum,        // header checksum mismatch
+  kDropDeployment,      // wrong deployment id
+  kDropKind,            // request where a reply belongs or vice versa / unknown
+  kDropSender,          // sender field != the slot's owner
+  kDropChannel,         // micro_batch != the slot's channel
+  kDropNumTokens,       // num_tokens 0 or over capacity
+  kDropLayer,           // layer out of range (or != the awaited layer)
+  kDropDtype,           // unsupported hidden dtype
+  kDropExpert,          // expert id neither -1 nor hosted here
+  kDropReplySize,       // reply with the right ticket but the wrong token count
+  kStaleReplies,        // reply with an old ticket (skipped, not an error)
+  kTornReads,           // slot rewritten while being copied (retried later)
+  kDeferred,            // valid request left for the next poll (did not fit)
+  kUnreplied,           // accepted requests a new poll discarded before reply
+  kTimeouts,            // servers combine gave up on at its deadline
+  kPeerUnavailable,     // send skipped: peer inbox missing / not ready / closed
+  kPeerRefused,         // send skipped: peer inbox geometry / identity mismatch
+  kUnroutedTargets,     // dispatch calls with a target not in `servers`
+  kNumCounters
+};
+
+constexpr const char* kCounterNames =
+    "requests_sent,replies_sent,requests_accepted,replies_accepted,"
+    "drop_checksum,drop_deployment,drop_kind,drop_sender,drop_channel,"
+    "drop_num_tokens,drop_layer,drop_dtype,drop_expert,drop_reply_size,"
+    "stale_replies,torn_reads,deferred,unreplied,timeouts,peer_unavailable,"
+    "peer_refused,unrouted_targets";
+
+// combine's status output, per server (STATUS_* in Python).
+enum CombineStatus : std::int32_t {
+  kStatusOk = 0,
+  kStatusTimeout = 1,
+  kStatusBadReply = 2,
+  kStatusNothingSent = 3,
+  kStatusUnavailable = 4,  // dispatch could not reach the server (sent < 0)
+};
+
+// What a receiver checks on its private copy of a header before it looks at
+// the payload (see wire_format.h, "Validation"): returns the counter of the
+// first failed check, or kNumCounters when the header is valid. `sender` and
+// `channel` are the slot's; requests carry `request_dtype`, replies float32.
+EAAS_HOST_DEVICE inline Counter CheckMessageHeader(const MessageHeader& h, std::uint64_t deployment_id,
+                                                   std::int64_t capacity, std::int64_t num_layers,
+                                                   std::uint32_t request_dtype, std::uint16_t kind,
+                                                   std::int64_t sender, std::int64_t channel) {
+  if (HeaderChecksum(h) != h.checksum) return kDropChecksum;
+  if (h.deployment_id != deployment_id) return kDropDeployment;
+  if (h.kind != kind) return kDropKind;
+  if (h.sender != static_cast<std::uint64_t>(sender)) return kDropSender;
+  if (h.micro_batch != static_cast<std::uint64_t>(channel)) return kDropChannel;
+  if (h.num_tokens == 0 || h.num_tokens > static_cast<std::uint64_t>(capacity)) return kDropNumTokens;
+  if (h.layer >= static_cast<std::uint64_t>(num_layers)) return kDropLayer;
+  const std::uint32_t dtype = kind == kKindRequest ? request_dtype : std::uint32_t{kHiddenF32};
+  if (h.hidden_dtype != dtype) return kDropDtype;
+  return kNumCounters;
+}
+
+}  // namespace eaas
+
+#endif  // EAAS_FFI_TRANSPORT_COMMON_H_

@@ -1,0 +1,214 @@
+"""The GPU `cuda_ipc` expert transport: round trips between processes, faults,
+deadlines, and the disaggregated engine against the embedded one.
+
+Needs a CUDA build of the library and a GPU (skipped otherwise, e.g. on CI).
+The server processes run on the GPU named by EAAS_TEST_PEER_GPU (a
+CUDA_VISIBLE_DEVICES value; run the tests with CUDA_VISIBLE_DEVICES=0 and
+EAAS_TEST_PEER_GPU=1 on a two-GPU machine), else on this process's GPU, where
+the driver time-slices the two processes (correct, slow).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eaas_jax.transport import cuda_ipc, custom_calls, hidden_codec
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _transport_worker import make_weights, reference  # noqa: E402
+
+from conftest import SHIPPED  # noqa: E402
+
+if not cuda_ipc.available():
+    pytest.skip("needs a GPU and the library built with CUDA", allow_module_level=True)
+
+PREFIX = f"g{os.getpid()}"
+_names = itertools.count()
+L, E, K, D, CAP = 2, 8, 2, 64, 16
+GEO = dict(max_endpoints=4, num_channels=2, capacity=CAP, hidden_size=D, top_k=K, num_layers=L, num_experts=E)
+WEIGHTS = make_weights(L, E, D, seed=0)
+LONG_US = 30_000_000
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_transport_worker.py")
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env.pop("JAX_PLATFORMS", None)
+    peer = os.environ.get("EAAS_TEST_PEER_GPU")
+    if peer is not None:
+        env["CUDA_VISIBLE_DEVICES"] = peer
+    return env
+
+
+def _start(cfg: dict) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, WORKER, json.dumps(cfg)], env=_worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"worker did not start: {line!r}\n{err[-3000:]}")
+    return proc
+
+
+def _tokens(n: int, seed: int, dtype: str):
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((n, D)).astype(np.float32)
+    ids = rng.integers(0, E, size=(n, K)).astype(np.int32)
+    ids[::3, 1] = -1  # some tokens use one slot only
+    gates = rng.random((n, K)).astype(np.float32)
+    payload, scales = hidden_codec.encode(jnp.asarray(hidden), dtype)
+    sent_rows = np.asarray(hidden_codec.decode(payload, scales, jnp.float32))  # what the server sees
+    return payload, scales, ids, gates, sent_rows
+
+
+def _step(client, servers):
+    """Two micro-batches in flight at once, as the engine's double batching."""
+
+    @jax.jit
+    def step(p0, s0, e0, g0, p1, s1, e1, g1):
+        t0 = jnp.where(e0 >= 0, servers[0], -1)
+        t1 = jnp.where(e1 >= 0, servers[0], -1)
+        sent0 = client.dispatch(p0, e0, g0, t0, servers, layer=1, micro_batch=0, scales=s0)
+        sent1 = client.dispatch(p1, e1, g1, t1, servers, layer=0, micro_batch=1, scales=s1, after=sent0)
+        out0, st0 = client.combine(sent0, t0, servers, layer=1, micro_batch=0, timeout_us=LONG_US, after=sent1)
+        out1, st1 = client.combine(sent1, t1, servers, layer=0, micro_batch=1, timeout_us=LONG_US, after=st0)
+        return out0, out1, st0, st1
+
+    return step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_round_trip_between_processes_matches_reference(dtype):
+    deployment = f"{PREFIX}-{next(_names)}"
+    geo = dict(GEO, dispatch_dtype=dtype)
+    rounds = 3
+    proc = _start(dict(transport="cuda_ipc", deployment=deployment, endpoint=1, geometry=geo, seed=0,
+                       hosted=np.ones((L, E), np.int32).tolist(), poll_capacity=2 * CAP,
+                       messages=2 * rounds, deadline_s=120))
+    try:
+        with cuda_ipc.CudaIpcEndpoint(deployment, 0, **geo) as client:
+            client.connect(1, timeout=30)
+            # The server process owns endpoint 1: a second owner is refused.
+            with pytest.raises(cuda_ipc.CudaIpcEndpointInUseError, match=f"pid {proc.pid}"):
+                cuda_ipc.CudaIpcEndpoint(deployment, 1, **geo)
+            step = _step(client, jnp.array([1], jnp.int32))
+            for it in range(rounds):
+                p0, s0, e0, g0, x0 = _tokens(CAP, 100 + it, dtype)
+                p1, s1, e1, g1, x1 = _tokens(5, 200 + it, dtype)
+                out0, out1, st0, st1 = step(p0, s0, e0, g0, p1, s1, e1, g1)
+                assert [int(st0[0]), int(st1[0])] == [custom_calls.STATUS_OK] * 2, (it, client.stats())
+                np.testing.assert_allclose(out0, reference(WEIGHTS, 1, x0, e0, g0), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(out1, reference(WEIGHTS, 0, x1, e1, g1), rtol=1e-5, atol=1e-5)
+            stats = client.stats()
+            assert stats["requests_sent"] == stats["replies_accepted"] == 2 * rounds, stats
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr[-3000:]
+            server = json.loads(stdout.split("server stats", 1)[1])
+            assert server["requests_accepted"] == server["replies_sent"] == 2 * rounds, server
+            assert not any(v for k, v in server.items() if k.startswith("drop_")), server
+        assert not os.path.exists(cuda_ipc.directory_path(deployment, 1))
+        assert not os.path.exists(cuda_ipc.directory_path(deployment, 0))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_unreachable_server_and_deadline():
+    """A server that does not exist is reported at once; one that never polls
+    times out at the deadline (not before, not much after)."""
+    deployment = f"{PREFIX}-{next(_names)}"
+    silent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import json, sys, time\n"
+         "from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint\n"
+         "ep = CudaIpcEndpoint(sys.argv[1], 3, **json.loads(sys.argv[2]))\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()\n", deployment, json.dumps(GEO)],
+        env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert silent.stdout.readline().strip() == "ready"
+        with cuda_ipc.CudaIpcEndpoint(deployment, 0, **GEO) as client:
+            client.connect(3, timeout=30)
+            with pytest.raises(TimeoutError):
+                client.connect(2, timeout=0.05)
+            servers = jnp.array([2, 3], jnp.int32)
+            timeout_us = 300_000
+
+            @jax.jit
+            def step(h, e, g):
+                targets = jnp.where(e >= 0, jnp.where(e < 4, 2, 3), -1)
+                sent = client.dispatch(h, e, g, targets, servers, layer=0, micro_batch=0)
+                out, status = client.combine(sent, targets, servers, layer=0, micro_batch=0,
+                                             timeout_us=timeout_us, after=sent)
+                return sent, out, status
+
+            h, _, e, g, _ = _tokens(8, 1, "float32")
+            jax.block_until_ready(step(h, e, g))  # compiles (and times out once)
+            t0 = time.monotonic()
+            sent, out, status = jax.block_until_ready(step(h, e, g))
+            wall = time.monotonic() - t0
+            assert int(sent[0]) == -1 and int(sent[1]) > 0
+            assert status.tolist() == [custom_calls.STATUS_UNAVAILABLE, custom_calls.STATUS_TIMEOUT]
+            assert 0.3 <= wall < 3.0, wall
+            stats = client.stats()
+            assert stats["timeouts"] == 2 and stats["peer_unavailable"] == 2, stats
+    finally:
+        silent.stdin.close()
+        silent.wait(timeout=60)
+
+
+def test_geometry_mismatch_is_refused():
+    deployment = f"{PREFIX}-{next(_names)}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import json, sys\n"
+         "from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint\n"
+         "ep = CudaIpcEndpoint(sys.argv[1], 1, **json.loads(sys.argv[2]))\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()\n", deployment, json.dumps(dict(GEO, capacity=2 * CAP))],
+        env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with cuda_ipc.CudaIpcEndpoint(deployment, 0, **GEO) as client:
+            with pytest.raises(cuda_ipc.CudaIpcPeerRefusedError, match="capacity"):
+                client.connect(1, timeout=30)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
+    """The shipped checkpoint, its experts in a server process on the peer GPU:
+    the same greedy token ids as the embedded engine."""
+    from eaas_jax.engine import Engine, SamplingParams
+
+    device = os.environ.get("EAAS_TEST_PEER_GPU")
+    deployment = tmp_path / "gpu.toml"
+    deployment.write_text(
+        'name = "tinygpu"\ntransport = "cuda_ipc"\ncapacity = 64\ndispatch_dtype = "float32"\n'
+        '[[servers]]\nname = "even"\nexperts = [0, 2, 4, 6]\n'
+        + (f"device = {device}\n" if device is not None else "")
+        + '[[servers]]\nname = "odd"\nexperts = [1, 3, 5, 7]\n'
+        + (f"device = {device}\n" if device is not None else "")
+    )
+    prompts = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init__(self", "x = 1"]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    args = dict(max_num_seqs=4, max_model_len=128, dtype="float32", block_size=4)
+    with Engine(SHIPPED, **args) as engine:
+        want = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the servers' processes
+    with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
+        got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+    assert got == want
