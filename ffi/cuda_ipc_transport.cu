@@ -24,8 +24,11 @@
 // writes only when an endpoint is opened or closed. Kernel arguments are thus
 // only XLA buffers and attributes, so the handlers can be captured in CUDA
 // graphs (kCmdBufferCompatible): replaying a graph reads the current state.
-// An endpoint index reopened in a process must keep its geometry (checked),
-// since the launch shapes of a captured graph depend on it.
+// Launch shapes do depend on the geometry, so every open gets a new
+// generation number, passed to the kernels at launch; a kernel launched for
+// an endpoint that has since been closed (a stale graph) finds another
+// generation in g_views and fails closed (nothing sent, servers unavailable,
+// nothing polled) instead of using the new endpoint's memory.
 //
 // == Publication (wire_format.h's seqlock, across GPUs) ==
 // The blocks that write one message first store the odd sequence number
@@ -121,6 +124,7 @@ struct View {
   std::uint32_t* poll_bad;        // [slots] a row of accepted[m] named a foreign expert
   PollInfo* poll;
   unsigned long long* counters;   // [kNumCounters]
+  std::uint64_t generation;  // of the open endpoint; 0: closed
   std::uint64_t deployment_id;
   std::uint64_t slot_bytes, hidden_offset, expert_ids_offset, gates_offset, scales_offset;
   std::int32_t endpoint, max_endpoints, num_channels, capacity, d, k, num_layers, num_experts;
@@ -237,11 +241,15 @@ __device__ MessageHeader NewHeader(const View& v, std::uint16_t kind, std::int32
 
 // grid (B, S): blocks (., s) send server s's tokens; dynamic shared memory
 // holds the token list ([capacity] int32).
-__global__ void DispatchKernel(int endpoint, const std::uint8_t* hidden, const float* scales,
+__global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std::uint8_t* hidden, const float* scales,
                                const std::int32_t* expert_ids, const float* gates,
                                const std::int32_t* targets, const std::int32_t* servers, int T, int S,
                                int layer, int channel, std::int32_t* sent) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) {  // launched for a closed endpoint
+    if (blockIdx.x == 0 && threadIdx.x == 0) sent[blockIdx.y] = -1;
+    return;
+  }
   extern __shared__ std::int32_t tokens[];
   __shared__ std::int32_t warp_counts[kWarps];
   __shared__ std::int32_t count;
@@ -346,10 +354,14 @@ __global__ void DispatchKernel(int endpoint, const std::uint8_t* hidden, const f
 }
 
 // One block; warp w waits for servers w, w + kWarps, ... (lane 0).
-__global__ void CombineWaitKernel(int endpoint, const std::int32_t* sent, const std::int32_t* servers,
+__global__ void CombineWaitKernel(int endpoint, std::uint64_t generation, const std::int32_t* sent, const std::int32_t* servers,
                                   int S, int layer, int channel, std::int64_t timeout_ns,
                                   std::int32_t* status) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) {
+    for (int s = threadIdx.x; s < S; s += blockDim.x) status[s] = kStatusUnavailable;
+    return;
+  }
   __shared__ std::uint64_t deadline;
   if (threadIdx.x == 0) deadline = GlobalTimerNs() + static_cast<std::uint64_t>(timeout_ns);
   __syncthreads();
@@ -423,9 +435,10 @@ __global__ void CombineWaitKernel(int endpoint, const std::int32_t* sent, const 
 
 // out[t] = sum over servers s (in order) with status OK of their reply row
 // for t; then re-checks that no accepted reply was rewritten meanwhile.
-__global__ void CombineSumKernel(int endpoint, const std::int32_t* servers, int S, int T, int channel,
+__global__ void CombineSumKernel(int endpoint, std::uint64_t generation, const std::int32_t* servers, int S, int T, int channel,
                                  std::int32_t* status, float* out) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) return;  // every status is STATUS_UNAVAILABLE
   const int d = v.d;
   const std::int32_t* row_of = v.row_of + static_cast<std::size_t>(channel) * v.max_endpoints * v.capacity;
   const bool vec = d % 4 == 0;
@@ -471,9 +484,13 @@ __global__ void CombineSumKernel(int endpoint, const std::int32_t* servers, int 
 // One warp: wait until at least one valid request from an imported sender
 // has arrived (or the deadline), then accept requests in slot order from
 // poll->start while they fit in C rows and max_messages.
-__global__ void PollAcceptKernel(int endpoint, int C, int max_messages, std::int64_t timeout_ns,
+__global__ void PollAcceptKernel(int endpoint, std::uint64_t generation, int C, int max_messages, std::int64_t timeout_ns,
                                  std::int32_t* num_rows) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) {
+    if (threadIdx.x == 0) *num_rows = 0;
+    return;
+  }
   __shared__ std::uint64_t cand_seq[kMaxSlots];  // 0: no candidate in that slot
   __shared__ MessageHeader cand[kMaxSlots];
   const int lane = threadIdx.x;
@@ -551,10 +568,11 @@ __global__ void PollAcceptKernel(int endpoint, int C, int max_messages, std::int
 
 // Copies the accepted requests' rows into the outputs (rows past the last
 // one: padding) and checks their expert ids against `hosted`.
-__global__ void PollCopyKernel(int endpoint, const std::int32_t* hosted, int C, std::uint8_t* out_hidden,
+__global__ void PollCopyKernel(int endpoint, std::uint64_t generation, const std::int32_t* hosted, int C, std::uint8_t* out_hidden,
                                float* out_scales, std::int32_t* out_ids, float* out_gates,
                                std::int32_t* out_layer) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) return;
   const int lane = threadIdx.x % 32, k = v.k;
   const int M = v.poll->num_accepted;
   for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < C; r += gridDim.x * kWarps) {
@@ -604,9 +622,10 @@ __global__ void PollCopyKernel(int endpoint, const std::int32_t* hosted, int C, 
 // dropped and stays unseen (read again by the next poll); one naming a
 // foreign expert is dropped and counted. Dropped requests' rows become inert
 // (expert -1, gate 0, layer -1) and get no reply.
-__global__ void PollCommitKernel(int endpoint, std::int32_t* out_ids, float* out_gates,
+__global__ void PollCommitKernel(int endpoint, std::uint64_t generation, std::int32_t* out_ids, float* out_gates,
                                  std::int32_t* out_layer) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) return;
   __shared__ int drop;
   const int M = v.poll->num_accepted, k = v.k;
   for (int m = 0; m < M; ++m) {
@@ -638,8 +657,12 @@ __global__ void PollCommitKernel(int endpoint, std::int32_t* out_ids, float* out
 }
 
 // grid (B, slots): blocks (., m) answer accepted request m.
-__global__ void ReplyKernel(int endpoint, const float* results, std::int32_t* replies) {
+__global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float* results, std::int32_t* replies) {
   const View v = g_views[endpoint];
+  if (v.generation != generation) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *replies = 0;
+    return;
+  }
   const PollInfo info = *v.poll;
   const int m = blockIdx.y, b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (b == 0 && m == 0 && threadIdx.x == 0) {
@@ -683,7 +706,9 @@ __global__ void ReplyKernel(int endpoint, const float* results, std::int32_t* re
   }
 }
 
-__global__ void ReplyDoneKernel(int endpoint) { g_views[endpoint].poll->replied = 1; }
+__global__ void ReplyDoneKernel(int endpoint, std::uint64_t generation) {
+  if (g_views[endpoint].generation == generation) g_views[endpoint].poll->replied = 1;
+}
 
 // ---------------------------------------------------------------------------
 // Host side: open endpoints
@@ -693,11 +718,6 @@ struct Geometry {
   std::int64_t max_endpoints = 0, num_channels = 0, capacity = 0, d = 0, k = 0, num_layers = 0,
                num_experts = 0, hidden_dtype = kHiddenF32;
   std::uint64_t deployment_id = 0;
-  bool operator==(const Geometry& o) const {
-    return max_endpoints == o.max_endpoints && num_channels == o.num_channels && capacity == o.capacity &&
-           d == o.d && k == o.k && num_layers == o.num_layers && num_experts == o.num_experts &&
-           hidden_dtype == o.hidden_dtype && deployment_id == o.deployment_id;
-  }
   std::int64_t Slots() const { return max_endpoints * num_channels; }
   SlotLayout Layout() const {
     return SlotLayout::Make(static_cast<std::size_t>(capacity), static_cast<std::size_t>(d),
@@ -724,12 +744,7 @@ std::map<std::int64_t, std::unique_ptr<Endpoint>>& Endpoints() {
   static auto* m = new std::map<std::int64_t, std::unique_ptr<Endpoint>>();
   return *m;
 }
-// Geometry an index was first opened with in this process (captured graphs
-// depend on it).
-std::map<std::int64_t, Geometry>& FirstGeometry() {
-  static auto* m = new std::map<std::int64_t, Geometry>();
-  return *m;
-}
+std::uint64_t g_last_generation = 0;  // guarded by g_mu
 
 std::string CudaText(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
 
@@ -810,6 +825,7 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   v.poll_bad = reinterpret_cast<std::uint32_t*>(base + o_bad);
   v.poll = reinterpret_cast<PollInfo*>(base + o_poll);
   v.counters = reinterpret_cast<unsigned long long*>(base + o_counters);
+  v.generation = ++g_last_generation;
   v.deployment_id = geo.deployment_id;
   v.slot_bytes = layout.bytes;
   v.hidden_offset = layout.hidden_offset;
@@ -919,7 +935,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<
   if (S == 0) return ffi::Error::Success();
   DispatchKernel<<<dim3(BlocksFor(T), static_cast<unsigned>(S)), kThreads,
                    static_cast<std::size_t>(geo.capacity) * sizeof(std::int32_t), stream>>>(
-      static_cast<int>(endpoint), static_cast<const std::uint8_t*>(hidden.untyped_data()), scales.typed_data(),
+      static_cast<int>(endpoint), ep->view.generation, static_cast<const std::uint8_t*>(hidden.untyped_data()),
+      scales.typed_data(),
       expert_ids.typed_data(), gates.typed_data(), targets.typed_data(), servers.typed_data(),
       static_cast<int>(T), static_cast<int>(S), static_cast<int>(layer), static_cast<int>(micro_batch),
       sent->typed_data());
@@ -952,14 +969,14 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
   }
   const std::int64_t timeout_ns = std::min<std::int64_t>(std::max<std::int64_t>(timeout_us, 0), std::int64_t{1} << 40) * 1000;
   if (S > 0) {
-    CombineWaitKernel<<<1, kThreads, 0, stream>>>(static_cast<int>(endpoint), sent.typed_data(),
+    CombineWaitKernel<<<1, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, sent.typed_data(),
                                                    servers.typed_data(), static_cast<int>(S),
                                                    static_cast<int>(layer), static_cast<int>(micro_batch),
                                                    timeout_ns, status->typed_data());
   }
   const std::int64_t work = T * (geo.d % 4 == 0 ? geo.d / 4 : geo.d);
   const int blocks = static_cast<int>(std::clamp<std::int64_t>((work + kThreads - 1) / kThreads, 1, 528));
-  CombineSumKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), servers.typed_data(),
+  CombineSumKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, servers.typed_data(),
                                                      static_cast<int>(S), static_cast<int>(T),
                                                      static_cast<int>(micro_batch), status->typed_data(),
                                                      out->typed_data());
@@ -995,15 +1012,15 @@ ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::A
   const std::int64_t timeout_ns = std::min<std::int64_t>(std::max<std::int64_t>(timeout_us, 0), std::int64_t{1} << 40) * 1000;
   ep->poll_rows = C;
   const int ix = static_cast<int>(endpoint);
-  PollAcceptKernel<<<1, 32, 0, stream>>>(ix, static_cast<int>(C),
+  PollAcceptKernel<<<1, 32, 0, stream>>>(ix, ep->view.generation, static_cast<int>(C),
                                           static_cast<int>(std::min<std::int64_t>(max_messages, kMaxSlots)),
                                           timeout_ns, out_num_rows->typed_data());
   const int blocks = static_cast<int>(std::clamp<std::int64_t>((C + kWarps - 1) / kWarps, 1, 264));
-  PollCopyKernel<<<blocks, kThreads, 0, stream>>>(ix, hosted.typed_data(), static_cast<int>(C),
+  PollCopyKernel<<<blocks, kThreads, 0, stream>>>(ix, ep->view.generation, hosted.typed_data(), static_cast<int>(C),
                                                    static_cast<std::uint8_t*>(out_hidden->untyped_data()),
                                                    out_scales->typed_data(), out_expert_ids->typed_data(),
                                                    out_gates->typed_data(), out_layer->typed_data());
-  PollCommitKernel<<<1, kThreads, 0, stream>>>(ix, out_expert_ids->typed_data(), out_gates->typed_data(),
+  PollCommitKernel<<<1, kThreads, 0, stream>>>(ix, ep->view.generation, out_expert_ids->typed_data(), out_gates->typed_data(),
                                                 out_layer->typed_data());
   return Launched(kWhere);
 }
@@ -1025,8 +1042,8 @@ ffi::Error ReplyImpl(cudaStream_t stream, ffi::Buffer<ffi::F32, 2> results, ffi:
   }
   const int ix = static_cast<int>(endpoint);
   ReplyKernel<<<dim3(BlocksFor(geo.capacity), static_cast<unsigned>(geo.Slots())), kThreads, 0, stream>>>(
-      ix, results.typed_data(), token->typed_data());
-  ReplyDoneKernel<<<1, 1, 0, stream>>>(ix);
+      ix, ep->view.generation, results.typed_data(), token->typed_data());
+  ReplyDoneKernel<<<1, 1, 0, stream>>>(ix, ep->view.generation);
   return Launched(kWhere);
 }
 
@@ -1161,14 +1178,6 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
     CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);
     return -2;
   }
-  auto first = FirstGeometry().find(endpoint);
-  if (first != FirstGeometry().end() && !(first->second == geo)) {
-    CopyError("cuda_ipc endpoint " + std::to_string(endpoint) +
-                  " was opened in this process before with another geometry; compiled programs may "
-                  "still launch for that one, so an index keeps its geometry for the process's life",
-              err, errlen);
-    return -1;
-  }
   auto ep = std::make_unique<Endpoint>();
   cudaIpcMemHandle_t handle{};
   const std::string msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), &handle);
@@ -1179,7 +1188,6 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
     return -1;
   }
   std::memcpy(handle_out, &handle, sizeof(handle));
-  FirstGeometry()[endpoint] = geo;
   Endpoints()[endpoint] = std::move(ep);
   return 0;
 }
