@@ -51,7 +51,7 @@ def server(args) -> None:
         def rounds(hosted, answer):
             token = None
             for _ in range(args.iters):
-                request = ep.poll(hosted, capacity=c, timeout_us=60_000_000, after=token)
+                request = ep.poll(hosted, capacity=c, timeout_us=args.timeout_s * 1_000_000, after=token)
                 token = ep.reply(answer, request.num_rows)
             return token
 
@@ -74,7 +74,7 @@ def client(args) -> None:
     with CudaIpcEndpoint(args.deployment, 0, **geometry(args)) as ep:
         ep.connect(1, timeout=120)
         servers = jnp.array([1], jnp.int32)
-        result = {}
+        result, failures = {}, {}
         for t in args.token_list:
             rng = np.random.default_rng(0)
             hidden = jnp.asarray(rng.standard_normal((t, D)), args.dtype)
@@ -90,7 +90,7 @@ def client(args) -> None:
                     sent = ep.dispatch(hidden, ids, gates, targets, servers, layer=0, micro_batch=0,
                                        scales=scales, after=token)
                     out, status = ep.combine(sent, targets, servers, layer=0, micro_batch=0,
-                                             timeout_us=60_000_000, after=sent)
+                                             timeout_us=args.timeout_s * 1_000_000, after=sent)
                     token = status
                     total = total + (status[0] != 0)
                 return total, out[0, 0]
@@ -101,12 +101,11 @@ def client(args) -> None:
             outs = [rounds(hidden, scales, ids, gates, targets) for _ in range(args.calls)]
             jax.block_until_ready(outs)
             elapsed = time.perf_counter() - start
-            failures = sum(int(bad) for bad, _ in outs)
-            if failures or float(outs[-1][1]) != 1.0:
-                raise SystemExit(f"{t} tokens: {failures} failed round trips, last value {float(outs[-1][1])}")
+            failures[t] = sum(int(bad) for bad, _ in outs) + int(float(outs[-1][1]) != 1.0)
             result[t] = elapsed / (args.calls * args.iters) * 1e6
-            print(f"cuda_ipc {t} tokens: {result[t]:.1f} us per round trip", file=sys.stderr, flush=True)
-        print(json.dumps({"client_us": result, "client": ep.stats()}), flush=True)
+            print(f"cuda_ipc {t} tokens: {result[t]:.1f} us per round trip, {failures[t]} failed; {ep.stats()}",
+                  file=sys.stderr, flush=True)
+        print(json.dumps({"client_us": result, "failures": failures, "client": ep.stats()}), flush=True)
 
 
 def xla(args) -> None:
@@ -146,12 +145,13 @@ def run(role: str, args, gpus: str) -> subprocess.Popen:
     env.pop("JAX_PLATFORMS", None)
     return subprocess.Popen(
         [sys.executable, __file__, "--role", role, "--tokens", args.tokens, "--dtype", args.dtype,
-         "--iters", str(args.iters), "--calls", str(args.calls), "--deployment", DEPLOYMENT],
+         "--iters", str(args.iters), "--calls", str(args.calls), "--timeout-s", str(args.timeout_s),
+         "--deployment", DEPLOYMENT],
         env=env, stdout=subprocess.PIPE, text=True)  # stderr: shown as it comes
 
 
-def last_json(proc: subprocess.Popen, what: str) -> dict:
-    stdout, _ = proc.communicate(timeout=900)
+def last_json(proc: subprocess.Popen, what: str, timeout: float = 900) -> dict:
+    stdout, _ = proc.communicate(timeout=timeout)
     if proc.returncode:
         raise SystemExit(f"{what} failed ({proc.returncode}); its stderr is above")
     return json.loads(stdout.strip().splitlines()[-1])
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float8_e4m3fn"])
     parser.add_argument("--iters", type=int, default=64, help="round trips per compiled call")
     parser.add_argument("--calls", type=int, default=20, help="timed calls per size")
+    parser.add_argument("--timeout-s", type=int, default=5, help="deadline of a poll / combine")
     parser.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
     parser.add_argument("--commit", help="commit to report (default: git HEAD)")
     parser.add_argument("--role", choices=["server", "client", "xla"], help=argparse.SUPPRESS)
@@ -178,7 +179,10 @@ def main() -> None:
         if srv.stdout.readline().strip() != "ready":
             raise SystemExit("server did not start; its stderr is above")
         client_result = last_json(run("client", args, "0"), "client")
-        server_result = last_json(srv, "server")
+        try:  # the server is done too unless round trips were lost (then its polls time out)
+            server_result = last_json(srv, "server", timeout=10 + 2 * args.timeout_s)
+        except subprocess.TimeoutExpired:
+            server_result = {"server": {"unfinished": 1}}
     finally:
         if srv.poll() is None:
             srv.kill()
@@ -197,13 +201,13 @@ def main() -> None:
         f"mean of {args.calls} calls. `python bench/token_exchange_gpu.py --tokens {args.tokens} "
         f"--dtype {args.dtype}`",
         "",
-        "| tokens | bytes out + back | cuda_ipc us | XLA all_to_all us | cuda_ipc / XLA |",
-        "|---|---|---|---|---|",
+        "| tokens | bytes out + back | cuda_ipc us | XLA all_to_all us | cuda_ipc / XLA | failed round trips |",
+        "|---|---|---|---|---|---|",
     ]
     for t in args.token_list:
         ours, theirs = client_result["client_us"][str(t)], xla_result["xla_us"][str(t)]
         lines.append(f"| {t} | {t * D * (itemsize + 4) / 1e6:.2f} MB | {ours:.1f} | {theirs:.1f} | "
-                     f"{ours / theirs:.2f} |")
+                     f"{ours / theirs:.2f} | {client_result['failures'][str(t)]} |")
     drops = {k: v for side in (client_result["client"], server_result["server"]) for k, v in side.items()
              if v and (k.startswith("drop_") or k in ("timeouts", "torn_reads"))}
     lines += ["", f"Transport counters with nonzero drops/timeouts: {drops or 'none'}."]

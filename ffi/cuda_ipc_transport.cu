@@ -56,6 +56,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -733,15 +734,19 @@ struct Endpoint {
                            // the inbox and `wanted`
   std::int32_t* wanted_host = nullptr;  // cudaHostAlloc'ed (mapped)
   cudaStream_t control = nullptr;       // for the control path's copies
-  std::int64_t poll_rows = -1;          // C of the last poll enqueued (reply checks it)
+  std::atomic<std::int64_t> poll_rows{-1};  // C of the last poll enqueued (reply checks it)
+  std::mutex control_mu;                // the control path's calls (imports, counters)
   std::map<std::int64_t, void*> imported;  // peer -> cudaIpcOpenMemHandle pointer
   std::vector<void*> retired;  // replaced imports, closed with the endpoint (a
                                // kernel may still be writing through them)
 };
 
+// The open endpoints. g_mu guards the map only: nobody holds it while calling
+// CUDA, so a handler's launch that blocks (a full launch queue behind a
+// spinning kernel) never stalls the control path that would unblock it.
 std::mutex g_mu;
-std::map<std::int64_t, std::unique_ptr<Endpoint>>& Endpoints() {
-  static auto* m = new std::map<std::int64_t, std::unique_ptr<Endpoint>>();
+std::map<std::int64_t, std::shared_ptr<Endpoint>>& Endpoints() {
+  static auto* m = new std::map<std::int64_t, std::shared_ptr<Endpoint>>();
   return *m;
 }
 std::uint64_t g_last_generation = 0;  // guarded by g_mu
@@ -863,10 +868,16 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
 // Handlers
 // ---------------------------------------------------------------------------
 
-// The open endpoint `index`, or null with `*error` set.
-Endpoint* Find(const char* where, std::int64_t index, ffi::Error* error) {
+std::shared_ptr<Endpoint> Lookup(std::int64_t index) {
+  std::lock_guard<std::mutex> lock(g_mu);
   auto it = Endpoints().find(index);
-  if (it == Endpoints().end()) {
+  return it == Endpoints().end() ? nullptr : it->second;
+}
+
+// The open endpoint `index`, or null with `*error` set.
+std::shared_ptr<Endpoint> Find(const char* where, std::int64_t index, ffi::Error* error) {
+  std::shared_ptr<Endpoint> ep = Lookup(index);
+  if (ep == nullptr) {
     *error = ffi::Error::InvalidArgument(std::string(where) + ": cuda_ipc endpoint " + std::to_string(index) +
                                          " is not open in this process (open it with "
                                          "eaas_jax.transport.cuda_ipc.CudaIpcEndpoint)");
@@ -874,13 +885,13 @@ Endpoint* Find(const char* where, std::int64_t index, ffi::Error* error) {
   }
   int device = -1;
   cudaGetDevice(&device);
-  if (device != it->second->device) {
+  if (device != ep->device) {
     *error = ffi::Error::InvalidArgument(std::string(where) + ": runs on CUDA device " + std::to_string(device) +
                                          " but endpoint " + std::to_string(index) + " lives on device " +
-                                         std::to_string(it->second->device));
+                                         std::to_string(ep->device));
     return nullptr;
   }
-  return it->second.get();
+  return ep;
 }
 
 ffi::Error Launched(const char* where) {
@@ -905,9 +916,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<
                         ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::S32, 1> sent, std::int64_t endpoint,
                         std::int64_t layer, std::int64_t micro_batch) {
   static constexpr const char* kWhere = "eaas_cuda_ipc_dispatch";
-  std::lock_guard<std::mutex> lock(g_mu);
   ffi::Error error;
-  Endpoint* ep = Find(kWhere, endpoint, &error);
+  const std::shared_ptr<Endpoint> ep = Find(kWhere, endpoint, &error);
   if (ep == nullptr) return error;
   const Geometry& geo = ep->geo;
   const auto hd = hidden.dimensions();
@@ -949,9 +959,8 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
                        std::int64_t endpoint, std::int64_t layer, std::int64_t micro_batch,
                        std::int64_t timeout_us) {
   static constexpr const char* kWhere = "eaas_cuda_ipc_combine";
-  std::lock_guard<std::mutex> lock(g_mu);
   ffi::Error error;
-  Endpoint* ep = Find(kWhere, endpoint, &error);
+  const std::shared_ptr<Endpoint> ep = Find(kWhere, endpoint, &error);
   if (ep == nullptr) return error;
   const Geometry& geo = ep->geo;
   const std::int64_t T = targets.dimensions()[0];
@@ -989,9 +998,8 @@ ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::A
                     ffi::ResultBuffer<ffi::S32, 1> out_layer, ffi::ResultBuffer<ffi::S32, 0> out_num_rows,
                     std::int64_t endpoint, std::int64_t max_messages, std::int64_t timeout_us) {
   static constexpr const char* kWhere = "eaas_cuda_ipc_poll";
-  std::lock_guard<std::mutex> lock(g_mu);
   ffi::Error error;
-  Endpoint* ep = Find(kWhere, endpoint, &error);
+  const std::shared_ptr<Endpoint> ep = Find(kWhere, endpoint, &error);
   if (ep == nullptr) return error;
   const Geometry& geo = ep->geo;
   const std::int64_t C = out_hidden->dimensions()[0];
@@ -1028,16 +1036,15 @@ ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::A
 ffi::Error ReplyImpl(cudaStream_t stream, ffi::Buffer<ffi::F32, 2> results, ffi::Buffer<ffi::S32, 0> /*num_rows*/,
                      ffi::ResultBuffer<ffi::S32, 0> token, std::int64_t endpoint) {
   static constexpr const char* kWhere = "eaas_cuda_ipc_reply";
-  std::lock_guard<std::mutex> lock(g_mu);
   ffi::Error error;
-  Endpoint* ep = Find(kWhere, endpoint, &error);
+  const std::shared_ptr<Endpoint> ep = Find(kWhere, endpoint, &error);
   if (ep == nullptr) return error;
   const Geometry& geo = ep->geo;
-  if (results.dimensions()[1] != geo.d || results.dimensions()[0] != ep->poll_rows) {
+  if (results.dimensions()[1] != geo.d || results.dimensions()[0] != ep->poll_rows.load()) {
     return ffi::Error::InvalidArgument(std::string(kWhere) + ": out is [" +
                                        std::to_string(results.dimensions()[0]) + ", " +
                                        std::to_string(results.dimensions()[1]) + "], expected [C=" +
-                                       std::to_string(ep->poll_rows) + " (the last poll's), d=" +
+                                       std::to_string(ep->poll_rows.load()) + " (the last poll's), d=" +
                                        std::to_string(geo.d) + "]");
   }
   const int ix = static_cast<int>(endpoint);
@@ -1178,7 +1185,7 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
     CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);
     return -2;
   }
-  auto ep = std::make_unique<Endpoint>();
+  auto ep = std::make_shared<Endpoint>();
   cudaIpcMemHandle_t handle{};
   const std::string msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), &handle);
   if (!msg.empty()) {
@@ -1196,15 +1203,19 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
 // kernels and frees its memory. Returns 0, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_close(std::int64_t endpoint) {
   using namespace eaas::cuda_ipc;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = Endpoints().find(endpoint);
-  if (it == Endpoints().end()) return -1;
-  Endpoint* ep = it->second.get();
+  std::shared_ptr<Endpoint> ep;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = Endpoints().find(endpoint);
+    if (it == Endpoints().end()) return -1;
+    ep = std::move(it->second);
+    Endpoints().erase(it);
+  }
+  std::lock_guard<std::mutex> lock(ep->control_mu);
   cudaSetDevice(ep->device);
-  cudaDeviceSynchronize();
-  WriteView(endpoint, View{}, ep->control);
-  Release(ep);
-  Endpoints().erase(it);
+  WriteView(endpoint, View{}, ep->control);  // kernels starting from now on fail closed
+  cudaDeviceSynchronize();                   // the ones already running finish
+  Release(ep.get());
   cudaGetLastError();
   return 0;
 }
@@ -1215,13 +1226,12 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_close(std::int64_t endpoint) {
 EAAS_FFI_EXPORT int eaas_cuda_ipc_set_peer(std::int64_t endpoint, std::int64_t peer, const std::uint8_t* handle,
                                            char* err, std::int64_t errlen) {
   using namespace eaas::cuda_ipc;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = Endpoints().find(endpoint);
-  if (it == Endpoints().end()) {
+  const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
+  if (ep == nullptr) {
     CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is not open", err, errlen);
     return -1;
   }
-  Endpoint* ep = it->second.get();
+  std::lock_guard<std::mutex> lock(ep->control_mu);
   if (peer < 0 || peer >= ep->geo.max_endpoints || peer == endpoint) {
     CopyError("peer " + std::to_string(peer) + " is not another endpoint in [0, max_endpoints)", err, errlen);
     return -1;
@@ -1259,10 +1269,9 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_set_peer(std::int64_t endpoint, std::int64_t p
 // but had not imported: out[p] = 1. Returns how many, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_take_wanted(std::int64_t endpoint, std::int32_t* out, std::int64_t n) {
   using namespace eaas::cuda_ipc;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = Endpoints().find(endpoint);
-  if (it == Endpoints().end()) return -1;
-  Endpoint* ep = it->second.get();
+  const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
+  if (ep == nullptr) return -1;
+  std::lock_guard<std::mutex> lock(ep->control_mu);
   int count = 0;
   for (std::int64_t p = 0; p < ep->geo.max_endpoints && p < n; ++p) {
     volatile std::int32_t* flag = ep->wanted_host + p;
@@ -1279,10 +1288,9 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_take_wanted(std::int64_t endpoint, std::int32_
 // Returns the number of counters, or -1 if the endpoint is not open.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_stats(std::int64_t endpoint, std::int64_t* out, std::int64_t n) {
   using namespace eaas::cuda_ipc;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = Endpoints().find(endpoint);
-  if (it == Endpoints().end()) return -1;
-  Endpoint* ep = it->second.get();
+  const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
+  if (ep == nullptr) return -1;
+  std::lock_guard<std::mutex> lock(ep->control_mu);
   unsigned long long values[eaas::kNumCounters] = {};
   cudaSetDevice(ep->device);
   cudaMemcpyAsync(values, ep->view.counters, sizeof(values), cudaMemcpyDeviceToHost, ep->control);
