@@ -22,13 +22,14 @@
 // numbers, tickets, the last poll's accepted requests, counters) is in device
 // memory and found through `g_views[endpoint]`, a __device__ table the host
 // writes only when an endpoint is opened or closed. Kernel arguments are thus
-// only XLA buffers and attributes, so the handlers can be captured in CUDA
-// graphs (kCmdBufferCompatible): replaying a graph reads the current state.
-// Launch shapes do depend on the geometry, so every open gets a new
-// generation number, passed to the kernels at launch; a kernel launched for
-// an endpoint that has since been closed (a stale graph) finds another
-// generation in g_views and fails closed (nothing sent, servers unavailable,
-// nothing polled) instead of using the new endpoint's memory.
+// only XLA buffers, attributes and the endpoint's generation number (new at
+// every open): a kernel launched for an endpoint that has since been closed
+// finds another generation in g_views and fails closed (nothing sent,
+// servers unavailable, nothing polled) instead of using the new endpoint's
+// memory. That makes replaying a captured CUDA graph safe; the handlers are
+// nevertheless NOT marked kCmdBufferCompatible: with XLA command buffers on,
+// the exchange bench (bench/token_exchange_gpu.py, JAX 0.11.2, 2 x H200) did
+// not finish, for a reason not found yet, so XLA runs them as plain thunks.
 //
 // == Publication (wire_format.h's seqlock, across GPUs) ==
 // The blocks that write one message first store the odd sequence number
@@ -118,7 +119,7 @@ struct View {
   std::int32_t* pending_layer;    // [slots]
   std::int32_t* row_of;           // [channels, max_endpoints, capacity]: row of token t
                                   //   in the message to servers[s], -1 none
-  std::uint32_t* done;            // [max_endpoints + slots] last-block counters
+  std::uint32_t* done;            // [max_endpoints + slots + 2] last-block counters
   std::uint32_t* abort;           // [max_endpoints + slots] a block could not write
   std::uint64_t* combine_seq;     // [max_endpoints] seq of the reply combine accepted
   Accepted* accepted;             // [slots]
@@ -568,7 +569,11 @@ __global__ void PollAcceptKernel(int endpoint, std::uint64_t generation, int C, 
 }
 
 // Copies the accepted requests' rows into the outputs (rows past the last
-// one: padding) and checks their expert ids against `hosted`.
+// one: padding) and checks their expert ids against `hosted`. The last block
+// to finish then commits the poll: a request rewritten while copied (torn)
+// is dropped and stays unseen (read again by the next poll); one naming a
+// foreign expert is dropped and counted. Dropped requests' rows become inert
+// (expert -1, gate 0, layer -1) and get no reply.
 __global__ void PollCopyKernel(int endpoint, std::uint64_t generation, const std::int32_t* hosted, int C, std::uint8_t* out_hidden,
                                float* out_scales, std::int32_t* out_ids, float* out_gates,
                                std::int32_t* out_layer) {
@@ -617,18 +622,17 @@ __global__ void PollCopyKernel(int endpoint, std::uint64_t generation, const std
       out_layer[r] = a.layer;
     }
   }
-}
-
-// One block: commits the poll. A request rewritten while copied (torn) is
-// dropped and stays unseen (read again by the next poll); one naming a
-// foreign expert is dropped and counted. Dropped requests' rows become inert
-// (expert -1, gate 0, layer -1) and get no reply.
-__global__ void PollCommitKernel(int endpoint, std::uint64_t generation, std::int32_t* out_ids, float* out_gates,
-                                 std::int32_t* out_layer) {
-  const View v = g_views[endpoint];
-  if (v.generation != generation) return;
-  __shared__ int drop;
-  const int M = v.poll->num_accepted, k = v.k;
+  __shared__ int last, drop;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + v.max_endpoints * v.num_channels;
+    last = atomicAdd(&v.done[counter], 1u) == gridDim.x - 1;
+    if (last) v.done[counter] = 0;
+    __threadfence();
+  }
+  __syncthreads();
+  if (!last) return;
   for (int m = 0; m < M; ++m) {
     Accepted& a = v.accepted[m];
     if (threadIdx.x == 0) {
@@ -657,7 +661,8 @@ __global__ void PollCommitKernel(int endpoint, std::uint64_t generation, std::in
   }
 }
 
-// grid (B, slots): blocks (., m) answer accepted request m.
+// grid (B, slots): blocks (., m) answer accepted request m; the last block of
+// the grid marks the poll answered (a second reply sends nothing).
 __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float* results, std::int32_t* replies) {
   const View v = g_views[endpoint];
   if (v.generation != generation) {
@@ -671,44 +676,47 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     for (int i = 0; i < info.num_accepted; ++i) valid += v.accepted[i].valid;
     *replies = info.replied ? 0 : valid;
   }
-  if (info.replied || m >= info.num_accepted) return;
-  const Accepted a = v.accepted[m];
-  if (!a.valid) return;
-  const std::size_t si = static_cast<std::size_t>(a.sender) * v.num_channels + a.channel;
-  const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + si;
-  std::uint8_t* peer = LoadPointer(v.peers + a.sender);
-  std::uint8_t* slot = peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, a.channel);
-  const std::uint64_t seq = v.send_seq[si] + 2;
-  const std::size_t row = static_cast<std::size_t>(v.d) * sizeof(float);
-  if (slot == nullptr) {
-    if (threadIdx.x == 0) atomicOr(&v.abort[counter], 1u);
-  } else {
-    if (threadIdx.x == 0) {
-      StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);
-      __threadfence_system();
+  if (!info.replied && m < info.num_accepted && v.accepted[m].valid) {
+    const Accepted a = v.accepted[m];
+    const std::size_t si = static_cast<std::size_t>(a.sender) * v.num_channels + a.channel;
+    const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + si;
+    std::uint8_t* peer = LoadPointer(v.peers + a.sender);
+    std::uint8_t* slot = peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, a.channel);
+    const std::uint64_t seq = v.send_seq[si] + 2;
+    const std::size_t row = static_cast<std::size_t>(v.d) * sizeof(float);
+    if (slot == nullptr) {
+      if (threadIdx.x == 0) atomicOr(&v.abort[counter], 1u);
+    } else {
+      if (threadIdx.x == 0) {
+        StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);
+        __threadfence_system();
+      }
+      __syncthreads();
+      for (int r = b * kWarps + warp; r < a.num_tokens; r += gridDim.x * kWarps) {
+        WarpCopy(slot + v.hidden_offset + r * row,
+                 reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row + r) * v.d),
+                 row, lane);
+      }
     }
     __syncthreads();
-    for (int r = b * kWarps + warp; r < a.num_tokens; r += gridDim.x * kWarps) {
-      WarpCopy(slot + v.hidden_offset + r * row,
-               reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row + r) * v.d),
-               row, lane);
+    bool aborted = false;
+    const MessageHeader h = NewHeader(v, kKindReply, a.layer, a.channel, a.num_tokens, seq, a.ticket);
+    if (threadIdx.x == 0 && FinishMessage(v, counter, slot, h, &aborted)) {
+      v.send_seq[si] = seq;
+      Count(v, kRepliesSent);
+    } else if (threadIdx.x == 0 && aborted) {
+      v.wanted[a.sender] = 1;
+      Count(v, kPeerUnavailable);
     }
   }
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  bool aborted = false;
-  const MessageHeader h = NewHeader(v, kKindReply, a.layer, a.channel, a.num_tokens, seq, a.ticket);
-  if (FinishMessage(v, counter, slot, h, &aborted)) {
-    v.send_seq[si] = seq;
-    Count(v, kRepliesSent);
-  } else if (aborted) {
-    v.wanted[a.sender] = 1;
-    Count(v, kPeerUnavailable);
+  if (threadIdx.x == 0) {  // every block has read `info`: the last one may change it
+    __threadfence();
+    const std::size_t grid = static_cast<std::size_t>(v.max_endpoints) + v.max_endpoints * v.num_channels + 1;
+    if (atomicAdd(&v.done[grid], 1u) == gridDim.x * gridDim.y - 1) {
+      v.done[grid] = 0;
+      v.poll->replied = 1;
+    }
   }
-}
-
-__global__ void ReplyDoneKernel(int endpoint, std::uint64_t generation) {
-  if (g_views[endpoint].generation == generation) g_views[endpoint].poll->replied = 1;
 }
 
 // ---------------------------------------------------------------------------
@@ -796,7 +804,9 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   const std::size_t o_send = take(slots * 8), o_seen = take(slots * 8), o_ticket = take(slots * 8);
   const std::size_t o_tokens = take(slots * 4), o_layer = take(slots * 4);
   const std::size_t o_rows = take(static_cast<std::size_t>(geo.num_channels) * E * geo.capacity * 4);
-  const std::size_t o_done = take((E + slots) * 4), o_abort = take((E + slots) * 4);
+  // done: [E] dispatch per server, [slots] reply per message, then the poll
+  // commit's and the reply grid's counters.
+  const std::size_t o_done = take((E + slots + 2) * 4), o_abort = take((E + slots) * 4);
   const std::size_t o_cseq = take(E * 8), o_acc = take(slots * sizeof(Accepted));
   const std::size_t o_bad = take(slots * 4), o_poll = take(sizeof(PollInfo));
   const std::size_t o_counters = take(kNumCounters * sizeof(unsigned long long));
@@ -1028,8 +1038,6 @@ ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::A
                                                    static_cast<std::uint8_t*>(out_hidden->untyped_data()),
                                                    out_scales->typed_data(), out_expert_ids->typed_data(),
                                                    out_gates->typed_data(), out_layer->typed_data());
-  PollCommitKernel<<<1, kThreads, 0, stream>>>(ix, ep->view.generation, out_expert_ids->typed_data(), out_gates->typed_data(),
-                                                out_layer->typed_data());
   return Launched(kWhere);
 }
 
@@ -1050,7 +1058,6 @@ ffi::Error ReplyImpl(cudaStream_t stream, ffi::Buffer<ffi::F32, 2> results, ffi:
   const int ix = static_cast<int>(endpoint);
   ReplyKernel<<<dim3(BlocksFor(geo.capacity), static_cast<unsigned>(geo.Slots())), kThreads, 0, stream>>>(
       ix, ep->view.generation, results.typed_data(), token->typed_data());
-  ReplyDoneKernel<<<1, 1, 0, stream>>>(ix, ep->view.generation);
   return Launched(kWhere);
 }
 
@@ -1083,8 +1090,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_dispatch, eaas::cuda_ipc::DispatchIm
                                   .Ret<eaas::cuda_ipc::S32R1>()  // sent [S]
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("layer")
-                                  .Attr<std::int64_t>("micro_batch"),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attr<std::int64_t>("micro_batch"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_combine, eaas::cuda_ipc::CombineImpl,
                               ffi::Ffi::Bind()
@@ -1098,8 +1104,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_combine, eaas::cuda_ipc::CombineImpl
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("layer")
                                   .Attr<std::int64_t>("micro_batch")
-                                  .Attr<std::int64_t>("timeout_us"),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attr<std::int64_t>("timeout_us"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_poll, eaas::cuda_ipc::PollImpl,
                               ffi::Ffi::Bind()
@@ -1114,8 +1119,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_poll, eaas::cuda_ipc::PollImpl,
                                   .Ret<eaas::cuda_ipc::S32R0>()  // num_rows []
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("max_messages")
-                                  .Attr<std::int64_t>("timeout_us"),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attr<std::int64_t>("timeout_us"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_reply, eaas::cuda_ipc::ReplyImpl,
                               ffi::Ffi::Bind()
@@ -1123,8 +1127,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_reply, eaas::cuda_ipc::ReplyImpl,
                                   .Arg<eaas::cuda_ipc::F32R2>()  // out [C, d]
                                   .Arg<eaas::cuda_ipc::S32R0>()  // num_rows []
                                   .Ret<eaas::cuda_ipc::S32R0>()  // token []
-                                  .Attr<std::int64_t>("endpoint"),
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Attr<std::int64_t>("endpoint"));
 
 extern "C" {
 
