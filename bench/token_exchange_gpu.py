@@ -189,11 +189,8 @@ def main() -> None:
     try:
         if srv.stdout.readline().strip() != "ready":
             raise SystemExit("server did not start; its stderr is above")
-        cli = run("client", args, "0")
-        cli.stdin.close()
-        client_result = last_json(cli, "client")
-        srv.stdin.close()  # the server stops after its calls in flight
-        server_result = last_json(srv, "server", timeout=120)
+        client_result = last_json(run("client", args, "0"), "client")
+        server_result = last_json(srv, "server", timeout=120)  # its stdin closes: it stops
     finally:
         if srv.poll() is None:
             srv.kill()
