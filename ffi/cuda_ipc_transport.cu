@@ -761,13 +761,6 @@ std::uint64_t g_last_generation = 0;  // guarded by g_mu
 
 std::string CudaText(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
 
-void CopyError(const std::string& msg, char* err, std::int64_t errlen) {
-  if (err == nullptr || errlen <= 0) return;
-  const std::size_t n = std::min<std::size_t>(msg.size(), static_cast<std::size_t>(errlen - 1));
-  std::memcpy(err, msg.data(), n);
-  err[n] = '\0';
-}
-
 void WriteView(std::int64_t index, const View& view, cudaStream_t stream) {
   cudaMemcpyToSymbolAsync(g_views, &view, sizeof(View), static_cast<std::size_t>(index) * sizeof(View),
                           cudaMemcpyHostToDevice, stream);
@@ -916,6 +909,12 @@ ffi::DataType HiddenFfiType(std::int64_t dtype) {
                                   : ffi::DataType::F32;
 }
 
+// A timeout attribute in microseconds as the kernels' nanoseconds (clamped
+// to [0, 2^40] us as in shm).
+std::int64_t TimeoutNs(std::int64_t timeout_us) {
+  return std::clamp<std::int64_t>(timeout_us, 0, std::int64_t{1} << 40) * 1000;
+}
+
 int BlocksFor(std::int64_t rows) {
   return static_cast<int>(std::clamp<std::int64_t>((rows + kWarps - 1) / kWarps, 1, kMaxBlocksPerMessage));
 }
@@ -986,7 +985,7 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
   if (layer < 0 || layer >= geo.num_layers || micro_batch < 0 || micro_batch >= geo.num_channels) {
     return ffi::Error::InvalidArgument(std::string(kWhere) + ": layer / micro_batch out of range");
   }
-  const std::int64_t timeout_ns = std::min<std::int64_t>(std::max<std::int64_t>(timeout_us, 0), std::int64_t{1} << 40) * 1000;
+  const std::int64_t timeout_ns = TimeoutNs(timeout_us);
   if (S > 0) {
     CombineWaitKernel<<<1, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, sent.typed_data(),
                                                    servers.typed_data(), static_cast<int>(S),
@@ -1027,7 +1026,7 @@ ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::A
                                        " must be at least the mailbox capacity " + std::to_string(geo.capacity) +
                                        " and max_messages >= 1");
   }
-  const std::int64_t timeout_ns = std::min<std::int64_t>(std::max<std::int64_t>(timeout_us, 0), std::int64_t{1} << 40) * 1000;
+  const std::int64_t timeout_ns = TimeoutNs(timeout_us);
   ep->poll_rows = C;
   const int ix = static_cast<int>(endpoint);
   PollAcceptKernel<<<1, 32, 0, stream>>>(ix, ep->view.generation, static_cast<int>(C),
@@ -1150,27 +1149,13 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
                                        std::int64_t num_layers, std::int64_t num_experts,
                                        std::int64_t hidden_dtype, std::uint8_t* handle_out, char* err,
                                        std::int64_t errlen) {
+  using namespace eaas;
   using namespace eaas::cuda_ipc;
-  auto in = [](std::int64_t v, std::int64_t hi) { return v >= 1 && v <= hi; };
-  if (!in(max_endpoints, kMaxEndpointIndex) || !in(num_channels, 64) ||
-      max_endpoints * num_channels > kMaxSlots || !in(capacity, kMaxCapacity) || !in(d, 1 << 16) || !in(k, 256) ||
-      !in(num_layers, 1 << 16) || !in(num_experts, 1 << 20)) {
-    CopyError("cuda_ipc geometry out of range: max_endpoints=" + std::to_string(max_endpoints) +
-                  " num_channels=" + std::to_string(num_channels) + " (their product at most " +
-                  std::to_string(kMaxSlots) + "), capacity=" + std::to_string(capacity) +
-                  " (<= " + std::to_string(kMaxCapacity) + "), d=" + std::to_string(d) + " k=" + std::to_string(k) +
-                  " num_layers=" + std::to_string(num_layers) + " num_experts=" + std::to_string(num_experts),
-              err, errlen);
-    return -1;
-  }
-  if (hidden_dtype < eaas::kHiddenF32 || hidden_dtype > eaas::kHiddenF8E4M3) {
-    CopyError("unknown hidden dtype " + std::to_string(hidden_dtype), err, errlen);
-    return -1;
-  }
-  if (endpoint < 0 || endpoint >= max_endpoints) {
-    CopyError("endpoint " + std::to_string(endpoint) + " is not in [0, max_endpoints=" +
-                  std::to_string(max_endpoints) + ")",
-              err, errlen);
+  const std::string bad = CheckGeometry(
+      {kMaxEndpointIndex, 64, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20}, endpoint, max_endpoints,
+      num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype);
+  if (!bad.empty()) {
+    CopyError(bad, err, errlen);
     return -1;
   }
   Geometry geo;
@@ -1205,15 +1190,10 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
 // Closes an endpoint: waits for its device's work, unpublishes it from the
 // kernels and frees its memory. Returns 0, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_close(std::int64_t endpoint) {
+  using namespace eaas;
   using namespace eaas::cuda_ipc;
-  std::shared_ptr<Endpoint> ep;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto it = Endpoints().find(endpoint);
-    if (it == Endpoints().end()) return -1;
-    ep = std::move(it->second);
-    Endpoints().erase(it);
-  }
+  const std::shared_ptr<Endpoint> ep = TakeEndpoint(Endpoints(), g_mu, endpoint);
+  if (ep == nullptr) return -1;
   std::lock_guard<std::mutex> lock(ep->control_mu);
   cudaSetDevice(ep->device);
   WriteView(endpoint, View{}, ep->control);  // kernels starting from now on fail closed
@@ -1228,6 +1208,7 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_close(std::int64_t endpoint) {
 // message in err.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_set_peer(std::int64_t endpoint, std::int64_t peer, const std::uint8_t* handle,
                                            char* err, std::int64_t errlen) {
+  using namespace eaas;
   using namespace eaas::cuda_ipc;
   const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
   if (ep == nullptr) {
@@ -1271,6 +1252,7 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_set_peer(std::int64_t endpoint, std::int64_t p
 // Copies and clears the flags of peers a kernel wanted to write to or answer
 // but had not imported: out[p] = 1. Returns how many, or -1 if not open.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_take_wanted(std::int64_t endpoint, std::int32_t* out, std::int64_t n) {
+  using namespace eaas;
   using namespace eaas::cuda_ipc;
   const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
   if (ep == nullptr) return -1;
@@ -1290,6 +1272,7 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_take_wanted(std::int64_t endpoint, std::int32_
 // Writes min(n, number of counters) counters (eaas_shm_stat_names order).
 // Returns the number of counters, or -1 if the endpoint is not open.
 EAAS_FFI_EXPORT int eaas_cuda_ipc_stats(std::int64_t endpoint, std::int64_t* out, std::int64_t n) {
+  using namespace eaas;
   using namespace eaas::cuda_ipc;
   const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
   if (ep == nullptr) return -1;

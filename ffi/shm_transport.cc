@@ -553,13 +553,6 @@ std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
   return "";
 }
 
-void CopyError(const std::string& msg, char* err, std::int64_t errlen) {
-  if (err == nullptr || errlen <= 0) return;
-  const std::size_t n = std::min<std::size_t>(msg.size(), static_cast<std::size_t>(errlen - 1));
-  std::memcpy(err, msg.data(), n);
-  err[n] = '\0';
-}
-
 // ---------------------------------------------------------------------------
 // Routing (shared by dispatch and combine: they must agree on token order)
 // ---------------------------------------------------------------------------
@@ -1212,28 +1205,11 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
               err, errlen);
     return -1;
   }
-  auto positive = [](std::int64_t v, std::int64_t hi) { return v >= 1 && v <= hi; };
-  if (!positive(max_endpoints, 4096) || !positive(num_channels, 64) ||
-      !positive(capacity, 1 << 20) || !positive(d, 1 << 20) || !positive(k, 1024) ||
-      !positive(num_layers, 1 << 16) || !positive(num_experts, 1 << 20)) {
-    CopyError("geometry out of range: max_endpoints=" + std::to_string(max_endpoints) +
-                  " num_channels=" + std::to_string(num_channels) +
-                  " capacity=" + std::to_string(capacity) + " d=" + std::to_string(d) +
-                  " k=" + std::to_string(k) + " num_layers=" + std::to_string(num_layers) +
-                  " num_experts=" + std::to_string(num_experts) + " (all must be >= 1)",
-              err, errlen);
-    return -1;
-  }
-  if (hidden_dtype < eaas::kHiddenF32 || hidden_dtype > eaas::kHiddenF8E4M3) {
-    CopyError("unknown hidden dtype " + std::to_string(hidden_dtype) +
-                  " (1 float32, 2 bfloat16, 3 float8_e4m3fn)",
-              err, errlen);
-    return -1;
-  }
-  if (endpoint < 0 || endpoint >= max_endpoints) {
-    CopyError("endpoint " + std::to_string(endpoint) + " is not in [0, max_endpoints=" +
-                  std::to_string(max_endpoints) + ")",
-              err, errlen);
+  const std::string bad = CheckGeometry({4096, 64, 1 << 20, 1 << 20, 1 << 20, 1024, 1 << 16, 1 << 20}, endpoint,
+                                        max_endpoints, num_channels, capacity, d, k, num_layers, num_experts,
+                                        hidden_dtype);
+  if (!bad.empty()) {
+    CopyError(bad, err, errlen);
     return -1;
   }
   Geometry geo;
@@ -1275,14 +1251,8 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
 EAAS_FFI_EXPORT int eaas_shm_close(std::int64_t endpoint) {
   using namespace eaas;
   using namespace eaas::shm;
-  std::shared_ptr<Transport> tr;
-  {
-    std::lock_guard<std::mutex> lock(g_registry_mu);
-    auto it = Registry().find(endpoint);
-    if (it == Registry().end()) return -1;
-    tr = std::move(it->second);
-    Registry().erase(it);
-  }
+  const std::shared_ptr<Transport> tr = TakeEndpoint(Registry(), g_registry_mu, endpoint);
+  if (tr == nullptr) return -1;
   tr->Unlink();
   return 0;
 }

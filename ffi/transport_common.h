@@ -5,7 +5,11 @@
 #ifndef EAAS_FFI_TRANSPORT_COMMON_H_
 #define EAAS_FFI_TRANSPORT_COMMON_H_
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
 
 #include "wire_format.h"
 
@@ -72,6 +76,61 @@ EAAS_HOST_DEVICE inline Counter CheckMessageHeader(const MessageHeader& h, std::
   const std::uint32_t dtype = kind == kKindRequest ? request_dtype : std::uint32_t{kHiddenF32};
   if (h.hidden_dtype != dtype) return kDropDtype;
   return kNumCounters;
+}
+
+// Host only: the C API's argument checks.
+
+// The largest values a backend accepts for an endpoint's geometry.
+struct GeometryLimits {
+  std::int64_t max_endpoints, num_channels, slots, capacity, d, k, num_layers, num_experts;
+};
+
+// "" if endpoint `endpoint` may open with this geometry and request dtype
+// under `limits`, else why not.
+inline std::string CheckGeometry(const GeometryLimits& limits, std::int64_t endpoint, std::int64_t max_endpoints,
+                                 std::int64_t num_channels, std::int64_t capacity, std::int64_t d, std::int64_t k,
+                                 std::int64_t num_layers, std::int64_t num_experts, std::int64_t hidden_dtype) {
+  auto in = [](std::int64_t v, std::int64_t hi) { return v >= 1 && v <= hi; };
+  if (!in(max_endpoints, limits.max_endpoints) || !in(num_channels, limits.num_channels) ||
+      !in(max_endpoints * num_channels, limits.slots) || !in(capacity, limits.capacity) || !in(d, limits.d) ||
+      !in(k, limits.k) || !in(num_layers, limits.num_layers) || !in(num_experts, limits.num_experts)) {
+    auto field = [](const char* name, std::int64_t v, std::int64_t hi) {
+      return std::string(name) + "=" + std::to_string(v) + " (1.." + std::to_string(hi) + ") ";
+    };
+    return "geometry out of range: " + field("max_endpoints", max_endpoints, limits.max_endpoints) +
+           field("num_channels", num_channels, limits.num_channels) +
+           field("max_endpoints*num_channels", max_endpoints * num_channels, limits.slots) +
+           field("capacity", capacity, limits.capacity) + field("d", d, limits.d) + field("k", k, limits.k) +
+           field("num_layers", num_layers, limits.num_layers) + field("num_experts", num_experts, limits.num_experts);
+  }
+  if (hidden_dtype < kHiddenF32 || hidden_dtype > kHiddenF8E4M3) {
+    return "unknown hidden dtype " + std::to_string(hidden_dtype) + " (1 float32, 2 bfloat16, 3 float8_e4m3fn)";
+  }
+  if (endpoint < 0 || endpoint >= max_endpoints) {
+    return "endpoint " + std::to_string(endpoint) + " is not in [0, max_endpoints=" +
+           std::to_string(max_endpoints) + ")";
+  }
+  return "";
+}
+
+// Removes and returns `map[key]` (an endpoint's state) under `mu`; null
+// (value-initialised) when absent.
+template <typename Map>
+typename Map::mapped_type TakeEndpoint(Map& map, std::mutex& mu, typename Map::key_type key) {
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = map.find(key);
+  if (it == map.end()) return {};
+  typename Map::mapped_type value = std::move(it->second);
+  map.erase(it);
+  return value;
+}
+
+// Copies `msg` (truncated, NUL-terminated) into the C API's error buffer.
+inline void CopyError(const std::string& msg, char* err, std::int64_t errlen) {
+  if (err == nullptr || errlen <= 0) return;
+  const std::size_t n = std::min<std::size_t>(msg.size(), static_cast<std::size_t>(errlen - 1));
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
 }
 
 }  // namespace eaas

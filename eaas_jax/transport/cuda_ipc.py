@@ -31,7 +31,6 @@ client and server of one deployment are always separate processes.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import json
 import logging
@@ -43,7 +42,7 @@ import time
 import jax
 
 from eaas_jax.transport import native
-from eaas_jax.transport.custom_calls import FfiTargets, combine, dispatch, poll, reply
+from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
 from eaas_jax.transport.shm import (
     DISPATCH_DTYPES,
     ShmGeometry,
@@ -152,20 +151,10 @@ def _read_entry(path: str) -> dict | None:
 
 _OPEN: dict[int, "CudaIpcEndpoint"] = {}
 _OPEN_LOCK = threading.Lock()
+close_at_exit(_OPEN, _OPEN_LOCK)
 
 
-@atexit.register
-def _close_all() -> None:
-    with _OPEN_LOCK:
-        endpoints = list(_OPEN.values())
-    for ep in endpoints:
-        try:
-            ep.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-
-class CudaIpcEndpoint:
+class CudaIpcEndpoint(BoundCalls):
     """One endpoint of a deployment and its inbox in GPU memory.
 
     Args: as :class:`~eaas_jax.transport.shm.ShmEndpoint`, plus
@@ -292,12 +281,6 @@ class CudaIpcEndpoint:
             pass
         _lib().eaas_cuda_ipc_close(self.endpoint)
 
-    def __enter__(self) -> "CudaIpcEndpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"CudaIpcEndpoint({self.deployment!r}, {self.endpoint}, device {self.device}, {state})"
@@ -408,16 +391,3 @@ class CudaIpcEndpoint:
         if n < 0:
             raise CudaIpcError(f"{self!r}: reading the counters failed")
         return dict(zip(names, out[: min(n, len(names))]))
-
-    # -- the custom calls, bound to this endpoint --
-    def dispatch(self, *args, **kwargs):
-        return dispatch(self, *args, **kwargs)
-
-    def combine(self, *args, **kwargs):
-        return combine(self, *args, **kwargs)
-
-    def poll(self, *args, **kwargs):
-        return poll(self, *args, **kwargs)
-
-    def reply(self, *args, **kwargs):
-        return reply(self, *args, **kwargs)

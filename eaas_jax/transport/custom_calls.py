@@ -18,6 +18,8 @@ output as an ``after`` input.
 
 from __future__ import annotations
 
+import atexit
+import threading
 from typing import NamedTuple
 
 import jax
@@ -54,6 +56,49 @@ class PollResult(NamedTuple):
     gates: jax.Array  #: [C, k] float32 (0 where expert_ids is -1)
     layer: jax.Array  #: [C] int32 (padding: -1)
     num_rows: jax.Array  #: [] int32
+
+
+def close_at_exit(registry: dict, lock: threading.Lock) -> None:
+    """Closes, at interpreter exit, the endpoints still in `registry` (a
+    backend's open endpoints by index): compiled steps name endpoints by index
+    only, so garbage collection never closes them."""
+
+    def close_all() -> None:
+        with lock:
+            endpoints = list(registry.values())
+        for ep in endpoints:
+            try:
+                ep.close()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+
+    atexit.register(close_all)
+
+
+class BoundCalls:
+    """What every backend's endpoint class shares: the four calls bound to the
+    endpoint, and ``with`` (which closes it)."""
+
+    def dispatch(self, *args, **kwargs):
+        return dispatch(self, *args, **kwargs)
+
+    def combine(self, *args, **kwargs):
+        return combine(self, *args, **kwargs)
+
+    def poll(self, *args, **kwargs):
+        return poll(self, *args, **kwargs)
+
+    def reply(self, *args, **kwargs):
+        return reply(self, *args, **kwargs)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _resolve(endpoint):

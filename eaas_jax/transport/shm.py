@@ -55,7 +55,6 @@ Behaviour choices:
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import dataclasses
 import os
@@ -73,7 +72,9 @@ from eaas_jax.transport.custom_calls import (  # re-exported: the calls work on 
     STATUS_OK,
     STATUS_TIMEOUT,
     STATUS_UNAVAILABLE,
+    BoundCalls,
     FfiTargets,
+    close_at_exit,
     PollResult,
     combine,
     dispatch,
@@ -296,20 +297,10 @@ def _info(endpoint: int) -> tuple[ShmGeometry, _Layout]:
 
 _OPEN: dict[int, "ShmEndpoint"] = {}
 _OPEN_LOCK = threading.Lock()
+close_at_exit(_OPEN, _OPEN_LOCK)
 
 
-@atexit.register
-def _close_all() -> None:
-    with _OPEN_LOCK:
-        endpoints = list(_OPEN.values())
-    for ep in endpoints:
-        try:
-            ep.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-
-class ShmEndpoint:
+class ShmEndpoint(BoundCalls):
     """One endpoint of a deployment and its shared-memory inbox.
 
     Args:
@@ -389,12 +380,6 @@ class ShmEndpoint:
                 del _OPEN[self.endpoint]
         _lib().eaas_shm_close(self.endpoint)
 
-    def __enter__(self) -> "ShmEndpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"ShmEndpoint({self.deployment!r}, {self.endpoint}, {state})"
@@ -440,16 +425,3 @@ class ShmEndpoint:
         if n < 0:
             raise ShmError(f"{self!r} is not open")
         return dict(zip(names, out[: min(n, len(names))]))
-
-    # -- the custom calls, bound to this endpoint --
-    def dispatch(self, *args, **kwargs):
-        return dispatch(self, *args, **kwargs)
-
-    def combine(self, *args, **kwargs):
-        return combine(self, *args, **kwargs)
-
-    def poll(self, *args, **kwargs):
-        return poll(self, *args, **kwargs)
-
-    def reply(self, *args, **kwargs):
-        return reply(self, *args, **kwargs)
