@@ -44,11 +44,11 @@ W1 = dict(
 )
 
 
-def prompts(batch: int) -> list[list[int]]:
+def prompts(batch: int, vocab_size: int = W1["vocab_size"]) -> list[list[int]]:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    return [rng.integers(3, W1["vocab_size"], size=PROMPT_LEN).tolist() for _ in range(batch)]
+    return [rng.integers(3, vocab_size, size=PROMPT_LEN).tolist() for _ in range(batch)]
 
 
 def _torch_device() -> str:
@@ -121,7 +121,7 @@ def time_decode(engine, batch: int, steps: int) -> dict:
     from eaas_jax.engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts(batch)]
+    ids = [engine.add_request(p, params) for p in prompts(batch, engine.config.vocab_size)]
     outputs: dict[str, list[int]] = {}
     prefilled: set[str] = set()
     while len(prefilled) < batch:  # prefill (compiles)

@@ -1,7 +1,8 @@
 """The GPU `cuda_ipc` expert transport: round trips between processes, faults,
 deadlines, and the disaggregated engine against the embedded one.
 
-Needs a CUDA build of the library and a GPU (skipped otherwise, e.g. on CI).
+Needs a CUDA build of the library and a GPU (skipped otherwise, e.g. on CI,
+where only the clear error without them is tested).
 The server processes run on the GPU named by EAAS_TEST_PEER_GPU (a
 CUDA_VISIBLE_DEVICES value; run the tests with CUDA_VISIBLE_DEVICES=0 and
 EAAS_TEST_PEER_GPU=1 on a two-GPU machine), else on this process's GPU, where
@@ -29,8 +30,8 @@ from _transport_worker import make_weights, reference  # noqa: E402
 
 from conftest import SHIPPED  # noqa: E402
 
-if not cuda_ipc.available():
-    pytest.skip("needs a GPU and the library built with CUDA", allow_module_level=True)
+HAVE_GPU = cuda_ipc.available()
+gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the library built with CUDA")
 
 PREFIX = f"g{os.getpid()}"
 _names = itertools.count()
@@ -88,6 +89,7 @@ def _step(client, servers):
     return step
 
 
+@gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
 def test_round_trip_between_processes_matches_reference(dtype):
     deployment = f"{PREFIX}-{next(_names)}"
@@ -125,6 +127,7 @@ def test_round_trip_between_processes_matches_reference(dtype):
             proc.communicate()
 
 
+@gpu
 def test_unreachable_server_and_deadline():
     """A server that does not exist is reported at once; one that never polls
     times out at the deadline (not before, not much after)."""
@@ -169,6 +172,7 @@ def test_unreachable_server_and_deadline():
         silent.wait(timeout=60)
 
 
+@gpu
 def test_geometry_mismatch_is_refused():
     deployment = f"{PREFIX}-{next(_names)}"
     proc = subprocess.Popen(
@@ -189,6 +193,7 @@ def test_geometry_mismatch_is_refused():
         proc.wait(timeout=60)
 
 
+@gpu
 def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
     """The shipped checkpoint, its experts in a server process on the peer GPU:
     the same greedy token ids as the embedded engine."""
@@ -212,3 +217,11 @@ def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
     with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
         got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
     assert got == want
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="checks the error raised where there is no GPU")
+def test_without_a_gpu_opening_is_a_clear_error():
+    deployment = f"{PREFIX}-{next(_names)}"
+    with pytest.raises(cuda_ipc.CudaIpcError, match="(?i)cuda"):
+        cuda_ipc.CudaIpcEndpoint(deployment, 0, **GEO)
+    assert not os.path.exists(cuda_ipc.directory_path(deployment, 0))

@@ -198,11 +198,12 @@ class CudaIpcEndpoint(BoundCalls):
             dispatch_dtype=dispatch_dtype,
         )
         self.path = directory_path(self.deployment, self.endpoint)
+        lib = _lib()  # fails (no CUDA build) before anything is claimed
         self._claim_directory_entry()
         handle = (ctypes.c_uint8 * _HANDLE_BYTES)()
         err = ctypes.create_string_buffer(_ERRLEN)
         g = self.geometry
-        rc = _lib().eaas_cuda_ipc_open(
+        rc = lib.eaas_cuda_ipc_open(
             g.deployment_id, self.endpoint, self.device, g.max_endpoints, g.num_channels, g.capacity,
             g.hidden_size, g.top_k, g.num_layers, g.num_experts, DISPATCH_DTYPES[dispatch_dtype],
             handle, err, _ERRLEN,

@@ -1,0 +1,136 @@
+"""W1 on the two GPUs of one host: disaggregated (attention client on GPU 0,
+every expert in one expert-server process on GPU 1, `cuda_ipc` transport)
+against the monolithic expert-parallel engine over both GPUs
+(`Engine(expert_parallel=2)`: experts sharded, the rest replicated, one
+all-reduce per MoE layer) and the embedded engine on one GPU, in the same run.
+
+    python bench/w1_two_gpus.py [--batches 64,256] [--steps 32] [--dispatch-dtype bfloat16] [--append bench/RESULTS.md]
+
+Same workload, checkpoint and timing as `w1_decode_gpu.py` (whose helpers this
+uses); each configuration runs in its own process(es) and sees only its GPUs.
+Greedy tokens of prompt 0 are compared with the one-GPU engine's.
+`--transport shm` runs the same three configurations on the CPU (two host
+devices, shared-memory transport): a smoke test of this script, not a number
+to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from _results import REPO, git_commit, publish
+import w1_decode_gpu as w1
+
+CONFIGS = ("one", "expert_parallel", "disaggregated")
+
+
+def deployment_file(directory: str, transport: str, dispatch_dtype: str, capacity: int) -> str:
+    """Every expert in one server, on GPU 1 under cuda_ipc."""
+    path = os.path.join(directory, "w1-deployment.toml")
+    with open(path, "w") as f:
+        f.write(f'name = "w1"\ntransport = "{transport}"\ncapacity = {capacity}\ntimeout_ms = 120000\n'
+                f'dispatch_dtype = "{dispatch_dtype}"\n[[servers]]\nname = "experts"\n'
+                + ("device = 1\n" if transport == "cuda_ipc" else ""))
+    return path
+
+
+def phase(args, config: str) -> dict:
+    sys.path.insert(0, REPO)
+    from eaas_jax.engine import Engine
+
+    batches = [int(b) for b in args.batches.split(",")]
+    extra = {}
+    if config == "expert_parallel":
+        extra["expert_parallel"] = 2
+    elif config == "disaggregated":
+        extra["deployment"] = deployment_file(args.workdir, args.transport, args.dispatch_dtype,
+                                              capacity=max(batches))
+    start = time.time()
+    with Engine(args.dir, dtype="bfloat16", max_num_seqs=max(batches),
+                max_model_len=w1.PROMPT_LEN + args.steps + 16, block_size=16,
+                max_num_batched_tokens=8192, **extra) as engine:
+        result = {"load_s": time.time() - start}
+        for batch in batches:
+            result[f"b{batch}"] = w1.time_decode(engine, batch, args.steps)
+    return result
+
+
+def run_phase(args, config: str) -> dict:
+    env = dict(os.environ)
+    if args.transport == "shm":  # CPU smoke test: two host devices for expert_parallel
+        env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = "0,1" if config == "expert_parallel" else "0"
+    out = subprocess.run(
+        [sys.executable, __file__, "--phase", config, "--dir", args.dir, "--batches", args.batches,
+         "--steps", str(args.steps), "--transport", args.transport, "--dispatch-dtype", args.dispatch_dtype,
+         "--workdir", args.workdir],
+        capture_output=True, text=True, env=env,
+    )
+    sys.stderr.write(out.stderr[-3000:])
+    if out.returncode:
+        raise SystemExit(f"phase {config} failed ({out.returncode})")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.raw:  # keep each phase's numbers even if a later phase fails
+        with open(args.raw, "a") as f:
+            f.write(json.dumps({"config": config, **result}) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--dir", default="/tmp/w1-qwen3-moe-8l", help="W1 checkpoint (made if missing)")
+    parser.add_argument("--dispatch-dtype", default="bfloat16", choices=["float32", "bfloat16", "float8_e4m3fn"])
+    parser.add_argument("--transport", default="cuda_ipc", choices=["cuda_ipc", "shm"])
+    parser.add_argument("--phase", choices=CONFIGS, help="(internal) run one configuration")
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--append", help="results file to append the table to")
+    parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
+    parser.add_argument("--commit", help="commit to record (default: git HEAD)")
+    args = parser.parse_args()
+    if args.phase is not None:
+        print(json.dumps(phase(args, args.phase)))
+        return
+
+    if not os.path.exists(os.path.join(args.dir, "config.json")):
+        w1.phase_make(args.dir)
+    with tempfile.TemporaryDirectory(prefix="w1-two-gpus-") as workdir:
+        args.workdir = workdir
+        results = {config: run_phase(args, config) for config in CONFIGS}
+    import jax
+
+    device = "CPU (smoke test)" if args.transport == "shm" else f"2 x {jax.devices()[0].device_kind}"
+    lines = [
+        f"### W1 decode on two GPUs: disaggregated vs expert-parallel vs one GPU "
+        f"({datetime.date.today()}, commit {args.commit or git_commit()})",
+        "",
+        f"Device: {device}; JAX {jax.__version__}; `python bench/w1_two_gpus.py --batches {args.batches} "
+        f"--steps {args.steps} --dispatch-dtype {args.dispatch_dtype}`; bfloat16. Disaggregated: client on GPU 0, "
+        f"all experts in one server process on GPU 1 ({args.transport}, tokens sent as {args.dispatch_dtype}).",
+        "",
+        "| batch | 1 GPU step ms | expert-parallel 2 GPUs step ms | disaggregated 2 GPUs step ms | "
+        "disaggregated / expert-parallel throughput | greedy tokens equal to 1 GPU (EP, disagg.; first 32) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for batch in [int(b) for b in args.batches.split(",")]:
+        one, ep, dis = (results[c][f"b{batch}"] for c in CONFIGS)
+        lines.append(
+            f"| {batch} | {w1.step_ms(one)} | {w1.step_ms(ep)} | {w1.step_ms(dis)} | "
+            f"{ep['median'] / dis['median']:.2f} | {w1.equal_prefix(one['tokens0'], ep['tokens0'])}/32, "
+            f"{w1.equal_prefix(one['tokens0'], dis['tokens0'])}/32 |"
+        )
+    publish(lines, args.append)
+
+
+if __name__ == "__main__":
+    main()
