@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,6 +13,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def git_commit() -> str:
     return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
+
+
+def run_phase(command: list[str], *, name: str, raw: str | None = None, env: dict | None = None) -> dict:
+    """Runs one phase of a bench in its own process (each gets the devices to
+    itself); its result is the JSON object on its last stdout line. With
+    `raw`, the result is also appended there, so a later phase failing does
+    not lose it."""
+    out = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
+    sys.stderr.write(out.stderr[-3000:])
+    if out.returncode:
+        raise SystemExit(f"phase {name} failed ({out.returncode})")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if raw:
+        with open(raw, "a") as f:
+            f.write(json.dumps({"phase": name, **result}) + "\n")
+    return result
 
 
 def publish(lines: list[str], append_to: str | None) -> None:

@@ -30,11 +30,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
-from _results import REPO, git_commit, publish
+from _results import REPO, git_commit, publish, run_phase as run_in_process
 PROMPT_LEN = 128
 W1 = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -202,19 +201,10 @@ def _stored_params(directory: str) -> float:
 
 
 def run_phase(args, phase: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches,
-         "--steps", str(args.steps)],
-        capture_output=True, text=True,
+    return run_in_process(
+        [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps)],
+        name=phase, raw=args.raw,
     )
-    sys.stderr.write(out.stderr[-3000:])
-    if out.returncode:
-        raise SystemExit(f"phase {phase} failed ({out.returncode})")
-    line = out.stdout.strip().splitlines()[-1]
-    if args.raw:  # keep each phase's numbers even if a later phase fails
-        with open(args.raw, "a") as f:
-            f.write(json.dumps({"phase": phase, **json.loads(line)}) + "\n")
-    return json.loads(line)
 
 
 def main() -> None:

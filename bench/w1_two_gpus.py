@@ -20,12 +20,11 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from _results import REPO, git_commit, publish
+from _results import REPO, git_commit, publish, run_phase as run_in_process
 import w1_decode_gpu as w1
 
 CONFIGS = ("one", "expert_parallel", "disaggregated")
@@ -69,20 +68,11 @@ def run_phase(args, config: str) -> dict:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     else:
         env["CUDA_VISIBLE_DEVICES"] = "0,1" if config == "expert_parallel" else "0"
-    out = subprocess.run(
-        [sys.executable, __file__, "--phase", config, "--dir", args.dir, "--batches", args.batches,
-         "--steps", str(args.steps), "--transport", args.transport, "--dispatch-dtype", args.dispatch_dtype,
-         "--workdir", args.workdir],
-        capture_output=True, text=True, env=env,
+    return run_in_process(
+        [__file__, "--phase", config, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps),
+         "--transport", args.transport, "--dispatch-dtype", args.dispatch_dtype, "--workdir", args.workdir],
+        name=config, raw=args.raw, env=env,
     )
-    sys.stderr.write(out.stderr[-3000:])
-    if out.returncode:
-        raise SystemExit(f"phase {config} failed ({out.returncode})")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    if args.raw:  # keep each phase's numbers even if a later phase fails
-        with open(args.raw, "a") as f:
-            f.write(json.dumps({"config": config, **result}) + "\n")
-    return result
 
 
 def main() -> None:

@@ -68,6 +68,7 @@
 #include <vector>
 
 #include "export.h"
+#include "hidden_ffi_type.h"
 #include "transport_common.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
@@ -723,16 +724,7 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
 // Host side: open endpoints
 // ---------------------------------------------------------------------------
 
-struct Geometry {
-  std::int64_t max_endpoints = 0, num_channels = 0, capacity = 0, d = 0, k = 0, num_layers = 0,
-               num_experts = 0, hidden_dtype = kHiddenF32;
-  std::uint64_t deployment_id = 0;
-  std::int64_t Slots() const { return max_endpoints * num_channels; }
-  SlotLayout Layout() const {
-    return SlotLayout::Make(static_cast<std::size_t>(capacity), static_cast<std::size_t>(d),
-                            static_cast<std::size_t>(k));
-  }
-};
+using Geometry = EndpointGeometry;
 
 struct Endpoint {
   Geometry geo;
@@ -783,8 +775,8 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   ep->device = device;
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return "cudaSetDevice(" + std::to_string(device) + "): " + CudaText(e);
-  const SlotLayout layout = geo.Layout();
-  const std::size_t slots = static_cast<std::size_t>(geo.Slots());
+  const SlotLayout layout = geo.Slot();
+  const std::size_t slots = geo.NumSlots();
   const std::size_t E = static_cast<std::size_t>(geo.max_endpoints);
   // Carve the state arrays out of one allocation (8-byte aligned pieces).
   std::size_t offset = 0;
@@ -848,7 +840,7 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   v.k = static_cast<std::int32_t>(geo.k);
   v.num_layers = static_cast<std::int32_t>(geo.num_layers);
   v.num_experts = static_cast<std::int32_t>(geo.num_experts);
-  v.hidden_dtype = static_cast<std::uint32_t>(geo.hidden_dtype);
+  v.hidden_dtype = geo.hidden_dtype;
   v.row_bytes = static_cast<std::uint32_t>(geo.d * HiddenElementBytes(v.hidden_dtype));
   // Sequence numbers start at the wall clock (see wire_format.h); nothing replied yet.
   timespec ts{};
@@ -901,12 +893,6 @@ ffi::Error Launched(const char* where) {
   const cudaError_t e = cudaGetLastError();
   if (e == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string(where) + ": kernel launch failed: " + CudaText(e));
-}
-
-ffi::DataType HiddenFfiType(std::int64_t dtype) {
-  return dtype == kHiddenBF16 ? ffi::DataType::BF16
-         : dtype == kHiddenF8E4M3 ? ffi::DataType::F8E4M3FN
-                                  : ffi::DataType::F32;
 }
 
 // A timeout attribute in microseconds as the kernels' nanoseconds (clamped
@@ -1055,7 +1041,7 @@ ffi::Error ReplyImpl(cudaStream_t stream, ffi::Buffer<ffi::F32, 2> results, ffi:
                                        std::to_string(geo.d) + "]");
   }
   const int ix = static_cast<int>(endpoint);
-  ReplyKernel<<<dim3(BlocksFor(geo.capacity), static_cast<unsigned>(geo.Slots())), kThreads, 0, stream>>>(
+  ReplyKernel<<<dim3(BlocksFor(geo.capacity), static_cast<unsigned>(geo.NumSlots())), kThreads, 0, stream>>>(
       ix, ep->view.generation, results.typed_data(), token->typed_data());
   return Launched(kWhere);
 }
@@ -1151,23 +1137,14 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
                                        std::int64_t errlen) {
   using namespace eaas;
   using namespace eaas::cuda_ipc;
-  const std::string bad = CheckGeometry(
-      {kMaxEndpointIndex, 64, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20}, endpoint, max_endpoints,
-      num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype);
+  Geometry geo;
+  const std::string bad = MakeGeometry(
+      {kMaxEndpointIndex, 64, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20}, endpoint, deployment_id,
+      max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype, &geo);
   if (!bad.empty()) {
     CopyError(bad, err, errlen);
     return -1;
   }
-  Geometry geo;
-  geo.max_endpoints = max_endpoints;
-  geo.num_channels = num_channels;
-  geo.capacity = capacity;
-  geo.d = d;
-  geo.k = k;
-  geo.num_layers = num_layers;
-  geo.num_experts = num_experts;
-  geo.hidden_dtype = hidden_dtype;
-  geo.deployment_id = deployment_id;
   std::lock_guard<std::mutex> lock(g_mu);
   if (Endpoints().count(endpoint)) {
     CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);

@@ -72,6 +72,7 @@
 #include <vector>
 
 #include "export.h"
+#include "hidden_ffi_type.h"
 #include "transport_common.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
@@ -124,24 +125,12 @@ struct SegmentHeader {
 };
 static_assert(sizeof(SegmentHeader) == kSegmentHeaderBytes, "segment header size");
 
-struct Geometry {
-  std::int64_t max_endpoints = 0, num_channels = 0, capacity = 0, d = 0, k = 0,
-               num_layers = 0, num_experts = 0;
-  std::uint64_t deployment_id = 0;
-  std::uint32_t hidden_dtype = kHiddenF32;  // of requests
+using Geometry = EndpointGeometry;
 
-  std::size_t NumSlots() const {
-    return static_cast<std::size_t>(max_endpoints * num_channels);
-  }
-  SlotLayout Slot() const {
-    return SlotLayout::Make(static_cast<std::size_t>(capacity),
-                            static_cast<std::size_t>(d),
-                            static_cast<std::size_t>(k));
-  }
-  std::size_t TotalBytes() const {
-    return kSegmentHeaderBytes + NumSlots() * Slot().bytes;
-  }
-};
+// Bytes of an inbox segment: header, then every slot.
+std::size_t SegmentBytes(const Geometry& geo) {
+  return kSegmentHeaderBytes + geo.NumSlots() * geo.Slot().bytes;
+}
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -310,8 +299,8 @@ PeerStatus OpenPeer(const std::string& deployment, std::int64_t peer,
   check("num_experts", h->num_experts, static_cast<std::uint64_t>(geo.num_experts));
   check("hidden_dtype", h->hidden_dtype, geo.hidden_dtype);
   check("slot_bytes", h->slot_bytes, geo.Slot().bytes);
-  check("total_bytes", h->total_bytes, geo.TotalBytes());
-  check("segment size", size, geo.TotalBytes());
+  check("total_bytes", h->total_bytes, SegmentBytes(geo));
+  check("segment size", size, SegmentBytes(geo));
   if (!mismatch.empty()) {
     *why = "refusing peer inbox " + name + ": geometry/identity mismatch: " + mismatch;
     return PeerStatus::kRefused;
@@ -514,7 +503,7 @@ std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
            " if no process uses it";
   }
   if (fd < 0) return "cannot create shared-memory inbox " + name;
-  const std::size_t total = geo.TotalBytes();
+  const std::size_t total = SegmentBytes(geo);
   if (fchmod(fd, 0600) != 0 || ftruncate(fd, static_cast<off_t>(total)) != 0) {
     const int err = errno;
     close(fd);
@@ -636,13 +625,6 @@ MessageHeader NewHeader(const Transport& tr, std::uint32_t kind, std::int64_t la
   h.micro_batch = static_cast<std::uint32_t>(micro_batch);
   h.num_tokens = static_cast<std::uint32_t>(num_tokens);
   return h;
-}
-
-// The XLA element type of the hidden rows of requests in `dtype`.
-ffi::DataType HiddenFfiType(std::uint32_t dtype) {
-  return dtype == kHiddenBF16 ? ffi::DataType::BF16
-         : dtype == kHiddenF8E4M3 ? ffi::DataType::F8E4M3FN
-                                  : ffi::DataType::F32;
 }
 
 ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
@@ -1205,24 +1187,15 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
               err, errlen);
     return -1;
   }
-  const std::string bad = CheckGeometry({4096, 64, 1 << 20, 1 << 20, 1 << 20, 1024, 1 << 16, 1 << 20}, endpoint,
-                                        max_endpoints, num_channels, capacity, d, k, num_layers, num_experts,
-                                        hidden_dtype);
+  Geometry geo;
+  const std::string bad = MakeGeometry({4096, 64, 1 << 20, 1 << 20, 1 << 20, 1024, 1 << 16, 1 << 20}, endpoint,
+                                       deployment_id, max_endpoints, num_channels, capacity, d, k, num_layers,
+                                       num_experts, hidden_dtype, &geo);
   if (!bad.empty()) {
     CopyError(bad, err, errlen);
     return -1;
   }
-  Geometry geo;
-  geo.max_endpoints = max_endpoints;
-  geo.num_channels = num_channels;
-  geo.capacity = capacity;
-  geo.d = d;
-  geo.k = k;
-  geo.num_layers = num_layers;
-  geo.num_experts = num_experts;
-  geo.deployment_id = deployment_id;
-  geo.hidden_dtype = static_cast<std::uint32_t>(hidden_dtype);
-  const double bytes = static_cast<double>(geo.TotalBytes());
+  const double bytes = static_cast<double>(SegmentBytes(geo));
   if (bytes > static_cast<double>(std::int64_t{1} << 40)) {
     CopyError("inbox would need " + std::to_string(bytes) + " bytes", err, errlen);
     return -1;
@@ -1288,7 +1261,7 @@ EAAS_FFI_EXPORT int eaas_shm_info(std::int64_t endpoint, std::int64_t* out, std:
                             static_cast<std::int64_t>(g.hidden_dtype),
                             static_cast<std::int64_t>(kSegmentHeaderBytes),
                             static_cast<std::int64_t>(s.bytes),
-                            static_cast<std::int64_t>(g.TotalBytes()),
+                            static_cast<std::int64_t>(SegmentBytes(g)),
                             static_cast<std::int64_t>(s.hidden_offset),
                             static_cast<std::int64_t>(s.expert_ids_offset),
                             static_cast<std::int64_t>(s.gates_offset),

@@ -6,6 +6,7 @@
 #define EAAS_FFI_TRANSPORT_COMMON_H_
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -78,18 +79,33 @@ EAAS_HOST_DEVICE inline Counter CheckMessageHeader(const MessageHeader& h, std::
   return kNumCounters;
 }
 
-// Host only: the C API's argument checks.
+// Host only: an endpoint's geometry and the C API's argument checks.
+
+// What every endpoint of a deployment agrees on (both backends).
+struct EndpointGeometry {
+  std::int64_t max_endpoints = 0, num_channels = 0, capacity = 0, d = 0, k = 0, num_layers = 0,
+               num_experts = 0;
+  std::uint64_t deployment_id = 0;
+  std::uint32_t hidden_dtype = kHiddenF32;  // of requests
+
+  std::size_t NumSlots() const { return static_cast<std::size_t>(max_endpoints * num_channels); }
+  SlotLayout Slot() const {
+    return SlotLayout::Make(static_cast<std::size_t>(capacity), static_cast<std::size_t>(d),
+                            static_cast<std::size_t>(k));
+  }
+};
 
 // The largest values a backend accepts for an endpoint's geometry.
 struct GeometryLimits {
   std::int64_t max_endpoints, num_channels, slots, capacity, d, k, num_layers, num_experts;
 };
 
-// "" if endpoint `endpoint` may open with this geometry and request dtype
-// under `limits`, else why not.
-inline std::string CheckGeometry(const GeometryLimits& limits, std::int64_t endpoint, std::int64_t max_endpoints,
-                                 std::int64_t num_channels, std::int64_t capacity, std::int64_t d, std::int64_t k,
-                                 std::int64_t num_layers, std::int64_t num_experts, std::int64_t hidden_dtype) {
+// Checks the geometry endpoint `endpoint` opens with against `limits`; fills
+// `*out` and returns "" when valid, else returns why not.
+inline std::string MakeGeometry(const GeometryLimits& limits, std::int64_t endpoint, std::uint64_t deployment_id,
+                                std::int64_t max_endpoints, std::int64_t num_channels, std::int64_t capacity,
+                                std::int64_t d, std::int64_t k, std::int64_t num_layers, std::int64_t num_experts,
+                                std::int64_t hidden_dtype, EndpointGeometry* out) {
   auto in = [](std::int64_t v, std::int64_t hi) { return v >= 1 && v <= hi; };
   if (!in(max_endpoints, limits.max_endpoints) || !in(num_channels, limits.num_channels) ||
       !in(max_endpoints * num_channels, limits.slots) || !in(capacity, limits.capacity) || !in(d, limits.d) ||
@@ -110,6 +126,8 @@ inline std::string CheckGeometry(const GeometryLimits& limits, std::int64_t endp
     return "endpoint " + std::to_string(endpoint) + " is not in [0, max_endpoints=" +
            std::to_string(max_endpoints) + ")";
   }
+  *out = EndpointGeometry{max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, deployment_id,
+                          static_cast<std::uint32_t>(hidden_dtype)};
   return "";
 }
 
