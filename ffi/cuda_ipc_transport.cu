@@ -7,8 +7,8 @@
 //                                     into the server GPU's inbox (NVLink)
 //   eaas_cuda_ipc_combine   (client)  wait for the replies in device memory
 //                                     (acquire loads, %globaltimer deadline),
-//                                     then sum them back per token
-//   eaas_cuda_ipc_poll      (server)  wait for requests, copy them out
+//                                     then sum them back per token (one kernel)
+//   eaas_cuda_ipc_poll      (server)  wait for requests, copy them out (one kernel)
 //   eaas_cuda_ipc_reply     (server)  store each reply into the client's inbox
 //
 // == Memory ==
@@ -33,12 +33,21 @@
 //
 // == Publication (wire_format.h's seqlock, across GPUs) ==
 // The blocks that write one message first store the odd sequence number
-// (relaxed, system scope) and fence, then copy their rows; each then fences
-// (system scope) and increments a per-message counter; the last block writes
-// the header fields and publishes the even sequence number with
-// st.release.sys. Readers spin with ld.acquire.sys and re-check the sequence
-// number after copying (torn read). Sequence numbers start at the host's
-// CLOCK_REALTIME nanoseconds at open, as in shm.
+// (relaxed, system scope) and fence (replies always; requests only when the
+// previous request of that slot was not answered, see wire_format.h), then
+// copy their rows; each then fences (release, system scope) and increments a
+// per-message counter; the last block fences (acquire), writes the header
+// fields and publishes the even sequence number with st.release.sys. Readers
+// spin with ld.acquire.sys and re-check the sequence number after copying
+// (torn read). Fences are acq_rel, never sc (__threadfence_system): nothing
+// here needs a total order and sc fences are slower. Sequence numbers start
+// at the host's CLOCK_REALTIME nanoseconds at open, as in shm.
+//
+// == Kernel boundaries ==
+// combine (wait, then sum) and poll (accept, then copy) are each ONE launch:
+// the block that draws ticket 0 leads (waits/accepts) and the others wait for
+// its release flag (GridSync), so a round trip has four kernels on its
+// critical path (dispatch, poll, reply, combine) instead of six.
 //
 // == Peers ==
 // A peer whose inbox is not imported yet gets nothing: dispatch returns
@@ -99,6 +108,15 @@ struct Accepted {
   std::uint64_t ticket, seq;
 };
 
+// Coordination of the blocks of one fused kernel launch (device memory, all
+// zero between launches). The block that draws ticket 0 leads: it runs by
+// construction, so the others may wait for it whatever order the hardware
+// starts blocks in (no co-residency assumption); `done` finds the last block,
+// which resets the three for the next launch on the stream.
+struct GridSync {
+  std::uint32_t ticket, go, done;
+};
+
 // Poll bookkeeping (device memory).
 struct PollInfo {
   std::int32_t num_accepted;   // entries of `accepted`
@@ -120,12 +138,16 @@ struct View {
   std::int32_t* pending_layer;    // [slots]
   std::int32_t* row_of;           // [channels, max_endpoints, capacity]: row of token t
                                   //   in the message to servers[s], -1 none
-  std::uint32_t* done;            // [max_endpoints + slots + 2] last-block counters
+  std::uint32_t* request_open;    // [slots] 1: the last request sent on (peer, channel) got no
+                                  //   reply yet, so the server may still be reading it
+  std::uint32_t* done;            // [max_endpoints + slots + 1] last-block counters
   std::uint32_t* abort;           // [max_endpoints + slots] a block could not write
   std::uint64_t* combine_seq;     // [max_endpoints] seq of the reply combine accepted
   Accepted* accepted;             // [slots]
   std::uint32_t* poll_bad;        // [slots] a row of accepted[m] named a foreign expert
   PollInfo* poll;
+  GridSync* combine_sync;         // [num_channels]
+  GridSync* poll_sync;
   unsigned long long* counters;   // [kNumCounters]
   std::uint64_t generation;  // of the open endpoint; 0: closed
   std::uint64_t deployment_id;
@@ -165,6 +187,19 @@ __device__ __forceinline__ void StoreRelaxedSys(std::uint64_t* p, std::uint64_t 
 __device__ __forceinline__ std::uint8_t* LoadPointer(std::uint8_t* const* p) {
   return reinterpret_cast<std::uint8_t*>(
       LoadRelaxedSys(reinterpret_cast<const std::uint64_t*>(p)));
+}
+
+// Release/acquire fences. fence.sc (what __threadfence_system() emits) is
+// stronger than any ordering here needs and slower.
+__device__ __forceinline__ void FenceSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void FenceGpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ std::uint32_t LoadAcquireGpu(const std::uint32_t* p) {
+  std::uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void StoreReleaseGpu(std::uint32_t* p, std::uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 __device__ __forceinline__ void Count(const View& v, Counter c, unsigned long long n = 1) {
@@ -207,13 +242,13 @@ __device__ __forceinline__ void WarpCopy(std::uint8_t* dst, const std::uint8_t* 
 // `*aborted` is set in the last block).
 __device__ bool FinishMessage(const View& v, std::size_t counter, std::uint8_t* slot,
                               MessageHeader h, bool* aborted) {
-  __threadfence_system();  // this block's rows before the counter
+  FenceSys();  // release: this block's rows (the caller's barrier ordered them) before the counter
   const unsigned prev = atomicAdd(&v.done[counter], 1u);
   if (prev != gridDim.x - 1) return false;
   v.done[counter] = 0;
   *aborted = atomicExch(&v.abort[counter], 0u) != 0;
   if (*aborted) return false;
-  __threadfence_system();  // every block's rows before the header
+  FenceSys();  // acquire: every block's rows (their releases, seen through the counter) before the header
   h.checksum = HeaderChecksum(h);
   const auto* words = reinterpret_cast<const std::uint64_t*>(&h);
   auto* dst = reinterpret_cast<std::uint64_t*>(slot);
@@ -236,6 +271,47 @@ __device__ MessageHeader NewHeader(const View& v, std::uint16_t kind, std::int32
   h.micro_batch = static_cast<std::uint32_t>(channel);
   h.num_tokens = static_cast<std::uint32_t>(num_tokens);
   return h;
+}
+
+// This block's ticket in a fused launch (0: the leader); every thread gets it.
+__device__ int TakeTicket(GridSync* g) {
+  __shared__ int ticket;
+  if (threadIdx.x == 0) ticket = static_cast<int>(atomicAdd(&g->ticket, 1u));
+  __syncthreads();
+  return ticket;
+}
+
+// Leader: what its threads wrote so far becomes visible to the blocks
+// returning from WaitForLeader.
+__device__ void ReleaseFollowers(GridSync* g) {
+  __syncthreads();
+  if (threadIdx.x == 0) StoreReleaseGpu(&g->go, 1u);
+}
+
+__device__ void WaitForLeader(GridSync* g) {
+  if (threadIdx.x == 0) {
+    while (LoadAcquireGpu(&g->go) == 0) __nanosleep(32);
+  }
+  __syncthreads();
+}
+
+// Called by every block when its work is done. True in the last block, which
+// then sees every block's writes and has reset `g` for the next launch.
+__device__ bool LastBlock(GridSync* g) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    FenceGpu();
+    last = atomicAdd(&g->done, 1u) == gridDim.x - 1;
+    if (last) {
+      FenceGpu();
+      g->ticket = 0;
+      g->go = 0;
+      g->done = 0;
+    }
+  }
+  __syncthreads();
+  return last != 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -317,9 +393,14 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
   if (slot == nullptr) {
     if (threadIdx.x == 0) atomicOr(&v.abort[s], 1u);
   } else {
-    if (threadIdx.x == 0) {
+    // The seqlock's odd mark (a system-scope fence on the critical path) only
+    // when the server may still be reading the previous request of this slot:
+    // it has not answered it (this client gave up waiting). Once answered, the
+    // server's poll has committed it and never reads that slot's rows or
+    // header again until the sequence number changes.
+    if (threadIdx.x == 0 && v.request_open[si] != 0) {
       StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);  // odd: being written
-      __threadfence_system();
+      FenceSys();
     }
     __syncthreads();
     auto* dst_ids = reinterpret_cast<std::int32_t*>(slot + v.expert_ids_offset);
@@ -343,6 +424,7 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
   const MessageHeader h = NewHeader(v, kKindRequest, layer, channel, n, seq, seq);
   if (FinishMessage(v, s, slot, h, &aborted)) {
     v.send_seq[si] = seq;
+    v.request_open[si] = 1;
     v.pending_ticket[si] = seq;
     v.pending_tokens[si] = n;
     v.pending_layer[si] = layer;
@@ -356,15 +438,10 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
   }
 }
 
-// One block; warp w waits for servers w, w + kWarps, ... (lane 0).
-__global__ void CombineWaitKernel(int endpoint, std::uint64_t generation, const std::int32_t* sent, const std::int32_t* servers,
-                                  int S, int layer, int channel, std::int64_t timeout_ns,
-                                  std::int32_t* status) {
-  const View v = g_views[endpoint];
-  if (v.generation != generation) {
-    for (int s = threadIdx.x; s < S; s += blockDim.x) status[s] = kStatusUnavailable;
-    return;
-  }
+// Combine's leader block: warp w waits for servers w, w + kWarps, ... (lane 0)
+// and writes their status.
+__device__ void WaitForReplies(const View& v, const std::int32_t* sent, const std::int32_t* servers, int S,
+                               int layer, int channel, std::int64_t timeout_ns, std::int32_t* status) {
   __shared__ std::uint64_t deadline;
   if (threadIdx.x == 0) deadline = GlobalTimerNs() + static_cast<std::uint64_t>(timeout_ns);
   __syncthreads();
@@ -406,7 +483,7 @@ __global__ void CombineWaitKernel(int endpoint, std::uint64_t generation, const 
             bad = kDropReplySize;
           }
         }
-        __threadfence_system();
+        FenceSys();
         if (bad == kTornReads || LoadRelaxedSys(seq_ptr) != s1) {
           Count(v, kTornReads);
           continue;
@@ -421,6 +498,7 @@ __global__ void CombineWaitKernel(int endpoint, std::uint64_t generation, const 
           st = kStatusBadReply;
         } else {
           v.combine_seq[s] = s1;
+          v.request_open[si] = 0;  // answered: the server is done reading it
           st = kStatusOk;
           Count(v, kRepliesAccepted);
         }
@@ -436,18 +514,17 @@ __global__ void CombineWaitKernel(int endpoint, std::uint64_t generation, const 
   }
 }
 
-// out[t] = sum over servers s (in order) with status OK of their reply row
-// for t; then re-checks that no accepted reply was rewritten meanwhile.
-__global__ void CombineSumKernel(int endpoint, std::uint64_t generation, const std::int32_t* servers, int S, int T, int channel,
-                                 std::int32_t* status, float* out) {
-  const View v = g_views[endpoint];
-  if (v.generation != generation) return;  // every status is STATUS_UNAVAILABLE
+// This block's share (`part` of gridDim.x) of out[t] = sum over servers s (in
+// order) with status OK of their reply row for t; then re-checks that no
+// accepted reply was rewritten meanwhile.
+__device__ void SumReplies(const View& v, const std::int32_t* servers, int S, int T, int channel, int part,
+                           std::int32_t* status, float* out) {
   const int d = v.d;
   const std::int32_t* row_of = v.row_of + static_cast<std::size_t>(channel) * v.max_endpoints * v.capacity;
   const bool vec = d % 4 == 0;
   const std::int64_t width = vec ? d / 4 : d;
   const std::int64_t total = static_cast<std::int64_t>(T) * width;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+  for (std::int64_t i = part * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t t = i / width, c = i % width;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -484,16 +561,35 @@ __global__ void CombineSumKernel(int endpoint, std::uint64_t generation, const s
   }
 }
 
-// One warp: wait until at least one valid request from an imported sender
-// has arrived (or the deadline), then accept requests in slot order from
-// poll->start while they fit in C rows and max_messages.
-__global__ void PollAcceptKernel(int endpoint, std::uint64_t generation, int C, int max_messages, std::int64_t timeout_ns,
-                                 std::int32_t* num_rows) {
+// Combine in one launch (no kernel boundary between the wait and the sum):
+// the leader waits for the replies, then every block sums its share.
+__global__ void CombineKernel(int endpoint, std::uint64_t generation, const std::int32_t* sent,
+                              const std::int32_t* servers, int S, int T, int layer, int channel,
+                              std::int64_t timeout_ns, std::int32_t* status, float* out) {
   const View v = g_views[endpoint];
-  if (v.generation != generation) {
-    if (threadIdx.x == 0) *num_rows = 0;
+  if (v.generation != generation) {  // launched for a closed endpoint
+    if (blockIdx.x == 0) {
+      for (int s = threadIdx.x; s < S; s += blockDim.x) status[s] = kStatusUnavailable;
+    }
     return;
   }
+  GridSync* sync = v.combine_sync + channel;
+  const int ticket = TakeTicket(sync);
+  if (ticket == 0) {
+    WaitForReplies(v, sent, servers, S, layer, channel, timeout_ns, status);
+    ReleaseFollowers(sync);
+  } else {
+    WaitForLeader(sync);
+  }
+  SumReplies(v, servers, S, T, channel, ticket, status, out);
+  LastBlock(sync);
+}
+
+// Poll's leader, first warp: wait until at least one valid request from an
+// imported sender has arrived (or the deadline), then accept requests in slot
+// order from poll->start while they fit in C rows and max_messages.
+__device__ void AcceptRequests(const View& v, int C, int max_messages, std::int64_t timeout_ns,
+                               std::int32_t* num_rows) {
   __shared__ std::uint64_t cand_seq[kMaxSlots];  // 0: no candidate in that slot
   __shared__ MessageHeader cand[kMaxSlots];
   const int lane = threadIdx.x;
@@ -517,7 +613,7 @@ __global__ void PollAcceptKernel(int endpoint, std::uint64_t generation, int C, 
       const Counter bad = h.seq != s1 ? kTornReads
                                       : CheckMessageHeader(h, v.deployment_id, v.capacity, v.num_layers,
                                                            v.hidden_dtype, kKindRequest, sender, channel);
-      __threadfence_system();
+      FenceSys();
       if (bad == kTornReads || LoadRelaxedSys(seq_ptr) != s1) {
         Count(v, kTornReads);
         continue;
@@ -569,20 +665,14 @@ __global__ void PollAcceptKernel(int endpoint, std::uint64_t generation, int C, 
   }
 }
 
-// Copies the accepted requests' rows into the outputs (rows past the last
-// one: padding) and checks their expert ids against `hosted`. The last block
-// to finish then commits the poll: a request rewritten while copied (torn)
-// is dropped and stays unseen (read again by the next poll); one naming a
-// foreign expert is dropped and counted. Dropped requests' rows become inert
-// (expert -1, gate 0, layer -1) and get no reply.
-__global__ void PollCopyKernel(int endpoint, std::uint64_t generation, const std::int32_t* hosted, int C, std::uint8_t* out_hidden,
-                               float* out_scales, std::int32_t* out_ids, float* out_gates,
-                               std::int32_t* out_layer) {
-  const View v = g_views[endpoint];
-  if (v.generation != generation) return;
+// This block's share (`part` of gridDim.x) of copying the accepted requests'
+// rows into the outputs (rows past the last one: padding) and checking their
+// expert ids against `hosted`.
+__device__ void CopyRequests(const View& v, const std::int32_t* hosted, int C, int part, std::uint8_t* out_hidden,
+                             float* out_scales, std::int32_t* out_ids, float* out_gates, std::int32_t* out_layer) {
   const int lane = threadIdx.x % 32, k = v.k;
   const int M = v.poll->num_accepted;
-  for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < C; r += gridDim.x * kWarps) {
+  for (int r = part * kWarps + threadIdx.x / 32; r < C; r += gridDim.x * kWarps) {
     int m = 0;
     while (m < M && !(r >= v.accepted[m].first_row && r < v.accepted[m].first_row + v.accepted[m].num_tokens)) ++m;
     std::uint8_t* dst = out_hidden + static_cast<std::size_t>(r) * v.row_bytes;
@@ -623,17 +713,15 @@ __global__ void PollCopyKernel(int endpoint, std::uint64_t generation, const std
       out_layer[r] = a.layer;
     }
   }
-  __shared__ int last, drop;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + v.max_endpoints * v.num_channels;
-    last = atomicAdd(&v.done[counter], 1u) == gridDim.x - 1;
-    if (last) v.done[counter] = 0;
-    __threadfence();
-  }
-  __syncthreads();
-  if (!last) return;
+}
+
+// Commits the poll (the last block, once every row is copied): a request
+// rewritten while copied (torn) is dropped and stays unseen (read again by
+// the next poll); one naming a foreign expert is dropped and counted. Dropped
+// requests' rows become inert (expert -1, gate 0, layer -1) and get no reply.
+__device__ void CommitPoll(const View& v, std::int32_t* out_ids, float* out_gates, std::int32_t* out_layer) {
+  __shared__ int drop;
+  const int k = v.k, M = v.poll->num_accepted;
   for (int m = 0; m < M; ++m) {
     Accepted& a = v.accepted[m];
     if (threadIdx.x == 0) {
@@ -662,6 +750,30 @@ __global__ void PollCopyKernel(int endpoint, std::uint64_t generation, const std
   }
 }
 
+// Poll in one launch (no kernel boundary between accepting and copying): the
+// leader's first warp accepts, then every block copies its share of the rows
+// and the last one commits.
+__global__ void PollKernel(int endpoint, std::uint64_t generation, const std::int32_t* hosted, int C,
+                           int max_messages, std::int64_t timeout_ns, std::uint8_t* out_hidden, float* out_scales,
+                           std::int32_t* out_ids, float* out_gates, std::int32_t* out_layer,
+                           std::int32_t* num_rows) {
+  const View v = g_views[endpoint];
+  if (v.generation != generation) {  // launched for a closed endpoint: nothing polled
+    if (blockIdx.x == 0 && threadIdx.x == 0) *num_rows = 0;
+    return;
+  }
+  GridSync* sync = v.poll_sync;
+  const int ticket = TakeTicket(sync);
+  if (ticket == 0) {
+    if (threadIdx.x < 32) AcceptRequests(v, C, max_messages, timeout_ns, num_rows);
+    ReleaseFollowers(sync);
+  } else {
+    WaitForLeader(sync);
+  }
+  CopyRequests(v, hosted, C, ticket, out_hidden, out_scales, out_ids, out_gates, out_layer);
+  if (LastBlock(sync)) CommitPoll(v, out_ids, out_gates, out_layer);
+}
+
 // grid (B, slots): blocks (., m) answer accepted request m; the last block of
 // the grid marks the poll answered (a second reply sends nothing).
 __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float* results, std::int32_t* replies) {
@@ -688,9 +800,9 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     if (slot == nullptr) {
       if (threadIdx.x == 0) atomicOr(&v.abort[counter], 1u);
     } else {
-      if (threadIdx.x == 0) {
+      if (threadIdx.x == 0) {  // odd: being written (a late reply may still be read, see wire_format.h)
         StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);
-        __threadfence_system();
+        FenceSys();
       }
       __syncthreads();
       for (int r = b * kWarps + warp; r < a.num_tokens; r += gridDim.x * kWarps) {
@@ -711,8 +823,8 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     }
   }
   if (threadIdx.x == 0) {  // every block has read `info`: the last one may change it
-    __threadfence();
-    const std::size_t grid = static_cast<std::size_t>(v.max_endpoints) + v.max_endpoints * v.num_channels + 1;
+    FenceGpu();
+    const std::size_t grid = static_cast<std::size_t>(v.max_endpoints) + v.max_endpoints * v.num_channels;
     if (atomicAdd(&v.done[grid], 1u) == gridDim.x * gridDim.y - 1) {
       v.done[grid] = 0;
       v.poll->replied = 1;
@@ -789,9 +901,12 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   const std::size_t o_send = take(slots * 8), o_seen = take(slots * 8), o_ticket = take(slots * 8);
   const std::size_t o_tokens = take(slots * 4), o_layer = take(slots * 4);
   const std::size_t o_rows = take(static_cast<std::size_t>(geo.num_channels) * E * geo.capacity * 4);
-  // done: [E] dispatch per server, [slots] reply per message, then the poll
-  // commit's and the reply grid's counters.
-  const std::size_t o_done = take((E + slots + 2) * 4), o_abort = take((E + slots) * 4);
+  // done: [E] dispatch per server, [slots] reply per message, then the reply
+  // grid's counter.
+  const std::size_t o_done = take((E + slots + 1) * 4), o_abort = take((E + slots) * 4);
+  const std::size_t o_open = take(slots * 4);
+  const std::size_t o_csync = take(static_cast<std::size_t>(geo.num_channels) * sizeof(GridSync));
+  const std::size_t o_psync = take(sizeof(GridSync));
   const std::size_t o_cseq = take(E * 8), o_acc = take(slots * sizeof(Accepted));
   const std::size_t o_bad = take(slots * 4), o_poll = take(sizeof(PollInfo));
   const std::size_t o_counters = take(kNumCounters * sizeof(unsigned long long));
@@ -818,12 +933,15 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   v.pending_tokens = reinterpret_cast<std::int32_t*>(base + o_tokens);
   v.pending_layer = reinterpret_cast<std::int32_t*>(base + o_layer);
   v.row_of = reinterpret_cast<std::int32_t*>(base + o_rows);
+  v.request_open = reinterpret_cast<std::uint32_t*>(base + o_open);
   v.done = reinterpret_cast<std::uint32_t*>(base + o_done);
   v.abort = reinterpret_cast<std::uint32_t*>(base + o_abort);
   v.combine_seq = reinterpret_cast<std::uint64_t*>(base + o_cseq);
   v.accepted = reinterpret_cast<Accepted*>(base + o_acc);
   v.poll_bad = reinterpret_cast<std::uint32_t*>(base + o_bad);
   v.poll = reinterpret_cast<PollInfo*>(base + o_poll);
+  v.combine_sync = reinterpret_cast<GridSync*>(base + o_csync);
+  v.poll_sync = reinterpret_cast<GridSync*>(base + o_psync);
   v.counters = reinterpret_cast<unsigned long long*>(base + o_counters);
   v.generation = ++g_last_generation;
   v.deployment_id = geo.deployment_id;
@@ -972,18 +1090,12 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
     return ffi::Error::InvalidArgument(std::string(kWhere) + ": layer / micro_batch out of range");
   }
   const std::int64_t timeout_ns = TimeoutNs(timeout_us);
-  if (S > 0) {
-    CombineWaitKernel<<<1, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, sent.typed_data(),
-                                                   servers.typed_data(), static_cast<int>(S),
-                                                   static_cast<int>(layer), static_cast<int>(micro_batch),
-                                                   timeout_ns, status->typed_data());
-  }
   const std::int64_t work = T * (geo.d % 4 == 0 ? geo.d / 4 : geo.d);
   const int blocks = static_cast<int>(std::clamp<std::int64_t>((work + kThreads - 1) / kThreads, 1, 528));
-  CombineSumKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, servers.typed_data(),
-                                                     static_cast<int>(S), static_cast<int>(T),
-                                                     static_cast<int>(micro_batch), status->typed_data(),
-                                                     out->typed_data());
+  CombineKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, sent.typed_data(),
+                                                 servers.typed_data(), static_cast<int>(S), static_cast<int>(T),
+                                                 static_cast<int>(layer), static_cast<int>(micro_batch), timeout_ns,
+                                                 status->typed_data(), out->typed_data());
   return Launched(kWhere);
 }
 
@@ -1015,14 +1127,13 @@ ffi::Error PollImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> hosted, ffi::A
   const std::int64_t timeout_ns = TimeoutNs(timeout_us);
   ep->poll_rows = C;
   const int ix = static_cast<int>(endpoint);
-  PollAcceptKernel<<<1, 32, 0, stream>>>(ix, ep->view.generation, static_cast<int>(C),
-                                          static_cast<int>(std::min<std::int64_t>(max_messages, kMaxSlots)),
-                                          timeout_ns, out_num_rows->typed_data());
   const int blocks = static_cast<int>(std::clamp<std::int64_t>((C + kWarps - 1) / kWarps, 1, 264));
-  PollCopyKernel<<<blocks, kThreads, 0, stream>>>(ix, ep->view.generation, hosted.typed_data(), static_cast<int>(C),
-                                                   static_cast<std::uint8_t*>(out_hidden->untyped_data()),
-                                                   out_scales->typed_data(), out_expert_ids->typed_data(),
-                                                   out_gates->typed_data(), out_layer->typed_data());
+  PollKernel<<<blocks, kThreads, 0, stream>>>(ix, ep->view.generation, hosted.typed_data(), static_cast<int>(C),
+                                              static_cast<int>(std::min<std::int64_t>(max_messages, kMaxSlots)),
+                                              timeout_ns, static_cast<std::uint8_t*>(out_hidden->untyped_data()),
+                                              out_scales->typed_data(), out_expert_ids->typed_data(),
+                                              out_gates->typed_data(), out_layer->typed_data(),
+                                              out_num_rows->typed_data());
   return Launched(kWhere);
 }
 

@@ -33,6 +33,10 @@
 // == Publication protocol (a seqlock whose sequence only grows) ==
 // Writer (the only one of its slot):
 //   1. relaxed store seq = prev + 1 (odd: "being written"), release fence;
+//      a writer that knows the receiver is done with the slot's previous
+//      message may skip this step (cuda_ipc requests whose reply arrived: the
+//      server's poll committed them and reads that slot again only once seq
+//      changes), since no reader can then be inside the slot;
 //   2. write the payload rows and header fields (seq field excluded);
 //   3. release store seq = prev + 2 (even: published).
 // Sequence numbers only grow and are never reset: a sender starts each of its

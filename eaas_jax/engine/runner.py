@@ -103,7 +103,7 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
     tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
     experts = backend.exchange(expert_arrays)
-    token_mask = paged.slot_mapping < kv_cache[0].k.shape[0] * kv_cache[0].k.shape[1]
+    token_mask = paged.slot_mapping < kv_cache[0].num_slots
     hidden, kv_cache, _ = client.hidden_states(
         tokens, positions, experts, kv_cache, paged,
         num_micro_batches=backend.num_micro_batches(tokens.shape[0]), token_mask=token_mask,

@@ -1,10 +1,15 @@
 """Grouped-query attention over a paged KV cache.
 
-The cache of one layer is a pool of fixed-size blocks, `[num_blocks, block_size,
-num_kv_heads, head_dim]` for keys and the same for values. A sequence owns a list
-of blocks (its row of `block_tables`); token at position p lives in slot
-`block_tables[p // block_size] * block_size + p % block_size`. Memory therefore
-grows with the tokens actually held, not with `max_model_len` per sequence.
+The cache of one layer is a pool of fixed-size blocks, `[num_kv_heads,
+num_blocks, block_size, head_dim]` for keys and the same for values (kv-head
+major, so a block of one head is contiguous: the layout the paged decode kernel
+reads). A sequence owns a list of blocks (its row of `block_tables`); token at
+position p lives in slot `block_tables[p // block_size] * block_size + p %
+block_size`. Memory therefore grows with the tokens actually held, not with
+`max_model_len` per sequence.
+
+Decode steps (one new token per sequence) attend over the blocks in place
+(`eaas_jax.kernels.paged_attention`); prefill gathers each sequence's blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eaas_jax.kernels.attention import grouped_query_attention
+from eaas_jax.kernels.paged_attention import gather_blocks, paged_decode_attention
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import RMSNorm, linear
 from eaas_jax.model.rope import apply_rope, rope_frequencies
@@ -24,8 +30,12 @@ from eaas_jax.model.rope import apply_rope, rope_frequencies
 class LayerCache(NamedTuple):
     """One layer's block pool."""
 
-    k: jax.Array  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k: jax.Array  # [num_kv_heads, num_blocks, block_size, head_dim]
     v: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1] * self.k.shape[2]
 
 
 class PagedAttentionInputs(NamedTuple):
@@ -44,9 +54,9 @@ def init_layer_cache(config: ModelConfig, num_blocks: int, block_size: int, dtyp
     if config.attention == "mla":
         # One latent (and its rotary key part) per token, shared by every head;
         # the values are the latent itself, so `v` is empty.
-        shape = (num_blocks, block_size, 1, config.kv_lora_rank + config.qk_rope_head_dim)
+        shape = (1, num_blocks, block_size, config.kv_lora_rank + config.qk_rope_head_dim)
         return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape[:-1] + (0,), dtype))
-    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
     return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -60,19 +70,17 @@ def kv_cache_bytes_per_token(config: ModelConfig, itemsize: int) -> int:
 
 
 def _write(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    num_blocks, block_size, kv_heads, head_dim = pool.shape
-    flat = pool.reshape(num_blocks * block_size, kv_heads, head_dim)
-    flat = flat.at[slots.reshape(-1)].set(
-        values.reshape(slots.size, kv_heads, head_dim).astype(pool.dtype), mode="drop"
-    )
+    """values [B, T, kv_heads, head_dim] into flat slots [B, T] (out of range: dropped)."""
+    kv_heads, num_blocks, block_size, head_dim = pool.shape
+    flat = pool.reshape(kv_heads, num_blocks * block_size, head_dim)
+    rows = values.reshape(slots.size, kv_heads, head_dim).astype(pool.dtype).transpose(1, 0, 2)
+    flat = flat.at[:, slots.reshape(-1)].set(rows, mode="drop")
     return flat.reshape(pool.shape)
 
 
-def _gather(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """[B, M] block ids -> [B, M * block_size, kv_heads, head_dim] keys or values."""
-    batch, max_blocks = block_tables.shape
-    gathered = pool[block_tables]  # [B, M, block_size, kv, hd]
-    return gathered.reshape(batch, max_blocks * pool.shape[1], *pool.shape[2:])
+def write_cache(cache: LayerCache, paged: PagedAttentionInputs, k, v) -> LayerCache:
+    """The cache with this step's keys/values [B, T, kv_heads, *] in their slots."""
+    return LayerCache(_write(cache.k, paged.slot_mapping, k), _write(cache.v, paged.slot_mapping, v))
 
 
 def attend_to(cache: LayerCache | None, paged: PagedAttentionInputs | None, k, v, positions):
@@ -81,9 +89,9 @@ def attend_to(cache: LayerCache | None, paged: PagedAttentionInputs | None, k, v
     are written to their slots and each sequence's blocks are read back."""
     if cache is None:
         return k, v, positions, None
-    cache = LayerCache(_write(cache.k, paged.slot_mapping, k), _write(cache.v, paged.slot_mapping, v))
-    keys = _gather(cache.k, paged.block_tables)
-    values = _gather(cache.v, paged.block_tables)
+    cache = write_cache(cache, paged, k, v)
+    keys = gather_blocks(cache.k, paged.block_tables)
+    values = gather_blocks(cache.v, paged.block_tables)
     key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
     return keys, values, key_positions, cache
 
@@ -136,7 +144,11 @@ class Attention(nnx.Module):
         sequence's blocks up to its own position.
         """
         q, k, v = self._qkv(x, positions)
+        batch, seq = x.shape[:2]
+        if cache is not None and seq == 1:  # decode: read the blocks in place
+            cache = write_cache(cache, paged, k, v)
+            out = paged_decode_attention(q[:, 0], cache.k, cache.v, paged.block_tables, positions[:, 0] + 1)
+            return self.o_proj(out.reshape(batch, seq, -1)), cache
         keys, values, key_positions, cache = attend_to(cache, paged, k, v, positions)
         out = grouped_query_attention(q, keys, values, positions, key_positions)
-        batch, seq = x.shape[:2]
         return self.o_proj(out.reshape(batch, seq, -1)), cache

@@ -1,0 +1,127 @@
+"""Decode attention over the paged KV cache: one new query per sequence.
+
+Every decode step attends each sequence's single new query over the keys and
+values in its cache blocks. Gathering those blocks into a padded
+`[batch, max_blocks * block_size, ...]` copy first (what prefill does, see
+`eaas_jax.model.attention`) writes and re-reads the whole visible cache once
+more per layer; `paged_decode_attention` avoids that where it can:
+
+- on GPUs, JAX's Pallas paged-attention kernel
+  (`jax.experimental.pallas.ops.gpu.paged_attention`, Triton) reads the blocks
+  in place through the block table, split over the sequence (flash-decoding)
+  and combined at the end; set EAAS_JAX_PAGED_ATTENTION=gather to compare;
+- elsewhere (and for shapes the kernel does not take: head_dim or block_size
+  not a power of two >= 16) the gathered computation, which is also the
+  reference the kernel is tested against.
+
+Pool layout: `[num_kv_heads, num_blocks, block_size, head_dim]`, the kernel's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from eaas_jax.kernels.attention import grouped_query_attention
+
+log = logging.getLogger(__name__)
+
+_MAX_SPLITS = 16  # sequence partitions per (sequence, kv head), combined at the end
+_MAX_PAGES_PER_BLOCK = 8  # cache blocks one kernel iteration loads
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention of one query per sequence over the first `lengths` keys of its blocks.
+
+    Args:
+      q: [B, H, D] queries, H a multiple of the kv heads.
+      k_pool, v_pool: [KV, num_blocks, block_size, D] the layer's cache.
+      block_tables: [B, M] int32 block ids of each sequence in order; entries
+        past a sequence's blocks must still be valid ids (the runner pads with 0).
+      lengths: [B] int32 keys each query sees (its position + 1), 1..M * block_size.
+      scale: score scale (default D ** -0.5).
+
+    Returns:
+      [B, H, D] in q's dtype; softmax in float32.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if jax.default_backend() == "gpu" and _use_kernel(k_pool.shape, v_pool.shape):
+        return pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, scale=scale)
+    return gathered_paged_attention(q, k_pool, v_pool, block_tables, lengths, scale=scale)
+
+
+def gathered_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: float) -> jax.Array:
+    """The reference: gather each sequence's blocks, then dense masked attention."""
+    batch, max_blocks = block_tables.shape
+    keys = gather_blocks(k_pool, block_tables)
+    values = gather_blocks(v_pool, block_tables)
+    key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (batch, keys.shape[1]))
+    out = grouped_query_attention(q[:, None], keys, values, (lengths - 1)[:, None], key_positions, scale=scale)
+    return out[:, 0]
+
+
+def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """[KV, N, block_size, D] pool, [B, M] block ids -> [B, M * block_size, KV, D]."""
+    batch, max_blocks = block_tables.shape
+    kv_heads, _, block_size, dim = pool.shape
+    gathered = pool[:, block_tables]  # [KV, B, M, block_size, D]
+    return gathered.transpose(1, 2, 3, 0, 4).reshape(batch, max_blocks * block_size, kv_heads, dim)
+
+
+def pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: float,
+                           interpret: bool = False) -> jax.Array:
+    """JAX's Pallas paged-attention kernel with its partitioning chosen for
+    these shapes (`interpret=True` runs it on the CPU, for tests)."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    splits, pages_per_block = kernel_partition(block_tables.shape[1])
+    # The kernel does not scale scores: scale the queries (in float32, once).
+    scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    return paged_attention(
+        scaled, k_pool, v_pool, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+        k_splits=splits, pages_per_compute_block=pages_per_block, interpret=interpret,
+    )
+
+
+def kernel_partition(max_blocks: int) -> tuple[int, int]:
+    """(sequence splits, cache blocks per kernel iteration) for M blocks per
+    sequence: splits divide M (the kernel's requirement), at most 16 and leaving
+    at least 4 blocks each where M allows (more splits = more parallelism for
+    few long sequences, fewer = less combining); blocks per iteration are the
+    largest power of two <= 8 dividing a split (Triton tiles are powers of two)."""
+    splits = max(d for d in range(1, min(_MAX_SPLITS, max_blocks) + 1)
+                 if max_blocks % d == 0 and (max_blocks // d >= 4 or d == 1))
+    per_split = max_blocks // splits
+    pages = max(p for p in (1, 2, 4, 8) if p <= _MAX_PAGES_PER_BLOCK and per_split % p == 0)
+    return splits, pages
+
+
+def _use_kernel(k_shape, v_shape) -> bool:
+    _, _, block_size, dim = k_shape
+    power_of_two = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, dim))
+    return power_of_two and tuple(k_shape) == tuple(v_shape) and _kernel_enabled()
+
+
+@functools.cache
+def _kernel_enabled() -> bool:
+    choice = os.environ.get("EAAS_JAX_PAGED_ATTENTION", "auto")
+    if choice == "gather":
+        return False
+    try:
+        import jax.experimental.pallas.ops.gpu.paged_attention  # noqa: F401
+    except ImportError as e:  # a jaxlib without Pallas GPU support
+        log.info("Pallas paged attention not available (%s); decode attention gathers the cache", e)
+        return False
+    return True
