@@ -99,7 +99,9 @@ constexpr int kMaxEndpointIndex = 1024;  // endpoint indices a process can open
 constexpr int kMaxSlots = 256;           // max_endpoints x num_channels per inbox
 constexpr int kThreads = 256;            // threads of the multi-block kernels
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxBlocksPerMessage = 32;  // enough SMs to fill NVLink
+// Blocks (SMs) writing one message to a peer: one SM's stores over NVLink are
+// far slower than the link (64 rows of 8 KB from 8 blocks: 10 us, ~50 GB/s).
+constexpr int kMaxBlocksPerMessage = 64;
 constexpr int kMaxCapacity = 8192;  // tokens per message: dispatch lists them in shared memory
 
 // A request the last poll accepted (device memory).
@@ -232,6 +234,28 @@ __device__ __forceinline__ void WarpCopy(std::uint8_t* dst, const std::uint8_t* 
     for (std::size_t i = lane; i < bytes / 16; i += 32) d4[i] = __ldcg(s4 + i);
   } else {
     for (std::size_t i = lane; i < bytes; i += 32) dst[i] = src[i];
+  }
+}
+
+// Copies n rows of row_bytes from src (row src_rows[r], or r without
+// src_rows) to dst, spread in 16-byte pieces over every thread of `parts`
+// blocks (this one is `part`), so that a message's stores leave from many SMs.
+// Loads bypass L1 (src may be written by a peer GPU between kernels).
+__device__ void CopyRows(std::uint8_t* dst, const std::uint8_t* src, const std::int32_t* src_rows, int n,
+                         std::uint32_t row_bytes, int part, int parts) {
+  const bool vec = row_bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 16 == 0 &&
+                   reinterpret_cast<std::uintptr_t>(src) % 16 == 0;
+  const std::size_t unit = vec ? 16 : 1, per_row = row_bytes / unit;
+  const std::size_t total = static_cast<std::size_t>(n) * per_row;
+  for (std::size_t i = static_cast<std::size_t>(part) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<std::size_t>(parts) * blockDim.x) {
+    const std::size_t r = i / per_row, c = i % per_row;
+    const std::size_t from = src_rows == nullptr ? r : static_cast<std::size_t>(src_rows[r]);
+    if (vec) {
+      reinterpret_cast<int4*>(dst + r * row_bytes)[c] = __ldcg(reinterpret_cast<const int4*>(src + from * row_bytes) + c);
+    } else {
+      dst[r * row_bytes + c] = src[from * row_bytes + c];
+    }
   }
 }
 
@@ -406,16 +430,15 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
     auto* dst_ids = reinterpret_cast<std::int32_t*>(slot + v.expert_ids_offset);
     auto* dst_gates = reinterpret_cast<float*>(slot + v.gates_offset);
     auto* dst_scales = reinterpret_cast<float*>(slot + v.scales_offset);
-    for (int r = b * kWarps + warp; r < n; r += gridDim.x * kWarps) {
+    CopyRows(slot + v.hidden_offset, hidden, tokens, n, v.row_bytes, b, gridDim.x);
+    for (int r = b * kThreads + threadIdx.x; r < n; r += gridDim.x * kThreads) {
       const int t = tokens[r];
-      WarpCopy(slot + v.hidden_offset + static_cast<std::size_t>(r) * v.row_bytes,
-               hidden + static_cast<std::size_t>(t) * v.row_bytes, v.row_bytes, lane);
-      for (int j = lane; j < k; j += 32) {
+      for (int j = 0; j < k; ++j) {
         const bool to_p = targets[t * k + j] == p;
         dst_ids[r * k + j] = to_p ? expert_ids[t * k + j] : -1;
         dst_gates[r * k + j] = to_p ? gates[t * k + j] : 0.0f;
       }
-      if (lane == 0) dst_scales[r] = scales[t];
+      dst_scales[r] = scales[t];
     }
   }
   __syncthreads();
@@ -783,7 +806,7 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     return;
   }
   const PollInfo info = *v.poll;
-  const int m = blockIdx.y, b = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int m = blockIdx.y, b = blockIdx.x;
   if (b == 0 && m == 0 && threadIdx.x == 0) {
     int valid = 0;
     for (int i = 0; i < info.num_accepted; ++i) valid += v.accepted[i].valid;
@@ -805,11 +828,9 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
         FenceSys();
       }
       __syncthreads();
-      for (int r = b * kWarps + warp; r < a.num_tokens; r += gridDim.x * kWarps) {
-        WarpCopy(slot + v.hidden_offset + r * row,
-                 reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row + r) * v.d),
-                 row, lane);
-      }
+      CopyRows(slot + v.hidden_offset,
+               reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row) * v.d),
+               nullptr, a.num_tokens, static_cast<std::uint32_t>(row), b, gridDim.x);
     }
     __syncthreads();
     bool aborted = false;
@@ -1019,8 +1040,12 @@ std::int64_t TimeoutNs(std::int64_t timeout_us) {
   return std::clamp<std::int64_t>(timeout_us, 0, std::int64_t{1} << 40) * 1000;
 }
 
-int BlocksFor(std::int64_t rows) {
-  return static_cast<int>(std::clamp<std::int64_t>((rows + kWarps - 1) / kWarps, 1, kMaxBlocksPerMessage));
+// Blocks for a message of `bytes`: about two 16-byte stores per thread, at
+// most kMaxBlocksPerMessage.
+int BlocksFor(std::int64_t bytes) {
+  constexpr std::int64_t kBytesPerBlock = kThreads * 32;
+  return static_cast<int>(std::clamp<std::int64_t>((bytes + kBytesPerBlock - 1) / kBytesPerBlock, 1,
+                                                   kMaxBlocksPerMessage));
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
@@ -1056,7 +1081,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<
                                        " out of range");
   }
   if (S == 0) return ffi::Error::Success();
-  DispatchKernel<<<dim3(BlocksFor(T), static_cast<unsigned>(S)), kThreads,
+  DispatchKernel<<<dim3(BlocksFor(T * static_cast<std::int64_t>(ep->view.row_bytes)), static_cast<unsigned>(S)), kThreads,
                    static_cast<std::size_t>(geo.capacity) * sizeof(std::int32_t), stream>>>(
       static_cast<int>(endpoint), ep->view.generation, static_cast<const std::uint8_t*>(hidden.untyped_data()),
       scales.typed_data(),
@@ -1152,7 +1177,9 @@ ffi::Error ReplyImpl(cudaStream_t stream, ffi::Buffer<ffi::F32, 2> results, ffi:
                                        std::to_string(geo.d) + "]");
   }
   const int ix = static_cast<int>(endpoint);
-  ReplyKernel<<<dim3(BlocksFor(geo.capacity), static_cast<unsigned>(geo.NumSlots())), kThreads, 0, stream>>>(
+  ReplyKernel<<<dim3(BlocksFor(geo.capacity * geo.d * static_cast<std::int64_t>(sizeof(float))),
+                     static_cast<unsigned>(geo.NumSlots())),
+                kThreads, 0, stream>>>(
       ix, ep->view.generation, results.typed_data(), token->typed_data());
   return Launched(kWhere);
 }
