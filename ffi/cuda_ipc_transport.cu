@@ -35,9 +35,9 @@
 // The blocks that write one message first store the odd sequence number
 // (relaxed, system scope) and fence (replies always; requests only when the
 // previous request of that slot was not answered, see wire_format.h), then
-// copy their rows; each then fences (release, system scope) and increments a
-// per-message counter; the last block fences (acquire), writes the header
-// fields and publishes the even sequence number with st.release.sys. Readers
+// copy their rows (block 0 also the header fields); each then fences
+// (release, system scope) and increments a per-message counter; the last
+// block fences (acquire + release) and stores the even sequence number. Readers
 // spin with ld.acquire.sys and re-check the sequence number after copying
 // (torn read). Fences are acq_rel, never sc (__threadfence_system): nothing
 // here needs a total order and sc fences are slower. Sequence numbers start
@@ -180,9 +180,6 @@ __device__ __forceinline__ std::uint64_t LoadRelaxedSys(const std::uint64_t* p) 
   asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ void StoreReleaseSys(std::uint64_t* p, std::uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 __device__ __forceinline__ void StoreRelaxedSys(std::uint64_t* p, std::uint64_t v) {
   asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -261,23 +258,30 @@ __device__ void CopyRows(std::uint8_t* dst, const std::uint8_t* src, const std::
 
 // Publishes a message whose rows the blocks of this kernel (blockIdx.x over
 // gridDim.x) wrote: called by thread 0 of every block after __syncthreads.
-// Returns true in the one block that published (the last to finish) and
-// false elsewhere or when a block aborted (then nothing is published and
-// `*aborted` is set in the last block).
+// Block 0 stores the header fields (all but seq) with its rows: a reader
+// looks at a header only once seq changed, and when one may still be inside
+// the slot the seqlock's odd mark went first. Every block then releases its
+// stores (system scope) and counts itself; the last one acquires them all and
+// publishes seq, so a message costs two fences in a row on the critical path.
+// Returns true in the one block that published and false elsewhere or when a
+// block aborted (then nothing is published and `*aborted` is set in the last
+// block).
 __device__ bool FinishMessage(const View& v, std::size_t counter, std::uint8_t* slot,
                               MessageHeader h, bool* aborted) {
-  FenceSys();  // release: this block's rows (the caller's barrier ordered them) before the counter
+  auto* dst = reinterpret_cast<std::uint64_t*>(slot);
+  if (blockIdx.x == 0 && slot != nullptr) {
+    h.checksum = HeaderChecksum(h);
+    const auto* words = reinterpret_cast<const std::uint64_t*>(&h);
+    for (int i = 1; i < 8; ++i) StoreRelaxedSys(dst + i, words[i]);
+  }
+  FenceSys();  // release: this block's stores (the caller's barrier ordered its threads') before the counter
   const unsigned prev = atomicAdd(&v.done[counter], 1u);
   if (prev != gridDim.x - 1) return false;
   v.done[counter] = 0;
   *aborted = atomicExch(&v.abort[counter], 0u) != 0;
   if (*aborted) return false;
-  FenceSys();  // acquire: every block's rows (their releases, seen through the counter) before the header
-  h.checksum = HeaderChecksum(h);
-  const auto* words = reinterpret_cast<const std::uint64_t*>(&h);
-  auto* dst = reinterpret_cast<std::uint64_t*>(slot);
-  for (int i = 1; i < 8; ++i) StoreRelaxedSys(dst + i, words[i]);
-  StoreReleaseSys(dst, h.seq);
+  FenceSys();  // acquire every block's stores (seen through the counter), release them before seq
+  StoreRelaxedSys(dst, h.seq);
   return true;
 }
 
