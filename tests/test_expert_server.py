@@ -28,9 +28,11 @@ def model():
     return tiny_model(seed=5)
 
 
-@pytest.fixture
-def deployment(model):
-    """A client endpoint and two expert servers (even / odd experts) in threads."""
+@pytest.fixture(params=[{}, {"rounds_per_call": 3, "sized_compute": False}], ids=["cpu-default", "gpu-style"])
+def deployment(model, request):
+    """A client endpoint and two expert servers (even / odd experts) in threads:
+    as the CPU runs them, and as GPUs do (several chained rounds per program,
+    full-capacity compute)."""
     c = TINY_CONFIG
     name = f"t{uuid.uuid4().hex[:10]}"
     geometry = dict(max_endpoints=4, num_channels=2, capacity=TOKENS, hidden_size=c.hidden_size,
@@ -44,7 +46,8 @@ def deployment(model):
                 table[l, e] = ep_index
             ep = shm.ShmEndpoint(name, ep_index, **geometry)
             endpoints.append(ep)
-            server = ExpertServer(ep, select_experts(flat_params(model), hosted, TINY_CONFIG), poll_timeout_us=2_000)
+            server = ExpertServer(ep, select_experts(flat_params(model), hosted, TINY_CONFIG), poll_timeout_us=2_000,
+                                  **request.param)
             servers.append(server)
             threads.append(threading.Thread(target=server.serve, daemon=True))
             threads[-1].start()

@@ -1,15 +1,23 @@
-"""The expert server: a stateless loop over one jitted step.
+"""The expert server: a stateless loop over one jitted program of rounds.
 
-poll (collect whatever requests have arrived, from any client, for any layer)
--> map each (layer, expert) slot to the group of a hosted expert -> one grouped
-matmul per projection over all hosted groups -> gate-weighted sum per token ->
-reply. Tokens from every client and every layer that arrived together share
-one grouped matmul: batching across clients is where the server's efficiency
-comes from.
+A round: poll (collect whatever requests have arrived, from any client, for
+any layer) -> map each (layer, expert) slot to the group of a hosted expert ->
+one grouped matmul per projection over all hosted groups -> gate-weighted sum
+per token -> reply. Tokens from every client and every layer that arrived
+together share one grouped matmul: batching across clients is where the
+server's efficiency comes from.
+
+On GPUs a program runs several rounds back to back and the next program is
+queued before the previous one ends, so the host never sits between a reply
+and the next poll; the compute is full-capacity there (a conditional on a
+device value would make the program wait for the host, and the expert weights'
+reads, not the rows, dominate its time). On the CPU a program is one round
+whose compute is sized to the rows that arrived.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -76,6 +84,11 @@ def select_experts(params: Mapping[str, jax.Array], hosted: Sequence[tuple[int, 
     return HostedExperts(group_of, stack("gate_proj"), stack("up_proj"), stack("down_proj"))
 
 
+# Rounds per program on GPUs: enough that the host is never between rounds,
+# few enough that an idle server notices stop() within a few poll timeouts.
+ROUNDS_PER_CALL_ON_ACCELERATORS = 8
+
+
 def _row_buckets(capacity: int, smallest: int = 16) -> tuple[int, ...]:
     """Row counts the server compiles its expert computation for."""
     sizes, n = [], smallest
@@ -85,12 +98,29 @@ def _row_buckets(capacity: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(sizes) + (capacity,)
 
 
-def _server_step(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us):
-    request = custom_calls.poll(endpoint, hosted_mask, capacity=capacity, timeout_us=timeout_us)
+def _server_rounds(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us,
+                   rounds, sized_compute):
+    """`rounds` poll/compute/reply rounds in order; returns the rows served."""
+    token, served = None, jnp.zeros((), jnp.int32)
+    for _ in range(rounds):
+        token, rows = _server_round(group_of, gate_proj, up_proj, down_proj, hosted_mask, endpoint=endpoint,
+                                    capacity=capacity, timeout_us=timeout_us, sized_compute=sized_compute,
+                                    after=token)
+        served = served + rows
+    return served
+
+
+def _server_round(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us,
+                  sized_compute, after):
+    request = custom_calls.poll(endpoint, hosted_mask, capacity=capacity, timeout_us=timeout_us, after=after)
     valid = (request.expert_ids >= 0) & (request.layer[:, None] >= 0)
     layer = jnp.maximum(request.layer, 0)[:, None]
     groups = jnp.where(valid, group_of[layer, jnp.maximum(request.expert_ids, 0)], -1)
     hidden = hidden_codec.decode(request.hidden, request.scales, gate_proj.dtype)
+
+    if not sized_compute:
+        out = routed_experts(hidden, groups, request.gates, gate_proj, up_proj, down_proj).astype(jnp.float32)
+        return custom_calls.reply(endpoint, out, request.num_rows), request.num_rows
 
     # The poll fills rows [0, num_rows); compute only the smallest bucket that
     # holds them, so a few decode tokens do not pay for a full-capacity batch.
@@ -115,34 +145,58 @@ class ExpertServer:
         experts: HostedExperts,
         *,
         poll_timeout_us: int = 20_000,
+        rounds_per_call: int | None = None,
+        sized_compute: bool | None = None,
     ):
+        """rounds_per_call / sized_compute: rounds per program and compute sized
+        to the rows that arrived (default: 1 and yes on the CPU, 8 and no
+        elsewhere; see the module's doc)."""
         self.endpoint = endpoint
         self.experts = experts
         self._hosted_mask = jnp.asarray(experts.hosted_mask)
         self._group_of = jnp.asarray(experts.group_of)
         # Room for both micro-batches of one client in a single round.
         capacity = endpoint.geometry.capacity * endpoint.geometry.num_channels
-        self._step = jax.jit(
-            _server_step,
-            static_argnames=("endpoint", "capacity", "timeout_us"),
+        on_cpu = jax.default_backend() == "cpu"
+        if rounds_per_call is None:
+            rounds_per_call = 1 if on_cpu else ROUNDS_PER_CALL_ON_ACCELERATORS
+        if rounds_per_call < 1:
+            raise ValueError(f"rounds_per_call must be >= 1, got {rounds_per_call}")
+        self._rounds = jax.jit(
+            _server_rounds,
+            static_argnames=("endpoint", "capacity", "timeout_us", "rounds", "sized_compute"),
         )
-        self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us)
+        self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us,
+                            rounds=rounds_per_call, sized_compute=on_cpu if sized_compute is None else sized_compute)
+        # Programs queued at once: on the CPU the poll handler blocks one of
+        # XLA's few host threads while it waits, so a second queued program
+        # would starve the client's and other servers' handlers.
+        self._max_in_flight = 1 if on_cpu else 2
         self.stopped = threading.Event()
         self.rows_served = 0
 
-    def step(self) -> int:
-        """One poll/compute/reply round; returns the rows it served (0 when idle)."""
+    def _queue(self) -> jax.Array:
         e = self.experts
-        _, rows = self._step(self._group_of, e.gate_proj, e.up_proj, e.down_proj, self._hosted_mask, **self._static)
-        rows = int(rows)
+        return self._rounds(self._group_of, e.gate_proj, e.up_proj, e.down_proj, self._hosted_mask, **self._static)
+
+    def step(self) -> int:
+        """One program of rounds, waited for; returns the rows it served (0 when idle)."""
+        rows = int(self._queue())
         self.rows_served += rows
         return rows
 
     def serve(self) -> None:
-        """Loops until `stop()`; each idle round waits at most poll_timeout_us."""
+        """Loops until `stop()` (on GPUs the next program is queued before the
+        previous one's rows are awaited); each idle round waits at most
+        poll_timeout_us."""
         log.info("expert server on endpoint %d serving", self.endpoint.endpoint)
+        in_flight: collections.deque[jax.Array] = collections.deque()
         while not self.stopped.is_set():
-            self.step()
+            in_flight.append(self._queue())
+            if len(in_flight) >= self._max_in_flight:
+                self.rows_served += int(in_flight.popleft())
+        while in_flight:
+            self.rows_served += int(in_flight.popleft())
 
     def stop(self) -> None:
         self.stopped.set()
@@ -177,7 +231,7 @@ def run_expert_server(
     shm_name = shm_name or deployment.name
     with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
-        server.step()  # compiles the step (an idle round)
+        server.step()  # compiles the program (idle rounds)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
         parent_gone = threading.Event()
