@@ -28,11 +28,10 @@ def model():
     return tiny_model(seed=5)
 
 
-@pytest.fixture(params=[{}, {"rounds_per_call": 3, "sized_compute": False}], ids=["cpu-default", "gpu-style"])
+@pytest.fixture(params=[{}, {"rounds_per_call": 3}], ids=["one-round", "chained-rounds"])
 def deployment(model, request):
     """A client endpoint and two expert servers (even / odd experts) in threads:
-    as the CPU runs them, and as GPUs do (several chained rounds per program,
-    full-capacity compute)."""
+    one round per program (as on the CPU) and several chained ones (as on GPUs)."""
     c = TINY_CONFIG
     name = f"t{uuid.uuid4().hex[:10]}"
     geometry = dict(max_endpoints=4, num_channels=2, capacity=TOKENS, hidden_size=c.hidden_size,
