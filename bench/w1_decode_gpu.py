@@ -100,10 +100,12 @@ def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine, SamplingParams
     from eaas_jax.kernels.grouped_matmul import _tokamax
+    from eaas_jax.kernels.paged_attention import kernel_enabled
 
     tokamax = _tokamax()
     result = {"bandwidth": _copy_bandwidth(),
-              "grouped_matmul": f"tokamax {tokamax.__version__}" if tokamax else "lax.ragged_dot"}
+              "grouped_matmul": f"tokamax {tokamax.__version__}" if tokamax else "lax.ragged_dot",
+              "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
     start = time.time()
     engine = Engine(directory, dtype="bfloat16", max_num_seqs=max(batches),
                     max_model_len=PROMPT_LEN + steps + 16, block_size=16,
@@ -200,10 +202,10 @@ def _stored_params(directory: str) -> float:
         return json.load(f)["metadata"]["total_size"] / 2  # bfloat16
 
 
-def run_phase(args, phase: str) -> dict:
+def run_phase(args, phase: str, env: dict | None = None, name: str | None = None) -> dict:
     return run_in_process(
         [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps)],
-        name=phase, raw=args.raw,
+        name=name or phase, raw=args.raw, env=env,
     )
 
 
@@ -216,6 +218,9 @@ def main() -> None:
     parser.add_argument("--append", help="results file to append the table to")
     parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
     parser.add_argument("--commit", help="commit to record (default: git HEAD; a copied tree may lack .git)")
+    parser.add_argument("--compare-gather", action="store_true",
+                        help="also time the engine with decode attention over gathered blocks "
+                             "(EAAS_JAX_PAGED_ATTENTION=gather), in the same run")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.phase == "make":
@@ -231,6 +236,10 @@ def main() -> None:
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         run_phase(args, "make")
     ours = run_phase(args, "eaas")
+    gathered = None
+    if args.compare_gather:
+        gathered = run_phase(args, "eaas", env=dict(os.environ, EAAS_JAX_PAGED_ATTENTION="gather"),
+                             name="eaas-gather")
     peer = run_phase(args, "hf")
     import jax
     import torch
@@ -245,10 +254,12 @@ def main() -> None:
         f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}`; "
         f"{_stored_params(args.dir) / 1e9:.2f}B parameters, bfloat16; "
         f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s; "
-        f"grouped matmul: {ours['grouped_matmul']}.",
+        f"grouped matmul: {ours['grouped_matmul']}; decode attention: {ours['decode_attention']}"
+        + (f" (gathered-blocks column: {gathered['decode_attention']})" if gathered else "") + ".",
         "",
-        "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
+        + (" gathered-blocks step ms |" if gathered else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gathered else ""),
     ]
     for batch in batches:
         o, p = ours[f"b{batch}"], peer[f"b{batch}"]
@@ -257,6 +268,7 @@ def main() -> None:
             f"| {batch} | {step_ms(o)} | "
             f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {equal_prefix(o['tokens0'], p['tokens0'])}/32 |"
+            + (f" {step_ms(gathered[f'b{batch}'])} |" if gathered else "")
         )
     publish(lines, args.append)
 

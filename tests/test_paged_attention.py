@@ -118,3 +118,15 @@ def test_kernel_partition_meets_the_kernels_constraints(max_blocks):
     per_split = max_blocks // splits
     assert per_split % pages == 0 and pages in (1, 2, 4, 8)
     assert per_split >= min(4, max_blocks) or splits == 1
+
+
+def test_an_unknown_decode_attention_choice_is_refused(monkeypatch):
+    from eaas_jax.kernels import paged_attention
+
+    monkeypatch.setenv("EAAS_JAX_PAGED_ATTENTION", "gathre")
+    paged_attention._kernel_switched_on.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'auto' or 'gather'"):
+            paged_attention._kernel_switched_on()
+    finally:
+        paged_attention._kernel_switched_on.cache_clear()

@@ -57,7 +57,7 @@ def paged_decode_attention(
       [B, H, D] in q's dtype; softmax in float32.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if jax.default_backend() == "gpu" and _use_kernel(k_pool.shape, v_pool.shape):
+    if kernel_enabled() and _kernel_supports(k_pool.shape, v_pool.shape):
         return pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, scale=scale)
     return gathered_paged_attention(q, k_pool, v_pool, block_tables, lengths, scale=scale)
 
@@ -108,15 +108,23 @@ def kernel_partition(max_blocks: int) -> tuple[int, int]:
     return splits, pages
 
 
-def _use_kernel(k_shape, v_shape) -> bool:
+def _kernel_supports(k_shape, v_shape) -> bool:
     _, _, block_size, dim = k_shape
     power_of_two = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, dim))
-    return power_of_two and tuple(k_shape) == tuple(v_shape) and _kernel_enabled()
+    return power_of_two and tuple(k_shape) == tuple(v_shape)
+
+
+def kernel_enabled() -> bool:
+    """Whether decode attention on this backend takes the Pallas kernel (for
+    cache shapes it supports)."""
+    return jax.default_backend() == "gpu" and _kernel_switched_on()
 
 
 @functools.cache
-def _kernel_enabled() -> bool:
+def _kernel_switched_on() -> bool:
     choice = os.environ.get("EAAS_JAX_PAGED_ATTENTION", "auto")
+    if choice not in ("auto", "gather"):
+        raise ValueError(f"EAAS_JAX_PAGED_ATTENTION must be 'auto' or 'gather', got {choice!r}")
     if choice == "gather":
         return False
     try:
