@@ -96,16 +96,28 @@ def _copy_bandwidth() -> float:
     return 2 * x.nbytes * passes / min(times)
 
 
-def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
+def kernels() -> dict:
+    """Which grouped matmul and decode attention this process's engine uses."""
     sys.path.insert(0, REPO)
-    from eaas_jax.engine import Engine, SamplingParams
+    import jax
+
     from eaas_jax.kernels.grouped_matmul import _tokamax
     from eaas_jax.kernels.paged_attention import kernel_enabled
 
     tokamax = _tokamax()
-    result = {"bandwidth": _copy_bandwidth(),
-              "grouped_matmul": f"tokamax {tokamax.__version__}" if tokamax else "lax.ragged_dot",
-              "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
+    if jax.default_backend() == "cpu":
+        matmul = "tiled batched matmul (CPU)"
+    else:
+        matmul = f"tokamax {tokamax.__version__}" if tokamax else "lax.ragged_dot"
+    return {"grouped_matmul": matmul,
+            "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
+
+
+def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
+    sys.path.insert(0, REPO)
+    from eaas_jax.engine import Engine
+
+    result = {"bandwidth": _copy_bandwidth(), **kernels()}
     start = time.time()
     engine = Engine(directory, dtype="bfloat16", max_num_seqs=max(batches),
                     max_model_len=PROMPT_LEN + steps + 16, block_size=16,

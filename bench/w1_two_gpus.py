@@ -55,7 +55,8 @@ def phase(args, config: str) -> dict:
     with Engine(args.dir, dtype="bfloat16", max_num_seqs=max(batches),
                 max_model_len=w1.PROMPT_LEN + args.steps + 16, block_size=16,
                 max_num_batched_tokens=8192, **extra) as engine:
-        result = {"load_s": time.time() - start}
+        # The expert server's grouped matmul comes from the same install.
+        result = {"load_s": time.time() - start, **w1.kernels()}
         for batch in batches:
             result[f"b{batch}"] = w1.time_decode(engine, batch, args.steps)
     return result
@@ -106,7 +107,8 @@ def main() -> None:
         "",
         f"Device: {device}; JAX {jax.__version__}; `python bench/w1_two_gpus.py --batches {args.batches} "
         f"--steps {args.steps} --dispatch-dtype {args.dispatch_dtype}`; bfloat16. Disaggregated: client on GPU 0, "
-        f"all experts in one server process on GPU 1 ({args.transport}, tokens sent as {args.dispatch_dtype}).",
+        f"all experts in one server process on GPU 1 ({args.transport}, tokens sent as {args.dispatch_dtype}). "
+        f"Grouped matmul: {results['one']['grouped_matmul']}; decode attention: {results['one']['decode_attention']}.",
         "",
         "| batch | 1 GPU step ms | expert-parallel 2 GPUs step ms | disaggregated 2 GPUs step ms | "
         "disaggregated / expert-parallel throughput | greedy tokens equal to 1 GPU (EP, disagg.; first 32) |",

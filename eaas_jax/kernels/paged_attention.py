@@ -64,7 +64,7 @@ def paged_decode_attention(
 
 def gathered_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: float) -> jax.Array:
     """The reference: gather each sequence's blocks, then dense masked attention."""
-    batch, max_blocks = block_tables.shape
+    batch = block_tables.shape[0]
     keys = gather_blocks(k_pool, block_tables)
     values = gather_blocks(v_pool, block_tables)
     key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (batch, keys.shape[1]))
