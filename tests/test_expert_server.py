@@ -28,10 +28,9 @@ def model():
     return tiny_model(seed=5)
 
 
-@pytest.fixture(params=[{}, {"rounds_per_call": 3}], ids=["one-round", "chained-rounds"])
-def deployment(model, request):
-    """A client endpoint and two expert servers (even / odd experts) in threads:
-    one round per program (as on the CPU) and several chained ones (as on GPUs)."""
+@pytest.fixture
+def deployment(model):
+    """A client endpoint and two expert servers (even / odd experts) in threads."""
     c = TINY_CONFIG
     name = f"t{uuid.uuid4().hex[:10]}"
     geometry = dict(max_endpoints=4, num_channels=2, capacity=TOKENS, hidden_size=c.hidden_size,
@@ -45,8 +44,7 @@ def deployment(model, request):
                 table[l, e] = ep_index
             ep = shm.ShmEndpoint(name, ep_index, **geometry)
             endpoints.append(ep)
-            server = ExpertServer(ep, select_experts(flat_params(model), hosted, TINY_CONFIG), poll_timeout_us=2_000,
-                                  **request.param)
+            server = ExpertServer(ep, select_experts(flat_params(model), hosted, TINY_CONFIG), poll_timeout_us=2_000)
             servers.append(server)
             threads.append(threading.Thread(target=server.serve, daemon=True))
             threads[-1].start()

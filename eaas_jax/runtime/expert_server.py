@@ -1,4 +1,4 @@
-"""The expert server: a stateless loop over one jitted program of rounds.
+"""The expert server: a stateless loop over one jitted round.
 
 A round: poll (collect whatever requests have arrived, from any client, for
 any layer) -> map each (layer, expert) slot to the group of a hosted expert ->
@@ -8,12 +8,11 @@ together share one grouped matmul: batching across clients is where the
 server's efficiency comes from.
 
 A round's compute is sized to the rows that arrived (the smallest of a few
-compiled row buckets). On GPUs that choice is a device conditional, which makes
-XLA wait for the poll's row count on the host; a program therefore runs several
-rounds and the next program is queued before the previous one ends, so the
-Python loop is never between rounds. Computing every round at full capacity
-instead (no conditional) was measured far slower: 0.94 s per W1 decode step on
-2 x H200 without tokamax, the padding rows going through `lax.ragged_dot`.
+compiled row buckets). On GPUs the next round is queued before the previous
+one's row count is awaited, so the Python loop is not between a reply and the
+next poll. Computing every round at full capacity instead (no bucket
+conditional) was measured far slower: 0.94 s per W1 decode step on 2 x H200
+without tokamax, the padding rows going through `lax.ragged_dot`.
 """
 
 from __future__ import annotations
@@ -85,11 +84,6 @@ def select_experts(params: Mapping[str, jax.Array], hosted: Sequence[tuple[int, 
     return HostedExperts(group_of, stack("gate_proj"), stack("up_proj"), stack("down_proj"))
 
 
-# Rounds per program on GPUs: enough that the host is never between rounds,
-# few enough that an idle server notices stop() within a few poll timeouts.
-ROUNDS_PER_CALL_ON_ACCELERATORS = 8
-
-
 def _row_buckets(capacity: int, smallest: int = 16) -> tuple[int, ...]:
     """Row counts the server compiles its expert computation for."""
     sizes, n = [], smallest
@@ -99,19 +93,9 @@ def _row_buckets(capacity: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(sizes) + (capacity,)
 
 
-def _server_rounds(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us,
-                   rounds):
-    """`rounds` poll/compute/reply rounds in order; returns the rows served."""
-    token, served = None, jnp.zeros((), jnp.int32)
-    for _ in range(rounds):
-        token, rows = _server_round(group_of, gate_proj, up_proj, down_proj, hosted_mask, endpoint=endpoint,
-                                    capacity=capacity, timeout_us=timeout_us, after=token)
-        served = served + rows
-    return served
-
-
-def _server_round(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us, after):
-    request = custom_calls.poll(endpoint, hosted_mask, capacity=capacity, timeout_us=timeout_us, after=after)
+def _server_round(group_of, gate_proj, up_proj, down_proj, hosted_mask, *, endpoint, capacity, timeout_us):
+    """One poll/compute/reply round; returns the reply's token and the rows served."""
+    request = custom_calls.poll(endpoint, hosted_mask, capacity=capacity, timeout_us=timeout_us)
     valid = (request.expert_ids >= 0) & (request.layer[:, None] >= 0)
     layer = jnp.maximum(request.layer, 0)[:, None]
     groups = jnp.where(valid, group_of[layer, jnp.maximum(request.expert_ids, 0)], -1)
@@ -140,46 +124,37 @@ class ExpertServer:
         experts: HostedExperts,
         *,
         poll_timeout_us: int = 20_000,
-        rounds_per_call: int | None = None,
     ):
-        """rounds_per_call: rounds per program (default: 1 on the CPU, 8 elsewhere;
-        see the module's doc)."""
         self.endpoint = endpoint
         self.experts = experts
         self._hosted_mask = jnp.asarray(experts.hosted_mask)
         self._group_of = jnp.asarray(experts.group_of)
         # Room for both micro-batches of one client in a single round.
         capacity = endpoint.geometry.capacity * endpoint.geometry.num_channels
-        on_cpu = jax.default_backend() == "cpu"
-        if rounds_per_call is None:
-            rounds_per_call = 1 if on_cpu else ROUNDS_PER_CALL_ON_ACCELERATORS
-        if rounds_per_call < 1:
-            raise ValueError(f"rounds_per_call must be >= 1, got {rounds_per_call}")
-        self._rounds = jax.jit(
-            _server_rounds,
-            static_argnames=("endpoint", "capacity", "timeout_us", "rounds"),
-        )
-        self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us,
-                            rounds=rounds_per_call)
-        # Programs queued at once: on the CPU the poll handler blocks one of
-        # XLA's few host threads while it waits, so a second queued program
+        self._round = jax.jit(_server_round, static_argnames=("endpoint", "capacity", "timeout_us"))
+        self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us)
+        # Rounds queued at once: on the CPU the poll handler blocks one of
+        # XLA's few host threads while it waits, so a second queued round
         # would starve the client's and other servers' handlers.
-        self._max_in_flight = 1 if on_cpu else 2
+        self._max_in_flight = 1 if jax.default_backend() == "cpu" else 2
         self.stopped = threading.Event()
         self.rows_served = 0
 
     def _queue(self) -> jax.Array:
+        """Queues a round; returns its row count (a device value)."""
         e = self.experts
-        return self._rounds(self._group_of, e.gate_proj, e.up_proj, e.down_proj, self._hosted_mask, **self._static)
+        _, rows = self._round(self._group_of, e.gate_proj, e.up_proj, e.down_proj, self._hosted_mask,
+                              **self._static)
+        return rows
 
     def step(self) -> int:
-        """One program of rounds, waited for; returns the rows it served (0 when idle)."""
+        """One round, waited for; returns the rows it served (0 when idle)."""
         rows = int(self._queue())
         self.rows_served += rows
         return rows
 
     def serve(self) -> None:
-        """Loops until `stop()` (on GPUs the next program is queued before the
+        """Loops until `stop()` (on GPUs the next round is queued before the
         previous one's rows are awaited); each idle round waits at most
         poll_timeout_us."""
         log.info("expert server on endpoint %d serving", self.endpoint.endpoint)
@@ -224,7 +199,7 @@ def run_expert_server(
     shm_name = shm_name or deployment.name
     with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
-        server.step()  # compiles the program (idle rounds)
+        server.step()  # compiles the round (an idle one)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
         parent_gone = threading.Event()
