@@ -25,7 +25,7 @@ from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.model.attention import kv_cache_bytes_per_token
-from eaas_jax.runtime.client import RemoteExpertBackend, check_exchanges
+from eaas_jax.runtime.client import RemoteExpertBackend, check_unserved, failed_servers
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
 
@@ -383,13 +383,24 @@ class Engine:
             seq.num_pending += 1
         return step
 
+    def _handle_failures(self, exchanges) -> None:
+        """Servers that failed in a step get no more tokens from the next step
+        on (their replicas take over; the step itself was completed by in-step
+        failover); a step that left token slots unserved raises."""
+        failures = failed_servers(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
+                                  self.cluster.deployment.timeout_ms)
+        for server, what in failures.items():
+            if self.runner.experts.is_live(server):
+                log.warning("%s; routing around it", what)
+                self.runner.experts.set_live(server, False)
+        check_unserved(exchanges.unserved, failures)
+
     def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
         """Waits for the dispatched steps' tokens and appends them."""
         for seqs, step in in_flight:
             result, exchanges = step.fetch()
             if self.cluster is not None:
-                check_exchanges(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
-                                self.cluster.deployment.timeout_ms)
+                self._handle_failures(exchanges)
             now = time.time()
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1

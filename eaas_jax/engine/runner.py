@@ -53,8 +53,9 @@ class StepResult(NamedTuple):
 class StepStatuses(NamedTuple):
     """What the expert exchanges of one step reported (empty when embedded)."""
 
-    statuses: np.ndarray  # [exchanges, servers] transport status codes
-    labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each exchange
+    statuses: np.ndarray  # [combines, servers] transport status codes (failover retries included)
+    labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each combine
+    unserved: np.ndarray  # [exchanges] token slots no server delivered (after failover)
 
 
 class DispatchedStep:
@@ -64,17 +65,17 @@ class DispatchedStep:
     `token_sources` of a step dispatched before this one is fetched.
     """
 
-    def __init__(self, num_rows: int, sampled, statuses, next_tokens, labels: list[tuple[int, int]]):
+    def __init__(self, num_rows: int, sampled, exchanges, next_tokens, labels: list[tuple[int, int]]):
         self.num_rows = num_rows
         self.next_tokens = next_tokens
-        self._outputs = (sampled, statuses)
+        self._outputs = (sampled, exchanges)
         self._labels = labels
         for x in jax.tree.leaves(self._outputs):  # start the copies as soon as the step ends
             x.copy_to_host_async()
 
     def fetch(self) -> tuple[StepResult, StepStatuses]:
-        sampled, statuses = jax.device_get(self._outputs)
-        return StepResult(*(x[: self.num_rows] for x in sampled)), StepStatuses(statuses, self._labels)
+        sampled, (statuses, unserved) = jax.device_get(self._outputs)
+        return StepResult(*(x[: self.num_rows] for x in sampled)), StepStatuses(statuses, self._labels, unserved)
 
 
 class EmbeddedExperts:
@@ -112,9 +113,12 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     logits = client.logits(last)
     statuses = getattr(experts, "statuses", [])
     statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
+    unserved = getattr(experts, "unserved", [])
+    unserved = jnp.stack(unserved) if unserved else jnp.zeros((0,), jnp.int32)
+    exchanges = (statuses, unserved)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
-    return sampled, kv_cache, statuses, next_tokens
+    return sampled, kv_cache, exchanges, next_tokens
 
 
 class ModelRunner:
@@ -242,7 +246,7 @@ class ModelRunner:
                 "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d greedy=%s",
                 len(self._labels) + 1, *shape,
             )
-        sampled, self.kv_cache, statuses, next_tokens = self._jitted(*args, **static)
+        sampled, self.kv_cache, exchanges, next_tokens = self._jitted(*args, **static)
         if new_shape:  # this call traced the step: its exchanges are known now
             self._labels[shape] = self.experts.traced_exchanges()
-        return DispatchedStep(len(rows.tokens), sampled, statuses, next_tokens, self._labels[shape])
+        return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, self._labels[shape])

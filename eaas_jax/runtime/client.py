@@ -39,14 +39,20 @@ class RemoteExpertBackend:
         self.servers = list(servers)
         self.timeout_us = int(timeout_us)
         self.double_batching = double_batching
-        live = np.zeros(endpoint.geometry.max_endpoints, bool)
-        live[self.servers] = True
-        self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(live))
+        # The host's copy of the liveness mask: reading or changing it must not
+        # wait for the steps queued on the device.
+        self._live = np.zeros(endpoint.geometry.max_endpoints, bool)
+        self._live[self.servers] = True
+        self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(self._live))
         self._traced: RemoteExperts | None = None
+
+    def is_live(self, endpoint: int) -> bool:
+        return bool(self._live[endpoint])
 
     def set_live(self, endpoint: int, live: bool) -> None:
         """Routes around (or back to) a server from the next step on; no recompile."""
-        self.arrays = self.arrays._replace(live=self.arrays.live.at[endpoint].set(live))
+        self._live[endpoint] = live
+        self.arrays = self.arrays._replace(live=jnp.asarray(self._live))
 
     def num_micro_batches(self, batch: int) -> int:
         return 2 if self.double_batching and batch >= 2 else 1
@@ -73,11 +79,11 @@ _FAILURES = {
 }
 
 
-def check_exchanges(statuses: np.ndarray, labels, describe_server, timeout_ms: int) -> None:
-    """Raises ExpertServerError naming every server whose exchange failed.
+def failed_servers(statuses: np.ndarray, labels, describe_server, timeout_ms: int) -> dict[int, str]:
+    """Every server whose exchange failed in a step, with what happened.
 
-    statuses: [exchanges, servers] from the step; labels: (moe_layer,
-    micro_batch) of each exchange; describe_server(endpoint) -> str.
+    statuses: [combines, servers] from the step; labels: (moe_layer,
+    micro_batch) of each combine; describe_server(endpoint) -> str.
     """
     failures = {}
     for row, (layer, micro_batch) in zip(np.asarray(statuses), labels):
@@ -85,5 +91,13 @@ def check_exchanges(statuses: np.ndarray, labels, describe_server, timeout_ms: i
             if status in _FAILURES and server not in failures:
                 what = _FAILURES[status].format(timeout_ms=timeout_ms)
                 failures[server] = f"{describe_server(server)} {what} at MoE layer {layer}, micro-batch {micro_batch}"
-    if failures:
-        raise ExpertServerError("; ".join(failures.values()))
+    return failures
+
+
+def check_unserved(unserved: np.ndarray, failures: dict[int, str]) -> None:
+    """Raises ExpertServerError when a step left token slots unserved (no live
+    replica of their expert), naming the servers that failed."""
+    missing = int(np.sum(unserved))
+    if missing:
+        cause = "; ".join(failures.values()) or "their servers were marked dead earlier"
+        raise ExpertServerError(f"{cause} ({missing} token-expert slots had no live replica left)")

@@ -11,6 +11,13 @@ program order: that is what makes double batching ping-pong rather than race.
 A micro-batch with more tokens than a mailbox holds is compacted (real tokens
 first) and sent in mailbox-sized chunks one after another; chunks that hold no
 real token send nothing and cost nothing.
+
+In-step failover: with replicas (a table of R > 1 per expert), the token
+slots a server failed to deliver (deadline missed, bad reply, unreachable) are
+dispatched again to the next live replica right after the combine, up to R - 1
+times, and their results added: the step's outputs stay exact. A server that
+failed is not used again in this step (nor, once the host marks it dead, in
+later ones). Slots that no live replica could serve are counted in `unserved`.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ FAILED_STATUSES = (custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY, c
 
 class _Chunk(NamedTuple):
     sent: jax.Array  # [S] dispatch output
-    targets: jax.Array  # [c, k]
+    targets: jax.Array  # [c, k] endpoint of each slot, -1: not sent
+    x: jax.Array  # [c, d] what was sent, kept to send again on failover
+    ids: jax.Array  # [c, k]
+    gates: jax.Array  # [c, k]
+    needed: jax.Array  # [c, k] slots that must be served (real token, real expert)
 
 
 class _Handle(NamedTuple):
@@ -38,6 +49,7 @@ class _Handle(NamedTuple):
     num_tokens: int
     order: jax.Array | None  # token of each compacted row, None when not compacted
     done: list  # outputs of the chunks already combined at send time
+    unserved: jax.Array  # slots of those chunks no server delivered
     last: _Chunk
 
 
@@ -64,8 +76,9 @@ class RemoteExperts:
       live: [max_endpoints] bool device array; dead endpoints get no tokens.
       timeout_us: combine deadline of each exchange.
 
-    After tracing, `statuses` holds one [S] status vector per combine and
-    `status_labels` its (moe_layer, micro_batch).
+    After tracing, `statuses` holds one [S] status vector per combine (failover
+    retries included) and `status_labels` its (moe_layer, micro_batch);
+    `unserved` one int32 count per exchange of token slots no server delivered.
     """
 
     def __init__(
@@ -85,17 +98,18 @@ class RemoteExperts:
         self.timeout_us = timeout_us
         self.statuses: list[jax.Array] = []
         self.status_labels: list[tuple[int, int]] = []
+        self.unserved: list[jax.Array] = []
         self._chain = None  # output of the last custom call
         self._failed = jnp.zeros(self.servers.shape, bool)  # servers that failed in this step
 
-    def _dispatch(self, moe_layer, micro_batch, x, ids, gates, targets) -> _Chunk:
+    def _dispatch(self, moe_layer, micro_batch, x, ids, gates, targets, needed) -> _Chunk:
         payload, scales = hidden_codec.encode(x, self.endpoint.geometry.dispatch_dtype)
         sent = custom_calls.dispatch(
             self.endpoint, payload, ids, gates, targets, self.servers,
             layer=moe_layer, micro_batch=micro_batch, scales=scales, after=self._chain,
         )
         self._chain = sent
-        return _Chunk(sent, targets)
+        return _Chunk(sent, targets, x, ids, gates, needed)
 
     def _combine(self, moe_layer, micro_batch, chunk: _Chunk) -> jax.Array:
         # A server that failed once in this step is neither waited for again
@@ -114,26 +128,48 @@ class RemoteExperts:
         self.live = self.live.at[index].set(self.live[jnp.maximum(self.servers, 0)] & ~self._failed, mode="drop")
         return out
 
+    def _combine_with_failover(self, moe_layer, micro_batch, chunk: _Chunk) -> tuple[jax.Array, jax.Array]:
+        """The chunk's combined output, failed slots re-sent to other replicas;
+        and how many needed slots no server delivered."""
+        out = self._combine(moe_layer, micro_batch, chunk)
+        targets = chunk.targets
+        for _ in range(self.table.shape[-1] - 1):
+            # Slots whose server failed (it is no longer live) go to the next
+            # live replica; when nothing failed this sends and waits for nothing.
+            lost = (targets >= 0) & ~self.live[jnp.maximum(targets, 0)]
+            retry_targets = jnp.where(lost, route(self.table, self.live, moe_layer, chunk.ids), -1)
+            retry = self._dispatch(moe_layer, micro_batch, chunk.x, chunk.ids, chunk.gates, retry_targets,
+                                   chunk.needed)
+            out = out + self._combine(moe_layer, micro_batch, retry)
+            targets = jnp.where(lost, retry_targets, targets)
+        served = (targets >= 0) & self.live[jnp.maximum(targets, 0)]
+        return out, jnp.sum(chunk.needed & ~served, dtype=jnp.int32)
+
     def send(self, moe_layer: int, micro_batch: int, x: jax.Array, routing: Routing,
              token_mask: jax.Array) -> _Handle:
         n = x.shape[0]
         ids, gates = routing.expert_ids, routing.weights.astype(jnp.float32)
-        targets = jnp.where(token_mask[:, None], route(self.table, self.live, moe_layer, ids), -1)
+        needed = token_mask[:, None] & (ids >= 0)
+        targets = jnp.where(needed, route(self.table, self.live, moe_layer, ids), -1)
         order = None
         if n > self.capacity:
             order = jnp.argsort(~token_mask, stable=True)
-            x, ids, gates, targets = (a[order] for a in (x, ids, gates, targets))
+            x, ids, gates, targets, needed = (a[order] for a in (x, ids, gates, targets, needed))
         bounds = list(range(0, n, self.capacity)) + [n]
-        done = []
+        done, unserved = [], jnp.zeros((), jnp.int32)
         for lo, hi in zip(bounds[:-2], bounds[1:-1]):  # every chunk but the last: now
-            chunk = self._dispatch(moe_layer, micro_batch, x[lo:hi], ids[lo:hi], gates[lo:hi], targets[lo:hi])
-            done.append(self._combine(moe_layer, micro_batch, chunk))
+            chunk = self._dispatch(moe_layer, micro_batch, x[lo:hi], ids[lo:hi], gates[lo:hi], targets[lo:hi],
+                                   needed[lo:hi])
+            out, missing = self._combine_with_failover(moe_layer, micro_batch, chunk)
+            done.append(out)
+            unserved = unserved + missing
         lo = bounds[-2]
-        last = self._dispatch(moe_layer, micro_batch, x[lo:], ids[lo:], gates[lo:], targets[lo:])
-        return _Handle(moe_layer, micro_batch, n, order, done, last)
+        last = self._dispatch(moe_layer, micro_batch, x[lo:], ids[lo:], gates[lo:], targets[lo:], needed[lo:])
+        return _Handle(moe_layer, micro_batch, n, order, done, unserved, last)
 
     def receive(self, handle: _Handle) -> jax.Array:
-        out = self._combine(handle.moe_layer, handle.micro_batch, handle.last)
+        out, missing = self._combine_with_failover(handle.moe_layer, handle.micro_batch, handle.last)
+        self.unserved.append(handle.unserved + missing)
         if handle.done:
             out = jnp.concatenate(handle.done + [out])
         if handle.order is not None:

@@ -1,0 +1,78 @@
+"""In-step failover with real expert-server processes: a server killed mid-run
+loses no request and changes no output when its experts have replicas; with
+no replica left, steps fail fast with a clear error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
+from eaas_jax.runtime.cluster import LocalCluster
+
+from test_disaggregated import ENGINE_ARGS, PROMPTS, token_ids
+
+# Every expert of the random tiny model on exactly two of three servers. The
+# client sends to the first live replica in server order: r0 serves experts
+# 0-5 and r1 experts 6-7 until r0 dies, then r2 takes 0-1 and r1 2-5.
+REPLICATED = ('name = "replicas"\ntimeout_ms = 2000\ncapacity = 64\n'
+              '[[servers]]\nname = "r0"\nexperts = ["0-5"]\n'
+              '[[servers]]\nname = "r1"\nexperts = ["2-7"]\n'
+              '[[servers]]\nname = "r2"\nexperts = ["0-1", "6-7"]\n')
+REQUESTS = [f"{PROMPTS[i % len(PROMPTS)]} # {i}" for i in range(64)]
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    with Engine(tiny_checkpoint, **ENGINE_ARGS) as engine:
+        return token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False))
+
+
+def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_checkpoint, reference, tmp_path):
+    path = tmp_path / "replicas.toml"
+    path.write_text(REPLICATED)
+    with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
+        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            ids = [engine.add_request(prompt, PARAMS) for prompt in REQUESTS]
+            outputs, steps = {}, 0
+            victim = cluster.process("r0")
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        outputs[out.request_id] = out.outputs[0].token_ids
+                steps += 1
+                if steps == 10:  # mid-run: requests in every stage, steps queued
+                    victim.kill()
+                    victim.wait()
+                    killed_with = len(outputs)
+            assert 0 < killed_with < len(REQUESTS)
+            assert [outputs[i] for i in ids] == reference
+            backend = engine.runner.experts
+            assert not backend.is_live(0) and backend.is_live(1) and backend.is_live(2)
+
+
+def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_checkpoint, tmp_path):
+    path = tmp_path / "disjoint.toml"
+    path.write_text('name = "disjoint"\ntimeout_ms = 2000\ncapacity = 64\n'
+                    '[[servers]]\nname = "low"\nexperts = ["0-3"]\n'
+                    '[[servers]]\nname = "high"\nexperts = ["4-7"]\n')
+    with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
+        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            assert token_ids(engine.generate(PROMPTS[:2], PARAMS, use_tqdm=False))  # compiled
+            victim = cluster.process("high")
+            victim.kill()
+            victim.wait()
+            with pytest.raises(ExpertServerError, match=r"'high'.*did not reply within the 2000 ms deadline"
+                                                        r".*no live replica left"):
+                engine.generate(PROMPTS[:2], PARAMS, use_tqdm=False)
+            assert not engine.runner.experts.is_live(1)
+            # The dead server is known now: no deadline to wait for (once the
+            # step queued behind the failed one has run out its own).
+            engine.runner.wait()
+            start = time.monotonic()
+            with pytest.raises(ExpertServerError, match="marked dead earlier.*no live replica left"):
+                engine.generate(PROMPTS[:2], PARAMS, use_tqdm=False)
+            assert time.monotonic() - start < 1.5
+            assert not engine.has_unfinished_requests()
