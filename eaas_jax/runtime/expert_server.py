@@ -18,6 +18,7 @@ without tokamax, the padding rows going through `lax.ragged_dot`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -215,7 +216,8 @@ def run_expert_server(
             }, lease=heartbeat.lease)
         try:
             announce()
-            server.serve()
+            with _profiled(server_name):
+                server.serve()
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
@@ -228,6 +230,24 @@ def run_expert_server(
             except FileNotFoundError:
                 pass
     log.info("expert server %s stopped after %d rows", server_name, server.rows_served)
+
+
+@contextlib.contextmanager
+def _profiled(server_name: str):
+    """Traces the serve loop with the JAX profiler when EAAS_JAX_PROFILE_DIR is
+    set (into <dir>/<server name>; a perfetto trace beside the xplane), so a
+    server started by an engine or a deployment can be profiled in place."""
+    directory = os.environ.get("EAAS_JAX_PROFILE_DIR")
+    if not directory:
+        yield
+        return
+    path = os.path.join(directory, server_name)
+    jax.profiler.start_trace(path, create_perfetto_trace=True)
+    try:
+        yield
+    finally:
+        jax.profiler.stop_trace()
+        log.info("expert server %s: profile written to %s", server_name, path)
 
 
 def _stop_when_parent_exits(server: ExpertServer, parent_gone: threading.Event) -> None:
