@@ -25,7 +25,7 @@ from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.model.attention import kv_cache_bytes_per_token
-from eaas_jax.runtime.client import RemoteExpertBackend, check_unserved, failed_servers
+from eaas_jax.runtime.client import RemoteExpertBackend, check_unserved, failed_servers, transport_anomalies
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
 
@@ -389,6 +389,10 @@ class Engine:
         failover); a step that left token slots unserved raises."""
         failures = failed_servers(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
                                   self.cluster.deployment.timeout_ms)
+        anomalies = transport_anomalies(self.runner.experts.endpoint.stats()) if failures else ""
+        if anomalies:
+            failures = {server: f"{what} [this client's transport counters: {anomalies}]"
+                        for server, what in failures.items()}
         for server, what in failures.items():
             if self.runner.experts.is_live(server):
                 log.warning("%s; routing around it", what)

@@ -94,6 +94,17 @@ def failed_servers(statuses: np.ndarray, labels, describe_server, timeout_ms: in
     return failures
 
 
+# Counters every healthy exchange moves; the others are worth naming in errors.
+_ROUTINE_COUNTERS = frozenset({"requests_sent", "replies_sent", "requests_accepted", "replies_accepted",
+                               "stale_replies", "deferred"})
+
+
+def transport_anomalies(stats: dict[str, int]) -> str:
+    """The unusual nonzero counters of an endpoint ('timeouts=1, drop_checksum=2'),
+    for error messages: they say which check a failed exchange tripped."""
+    return ", ".join(f"{name}={n}" for name, n in stats.items() if n and name not in _ROUTINE_COUNTERS)
+
+
 def check_unserved(unserved: np.ndarray, failures: dict[int, str]) -> None:
     """Raises ExpertServerError when a step left token slots unserved (no live
     replica of their expert), naming the servers that failed."""

@@ -33,6 +33,7 @@ import numpy as np
 from eaas_jax.checkpoint.directory import load_config, load_expert_banks
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
+from eaas_jax.runtime.client import transport_anomalies
 from eaas_jax.runtime.deployment import Deployment
 from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix
 from eaas_jax.transport import custom_calls, hidden_codec
@@ -221,6 +222,7 @@ def run_expert_server(
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+            anomalies = transport_anomalies(endpoint.stats())
     if parent_gone.is_set():
         # The engine that owned this deployment died without cleaning up: the
         # last servers out remove every mailbox of it, clients' included.
@@ -229,7 +231,8 @@ def run_expert_server(
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-    log.info("expert server %s stopped after %d rows", server_name, server.rows_served)
+    log.info("expert server %s stopped after %d rows%s", server_name, server.rows_served,
+             f" (transport counters: {anomalies})" if anomalies else "")
 
 
 @contextlib.contextmanager
