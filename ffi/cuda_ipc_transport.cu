@@ -487,6 +487,7 @@ __device__ void WaitForReplies(const View& v, const std::int32_t* sent, const st
     const std::uint64_t ticket = v.pending_ticket[si];
     if (ticket == 0 || v.pending_tokens[si] != n || v.pending_layer[si] != layer) {
       status[s] = kStatusBadReply;  // no matching dispatch outstanding (misuse)
+      Count(v, kUnmatchedCombines);
       continue;
     }
     v.pending_ticket[si] = 0;  // consumed: a late reply to it is stale

@@ -40,6 +40,7 @@ enum Counter : int {
   kPeerUnavailable,     // send skipped: peer inbox missing / not ready / closed
   kPeerRefused,         // send skipped: peer inbox geometry / identity mismatch
   kUnroutedTargets,     // dispatch calls with a target not in `servers`
+  kUnmatchedCombines,   // combine awaited a server with no matching dispatch outstanding
   kNumCounters
 };
 
@@ -48,7 +49,7 @@ constexpr const char* kCounterNames =
     "drop_checksum,drop_deployment,drop_kind,drop_sender,drop_channel,"
     "drop_num_tokens,drop_layer,drop_dtype,drop_expert,drop_reply_size,"
     "stale_replies,torn_reads,deferred,unreplied,timeouts,peer_unavailable,"
-    "peer_refused,unrouted_targets";
+    "peer_refused,unrouted_targets,unmatched_combines";
 
 // combine's status output, per server (STATUS_* in Python).
 enum CombineStatus : std::int32_t {

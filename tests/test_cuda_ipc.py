@@ -219,6 +219,48 @@ def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
     assert got == want
 
 
+@gpu
+def test_combine_without_its_dispatch_is_a_bad_reply():
+    """A combine with no matching dispatch outstanding (a caller's bug) fails
+    that server at once and is counted, instead of waiting for a reply."""
+    deployment = f"{PREFIX}-{next(_names)}"
+    with cuda_ipc.CudaIpcEndpoint(deployment, 0, **GEO) as client:
+        servers = jnp.array([1], jnp.int32)
+        targets = jnp.ones((4, K), jnp.int32)
+        out, status = jax.jit(lambda sent: client.combine(sent, targets, servers, layer=0, micro_batch=0,
+                                                          timeout_us=LONG_US))(jnp.array([4], jnp.int32))
+        assert status.tolist() == [custom_calls.STATUS_BAD_REPLY]
+        assert client.stats()["unmatched_combines"] == 1
+
+
+@gpu
+def test_prefill_larger_than_a_mailbox_equals_embedded_on_gpus(tmp_path):
+    """Micro-batches of hundreds of tokens through 16-token mailboxes: dozens
+    of chunked round trips per layer and step, as a W1 prefill makes (where
+    a dispatch once went unpublished on two H200s), still the embedded
+    engine's greedy tokens."""
+    from eaas_jax.engine import Engine, SamplingParams
+
+    device = os.environ.get("EAAS_TEST_PEER_GPU")
+    deployment = tmp_path / "chunks.toml"
+    deployment.write_text(
+        'name = "tinychunks"\ntransport = "cuda_ipc"\ncapacity = 16\ndispatch_dtype = "float32"\n'
+        '[[servers]]\nname = "experts"\n' + (f"device = {device}\n" if device is not None else "")
+    )
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, size=int(n)).tolist() for n in rng.integers(60, 120, size=8)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    args = dict(max_num_seqs=8, max_model_len=160, dtype="float32", block_size=4, max_num_batched_tokens=1024)
+    with Engine(SHIPPED, **args) as engine:
+        want = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the server's process
+    with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
+        got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+        stats = engine.runner.experts.endpoint.stats()
+    assert got == want
+    assert stats["unmatched_combines"] == 0 and stats["requests_sent"] == stats["replies_accepted"], stats
+
+
 @pytest.mark.skipif(HAVE_GPU, reason="checks the error raised where there is no GPU")
 def test_without_a_gpu_opening_is_a_clear_error():
     deployment = f"{PREFIX}-{next(_names)}"
