@@ -261,3 +261,18 @@ def test_bad_deployment_arguments_fail_before_starting_anything(tiny_checkpoint,
     with pytest.raises(ValueError, match="double batching needs two mailbox channels"):
         Engine(tiny_checkpoint, deployment=str(path), double_batching=True, **ENGINE_ARGS)
     assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_profile_dir_gets_each_servers_trace(tiny_checkpoint, tmp_path, monkeypatch):
+    """EAAS_JAX_PROFILE_DIR: every engine-started server traces its serve
+    loop into <dir>/<server name>, written when it stops."""
+    profiles = tmp_path / "profiles"
+    monkeypatch.setenv("EAAS_JAX_PROFILE_DIR", str(profiles))
+    deployment = write_deployment(str(tmp_path), 2)
+    with LocalCluster(tiny_checkpoint, deployment, dtype="float32") as cluster:
+        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            assert token_ids(engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False))
+        names = [spec.name for spec in cluster.deployment.servers]
+    for name in names:
+        traces = list((profiles / name).rglob("*.xplane.pb"))
+        assert traces and all(t.stat().st_size > 0 for t in traces), (name, list(profiles.rglob("*")))
