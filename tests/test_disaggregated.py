@@ -101,8 +101,8 @@ def _embedded_with_quantized_expert_inputs(path, dtype) -> Engine:
     backend = engine.runner.experts
     exchange = backend.exchange
 
-    def quantizing_exchange(arrays):
-        stack = exchange(arrays)
+    def quantizing_exchange(arrays, carry):
+        stack = exchange(arrays, carry)
 
         def experts(moe_layer, x, routing):
             payload, scales = hidden_codec.encode(x, dtype)
@@ -162,6 +162,10 @@ def test_two_clients_share_the_servers(shared_cluster, tiny_checkpoint, referenc
     assert results == [references["random"][0::2], references["random"][1::2]]
     endpoints = {e._client_endpoint for e in engines}
     assert endpoints == {None}  # both left their slots
+    for engine in engines:  # what each client sent a server = its routing's load on the experts there
+        m = engine.metrics
+        assert m.server_slots.tolist() == [m.expert_tokens[:, :4].sum(), m.expert_tokens[:, 4:].sum()]
+        assert m.server_slots.min() > 0
 
 
 def test_client_step_is_one_program_with_every_exchange_and_no_host_callback(shared_cluster, tiny_checkpoint):

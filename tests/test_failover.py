@@ -5,10 +5,14 @@ no replica left, steps fail fast with a clear error."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
+from eaas_jax.runtime.client import RemoteExpertBackend
 from eaas_jax.runtime.cluster import LocalCluster
 
 from test_disaggregated import ENGINE_ARGS, PROMPTS, token_ids
@@ -51,6 +55,27 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
             assert [outputs[i] for i in ids] == reference
             backend = engine.runner.experts
             assert not backend.is_live(0) and backend.is_live(1) and backend.is_live(2)
+            # One deadline waited in all: the step queued behind the failed one
+            # took its carry (r0 seen failing) and sent r0 nothing.
+            assert backend.endpoint.stats()["timeouts"] == 1
+            counters = engine.metrics.server_counters
+            assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
+            assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
+
+
+def test_a_failure_carried_to_later_steps_holds_until_the_host_readmits_the_server():
+    endpoint = SimpleNamespace(geometry=SimpleNamespace(max_endpoints=4, capacity=8))
+    backend = RemoteExpertBackend(endpoint, [0, 1], np.zeros((1, 2, 1), np.int32), timeout_us=1000,
+                                  double_batching=False)
+    carry = backend.initial_carry()
+    assert backend.exchange(backend.arrays, carry).live.tolist() == [True, True, False, False]
+    carry = carry.at[1].set(0)  # a step saw server 1 fail (host generation 0)
+    assert backend.exchange(backend.arrays, carry).live.tolist() == [True, False, False, False]
+    backend.set_live(1, False)  # the host learns of it ...
+    assert backend.exchange(backend.arrays, carry).live.tolist() == [True, False, False, False]
+    backend.set_live(1, True)  # ... and later re-admits the server: the old carry no longer applies
+    assert backend.exchange(backend.arrays, carry).live.tolist() == [True, True, False, False]
+    assert backend.exchange(backend.arrays, jnp.full((4,), 1, jnp.int32)).live.tolist() == [True, False, False, False]
 
 
 def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_checkpoint, tmp_path):

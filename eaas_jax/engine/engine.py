@@ -18,6 +18,7 @@ from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.chat_template import check_messages
 from eaas_jax.engine.expert_parallel import ExpertParallelExperts, expert_mesh
 from eaas_jax.engine.generation_config import GenerationDefaults
+from eaas_jax.engine.metrics import ServingMetrics
 from eaas_jax.engine.outputs import RequestOutput
 from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows
 from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -209,6 +210,10 @@ class Engine:
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
+        self.metrics = ServingMetrics(
+            self.config.num_moe_layers, self.config.num_experts,
+            [] if self.cluster is None else [s.name for s in self.cluster.deployment.servers],
+        )
         log.info(
             "engine ready: %s, dtype=%s, max_num_seqs=%d, max_model_len=%d, %d KV blocks of %d, experts %s",
             model_path, self.dtype.name, max_num_seqs, self.max_model_len, num_kv_blocks, block_size,
@@ -230,6 +235,16 @@ class Engine:
         if self._owns_cluster:
             self._owns_cluster = False
             self.cluster.close()
+
+    def metrics_text(self) -> str:
+        """The engine's serving metrics (per-expert load, per-server traffic and
+        failures, transport drops) in Prometheus' text exposition format."""
+        live, transport = (), None
+        if self.cluster is not None:
+            live = [self.runner.experts.is_live(s) for s in range(self.cluster.deployment.num_servers)]
+            if self._client_endpoint is not None:
+                transport = self._client_endpoint.stats()
+        return self.metrics.render(live=live, transport=transport)
 
     def __enter__(self) -> "Engine":
         return self
@@ -397,12 +412,14 @@ class Engine:
             if self.runner.experts.is_live(server):
                 log.warning("%s; routing around it", what)
                 self.runner.experts.set_live(server, False)
+                self.metrics.server_marked_dead(server)
         check_unserved(exchanges.unserved, failures)
 
     def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
         """Waits for the dispatched steps' tokens and appends them."""
         for seqs, step in in_flight:
             result, exchanges = step.fetch()
+            self.metrics.observe(exchanges)
             if self.cluster is not None:
                 self._handle_failures(exchanges)
             now = time.time()
@@ -417,6 +434,7 @@ class Engine:
                     int(result.tokens[i]), float(result.logprobs[i]), int(result.ranks[i]), top,
                     self.tokenizer, self.eos_token_ids, self.max_model_len,
                 )
+                self.metrics.generated_tokens += 1
                 metrics = request.metrics
                 metrics.first_token_time = metrics.first_token_time or now
                 metrics.last_token_time = now

@@ -56,7 +56,10 @@ class ExpertParallelExperts:
     def num_micro_batches(self, batch: int) -> int:
         return 1
 
-    def exchange(self, arrays) -> "_ShardedExperts":
+    def initial_carry(self):
+        return None
+
+    def exchange(self, arrays, carry) -> "_ShardedExperts":
         return _ShardedExperts(nnx.merge(self._graphdef, arrays), self.mesh)
 
     def traced_exchanges(self) -> list[tuple[int, int]]:

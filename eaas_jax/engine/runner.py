@@ -18,6 +18,7 @@ from flax import nnx
 
 from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
+from eaas_jax.model.moe import expert_token_counts
 from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,14 @@ class StepResult(NamedTuple):
 
 
 class StepStatuses(NamedTuple):
-    """What the expert exchanges of one step reported (empty when embedded)."""
+    """What one step's MoE layers reported: the load on each expert and, with
+    expert servers, what their exchanges did (empty arrays when embedded)."""
 
     statuses: np.ndarray  # [combines, servers] transport status codes (failover retries included)
     labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each combine
     unserved: np.ndarray  # [exchanges] token slots no server delivered (after failover)
+    expert_tokens: np.ndarray  # [moe_layers, experts] real tokens routed to each expert
+    server_slots: np.ndarray  # [servers] token-expert slots sent to each server (re-sends included)
 
 
 class DispatchedStep:
@@ -74,8 +78,9 @@ class DispatchedStep:
             x.copy_to_host_async()
 
     def fetch(self) -> tuple[StepResult, StepStatuses]:
-        sampled, (statuses, unserved) = jax.device_get(self._outputs)
-        return StepResult(*(x[: self.num_rows] for x in sampled)), StepStatuses(statuses, self._labels, unserved)
+        sampled, (statuses, unserved, expert_tokens, server_slots) = jax.device_get(self._outputs)
+        return (StepResult(*(x[: self.num_rows] for x in sampled)),
+                StepStatuses(statuses, self._labels, unserved, expert_tokens, server_slots))
 
 
 class EmbeddedExperts:
@@ -87,7 +92,10 @@ class EmbeddedExperts:
     def num_micro_batches(self, batch: int) -> int:
         return 1
 
-    def exchange(self, arrays):
+    def initial_carry(self):
+        return None
+
+    def exchange(self, arrays, carry):
         return nnx.merge(self._graphdef, arrays)
 
     def traced_exchanges(self) -> list[tuple[int, int]]:
@@ -95,7 +103,7 @@ class EmbeddedExperts:
 
 
 def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
-          tokens, positions, paged, last_index, sampling, previous_tokens, token_sources, *,
+          tokens, positions, paged, last_index, sampling, previous_tokens, token_sources, exchange_carry, *,
           num_top_logprobs, greedy_only):
     # Parameters arrive as flat leaves: flattening nnx state in Python on
     # every call would cost the host ~0.5 ms per step.
@@ -103,9 +111,9 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     expert_arrays = jax.tree.unflatten(expert_treedef, expert_leaves)
     from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
     tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
-    experts = backend.exchange(expert_arrays)
+    experts = backend.exchange(expert_arrays, exchange_carry)
     token_mask = paged.slot_mapping < kv_cache[0].num_slots
-    hidden, kv_cache, _ = client.hidden_states(
+    hidden, kv_cache, routings = client.hidden_states(
         tokens, positions, experts, kv_cache, paged,
         num_micro_batches=backend.num_micro_batches(tokens.shape[0]), token_mask=token_mask,
     )
@@ -115,17 +123,22 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
     unserved = getattr(experts, "unserved", [])
     unserved = jnp.stack(unserved) if unserved else jnp.zeros((0,), jnp.int32)
-    exchanges = (statuses, unserved)
+    expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)
+    server_slots = getattr(experts, "server_slots", jnp.zeros((0,), jnp.int32))
+    exchanges = (statuses, unserved, expert_tokens, server_slots)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
-    return sampled, kv_cache, exchanges, next_tokens
+    return sampled, kv_cache, exchanges, next_tokens, getattr(experts, "carry", None)
 
 
 class ModelRunner:
     """Runs steps of `client` with routed experts from `experts`: an
     `EmbeddedExperts` or a remote backend (`eaas_jax.runtime.client`) with the
-    same members (`arrays`, `num_micro_batches`, `exchange`, `traced_exchanges`:
-    the (moe_layer, micro_batch) of each status row of the last traced step).
+    same members (`arrays`, `num_micro_batches`, `initial_carry`, `exchange`,
+    `traced_exchanges`: the (moe_layer, micro_batch) of each status row of the
+    last traced step). A backend's carry is device state one step hands the
+    next in dispatch order (remote: the servers still live), so a step queued
+    before the host fetched its predecessor still learns what that one found.
 
     Steps are dispatched without waiting (`dispatch`), so that the host can
     prepare step n+1, feeding it step n's tokens on the device, while step n
@@ -160,6 +173,7 @@ class ModelRunner:
             static_argnames=("num_top_logprobs", "greedy_only"),
         )
         self._no_previous_tokens = jnp.zeros((bucket(max_rows),), jnp.int32)
+        self._carry = experts.initial_carry()
         # (moe_layer, micro_batch) of each exchange, per compiled step shape
         self._labels: dict[tuple, list[tuple[int, int]]] = {}
 
@@ -218,6 +232,7 @@ class ModelRunner:
             sampling,
             self._no_previous_tokens if previous is None else previous.next_tokens,
             sources,
+            self._carry,
         )
         return shape, args, dict(num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
 
@@ -246,7 +261,7 @@ class ModelRunner:
                 "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d greedy=%s",
                 len(self._labels) + 1, *shape,
             )
-        sampled, self.kv_cache, exchanges, next_tokens = self._jitted(*args, **static)
+        sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
         if new_shape:  # this call traced the step: its exchanges are known now
             self._labels[shape] = self.experts.traced_exchanges()
         return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, self._labels[shape])

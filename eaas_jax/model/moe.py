@@ -110,6 +110,22 @@ class ExpertBank(nnx.Module):
         )
 
 
+def expert_token_counts(routings: list[Routing], token_mask: jax.Array, num_experts: int) -> jax.Array:
+    """[len(routings), num_experts] int32: the real tokens (`token_mask`, [N]
+    or any shape of N elements) that each MoE layer's routing sent to each
+    expert; a token counts once for each of its top-k experts."""
+    mask = token_mask.reshape(-1)
+
+    def count(routing: Routing) -> jax.Array:
+        ids = routing.expert_ids
+        ids = jnp.where(mask[:, None] & (ids >= 0), ids, num_experts)  # out of range: dropped
+        return jnp.zeros((num_experts,), jnp.int32).at[ids.reshape(-1)].add(1, mode="drop")
+
+    if not routings:
+        return jnp.zeros((0, num_experts), jnp.int32)
+    return jnp.stack([count(r) for r in routings])
+
+
 def routed_experts(
     x: jax.Array,
     expert_ids: jax.Array,

@@ -20,7 +20,8 @@ from eaas_jax.transport import custom_calls
 
 class RemoteArrays(NamedTuple):
     table: jax.Array  # [num_moe_layers, num_experts, replicas] int32 endpoints
-    live: jax.Array  # [max_endpoints] bool
+    live: jax.Array  # [max_endpoints] bool, as the host last set it
+    generation: jax.Array  # [max_endpoints] int32, bumped when the host re-admits a server
 
 
 class RemoteExpertBackend:
@@ -43,23 +44,34 @@ class RemoteExpertBackend:
         # wait for the steps queued on the device.
         self._live = np.zeros(endpoint.geometry.max_endpoints, bool)
         self._live[self.servers] = True
-        self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(self._live))
+        self._generation = np.zeros(endpoint.geometry.max_endpoints, np.int32)
+        self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(self._live),
+                                   jnp.asarray(self._generation))
         self._traced: RemoteExperts | None = None
 
     def is_live(self, endpoint: int) -> bool:
         return bool(self._live[endpoint])
 
     def set_live(self, endpoint: int, live: bool) -> None:
-        """Routes around (or back to) a server from the next step on; no recompile."""
+        """Routes around (or back to) a server from the next step on; no recompile.
+        Re-admitting a server also clears what steps found of it (the carry)."""
+        if live and not self._live[endpoint]:
+            self._generation[endpoint] += 1
         self._live[endpoint] = live
-        self.arrays = self.arrays._replace(live=jnp.asarray(self._live))
+        self.arrays = self.arrays._replace(live=jnp.asarray(self._live), generation=jnp.asarray(self._generation))
+
+    def initial_carry(self) -> jax.Array:
+        """[max_endpoints] int32: the generation in which a step saw each server
+        fail, -1 for none (`RemoteExperts.carry`)."""
+        return jnp.full(self._live.shape, -1, jnp.int32)
 
     def num_micro_batches(self, batch: int) -> int:
         return 2 if self.double_batching and batch >= 2 else 1
 
-    def exchange(self, arrays: RemoteArrays) -> RemoteExperts:
+    def exchange(self, arrays: RemoteArrays, carry: jax.Array) -> RemoteExperts:
         self._traced = RemoteExperts(
-            self.endpoint, self.servers, arrays.table, arrays.live, timeout_us=self.timeout_us
+            self.endpoint, self.servers, arrays.table, arrays.live, timeout_us=self.timeout_us,
+            generation=arrays.generation, carry=carry,
         )
         return self._traced
 

@@ -16,8 +16,11 @@ In-step failover: with replicas (a table of R > 1 per expert), the token
 slots a server failed to deliver (deadline missed, bad reply, unreachable) are
 dispatched again to the next live replica right after the combine, up to R - 1
 times, and their results added: the step's outputs stay exact. A server that
-failed is not used again in this step (nor, once the host marks it dead, in
-later ones). Slots that no live replica could serve are counted in `unserved`.
+failed is not used again in this step, nor in the steps dispatched after it:
+they take this step's `carry` (the generation in which each server was seen
+failing) as input, so a step queued before the host fetched this one does not
+wait out the dead server's deadline again; the host then marks it dead. Slots
+that no live replica could serve are counted in `unserved`.
 """
 
 from __future__ import annotations
@@ -75,10 +78,15 @@ class RemoteExperts:
         axis) int32 device array, the endpoints serving each (layer, expert).
       live: [max_endpoints] bool device array; dead endpoints get no tokens.
       timeout_us: combine deadline of each exchange.
+      generation, carry: [max_endpoints] int32 device arrays: the host's
+        re-admission count of each endpoint, and the generation in which an
+        earlier step saw it fail (-1: never); an endpoint whose carry equals
+        its generation is treated as dead.
 
     After tracing, `statuses` holds one [S] status vector per combine (failover
     retries included) and `status_labels` its (moe_layer, micro_batch);
-    `unserved` one int32 count per exchange of token slots no server delivered.
+    `unserved` one int32 count per exchange of token slots no server delivered;
+    `server_slots` [S] the token-expert slots dispatched to each server.
     """
 
     def __init__(
@@ -89,16 +97,23 @@ class RemoteExperts:
         live: jax.Array,
         *,
         timeout_us: int = 5_000_000,
+        generation: jax.Array | None = None,
+        carry: jax.Array | None = None,
     ):
         self.endpoint = endpoint
         self.capacity = endpoint.geometry.capacity
         self.servers = jnp.asarray(list(servers), jnp.int32)
         self.table = table if table.ndim == 3 else table[..., None]
-        self.live = live
+        self._generation = jnp.zeros(live.shape, jnp.int32) if generation is None else generation
+        self._carry_in = jnp.full(live.shape, -1, jnp.int32) if carry is None else carry
+        self.live = live & (self._carry_in != self._generation)
+        # Each server's endpoint as a scatter index; unused (-1) entries fall out of range and are dropped.
+        self._endpoint_index = jnp.where(self.servers >= 0, self.servers, live.shape[0])
         self.timeout_us = timeout_us
         self.statuses: list[jax.Array] = []
         self.status_labels: list[tuple[int, int]] = []
         self.unserved: list[jax.Array] = []
+        self.server_slots = jnp.zeros(self.servers.shape, jnp.int32)
         self._chain = None  # output of the last custom call
         self._failed = jnp.zeros(self.servers.shape, bool)  # servers that failed in this step
 
@@ -109,6 +124,8 @@ class RemoteExperts:
             layer=moe_layer, micro_batch=micro_batch, scales=scales, after=self._chain,
         )
         self._chain = sent
+        to_server = (targets[..., None] == self.servers) & (self.servers >= 0)
+        self.server_slots = self.server_slots + jnp.sum(to_server, axis=(0, 1), dtype=jnp.int32)
         return _Chunk(sent, targets, x, ids, gates, needed)
 
     def _combine(self, moe_layer, micro_batch, chunk: _Chunk) -> jax.Array:
@@ -124,8 +141,8 @@ class RemoteExperts:
         self.statuses.append(status)
         self.status_labels.append((moe_layer, micro_batch))
         self._failed = self._failed | (status[:, None] == jnp.asarray(FAILED_STATUSES)).any(axis=1)
-        index = jnp.where(self.servers >= 0, self.servers, self.live.shape[0])
-        self.live = self.live.at[index].set(self.live[jnp.maximum(self.servers, 0)] & ~self._failed, mode="drop")
+        self.live = self.live.at[self._endpoint_index].set(
+            self.live[jnp.maximum(self.servers, 0)] & ~self._failed, mode="drop")
         return out
 
     def _combine_with_failover(self, moe_layer, micro_batch, chunk: _Chunk) -> tuple[jax.Array, jax.Array]:
@@ -144,6 +161,13 @@ class RemoteExperts:
             targets = jnp.where(lost, retry_targets, targets)
         served = (targets >= 0) & self.live[jnp.maximum(targets, 0)]
         return out, jnp.sum(chunk.needed & ~served, dtype=jnp.int32)
+
+    @property
+    def carry(self) -> jax.Array:
+        """For the next step: the input carry with this step's failed servers
+        stamped with their current generation."""
+        failed = jnp.zeros(self.live.shape, bool).at[self._endpoint_index].set(self._failed, mode="drop")
+        return jnp.where(failed, self._generation, self._carry_in)
 
     def send(self, moe_layer: int, micro_batch: int, x: jax.Array, routing: Routing,
              token_mask: jax.Array) -> _Handle:

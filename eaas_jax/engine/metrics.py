@@ -1,0 +1,120 @@
+"""Serving metrics of an engine, rendered in Prometheus' text exposition format.
+
+What an operator (or an autoscaler) watches: the tokens routed to each expert
+(its load), the token-expert slots sent to each expert server, each server's
+deadline misses, bad replies, times it was marked dead, and the transport's
+dropped messages by reason. Counters only grow for the engine's lifetime;
+`render` reads them without resetting.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from eaas_jax.transport import custom_calls
+
+# A server's combine status -> the per-server counter it adds to.
+_STATUS_COUNTERS = {
+    custom_calls.STATUS_TIMEOUT: "deadline_misses",
+    custom_calls.STATUS_BAD_REPLY: "bad_replies",
+    custom_calls.STATUS_UNAVAILABLE: "unreachable",
+}
+
+
+def _label(value) -> str:
+    """A label value, escaped as the exposition format asks."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Family:
+    """The lines of one metric family."""
+
+    def __init__(self, name: str, kind: str, help_text: str):
+        self.lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        self.name = name
+
+    def add(self, value, **labels) -> None:
+        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+        self.lines.append(f"{self.name}{{{text}}} {value}" if text else f"{self.name} {value}")
+
+
+class ServingMetrics:
+    """Counters of one engine: `observe` each fetched step; the engine adds
+    each token it appends to `generated_tokens`.
+
+    server_names: the deployment's servers in endpoint order (empty when the
+      experts are embedded).
+    """
+
+    def __init__(self, num_moe_layers: int, num_experts: int, server_names: Sequence[str] = ()):
+        self.server_names = list(server_names)
+        n = len(self.server_names)
+        self.steps = 0
+        self.generated_tokens = 0
+        self.unserved_slots = 0
+        self.expert_tokens = np.zeros((num_moe_layers, num_experts), np.int64)
+        self.server_slots = np.zeros(n, np.int64)
+        self.server_counters = {name: np.zeros(n, np.int64) for name in (*_STATUS_COUNTERS.values(), "marked_dead")}
+
+    def observe(self, report) -> None:
+        """Adds one step's `StepStatuses`."""
+        self.steps += 1
+        self.expert_tokens += report.expert_tokens
+        if self.server_names:
+            self.server_slots += report.server_slots
+            self.unserved_slots += int(np.sum(report.unserved))
+            for status, counter in _STATUS_COUNTERS.items():
+                self.server_counters[counter] += np.sum(np.asarray(report.statuses) == status, axis=0)
+
+    def server_marked_dead(self, endpoint: int) -> None:
+        self.server_counters["marked_dead"][endpoint] += 1
+
+    def render(self, *, live: Sequence[bool] = (), transport: Mapping[str, int] | None = None) -> str:
+        """The exposition text. live: per server, whether it gets traffic now;
+        transport: the client endpoint's counters (`endpoint.stats()`)."""
+        families = []
+
+        def family(name, kind, help_text):
+            families.append(_Family(name, kind, help_text))
+            return families[-1]
+
+        family("eaas_steps_total", "counter", "Model steps run.").add(self.steps)
+        family("eaas_generated_tokens_total", "counter", "Tokens generated.").add(self.generated_tokens)
+        experts = family("eaas_expert_tokens_total", "counter",
+                         "Tokens routed to each expert (each of a token's top-k experts counts it).")
+        for (layer, expert), count in np.ndenumerate(self.expert_tokens):
+            experts.add(int(count), layer=layer, expert=expert)
+        if self.server_names:
+            slots = family("eaas_server_token_slots_total", "counter",
+                           "Token-expert slots sent to each expert server (failover re-sends included).")
+            for name, count in zip(self.server_names, self.server_slots):
+                slots.add(int(count), server=name)
+            for counter, help_text in (
+                ("deadline_misses", "Exchanges in which the server did not reply by the deadline."),
+                ("bad_replies", "Exchanges in which the server's reply failed validation."),
+                ("unreachable", "Exchanges in which the server's mailbox could not be written."),
+                ("marked_dead", "Times the engine marked the server dead and routed around it."),
+            ):
+                f = family(f"eaas_server_{counter}_total", "counter", help_text)
+                for name, count in zip(self.server_names, self.server_counters[counter]):
+                    f.add(int(count), server=name)
+            if live:
+                f = family("eaas_server_live", "gauge", "1 if the server gets traffic, 0 if routed around.")
+                for name, is_live in zip(self.server_names, live):
+                    f.add(int(bool(is_live)), server=name)
+            family("eaas_unserved_slots_total", "counter",
+                   "Token-expert slots no live replica served (their steps raised).").add(self.unserved_slots)
+        if transport:
+            dropped = family("eaas_transport_dropped_messages_total", "counter",
+                             "Messages this client's transport dropped, by the check they failed.")
+            for name, count in transport.items():
+                if name.startswith("drop_"):
+                    dropped.add(int(count), reason=name[len("drop_"):])
+            events = family("eaas_transport_events_total", "counter",
+                            "This client's other transport counters (sends, accepts, timeouts, ...).")
+            for name, count in transport.items():
+                if not name.startswith("drop_"):
+                    events.add(int(count), event=name)
+        return "\n".join(line for f in families for line in f.lines) + "\n"

@@ -1,0 +1,67 @@
+"""Serving metrics: the Prometheus exposition text, and the per-expert load an
+engine counts against what its requests must have routed."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from eaas_jax.engine import SamplingParams
+from eaas_jax.engine.metrics import ServingMetrics
+from eaas_jax.engine.runner import StepStatuses
+from eaas_jax.transport import custom_calls
+
+SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?\d+)$')
+
+
+def parse(text: str) -> dict[tuple[str, str], int]:
+    """{(name, labels): value} of an exposition text; every line must be a
+    HELP/TYPE comment or a sample."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        samples[(m.group(1), m.group(2) or "")] = int(m.group(3))
+    return samples
+
+
+def test_render_counts_each_servers_failures_and_escapes_labels():
+    metrics = ServingMetrics(1, 2, ['a"b', "c\\d"])
+    ok, timeout, bad = custom_calls.STATUS_OK, custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY
+    report = StepStatuses(statuses=np.array([[ok, timeout], [bad, timeout]]), labels=[(0, 0), (0, 0)],
+                          unserved=np.array([3]), expert_tokens=np.array([[5, 7]]), server_slots=np.array([9, 4]))
+    metrics.observe(report)
+    metrics.observe(report)
+    metrics.server_marked_dead(1)
+    samples = parse(metrics.render(live=[True, False], transport={"drop_checksum": 2, "timeouts": 4}))
+    assert samples[("eaas_steps_total", "")] == 2
+    assert samples[("eaas_expert_tokens_total", '{layer="0",expert="1"}')] == 14
+    assert samples[("eaas_server_token_slots_total", '{server="a\\"b"}')] == 18
+    assert samples[("eaas_server_deadline_misses_total", '{server="c\\\\d"}')] == 4
+    assert samples[("eaas_server_deadline_misses_total", '{server="a\\"b"}')] == 0
+    assert samples[("eaas_server_bad_replies_total", '{server="a\\"b"}')] == 2
+    assert samples[("eaas_server_marked_dead_total", '{server="c\\\\d"}')] == 1
+    assert samples[("eaas_server_live", '{server="c\\\\d"}')] == 0
+    assert samples[("eaas_unserved_slots_total", "")] == 6
+    assert samples[("eaas_transport_dropped_messages_total", '{reason="checksum"}')] == 2
+    assert samples[("eaas_transport_events_total", '{event="timeouts"}')] == 4
+
+
+def test_embedded_engine_counts_every_real_token_once_per_routed_expert(tiny_engine):
+    """Each prompt token and each generated token but the last goes through
+    every MoE layer once, to top_k experts: padding rows must not count."""
+    before = tiny_engine.metrics.expert_tokens.copy()
+    prompts = ["def f(x):", "import os\nimport sys", "a"]
+    outs = tiny_engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                                use_tqdm=False)
+    processed = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+    counted = tiny_engine.metrics.expert_tokens - before
+    config = tiny_engine.config
+    assert counted.shape == (config.num_moe_layers, config.num_experts)
+    assert counted.sum(axis=1).tolist() == [processed * config.num_experts_per_tok] * config.num_moe_layers
+    samples = parse(tiny_engine.metrics_text())
+    assert sum(v for (name, _), v in samples.items() if name == "eaas_expert_tokens_total") == \
+        int(tiny_engine.metrics.expert_tokens.sum())
