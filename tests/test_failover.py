@@ -14,12 +14,13 @@ import pytest
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.runtime.client import RemoteExpertBackend
 from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.runtime.remote_experts import route
 
 from test_disaggregated import ENGINE_ARGS, PROMPTS, token_ids
 
-# Every expert of the random tiny model on exactly two of three servers. The
-# client sends to the first live replica in server order: r0 serves experts
-# 0-5 and r1 experts 6-7 until r0 dies, then r2 takes 0-1 and r1 2-5.
+# Every expert of the random tiny model on exactly two of three servers; the
+# client spreads each expert's tokens over its live replicas, so every server
+# has work until r0 dies, then r2 and r1 take r0's share.
 REPLICATED = ('name = "replicas"\ntimeout_ms = 2000\ncapacity = 64\n'
               '[[servers]]\nname = "r0"\nexperts = ["0-5"]\n'
               '[[servers]]\nname = "r1"\nexperts = ["2-7"]\n'
@@ -61,6 +62,17 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
             counters = engine.metrics.server_counters
             assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
             assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
+
+
+def test_route_spreads_each_experts_tokens_over_its_live_replicas():
+    table = jnp.array([[[0, 1, 2], [1, -1, -1], [-1, -1, -1]]], jnp.int32)  # 1 layer, 3 experts, R = 3
+    ids = jnp.zeros((60, 1), jnp.int32)
+    for live, want in (([True, True, True], {0: 20, 1: 20, 2: 20}), ([True, False, True], {0: 30, 2: 30})):
+        targets = np.asarray(route(table, jnp.array(live + [False]), 0, ids))
+        assert dict(zip(*np.unique(targets, return_counts=True))) == want
+    two_slots = np.asarray(route(table, jnp.ones(4, bool), 0, jnp.array([[0, 1], [2, 0]], jnp.int32)))
+    assert two_slots.tolist() == [[0, 1], [-1, 2]]  # expert 1 on server 1 only; expert 2 nowhere
+    assert np.asarray(route(table, jnp.array([False, False, True, True]), 0, jnp.array([[1]]))).tolist() == [[-1]]
 
 
 def test_a_failure_carried_to_later_steps_holds_until_the_host_readmits_the_server():

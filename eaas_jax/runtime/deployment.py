@@ -20,8 +20,8 @@ A deployment is a TOML file (see `configs/deploy/`):
     device = 1                 # cuda_ipc only: the GPU (CUDA_VISIBLE_DEVICES
                                # value) a locally started server runs on
 
-A (layer, expert) hosted by several servers has replicas; the client sends to
-the first live one in file order. Endpoint indices are fixed by the file:
+A (layer, expert) hosted by several servers has replicas; the client spreads
+its tokens over the live ones. Endpoint indices are fixed by the file:
 server i is endpoint i, client slot c is endpoint len(servers) + c.
 """
 

@@ -1,8 +1,8 @@
 """The client side of the token exchange: an `ExpertExchange` over expert servers.
 
 Inside the client's jitted step each MoE layer routes its tokens in-graph
-(`table[layer, expert, replica]` -> server endpoint; the first replica whose
-server the liveness mask calls live), dispatches them once per target server
+(`table[layer, expert, replica]` -> server endpoint; the live replicas of an
+expert share its tokens, see `route`), dispatches them once per target server
 and, later, combines the replies. The routing table and liveness mask are
 ordinary device arrays, so changing them never recompiles. Every custom call
 takes the previous one's output as its ordering token, so the calls run in
@@ -57,15 +57,22 @@ class _Handle(NamedTuple):
 
 
 def route(table: jax.Array, live: jax.Array, moe_layer: int, expert_ids: jax.Array) -> jax.Array:
-    """Endpoint serving each (token, slot): the first live replica, -1 if none.
+    """Endpoint serving each (token, slot): one live replica of its expert, -1
+    if none is live. Replicas share the load: (row, slot) takes the live
+    replica number (row + slot) mod (live replicas), in table order.
 
-    table: [L, E, R] int32 endpoints (-1 = no replica); live: [max_endpoints] bool.
+    table: [L, E, R] int32 endpoints (-1 = no replica); live: [max_endpoints] bool;
+    expert_ids: [N, k].
     """
     candidates = table[moe_layer][expert_ids]  # [N, k, R]
     ok = (candidates >= 0) & live[jnp.maximum(candidates, 0)]
-    first = jnp.argmax(ok, axis=-1)[..., None]
-    chosen = jnp.take_along_axis(candidates, first, axis=-1)[..., 0]
-    return jnp.where(ok.any(axis=-1), chosen, -1)
+    num_live = ok.sum(axis=-1)
+    n, k = expert_ids.shape
+    turn = (jnp.arange(n)[:, None] + jnp.arange(k)[None, :]) % jnp.maximum(num_live, 1)
+    live_rank = jnp.cumsum(ok, axis=-1) - 1
+    pick = jnp.argmax(ok & (live_rank == turn[..., None]), axis=-1)[..., None]
+    chosen = jnp.take_along_axis(candidates, pick, axis=-1)[..., 0]
+    return jnp.where(num_live > 0, chosen, -1)
 
 
 class RemoteExperts:
