@@ -1,4 +1,4 @@
-"""The `eaas-jax` command: generate, serve-experts, train, convert."""
+"""The `eaas-jax` command: generate, serve-experts, train, convert, plan-placement."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
+import tomllib
 import time
 
 
@@ -239,6 +241,68 @@ def _convert(args) -> int:
     return 0
 
 
+def _add_plan_placement(sub) -> None:
+    p = sub.add_parser("plan-placement", help="write a deployment file placing the experts on N servers")
+    p.add_argument("--model", required=True, help="checkpoint directory (for its number of experts)")
+    p.add_argument("--servers", required=True,
+                   help="how many servers (named experts-0, experts-1, ...) or their names, comma-separated")
+    p.add_argument("--replicas", type=int, default=1, help="copies of every expert (default 1)")
+    p.add_argument("--load", help="measured load: a Prometheus text file of eaas_expert_tokens_total "
+                                  "(engine.metrics_text()) or a .npy array [layers, experts]")
+    p.add_argument("--hot-replicas", type=int, default=0,
+                   help="one more copy for this many of the most loaded experts (needs --load)")
+    p.add_argument("--name", default="planned", help="deployment name (default: planned)")
+    p.add_argument("--transport", default="shm", choices=["shm", "cuda_ipc"])
+    p.add_argument("--out", required=True, help="deployment TOML to write")
+    p.set_defaults(func=_plan_placement)
+
+
+def _read_load(path: str, num_moe_layers: int, num_experts: int):
+    import numpy as np
+
+    if path.endswith(".npy"):
+        return np.load(path)
+    load = np.zeros((num_moe_layers, num_experts))
+    pattern = re.compile(r'^eaas_expert_tokens_total\{layer="(\d+)",expert="(\d+)"\} (\d+)$')
+    found = 0
+    with open(path) as f:
+        for line in f:
+            m = pattern.match(line.strip())
+            if m:
+                layer, expert, count = map(int, m.groups())
+                if layer >= num_moe_layers or expert >= num_experts:
+                    raise ValueError(f"{path}: (layer {layer}, expert {expert}) is not in this model")
+                load[layer, expert] = count
+                found += 1
+    if not found:
+        raise ValueError(f"{path}: no eaas_expert_tokens_total samples")
+    return load
+
+
+def _plan_placement(args) -> int:
+    from eaas_jax.checkpoint import CheckpointError
+    from eaas_jax.checkpoint.directory import load_config
+    from eaas_jax.runtime.deployment import Deployment, DeploymentError
+    from eaas_jax.runtime.placement import deployment_toml, plan_placement
+
+    try:
+        config = load_config(args.model)
+        servers = ([f"experts-{i}" for i in range(int(args.servers))] if args.servers.isdigit()
+                   else [s.strip() for s in args.servers.split(",")])
+        load = None if args.load is None else _read_load(args.load, config.num_moe_layers, config.num_experts)
+        placement = plan_placement(config.num_experts, servers, replicas=args.replicas, load=load,
+                                   hot_replicas=args.hot_replicas)
+        text = deployment_toml(args.name, placement, transport=args.transport)
+        Deployment.from_dict(tomllib.loads(text), source=args.out).check(config)  # names, ranges
+    except (CheckpointError, DeploymentError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    with open(args.out, "w") as f:
+        f.write(text)
+    for server, experts in placement.items():
+        print(f"{server}: {len(experts)} experts", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eaas-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -247,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve_experts(sub)
     _add_train(sub)
     _add_convert(sub)
+    _add_plan_placement(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
