@@ -114,3 +114,32 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
                 engine.generate(PROMPTS[:2], PARAMS, use_tqdm=False)
             assert time.monotonic() - start < 1.5
             assert not engine.has_unfinished_requests()
+
+
+def test_a_drained_replica_exits_and_nothing_is_lost(tiny_checkpoint, reference, tmp_path):
+    path = tmp_path / "replicas.toml"
+    path.write_text(REPLICATED)
+    with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
+        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            ids = [engine.add_request(prompt, PARAMS) for prompt in REQUESTS]
+            outputs, steps, r1_slots = {}, 0, None
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        outputs[out.request_id] = out.outputs[0].token_ids
+                steps += 1
+                if steps == 10:
+                    engine.drain_server("r1")
+                    assert cluster.process("r1").returncode == 0  # stopped once the queued steps ran
+                if steps == 14:  # the steps queued before the drain have been collected by now
+                    r1_slots, others = engine.metrics.server_slots[1], engine.metrics.server_slots[[0, 2]].copy()
+            assert [outputs[i] for i in ids] == reference
+            assert r1_slots > 0 and engine.metrics.server_slots[1] == r1_slots  # nothing after the drain
+            assert (engine.metrics.server_slots[[0, 2]] > others).all()
+            backend = engine.runner.experts
+            assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
+            # r0 alone holds experts 2-5 now: draining it is refused and changes nothing.
+            with pytest.raises(ValueError, match=r"draining 'r0' would leave 8 .* no live replica"):
+                engine.drain_server("r0")
+            assert backend.is_live(0) and cluster.process("r0").poll() is None
+            assert token_ids(engine.generate(REQUESTS[:2], PARAMS, use_tqdm=False)) == reference[:2]

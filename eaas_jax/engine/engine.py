@@ -236,6 +236,31 @@ class Engine:
             self._owns_cluster = False
             self.cluster.close()
 
+    def drain_server(self, name: str) -> None:
+        """Drains expert server `name`: it gets no tokens from the next step on,
+        the steps already queued finish with it, then it is stopped if this
+        engine's cluster started it (servers started elsewhere are only routed
+        around: stop them once this returns). Refuses, changing nothing, when
+        an expert would be left without a live replica."""
+        if self.cluster is None:
+            raise ValueError("drain_server needs a deployment: this engine's experts are embedded")
+        deployment = self.cluster.deployment
+        endpoint = deployment.server_endpoint(name)
+        backend = self.runner.experts
+        others = [s for s in range(deployment.num_servers) if s != endpoint and backend.is_live(s)]
+        table = deployment.routing_table(self.config)
+        orphaned = np.argwhere((table == endpoint).any(-1) & ~np.isin(table, others).any(-1))
+        if len(orphaned):
+            layer, expert = orphaned[0]
+            raise ValueError(f"draining {name!r} would leave {len(orphaned)} (MoE layer, expert) pairs with no "
+                             f"live replica, e.g. (layer {layer}, expert {expert})")
+        backend.set_live(endpoint, False)
+        self.runner.wait()  # the steps queued before this one was routed around
+        stop = getattr(self.cluster, "stop_server", None)
+        if stop is not None:
+            code = stop(name)
+            log.info("drained expert server %r (exit code %s)", name, code)
+
     def metrics_text(self) -> str:
         """The engine's serving metrics (per-expert load, per-server traffic and
         failures, transport drops) in Prometheus' text exposition format."""

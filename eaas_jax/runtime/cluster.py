@@ -165,6 +165,19 @@ class LocalCluster:
     def process(self, name: str) -> subprocess.Popen:
         return self._procs[self.deployment.server_endpoint(name)]
 
+    def stop_server(self, name: str, timeout: float = 10.0) -> int:
+        """Stops one server (SIGTERM: it finishes its round and closes its
+        mailbox; SIGKILL after `timeout` s); returns its exit code."""
+        proc = self.process(name)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
     def describe_server(self, endpoint: int) -> str:
         spec = self.deployment.servers[endpoint]
         proc = self._procs[endpoint] if endpoint < len(self._procs) else None
