@@ -4,6 +4,7 @@ no replica left, steps fail fast with a clear error."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from types import SimpleNamespace
 
@@ -35,33 +36,51 @@ def reference(tiny_checkpoint):
         return token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False))
 
 
-def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_checkpoint, reference, tmp_path):
+@contextlib.contextmanager
+def replicated_engine(checkpoint, tmp_path):
+    """An engine over three server processes of REPLICATED."""
     path = tmp_path / "replicas.toml"
     path.write_text(REPLICATED)
-    with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
-        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
-            ids = [engine.add_request(prompt, PARAMS) for prompt in REQUESTS]
-            outputs, steps = {}, 0
-            victim = cluster.process("r0")
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        outputs[out.request_id] = out.outputs[0].token_ids
-                steps += 1
-                if steps == 10:  # mid-run: requests in every stage, steps queued
-                    victim.kill()
-                    victim.wait()
-                    killed_with = len(outputs)
-            assert 0 < killed_with < len(REQUESTS)
-            assert [outputs[i] for i in ids] == reference
-            backend = engine.runner.experts
-            assert not backend.is_live(0) and backend.is_live(1) and backend.is_live(2)
-            # One deadline waited in all: the step queued behind the failed one
-            # took its carry (r0 seen failing) and sent r0 nothing.
-            assert backend.endpoint.stats()["timeouts"] == 1
-            counters = engine.metrics.server_counters
-            assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
-            assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
+    with LocalCluster(checkpoint, str(path), dtype="float32") as cluster:
+        with Engine(checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            yield cluster, engine
+
+
+def run_requests(engine, after_step) -> list[list[int]]:
+    """Steps `engine` through REQUESTS, calling after_step(steps, finished) after
+    each step; returns the token ids in request order."""
+    ids = [engine.add_request(prompt, PARAMS) for prompt in REQUESTS]
+    outputs, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+        steps += 1
+        after_step(steps, len(outputs))
+    return [outputs[i] for i in ids]
+
+
+def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_checkpoint, reference, tmp_path):
+    with replicated_engine(tiny_checkpoint, tmp_path) as (cluster, engine):
+        finished_at_kill = []
+
+        def kill_r0(steps, finished):
+            if steps == 10:  # mid-run: requests in every stage, steps queued
+                victim = cluster.process("r0")
+                victim.kill()
+                victim.wait()
+                finished_at_kill.append(finished)
+
+        assert run_requests(engine, kill_r0) == reference
+        assert 0 < finished_at_kill[0] < len(REQUESTS)
+        backend = engine.runner.experts
+        assert not backend.is_live(0) and backend.is_live(1) and backend.is_live(2)
+        # One deadline waited in all: the step queued behind the failed one
+        # took its carry (r0 seen failing) and sent r0 nothing.
+        assert backend.endpoint.stats()["timeouts"] == 1
+        counters = engine.metrics.server_counters
+        assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
+        assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
 
 
 def test_route_spreads_each_experts_tokens_over_its_live_replicas():
@@ -106,8 +125,7 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
                                                         r".*no live replica left"):
                 engine.generate(PROMPTS[:2], PARAMS, use_tqdm=False)
             assert not engine.runner.experts.is_live(1)
-            # The dead server is known now: no deadline to wait for (once the
-            # step queued behind the failed one has run out its own).
+            # The dead server is known now: no deadline to wait for.
             engine.runner.wait()
             start = time.monotonic()
             with pytest.raises(ExpertServerError, match="marked dead earlier.*no live replica left"):
@@ -117,29 +135,24 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
 
 
 def test_a_drained_replica_exits_and_nothing_is_lost(tiny_checkpoint, reference, tmp_path):
-    path = tmp_path / "replicas.toml"
-    path.write_text(REPLICATED)
-    with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
-        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
-            ids = [engine.add_request(prompt, PARAMS) for prompt in REQUESTS]
-            outputs, steps, r1_slots = {}, 0, None
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        outputs[out.request_id] = out.outputs[0].token_ids
-                steps += 1
-                if steps == 10:
-                    engine.drain_server("r1")
-                    assert cluster.process("r1").returncode == 0  # stopped once the queued steps ran
-                if steps == 14:  # the steps queued before the drain have been collected by now
-                    r1_slots, others = engine.metrics.server_slots[1], engine.metrics.server_slots[[0, 2]].copy()
-            assert [outputs[i] for i in ids] == reference
-            assert r1_slots > 0 and engine.metrics.server_slots[1] == r1_slots  # nothing after the drain
-            assert (engine.metrics.server_slots[[0, 2]] > others).all()
-            backend = engine.runner.experts
-            assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
-            # r0 alone holds experts 2-5 now: draining it is refused and changes nothing.
-            with pytest.raises(ValueError, match=r"draining 'r0' would leave 8 .* no live replica"):
-                engine.drain_server("r0")
-            assert backend.is_live(0) and cluster.process("r0").poll() is None
-            assert token_ids(engine.generate(REQUESTS[:2], PARAMS, use_tqdm=False)) == reference[:2]
+    with replicated_engine(tiny_checkpoint, tmp_path) as (cluster, engine):
+        slots_after_drain = []
+
+        def drain_r1(steps, finished):
+            if steps == 10:
+                engine.drain_server("r1")
+                assert cluster.process("r1").returncode == 0  # stopped once the queued steps ran
+            if steps == 14:  # the steps queued before the drain have been collected by now
+                slots_after_drain.append(engine.metrics.server_slots.copy())
+
+        assert run_requests(engine, drain_r1) == reference
+        slots = engine.metrics.server_slots
+        assert slots_after_drain[0][1] > 0 and slots[1] == slots_after_drain[0][1]  # nothing after the drain
+        assert (slots[[0, 2]] > slots_after_drain[0][[0, 2]]).all()
+        backend = engine.runner.experts
+        assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
+        # r0 alone holds experts 2-5 now: draining it is refused and changes nothing.
+        with pytest.raises(ValueError, match=r"draining 'r0' would leave 8 .* no live replica"):
+            engine.drain_server("r0")
+        assert backend.is_live(0) and cluster.process("r0").poll() is None
+        assert token_ids(engine.generate(REQUESTS[:2], PARAMS, use_tqdm=False)) == reference[:2]
