@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import sys
 import tomllib
 import time
@@ -260,23 +259,15 @@ def _add_plan_placement(sub) -> None:
 def _read_load(path: str, num_moe_layers: int, num_experts: int):
     import numpy as np
 
+    from eaas_jax.engine.metrics import read_expert_tokens
+
     if path.endswith(".npy"):
         return np.load(path)
-    load = np.zeros((num_moe_layers, num_experts))
-    pattern = re.compile(r'^eaas_expert_tokens_total\{layer="(\d+)",expert="(\d+)"\} (\d+)$')
-    found = 0
     with open(path) as f:
-        for line in f:
-            m = pattern.match(line.strip())
-            if m:
-                layer, expert, count = map(int, m.groups())
-                if layer >= num_moe_layers or expert >= num_experts:
-                    raise ValueError(f"{path}: (layer {layer}, expert {expert}) is not in this model")
-                load[layer, expert] = count
-                found += 1
-    if not found:
-        raise ValueError(f"{path}: no eaas_expert_tokens_total samples")
-    return load
+        try:
+            return read_expert_tokens(f.read(), num_moe_layers, num_experts)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _plan_placement(args) -> int:

@@ -256,10 +256,8 @@ class Engine:
                              f"live replica, e.g. (layer {layer}, expert {expert})")
         backend.set_live(endpoint, False)
         self.runner.wait()  # the steps queued before this one was routed around
-        stop = getattr(self.cluster, "stop_server", None)
-        if stop is not None:
-            code = stop(name)
-            log.info("drained expert server %r (exit code %s)", name, code)
+        code = self.cluster.stop_server(name)
+        log.info("drained expert server %r (exit code %s)", name, code)
 
     def metrics_text(self) -> str:
         """The engine's serving metrics (per-expert load, per-server traffic and

@@ -9,6 +9,7 @@ dropped messages by reason. Counters only grow for the engine's lifetime;
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,28 @@ _STATUS_COUNTERS = {
     custom_calls.STATUS_BAD_REPLY: "bad_replies",
     custom_calls.STATUS_UNAVAILABLE: "unreachable",
 }
+
+
+EXPERT_TOKENS = "eaas_expert_tokens_total"
+_EXPERT_TOKENS_SAMPLE = re.compile(EXPERT_TOKENS + r'\{layer="(\d+)",expert="(\d+)"\} (\d+)')
+
+
+def read_expert_tokens(text: str, num_moe_layers: int, num_experts: int) -> np.ndarray:
+    """[num_moe_layers, num_experts] token counts from a saved `render` text
+    (what the placement planner balances)."""
+    load = np.zeros((num_moe_layers, num_experts), np.int64)
+    found = 0
+    for line in text.splitlines():
+        m = _EXPERT_TOKENS_SAMPLE.fullmatch(line.strip())
+        if m:
+            layer, expert, count = map(int, m.groups())
+            if layer >= num_moe_layers or expert >= num_experts:
+                raise ValueError(f"(layer {layer}, expert {expert}) is not in this model")
+            load[layer, expert] = count
+            found += 1
+    if not found:
+        raise ValueError(f"no {EXPERT_TOKENS} samples")
+    return load
 
 
 def _label(value) -> str:
@@ -82,7 +105,7 @@ class ServingMetrics:
 
         family("eaas_steps_total", "counter", "Model steps run.").add(self.steps)
         family("eaas_generated_tokens_total", "counter", "Tokens generated.").add(self.generated_tokens)
-        experts = family("eaas_expert_tokens_total", "counter",
+        experts = family(EXPERT_TOKENS, "counter",
                          "Tokens routed to each expert (each of a token's top-k experts counts it).")
         for (layer, expert), count in np.ndenumerate(self.expert_tokens):
             experts.add(int(count), layer=layer, expert=expert)

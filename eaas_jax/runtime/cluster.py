@@ -70,6 +70,15 @@ class _Slots:
             self._free.sort()
 
 
+def _reap(proc: subprocess.Popen, timeout: float) -> int:
+    """Waits for a terminated process, SIGKILLing it after `timeout` s; its exit code."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class LocalCluster:
     """Expert-server processes of `deployment_path` for `model_path`, on this host.
 
@@ -171,12 +180,7 @@ class LocalCluster:
         proc = self.process(name)
         if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return _reap(proc, timeout)
 
     def describe_server(self, endpoint: int) -> str:
         spec = self.deployment.servers[endpoint]
@@ -202,11 +206,7 @@ class LocalCluster:
             if proc.poll() is None:
                 proc.terminate()
         for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _reap(proc, 10.0)
             proc.stdout.close()
         # Servers that were killed could not unlink their inboxes.
         for path in self.deployment.endpoint_paths(self.shm_name):
@@ -269,6 +269,10 @@ class RegistryCluster:
         heartbeat = self._heartbeats.pop(endpoint, None)
         if heartbeat is not None:
             heartbeat.stop()  # revoking the lease deletes the slot's key
+
+    def stop_server(self, name: str) -> None:
+        """Servers found in the registry were started elsewhere: whoever
+        started them stops them (once drained)."""
 
     def describe_server(self, endpoint: int) -> str:
         spec = self.deployment.servers[endpoint]
