@@ -233,30 +233,65 @@ def test_combine_without_its_dispatch_is_a_bad_reply():
         assert client.stats()["unmatched_combines"] == 1
 
 
-@gpu
-def test_prefill_larger_than_a_mailbox_equals_embedded_on_gpus(tmp_path):
-    """Micro-batches of hundreds of tokens through 16-token mailboxes: dozens
-    of chunked round trips per layer and step, as a W1 prefill makes (where
-    a dispatch once went unpublished on two H200s), still the embedded
-    engine's greedy tokens."""
+def _embedded_and_disaggregated(model: str, tmp_path, *, capacity: int, prompts, max_tokens: int,
+                                 **engine_args) -> tuple[list, list, dict]:
+    """Greedy tokens of `prompts` from the embedded engine and from one
+    cuda_ipc expert server (on EAAS_TEST_PEER_GPU), and the client's counters."""
     from eaas_jax.engine import Engine, SamplingParams
 
     device = os.environ.get("EAAS_TEST_PEER_GPU")
-    deployment = tmp_path / "chunks.toml"
+    deployment = tmp_path / "deployment.toml"
     deployment.write_text(
-        'name = "tinychunks"\ntransport = "cuda_ipc"\ncapacity = 16\ndispatch_dtype = "float32"\n'
-        '[[servers]]\nname = "experts"\n' + (f"device = {device}\n" if device is not None else "")
+        f'name = "gpu{next(_names)}"\ntransport = "cuda_ipc"\ncapacity = {capacity}\n'
+        'dispatch_dtype = "float32"\n[[servers]]\nname = "experts"\n'
+        + (f"device = {device}\n" if device is not None else "")
     )
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 200, size=int(n)).tolist() for n in rng.integers(60, 120, size=8)]
-    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    args = dict(max_num_seqs=8, max_model_len=160, dtype="float32", block_size=4, max_num_batched_tokens=1024)
-    with Engine(SHIPPED, **args) as engine:
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    with Engine(model, **engine_args) as engine:
         want = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the server's process
-    with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
+    with Engine(model, deployment=str(deployment), **engine_args) as engine:
         got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
         stats = engine.runner.experts.endpoint.stats()
+    return want, got, stats
+
+
+@gpu
+def test_prefill_larger_than_a_mailbox_equals_embedded_on_gpus(tmp_path):
+    """Micro-batches of hundreds of tokens through 16-token mailboxes: dozens
+    of chunked round trips per layer and step, still the embedded engine's
+    greedy tokens."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, size=int(n)).tolist() for n in rng.integers(60, 120, size=8)]
+    want, got, stats = _embedded_and_disaggregated(
+        SHIPPED, tmp_path, capacity=16, prompts=prompts, max_tokens=12, max_num_seqs=8,
+        max_model_len=160, dtype="float32", block_size=4, max_num_batched_tokens=1024)
+    assert got == want
+    assert stats["unmatched_combines"] == 0 and stats["requests_sent"] == stats["replies_accepted"], stats
+
+
+@gpu
+def test_a_thousand_exchanges_in_one_step_equal_embedded_on_gpus(tmp_path):
+    """W1's prefill shape on a tiny model: 8 MoE layers, 8192 tokens through
+    64-token mailboxes, 1024 dispatch/combine pairs in one compiled step. On
+    2 x H200 (jaxlib 0.11.2) the combine handler ran 2048 times in that step,
+    a second series of combines finding no dispatch outstanding, and the step
+    failed (unmatched_combines=958), as W1's disaggregated prefill did."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "qwen3_moe", vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
+        num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=512, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False)
+    model = str(tmp_path / "model")
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 1000, size=128).tolist() for _ in range(64)]
+    want, got, stats = _embedded_and_disaggregated(
+        model, tmp_path, capacity=64, prompts=prompts, max_tokens=4, max_num_seqs=64, max_model_len=192,
+        dtype="float32", block_size=16, max_num_batched_tokens=8192)
     assert got == want
     assert stats["unmatched_combines"] == 0 and stats["requests_sent"] == stats["replies_accepted"], stats
 

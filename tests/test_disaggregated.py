@@ -196,7 +196,10 @@ def test_client_step_is_one_program_with_every_exchange_and_no_host_callback(sha
     assert not re.findall(r"custom_call @\w*callback", text)
     assert not re.findall(r'custom_call_target="[^"]*callback', compiled)
     assert "eaas_shm" in compiled
+    # Each exchange once in the compiled step (on GPUs, a W1-sized prefill step
+    # once ran every combine twice: see tests/test_cuda_ipc.py).
     assert compiled.count('custom_call_target="eaas_shm_dispatch"') == len(expected) // 2
+    assert compiled.count('custom_call_target="eaas_shm_combine"') == len(expected) // 2
 
 
 def test_killed_server_is_named_within_the_deadline(shared_cluster, tiny_checkpoint):

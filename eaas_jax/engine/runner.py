@@ -20,6 +20,7 @@ from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
 from eaas_jax.model.moe import expert_token_counts
 from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache
+from eaas_jax.transport import custom_calls
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class ModelRunner:
             functools.partial(_step, client_graphdef, client_treedef, self._expert_treedef, experts),
             donate_argnums=(2,),
             static_argnames=("num_top_logprobs", "greedy_only"),
+            compiler_options=custom_calls.COMPILER_OPTIONS,
         )
         self._no_previous_tokens = jnp.zeros((bucket(max_rows),), jnp.int32)
         self._carry = experts.initial_carry()

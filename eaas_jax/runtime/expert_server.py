@@ -133,7 +133,8 @@ class ExpertServer:
         self._group_of = jnp.asarray(experts.group_of)
         # Room for both micro-batches of one client in a single round.
         capacity = endpoint.geometry.capacity * endpoint.geometry.num_channels
-        self._round = jax.jit(_server_round, static_argnames=("endpoint", "capacity", "timeout_us"))
+        self._round = jax.jit(_server_round, static_argnames=("endpoint", "capacity", "timeout_us"),
+                              compiler_options=custom_calls.COMPILER_OPTIONS)
         self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us)
         # Rounds queued at once: on the CPU the poll handler blocks one of
         # XLA's few host threads while it waits, so a second queued round

@@ -35,6 +35,15 @@ STATUS_BAD_REPLY = 2  #: a reply came but failed validation (rows are zero)
 STATUS_NOTHING_SENT = 3  #: no token for this server (or servers[s] == -1)
 STATUS_UNAVAILABLE = 4  #: dispatch could not reach the server (sent == -1)
 
+#: XLA compile options for every program holding these calls. On 2 x H200
+#: (jaxlib 0.11.2) a W1 prefill step, whose chunks are static slices of a
+#: micro-batch, ran the combine handler 2048 times for its 1024 combines and
+#: failed. XLA's source points at its GPU dynamic-slice fusion
+#: (DynamicSliceFusionRewriterV2): it copies an FFI call with a sliced operand
+#: into a fusion and, for a call with two results, also leaves the original,
+#: which as a side-effecting call is never removed as dead.
+COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": False}
+
 
 
 
