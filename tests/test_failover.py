@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
+from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
 from eaas_jax.runtime.client import RemoteExpertBackend
 from eaas_jax.runtime.cluster import LocalCluster
 from eaas_jax.runtime.remote_experts import route
@@ -156,3 +157,19 @@ def test_a_drained_replica_exits_and_nothing_is_lost(tiny_checkpoint, reference,
             engine.drain_server("r0")
         assert backend.is_live(0) and cluster.process("r0").poll() is None
         assert token_ids(engine.generate(REQUESTS[:2], PARAMS, use_tqdm=False)) == reference[:2]
+
+
+def test_a_replica_that_exited_while_idle_is_routed_around_before_any_deadline(tiny_checkpoint, reference,
+                                                                                tmp_path):
+    with replicated_engine(tiny_checkpoint, tmp_path) as (cluster, engine):
+        assert token_ids(engine.generate(REQUESTS[:2], PARAMS, use_tqdm=False)) == reference[:2]
+        victim = cluster.process("r2")
+        victim.kill()
+        victim.wait()
+        time.sleep(MEMBERSHIP_CHECK_S)  # the next step boundary asks the cluster
+        assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+        backend = engine.runner.experts
+        assert not backend.is_live(2) and backend.is_live(0) and backend.is_live(1)
+        assert backend.endpoint.stats()["timeouts"] == 0  # no step sent r2 anything
+        counters = engine.metrics.server_counters
+        assert counters["marked_dead"].tolist() == [0, 0, 1] and counters["deadline_misses"].sum() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from eaas_jax.engine import Engine, SamplingParams
+from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
 from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, RegistryError, clients_prefix, servers_prefix
 
 from conftest import REPO, SHIPPED
@@ -116,3 +118,47 @@ def test_engine_discovers_servers_started_elsewhere(etcd, tmp_path):
     assert codes == [0, 0], [open(tmp_path / f"{n}.log").read()[-2000:] for n in ("experts-even", "experts-odd")]
     assert registry.get_prefix("eaas/tiny-moe/") == {}  # leases revoked on the way out
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{shm_name}-")]
+
+
+def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
+    """A server that stops heartbeating (here: frozen with SIGSTOP, as a hung
+    host would be) loses its key when its lease expires; the engine then routes
+    around it before sending it anything, and its replicas serve its experts."""
+    from test_failover import REPLICATED
+
+    deployment = tmp_path / "replicas.toml"
+    deployment.write_text(REPLICATED)
+    shm_name = f"etcdlease-{os.getpid()}"
+    servers = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "eaas_jax.cli", "serve-experts", "--model", SHIPPED, "--deployment",
+             str(deployment), "--server", name, "--registry", etcd, "--shm-name", shm_name],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "wb"),
+        )
+        for name in ("r0", "r1", "r2")
+    }
+    registry = EtcdRegistry(etcd)
+    args = dict(max_num_seqs=4, max_model_len=64, dtype="float32")
+    try:
+        with Engine(SHIPPED, **args) as embedded:
+            expected = [o.outputs[0].token_ids for o in embedded.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        with Engine(SHIPPED, deployment=str(deployment), registry=etcd, **args) as engine:
+            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            servers["r2"].send_signal(signal.SIGSTOP)
+            key = servers_prefix("replicas") + "r2"
+            deadline = time.monotonic() + 30
+            while key in registry.get_prefix(servers_prefix("replicas")):
+                assert time.monotonic() < deadline, "r2's lease did not expire"
+                time.sleep(0.2)
+            time.sleep(MEMBERSHIP_CHECK_S)  # the next step boundary asks the registry
+            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            backend = engine.runner.experts
+            assert not backend.is_live(2) and backend.is_live(0) and backend.is_live(1)
+            assert backend.endpoint.stats()["timeouts"] == 0  # nothing was sent to r2
+            assert engine.metrics.server_counters["marked_dead"].tolist() == [0, 0, 1]
+    finally:
+        servers["r2"].send_signal(signal.SIGCONT)
+        for p in servers.values():
+            p.terminate()
+        for p in servers.values():
+            p.wait(timeout=30)

@@ -29,8 +29,12 @@ from eaas_jax.model.attention import kv_cache_bytes_per_token
 from eaas_jax.runtime.client import RemoteExpertBackend, check_unserved, failed_servers, transport_anomalies
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
+from eaas_jax.runtime.registry import RegistryError
 
 log = logging.getLogger(__name__)
+
+# How often, at most, a step boundary asks the cluster which servers are up.
+MEMBERSHIP_CHECK_S = 1.0
 
 Prompt = str | Seq[int]
 
@@ -207,6 +211,7 @@ class Engine:
         # The steps queued on the device whose tokens have not been collected:
         # (their sequences in row order, the dispatched step).
         self._in_flight: list[tuple[list[Sequence], DispatchedStep]] = []
+        self._next_membership_check = 0.0
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -364,6 +369,7 @@ class Engine:
         """`step()` without building outputs: the requests whose tokens arrived
         (finished ones are forgotten here)."""
         touched: dict[str, Request] = {}
+        self._route_around_departed_servers()
         in_flight, self._in_flight = self._in_flight, []
         dispatched = []
         try:
@@ -420,6 +426,26 @@ class Engine:
         for seq in seqs:
             seq.num_pending += 1
         return step
+
+    def _route_around_departed_servers(self) -> None:
+        """Servers the cluster no longer has (the process exited; with etcd,
+        the lease expired) get no tokens from the next step on, so no step
+        waits out a deadline on them. Asked at most every MEMBERSHIP_CHECK_S."""
+        now = time.monotonic()
+        if self.cluster is None or now < self._next_membership_check:
+            return
+        self._next_membership_check = now + MEMBERSHIP_CHECK_S
+        try:
+            up = self.cluster.servers_up()
+        except RegistryError as e:  # a registry outage is not a server failure
+            log.warning("cannot tell which expert servers are up (%s); routing table unchanged", e)
+            return
+        backend = self.runner.experts
+        for endpoint in range(self.cluster.deployment.num_servers):
+            if endpoint not in up and backend.is_live(endpoint):
+                log.warning("%s is gone; routing around it", self.cluster.describe_server(endpoint))
+                backend.set_live(endpoint, False)
+                self.metrics.server_marked_dead(endpoint)
 
     def _handle_failures(self, exchanges) -> None:
         """Servers that failed in a step get no more tokens from the next step

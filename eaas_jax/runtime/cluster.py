@@ -174,6 +174,10 @@ class LocalCluster:
     def process(self, name: str) -> subprocess.Popen:
         return self._procs[self.deployment.server_endpoint(name)]
 
+    def servers_up(self) -> set[int]:
+        """Endpoints of the servers whose process is still running."""
+        return {endpoint for endpoint, proc in enumerate(self._procs) if proc.poll() is None}
+
     def stop_server(self, name: str, timeout: float = 10.0) -> int:
         """Stops one server (SIGTERM: it finishes its round and closes its
         mailbox; SIGKILL after `timeout` s); returns its exit code."""
@@ -269,6 +273,15 @@ class RegistryCluster:
         heartbeat = self._heartbeats.pop(endpoint, None)
         if heartbeat is not None:
             heartbeat.stop()  # revoking the lease deletes the slot's key
+
+    def servers_up(self) -> set[int]:
+        """Endpoints of the deployment's servers still registered: etcd deletes
+        a server's key when its lease expires (the process died, hung or lost
+        the registry for the lease's TTL). Raises RegistryError when etcd
+        cannot be reached."""
+        prefix = servers_prefix(self.deployment.name)
+        names = {key.removeprefix(prefix) for key in self.registry.get_prefix(prefix)}
+        return {self.deployment.server_endpoint(spec.name) for spec in self.deployment.servers if spec.name in names}
 
     def stop_server(self, name: str) -> None:
         """Servers found in the registry were started elsewhere: whoever
