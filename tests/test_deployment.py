@@ -91,5 +91,15 @@ def test_files_that_do_not_fit_the_model_are_rejected(tmp_path):
         d.check(TINY_CONFIG)
     with pytest.raises(DeploymentError, match="not found"):
         Deployment.load(tmp_path / "missing.toml")
+    # A standby (spare) server does not count until started: every expert
+    # needs a server started with the deployment.
+    spare = "[[servers]]\nname='spare'\nexperts = [7]\nstandby = true\n"
+    d = _load(tmp_path, "name = 't'\n[[servers]]\nname='a'\nexperts = ['0-6']\n" + spare)
+    assert [s.standby for s in d.servers] == [False, True]
+    with pytest.raises(DeploymentError, match="no server but a standby one hosts MoE layer 0, expert 7"):
+        d.check(TINY_CONFIG)
+    _load(tmp_path, "name = 't'\n[[servers]]\nname='a'\n" + spare).check(TINY_CONFIG)
+    with pytest.raises(DeploymentError, match="standby must be true or false"):
+        _load(tmp_path, "name = 't'\n[[servers]]\nname='a'\nstandby = 1\n")
     with pytest.raises(DeploymentError, match="no server named 'z'"):
         d.server_endpoint("z")

@@ -27,6 +27,8 @@ REPLICATED = ('name = "replicas"\ntimeout_ms = 2000\ncapacity = 64\n'
               '[[servers]]\nname = "r0"\nexperts = ["0-5"]\n'
               '[[servers]]\nname = "r1"\nexperts = ["2-7"]\n'
               '[[servers]]\nname = "r2"\nexperts = ["0-1", "6-7"]\n')
+# The same with r2 a spare, started mid-run (r0 and r1 hold every expert).
+STANDBY_R2 = REPLICATED + "standby = true\n"
 REQUESTS = [f"{PROMPTS[i % len(PROMPTS)]} # {i}" for i in range(64)]
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -38,10 +40,10 @@ def reference(tiny_checkpoint):
 
 
 @contextlib.contextmanager
-def replicated_engine(checkpoint, tmp_path):
-    """An engine over three server processes of REPLICATED."""
+def replicated_engine(checkpoint, tmp_path, deployment: str = REPLICATED):
+    """An engine over the three servers of `deployment` (REPLICATED)."""
     path = tmp_path / "replicas.toml"
-    path.write_text(REPLICATED)
+    path.write_text(deployment)
     with LocalCluster(checkpoint, str(path), dtype="float32") as cluster:
         with Engine(checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
             yield cluster, engine
@@ -173,3 +175,29 @@ def test_a_replica_that_exited_while_idle_is_routed_around_before_any_deadline(t
         assert backend.endpoint.stats()["timeouts"] == 0  # no step sent r2 anything
         counters = engine.metrics.server_counters
         assert counters["marked_dead"].tolist() == [0, 0, 1] and counters["deadline_misses"].sum() == 0
+        # Restarted, r2 is a new process: admitted at the next step boundary.
+        slots = engine.metrics.server_slots.copy()
+        cluster.start_server("r2")
+        time.sleep(MEMBERSHIP_CHECK_S)
+        assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+        assert backend.is_live(2) and engine.metrics.server_slots[2] > slots[2]
+        assert backend.endpoint.stats()["timeouts"] == 0
+
+
+def test_a_standby_server_started_mid_run_takes_traffic_and_changes_no_output(tiny_checkpoint, reference,
+                                                                              tmp_path):
+    with replicated_engine(tiny_checkpoint, tmp_path, STANDBY_R2) as (cluster, engine):
+        backend = engine.runner.experts
+        assert cluster.process("r2") is None and not backend.is_live(2)
+        slots_at_start = []
+
+        def start_r2(steps, finished):
+            if steps == 5:
+                cluster.start_server("r2")
+                slots_at_start.append(engine.metrics.server_slots.copy())
+
+        assert run_requests(engine, start_r2) == reference
+        slots = engine.metrics.server_slots
+        assert slots_at_start[0][2] == 0 and slots[2] > 0  # r2 served once it was up, not before
+        assert backend.is_live(2) and backend.endpoint.stats()["timeouts"] == 0
+        assert engine.metrics.server_counters["marked_dead"].sum() == 0

@@ -165,12 +165,16 @@ class Engine:
         except BaseException:
             self.cluster.release_client(endpoint)
             raise
+        standby = [i for i, s in enumerate(spec.servers) if s.standby]
         for server in range(spec.num_servers):
-            self._client_endpoint.connect(server, timeout=30.0)
+            if server not in standby:
+                self._client_endpoint.connect(server, timeout=30.0)
         experts = RemoteExpertBackend(
             self._client_endpoint, list(range(spec.num_servers)), spec.routing_table(self.config),
             timeout_us=spec.timeout_ms * 1000, double_batching=double_batching,
         )
+        for server in standby:  # admitted once up (`_follow_membership`)
+            experts.set_live(server, False)
         return client, experts
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
@@ -212,6 +216,9 @@ class Engine:
         # (their sequences in row order, the dispatched step).
         self._in_flight: list[tuple[list[Sequence], DispatchedStep]] = []
         self._next_membership_check = 0.0
+        # Server endpoint -> the incarnation (process) it was last live as: one
+        # that failed or was drained is admitted again only as a new process.
+        self._incarnations: dict[int, object] = {}
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -369,7 +376,7 @@ class Engine:
         """`step()` without building outputs: the requests whose tokens arrived
         (finished ones are forgotten here)."""
         touched: dict[str, Request] = {}
-        self._route_around_departed_servers()
+        self._follow_membership()
         in_flight, self._in_flight = self._in_flight, []
         dispatched = []
         try:
@@ -427,10 +434,13 @@ class Engine:
             seq.num_pending += 1
         return step
 
-    def _route_around_departed_servers(self) -> None:
-        """Servers the cluster no longer has (the process exited; with etcd,
-        the lease expired) get no tokens from the next step on, so no step
-        waits out a deadline on them. Asked at most every MEMBERSHIP_CHECK_S."""
+    def _follow_membership(self) -> None:
+        """Applies the cluster's membership to the routing table from the next
+        step on, asked at most every MEMBERSHIP_CHECK_S: a server that is gone
+        (the process exited; with etcd, the lease expired) gets no more tokens,
+        so no step waits out a deadline on it; a server that came up (a standby
+        one started, a failed or drained one restarted as a new process) is
+        admitted. Tables change without recompiling."""
         now = time.monotonic()
         if self.cluster is None or now < self._next_membership_check:
             return
@@ -442,10 +452,26 @@ class Engine:
             return
         backend = self.runner.experts
         for endpoint in range(self.cluster.deployment.num_servers):
-            if endpoint not in up and backend.is_live(endpoint):
+            incarnation, live = up.get(endpoint), backend.is_live(endpoint)
+            if live and incarnation is None:
                 log.warning("%s is gone; routing around it", self.cluster.describe_server(endpoint))
                 backend.set_live(endpoint, False)
                 self.metrics.server_marked_dead(endpoint)
+            elif live:
+                self._incarnations[endpoint] = incarnation
+            elif incarnation is not None and incarnation != self._incarnations.get(endpoint):
+                self._admit(endpoint, incarnation)
+
+    def _admit(self, endpoint: int, incarnation) -> None:
+        """Maps server `endpoint`'s (new) inbox and routes tokens to it again."""
+        try:
+            self._client_endpoint.connect(endpoint)
+        except (OSError, RuntimeError) as e:  # not ready after all: the next check retries
+            log.warning("cannot reach expert server %d yet: %s", endpoint, e)
+            return
+        self.runner.experts.set_live(endpoint, True)
+        self._incarnations[endpoint] = incarnation
+        log.info("admitted %s", self.cluster.describe_server(endpoint))
 
     def _handle_failures(self, exchanges) -> None:
         """Servers that failed in a step get no more tokens from the next step

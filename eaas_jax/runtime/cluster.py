@@ -94,24 +94,27 @@ class LocalCluster:
         self.shm_name = f"{self.deployment.name[:24]}-{uuid.uuid4().hex[:12]}"
         self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")
         self._slots = _Slots(self.deployment.max_clients)
-        self._procs: list[subprocess.Popen] = []
+        self._spawn_args = (model_path, deployment_path, dtype)
+        # Per server endpoint: its latest process, None while never started (standby).
+        self._procs: list[subprocess.Popen | None] = [None] * self.deployment.num_servers
         self._closed = False
         atexit.register(self.close)
         try:
-            for spec in self.deployment.servers:
-                self._procs.append(self._spawn(model_path, deployment_path, spec.name, dtype))
-            for spec, proc in zip(self.deployment.servers, self._procs):
-                self._wait_ready(spec.name, proc, startup_timeout)
+            started = [s.name for s in self.deployment.servers if not s.standby]
+            for name in started:
+                self._procs[self.deployment.server_endpoint(name)] = self._spawn(name)
+            for name in started:
+                self._wait_ready(name, self.process(name), startup_timeout)
         except BaseException:
             self.close()
             raise
-        log.info("started %d expert servers (%s); logs in %s",
-                 len(self._procs), self.shm_name, self.log_dir)
+        log.info("started %d expert servers (%s); logs in %s", len(started), self.shm_name, self.log_dir)
 
     def _log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
 
-    def _spawn(self, model_path, deployment_path, name, dtype) -> subprocess.Popen:
+    def _spawn(self, name: str) -> subprocess.Popen:
+        model_path, deployment_path, dtype = self._spawn_args
         command = [
             sys.executable, "-m", "eaas_jax.cli", "--verbose", "serve-experts",
             "--model", os.fspath(model_path), "--deployment", os.fspath(deployment_path),
@@ -130,7 +133,7 @@ class LocalCluster:
             env.pop("JAX_PLATFORMS", None)
         else:
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-        with open(self._log_path(name), "wb") as log_file:
+        with open(self._log_path(name), "ab") as log_file:  # a restarted server appends
             return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file,
                                     stdin=subprocess.DEVNULL, env=env)
 
@@ -171,26 +174,44 @@ class LocalCluster:
     def release_client(self, endpoint: int) -> None:
         self._slots.release(endpoint - self.deployment.num_servers)
 
-    def process(self, name: str) -> subprocess.Popen:
+    def process(self, name: str) -> subprocess.Popen | None:
+        """Server `name`'s latest process; None if it was never started."""
         return self._procs[self.deployment.server_endpoint(name)]
 
-    def servers_up(self) -> set[int]:
-        """Endpoints of the servers whose process is still running."""
-        return {endpoint for endpoint, proc in enumerate(self._procs) if proc.poll() is None}
+    def servers_up(self) -> dict[int, int]:
+        """Endpoint -> process id of every server whose process is running (a
+        restarted server is up under a new id)."""
+        return {endpoint: proc.pid for endpoint, proc in enumerate(self._procs)
+                if proc is not None and proc.poll() is None}
 
-    def stop_server(self, name: str, timeout: float = 10.0) -> int:
-        """Stops one server (SIGTERM: it finishes its round and closes its
-        mailbox; SIGKILL after `timeout` s); returns its exit code."""
+    def start_server(self, name: str, timeout: float = 300.0) -> None:
+        """Starts server `name` (a standby one, or one that exited) and waits
+        until it serves; engines admit it at their next step boundary."""
         proc = self.process(name)
+        if proc is not None and proc.poll() is None:
+            raise ValueError(f"expert server {name!r} is already running (process {proc.pid})")
+        if proc is not None:
+            proc.stdout.close()
+        self._procs[self.deployment.server_endpoint(name)] = proc = self._spawn(name)
+        self._wait_ready(name, proc, timeout)
+        log.info("started expert server %r (process %d)", name, proc.pid)
+
+    def stop_server(self, name: str, timeout: float = 10.0) -> int | None:
+        """Stops one server (SIGTERM: it finishes its round and closes its
+        mailbox; SIGKILL after `timeout` s); returns its exit code (None if it
+        never ran)."""
+        proc = self.process(name)
+        if proc is None:
+            return None
         if proc.poll() is None:
             proc.terminate()
         return _reap(proc, timeout)
 
     def describe_server(self, endpoint: int) -> str:
         spec = self.deployment.servers[endpoint]
-        proc = self._procs[endpoint] if endpoint < len(self._procs) else None
+        proc = self._procs[endpoint]
         if proc is None:
-            state = "not started"
+            state = "not started (standby)"
         elif proc.poll() is None:
             state = f"process {proc.pid} still running"
         elif proc.returncode < 0:
@@ -206,10 +227,11 @@ class LocalCluster:
             return
         self._closed = True
         atexit.unregister(self.close)
-        for proc in self._procs:
+        procs = [p for p in self._procs if p is not None]
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self._procs:
+        for proc in procs:
             _reap(proc, 10.0)
             proc.stdout.close()
         # Servers that were killed could not unlink their inboxes.
@@ -218,7 +240,7 @@ class LocalCluster:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        if all(p.returncode in (0, -signal.SIGTERM) for p in self._procs):
+        if all(p.returncode in (0, -signal.SIGTERM) for p in procs):
             for name in os.listdir(self.log_dir):
                 os.unlink(os.path.join(self.log_dir, name))
             os.rmdir(self.log_dir)
@@ -237,7 +259,8 @@ class RegistryCluster:
         self.deployment = Deployment.load(deployment_path)
         self.registry = EtcdRegistry(registry)
         names = [s.name for s in self.deployment.servers]
-        self.entries = wait_for_servers(self.registry, self.deployment.name, names, wait_s)
+        started = [s.name for s in self.deployment.servers if not s.standby]
+        self.entries = wait_for_servers(self.registry, self.deployment.name, started, wait_s)
         shm_names = {e.get("shm_name") for e in self.entries.values()}
         if len(shm_names) != 1:
             raise RegistryError(f"servers of {self.deployment.name!r} disagree on the shm name: {shm_names}")
@@ -274,14 +297,16 @@ class RegistryCluster:
         if heartbeat is not None:
             heartbeat.stop()  # revoking the lease deletes the slot's key
 
-    def servers_up(self) -> set[int]:
-        """Endpoints of the deployment's servers still registered: etcd deletes
-        a server's key when its lease expires (the process died, hung or lost
-        the registry for the lease's TTL). Raises RegistryError when etcd
-        cannot be reached."""
+    def servers_up(self) -> dict[int, tuple]:
+        """Endpoint -> (host, pid) of the deployment's servers registered now:
+        etcd deletes a server's key when its lease expires (the process died,
+        hung or lost the registry for the lease's TTL), and a restarted server
+        registers under a new pid. Raises RegistryError when etcd cannot be
+        reached."""
         prefix = servers_prefix(self.deployment.name)
-        names = {key.removeprefix(prefix) for key in self.registry.get_prefix(prefix)}
-        return {self.deployment.server_endpoint(spec.name) for spec in self.deployment.servers if spec.name in names}
+        entries = {key.removeprefix(prefix): entry for key, entry in self.registry.get_prefix(prefix).items()}
+        return {self.deployment.server_endpoint(spec.name): (entries[spec.name].get("host"), entries[spec.name].get("pid"))
+                for spec in self.deployment.servers if spec.name in entries}
 
     def stop_server(self, name: str) -> None:
         """Servers found in the registry were started elsewhere: whoever

@@ -19,6 +19,9 @@ A deployment is a TOML file (see `configs/deploy/`):
     experts = [0, 2, 4, 6]     # expert indices, ranges like "0-3", or "all"
     device = 1                 # cuda_ipc only: the GPU (CUDA_VISIBLE_DEVICES
                                # value) a locally started server runs on
+    standby = false            # true: a spare, not started with the deployment;
+                               # clients admit it at a step boundary once it is
+                               # up (LocalCluster.start_server, or registered)
 
 A (layer, expert) hosted by several servers has replicas; the client spreads
 its tokens over the live ones. Endpoint indices are fixed by the file:
@@ -41,7 +44,7 @@ TRANSPORTS = ("shm", "cuda_ipc")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _KEYS = {"name", "transport", "capacity", "timeout_ms", "double_batching", "max_clients", "dispatch_dtype",
          "servers"}
-_SERVER_KEYS = {"name", "layers", "experts", "device"}
+_SERVER_KEYS = {"name", "layers", "experts", "device", "standby"}
 
 
 class DeploymentError(ValueError):
@@ -54,6 +57,7 @@ class ServerSpec:
     layers: tuple[int, ...] | None  # None = every MoE layer
     experts: tuple[int, ...] | None  # None = every expert
     device: int | None = None  # cuda_ipc: GPU of a locally started server
+    standby: bool = False  # a spare: not started with the deployment
 
     def hosted(self, config: ModelConfig) -> list[tuple[int, int]]:
         layers = range(config.num_moe_layers) if self.layers is None else self.layers
@@ -136,11 +140,15 @@ class Deployment:
                     fail(f"{where}: device is for the cuda_ipc transport (this deployment uses {transport!r})")
                 if not isinstance(device, int) or isinstance(device, bool) or device < 0:
                     fail(f"{where}: device must be a GPU index >= 0, got {device!r}")
+            standby = s.get("standby", False)
+            if not isinstance(standby, bool):
+                fail(f"{where}: standby must be true or false, got {standby!r}")
             servers.append(ServerSpec(
                 sname,
                 _index_set(s.get("layers", "all"), f"{source}: {where}.layers"),
                 _index_set(s.get("experts", "all"), f"{source}: {where}.experts"),
                 device,
+                standby,
             ))
         return cls(name=name, servers=tuple(servers), transport=transport,
                    double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
@@ -149,7 +157,8 @@ class Deployment:
 
     def check(self, config: ModelConfig) -> None:
         """Raises DeploymentError unless every server's experts exist in the
-        model and every (MoE layer, expert) is hosted somewhere."""
+        model and every (MoE layer, expert) is hosted by a server started with
+        the deployment (not only by standby ones)."""
         if not config.num_moe_layers:
             raise DeploymentError(f"{self.source}: the model has no MoE layer to serve")
         for s in self.servers:
@@ -162,12 +171,14 @@ class Deployment:
                         f"has {limit} MoE {what} (0-{limit - 1})"
                     )
         table = self.routing_table(config)
-        missing = np.argwhere(table[..., 0] < 0)
+        started = np.isin(table, [i for i, s in enumerate(self.servers) if not s.standby])
+        missing = np.argwhere(~started.any(-1))
         if len(missing):
             l, e = missing[0]
+            only_standby = (table[l, e] >= 0).any()
             raise DeploymentError(
-                f"{self.source}: no server hosts MoE layer {l}, expert {e} "
-                f"({len(missing)} (layer, expert) pairs are unhosted)"
+                f"{self.source}: no server {'but a standby one ' if only_standby else ''}hosts MoE layer {l}, "
+                f"expert {e} ({len(missing)} (layer, expert) pairs are unhosted at start)"
             )
 
     # ------------------------------------------------------------- derived
