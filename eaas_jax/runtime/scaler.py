@@ -1,0 +1,74 @@
+"""Applies a `ScalingPolicy` to the expert servers of a running engine.
+
+`ClusterScaler.observe(latency_ms)` feeds the policy one latency observation
+(what the caller measures: a step's wall time, a percentile over a window)
+and carries out its decision on the engine's `LocalCluster`:
+
+* add: start the first server of the deployment that is not running (a
+  `standby = true` spare, or one drained earlier); the engine admits it at its
+  next step boundary;
+* drain: drain the server this scaler started last (else the last running
+  one) through `Engine.drain_server`, which refuses when an expert would lose
+  its last live replica (the scaler then holds).
+
+Servers are added and removed one at a time; the step never recompiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+from eaas_jax.runtime.autoscaler import ScalingPolicy
+from eaas_jax.runtime.cluster import LocalCluster
+
+log = logging.getLogger(__name__)
+
+
+class ClusterScaler:
+    def __init__(self, engine, policy: ScalingPolicy, *, clock: Callable[[], float] = time.monotonic):
+        cluster = engine.cluster
+        if not isinstance(cluster, LocalCluster):
+            raise TypeError("ClusterScaler needs an engine whose expert servers it can start: one over a "
+                            f"LocalCluster, not {type(cluster).__name__}")
+        self.engine, self.cluster, self.policy, self._clock = engine, cluster, policy, clock
+        self._started: list[str] = []  # by this scaler, latest last
+        self._last_change = -math.inf
+
+    def running(self) -> list[str]:
+        """Names of the deployment's servers whose process is running, in file order."""
+        up = self.cluster.servers_up()
+        return [s.name for i, s in enumerate(self.cluster.deployment.servers) if i in up]
+
+    def observe(self, latency_ms: float) -> int:
+        """Feeds one latency observation; returns what was done: +1 a server
+        was started, -1 one was drained, 0 nothing."""
+        now = self._clock()
+        running = self.running()
+        decision = self.policy.decide(now_s=now, servers=len(running), latency_ms=latency_ms,
+                                      last_change_s=self._last_change)
+        if decision > 0:
+            idle = [s.name for s in self.cluster.deployment.servers if s.name not in running]
+            if not idle:
+                return 0
+            self.cluster.start_server(idle[0])
+            self._started.append(idle[0])
+        elif decision < 0:
+            started = [name for name in self._started if name in running]
+            victim = started[-1] if started else running[-1]
+            try:
+                self.engine.drain_server(victim)
+            except ValueError as e:  # it holds an expert's last live replica
+                log.info("autoscaler holds: %s", e)
+                return 0
+            if victim in self._started:
+                self._started.remove(victim)
+        else:
+            return 0
+        self._last_change = now
+        log.info("autoscaler: %s at %.1f ms observed (target %.1f ms)",
+                 f"started {idle[0]!r}" if decision > 0 else f"drained {victim!r}", latency_ms,
+                 self.policy.latency_target_ms)
+        return decision
