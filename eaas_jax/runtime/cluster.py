@@ -305,8 +305,8 @@ class RegistryCluster:
         reached."""
         prefix = servers_prefix(self.deployment.name)
         entries = {key.removeprefix(prefix): entry for key, entry in self.registry.get_prefix(prefix).items()}
-        return {self.deployment.server_endpoint(spec.name): (entries[spec.name].get("host"), entries[spec.name].get("pid"))
-                for spec in self.deployment.servers if spec.name in entries}
+        return {endpoint: (entries[spec.name].get("host"), entries[spec.name].get("pid"))
+                for endpoint, spec in enumerate(self.deployment.servers) if spec.name in entries}
 
     def stop_server(self, name: str) -> None:
         """Servers found in the registry were started elsewhere: whoever
