@@ -165,16 +165,14 @@ class Engine:
         except BaseException:
             self.cluster.release_client(endpoint)
             raise
-        standby = [i for i, s in enumerate(spec.servers) if s.standby]
-        for server in range(spec.num_servers):
-            if server not in standby:
-                self._client_endpoint.connect(server, timeout=30.0)
+        for server in spec.started_servers:
+            self._client_endpoint.connect(server, timeout=30.0)
         experts = RemoteExpertBackend(
             self._client_endpoint, list(range(spec.num_servers)), spec.routing_table(self.config),
             timeout_us=spec.timeout_ms * 1000, double_batching=double_batching,
         )
-        for server in standby:  # admitted once up (`_follow_membership`)
-            experts.set_live(server, False)
+        for server in set(range(spec.num_servers)) - set(spec.started_servers):
+            experts.set_live(server, False)  # standby: admitted once up (`_follow_membership`)
         return client, experts
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,

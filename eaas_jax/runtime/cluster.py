@@ -100,7 +100,7 @@ class LocalCluster:
         self._closed = False
         atexit.register(self.close)
         try:
-            started = [s.name for s in self.deployment.servers if not s.standby]
+            started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
             for name in started:
                 self._procs[self.deployment.server_endpoint(name)] = self._spawn(name)
             for name in started:
@@ -259,7 +259,7 @@ class RegistryCluster:
         self.deployment = Deployment.load(deployment_path)
         self.registry = EtcdRegistry(registry)
         names = [s.name for s in self.deployment.servers]
-        started = [s.name for s in self.deployment.servers if not s.standby]
+        started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
         self.entries = wait_for_servers(self.registry, self.deployment.name, started, wait_s)
         shm_names = {e.get("shm_name") for e in self.entries.values()}
         if len(shm_names) != 1:

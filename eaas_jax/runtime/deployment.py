@@ -171,7 +171,7 @@ class Deployment:
                         f"has {limit} MoE {what} (0-{limit - 1})"
                     )
         table = self.routing_table(config)
-        started = np.isin(table, [i for i, s in enumerate(self.servers) if not s.standby])
+        started = np.isin(table, self.started_servers)
         missing = np.argwhere(~started.any(-1))
         if len(missing):
             l, e = missing[0]
@@ -203,6 +203,11 @@ class Deployment:
         if not 0 <= slot < self.max_clients:
             raise DeploymentError(f"client slot {slot} is outside max_clients={self.max_clients}")
         return self.num_servers + slot
+
+    @property
+    def started_servers(self) -> tuple[int, ...]:
+        """Endpoints of the servers started with the deployment (not standby)."""
+        return tuple(i for i, s in enumerate(self.servers) if not s.standby)
 
     def routing_table(self, config: ModelConfig) -> np.ndarray:
         """[num_moe_layers, num_experts, replicas] int32: the endpoints hosting
