@@ -6,6 +6,8 @@ between tests (session scope) and the test models are tiny.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
 
@@ -26,6 +28,25 @@ from eaas_jax.model import ModelConfig, MoeTransformer
 # The numerics tests compare float32 results tightly; on GPUs XLA would
 # otherwise run float32 matmuls in TF32.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# XLA compilations in this process, by jitted function ("jit(_step)" is a model
+# step): what tests compare an engine's own count of step programs with.
+XLA_COMPILATIONS: collections.Counter = collections.Counter()
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: XLA_COMPILATIONS.update([kwargs.get("fun_name")])
+    if event == "/jax/core/compile/backend_compile_duration" else None
+)
+
+
+@contextlib.contextmanager
+def compiles_once_per_step_shape(engine):
+    """Fails if the code inside compiled model steps more often than `engine`
+    met new step shapes: jit keys its cache on more than shapes (whether an
+    input is committed to a device), and a second compile of a shape is a
+    stall in the middle of serving. Only for code where no other engine runs."""
+    xla, shapes = XLA_COMPILATIONS["jit(_step)"], engine.num_compilations
+    yield
+    assert XLA_COMPILATIONS["jit(_step)"] - xla == engine.num_compilations - shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "checkpoints", "tiny-moe")

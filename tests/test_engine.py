@@ -7,6 +7,8 @@ import pytest
 
 from eaas_jax.engine import Engine, SamplingParams
 
+from conftest import compiles_once_per_step_shape
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
@@ -279,3 +281,15 @@ def test_compilations_stay_few(tiny_engine):
     # context lengths above ran through a handful of programs (16 when written;
     # 21 since all-greedy steps compile apart from sampled ones).
     assert tiny_engine.num_compilations <= 24
+
+
+def test_each_step_shape_compiles_once(tiny_checkpoint):
+    # Requests of staggered lengths: the batch grows and shrinks, and the first
+    # step of each shape runs with and without a step queued before it (the
+    # KV cache and the previous step's tokens come from the host or the device).
+    engine = Engine(tiny_checkpoint, max_num_seqs=4, max_model_len=64, dtype="float32", block_size=4)
+    lengths = [3, 9, 5, 14, 2, 7]
+    with compiles_once_per_step_shape(engine):
+        engine.generate(_prompts(len(lengths)), [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                                                  for n in lengths], use_tqdm=False)
+    assert engine.num_compilations >= 3

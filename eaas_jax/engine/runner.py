@@ -144,7 +144,8 @@ class ModelRunner:
     Steps are dispatched without waiting (`dispatch`), so that the host can
     prepare step n+1, feeding it step n's tokens on the device, while step n
     runs; `max_rows` bounds the rows of any step. `sharding` places the client's
-    parameters and the KV cache (default: the default device).
+    parameters, the KV cache and the step's other device inputs (default: the
+    default device).
     """
 
     def __init__(self, client: AttentionClientModel, experts, *, num_blocks: int, block_size: int,
@@ -160,11 +161,15 @@ class ModelRunner:
             return tuple(init_layer_cache(self.config, num_blocks, block_size, dtype)
                          for _ in range(self.config.num_layers))
 
+        # Every device input the host makes is committed to `sharding`, as the
+        # step outputs that later steps take in their place are: jit keys its
+        # cache on whether an argument is committed, so an uncommitted first KV
+        # cache, token buffer or carry compiles each step shape twice (on W1 a
+        # ~25 s stall when the batch first shrinks).
         if sharding is None:
-            self.kv_cache = empty_cache()
-        else:
-            self.kv_cache = jax.jit(empty_cache, out_shardings=sharding)()
-            client_params = jax.device_put(client_params, sharding)
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.kv_cache = jax.jit(empty_cache, out_shardings=sharding)()
+        client_params = jax.device_put(client_params, sharding)
         self._client_leaves, client_treedef = jax.tree.flatten(client_params)
         self._expert_arrays = experts.arrays
         self._expert_leaves, self._expert_treedef = jax.tree.flatten(experts.arrays)
@@ -174,8 +179,8 @@ class ModelRunner:
             static_argnames=("num_top_logprobs", "greedy_only"),
             compiler_options=custom_calls.COMPILER_OPTIONS,
         )
-        self._no_previous_tokens = jnp.zeros((bucket(max_rows),), jnp.int32)
-        self._carry = experts.initial_carry()
+        self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
+        self._carry = jax.device_put(experts.initial_carry(), sharding)
         # (moe_layer, micro_batch) of each exchange, per compiled step shape
         self._labels: dict[tuple, list[tuple[int, int]]] = {}
 
