@@ -31,6 +31,15 @@ def run_phase(command: list[str], *, name: str, raw: str | None = None, env: dic
     return result
 
 
+def finished_phases(raw: str | None) -> dict[str, dict]:
+    """Results of the phases a `raw` file already holds (the last of each
+    name): what a run that was cut short left, for `--resume`."""
+    if not raw or not os.path.exists(raw):
+        return {}
+    with open(raw) as f:
+        return {r["phase"]: r for r in map(json.loads, filter(str.strip, f))}
+
+
 def publish(lines: list[str], append_to: str | None) -> None:
     """Prints the table and appends it to `append_to` (bench/RESULTS.md) if given."""
     text = "\n".join(lines).rstrip("\n") + "\n"
