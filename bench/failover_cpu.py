@@ -4,7 +4,8 @@ the same greedy workload runs once fault-free and once with one server killed
 (SIGKILL) at a known instant, each after a warm-up run of the same workload
 in the same engine (so no compilation is timed).
 
-    python bench/failover_cpu.py [--requests 64] [--max-tokens 32] [--kill-at 0.4] [--timeout-ms 500] [--append bench/RESULTS.md]
+    python bench/failover_cpu.py [--requests 64] [--max-tokens 32] [--kill-at 0.4] [--timeout-ms 500]
+                                 [--min-timeout-ms 50] [--append bench/RESULTS.md]
 
 Reports the throughput loss over the whole run against the fault-free run,
 throughput per tenth of the fault-free duration, the slowest step (the one
@@ -28,9 +29,11 @@ PROMPTS = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init
            "for i in range(", "# sort the list\n", "return {", "while True:\n"]
 
 
-def deployment_text(timeout_ms: int) -> str:
-    """Every one of the 8 experts on two of three servers (r0 first for 0-5)."""
-    return (f'name = "failover-bench"\ntimeout_ms = {timeout_ms}\ncapacity = 64\n'
+def deployment_text(timeout_ms: int, min_timeout_ms: int | None) -> str:
+    """Every one of the 8 experts on two of three servers (r0 first for 0-5);
+    with `min_timeout_ms`, deadlines adapt between it and `timeout_ms`."""
+    adaptive = "" if min_timeout_ms is None else f"min_timeout_ms = {min_timeout_ms}\n"
+    return (f'name = "failover-bench"\ntimeout_ms = {timeout_ms}\n{adaptive}capacity = 64\n'
             '[[servers]]\nname = "r0"\nexperts = ["0-5"]\n'
             '[[servers]]\nname = "r1"\nexperts = ["2-7"]\n'
             '[[servers]]\nname = "r2"\nexperts = ["0-1", "6-7"]\n')
@@ -66,7 +69,7 @@ def measure(args, workdir: str, kill_fraction: float | None, fault_free_wall: fl
 
     path = os.path.join(workdir, "deployment.toml")
     with open(path, "w") as f:
-        f.write(deployment_text(args.timeout_ms))
+        f.write(deployment_text(args.timeout_ms, args.min_timeout_ms))
     requests = [f"{PROMPTS[i % len(PROMPTS)]} # {i}" for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     with LocalCluster(MODEL, path, dtype="float32") as cluster:
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=0.4,
                         help="kill server r0 at this fraction of the fault-free run's duration")
     parser.add_argument("--timeout-ms", type=int, default=500, help="the deployment's combine deadline")
+    parser.add_argument("--min-timeout-ms", type=int,
+                        help="adaptive deadlines between this and --timeout-ms (default: fixed)")
     parser.add_argument("--append", help="results file to append the table to")
     args = parser.parse_args()
     if not 0 < args.kill_at < 1:
@@ -120,7 +125,9 @@ def main() -> None:
         "",
         f"Device: {platform.machine()}, {os.cpu_count()} cores; `python bench/failover_cpu.py --requests "
         f"{args.requests} --max-tokens {args.max_tokens} --max-num-seqs {args.max_num_seqs} --kill-at "
-        f"{args.kill_at} --timeout-ms {args.timeout_ms}`; shipped checkpoint, float32; 3 expert servers, every "
+        f"{args.kill_at} --timeout-ms {args.timeout_ms}"
+        + ("" if args.min_timeout_ms is None else f" --min-timeout-ms {args.min_timeout_ms}")
+        + "`; shipped checkpoint, float32; 3 expert servers, every "
         f"expert on 2; server r0 SIGKILLed {failed['killed_at']:.2f} s into the run.",
         "",
         "| run | wall s | tokens | tok/s | slowest step ms | requests with the fault-free tokens |",

@@ -593,7 +593,7 @@ __device__ void SumReplies(const View& v, const std::int32_t* servers, int S, in
 // the leader waits for the replies, then every block sums its share.
 __global__ void CombineKernel(int endpoint, std::uint64_t generation, const std::int32_t* sent,
                               const std::int32_t* servers, int S, int T, int layer, int channel,
-                              std::int64_t timeout_ns, std::int32_t* status, float* out) {
+                              const std::int32_t* timeout_us, std::int32_t* status, float* out) {
   const View v = g_views[endpoint];
   if (v.generation != generation) {  // launched for a closed endpoint
     if (blockIdx.x == 0) {
@@ -604,6 +604,8 @@ __global__ void CombineKernel(int endpoint, std::uint64_t generation, const std:
   GridSync* sync = v.combine_sync + channel;
   const int ticket = TakeTicket(sync);
   if (ticket == 0) {
+    // The deadline is an operand (the client adapts it between steps); negative reads as 0.
+    const std::int64_t timeout_ns = std::int64_t{max(*timeout_us, 0)} * 1000;
     WaitForReplies(v, sent, servers, S, layer, channel, timeout_ns, status);
     ReleaseFollowers(sync);
   } else {
@@ -1097,10 +1099,10 @@ ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<
 }
 
 ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> targets,
-                       ffi::Buffer<ffi::S32, 1> servers, ffi::AnyBuffer /*after*/,
-                       ffi::ResultBuffer<ffi::F32, 2> out, ffi::ResultBuffer<ffi::S32, 1> status,
-                       std::int64_t endpoint, std::int64_t layer, std::int64_t micro_batch,
-                       std::int64_t timeout_us) {
+                       ffi::Buffer<ffi::S32, 1> servers, ffi::Buffer<ffi::S32, 0> timeout_us,
+                       ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::F32, 2> out,
+                       ffi::ResultBuffer<ffi::S32, 1> status, std::int64_t endpoint, std::int64_t layer,
+                       std::int64_t micro_batch) {
   static constexpr const char* kWhere = "eaas_cuda_ipc_combine";
   ffi::Error error;
   const std::shared_ptr<Endpoint> ep = Find(kWhere, endpoint, &error);
@@ -1119,13 +1121,12 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
   if (layer < 0 || layer >= geo.num_layers || micro_batch < 0 || micro_batch >= geo.num_channels) {
     return ffi::Error::InvalidArgument(std::string(kWhere) + ": layer / micro_batch out of range");
   }
-  const std::int64_t timeout_ns = TimeoutNs(timeout_us);
   const std::int64_t work = T * (geo.d % 4 == 0 ? geo.d / 4 : geo.d);
   const int blocks = static_cast<int>(std::clamp<std::int64_t>((work + kThreads - 1) / kThreads, 1, 528));
   CombineKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, sent.typed_data(),
                                                  servers.typed_data(), static_cast<int>(S), static_cast<int>(T),
-                                                 static_cast<int>(layer), static_cast<int>(micro_batch), timeout_ns,
-                                                 status->typed_data(), out->typed_data());
+                                                 static_cast<int>(layer), static_cast<int>(micro_batch),
+                                                 timeout_us.typed_data(), status->typed_data(), out->typed_data());
   return Launched(kWhere);
 }
 
@@ -1226,13 +1227,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_combine, eaas::cuda_ipc::CombineImpl
                                   .Arg<eaas::cuda_ipc::S32R1>()  // sent [S]
                                   .Arg<eaas::cuda_ipc::S32R2>()  // targets [T, k]
                                   .Arg<eaas::cuda_ipc::S32R1>()  // servers [S]
+                                  .Arg<eaas::cuda_ipc::S32R0>()  // timeout_us []
                                   .Arg<ffi::AnyBuffer>()         // after (ordering)
                                   .Ret<eaas::cuda_ipc::F32R2>()  // out [T, d]
                                   .Ret<eaas::cuda_ipc::S32R1>()  // status [S]
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("layer")
-                                  .Attr<std::int64_t>("micro_batch")
-                                  .Attr<std::int64_t>("timeout_us"));
+                                  .Attr<std::int64_t>("micro_batch"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_poll, eaas::cuda_ipc::PollImpl,
                               ffi::Ffi::Bind()

@@ -744,12 +744,13 @@ ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
 // ---------------------------------------------------------------------------
 
 ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> targets,
-                       ffi::Buffer<ffi::S32, 1> servers, ffi::AnyBuffer /*after*/,
-                       ffi::ResultBuffer<ffi::F32, 2> out, ffi::ResultBuffer<ffi::S32, 1> status,
-                       std::int64_t endpoint, std::int64_t layer, std::int64_t micro_batch,
-                       std::int64_t timeout_us) {
+                       ffi::Buffer<ffi::S32, 1> servers, ffi::Buffer<ffi::S32, 0> timeout_us,
+                       ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::F32, 2> out,
+                       ffi::ResultBuffer<ffi::S32, 1> status, std::int64_t endpoint, std::int64_t layer,
+                       std::int64_t micro_batch) {
   static constexpr const char* kWhere = "eaas_shm_combine";
-  const Clock::time_point deadline = DeadlineAfterUs(timeout_us);
+  // An operand, not an attribute: the client adapts it between steps without recompiling.
+  const Clock::time_point deadline = DeadlineAfterUs(timeout_us.typed_data()[0]);
   auto tr = Lookup(endpoint);
   if (!tr) return NotOpen(kWhere, endpoint);
   const Geometry& geo = tr->geo();
@@ -1138,13 +1139,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_shm_combine, eaas::shm::CombineImpl,
                                   .Arg<eaas::shm::S32R1>()  // sent [S]
                                   .Arg<eaas::shm::S32R2>()  // targets [T, k]
                                   .Arg<eaas::shm::S32R1>()  // servers [S]
+                                  .Arg<eaas::shm::S32R0>()  // timeout_us []
                                   .Arg<ffi::AnyBuffer>()            // after (ordering)
                                   .Ret<eaas::shm::F32R2>()  // out [T, d]
                                   .Ret<eaas::shm::S32R1>()  // status [S]
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("layer")
-                                  .Attr<std::int64_t>("micro_batch")
-                                  .Attr<std::int64_t>("timeout_us"));
+                                  .Attr<std::int64_t>("micro_batch"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_shm_poll, eaas::shm::PollImpl,
                               ffi::Ffi::Bind()

@@ -60,6 +60,9 @@ layers = [1]
     ("name = 't'\ntransport = 'carrier-pigeon'\n[[servers]]\nname='a'", "transport must be"),
     ("name = 't'\ncapacity = 0\n[[servers]]\nname='a'", "capacity must be an integer >= 1"),
     ("name = 't'\ndouble_batching = 'yes'\n[[servers]]\nname='a'", "double_batching must be"),
+    ("name = 't'\ntimeout_ms = 100\nmin_timeout_ms = 200\n[[servers]]\nname='a'",
+     "min_timeout_ms must be an integer in \\[1, timeout_ms=100\\], got 200"),
+    ("name = 't'\nmin_timeout_ms = 1.5\n[[servers]]\nname='a'", "min_timeout_ms must be an integer"),
     ("name = 't'\n[[servers]]\nname='a'\n[[servers]]\nname='a'", "used twice"),
     ("name = 't'\n[[servers]]\nname='a'\nexperts = [-1]", "not an index"),
     ("name = 't'\n[[servers]]\nname='a'\nexperts = ['5-2']", "empty range"),
@@ -103,3 +106,9 @@ def test_files_that_do_not_fit_the_model_are_rejected(tmp_path):
         _load(tmp_path, "name = 't'\n[[servers]]\nname='a'\nstandby = 1\n")
     with pytest.raises(DeploymentError, match="no server named 'z'"):
         d.server_endpoint("z")
+
+
+def test_adaptive_deadlines_are_opt_in(tmp_path):
+    assert _load(tmp_path, "name = 't'\n[[servers]]\nname = 'a'\n").min_timeout_ms is None
+    d = _load(tmp_path, "name = 't'\ntimeout_ms = 2000\nmin_timeout_ms = 50\n[[servers]]\nname = 'a'\n")
+    assert (d.min_timeout_ms, d.timeout_ms) == (50, 2000)

@@ -5,6 +5,7 @@ no replica left, steps fail fast with a clear error."""
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from types import SimpleNamespace
 
@@ -86,6 +87,37 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
         counters = engine.metrics.server_counters
         assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
         assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
+
+
+def test_with_adaptive_deadlines_a_killed_replica_costs_a_fraction_of_the_fixed_deadline(
+        tiny_checkpoint, reference, tmp_path, caplog):
+    # Deadlines between 300 ms and 5 s, from the step times this client saw.
+    deployment = REPLICATED.replace("timeout_ms = 2000", "timeout_ms = 5000\nmin_timeout_ms = 300")
+    with replicated_engine(tiny_checkpoint, tmp_path, deployment) as (cluster, engine):
+        step_seconds, killed = [], []
+        last = [time.monotonic(), engine.num_compilations]
+
+        def kill_r0(steps, finished):
+            now = time.monotonic()
+            if engine.num_compilations == last[1]:  # compiling a new shape takes seconds
+                step_seconds.append(now - last[0])
+            last[:] = now, engine.num_compilations
+            # Mid-run, while the steps in flight have adapted deadlines (a
+            # step larger than any seen three times waits the full 5 s).
+            in_flight = [step.expert_arrays.timeout_us for _, step in engine._in_flight]
+            if steps >= 10 and not killed and in_flight and max(in_flight) < 5_000_000:
+                cluster.process("r0").kill()
+                cluster.process("r0").wait()
+                killed.append(steps)
+
+        with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
+            assert run_requests(engine, kill_r0) == reference
+        assert killed and engine.runner.experts.endpoint.stats()["timeouts"] == 1
+    [warning] = [r.getMessage() for r in caplog.records if "routing around it" in r.getMessage()]
+    deadline_ms = float(re.search(r"within the ([0-9.]+) ms deadline", warning).group(1))
+    assert 300 <= deadline_ms < 5000, warning
+    slowest = max(step_seconds)
+    assert slowest < 2.5, f"the failure cost a {slowest:.2f} s step (deadline {deadline_ms} ms)"
 
 
 def test_route_spreads_each_experts_tokens_over_its_live_replicas():

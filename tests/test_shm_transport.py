@@ -21,6 +21,7 @@ from eaas_jax.transport import hidden_codec, native, shm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _transport_worker import expert_compute, make_weights, reference  # noqa: E402
+from conftest import XLA_COMPILATIONS  # noqa: E402
 
 if not os.path.isdir("/dev/shm"):
     pytest.skip("needs POSIX shared memory under /dev/shm", allow_module_level=True)
@@ -613,13 +614,15 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
         return shm.combine(client, sent, t, servers, layer=0, micro_batch=0,
                            timeout_us=timeout_us)
 
-    combine_jit = jax.jit(combine, static_argnums=1)
-    jax.block_until_ready(combine_jit(np.zeros(2, np.int32), int(timeout_s * 1e6)))  # compile
+    # The deadline is an operand: the three deadlines below run one program.
+    compiled_before = XLA_COMPILATIONS["jit(combine)"]
+    combine_jit = jax.jit(combine)
+    jax.block_until_ready(combine_jit(np.zeros(2, np.int32), np.int32(timeout_s * 1e6)))  # compile
 
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     _serve_once(s2, after=sent)  # server 2 answers, server 1 never does
     t0 = time.monotonic()
-    out, status = jax.block_until_ready(combine_jit(sent, int(timeout_s * 1e6)))
+    out, status = jax.block_until_ready(combine_jit(sent, np.int32(timeout_s * 1e6)))
     elapsed = time.monotonic() - t0
     print(f"combine with one silent server returned after {elapsed * 1e3:.1f} ms "
           f"(deadline {timeout_s * 1e3:.0f} ms)")
@@ -637,16 +640,19 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
     _serve_once(s1, timeout_us=0)
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     _serve_once(s2, after=sent)
-    out, status = combine_jit(sent, 50_000)
+    t0 = time.monotonic()
+    out, status = jax.block_until_ready(combine_jit(sent, np.int32(50_000)))
+    assert time.monotonic() - t0 < timeout_s  # the new, shorter deadline held
     np.testing.assert_array_equal(status, [shm.STATUS_TIMEOUT, shm.STATUS_OK])
     assert client.stats()["stale_replies"] == 1
     # Next time server 1 keeps up: everything is back.
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     _serve_once(s1, after=sent)
     _serve_once(s2, after=sent)
-    out, status = combine_jit(sent, LONG_US)
+    out, status = combine_jit(sent, np.int32(LONG_US))
     np.testing.assert_array_equal(status, [shm.STATUS_OK, shm.STATUS_OK])
     np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
+    assert XLA_COMPILATIONS["jit(combine)"] - compiled_before == 1
 
 
 # --------------------------------------------------------------------------

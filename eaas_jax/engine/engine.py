@@ -170,6 +170,7 @@ class Engine:
         experts = RemoteExpertBackend(
             self._client_endpoint, list(range(spec.num_servers)), spec.routing_table(self.config),
             timeout_us=spec.timeout_ms * 1000, double_batching=double_batching,
+            min_timeout_us=None if spec.min_timeout_ms is None else spec.min_timeout_ms * 1000,
         )
         for server in set(range(spec.num_servers)) - set(spec.started_servers):
             experts.set_live(server, False)  # standby: admitted once up (`_follow_membership`)
@@ -213,6 +214,7 @@ class Engine:
         # The steps queued on the device whose tokens have not been collected:
         # (their sequences in row order, the dispatched step).
         self._in_flight: list[tuple[list[Sequence], DispatchedStep]] = []
+        self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
         self._next_membership_check = 0.0
         # Server endpoint -> the incarnation (process) it was last live as: one
         # that failed or was drained is admitted again only as a new process.
@@ -471,12 +473,13 @@ class Engine:
         self._incarnations[endpoint] = incarnation
         log.info("admitted %s", self.cluster.describe_server(endpoint))
 
-    def _handle_failures(self, exchanges) -> None:
+    def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
         """Servers that failed in a step get no more tokens from the next step
         on (their replicas take over; the step itself was completed by in-step
-        failover); a step that left token slots unserved raises."""
+        failover); a step that left token slots unserved raises. Returns the
+        failures (server -> what happened)."""
         failures = failed_servers(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
-                                  self.cluster.deployment.timeout_ms)
+                                  step.expert_arrays.timeout_us / 1000)
         anomalies = transport_anomalies(self.runner.experts.endpoint.stats()) if failures else ""
         if anomalies:
             failures = {server: f"{what} [this client's transport counters: {anomalies}]"
@@ -487,14 +490,21 @@ class Engine:
                 self.runner.experts.set_live(server, False)
                 self.metrics.server_marked_dead(server)
         check_unserved(exchanges.unserved, failures)
+        return failures
 
     def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
         """Waits for the dispatched steps' tokens and appends them."""
         for seqs, step in in_flight:
             result, exchanges = step.fetch()
+            # The step's time on the device: it started when it was queued or
+            # when the step before it ended, whichever came later (an upper
+            # bound when the host fetches late).
+            fetched_at = time.monotonic()
+            seconds = fetched_at - max(step.dispatched_at, self._last_fetched_at)
+            self._last_fetched_at = fetched_at
             self.metrics.observe(exchanges)
-            if self.cluster is not None:
-                self._handle_failures(exchanges)
+            if self.cluster is not None and not self._handle_failures(exchanges, step):
+                self.runner.experts.observe_step(step.num_tokens, seconds)
             now = time.time()
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1

@@ -56,6 +56,9 @@ class ExpertParallelExperts:
     def num_micro_batches(self, batch: int) -> int:
         return 1
 
+    def step_arrays(self, num_tokens: int):
+        return self.arrays
+
     def initial_carry(self):
         return None
 

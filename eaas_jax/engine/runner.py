@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import NamedTuple
 
 import jax
@@ -70,9 +71,13 @@ class DispatchedStep:
     `token_sources` of a step dispatched before this one is fetched.
     """
 
-    def __init__(self, num_rows: int, sampled, exchanges, next_tokens, labels: list[tuple[int, int]]):
+    def __init__(self, num_rows: int, sampled, exchanges, next_tokens, labels: list[tuple[int, int]], *,
+                 num_tokens: int, expert_arrays):
         self.num_rows = num_rows
         self.next_tokens = next_tokens
+        self.num_tokens = num_tokens  # rows x tokens per row, padded as compiled
+        self.expert_arrays = expert_arrays  # what the step was given (remote: its deadline)
+        self.dispatched_at = time.monotonic()
         self._outputs = (sampled, exchanges)
         self._labels = labels
         for x in jax.tree.leaves(self._outputs):  # start the copies as soon as the step ends
@@ -95,6 +100,9 @@ class EmbeddedExperts:
 
     def initial_carry(self):
         return None
+
+    def step_arrays(self, num_tokens: int):
+        return self.arrays
 
     def exchange(self, arrays, carry):
         return nnx.merge(self._graphdef, arrays)
@@ -135,7 +143,8 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
 class ModelRunner:
     """Runs steps of `client` with routed experts from `experts`: an
     `EmbeddedExperts` or a remote backend (`eaas_jax.runtime.client`) with the
-    same members (`arrays`, `num_micro_batches`, `initial_carry`, `exchange`,
+    same members (`arrays`; `step_arrays(num_tokens)`, those for the next step
+    of that many padded tokens; `num_micro_batches`, `initial_carry`, `exchange`,
     `traced_exchanges`: the (moe_layer, micro_batch) of each status row of the
     last traced step). A backend's carry is device state one step hands the
     next in dispatch order (remote: the servers still live), so a step queued
@@ -223,8 +232,9 @@ class ModelRunner:
                 raise ValueError("token_sources need a previous step and one new token per row")
             sources[:n] = rows.token_sources
         sampling = SamplingInputs.padded(rows.sampling, batch, num_banned)
-        if self.experts.arrays is not self._expert_arrays:  # e.g. a new liveness mask
-            self._expert_arrays = self.experts.arrays
+        arrays = self.experts.step_arrays(batch * seq)
+        if arrays is not self._expert_arrays:  # e.g. a new liveness mask or deadline
+            self._expert_arrays = arrays
             self._expert_leaves, treedef = jax.tree.flatten(self._expert_arrays)
             if treedef != self._expert_treedef:
                 raise ValueError("the experts backend changed the structure of its arrays")
@@ -271,4 +281,5 @@ class ModelRunner:
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
         if new_shape:  # this call traced the step: its exchanges are known now
             self._labels[shape] = self.experts.traced_exchanges()
-        return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, self._labels[shape])
+        return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, self._labels[shape],
+                              num_tokens=shape[0] * shape[1], expert_arrays=self._expert_arrays)

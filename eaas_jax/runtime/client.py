@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eaas_jax.runtime.deadlines import AdaptiveDeadline
 from eaas_jax.runtime.remote_experts import RemoteExperts
 from eaas_jax.transport import custom_calls
 
@@ -22,6 +23,10 @@ class RemoteArrays(NamedTuple):
     table: jax.Array  # [num_moe_layers, num_experts, replicas] int32 endpoints
     live: jax.Array  # [max_endpoints] bool, as the host last set it
     generation: jax.Array  # [max_endpoints] int32, bumped when the host re-admits a server
+    # Deadline of each combine in microseconds: a host int, so the host reads
+    # it without waiting; traced as an int32 scalar, so a new value does not
+    # recompile.
+    timeout_us: int
 
 
 class RemoteExpertBackend:
@@ -35,10 +40,14 @@ class RemoteExpertBackend:
         *,
         timeout_us: int,
         double_batching: bool,
+        min_timeout_us: int | None = None,
     ):
+        """`timeout_us` is the deadline of each exchange; with `min_timeout_us`
+        below it, deadlines adapt between the two (`AdaptiveDeadline`)."""
         self.endpoint = endpoint
         self.servers = list(servers)
-        self.timeout_us = int(timeout_us)
+        self.deadlines = (AdaptiveDeadline(min_us=min_timeout_us, max_us=timeout_us)
+                          if min_timeout_us is not None and min_timeout_us < timeout_us else None)
         self.double_batching = double_batching
         # The host's copy of the liveness mask: reading or changing it must not
         # wait for the steps queued on the device.
@@ -46,7 +55,7 @@ class RemoteExpertBackend:
         self._live[self.servers] = True
         self._generation = np.zeros(endpoint.geometry.max_endpoints, np.int32)
         self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(self._live),
-                                   jnp.asarray(self._generation))
+                                   jnp.asarray(self._generation), int(timeout_us))
         self._traced: RemoteExperts | None = None
 
     def is_live(self, endpoint: int) -> bool:
@@ -60,6 +69,19 @@ class RemoteExpertBackend:
         self._live[endpoint] = live
         self.arrays = self.arrays._replace(live=jnp.asarray(self._live), generation=jnp.asarray(self._generation))
 
+    def step_arrays(self, num_tokens: int) -> RemoteArrays:
+        """The arrays for the next step, of `num_tokens` padded tokens: its deadline set."""
+        if self.deadlines is not None:
+            timeout_us = self.deadlines.deadline_us(num_tokens)
+            if timeout_us != self.arrays.timeout_us:
+                self.arrays = self.arrays._replace(timeout_us=timeout_us)
+        return self.arrays
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A step of `num_tokens` padded tokens that every server answered took `seconds`."""
+        if self.deadlines is not None:
+            self.deadlines.observe(num_tokens, seconds)
+
     def initial_carry(self) -> jax.Array:
         """[max_endpoints] int32: the generation in which a step saw each server
         fail, -1 for none (`RemoteExperts.carry`)."""
@@ -70,7 +92,7 @@ class RemoteExpertBackend:
 
     def exchange(self, arrays: RemoteArrays, carry: jax.Array) -> RemoteExperts:
         self._traced = RemoteExperts(
-            self.endpoint, self.servers, arrays.table, arrays.live, timeout_us=self.timeout_us,
+            self.endpoint, self.servers, arrays.table, arrays.live, timeout_us=arrays.timeout_us,
             generation=arrays.generation, carry=carry,
         )
         return self._traced
@@ -85,13 +107,13 @@ class ExpertServerError(RuntimeError):
 
 
 _FAILURES = {
-    custom_calls.STATUS_TIMEOUT: "did not reply within the {timeout_ms} ms deadline",
+    custom_calls.STATUS_TIMEOUT: "did not reply within the {timeout_ms:g} ms deadline",
     custom_calls.STATUS_BAD_REPLY: "sent a reply that failed validation",
     custom_calls.STATUS_UNAVAILABLE: "could not be reached (no mailbox to write to)",
 }
 
 
-def failed_servers(statuses: np.ndarray, labels, describe_server, timeout_ms: int) -> dict[int, str]:
+def failed_servers(statuses: np.ndarray, labels, describe_server, timeout_ms: float) -> dict[int, str]:
     """Every server whose exchange failed in a step, with what happened.
 
     statuses: [combines, servers] from the step; labels: (moe_layer,

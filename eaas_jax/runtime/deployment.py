@@ -7,6 +7,10 @@ A deployment is a TOML file (see `configs/deploy/`):
                                # one host, one process per GPU)
     capacity = 256             # tokens per mailbox message
     timeout_ms = 10000         # deadline of one exchange (combine)
+    min_timeout_ms = 50        # optional: deadlines adapt to the step times
+                               # a client sees, between this and timeout_ms
+                               # (runtime/deadlines.py); without it they are
+                               # fixed at timeout_ms
     double_batching = true     # two micro-batches ping-pong in the client step
     max_clients = 2            # attention clients that may connect at once
     dispatch_dtype = "float32" # of the tokens sent: float32, bfloat16 or
@@ -42,8 +46,8 @@ from eaas_jax.transport.shm import DISPATCH_DTYPES
 
 TRANSPORTS = ("shm", "cuda_ipc")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-_KEYS = {"name", "transport", "capacity", "timeout_ms", "double_batching", "max_clients", "dispatch_dtype",
-         "servers"}
+_KEYS = {"name", "transport", "capacity", "timeout_ms", "min_timeout_ms", "double_batching", "max_clients",
+         "dispatch_dtype", "servers"}
 _SERVER_KEYS = {"name", "layers", "experts", "device", "standby"}
 
 
@@ -72,6 +76,7 @@ class Deployment:
     transport: str = "shm"
     capacity: int = 256
     timeout_ms: int = 10_000
+    min_timeout_ms: int | None = None
     double_batching: bool = True
     max_clients: int = 2
     dispatch_dtype: str = "float32"
@@ -116,6 +121,10 @@ class Deployment:
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 fail(f"{key} must be an integer >= {lo}, got {value!r}")
             ints[key] = value
+        min_timeout_ms = raw.get("min_timeout_ms")
+        if min_timeout_ms is not None and (not isinstance(min_timeout_ms, int) or isinstance(min_timeout_ms, bool)
+                                           or not 1 <= min_timeout_ms <= ints["timeout_ms"]):
+            fail(f"min_timeout_ms must be an integer in [1, timeout_ms={ints['timeout_ms']}], got {min_timeout_ms!r}")
         double_batching = raw.get("double_batching", True)
         if not isinstance(double_batching, bool):
             fail(f"double_batching must be true or false, got {double_batching!r}")
@@ -150,7 +159,7 @@ class Deployment:
                 device,
                 standby,
             ))
-        return cls(name=name, servers=tuple(servers), transport=transport,
+        return cls(name=name, servers=tuple(servers), transport=transport, min_timeout_ms=min_timeout_ms,
                    double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
 
     # ------------------------------------------------------------- checks

@@ -84,7 +84,8 @@ class RemoteExperts:
       table: [num_moe_layers, num_experts, replicas] (or without the replica
         axis) int32 device array, the endpoints serving each (layer, expert).
       live: [max_endpoints] bool device array; dead endpoints get no tokens.
-      timeout_us: combine deadline of each exchange.
+      timeout_us: combine deadline of each exchange (an int, or an int32
+        scalar traced from the host's current deadline).
       generation, carry: [max_endpoints] int32 device arrays: the host's
         re-admission count of each endpoint, and the generation in which an
         earlier step saw it fail (-1: never); an endpoint whose carry equals
@@ -103,7 +104,7 @@ class RemoteExperts:
         table: jax.Array,
         live: jax.Array,
         *,
-        timeout_us: int = 5_000_000,
+        timeout_us: int | jax.Array = 5_000_000,
         generation: jax.Array | None = None,
         carry: jax.Array | None = None,
     ):

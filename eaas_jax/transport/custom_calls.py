@@ -213,7 +213,8 @@ def combine(endpoint, sent, targets, servers, *, layer: int, micro_batch: int,
     ``targets`` and ``servers`` must be the ones given to that dispatch (they
     define the per-server token order); ``sent`` is its output. Waits for every
     server with ``sent > 0`` until ONE deadline, ``timeout_us`` after the call
-    starts; never longer.
+    starts; never longer. ``timeout_us`` (an int or an int32 scalar array) is
+    an operand of the compiled call: a new value does not recompile.
 
     Returns:
       ``(out, status)``: ``float32[T, d]`` the sum over servers of their reply
@@ -234,12 +235,14 @@ def combine(endpoint, sent, targets, servers, *, layer: int, micro_batch: int,
         ),
         has_side_effect=True,
     )
+    if isinstance(timeout_us, (int, np.integer)):
+        timeout_us = jnp.int32(_static_int(where, "timeout_us", timeout_us, 0, np.iinfo(np.int32).max))
+    timeout_us = _check(where, "timeout_us", timeout_us, np.int32, ())
     out, status = call(
-        sent, targets, servers, _order(after),
+        sent, targets, servers, timeout_us, _order(after),
         endpoint=np.int64(ep),
         layer=_static_int(where, "layer", layer, 0, geo.num_layers),
         micro_batch=_static_int(where, "micro_batch", micro_batch, 0, geo.num_channels),
-        timeout_us=_static_int(where, "timeout_us", timeout_us, 0, 1 << 40),
     )
     return out, status
 
