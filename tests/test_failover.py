@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import time
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
+from eaas_jax.engine import engine as engine_module
 from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
 from eaas_jax.runtime.autoscaler import ScalingPolicy
 from eaas_jax.runtime.client import RemoteExpertBackend
@@ -89,15 +91,18 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
         assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
 
 
-def test_with_adaptive_deadlines_a_killed_replica_costs_a_fraction_of_the_fixed_deadline(
-        tiny_checkpoint, reference, tmp_path, caplog):
+def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_deadline_and_is_readmitted(
+        tiny_checkpoint, reference, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
+    monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)
     # Deadlines between 300 ms and 5 s, from the step times this client saw.
     deployment = REPLICATED.replace("timeout_ms = 2000", "timeout_ms = 5000\nmin_timeout_ms = 300")
     with replicated_engine(tiny_checkpoint, tmp_path, deployment) as (cluster, engine):
-        step_seconds, killed = [], []
+        backend, r0 = engine.runner.experts, cluster.process("r0")
+        step_seconds, frozen, thawed = [], [], []
         last = [time.monotonic(), engine.num_compilations]
 
-        def kill_r0(steps, finished):
+        def freeze_then_thaw_r0(steps, finished):
             now = time.monotonic()
             if engine.num_compilations == last[1]:  # compiling a new shape takes seconds
                 step_seconds.append(now - last[0])
@@ -105,14 +110,21 @@ def test_with_adaptive_deadlines_a_killed_replica_costs_a_fraction_of_the_fixed_
             # Mid-run, while the steps in flight have adapted deadlines (a
             # step larger than any seen three times waits the full 5 s).
             in_flight = [step.expert_arrays.timeout_us for _, step in engine._in_flight]
-            if steps >= 10 and not killed and in_flight and max(in_flight) < 5_000_000:
-                cluster.process("r0").kill()
-                cluster.process("r0").wait()
-                killed.append(steps)
+            if steps >= 10 and not frozen and in_flight and max(in_flight) < 5_000_000:
+                r0.send_signal(signal.SIGSTOP)
+                frozen.append(steps)
+            elif frozen and not thawed and not backend.is_live(0):  # marked dead: the pause is over
+                r0.send_signal(signal.SIGCONT)
+                thawed.append(int(engine.metrics.server_slots[0]))
 
         with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
-            assert run_requests(engine, kill_r0) == reference
-        assert killed and engine.runner.experts.endpoint.stats()["timeouts"] == 1
+            assert run_requests(engine, freeze_then_thaw_r0) == reference
+        assert frozen and thawed and backend.endpoint.stats()["timeouts"] == 1
+        # Still the same process once its probation ended: it serves again.
+        time.sleep(engine_module.PROBATION_S)
+        assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]
+        assert backend.is_live(0) and engine.metrics.server_slots[0] > thawed[0]
+        assert backend.endpoint.stats()["timeouts"] == 1
     [warning] = [r.getMessage() for r in caplog.records if "routing around it" in r.getMessage()]
     deadline_ms = float(re.search(r"within the ([0-9.]+) ms deadline", warning).group(1))
     assert 300 <= deadline_ms < 5000, warning

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 # How often, at most, a step boundary asks the cluster which servers are up.
 MEMBERSHIP_CHECK_S = 1.0
+# With adaptive deadlines, a server marked dead by a failed exchange that is
+# still up (the same process) gets its traffic back after this long, doubled
+# after each failure in a row up to PROBATION_MAX_S: a false alarm (a pause
+# longer than an adaptive deadline) costs seconds of its capacity, a hung
+# server one short deadline per retry. Fixed deadlines are generous enough
+# that a miss means a new process is needed.
+PROBATION_S = 5.0
+PROBATION_MAX_S = 60.0
 
 Prompt = str | Seq[int]
 
@@ -217,8 +225,11 @@ class Engine:
         self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
         self._next_membership_check = 0.0
         # Server endpoint -> the incarnation (process) it was last live as: one
-        # that failed or was drained is admitted again only as a new process.
+        # that was drained is admitted again only as a new process, one that
+        # failed an exchange also after its probation.
         self._incarnations: dict[int, object] = {}
+        # Server endpoint -> (monotonic time it may be re-admitted, failures in a row).
+        self._probation: dict[int, tuple[float, int]] = {}
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -440,7 +451,8 @@ class Engine:
         (the process exited; with etcd, the lease expired) gets no more tokens,
         so no step waits out a deadline on it; a server that came up (a standby
         one started, a failed or drained one restarted as a new process) is
-        admitted. Tables change without recompiling."""
+        admitted, and so is one marked dead by a failed exchange that is still
+        up once its probation ends. Tables change without recompiling."""
         now = time.monotonic()
         if self.cluster is None or now < self._next_membership_check:
             return
@@ -459,7 +471,15 @@ class Engine:
                 self.metrics.server_marked_dead(endpoint)
             elif live:
                 self._incarnations[endpoint] = incarnation
+                record = self._probation.get(endpoint)
+                if record is not None and now >= record[0] + PROBATION_MAX_S:
+                    del self._probation[endpoint]  # served long enough since: a clean record
             elif incarnation is not None and incarnation != self._incarnations.get(endpoint):
+                self._probation.pop(endpoint, None)  # a new process starts with a clean record
+                self._admit(endpoint, incarnation)
+            elif incarnation is not None and endpoint in self._probation and now >= self._probation[endpoint][0]:
+                log.warning("%s failed an exchange but is still up; routing tokens to it again",
+                            self.cluster.describe_server(endpoint))
                 self._admit(endpoint, incarnation)
 
     def _admit(self, endpoint: int, incarnation) -> None:
@@ -486,7 +506,13 @@ class Engine:
                         for server, what in failures.items()}
         for server, what in failures.items():
             if self.runner.experts.is_live(server):
-                log.warning("%s; routing around it", what)
+                if self.runner.experts.deadlines is None:
+                    log.warning("%s; routing around it", what)
+                else:
+                    failed_in_a_row = self._probation.get(server, (0.0, 0))[1] + 1
+                    probation = min(PROBATION_S * 2 ** (failed_in_a_row - 1), PROBATION_MAX_S)
+                    self._probation[server] = (time.monotonic() + probation, failed_in_a_row)
+                    log.warning("%s; routing around it (for %g s if it stays up)", what, probation)
                 self.runner.experts.set_live(server, False)
                 self.metrics.server_marked_dead(server)
         check_unserved(exchanges.unserved, failures)
