@@ -150,12 +150,32 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
             while key in registry.get_prefix(servers_prefix("replicas")):
                 assert time.monotonic() < deadline, "r2's lease did not expire"
                 time.sleep(0.2)
-            time.sleep(MEMBERSHIP_CHECK_S)  # the next step boundary asks the registry
+            # The cluster's poller reads etcd within a second; the next step
+            # boundary asks the cluster.
+            time.sleep(1.0 + MEMBERSHIP_CHECK_S)
             assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
             backend = engine.runner.experts
             assert not backend.is_live(2) and backend.is_live(0) and backend.is_live(1)
             assert backend.endpoint.stats()["timeouts"] == 0  # nothing was sent to r2
             assert engine.metrics.server_counters["marked_dead"].tolist() == [0, 0, 1]
+
+            # etcd hangs: steps never wait for it. Until the poll gives up the
+            # engine keeps the last table, then it is told etcd is unreachable.
+            def hanging_get_prefix(prefix):
+                time.sleep(2.0)
+                raise RegistryError("etcd did not answer")
+
+            engine.cluster.registry.get_prefix = hanging_get_prefix
+            started = time.monotonic()
+            assert engine.cluster.servers_up().keys() == {0, 1}
+            assert time.monotonic() - started < 0.1
+            time.sleep(4.5)  # a poll started and gave up
+            started = time.monotonic()
+            with pytest.raises(RegistryError, match="did not answer"):
+                engine.cluster.servers_up()
+            assert time.monotonic() - started < 0.1
+            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert backend.is_live(0) and backend.is_live(1)  # an outage is not a failure
     finally:
         servers["r2"].send_signal(signal.SIGCONT)
         for p in servers.values():

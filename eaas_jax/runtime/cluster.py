@@ -253,9 +253,15 @@ class LocalCluster:
 
 
 class RegistryCluster:
-    """The expert servers of `deployment_path` as registered in etcd at `registry`."""
+    """The expert servers of `deployment_path` as registered in etcd at `registry`.
 
-    def __init__(self, registry: str, deployment_path: str, *, wait_s: float = 60.0, lease_ttl_s: int = 5):
+    Which servers are up is read from etcd by a background thread every
+    `membership_poll_s`: engines ask at step boundaries, and a slow or
+    unreachable etcd must not stall a step (a request waits up to the
+    registry client's 5 s timeout)."""
+
+    def __init__(self, registry: str, deployment_path: str, *, wait_s: float = 60.0, lease_ttl_s: int = 5,
+                 membership_poll_s: float = 1.0):
         self.deployment = Deployment.load(deployment_path)
         self.registry = EtcdRegistry(registry)
         names = [s.name for s in self.deployment.servers]
@@ -274,6 +280,13 @@ class RegistryCluster:
                 )
         self._lease_ttl_s = lease_ttl_s
         self._heartbeats: dict[int, Heartbeat] = {}
+        # (servers up, None) or (None, the RegistryError) of the latest poll;
+        # replaced whole, so readers need no lock.
+        self._membership = self._poll_servers_up()
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._follow_registry, args=(membership_poll_s,),
+                                        name="eaas-registry-membership", daemon=True)
+        self._poller.start()
 
     def claim_client(self) -> int:
         heartbeat = Heartbeat(self.registry, self._lease_ttl_s)
@@ -298,15 +311,30 @@ class RegistryCluster:
             heartbeat.stop()  # revoking the lease deletes the slot's key
 
     def servers_up(self) -> dict[int, tuple]:
-        """Endpoint -> (host, pid) of the deployment's servers registered now:
+        """Endpoint -> (host, pid) of the deployment's servers registered as of
+        the latest poll (at most `membership_poll_s` old; never waits for etcd):
         etcd deletes a server's key when its lease expires (the process died,
         hung or lost the registry for the lease's TTL), and a restarted server
-        registers under a new pid. Raises RegistryError when etcd cannot be
-        reached."""
+        registers under a new pid. Raises RegistryError when the latest poll
+        could not reach etcd."""
+        up, error = self._membership
+        if error is not None:
+            raise RegistryError(str(error))
+        return up
+
+    def _poll_servers_up(self) -> tuple[dict[int, tuple] | None, RegistryError | None]:
         prefix = servers_prefix(self.deployment.name)
-        entries = {key.removeprefix(prefix): entry for key, entry in self.registry.get_prefix(prefix).items()}
+        try:
+            found = self.registry.get_prefix(prefix)
+        except RegistryError as e:
+            return None, e
+        entries = {key.removeprefix(prefix): entry for key, entry in found.items()}
         return {endpoint: (entries[spec.name].get("host"), entries[spec.name].get("pid"))
-                for endpoint, spec in enumerate(self.deployment.servers) if spec.name in entries}
+                for endpoint, spec in enumerate(self.deployment.servers) if spec.name in entries}, None
+
+    def _follow_registry(self, poll_s: float) -> None:
+        while not self._closed.wait(poll_s):
+            self._membership = self._poll_servers_up()
 
     def stop_server(self, name: str) -> None:
         """Servers found in the registry were started elsewhere: whoever
@@ -323,5 +351,6 @@ class RegistryCluster:
         return f"expert server {spec.name!r} (endpoint {endpoint}; {state} in {self.registry.url})"
 
     def close(self) -> None:
+        self._closed.set()
         for endpoint in list(self._heartbeats):
             self.release_client(endpoint)
