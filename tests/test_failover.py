@@ -260,3 +260,8 @@ def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_it_when
         assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
         assert engine.metrics.server_slots[2] == slots[2]  # nothing reached r2 after the drain
         assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
+        # observe_engine feeds the policy the engine's own p90 step time.
+        seen = []
+        scaler.observe = lambda latency_ms: seen.append(latency_ms) or 0
+        p90 = engine.metrics.recent_step_time(0.9)
+        assert p90 > 0 and scaler.observe_engine(0.9) == 0 and seen == [p90 * 1e3]

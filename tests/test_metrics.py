@@ -12,10 +12,10 @@ from eaas_jax.engine.metrics import ServingMetrics
 from eaas_jax.engine.runner import StepStatuses
 from eaas_jax.transport import custom_calls
 
-SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?\d+)$')
+SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?\d+(?:\.\d+)?)$')
 
 
-def parse(text: str) -> dict[tuple[str, str], int]:
+def parse(text: str) -> dict[tuple[str, str], float]:
     """{(name, labels): value} of an exposition text; every line must be a
     HELP/TYPE comment or a sample."""
     samples = {}
@@ -24,7 +24,7 @@ def parse(text: str) -> dict[tuple[str, str], int]:
             continue
         m = SAMPLE.match(line)
         assert m, f"not a sample line: {line!r}"
-        samples[(m.group(1), m.group(2) or "")] = int(m.group(3))
+        samples[(m.group(1), m.group(2) or "")] = float(m.group(3))
     return samples
 
 
@@ -50,6 +50,19 @@ def test_render_counts_each_servers_failures_and_escapes_labels():
     assert samples[("eaas_transport_events_total", '{event="timeouts"}')] == 4
 
 
+def test_step_times_are_a_cumulative_histogram_and_recent_quantiles():
+    metrics = ServingMetrics(1, 2)
+    assert metrics.recent_step_time(0.9) is None
+    for seconds in (0.003, 0.005, 0.05, 7.0):
+        metrics.observe_step_time(seconds)
+    samples = parse(metrics.render())
+    bucket = lambda le: samples[("eaas_step_seconds_bucket", f'{{le="{le}"}}')]  # noqa: E731
+    assert [bucket(0.002), bucket(0.005), bucket(0.02), bucket(0.05), bucket(5.0), bucket("+Inf")] == [0, 2, 2, 3, 3, 4]
+    assert samples[("eaas_step_seconds_count", "")] == 4
+    assert abs(samples[("eaas_step_seconds_sum", "")] - 7.058) < 1e-6
+    assert metrics.recent_step_time(0.5) == 0.0275 and metrics.recent_step_time(1.0) == 7.0
+
+
 def test_embedded_engine_counts_every_real_token_once_per_routed_expert(tiny_engine):
     """Each prompt token and each generated token but the last goes through
     every MoE layer once, to top_k experts: padding rows must not count."""
@@ -65,3 +78,6 @@ def test_embedded_engine_counts_every_real_token_once_per_routed_expert(tiny_eng
     samples = parse(tiny_engine.metrics_text())
     assert sum(v for (name, _), v in samples.items() if name == "eaas_expert_tokens_total") == \
         int(tiny_engine.metrics.expert_tokens.sum())
+    # Every step the engine ran has its time in the histogram.
+    assert samples[("eaas_step_seconds_count", "")] == samples[("eaas_steps_total", "")] > 0
+    assert samples[("eaas_step_seconds_sum", "")] > 0

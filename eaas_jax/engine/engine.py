@@ -529,6 +529,7 @@ class Engine:
             seconds = fetched_at - max(step.dispatched_at, self._last_fetched_at)
             self._last_fetched_at = fetched_at
             self.metrics.observe(exchanges)
+            self.metrics.observe_step_time(seconds)
             if self.cluster is not None and not self._handle_failures(exchanges, step):
                 self.runner.experts.observe_step(step.num_tokens, seconds)
             now = time.time()

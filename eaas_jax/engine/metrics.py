@@ -2,13 +2,14 @@
 
 What an operator (or an autoscaler) watches: the tokens routed to each expert
 (its load), the token-expert slots sent to each expert server, each server's
-deadline misses, bad replies, times it was marked dead, and the transport's
-dropped messages by reason. Counters only grow for the engine's lifetime;
-`render` reads them without resetting.
+deadline misses, bad replies, times it was marked dead, the transport's
+dropped messages by reason, and how long steps take. Counters only grow for
+the engine's lifetime; `render` reads them without resetting.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Mapping, Sequence
 
@@ -23,6 +24,12 @@ _STATUS_COUNTERS = {
     custom_calls.STATUS_UNAVAILABLE: "unreachable",
 }
 
+
+# Upper bounds in seconds of the step-time histogram's buckets: decode steps
+# take milliseconds on GPUs, tens of them on CPUs, long prefills seconds.
+STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Steps whose times `recent_step_time` takes quantiles over.
+RECENT_STEPS = 256
 
 EXPERT_TOKENS = "eaas_expert_tokens_total"
 _EXPERT_TOKENS_SAMPLE = re.compile(EXPERT_TOKENS + r'\{layer="(\d+)",expert="(\d+)"\} (\d+)')
@@ -80,6 +87,9 @@ class ServingMetrics:
         self.expert_tokens = np.zeros((num_moe_layers, num_experts), np.int64)
         self.server_slots = np.zeros(n, np.int64)
         self.server_counters = {name: np.zeros(n, np.int64) for name in (*_STATUS_COUNTERS.values(), "marked_dead")}
+        self.step_seconds_counts = np.zeros(len(STEP_SECONDS_BUCKETS) + 1, np.int64)  # the last: above all
+        self.step_seconds_sum = 0.0
+        self._recent_step_seconds: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
 
     def observe(self, report) -> None:
         """Adds one step's `StepStatuses`."""
@@ -94,6 +104,20 @@ class ServingMetrics:
     def server_marked_dead(self, endpoint: int) -> None:
         self.server_counters["marked_dead"][endpoint] += 1
 
+    def observe_step_time(self, seconds: float) -> None:
+        """One step's time on the device (the engine measures it from when the
+        step could start to when its results arrived)."""
+        self.step_seconds_counts[np.searchsorted(STEP_SECONDS_BUCKETS, seconds)] += 1
+        self.step_seconds_sum += seconds
+        self._recent_step_seconds.append(seconds)
+
+    def recent_step_time(self, quantile: float) -> float | None:
+        """The `quantile` (in [0, 1]) of the last RECENT_STEPS steps' times in
+        seconds; None before the first step."""
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        return float(np.quantile(self._recent_step_seconds, quantile)) if self._recent_step_seconds else None
+
     def render(self, *, live: Sequence[bool] = (), transport: Mapping[str, int] | None = None) -> str:
         """The exposition text. live: per server, whether it gets traffic now;
         transport: the client endpoint's counters (`endpoint.stats()`)."""
@@ -105,6 +129,12 @@ class ServingMetrics:
 
         family("eaas_steps_total", "counter", "Model steps run.").add(self.steps)
         family("eaas_generated_tokens_total", "counter", "Tokens generated.").add(self.generated_tokens)
+        steps = family("eaas_step_seconds", "histogram",
+                       "Time of each model step on the device, from when it could start to when its results arrived.")
+        for bound, count in zip((*STEP_SECONDS_BUCKETS, "+Inf"), np.cumsum(self.step_seconds_counts)):
+            steps.lines.append(f'eaas_step_seconds_bucket{{le="{bound}"}} {count}')
+        steps.lines += [f"eaas_step_seconds_sum {self.step_seconds_sum:.6f}",
+                        f"eaas_step_seconds_count {int(self.step_seconds_counts.sum())}"]
         experts = family(EXPERT_TOKENS, "counter",
                          "Tokens routed to each expert (each of a token's top-k experts counts it).")
         for (layer, expert), count in np.ndenumerate(self.expert_tokens):

@@ -1,8 +1,8 @@
 """Applies a `ScalingPolicy` to the expert servers of a running engine.
 
 `ClusterScaler.observe(latency_ms)` feeds the policy one latency observation
-(what the caller measures: a step's wall time, a percentile over a window)
-and carries out its decision on the engine's `LocalCluster`:
+(what the caller measures; `observe_engine()` takes a quantile of the engine's
+recent step times) and carries out its decision on the engine's `LocalCluster`:
 
 * add: start the first server of the deployment that is not running (a
   `standby = true` spare, or one drained earlier); the engine admits it at its
@@ -41,6 +41,13 @@ class ClusterScaler:
         """Names of the deployment's servers whose process is running, in file order."""
         up = self.cluster.servers_up()
         return [s.name for i, s in enumerate(self.cluster.deployment.servers) if i in up]
+
+    def observe_engine(self, quantile: float = 0.9) -> int:
+        """`observe` the engine's own step time: the `quantile` of its recent
+        steps (`ServingMetrics.recent_step_time`), per-token latency for
+        decode. Does nothing before the engine ran a step."""
+        seconds = self.engine.metrics.recent_step_time(quantile)
+        return 0 if seconds is None else self.observe(seconds * 1e3)
 
     def observe(self, latency_ms: float) -> int:
         """Feeds one latency observation; returns what was done: +1 a server
