@@ -278,6 +278,7 @@ class Engine:
             raise ValueError(f"draining {name!r} would leave {len(orphaned)} (MoE layer, expert) pairs with no "
                              f"live replica, e.g. (layer {layer}, expert {expert})")
         backend.set_live(endpoint, False)
+        self._probation.pop(endpoint, None)  # drained: back only as a new process, not after a probation
         self.runner.wait()  # the steps queued before this one was routed around
         code = self.cluster.stop_server(name)
         log.info("drained expert server %r (exit code %s)", name, code)
