@@ -29,6 +29,7 @@ from eaas_jax.model.attention import kv_cache_bytes_per_token
 from eaas_jax.runtime.client import RemoteExpertBackend, check_unserved, failed_servers, transport_anomalies
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
+from eaas_jax.runtime.probation import Probation
 from eaas_jax.runtime.registry import RegistryError
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,9 @@ log = logging.getLogger(__name__)
 # How often, at most, a step boundary asks the cluster which servers are up.
 MEMBERSHIP_CHECK_S = 1.0
 # With adaptive deadlines, a server marked dead by a failed exchange that is
-# still up (the same process) gets its traffic back after this long, doubled
-# after each failure in a row up to PROBATION_MAX_S: a false alarm (a pause
-# longer than an adaptive deadline) costs seconds of its capacity, a hung
-# server one short deadline per retry. Fixed deadlines are generous enough
-# that a miss means a new process is needed.
+# still up (the same process) gets its traffic back after PROBATION_S, doubled
+# per failure in a row up to PROBATION_MAX_S (`runtime.probation`). Fixed
+# deadlines are generous enough that a miss means a new process is needed.
 PROBATION_S = 5.0
 PROBATION_MAX_S = 60.0
 
@@ -228,8 +227,7 @@ class Engine:
         # that was drained is admitted again only as a new process, one that
         # failed an exchange also after its probation.
         self._incarnations: dict[int, object] = {}
-        # Server endpoint -> (monotonic time it may be re-admitted, failures in a row).
-        self._probation: dict[int, tuple[float, int]] = {}
+        self._probation = Probation(PROBATION_S, PROBATION_MAX_S)
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -278,7 +276,7 @@ class Engine:
             raise ValueError(f"draining {name!r} would leave {len(orphaned)} (MoE layer, expert) pairs with no "
                              f"live replica, e.g. (layer {layer}, expert {expert})")
         backend.set_live(endpoint, False)
-        self._probation.pop(endpoint, None)  # drained: back only as a new process, not after a probation
+        self._probation.forget(endpoint)  # drained: back only as a new process, not after a probation
         self.runner.wait()  # the steps queued before this one was routed around
         code = self.cluster.stop_server(name)
         log.info("drained expert server %r (exit code %s)", name, code)
@@ -472,18 +470,14 @@ class Engine:
                 self.metrics.server_marked_dead(endpoint)
             elif live:
                 self._incarnations[endpoint] = incarnation
-                record = self._probation.get(endpoint)
-                if record is not None and now >= record[0] + PROBATION_MAX_S:
-                    del self._probation[endpoint]  # served long enough since: a clean record
+                self._probation.served(endpoint, now)
             elif incarnation is not None and incarnation != self._incarnations.get(endpoint):
-                self._probation.pop(endpoint, None)  # a new process starts with a clean record
+                self._probation.forget(endpoint)  # a new process starts with a clean record
                 self._admit(endpoint, incarnation)
-            elif incarnation is not None and endpoint in self._probation and now >= self._probation[endpoint][0]:
-                log.warning("%s failed an exchange but is still up; routing tokens to it again",
-                            self.cluster.describe_server(endpoint))
-                self._admit(endpoint, incarnation)
+            elif incarnation is not None and self._probation.is_over(endpoint, now):
+                self._admit(endpoint, incarnation, why=" (it failed an exchange but stayed up; probation over)")
 
-    def _admit(self, endpoint: int, incarnation) -> None:
+    def _admit(self, endpoint: int, incarnation, why: str = "") -> None:
         """Maps server `endpoint`'s (new) inbox and routes tokens to it again."""
         try:
             self._client_endpoint.connect(endpoint)
@@ -492,7 +486,7 @@ class Engine:
             return
         self.runner.experts.set_live(endpoint, True)
         self._incarnations[endpoint] = incarnation
-        log.info("admitted %s", self.cluster.describe_server(endpoint))
+        log.info("admitted %s%s", self.cluster.describe_server(endpoint), why)
 
     def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
         """Servers that failed in a step get no more tokens from the next step
@@ -507,13 +501,10 @@ class Engine:
                         for server, what in failures.items()}
         for server, what in failures.items():
             if self.runner.experts.is_live(server):
-                if self.runner.experts.deadlines is None:
-                    log.warning("%s; routing around it", what)
-                else:
-                    failed_in_a_row = self._probation.get(server, (0.0, 0))[1] + 1
-                    probation = min(PROBATION_S * 2 ** (failed_in_a_row - 1), PROBATION_MAX_S)
-                    self._probation[server] = (time.monotonic() + probation, failed_in_a_row)
-                    log.warning("%s; routing around it (for %g s if it stays up)", what, probation)
+                out_for = ""
+                if self.runner.experts.deadlines is not None:  # adaptive: the miss may be a false alarm
+                    out_for = f" (for {self._probation.failed(server, time.monotonic()):g} s if it stays up)"
+                log.warning("%s; routing around it%s", what, out_for)
                 self.runner.experts.set_live(server, False)
                 self.metrics.server_marked_dead(server)
         check_unserved(exchanges.unserved, failures)
