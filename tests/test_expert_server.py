@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from eaas_jax.checkpoint import flat_params, load_client, load_expert_banks, load_model
+from eaas_jax.kernels import grouped_matmul
 from eaas_jax.runtime.expert_server import ExpertServer, select_experts
 from eaas_jax.runtime.remote_experts import RemoteExperts
 from eaas_jax.transport import shm
@@ -29,8 +30,12 @@ def model():
 
 
 @pytest.fixture
-def deployment(model):
-    """A client endpoint and two expert servers (even / odd experts) in threads."""
+def deployment(model, request, monkeypatch):
+    """A client endpoint and two expert servers (even / odd experts) in threads.
+    Parametrized (indirect) with True, the servers compute every round at full
+    capacity, as they do on GPUs with tokamax."""
+    if getattr(request, "param", False):
+        monkeypatch.setattr(grouped_matmul, "skips_rows_past_groups", lambda: True)
     c = TINY_CONFIG
     name = f"t{uuid.uuid4().hex[:10]}"
     geometry = dict(max_endpoints=4, num_channels=2, capacity=TOKENS, hidden_size=c.hidden_size,
@@ -66,8 +71,15 @@ def test_select_experts_rejects_unknown_experts(model):
         select_experts(flat_params(model), [], TINY_CONFIG)
 
 
-def test_servers_match_the_embedded_experts(model, deployment):
+@pytest.mark.parametrize("deployment", [False, True], indirect=True, ids=["row buckets", "full capacity"])
+def test_servers_match_the_embedded_experts(model, deployment, request):
     client, table, servers = deployment
+    # The round picks its rows' bucket with a conditional unless it computes at full capacity.
+    full_capacity = request.node.callspec.params["deployment"]
+    e = servers[0].experts
+    round_jaxpr = str(servers[0]._round.trace(jnp.asarray(e.group_of), e.gate_proj, e.up_proj, e.down_proj,
+                                              jnp.asarray(e.hosted_mask), **servers[0]._static).jaxpr)
+    assert ("cond[" in round_jaxpr) != full_capacity
     servers_arr = jnp.asarray(SERVERS, jnp.int32)
 
     @jax.jit

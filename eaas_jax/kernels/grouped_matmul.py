@@ -52,6 +52,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     return out.astype(x.dtype)
 
 
+def skips_rows_past_groups() -> bool:
+    """Whether `grouped_matmul` does no work for rows past the last group, so
+    that padding a batch with such rows costs (almost) nothing: true of
+    tokamax's kernel, which plans its tiles from `group_sizes` on the device;
+    `lax.ragged_dot` and the CPU's tiled matmul compute every row."""
+    return jax.default_backend() == "gpu" and _tokamax() is not None
+
+
 @functools.cache
 def _tokamax():
     """The tokamax module if it is installed and not switched off, else None.
