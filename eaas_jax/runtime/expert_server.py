@@ -14,10 +14,10 @@ poll returns. Elsewhere the compute is sized to the rows that arrived (the
 smallest of a few compiled row buckets): computing every round at full
 capacity was measured at 0.94 s per W1 decode step on 2 x H200 without
 tokamax, the padding rows going through `lax.ragged_dot`. The bucket is picked
-by a conditional, which on GPUs waits for the poll on the host before it
-launches the compute: with tokamax that wait, and launching the round's
-kernels one by one behind it, cost ~1 ms per W1 round (12.7 ms per batch-256
-decode step against 4-5 ms on one GPU).
+by a conditional, which on GPUs waits on the host for the poll before it
+launches the compute kernels one by one. Dropping it with tokamax took W1
+decode on 2 x H200 (double batching) from 11.7 to 8.3 ms per step at batch 64
+and from 16.9 to 10.9 ms at batch 256 (bench/RESULTS.md, 2026-11-30).
 
 On GPUs the next round is queued before the previous one's row count is
 awaited, so the Python loop is not between a reply and the next poll.
