@@ -150,7 +150,12 @@ def _add_serve_experts(sub) -> None:
     p = sub.add_parser("serve-experts", help="run one expert server of a deployment")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--deployment", required=True, help="deployment TOML (configs/deploy/)")
-    p.add_argument("--server", required=True, help="which of the deployment's servers this is")
+    p.add_argument("--server", required=True,
+                   help="which of the deployment's servers this is; a name not in the file joins on a spare "
+                        "endpoint, hosting --layers x --experts")
+    p.add_argument("--layers", help='MoE layers a joining server hosts: "all" or indices and ranges, e.g. "0-3,7"')
+    p.add_argument("--experts", help='experts a joining server hosts: "all" or indices and ranges, e.g. "0-15"')
+    p.add_argument("--endpoint", type=int, help=argparse.SUPPRESS)  # a LocalCluster's pick of a spare endpoint
     p.add_argument("--registry", help="etcd://HOST:PORT to register in (lease as heartbeat)")
     p.add_argument("--shm-name", help="shared-memory name (default: the deployment's name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -165,14 +170,25 @@ def _serve_experts(args) -> int:
     from eaas_jax.runtime.expert_server import run_expert_server
     from eaas_jax.runtime.registry import RegistryError
 
+    joining = None
+    if args.layers is not None or args.experts is not None:
+        joining = tuple(_index_list(v) for v in (args.layers or "all", args.experts or "all"))
     try:
         run_expert_server(
-            args.model, args.deployment, args.server, shm_name=args.shm_name, registry=args.registry,
-            dtype=resolve_dtype(args.dtype), exit_with_parent=args.exit_with_parent,
+            args.model, args.deployment, args.server, joining=joining, endpoint=args.endpoint,
+            shm_name=args.shm_name, registry=args.registry, dtype=resolve_dtype(args.dtype),
+            exit_with_parent=args.exit_with_parent,
         )
     except (CheckpointError, DeploymentError, RegistryError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     return 0
+
+
+def _index_list(text: str):
+    """ "all" -> "all"; "0-3,7" -> ["0-3", 7]: the deployment file's syntax."""
+    if text == "all":
+        return text
+    return [int(part) if part.strip().isdigit() else part.strip() for part in text.split(",")]
 
 
 def _add_train(sub) -> None:

@@ -71,6 +71,7 @@ layers = [1]
     ("name = 't'\ntransport = 'cuda_ipc'\n[[servers]]\nname='a'\ndevice = -1", "device must be a GPU index"),
     ("name = 't'\ntransport = 'cuda_ipc'\n[[servers]]\nname='a'\ndevice = '1'", "device must be a GPU index"),
     ("name = [", "not valid TOML"),
+    ("name = 't'\nspare_endpoints = -1\n[[servers]]\nname='a'", "spare_endpoints must be an integer >= 0"),
 ])
 def test_malformed_files_are_rejected_with_the_reason(tmp_path, text, message):
     with pytest.raises(DeploymentError, match=message):
@@ -112,3 +113,36 @@ def test_adaptive_deadlines_are_opt_in(tmp_path):
     assert _load(tmp_path, "name = 't'\n[[servers]]\nname = 'a'\n").min_timeout_ms is None
     d = _load(tmp_path, "name = 't'\ntimeout_ms = 2000\nmin_timeout_ms = 50\n[[servers]]\nname = 'a'\n")
     assert (d.min_timeout_ms, d.timeout_ms) == (50, 2000)
+
+
+def test_spare_endpoints_sit_between_the_files_servers_and_the_clients(tmp_path):
+    d = _load(tmp_path, """
+name = "t"
+spare_endpoints = 2
+[[servers]]
+name = "a"
+experts = ["0-4"]
+[[servers]]
+name = "b"
+experts = ["3-7"]
+""")
+    d.check(TINY_CONFIG)
+    assert list(d.spare_range) == [2, 3] and d.num_server_endpoints == 4
+    assert d.client_endpoint(0) == 4 and d.max_endpoints == 4 + 2
+    assert d.geometry(TINY_CONFIG)["max_endpoints"] == 6
+    # Room for one more replica of every pair per spare endpoint.
+    table = d.routing_table(TINY_CONFIG)
+    assert table.shape[2] == 2 + 2 and table[0, 3].tolist() == [0, 1, -1, -1]
+    joining = d.joining_server("c", "all", ["0-1", 6])
+    assert joining.hosted(TINY_CONFIG) == [(l, e) for l in range(TINY_CONFIG.num_moe_layers) for e in (0, 1, 6)]
+    with pytest.raises(DeploymentError, match="already has a server of that name"):
+        d.joining_server("a", "all", "all")
+    with pytest.raises(DeploymentError, match="name must be"):
+        d.joining_server("no spaces", "all", "all")
+    with pytest.raises(DeploymentError, match="experts.*not an index"):
+        d.joining_server("c", "all", ["x"])
+    with pytest.raises(DeploymentError, match="names experts \\[99\\]"):
+        d.check_server(d.joining_server("c", "all", [99]), TINY_CONFIG)
+    without = _load(tmp_path, "name = 't'\n[[servers]]\nname = 'a'\n")
+    with pytest.raises(DeploymentError, match="no spare endpoint"):
+        without.joining_server("c", "all", "all")

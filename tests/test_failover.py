@@ -20,9 +20,11 @@ from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
 from eaas_jax.runtime.autoscaler import ScalingPolicy
 from eaas_jax.runtime.client import RemoteExpertBackend
 from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.runtime.deployment import DeploymentError
 from eaas_jax.runtime.remote_experts import route
 from eaas_jax.runtime.scaler import ClusterScaler
 
+from conftest import TINY_CONFIG
 from test_disaggregated import ENGINE_ARGS, PROMPTS, token_ids
 
 # Every expert of the random tiny model on exactly two of three servers; the
@@ -34,6 +36,8 @@ REPLICATED = ('name = "replicas"\ntimeout_ms = 2000\ncapacity = 64\n'
               '[[servers]]\nname = "r2"\nexperts = ["0-1", "6-7"]\n')
 # The same with r2 a spare, started mid-run (r0 and r1 hold every expert).
 STANDBY_R2 = REPLICATED + "standby = true\n"
+# r0 and r1 only, and one spare endpoint for a server that is not in the file.
+JOINABLE = "spare_endpoints = 1\n" + REPLICATED.split('[[servers]]\nname = "r2"')[0]
 REQUESTS = [f"{PROMPTS[i % len(PROMPTS)]} # {i}" for i in range(64)]
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -141,6 +145,24 @@ def test_route_spreads_each_experts_tokens_over_its_live_replicas():
     two_slots = np.asarray(route(table, jnp.ones(4, bool), 0, jnp.array([[0, 1], [2, 0]], jnp.int32)))
     assert two_slots.tolist() == [[0, 1], [-1, 2]]  # expert 1 on server 1 only; expert 2 nowhere
     assert np.asarray(route(table, jnp.array([False, False, True, True]), 0, jnp.array([[1]]))).tolist() == [[-1]]
+
+
+def test_a_joined_server_becomes_one_more_replica_of_exactly_what_it_hosts():
+    endpoint = SimpleNamespace(geometry=SimpleNamespace(max_endpoints=5, capacity=8))
+    table = np.array([[[0, -1], [0, 1], [1, -1]]], np.int32)  # 1 layer, 3 experts, room for one more replica
+    backend = RemoteExpertBackend(endpoint, [0, 1, 2], table, timeout_us=1000, double_batching=False)
+    backend.set_hosted(2, [(0, 0), (0, 2)])
+    assert backend.table.tolist() == [[[0, 2], [0, 1], [1, 2]]]
+    assert np.asarray(backend.arrays.table).tolist() == backend.table.tolist()
+    arrays = backend.arrays
+    with pytest.raises(ValueError, match=r"\(MoE layer 0, expert 1\) already has 2 replicas"):
+        backend.set_hosted(2, [(0, 2), (0, 1)])
+    with pytest.raises(ValueError, match="outside the model"):
+        backend.set_hosted(2, [(0, 3)])
+    assert backend.table.tolist() == [[[0, 2], [0, 1], [1, 2]]] and backend.arrays is arrays  # unchanged
+    backend.set_hosted(2, [(0, 2)])  # another server took the spare endpoint over: only its pairs
+    assert backend.table.tolist() == [[[0, -1], [0, 1], [1, 2]]]
+    assert backend.arrays.table.shape == arrays.table.shape  # same step shapes: no recompile
 
 
 def test_a_failure_carried_to_later_steps_holds_until_the_host_readmits_the_server():
@@ -265,3 +287,68 @@ def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_it_when
         scaler.observe = lambda latency_ms: seen.append(latency_ms) or 0
         p90 = engine.metrics.recent_step_time(0.9)
         assert p90 > 0 and scaler.observe_engine(0.9) == 0 and seen == [p90 * 1e3]
+
+
+def test_a_server_not_in_the_file_joins_mid_run_takes_traffic_and_drains(tiny_checkpoint, reference, tmp_path):
+    with replicated_engine(tiny_checkpoint, tmp_path, JOINABLE) as (cluster, engine):
+        backend = engine.runner.experts
+        layers = TINY_CONFIG.num_moe_layers
+        assert not backend.is_live(2) and not (backend.table == 2).any()
+        slots_at_join = []
+
+        def join(steps, finished):
+            if steps == 5:  # mid-run, requests in flight
+                slots_at_join.append(engine.metrics.server_slots.copy())
+                assert cluster.add_server("extra", experts=["0-1", "6-7"]) == 2
+
+        assert run_requests(engine, join) == reference
+        slots = engine.metrics.server_slots.copy()
+        assert slots_at_join[0][2] == 0 and slots[2] > 0  # served once it was up, not before
+        assert backend.is_live(2) and sorted(set(np.argwhere(backend.table == 2)[:, 1])) == [0, 1, 6, 7]
+        assert (backend.table == 2).sum() == layers * 4
+        assert 'eaas_server_token_slots_total{server="extra"}' in engine.metrics_text()
+        with pytest.raises(DeploymentError, match="every spare endpoint .* has a running server"):
+            cluster.add_server("another", experts=[0])
+        engine.drain_server("extra")  # like any server: it exits, nothing is lost
+        assert cluster.process("extra").returncode == 0 and not backend.is_live(2)
+
+        # The freed endpoint takes a server hosting other experts; the table follows,
+        # and r0 can then go: every expert it held is on 'wide' or r1.
+        with pytest.raises(ValueError, match="draining 'r0' would leave"):
+            engine.drain_server("r0")
+        cluster.add_server("wide", experts=["0-5"])
+        time.sleep(MEMBERSHIP_CHECK_S)
+        assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+        assert sorted(set(np.argwhere(backend.table == 2)[:, 1])) == [0, 1, 2, 3, 4, 5]
+        assert engine.metrics.server_slots[2] > slots[2] and engine.metrics.server_names[2] == "wide"
+        engine.drain_server("r0")
+        assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]
+        assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
+
+
+def test_with_every_file_server_running_the_scaler_adds_one_for_the_hottest_experts(tiny_checkpoint, reference,
+                                                                                    tmp_path):
+    policy = ScalingPolicy(latency_target_ms=100, min_servers=2, max_servers=3, cooldown_s=60)
+    clock = [0.0]
+    with replicated_engine(tiny_checkpoint, tmp_path, JOINABLE) as (cluster, engine):
+        scaler = ClusterScaler(engine, policy, clock=lambda: clock[0])
+        assert scaler.running() == ["r0", "r1"]
+        added = []
+
+        def load_spike(steps, finished):
+            if steps == 5:
+                added.append(engine.metrics.expert_tokens.sum(axis=0).copy())
+                assert scaler.observe(95) == 1
+
+        assert run_requests(engine, load_spike) == reference
+        # It hosts the 6 experts (what r0 and r1 each host) with the most tokens when it was added.
+        hot = sorted(np.argsort(-added[0], kind="stable")[:6].tolist())
+        assert cluster.joined_servers()[2] == ("hot-0", tuple((l, e) for l in range(TINY_CONFIG.num_moe_layers)
+                                                             for e in hot))
+        assert scaler.running() == ["r0", "r1", "hot-0"] and engine.metrics.server_slots[2] > 0
+        clock[0] = 100
+        assert scaler.observe(95) == 0  # max_servers
+        clock[0] = 200
+        assert scaler.observe(10) == -1 and cluster.process("hot-0").returncode == 0  # drained, exited
+        assert scaler.running() == ["r0", "r1"]
+        assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]

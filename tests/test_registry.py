@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from eaas_jax.engine import Engine, SamplingParams
 from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
-from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, RegistryError, clients_prefix, servers_prefix
+from eaas_jax.runtime.registry import (EtcdRegistry, Heartbeat, RegistryError, clients_prefix, servers_prefix,
+                                       spares_prefix)
 
 from conftest import REPO, SHIPPED
 
@@ -63,6 +65,15 @@ def etcd(tmp_path_factory):
     proc.wait(timeout=10)
 
 
+def serve_experts(deployment, name: str, etcd: str, shm_name: str, log_dir, *extra: str) -> subprocess.Popen:
+    """`eaas-jax serve-experts` for server `name`, registering in `etcd`; its log in log_dir/<name>.log."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "eaas_jax.cli", "serve-experts", "--model", SHIPPED, "--deployment",
+         str(deployment), "--server", name, "--registry", etcd, "--shm-name", shm_name, *extra],
+        stdout=subprocess.DEVNULL, stderr=open(log_dir / f"{name}.log", "wb"),
+    )
+
+
 def test_lease_expiry_removes_keys(etcd):
     registry = EtcdRegistry(etcd)
     lease = registry.grant_lease(1)  # never kept alive
@@ -92,12 +103,7 @@ def test_unreachable_registry_is_a_clear_error():
 def test_engine_discovers_servers_started_elsewhere(etcd, tmp_path):
     shm_name = f"etcdtest-{os.getpid()}"
     servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "eaas_jax.cli", "serve-experts", "--model", SHIPPED,
-             "--deployment", DEPLOYMENT, "--server", name, "--registry", etcd, "--shm-name", shm_name],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "wb"),
-        )
-        for name in ("experts-even", "experts-odd")
+        serve_experts(DEPLOYMENT, name, etcd, shm_name, tmp_path) for name in ("experts-even", "experts-odd")
     ]
     registry = EtcdRegistry(etcd)
     try:
@@ -130,12 +136,7 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
     deployment.write_text(REPLICATED)
     shm_name = f"etcdlease-{os.getpid()}"
     servers = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "eaas_jax.cli", "serve-experts", "--model", SHIPPED, "--deployment",
-             str(deployment), "--server", name, "--registry", etcd, "--shm-name", shm_name],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "wb"),
-        )
-        for name in ("r0", "r1", "r2")
+        name: serve_experts(deployment, name, etcd, shm_name, tmp_path) for name in ("r0", "r1", "r2")
     }
     registry = EtcdRegistry(etcd)
     args = dict(max_num_seqs=4, max_model_len=64, dtype="float32")
@@ -182,3 +183,52 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
             p.terminate()
         for p in servers.values():
             p.wait(timeout=30)
+
+
+def test_a_server_not_in_the_file_claims_a_spare_endpoint_and_joins_the_engines_table(etcd, tmp_path):
+    """`serve-experts --server NEW --experts ...` with a registry claims the
+    deployment's spare endpoint under its lease and registers what it hosts;
+    the engine adds it to its table as one more replica of those experts. A
+    second one finds no spare endpoint left; on exit the claim goes."""
+    from test_failover import JOINABLE
+
+    deployment = tmp_path / "joinable.toml"
+    deployment.write_text(JOINABLE)
+    shm_name = f"etcdjoin-{os.getpid()}"
+
+    def serve(name, *extra):
+        return serve_experts(deployment, name, etcd, shm_name, tmp_path, *extra)
+
+    servers = {name: serve(name) for name in ("r0", "r1")}
+    registry = EtcdRegistry(etcd)
+    args = dict(max_num_seqs=4, max_model_len=64, dtype="float32")
+    try:
+        with Engine(SHIPPED, **args) as embedded:
+            expected = [o.outputs[0].token_ids for o in embedded.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        with Engine(SHIPPED, deployment=str(deployment), registry=etcd, **args) as engine:
+            backend = engine.runner.experts
+            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert not backend.is_live(2) and engine.metrics.server_slots[2] == 0
+            servers["extra"] = serve("extra", "--experts", "0-1,6-7")
+            key = servers_prefix("replicas") + "extra"
+            deadline = time.monotonic() + 120
+            while key not in registry.get_prefix(servers_prefix("replicas")):
+                assert servers["extra"].poll() is None, open(tmp_path / "extra.log").read()[-2000:]
+                assert time.monotonic() < deadline, "the joining server did not register"
+                time.sleep(0.2)
+            claims = registry.get_prefix(spares_prefix("replicas"))
+            assert claims[spares_prefix("replicas") + "2"]["server"] == "extra"
+            time.sleep(1.0 + MEMBERSHIP_CHECK_S)  # the cluster's poll, then a step boundary
+            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert backend.is_live(2) and engine.metrics.server_slots[2] > 0
+            assert sorted(set(np.argwhere(backend.table == 2)[:, 1])) == [0, 1, 6, 7]
+            assert "expert server 'extra' (spare endpoint 2" in engine.cluster.describe_server(2)
+            another = serve("another", "--experts", "0")
+            assert another.wait(timeout=120) != 0
+            assert "every spare endpoint" in open(tmp_path / "another.log").read()
+    finally:
+        for p in servers.values():
+            p.terminate()
+        codes = {name: p.wait(timeout=30) for name, p in servers.items()}
+    assert codes == {"r0": 0, "r1": 0, "extra": 0}
+    assert registry.get_prefix("eaas/replicas/") == {}  # registrations and the spare's claim went with the leases

@@ -48,6 +48,12 @@ Prompt = str | Seq[int]
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
+def _server_labels(deployment: Deployment) -> list[str]:
+    """Metric labels of the server endpoints: the file's names, then one per
+    spare endpoint until a server joins there (`_place_joined_server`)."""
+    return [s.name for s in deployment.servers] + [f"spare-{e}" for e in deployment.spare_range]
+
+
 def resolve_dtype(dtype) -> jnp.dtype:
     """'auto' is bfloat16 on accelerators and float32 on the CPU."""
     if dtype == "auto":
@@ -175,12 +181,12 @@ class Engine:
         for server in spec.started_servers:
             self._client_endpoint.connect(server, timeout=30.0)
         experts = RemoteExpertBackend(
-            self._client_endpoint, list(range(spec.num_servers)), spec.routing_table(self.config),
+            self._client_endpoint, list(range(spec.num_server_endpoints)), spec.routing_table(self.config),
             timeout_us=spec.timeout_ms * 1000, double_batching=double_batching,
             min_timeout_us=None if spec.min_timeout_ms is None else spec.min_timeout_ms * 1000,
         )
-        for server in set(range(spec.num_servers)) - set(spec.started_servers):
-            experts.set_live(server, False)  # standby: admitted once up (`_follow_membership`)
+        for server in set(range(spec.num_server_endpoints)) - set(spec.started_servers):
+            experts.set_live(server, False)  # standby or spare: admitted once up (`_follow_membership`)
         return client, experts
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
@@ -233,12 +239,12 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self.metrics = ServingMetrics(
             self.config.num_moe_layers, self.config.num_experts,
-            [] if self.cluster is None else [s.name for s in self.cluster.deployment.servers],
+            [] if self.cluster is None else _server_labels(self.cluster.deployment),
         )
         log.info(
             "engine ready: %s, dtype=%s, max_num_seqs=%d, max_model_len=%d, %d KV blocks of %d, experts %s",
             model_path, self.dtype.name, max_num_seqs, self.max_model_len, num_kv_blocks, block_size,
-            "embedded" if self.cluster is None else f"in {self.cluster.deployment.num_servers} servers",
+            "embedded" if self.cluster is None else f"in {len(self.cluster.deployment.started_servers)} servers",
         )
 
     # ----------------------------------------------------------------- lifetime
@@ -266,10 +272,10 @@ class Engine:
         if self.cluster is None:
             raise ValueError("drain_server needs a deployment: this engine's experts are embedded")
         deployment = self.cluster.deployment
-        endpoint = deployment.server_endpoint(name)
+        endpoint = self.cluster.endpoint_of(name)
         backend = self.runner.experts
-        others = [s for s in range(deployment.num_servers) if s != endpoint and backend.is_live(s)]
-        table = deployment.routing_table(self.config)
+        others = [s for s in range(deployment.num_server_endpoints) if s != endpoint and backend.is_live(s)]
+        table = backend.table
         orphaned = np.argwhere((table == endpoint).any(-1) & ~np.isin(table, others).any(-1))
         if len(orphaned):
             layer, expert = orphaned[0]
@@ -286,7 +292,7 @@ class Engine:
         failures, transport drops) in Prometheus' text exposition format."""
         live, transport = (), None
         if self.cluster is not None:
-            live = [self.runner.experts.is_live(s) for s in range(self.cluster.deployment.num_servers)]
+            live = [self.runner.experts.is_live(s) for s in range(self.cluster.deployment.num_server_endpoints)]
             if self._client_endpoint is not None:
                 transport = self._client_endpoint.stats()
         return self.metrics.render(live=live, transport=transport)
@@ -462,7 +468,7 @@ class Engine:
             log.warning("cannot tell which expert servers are up (%s); routing table unchanged", e)
             return
         backend = self.runner.experts
-        for endpoint in range(self.cluster.deployment.num_servers):
+        for endpoint in range(self.cluster.deployment.num_server_endpoints):
             incarnation, live = up.get(endpoint), backend.is_live(endpoint)
             if live and incarnation is None:
                 log.warning("%s is gone; routing around it", self.cluster.describe_server(endpoint))
@@ -478,15 +484,27 @@ class Engine:
                 self._admit(endpoint, incarnation, why=" (it failed an exchange but stayed up; probation over)")
 
     def _admit(self, endpoint: int, incarnation, why: str = "") -> None:
-        """Maps server `endpoint`'s (new) inbox and routes tokens to it again."""
+        """Maps server `endpoint`'s (new) inbox and routes tokens to it again;
+        a server on a spare endpoint first takes its place in the routing
+        table as a replica of what it hosts."""
         try:
+            if endpoint in self.cluster.deployment.spare_range:
+                self._place_joined_server(endpoint)
             self._client_endpoint.connect(endpoint)
-        except (OSError, RuntimeError) as e:  # not ready after all: the next check retries
-            log.warning("cannot reach expert server %d yet: %s", endpoint, e)
+        except (OSError, RuntimeError, ValueError, LookupError) as e:  # the next check retries
+            log.warning("cannot admit expert server %d yet: %s", endpoint, e)
             return
         self.runner.experts.set_live(endpoint, True)
         self._incarnations[endpoint] = incarnation
         log.info("admitted %s%s", self.cluster.describe_server(endpoint), why)
+
+    def _place_joined_server(self, endpoint: int) -> None:
+        """Routes to the server that joined on spare `endpoint` the (layer,
+        expert) pairs it registered (LookupError if it is gone again;
+        ValueError if a pair is outside the model)."""
+        joined = self.cluster.joined_servers()[endpoint]
+        self.runner.experts.set_hosted(endpoint, joined.hosted)
+        self.metrics.server_names[endpoint] = joined.name
 
     def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
         """Servers that failed in a step get no more tokens from the next step

@@ -54,12 +54,39 @@ class RemoteExpertBackend:
         self._live = np.zeros(endpoint.geometry.max_endpoints, bool)
         self._live[self.servers] = True
         self._generation = np.zeros(endpoint.geometry.max_endpoints, np.int32)
-        self.arrays = RemoteArrays(jnp.asarray(table, jnp.int32), jnp.asarray(self._live),
+        self._table = np.array(table, np.int32)
+        if self._table.ndim == 2:
+            self._table = self._table[..., None]
+        self.arrays = RemoteArrays(jnp.asarray(self._table), jnp.asarray(self._live),
                                    jnp.asarray(self._generation), int(timeout_us))
         self._traced: RemoteExperts | None = None
 
+    @property
+    def table(self) -> np.ndarray:
+        """The host's copy of the routing table, [layers, experts, replicas] endpoints (-1: none)."""
+        return self._table.copy()
+
     def is_live(self, endpoint: int) -> bool:
         return bool(self._live[endpoint])
+
+    def set_hosted(self, endpoint: int, hosted) -> None:
+        """Makes server `endpoint` a replica of exactly the (MoE layer, expert)
+        pairs in `hosted` (a server that joined on a spare endpoint, or another
+        one taking that endpoint over), from the next step on; no recompile.
+        Raises ValueError, changing nothing, for a pair outside the model or
+        one whose replicas are all taken."""
+        table = np.where(self._table == endpoint, -1, self._table)
+        layers, experts, _ = table.shape
+        for layer, expert in hosted:
+            if not (0 <= layer < layers and 0 <= expert < experts):
+                raise ValueError(f"(MoE layer {layer}, expert {expert}) is outside the model's "
+                                 f"{layers} x {experts}")
+            free = np.flatnonzero(table[layer, expert] < 0)
+            if not len(free):
+                raise ValueError(f"(MoE layer {layer}, expert {expert}) already has {table.shape[2]} replicas")
+            table[layer, expert, free[0]] = endpoint
+        self._table = table
+        self.arrays = self.arrays._replace(table=jnp.asarray(table))
 
     def set_live(self, endpoint: int, live: bool) -> None:
         """Routes around (or back to) a server from the next step on; no recompile.

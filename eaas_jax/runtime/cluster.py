@@ -10,12 +10,15 @@
   slot there (a key under its own lease, so a crashed client frees its slot).
 
 Both give the engine: the `deployment`, the shm name of the segments, client
-slots, and `describe_server(endpoint)` for error messages.
+slots, which servers are up (`servers_up`), the servers that joined on spare
+endpoints and what they host (`joined_servers`), and `describe_server(endpoint)`
+for error messages.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import selectors
@@ -27,10 +30,12 @@ import tempfile
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import jax
 
-from eaas_jax.runtime.deployment import Deployment, DeploymentError
+from eaas_jax.checkpoint.directory import load_config
+from eaas_jax.runtime.deployment import Deployment, DeploymentError, ServerSpec
 from eaas_jax.runtime.registry import (
     EtcdRegistry,
     Heartbeat,
@@ -49,6 +54,31 @@ def _local_gpu_count() -> int:
 
 class ExpertServerStartError(RuntimeError):
     """An expert server process could not be started."""
+
+
+def _index_text(values: tuple[int, ...] | None) -> str:
+    """A ServerSpec's layers / experts as `serve-experts` takes them."""
+    return "all" if values is None else ",".join(map(str, values))
+
+
+def _hosted_pairs(value) -> tuple[tuple[int, int], ...] | None:
+    """A registry entry's hosted list as (layer, expert) pairs; None if malformed."""
+    if not isinstance(value, list) or not value:
+        return None
+    pairs = []
+    for pair in value:
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)):
+            return None
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
+class JoinedServer(NamedTuple):
+    """A server that is not in the deployment file, up on a spare endpoint."""
+
+    name: str
+    hosted: tuple[tuple[int, int], ...]  # its (MoE layer, expert) pairs
 
 
 class _Slots:
@@ -95,14 +125,18 @@ class LocalCluster:
         self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")
         self._slots = _Slots(self.deployment.max_clients)
         self._spawn_args = (model_path, deployment_path, dtype)
-        # Per server endpoint: its latest process, None while never started (standby).
-        self._procs: list[subprocess.Popen | None] = [None] * self.deployment.num_servers
+        self._config = load_config(model_path)
+        # Per server endpoint (the file's, then the spare ones): its latest
+        # process, None while never started (standby, unused spare).
+        self._procs: list[subprocess.Popen | None] = [None] * self.deployment.num_server_endpoints
+        self._joined: dict[int, ServerSpec] = {}  # spare endpoint -> the server added there last
         self._closed = False
         atexit.register(self.close)
         try:
             started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
             for name in started:
-                self._procs[self.deployment.server_endpoint(name)] = self._spawn(name)
+                endpoint = self.deployment.server_endpoint(name)
+                self._procs[endpoint] = self._spawn(endpoint)
             for name in started:
                 self._wait_ready(name, self.process(name), startup_timeout)
         except BaseException:
@@ -113,14 +147,17 @@ class LocalCluster:
     def _log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
 
-    def _spawn(self, name: str) -> subprocess.Popen:
+    def _spawn(self, endpoint: int) -> subprocess.Popen:
         model_path, deployment_path, dtype = self._spawn_args
+        spec = self._spec(endpoint)
         command = [
             sys.executable, "-m", "eaas_jax.cli", "--verbose", "serve-experts",
             "--model", os.fspath(model_path), "--deployment", os.fspath(deployment_path),
-            "--server", name, "--shm-name", self.shm_name, "--dtype", dtype, "--exit-with-parent",
+            "--server", spec.name, "--shm-name", self.shm_name, "--dtype", dtype, "--exit-with-parent",
         ]
-        spec = self.deployment.servers[self.deployment.server_endpoint(name)]
+        if endpoint in self.deployment.spare_range:
+            command += ["--endpoint", str(endpoint), "--layers", _index_text(spec.layers),
+                        "--experts", _index_text(spec.experts)]
         if self.deployment.transport == "cuda_ipc":
             # One GPU per server process; by default the GPU after the
             # client's (0), round robin over what this host has.
@@ -128,12 +165,12 @@ class LocalCluster:
             if device is None:
                 visible = os.environ.get("CUDA_VISIBLE_DEVICES")
                 gpus = visible.split(",") if visible else [str(i) for i in range(_local_gpu_count())]
-                device = gpus[(self.deployment.server_endpoint(name) + 1) % len(gpus)]
+                device = gpus[(endpoint + 1) % len(gpus)]
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(device))
             env.pop("JAX_PLATFORMS", None)
         else:
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-        with open(self._log_path(name), "ab") as log_file:  # a restarted server appends
+        with open(self._log_path(spec.name), "ab") as log_file:  # a restarted server appends
             return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file,
                                     stdin=subprocess.DEVNULL, env=env)
 
@@ -172,17 +209,35 @@ class LocalCluster:
         return self.deployment.client_endpoint(self._slots.claim())
 
     def release_client(self, endpoint: int) -> None:
-        self._slots.release(endpoint - self.deployment.num_servers)
+        self._slots.release(endpoint - self.deployment.num_server_endpoints)
+
+    def _spec(self, endpoint: int) -> ServerSpec:
+        if endpoint in self.deployment.spare_range:
+            return self._joined[endpoint]
+        return self.deployment.servers[endpoint]
+
+    def endpoint_of(self, name: str) -> int:
+        """The endpoint of server `name`: the file's, or the spare one it was added on."""
+        for endpoint, spec in self._joined.items():
+            if spec.name == name:
+                return endpoint
+        return self.deployment.server_endpoint(name)
 
     def process(self, name: str) -> subprocess.Popen | None:
         """Server `name`'s latest process; None if it was never started."""
-        return self._procs[self.deployment.server_endpoint(name)]
+        return self._procs[self.endpoint_of(name)]
 
     def servers_up(self) -> dict[int, int]:
         """Endpoint -> process id of every server whose process is running (a
         restarted server is up under a new id)."""
         return {endpoint: proc.pid for endpoint, proc in enumerate(self._procs)
                 if proc is not None and proc.poll() is None}
+
+    def joined_servers(self) -> dict[int, JoinedServer]:
+        """Spare endpoint -> the server added there, of those running."""
+        up = self.servers_up()
+        return {endpoint: JoinedServer(spec.name, tuple(spec.hosted(self._config)))
+                for endpoint, spec in self._joined.items() if endpoint in up}
 
     def start_server(self, name: str, timeout: float = 300.0) -> None:
         """Starts server `name` (a standby one, or one that exited) and waits
@@ -192,9 +247,37 @@ class LocalCluster:
             raise ValueError(f"expert server {name!r} is already running (process {proc.pid})")
         if proc is not None:
             proc.stdout.close()
-        self._procs[self.deployment.server_endpoint(name)] = proc = self._spawn(name)
+        endpoint = self.endpoint_of(name)
+        self._procs[endpoint] = proc = self._spawn(endpoint)
         self._wait_ready(name, proc, timeout)
         log.info("started expert server %r (process %d)", name, proc.pid)
+
+    def add_server(self, name: str, *, layers="all", experts="all", device: int | None = None,
+                   timeout: float = 300.0) -> int:
+        """Starts a server that is not in the deployment file, hosting `layers`
+        x `experts` (the file's syntax: "all", or a list of indices and ranges
+        like "0-3"), on the first spare endpoint whose server is not running;
+        waits until it serves and returns the endpoint. Engines add it to
+        their routing tables at their next step boundary."""
+        spec = self.deployment.joining_server(name, layers, experts)
+        self.deployment.check_server(spec, self._config)
+        if device is not None:
+            spec = dataclasses.replace(spec, device=device)
+        up = self.servers_up()
+        if any(s.name == name and e in up for e, s in self._joined.items()):
+            raise ValueError(f"expert server {name!r} is already running")
+        free = [e for e in self.deployment.spare_range if e not in up]
+        if not free:
+            raise DeploymentError(f"every spare endpoint of deployment {self.deployment.name!r} "
+                                  f"({self.deployment.spare_endpoints}) has a running server")
+        endpoint = free[0]
+        if self._procs[endpoint] is not None:
+            self._procs[endpoint].stdout.close()
+        self._joined[endpoint] = spec
+        self._procs[endpoint] = proc = self._spawn(endpoint)
+        self._wait_ready(name, proc, timeout)
+        log.info("added expert server %r on spare endpoint %d (process %d)", name, endpoint, proc.pid)
+        return endpoint
 
     def stop_server(self, name: str, timeout: float = 10.0) -> int | None:
         """Stops one server (SIGTERM: it finishes its round and closes its
@@ -208,7 +291,9 @@ class LocalCluster:
         return _reap(proc, timeout)
 
     def describe_server(self, endpoint: int) -> str:
-        spec = self.deployment.servers[endpoint]
+        if endpoint in self.deployment.spare_range and endpoint not in self._joined:
+            return f"spare endpoint {endpoint} (no server added there)"
+        spec = self._spec(endpoint)
         proc = self._procs[endpoint]
         if proc is None:
             state = "not started (standby)"
@@ -280,8 +365,8 @@ class RegistryCluster:
                 )
         self._lease_ttl_s = lease_ttl_s
         self._heartbeats: dict[int, Heartbeat] = {}
-        # (servers up, None) or (None, the RegistryError) of the latest poll;
-        # replaced whole, so readers need no lock.
+        # (servers up, joined servers, None) or (None, None, the RegistryError)
+        # of the latest poll; replaced whole, so readers need no lock.
         self._membership = self._poll_servers_up()
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._follow_registry, args=(membership_poll_s,),
@@ -317,30 +402,64 @@ class RegistryCluster:
         hung or lost the registry for the lease's TTL), and a restarted server
         registers under a new pid. Raises RegistryError when the latest poll
         could not reach etcd."""
-        up, error = self._membership
+        up, _, error = self._membership
         if error is not None:
             raise RegistryError(str(error))
         return up
 
-    def _poll_servers_up(self) -> tuple[dict[int, tuple] | None, RegistryError | None]:
+    def joined_servers(self) -> dict[int, JoinedServer]:
+        """Spare endpoint -> the server not in the file registered there, as
+        of the latest poll (raises RegistryError like `servers_up`)."""
+        _, joined, error = self._membership
+        if error is not None:
+            raise RegistryError(str(error))
+        return joined
+
+    def _poll_servers_up(self):
         prefix = servers_prefix(self.deployment.name)
         try:
             found = self.registry.get_prefix(prefix)
         except RegistryError as e:
-            return None, e
+            return None, None, e
         entries = {key.removeprefix(prefix): entry for key, entry in found.items()}
-        return {endpoint: (entries[spec.name].get("host"), entries[spec.name].get("pid"))
-                for endpoint, spec in enumerate(self.deployment.servers) if spec.name in entries}, None
+        up = {endpoint: (entries[spec.name].get("host"), entries[spec.name].get("pid"))
+              for endpoint, spec in enumerate(self.deployment.servers) if spec.name in entries}
+        joined = {}
+        listed = {spec.name for spec in self.deployment.servers}
+        for name, entry in entries.items():
+            if name in listed:
+                continue
+            endpoint, hosted = entry.get("endpoint"), _hosted_pairs(entry.get("hosted"))
+            if endpoint not in self.deployment.spare_range or hosted is None:
+                log.warning("ignoring registry entry of server %r: endpoint %r is not a spare one of %s, or its "
+                            "hosted experts are malformed", name, endpoint, self.deployment.source)
+                continue
+            up[endpoint] = (entry.get("host"), entry.get("pid"))
+            joined[endpoint] = JoinedServer(name, hosted)
+        return up, joined, None
 
     def _follow_registry(self, poll_s: float) -> None:
         while not self._closed.wait(poll_s):
             self._membership = self._poll_servers_up()
+
+    def endpoint_of(self, name: str) -> int:
+        """The endpoint of server `name`: the file's, or the spare one it registered on."""
+        _, joined, _ = self._membership
+        for endpoint, server in (joined or {}).items():
+            if server.name == name:
+                return endpoint
+        return self.deployment.server_endpoint(name)
 
     def stop_server(self, name: str) -> None:
         """Servers found in the registry were started elsewhere: whoever
         started them stops them (once drained)."""
 
     def describe_server(self, endpoint: int) -> str:
+        if endpoint in self.deployment.spare_range:
+            _, joined, _ = self._membership
+            if not joined or endpoint not in joined:
+                return f"spare endpoint {endpoint} (no server registered there as of the last poll)"
+            return f"expert server {joined[endpoint].name!r} (spare endpoint {endpoint}, in {self.registry.url})"
         spec = self.deployment.servers[endpoint]
         try:
             prefix = servers_prefix(self.deployment.name)

@@ -13,6 +13,10 @@ A deployment is a TOML file (see `configs/deploy/`):
                                # fixed at timeout_ms
     double_batching = true     # two micro-batches ping-pong in the client step
     max_clients = 2            # attention clients that may connect at once
+    spare_endpoints = 0        # endpoints for servers not in this file that
+                               # join at run time (`serve-experts --server NEW
+                               # --layers ... --experts ...`,
+                               # LocalCluster.add_server)
     dispatch_dtype = "float32" # of the tokens sent: float32, bfloat16 or
                                # float8_e4m3fn (a scale per token); replies
                                # are float32
@@ -29,7 +33,11 @@ A deployment is a TOML file (see `configs/deploy/`):
 
 A (layer, expert) hosted by several servers has replicas; the client spreads
 its tokens over the live ones. Endpoint indices are fixed by the file:
-server i is endpoint i, client slot c is endpoint len(servers) + c.
+server i is endpoint i, spare j is endpoint len(servers) + j, client slot c is
+endpoint len(servers) + spare_endpoints + c. A server that joins on a spare
+endpoint brings its own (layer, expert) list; clients add it to their routing
+table as one more replica of each, so the table keeps room for one replica per
+spare endpoint beyond the file's.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from eaas_jax.transport.shm import DISPATCH_DTYPES
 TRANSPORTS = ("shm", "cuda_ipc")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _KEYS = {"name", "transport", "capacity", "timeout_ms", "min_timeout_ms", "double_batching", "max_clients",
-         "dispatch_dtype", "servers"}
+         "spare_endpoints", "dispatch_dtype", "servers"}
 _SERVER_KEYS = {"name", "layers", "experts", "device", "standby"}
 
 
@@ -79,6 +87,7 @@ class Deployment:
     min_timeout_ms: int | None = None
     double_batching: bool = True
     max_clients: int = 2
+    spare_endpoints: int = 0
     dispatch_dtype: str = "float32"
     source: str = "<deployment>"
 
@@ -116,7 +125,8 @@ class Deployment:
         if transport not in TRANSPORTS:
             fail(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
         ints = {}
-        for key, default, lo in (("capacity", 256, 1), ("timeout_ms", 10_000, 1), ("max_clients", 2, 1)):
+        for key, default, lo in (("capacity", 256, 1), ("timeout_ms", 10_000, 1), ("max_clients", 2, 1),
+                                 ("spare_endpoints", 0, 0)):
             value = raw.get(key, default)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 fail(f"{key} must be an integer >= {lo}, got {value!r}")
@@ -171,14 +181,7 @@ class Deployment:
         if not config.num_moe_layers:
             raise DeploymentError(f"{self.source}: the model has no MoE layer to serve")
         for s in self.servers:
-            for what, values, limit in (("layers", s.layers, config.num_moe_layers),
-                                        ("experts", s.experts, config.num_experts)):
-                bad = [v for v in values or () if v >= limit]
-                if bad:
-                    raise DeploymentError(
-                        f"{self.source}: server {s.name!r} names {what} {bad}, but the model "
-                        f"has {limit} MoE {what} (0-{limit - 1})"
-                    )
+            self.check_server(s, config)
         table = self.routing_table(config)
         started = np.isin(table, self.started_servers)
         missing = np.argwhere(~started.any(-1))
@@ -190,6 +193,17 @@ class Deployment:
                 f"expert {e} ({len(missing)} (layer, expert) pairs are unhosted at start)"
             )
 
+    def check_server(self, server: ServerSpec, config: ModelConfig) -> None:
+        """Raises DeploymentError unless the experts `server` names exist in the model."""
+        for what, values, limit in (("layers", server.layers, config.num_moe_layers),
+                                    ("experts", server.experts, config.num_experts)):
+            bad = [v for v in values or () if v >= limit]
+            if bad:
+                raise DeploymentError(
+                    f"{self.source}: server {server.name!r} names {what} {bad}, but the model "
+                    f"has {limit} MoE {what} (0-{limit - 1})"
+                )
+
     # ------------------------------------------------------------- derived
 
     @property
@@ -197,8 +211,30 @@ class Deployment:
         return len(self.servers)
 
     @property
+    def num_server_endpoints(self) -> int:
+        """Endpoints for servers: the file's, then the spare ones."""
+        return self.num_servers + self.spare_endpoints
+
+    @property
+    def spare_range(self) -> range:
+        return range(self.num_servers, self.num_server_endpoints)
+
+    @property
     def max_endpoints(self) -> int:
-        return self.num_servers + self.max_clients
+        return self.num_server_endpoints + self.max_clients
+
+    def joining_server(self, name: str, layers, experts) -> ServerSpec:
+        """The spec of a server not in the file that joins on a spare endpoint;
+        layers / experts as in the file ("all", or a list of indices and
+        ranges)."""
+        where = f"{self.source}: joining server {name!r}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise DeploymentError(f"{where}: name must be 1-40 characters of [A-Za-z0-9_-]")
+        if any(s.name == name for s in self.servers):
+            raise DeploymentError(f"{where}: the file already has a server of that name")
+        if not self.spare_endpoints:
+            raise DeploymentError(f"{where}: the deployment has no spare endpoint (set spare_endpoints)")
+        return ServerSpec(name, _index_set(layers, f"{where}: layers"), _index_set(experts, f"{where}: experts"))
 
     def server_endpoint(self, name: str) -> int:
         for i, s in enumerate(self.servers):
@@ -211,7 +247,7 @@ class Deployment:
     def client_endpoint(self, slot: int) -> int:
         if not 0 <= slot < self.max_clients:
             raise DeploymentError(f"client slot {slot} is outside max_clients={self.max_clients}")
-        return self.num_servers + slot
+        return self.num_server_endpoints + slot
 
     @property
     def started_servers(self) -> tuple[int, ...]:
@@ -220,12 +256,13 @@ class Deployment:
 
     def routing_table(self, config: ModelConfig) -> np.ndarray:
         """[num_moe_layers, num_experts, replicas] int32: the endpoints hosting
-        each (layer, expert), in file order, -1 padded."""
+        each (layer, expert), in file order, -1 padded; replicas is the file's
+        most plus spare_endpoints (room for servers that join)."""
         hosts: dict[tuple[int, int], list[int]] = {}
         for endpoint, s in enumerate(self.servers):
             for pair in s.hosted(config):
                 hosts.setdefault(pair, []).append(endpoint)
-        replicas = max((len(v) for v in hosts.values()), default=1)
+        replicas = max((len(v) for v in hosts.values()), default=1) + self.spare_endpoints
         table = np.full((config.num_moe_layers, config.num_experts, replicas), -1, np.int32)
         for (l, e), endpoints in hosts.items():
             if l < config.num_moe_layers and e < config.num_experts:

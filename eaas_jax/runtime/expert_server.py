@@ -43,8 +43,8 @@ from eaas_jax.kernels import grouped_matmul
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
 from eaas_jax.runtime.client import transport_anomalies
-from eaas_jax.runtime.deployment import Deployment
-from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix
+from eaas_jax.runtime.deployment import Deployment, DeploymentError
+from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix, spares_prefix
 from eaas_jax.transport import custom_calls, hidden_codec
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ def run_expert_server(
     deployment_path: str,
     server_name: str,
     *,
+    joining: tuple | None = None,
+    endpoint: int | None = None,
     shm_name: str | None = None,
     registry: str | None = None,
     dtype=jnp.float32,
@@ -203,31 +205,71 @@ def run_expert_server(
     """The `eaas-jax serve-experts` process: load the hosted experts, open the
     server's endpoint, compile, register, serve until SIGTERM/SIGINT.
 
+    A server of the deployment file is found there by name. A server that is
+    not (`joining` = its (layers, experts), in the file's syntax) serves on a
+    spare endpoint: `endpoint` if given (a LocalCluster picks it), else the
+    first one it can claim in the registry, for as long as its lease lives.
     `announce` is called once the server answers requests (the engine that
     started it waits for the "ready" line on its stdout).
     """
     deployment = Deployment.load(deployment_path)
-    endpoint_index = deployment.server_endpoint(server_name)
     config = load_config(model_path)
     deployment.check(config)
-    hosted = deployment.servers[endpoint_index].hosted(config)
+    # The lease is this process's heartbeat: the keys under it (its spare
+    # endpoint's claim, its registration) go when the process does.
+    heartbeat = Heartbeat(EtcdRegistry(registry)) if registry is not None else None
+    try:
+        parent_gone = _serve(model_path, deployment, config, server_name, heartbeat, joining=joining,
+                             endpoint=endpoint, shm_name=shm_name, dtype=dtype, exit_with_parent=exit_with_parent,
+                             poll_timeout_us=poll_timeout_us, announce=announce)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+    if parent_gone.is_set():
+        # The engine that owned this deployment died without cleaning up: the
+        # last servers out remove every mailbox of it, clients' included.
+        for path in deployment.endpoint_paths(shm_name or deployment.name):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, endpoint, shm_name, dtype,
+           exit_with_parent, poll_timeout_us, announce) -> threading.Event:
+    """run_expert_server's body once the registry lease exists; returns the
+    event set if the parent process went away."""
+    if joining is None:
+        endpoint_index = deployment.server_endpoint(server_name)
+        spec = deployment.servers[endpoint_index]
+    else:
+        spec = deployment.joining_server(server_name, *joining)
+        deployment.check_server(spec, config)
+        if endpoint is not None:
+            if endpoint not in deployment.spare_range:
+                raise DeploymentError(f"{deployment.source}: endpoint {endpoint} is not a spare one "
+                                      f"({list(deployment.spare_range)})")
+            endpoint_index = endpoint
+        elif heartbeat is not None:
+            endpoint_index = _claim_spare(heartbeat.registry, deployment, server_name, heartbeat.lease)
+        else:
+            raise DeploymentError(f"server {server_name!r} is not in {deployment.source}: joining needs a "
+                                  "registry to claim a spare endpoint in (or an endpoint)")
+    hosted = spec.hosted(config)
     _, params = load_expert_banks(model_path, {l for l, _ in hosted}, dtype=dtype)
     experts = select_experts(params, hosted, config)
     del params  # the unhosted experts of the loaded layers
     shm_name = shm_name or deployment.name
+    parent_gone = threading.Event()
     with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
         server.step()  # compiles the round (an idle one)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
-        parent_gone = threading.Event()
         if exit_with_parent:
             _stop_when_parent_exits(server, parent_gone)
-        heartbeat = None
-        if registry is not None:
-            etcd = EtcdRegistry(registry)
-            heartbeat = Heartbeat(etcd)
-            etcd.put(servers_prefix(deployment.name) + server_name, {
+        if heartbeat is not None:
+            heartbeat.registry.put(servers_prefix(deployment.name) + server_name, {
                 "endpoint": endpoint_index, "shm_name": shm_name, "transport": deployment.transport,
                 "pid": os.getpid(), "host": socket.gethostname(), "hosted": hosted,
             }, lease=heartbeat.lease)
@@ -237,18 +279,22 @@ def run_expert_server(
                 server.serve()
         finally:
             if heartbeat is not None:
-                heartbeat.stop()
+                heartbeat.stop()  # deregistered before the mailbox closes
             anomalies = transport_anomalies(endpoint.stats())
-    if parent_gone.is_set():
-        # The engine that owned this deployment died without cleaning up: the
-        # last servers out remove every mailbox of it, clients' included.
-        for path in deployment.endpoint_paths(shm_name):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
     log.info("expert server %s stopped after %d rows%s", server_name, server.rows_served,
              f" (transport counters: {anomalies})" if anomalies else "")
+    return parent_gone
+
+
+def _claim_spare(etcd: EtcdRegistry, deployment: Deployment, server_name: str, lease: int) -> int:
+    """The first spare endpoint of `deployment` this server could claim in the
+    registry (the key goes when `lease` does)."""
+    prefix = spares_prefix(deployment.name)
+    for endpoint in deployment.spare_range:
+        if etcd.create(f"{prefix}{endpoint}", {"server": server_name, "pid": os.getpid()}, lease=lease):
+            return endpoint
+    raise DeploymentError(f"every spare endpoint of deployment {deployment.name!r} "
+                          f"({len(deployment.spare_range)}) is taken in {etcd.url}")
 
 
 @contextlib.contextmanager

@@ -127,6 +127,11 @@ def clients_prefix(deployment: str) -> str:
     return f"eaas/{deployment}/clients/"
 
 
+def spares_prefix(deployment: str) -> str:
+    """Where a server not in the deployment file claims its spare endpoint."""
+    return f"eaas/{deployment}/spares/"
+
+
 class Heartbeat:
     """A lease kept alive by a daemon thread until `stop()` (which revokes it)."""
 

@@ -5,8 +5,11 @@
 recent step times) and carries out its decision on the engine's `LocalCluster`:
 
 * add: start the first server of the deployment that is not running (a
-  `standby = true` spare, or one drained earlier); the engine admits it at its
-  next step boundary;
+  `standby = true` spare, or one drained earlier); when every one runs and the
+  deployment has a free spare endpoint, start a server that is not in the file
+  there, hosting the experts with the most tokens so far (as many as a file
+  server hosts on average: one more replica of the hot ones). The engine
+  admits it at its next step boundary;
 * drain: drain the server this scaler started last (else the last running
   one) through `Engine.drain_server`, which refuses when an expert would lose
   its last live replica (the scaler then holds).
@@ -20,6 +23,8 @@ import logging
 import math
 import time
 from typing import Callable
+
+import numpy as np
 
 from eaas_jax.runtime.autoscaler import ScalingPolicy
 from eaas_jax.runtime.cluster import LocalCluster
@@ -35,12 +40,34 @@ class ClusterScaler:
                             f"LocalCluster, not {type(cluster).__name__}")
         self.engine, self.cluster, self.policy, self._clock = engine, cluster, policy, clock
         self._started: list[str] = []  # by this scaler, latest last
+        self._joined_count = 0  # servers not in the file this scaler added, for their names
         self._last_change = -math.inf
 
     def running(self) -> list[str]:
-        """Names of the deployment's servers whose process is running, in file order."""
+        """Names of the servers whose process is running: the file's in its
+        order, then those added on spare endpoints."""
         up = self.cluster.servers_up()
-        return [s.name for i, s in enumerate(self.cluster.deployment.servers) if i in up]
+        listed = [s.name for i, s in enumerate(self.cluster.deployment.servers) if i in up]
+        return listed + [server.name for _, server in sorted(self.cluster.joined_servers().items())]
+
+    def _start_one(self, running: list[str]) -> str | None:
+        """Starts a server (see the module doc); its name, None if there is no room."""
+        idle = [s.name for s in self.cluster.deployment.servers if s.name not in running]
+        if idle:
+            self.cluster.start_server(idle[0])
+            return idle[0]
+        deployment = self.cluster.deployment
+        if len(self.cluster.joined_servers()) >= deployment.spare_endpoints:
+            return None
+        per_expert = self.engine.metrics.expert_tokens.sum(axis=0)
+        config = self.engine.config
+        share = math.ceil(sum(len(s.hosted(config)) for s in deployment.servers)
+                          / (len(deployment.servers) * config.num_moe_layers))
+        hottest = sorted(np.argsort(-per_expert, kind="stable")[:share].tolist())
+        name = f"hot-{self._joined_count}"
+        self._joined_count += 1
+        self.cluster.add_server(name, experts=hottest)
+        return name
 
     def observe_engine(self, quantile: float = 0.9) -> int:
         """`observe` the engine's own step time: the `quantile` of its recent
@@ -57,14 +84,13 @@ class ClusterScaler:
         decision = self.policy.decide(now_s=now, servers=len(running), latency_ms=latency_ms,
                                       last_change_s=self._last_change)
         if decision > 0:
-            idle = [s.name for s in self.cluster.deployment.servers if s.name not in running]
-            if not idle:
+            started = self._start_one(running)
+            if started is None:
                 return 0
-            self.cluster.start_server(idle[0])
-            self._started.append(idle[0])
+            self._started.append(started)
         elif decision < 0:
-            started = [name for name in self._started if name in running]
-            victim = started[-1] if started else running[-1]
+            ours = [name for name in self._started if name in running]
+            victim = ours[-1] if ours else running[-1]
             try:
                 self.engine.drain_server(victim)
             except ValueError as e:  # it holds an expert's last live replica
@@ -76,6 +102,6 @@ class ClusterScaler:
             return 0
         self._last_change = now
         log.info("autoscaler: %s at %.1f ms observed (target %.1f ms)",
-                 f"started {idle[0]!r}" if decision > 0 else f"drained {victim!r}", latency_ms,
+                 f"started {started!r}" if decision > 0 else f"drained {victim!r}", latency_ms,
                  self.policy.latency_target_ms)
         return decision
