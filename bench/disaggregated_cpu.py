@@ -79,7 +79,7 @@ def round_trip(cluster: LocalCluster, tokens: int, rounds: int) -> tuple[float, 
             for _ in range(rounds):  # unrolled: the calls chain through their outputs
                 sent = shm.dispatch(ep, x + acc * 0, routing.expert_ids, routing.weights, targets, servers,
                                     layer=0, micro_batch=0, after=token)
-                out, token = shm.combine(ep, sent, targets, servers, layer=0, micro_batch=0,
+                out, token, _ = shm.combine(ep, sent, targets, servers, layer=0, micro_batch=0,
                                          timeout_us=10_000_000, after=sent)
                 acc = acc + out
             return acc / rounds, token

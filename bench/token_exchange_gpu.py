@@ -100,7 +100,7 @@ def client(args) -> None:
                 for _ in range(args.iters):
                     sent = ep.dispatch(hidden, ids, gates, targets, servers, layer=0, micro_batch=0,
                                        scales=scales, after=token)
-                    out, status = ep.combine(sent, targets, servers, layer=0, micro_batch=0,
+                    out, status, _ = ep.combine(sent, targets, servers, layer=0, micro_batch=0,
                                              timeout_us=args.timeout_s * 1_000_000, after=sent)
                     token = status
                     total = total + (status[0] != 0)

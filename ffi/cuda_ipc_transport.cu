@@ -468,13 +468,16 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
 // Combine's leader block: warp w waits for servers w, w + kWarps, ... (lane 0)
 // and writes their status.
 __device__ void WaitForReplies(const View& v, const std::int32_t* sent, const std::int32_t* servers, int S,
-                               int layer, int channel, std::int64_t timeout_ns, std::int32_t* status) {
-  __shared__ std::uint64_t deadline;
-  if (threadIdx.x == 0) deadline = GlobalTimerNs() + static_cast<std::uint64_t>(timeout_ns);
+                               int layer, int channel, std::int64_t timeout_ns, std::int32_t* status,
+                               std::int32_t* waited_us) {
+  __shared__ std::uint64_t started;
+  if (threadIdx.x == 0) started = GlobalTimerNs();
   __syncthreads();
+  const std::uint64_t deadline = started + static_cast<std::uint64_t>(timeout_ns);
   if (threadIdx.x % 32 != 0) return;
   for (int s = threadIdx.x / 32; s < S; s += blockDim.x / 32) {
     const std::int32_t p = servers[s], n = sent[s];
+    waited_us[s] = 0;
     if (p == -1 || n == 0) {
       status[s] = kStatusNothingSent;
       continue;
@@ -539,6 +542,7 @@ __device__ void WaitForReplies(const View& v, const std::int32_t* sent, const st
       __nanosleep(64);
     }
     status[s] = st;
+    waited_us[s] = static_cast<std::int32_t>(min((GlobalTimerNs() - started) / 1000, std::uint64_t{INT32_MAX}));
   }
 }
 
@@ -593,11 +597,15 @@ __device__ void SumReplies(const View& v, const std::int32_t* servers, int S, in
 // the leader waits for the replies, then every block sums its share.
 __global__ void CombineKernel(int endpoint, std::uint64_t generation, const std::int32_t* sent,
                               const std::int32_t* servers, int S, int T, int layer, int channel,
-                              const std::int32_t* timeout_us, std::int32_t* status, float* out) {
+                              const std::int32_t* timeout_us, std::int32_t* status, std::int32_t* waited_us,
+                              float* out) {
   const View v = g_views[endpoint];
   if (v.generation != generation) {  // launched for a closed endpoint
     if (blockIdx.x == 0) {
-      for (int s = threadIdx.x; s < S; s += blockDim.x) status[s] = kStatusUnavailable;
+      for (int s = threadIdx.x; s < S; s += blockDim.x) {
+        status[s] = kStatusUnavailable;
+        waited_us[s] = 0;
+      }
     }
     return;
   }
@@ -606,7 +614,7 @@ __global__ void CombineKernel(int endpoint, std::uint64_t generation, const std:
   if (ticket == 0) {
     // The deadline is an operand (the client adapts it between steps); negative reads as 0.
     const std::int64_t timeout_ns = std::int64_t{max(*timeout_us, 0)} * 1000;
-    WaitForReplies(v, sent, servers, S, layer, channel, timeout_ns, status);
+    WaitForReplies(v, sent, servers, S, layer, channel, timeout_ns, status, waited_us);
     ReleaseFollowers(sync);
   } else {
     WaitForLeader(sync);
@@ -1101,8 +1109,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, ffi::AnyBuffer hidden, ffi::Buffer<
 ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> targets,
                        ffi::Buffer<ffi::S32, 1> servers, ffi::Buffer<ffi::S32, 0> timeout_us,
                        ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::F32, 2> out,
-                       ffi::ResultBuffer<ffi::S32, 1> status, std::int64_t endpoint, std::int64_t layer,
-                       std::int64_t micro_batch) {
+                       ffi::ResultBuffer<ffi::S32, 1> status, ffi::ResultBuffer<ffi::S32, 1> waited_us,
+                       std::int64_t endpoint, std::int64_t layer, std::int64_t micro_batch) {
   static constexpr const char* kWhere = "eaas_cuda_ipc_combine";
   ffi::Error error;
   const std::shared_ptr<Endpoint> ep = Find(kWhere, endpoint, &error);
@@ -1111,9 +1119,10 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
   const std::int64_t T = targets.dimensions()[0];
   const std::int64_t S = servers.dimensions()[0];
   if (targets.dimensions()[1] != geo.k || sent.dimensions()[0] != S || out->dimensions()[0] != T ||
-      out->dimensions()[1] != geo.d || status->dimensions()[0] != S || T > geo.capacity ||
+      out->dimensions()[1] != geo.d || status->dimensions()[0] != S || waited_us->dimensions()[0] != S ||
+      T > geo.capacity ||
       S > std::min<std::int64_t>(geo.max_endpoints, kThreads)) {
-    return ffi::Error::InvalidArgument(std::string(kWhere) + ": expected sent/servers/status [S <= " +
+    return ffi::Error::InvalidArgument(std::string(kWhere) + ": expected sent/servers/status/waited [S <= " +
                                        std::to_string(std::min<std::int64_t>(geo.max_endpoints, kThreads)) +
                                        "], targets [T <= capacity, k=" + std::to_string(geo.k) +
                                        "], out [T, d=" + std::to_string(geo.d) + "]");
@@ -1126,7 +1135,8 @@ ffi::Error CombineImpl(cudaStream_t stream, ffi::Buffer<ffi::S32, 1> sent, ffi::
   CombineKernel<<<blocks, kThreads, 0, stream>>>(static_cast<int>(endpoint), ep->view.generation, sent.typed_data(),
                                                  servers.typed_data(), static_cast<int>(S), static_cast<int>(T),
                                                  static_cast<int>(layer), static_cast<int>(micro_batch),
-                                                 timeout_us.typed_data(), status->typed_data(), out->typed_data());
+                                                 timeout_us.typed_data(), status->typed_data(),
+                                                 waited_us->typed_data(), out->typed_data());
   return Launched(kWhere);
 }
 
@@ -1231,6 +1241,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_cuda_ipc_combine, eaas::cuda_ipc::CombineImpl
                                   .Arg<ffi::AnyBuffer>()         // after (ordering)
                                   .Ret<eaas::cuda_ipc::F32R2>()  // out [T, d]
                                   .Ret<eaas::cuda_ipc::S32R1>()  // status [S]
+                                  .Ret<eaas::cuda_ipc::S32R1>()  // waited_us [S]
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("layer")
                                   .Attr<std::int64_t>("micro_batch"));

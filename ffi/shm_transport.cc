@@ -64,6 +64,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -746,9 +747,10 @@ ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
 ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> targets,
                        ffi::Buffer<ffi::S32, 1> servers, ffi::Buffer<ffi::S32, 0> timeout_us,
                        ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::F32, 2> out,
-                       ffi::ResultBuffer<ffi::S32, 1> status, std::int64_t endpoint, std::int64_t layer,
-                       std::int64_t micro_batch) {
+                       ffi::ResultBuffer<ffi::S32, 1> status, ffi::ResultBuffer<ffi::S32, 1> waited_us,
+                       std::int64_t endpoint, std::int64_t layer, std::int64_t micro_batch) {
   static constexpr const char* kWhere = "eaas_shm_combine";
+  const Clock::time_point started = Clock::now();
   // An operand, not an attribute: the client adapts it between steps without recompiling.
   const Clock::time_point deadline = DeadlineAfterUs(timeout_us.typed_data()[0]);
   auto tr = Lookup(endpoint);
@@ -757,7 +759,8 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
   const std::int64_t T = targets.dimensions()[0];
   const std::int64_t S = servers.dimensions()[0];
   if (targets.dimensions()[1] != geo.k || sent.dimensions()[0] != S ||
-      out->dimensions()[0] != T || out->dimensions()[1] != geo.d || status->dimensions()[0] != S) {
+      out->dimensions()[0] != T || out->dimensions()[1] != geo.d || status->dimensions()[0] != S ||
+      waited_us->dimensions()[0] != S) {
     return ffi::Error::InvalidArgument(
         std::string(kWhere) + ": shapes do not match: sent " + Dims(sent.dimensions()) +
         ", targets " + Dims(targets.dimensions()) + ", servers " + Dims(servers.dimensions()) +
@@ -776,6 +779,13 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
   const std::int32_t* sn = sent.typed_data();
   const std::int32_t* srv = servers.typed_data();
   std::int32_t* st = status->typed_data();
+  std::int32_t* waited = waited_us->typed_data();
+  std::fill(waited, waited + S, 0);
+  // Microseconds since the call started, for the servers answered (or given up on) now.
+  const auto elapsed_us = [&started] {
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started).count();
+    return static_cast<std::int32_t>(std::min<std::int64_t>(us, std::numeric_limits<std::int32_t>::max()));
+  };
   float* o = out->typed_data();
   const std::int64_t d = geo.d;
   std::fill(o, o + T * d, 0.0f);
@@ -857,6 +867,7 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
       }
       w.done = true;
       --remaining;
+      waited[w.s] = elapsed_us();
       if (bad != kNumCounters) {
         tr->Count(bad);
         st[w.s] = kStatusBadReply;
@@ -877,6 +888,7 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
     std::lock_guard<std::mutex> lock(tr->mu());
     for (const auto& w : waits) {
       if (w.done) continue;
+      waited[w.s] = elapsed_us();
       tr->Count(kTimeouts);
       tr->MarkPeerStale(w.peer);  // re-open its inbox by name on the next send
     }
@@ -1143,6 +1155,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(eaas_shm_combine, eaas::shm::CombineImpl,
                                   .Arg<ffi::AnyBuffer>()            // after (ordering)
                                   .Ret<eaas::shm::F32R2>()  // out [T, d]
                                   .Ret<eaas::shm::S32R1>()  // status [S]
+                                  .Ret<eaas::shm::S32R1>()  // waited_us [S]
                                   .Attr<std::int64_t>("endpoint")
                                   .Attr<std::int64_t>("layer")
                                   .Attr<std::int64_t>("micro_batch"));

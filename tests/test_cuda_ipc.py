@@ -82,8 +82,8 @@ def _step(client, servers):
         t1 = jnp.where(e1 >= 0, servers[0], -1)
         sent0 = client.dispatch(p0, e0, g0, t0, servers, layer=1, micro_batch=0, scales=s0)
         sent1 = client.dispatch(p1, e1, g1, t1, servers, layer=0, micro_batch=1, scales=s1, after=sent0)
-        out0, st0 = client.combine(sent0, t0, servers, layer=1, micro_batch=0, timeout_us=LONG_US, after=sent1)
-        out1, st1 = client.combine(sent1, t1, servers, layer=0, micro_batch=1, timeout_us=LONG_US, after=st0)
+        out0, st0, _ = client.combine(sent0, t0, servers, layer=1, micro_batch=0, timeout_us=LONG_US, after=sent1)
+        out1, st1, _ = client.combine(sent1, t1, servers, layer=0, micro_batch=1, timeout_us=LONG_US, after=st0)
         return out0, out1, st0, st1
 
     return step
@@ -153,17 +153,18 @@ def test_unreachable_server_and_deadline():
             def step(h, e, g):
                 targets = jnp.where(e >= 0, jnp.where(e < 4, 2, 3), -1)
                 sent = client.dispatch(h, e, g, targets, servers, layer=0, micro_batch=0)
-                out, status = client.combine(sent, targets, servers, layer=0, micro_batch=0,
-                                             timeout_us=timeout_us, after=sent)
-                return sent, out, status
+                out, status, waited_us = client.combine(sent, targets, servers, layer=0, micro_batch=0,
+                                                        timeout_us=timeout_us, after=sent)
+                return sent, out, status, waited_us
 
             h, _, e, g, _ = _tokens(8, 1, "float32")
             jax.block_until_ready(step(h, e, g))  # compiles (and times out once)
             t0 = time.monotonic()
-            sent, out, status = jax.block_until_ready(step(h, e, g))
+            sent, out, status, waited_us = jax.block_until_ready(step(h, e, g))
             wall = time.monotonic() - t0
             assert int(sent[0]) == -1 and int(sent[1]) > 0
             assert status.tolist() == [custom_calls.STATUS_UNAVAILABLE, custom_calls.STATUS_TIMEOUT]
+            assert int(waited_us[0]) == 0 and timeout_us <= int(waited_us[1]) <= wall * 1e6
             assert 0.3 <= wall < 3.0, wall
             stats = client.stats()
             assert stats["timeouts"] == 2 and stats["peer_unavailable"] == 2, stats
@@ -227,7 +228,7 @@ def test_combine_without_its_dispatch_is_a_bad_reply():
     with cuda_ipc.CudaIpcEndpoint(deployment, 0, **GEO) as client:
         servers = jnp.array([1], jnp.int32)
         targets = jnp.ones((4, K), jnp.int32)
-        out, status = jax.jit(lambda sent: client.combine(sent, targets, servers, layer=0, micro_batch=0,
+        out, status, _ = jax.jit(lambda sent: client.combine(sent, targets, servers, layer=0, micro_batch=0,
                                                           timeout_us=LONG_US))(jnp.array([4], jnp.int32))
         assert status.tolist() == [custom_calls.STATUS_BAD_REPLY]
         assert client.stats()["unmatched_combines"] == 1

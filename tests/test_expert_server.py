@@ -88,7 +88,7 @@ def test_servers_match_the_embedded_experts(model, deployment, request):
         for layer, channel in ((0, 0), (1, 1), (1, 0)):
             sent = shm.dispatch(client, x, ids, gates, targets[layer], servers_arr,
                                 layer=layer, micro_batch=channel, after=layer_channel_token)
-            out, status = shm.combine(client, sent, targets[layer], servers_arr, layer=layer,
+            out, status, _ = shm.combine(client, sent, targets[layer], servers_arr, layer=layer,
                                       micro_batch=channel, timeout_us=5_000_000, after=sent)
             layer_channel_token = status
             outs.append((out, status))

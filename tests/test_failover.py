@@ -93,6 +93,7 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
         counters = engine.metrics.server_counters
         assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
         assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
+        assert engine.metrics.server_wait_seconds[0] >= 2.0  # the 2 s deadline its exchange waited on it
 
 
 def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_deadline_and_is_readmitted(

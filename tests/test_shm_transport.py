@@ -127,9 +127,9 @@ def test_round_trip_jit_two_servers_two_channels(open_ep):
             y = expert_compute(WEIGHTS, r.hidden, r.expert_ids, r.gates, r.layer)
             after = shm.reply(srv, y, r.num_rows)
             rows.append(r.num_rows)
-        out0, st0 = shm.combine(client, sent0, t0, servers, layer=0, micro_batch=0,
+        out0, st0, _ = shm.combine(client, sent0, t0, servers, layer=0, micro_batch=0,
                                 timeout_us=LONG_US, after=after)
-        out1, st1 = shm.combine(client, sent1, t1, servers, layer=1, micro_batch=1,
+        out1, st1, _ = shm.combine(client, sent1, t1, servers, layer=1, micro_batch=1,
                                 timeout_us=LONG_US, after=st0)
         return out0, out1, st0, st1, sent0, sent1, jnp.stack(rows)
 
@@ -164,7 +164,7 @@ def test_eager_partial_routing_and_unrouted(open_ep):
     sent = shm.dispatch(client, hidden, expert_ids, gates, targets, servers, layer=1, micro_batch=0)
     np.testing.assert_array_equal(sent, [0, 9])
     _serve_once(server, after=sent)
-    out, status = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
+    out, status, _ = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
                               timeout_us=LONG_US)
     np.testing.assert_array_equal(status, [shm.STATUS_NOTHING_SENT, shm.STATUS_OK])
     expected = reference(WEIGHTS, 1, hidden, expert_ids, gates, served=targets == 1)
@@ -191,7 +191,7 @@ def test_poll_defers_what_does_not_fit(open_ep):
     assert int(r2.num_rows) == 8
     for client in (c0, c3):
         h, e, g, t, sent = batches[client.endpoint]
-        out, status = shm.combine(client, sent, t, servers, layer=0, micro_batch=1,
+        out, status, _ = shm.combine(client, sent, t, servers, layer=0, micro_batch=1,
                                   timeout_us=LONG_US)
         assert int(status[0]) == shm.STATUS_OK
         np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
@@ -239,7 +239,7 @@ def test_threads_share_the_registry(open_ep):
 
             for it in range(8):
                 h, e, g = _tokens(CAP - it, seed=seed + it)
-                out, status = step(h, e, g)
+                out, status, _ = step(h, e, g)
                 assert int(status[0]) == shm.STATUS_OK
                 np.testing.assert_allclose(out, reference(WEIGHTS, 1, h, e, g), rtol=1e-5,
                                            atol=1e-5)
@@ -302,9 +302,9 @@ def test_multiprocess_server(open_ep, deployment):
             sent0 = shm.dispatch(client, h0, e0, g0, t0, servers, layer=1, micro_batch=0)
             sent1 = shm.dispatch(client, h1, e1, g1, t1, servers, layer=0, micro_batch=1,
                                  after=sent0)
-            out0, st0 = shm.combine(client, sent0, t0, servers, layer=1, micro_batch=0,
+            out0, st0, _ = shm.combine(client, sent0, t0, servers, layer=1, micro_batch=0,
                                     timeout_us=30_000_000, after=sent1)
-            out1, st1 = shm.combine(client, sent1, t1, servers, layer=0, micro_batch=1,
+            out1, st1, _ = shm.combine(client, sent1, t1, servers, layer=0, micro_batch=1,
                                     timeout_us=30_000_000, after=st0)
             return out0, out1, st0, st1
 
@@ -509,7 +509,7 @@ def test_fault_injection(open_ep):
                 hdr["num_tokens"], hdr["hidden_dtype"]) == (shm.KIND_REQUEST, 0, 1, 0, CAP, 1)
         r, _ = _serve_once(server, after=sent)
         assert int(r.num_rows) == CAP
-        out, status = shm.combine(client, sent, t, servers, layer=1, micro_batch=0,
+        out, status, _ = shm.combine(client, sent, t, servers, layer=1, micro_batch=0,
                                   timeout_us=LONG_US)
         assert int(status[0]) == shm.STATUS_OK
         np.testing.assert_allclose(out, reference(WEIGHTS, 1, h, e, g), rtol=1e-5, atol=1e-5)
@@ -580,7 +580,7 @@ def test_bad_replies_are_refused(open_ep):
         raw.write(1, 0, hidden=np.ones((3, D), np.float32), header=shm.pack_header(
             seq=10, deployment_id=did, kind=shm.KIND_REPLY, sender=1, layer=0, micro_batch=0,
             num_tokens=3, ticket=ticket))
-        out, status = combine(sent)
+        out, status, _ = combine(sent)
         assert int(status[0]) == shm.STATUS_BAD_REPLY
         np.testing.assert_array_equal(out, 0)
         assert client.stats()["drop_reply_size"] == 1
@@ -589,7 +589,7 @@ def test_bad_replies_are_refused(open_ep):
         raw.write(1, 0, hidden=np.full((4, D), 9, np.float32), header=shm.pack_header(
             seq=12, deployment_id=did, kind=shm.KIND_REPLY, sender=1, layer=0, micro_batch=0,
             num_tokens=4, ticket=ticket))
-        out, status = combine(sent)  # only the stale one is there: timeout
+        out, status, _ = combine(sent)  # only the stale one is there: timeout
         assert int(status[0]) == shm.STATUS_TIMEOUT
         assert client.stats()["stale_replies"] == 1
         np.testing.assert_array_equal(out, 0)
@@ -622,12 +622,15 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     _serve_once(s2, after=sent)  # server 2 answers, server 1 never does
     t0 = time.monotonic()
-    out, status = jax.block_until_ready(combine_jit(sent, np.int32(timeout_s * 1e6)))
+    out, status, waited_us = jax.block_until_ready(combine_jit(sent, np.int32(timeout_s * 1e6)))
     elapsed = time.monotonic() - t0
     print(f"combine with one silent server returned after {elapsed * 1e3:.1f} ms "
           f"(deadline {timeout_s * 1e3:.0f} ms)")
     assert timeout_s <= elapsed < timeout_s + 0.15
     np.testing.assert_array_equal(status, [shm.STATUS_TIMEOUT, shm.STATUS_OK])
+    # The wait on each server: the whole deadline on the silent one, next to nothing on
+    # the one whose reply was already there.
+    assert timeout_s * 1e6 <= waited_us[0] <= elapsed * 1e6 and 0 <= waited_us[1] < 20_000
     expected = reference(WEIGHTS, 0, h, e, g, served=t == 2)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     only_s1 = ~(t == 2).any(axis=1)
@@ -641,7 +644,7 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     _serve_once(s2, after=sent)
     t0 = time.monotonic()
-    out, status = jax.block_until_ready(combine_jit(sent, np.int32(50_000)))
+    out, status, _ = jax.block_until_ready(combine_jit(sent, np.int32(50_000)))
     assert time.monotonic() - t0 < timeout_s  # the new, shorter deadline held
     np.testing.assert_array_equal(status, [shm.STATUS_TIMEOUT, shm.STATUS_OK])
     assert client.stats()["stale_replies"] == 1
@@ -649,7 +652,7 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     _serve_once(s1, after=sent)
     _serve_once(s2, after=sent)
-    out, status = combine_jit(sent, np.int32(LONG_US))
+    out, status, _ = combine_jit(sent, np.int32(LONG_US))
     np.testing.assert_array_equal(status, [shm.STATUS_OK, shm.STATUS_OK])
     np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
     assert XLA_COMPILATIONS["jit(combine)"] - compiled_before == 1
@@ -698,9 +701,10 @@ def test_peer_geometry_mismatch_is_refused(open_ep):
     t = np.array([1, 2, 3], np.int32)[np.arange(4 * K).reshape(4, K) % 3]
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     np.testing.assert_array_equal(sent, [-1, -1, -1])
-    out, status = shm.combine(client, sent, t, servers, layer=0, micro_batch=0,
-                              timeout_us=LONG_US)
+    out, status, waited_us = shm.combine(client, sent, t, servers, layer=0, micro_batch=0,
+                                         timeout_us=LONG_US)
     np.testing.assert_array_equal(status, [shm.STATUS_UNAVAILABLE] * 3)
+    np.testing.assert_array_equal(waited_us, [0, 0, 0])
     stats = client.stats()
     assert stats["peer_refused"] == 2 and stats["peer_unavailable"] == 1
 
@@ -790,7 +794,7 @@ def test_narrow_dispatch_dtypes_arrive_bit_exact_with_their_scales(open_ep, dtyp
     assert (decoded[3] == 0).all()
     y = expert_compute(WEIGHTS, hidden_codec.decode(r.hidden, r.scales, jnp.float32), r.expert_ids, r.gates, r.layer)
     token = shm.reply(server, y, r.num_rows)
-    out, status = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
+    out, status, _ = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
                               timeout_us=LONG_US, after=token)
     assert np.asarray(status).tolist() == [shm.STATUS_OK]
     reference = expert_compute(WEIGHTS, decoded, ids, gates, np.ones(CAP, np.int32))

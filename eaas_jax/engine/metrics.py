@@ -86,6 +86,8 @@ class ServingMetrics:
         self.unserved_slots = 0
         self.expert_tokens = np.zeros((num_moe_layers, num_experts), np.int64)
         self.server_slots = np.zeros(n, np.int64)
+        self.server_wait_seconds = np.zeros(n, np.float64)
+        self._recent_server_wait: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_STEPS)
         self.server_counters = {name: np.zeros(n, np.int64) for name in (*_STATUS_COUNTERS.values(), "marked_dead")}
         self.step_seconds_counts = np.zeros(len(STEP_SECONDS_BUCKETS) + 1, np.int64)  # the last: above all
         self.step_seconds_sum = 0.0
@@ -97,6 +99,9 @@ class ServingMetrics:
         self.expert_tokens += report.expert_tokens
         if self.server_names:
             self.server_slots += report.server_slots
+            wait_s = np.asarray(report.server_wait_us, np.float64) / 1e6
+            self.server_wait_seconds += wait_s
+            self._recent_server_wait.append(wait_s)
             self.unserved_slots += int(np.sum(report.unserved))
             for status, counter in _STATUS_COUNTERS.items():
                 self.server_counters[counter] += np.sum(np.asarray(report.statuses) == status, axis=0)
@@ -117,6 +122,17 @@ class ServingMetrics:
         if not 0 <= quantile <= 1:
             raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         return float(np.quantile(self._recent_step_seconds, quantile)) if self._recent_step_seconds else None
+
+    def recent_server_wait(self, quantile: float) -> np.ndarray | None:
+        """Per server, the `quantile` of the time each of the last RECENT_STEPS
+        steps waited on it in its exchanges (seconds); None before the first
+        step. A server the clients wait on more than on the others is the one
+        behind."""
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        if not self._recent_server_wait:
+            return None
+        return np.quantile(np.stack(self._recent_server_wait), quantile, axis=0)
 
     def render(self, *, live: Sequence[bool] = (), transport: Mapping[str, int] | None = None) -> str:
         """The exposition text. live: per server, whether it gets traffic now;
@@ -144,6 +160,10 @@ class ServingMetrics:
                            "Token-expert slots sent to each expert server (failover re-sends included).")
             for name, count in zip(self.server_names, self.server_slots):
                 slots.add(int(count), server=name)
+            waits = family("eaas_server_wait_seconds_total", "counter",
+                           "Time this client's exchanges waited on each expert server's replies.")
+            for name, seconds in zip(self.server_names, self.server_wait_seconds):
+                waits.add(f"{seconds:.6f}", server=name)
             for counter, help_text in (
                 ("deadline_misses", "Exchanges in which the server did not reply by the deadline."),
                 ("bad_replies", "Exchanges in which the server's reply failed validation."),

@@ -62,6 +62,7 @@ class StepStatuses(NamedTuple):
     unserved: np.ndarray  # [exchanges] token slots no server delivered (after failover)
     expert_tokens: np.ndarray  # [moe_layers, experts] real tokens routed to each expert
     server_slots: np.ndarray  # [servers] token-expert slots sent to each server (re-sends included)
+    server_wait_us: np.ndarray  # [servers] microseconds the step's exchanges waited on each server
 
 
 class DispatchedStep:
@@ -84,9 +85,9 @@ class DispatchedStep:
             x.copy_to_host_async()
 
     def fetch(self) -> tuple[StepResult, StepStatuses]:
-        sampled, (statuses, unserved, expert_tokens, server_slots) = jax.device_get(self._outputs)
-        return (StepResult(*(x[: self.num_rows] for x in sampled)),
-                StepStatuses(statuses, self._labels, unserved, expert_tokens, server_slots))
+        sampled, exchanges = jax.device_get(self._outputs)
+        return StepResult(*(x[: self.num_rows] for x in sampled)), StepStatuses(exchanges[0], self._labels,
+                                                                                 *exchanges[1:])
 
 
 class EmbeddedExperts:
@@ -134,7 +135,8 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     unserved = jnp.stack(unserved) if unserved else jnp.zeros((0,), jnp.int32)
     expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)
     server_slots = getattr(experts, "server_slots", jnp.zeros((0,), jnp.int32))
-    exchanges = (statuses, unserved, expert_tokens, server_slots)
+    server_wait_us = getattr(experts, "server_wait_us", jnp.zeros((0,), jnp.int32))
+    exchanges = (statuses, unserved, expert_tokens, server_slots, server_wait_us)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
     return sampled, kv_cache, exchanges, next_tokens, getattr(experts, "carry", None)

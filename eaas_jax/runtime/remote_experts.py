@@ -94,7 +94,9 @@ class RemoteExperts:
     After tracing, `statuses` holds one [S] status vector per combine (failover
     retries included) and `status_labels` its (moe_layer, micro_batch);
     `unserved` one int32 count per exchange of token slots no server delivered;
-    `server_slots` [S] the token-expert slots dispatched to each server.
+    `server_slots` [S] the token-expert slots dispatched to each server;
+    `server_wait_us` [S] the microseconds the step's combines waited on each
+    server, summed.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class RemoteExperts:
         self.status_labels: list[tuple[int, int]] = []
         self.unserved: list[jax.Array] = []
         self.server_slots = jnp.zeros(self.servers.shape, jnp.int32)
+        self.server_wait_us = jnp.zeros(self.servers.shape, jnp.int32)
         self._chain = None  # output of the last custom call
         self._failed = jnp.zeros(self.servers.shape, bool)  # servers that failed in this step
 
@@ -141,11 +144,12 @@ class RemoteExperts:
         # (tokens already dispatched to it count as not sent) nor sent more:
         # a dead server costs one deadline per step, not one per exchange.
         sent = jnp.where(self._failed, 0, chunk.sent)
-        out, status = custom_calls.combine(
+        out, status, waited_us = custom_calls.combine(
             self.endpoint, sent, chunk.targets, self.servers, layer=moe_layer,
             micro_batch=micro_batch, timeout_us=self.timeout_us, after=self._chain,
         )
         self._chain = status
+        self.server_wait_us = self.server_wait_us + waited_us
         self.statuses.append(status)
         self.status_labels.append((moe_layer, micro_batch))
         self._failed = self._failed | (status[:, None] == jnp.asarray(FAILED_STATUSES)).any(axis=1)

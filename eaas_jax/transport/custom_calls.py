@@ -206,8 +206,19 @@ def dispatch(endpoint, hidden, expert_ids, gates, targets, servers, *, layer: in
     )
 
 
+class Combined(NamedTuple):
+    """What :func:`combine` returns."""
+
+    out: jax.Array  #: [T, d] float32: per token, the sum of its servers' reply rows (zeros from failed ones)
+    status: jax.Array  #: [S] int32 per-server status (``STATUS_*``)
+    #: [S] int32: microseconds from the call's start until each server's reply
+    #: was taken (or the deadline passed); 0 where nothing was sent. The time
+    #: this client waited on each server in this exchange.
+    waited_us: jax.Array
+
+
 def combine(endpoint, sent, targets, servers, *, layer: int, micro_batch: int,
-            timeout_us: int, after=None) -> tuple[jax.Array, jax.Array]:
+            timeout_us: int, after=None) -> Combined:
     """Client: wait for the replies of the matching :func:`dispatch` and sum them.
 
     ``targets`` and ``servers`` must be the ones given to that dispatch (they
@@ -217,9 +228,7 @@ def combine(endpoint, sent, targets, servers, *, layer: int, micro_batch: int,
     an operand of the compiled call: a new value does not recompile.
 
     Returns:
-      ``(out, status)``: ``float32[T, d]`` the sum over servers of their reply
-      rows scattered back to the tokens (a server that failed contributes zeros),
-      and ``int32[S]`` per-server status (``STATUS_*``).
+      :class:`Combined` ``(out, status, waited_us)``.
     """
     where = "transport.combine"
     ep, geo, calls = _resolve(endpoint)
@@ -232,19 +241,19 @@ def combine(endpoint, sent, targets, servers, *, layer: int, micro_batch: int,
         (
             jax.ShapeDtypeStruct((targets.shape[0], geo.hidden_size), jnp.float32),
             jax.ShapeDtypeStruct(servers.shape, jnp.int32),
+            jax.ShapeDtypeStruct(servers.shape, jnp.int32),
         ),
         has_side_effect=True,
     )
     if isinstance(timeout_us, (int, np.integer)):
         timeout_us = jnp.int32(_static_int(where, "timeout_us", timeout_us, 0, np.iinfo(np.int32).max))
     timeout_us = _check(where, "timeout_us", timeout_us, np.int32, ())
-    out, status = call(
+    return Combined(*call(
         sent, targets, servers, timeout_us, _order(after),
         endpoint=np.int64(ep),
         layer=_static_int(where, "layer", layer, 0, geo.num_layers),
         micro_batch=_static_int(where, "micro_batch", micro_batch, 0, geo.num_channels),
-    )
-    return out, status
+    ))
 
 
 def poll(endpoint, hosted, *, capacity: int, max_messages: int | None = None,

@@ -73,6 +73,7 @@ from eaas_jax.transport.custom_calls import (  # re-exported: the calls work on 
     STATUS_TIMEOUT,
     STATUS_UNAVAILABLE,
     BoundCalls,
+    Combined,
     FfiTargets,
     close_at_exit,
     PollResult,
@@ -84,6 +85,7 @@ from eaas_jax.transport.custom_calls import (  # re-exported: the calls work on 
 
 __all__ = [
     "COUNTER_NAMES",
+    "Combined",
     "HEADER",
     "KIND_REPLY",
     "KIND_REQUEST",
