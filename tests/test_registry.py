@@ -28,6 +28,18 @@ pytestmark = pytest.mark.skipif(ETCD is None, reason="needs Debian's etcd-server
 DEPLOYMENT = os.path.join(REPO, "configs", "deploy", "tiny-moe-2-servers.toml")
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = ["def parse_args(argv):", "import sys\n"]
+ENGINE_ARGS = dict(max_num_seqs=4, max_model_len=64, dtype="float32")
+
+
+def generated(engine) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """The embedded engine's greedy tokens for PROMPTS: what every deployment must give."""
+    with Engine(SHIPPED, **ENGINE_ARGS) as embedded:
+        return generated(embedded)
 
 
 def _free_port() -> int:
@@ -100,21 +112,18 @@ def test_unreachable_registry_is_a_clear_error():
         EtcdRegistry("http://localhost:2379")
 
 
-def test_engine_discovers_servers_started_elsewhere(etcd, tmp_path):
+def test_engine_discovers_servers_started_elsewhere(etcd, tmp_path, expected):
     shm_name = f"etcdtest-{os.getpid()}"
     servers = [
         serve_experts(DEPLOYMENT, name, etcd, shm_name, tmp_path) for name in ("experts-even", "experts-odd")
     ]
     registry = EtcdRegistry(etcd)
     try:
-        with Engine(SHIPPED, max_num_seqs=4, max_model_len=64, dtype="float32") as embedded:
-            expected = [o.outputs[0].token_ids for o in embedded.generate(PROMPTS, GREEDY, use_tqdm=False)]
-        with Engine(SHIPPED, max_num_seqs=4, max_model_len=64, dtype="float32",
-                    deployment=DEPLOYMENT, registry=etcd) as engine:
+        with Engine(SHIPPED, deployment=DEPLOYMENT, registry=etcd, **ENGINE_ARGS) as engine:
             entries = registry.get_prefix(servers_prefix("tiny-moe"))
             assert {e["pid"] for e in entries.values()} == {p.pid for p in servers}
             assert len(registry.get_prefix(clients_prefix("tiny-moe"))) == 1  # our slot
-            got = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
+            got = generated(engine)
         assert got == expected
         assert registry.get_prefix(clients_prefix("tiny-moe")) == {}  # slot released
     finally:
@@ -126,7 +135,7 @@ def test_engine_discovers_servers_started_elsewhere(etcd, tmp_path):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{shm_name}-")]
 
 
-def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
+def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path, expected):
     """A server that stops heartbeating (here: frozen with SIGSTOP, as a hung
     host would be) loses its key when its lease expires; the engine then routes
     around it before sending it anything, and its replicas serve its experts."""
@@ -139,12 +148,9 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
         name: serve_experts(deployment, name, etcd, shm_name, tmp_path) for name in ("r0", "r1", "r2")
     }
     registry = EtcdRegistry(etcd)
-    args = dict(max_num_seqs=4, max_model_len=64, dtype="float32")
     try:
-        with Engine(SHIPPED, **args) as embedded:
-            expected = [o.outputs[0].token_ids for o in embedded.generate(PROMPTS, GREEDY, use_tqdm=False)]
-        with Engine(SHIPPED, deployment=str(deployment), registry=etcd, **args) as engine:
-            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+        with Engine(SHIPPED, deployment=str(deployment), registry=etcd, **ENGINE_ARGS) as engine:
+            assert generated(engine) == expected
             servers["r2"].send_signal(signal.SIGSTOP)
             key = servers_prefix("replicas") + "r2"
             deadline = time.monotonic() + 30
@@ -154,7 +160,7 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
             # The cluster's poller reads etcd within a second; the next step
             # boundary asks the cluster.
             time.sleep(1.0 + MEMBERSHIP_CHECK_S)
-            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert generated(engine) == expected
             backend = engine.runner.experts
             assert not backend.is_live(2) and backend.is_live(0) and backend.is_live(1)
             assert backend.endpoint.stats()["timeouts"] == 0  # nothing was sent to r2
@@ -175,7 +181,7 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
             with pytest.raises(RegistryError, match="did not answer"):
                 engine.cluster.servers_up()
             assert time.monotonic() - started < 0.1
-            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert generated(engine) == expected
             assert backend.is_live(0) and backend.is_live(1)  # an outage is not a failure
     finally:
         servers["r2"].send_signal(signal.SIGCONT)
@@ -185,7 +191,7 @@ def test_a_server_whose_lease_expires_leaves_the_engines_table(etcd, tmp_path):
             p.wait(timeout=30)
 
 
-def test_a_server_not_in_the_file_claims_a_spare_endpoint_and_joins_the_engines_table(etcd, tmp_path):
+def test_a_server_not_in_the_file_claims_a_spare_endpoint_and_joins_the_engines_table(etcd, tmp_path, expected):
     """`serve-experts --server NEW --experts ...` with a registry claims the
     deployment's spare endpoint under its lease and registers what it hosts;
     the engine adds it to its table as one more replica of those experts. A
@@ -201,13 +207,10 @@ def test_a_server_not_in_the_file_claims_a_spare_endpoint_and_joins_the_engines_
 
     servers = {name: serve(name) for name in ("r0", "r1")}
     registry = EtcdRegistry(etcd)
-    args = dict(max_num_seqs=4, max_model_len=64, dtype="float32")
     try:
-        with Engine(SHIPPED, **args) as embedded:
-            expected = [o.outputs[0].token_ids for o in embedded.generate(PROMPTS, GREEDY, use_tqdm=False)]
-        with Engine(SHIPPED, deployment=str(deployment), registry=etcd, **args) as engine:
+        with Engine(SHIPPED, deployment=str(deployment), registry=etcd, **ENGINE_ARGS) as engine:
             backend = engine.runner.experts
-            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert generated(engine) == expected
             assert not backend.is_live(2) and engine.metrics.server_slots[2] == 0
             servers["extra"] = serve("extra", "--experts", "0-1,6-7")
             key = servers_prefix("replicas") + "extra"
@@ -219,7 +222,7 @@ def test_a_server_not_in_the_file_claims_a_spare_endpoint_and_joins_the_engines_
             claims = registry.get_prefix(spares_prefix("replicas"))
             assert claims[spares_prefix("replicas") + "2"]["server"] == "extra"
             time.sleep(1.0 + MEMBERSHIP_CHECK_S)  # the cluster's poll, then a step boundary
-            assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+            assert generated(engine) == expected
             assert backend.is_live(2) and engine.metrics.server_slots[2] > 0
             assert sorted(set(np.argwhere(backend.table == 2)[:, 1])) == [0, 1, 6, 7]
             assert "expert server 'extra' (spare endpoint 2" in engine.cluster.describe_server(2)

@@ -504,7 +504,7 @@ class Engine:
         ValueError if a pair is outside the model)."""
         joined = self.cluster.joined_servers()[endpoint]
         self.runner.experts.set_hosted(endpoint, joined.hosted)
-        self.metrics.server_names[endpoint] = joined.name
+        self.metrics.name_server(endpoint, joined.name)
 
     def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
         """Servers that failed in a step get no more tokens from the next step

@@ -70,6 +70,11 @@ class _Family:
         self.lines.append(f"{self.name}{{{text}}} {value}" if text else f"{self.name} {value}")
 
 
+def _check_quantile(quantile: float) -> None:
+    if not 0 <= quantile <= 1:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+
+
 class ServingMetrics:
     """Counters of one engine: `observe` each fetched step; the engine adds
     each token it appends to `generated_tokens`.
@@ -106,6 +111,11 @@ class ServingMetrics:
             for status, counter in _STATUS_COUNTERS.items():
                 self.server_counters[counter] += np.sum(np.asarray(report.statuses) == status, axis=0)
 
+    def name_server(self, endpoint: int, name: str) -> None:
+        """Labels `endpoint`'s counters with the server now there (one that
+        joined on a spare endpoint)."""
+        self.server_names[endpoint] = name
+
     def server_marked_dead(self, endpoint: int) -> None:
         self.server_counters["marked_dead"][endpoint] += 1
 
@@ -119,8 +129,7 @@ class ServingMetrics:
     def recent_step_time(self, quantile: float) -> float | None:
         """The `quantile` (in [0, 1]) of the last RECENT_STEPS steps' times in
         seconds; None before the first step."""
-        if not 0 <= quantile <= 1:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        _check_quantile(quantile)
         return float(np.quantile(self._recent_step_seconds, quantile)) if self._recent_step_seconds else None
 
     def recent_server_wait(self, quantile: float) -> np.ndarray | None:
@@ -128,8 +137,7 @@ class ServingMetrics:
         steps waited on it in its exchanges (seconds); None before the first
         step. A server the clients wait on more than on the others is the one
         behind."""
-        if not 0 <= quantile <= 1:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        _check_quantile(quantile)
         if not self._recent_server_wait:
             return None
         return np.quantile(np.stack(self._recent_server_wait), quantile, axis=0)
