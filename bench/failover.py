@@ -1,11 +1,17 @@
-"""Throughput through an expert-server failure, on the CPU: the shipped
-checkpoint's experts on three server processes, every expert on two of them;
-the same greedy workload runs once fault-free and once with one server killed
-(SIGKILL) at a known instant, each after a warm-up run of the same workload
+"""Throughput through an expert-server failure: the shipped checkpoint's
+experts on three server processes, every expert on two of them; the same
+greedy workload runs once fault-free and then once with one server killed
+(SIGKILL) at a known instant, both after a warm-up run of the same workload
 in the same engine (so no compilation is timed).
 
-    python bench/failover_cpu.py [--requests 64] [--max-tokens 32] [--kill-at 0.4] [--timeout-ms 500]
-                                 [--min-timeout-ms 50] [--append bench/RESULTS.md]
+    python bench/failover.py [--transport shm|cuda_ipc] [--requests 64] [--max-tokens 32] [--kill-at 0.4]
+                             [--timeout-ms 500] [--min-timeout-ms 50] [--append bench/RESULTS.md]
+
+`--transport shm` (default): CPU processes sharing this host's cores, float32.
+`--transport cuda_ipc`: the client on GPU 0 and the servers on the GPUs of
+`--server-gpus` (default all three on GPU 1), bfloat16. Several server
+processes on one GPU share it through the driver's time slicing unless an MPS
+daemon runs (the table says which).
 
 Reports the throughput loss over the whole run against the fault-free run,
 throughput per tenth of the fault-free duration, the slowest step (the one
@@ -29,14 +35,21 @@ PROMPTS = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init
            "for i in range(", "# sort the list\n", "return {", "while True:\n"]
 
 
-def deployment_text(timeout_ms: int, min_timeout_ms: int | None) -> str:
-    """Every one of the 8 experts on two of three servers (r0 first for 0-5);
-    with `min_timeout_ms`, deadlines adapt between it and `timeout_ms`."""
-    adaptive = "" if min_timeout_ms is None else f"min_timeout_ms = {min_timeout_ms}\n"
-    return (f'name = "failover-bench"\ntimeout_ms = {timeout_ms}\n{adaptive}capacity = 64\n'
-            '[[servers]]\nname = "r0"\nexperts = ["0-5"]\n'
-            '[[servers]]\nname = "r1"\nexperts = ["2-7"]\n'
-            '[[servers]]\nname = "r2"\nexperts = ["0-1", "6-7"]\n')
+SERVERS = {"r0": '["0-5"]', "r1": '["2-7"]', "r2": '["0-1", "6-7"]'}  # every one of the 8 experts on two
+
+
+def deployment_text(args) -> str:
+    """Three servers, r0 first for experts 0-5; with `min_timeout_ms`,
+    deadlines adapt between it and `timeout_ms`."""
+    text = f'name = "failover-bench"\ntransport = "{args.transport}"\ntimeout_ms = {args.timeout_ms}\n'
+    if args.min_timeout_ms is not None:
+        text += f"min_timeout_ms = {args.min_timeout_ms}\n"
+    text += f"capacity = {args.max_num_seqs * 4}\n"
+    for (name, experts), gpu in zip(SERVERS.items(), args.server_gpus):
+        text += f'[[servers]]\nname = "{name}"\nexperts = {experts}\n'
+        if gpu is not None:
+            text += f"device = {gpu}\n"
+    return text
 
 
 def run_workload(engine, requests, params, kill=None) -> dict:
@@ -63,29 +76,30 @@ def run_workload(engine, requests, params, kill=None) -> dict:
             "max_step": max(step_times), "killed_at": killed_at, "outputs": [outputs[i] for i in ids]}
 
 
-def measure(args, workdir: str, kill_fraction: float | None, fault_free_wall: float | None) -> dict:
+def measure(args, workdir: str) -> tuple[dict, dict]:
+    """The fault-free run, then the run with r0 killed, on the same servers
+    and engine (after a warm-up run): fresh processes differ from run to run
+    by more than the failure costs, so the two runs share them."""
     from eaas_jax.engine import Engine, SamplingParams
     from eaas_jax.runtime.cluster import LocalCluster
 
     path = os.path.join(workdir, "deployment.toml")
     with open(path, "w") as f:
-        f.write(deployment_text(args.timeout_ms, args.min_timeout_ms))
+        f.write(deployment_text(args))
     requests = [f"{PROMPTS[i % len(PROMPTS)]} # {i}" for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    with LocalCluster(MODEL, path, dtype="float32") as cluster:
+    with LocalCluster(MODEL, path, dtype=args.dtype) as cluster:
         with Engine(MODEL, deployment=cluster, max_num_seqs=args.max_num_seqs, max_model_len=128,
-                    dtype="float32", block_size=4) as engine:
+                    dtype=args.dtype, block_size=4 if args.transport == "shm" else 16) as engine:
             run_workload(engine, requests, params)  # warm-up: compiles every shape the run uses
-            kill = None
-            if kill_fraction is not None:
-                victim = cluster.process("r0")
+            base = run_workload(engine, requests, params)
+            victim = cluster.process("r0")
 
-                def kill_r0():
-                    victim.kill()
-                    victim.wait()
+            def kill_r0():
+                victim.kill()
+                victim.wait()
 
-                kill = (kill_fraction * fault_free_wall, kill_r0)
-            return run_workload(engine, requests, params, kill)
+            return base, run_workload(engine, requests, params, (args.kill_at * base["wall"], kill_r0))
 
 
 def per_tenth(timeline, span: float) -> list[float]:
@@ -101,6 +115,13 @@ def per_tenth(timeline, span: float) -> list[float]:
     return [(tokens_at(b) - tokens_at(a)) / (b - a) for a, b in zip(edges, edges[1:])]
 
 
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon serves this user's processes (then
+    server processes on one GPU run side by side instead of time-sliced)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -111,23 +132,46 @@ def main() -> None:
     parser.add_argument("--timeout-ms", type=int, default=500, help="the deployment's combine deadline")
     parser.add_argument("--min-timeout-ms", type=int,
                         help="adaptive deadlines between this and --timeout-ms (default: fixed)")
+    parser.add_argument("--transport", default="shm", choices=["shm", "cuda_ipc"],
+                        help="shm: CPU processes; cuda_ipc: client on GPU 0, servers on --server-gpus")
+    parser.add_argument("--server-gpus", default="1,1,1", help="cuda_ipc: the GPU of r0, r1 and r2")
     parser.add_argument("--append", help="results file to append the table to")
     args = parser.parse_args()
     if not 0 < args.kill_at < 1:
         parser.error("--kill-at must be in (0, 1)")
+    if args.transport == "cuda_ipc":
+        try:
+            args.server_gpus = [int(g) for g in args.server_gpus.split(",")]
+        except ValueError:
+            parser.error(f"--server-gpus must be three GPU indices, got {args.server_gpus!r}")
+        if len(args.server_gpus) != len(SERVERS) or min(args.server_gpus) < 0:
+            parser.error(f"--server-gpus must be three GPU indices, got {args.server_gpus}")
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # the client's; each server gets its own
+        args.dtype = "bfloat16"
+    else:
+        args.server_gpus = [None] * len(SERVERS)
+        args.dtype = "float32"
     with tempfile.TemporaryDirectory() as workdir:
-        base = measure(args, workdir, None, None)
-        failed = measure(args, workdir, args.kill_at, base["wall"])
+        base, failed = measure(args, workdir)
     tput = base["tokens"] / base["wall"], failed["tokens"] / failed["wall"]
     equal = sum(a == b for a, b in zip(base["outputs"], failed["outputs"]))
+    command = (f"python bench/failover.py --transport {args.transport} --requests {args.requests} "
+               f"--max-tokens {args.max_tokens} --max-num-seqs {args.max_num_seqs} --kill-at {args.kill_at} "
+               f"--timeout-ms {args.timeout_ms}"
+               + ("" if args.min_timeout_ms is None else f" --min-timeout-ms {args.min_timeout_ms}"))
+    if args.transport == "cuda_ipc":
+        import jax
+
+        command += " --server-gpus " + ",".join(map(str, args.server_gpus))
+        where = (f"GPUs: {jax.devices()[0].device_kind}, client on GPU 0, r0/r1/r2 on GPUs "
+                 f"{'/'.join(map(str, args.server_gpus))}; MPS daemon: {'yes' if mps_running() else 'no'}")
+    else:
+        where = f"CPU: {platform.machine()}, {os.cpu_count()} cores, shared by the client and the servers"
     lines = [
-        f"### Throughput through an expert-server failure, CPU ({datetime.date.today()}, commit {git_commit()})",
+        f"### Throughput through an expert-server failure, {args.transport} ({datetime.date.today()}, "
+        f"commit {git_commit()})",
         "",
-        f"Device: {platform.machine()}, {os.cpu_count()} cores; `python bench/failover_cpu.py --requests "
-        f"{args.requests} --max-tokens {args.max_tokens} --max-num-seqs {args.max_num_seqs} --kill-at "
-        f"{args.kill_at} --timeout-ms {args.timeout_ms}"
-        + ("" if args.min_timeout_ms is None else f" --min-timeout-ms {args.min_timeout_ms}")
-        + "`; shipped checkpoint, float32; 3 expert servers, every "
+        f"Device: {where}; `{command}`; shipped checkpoint, {args.dtype}; 3 expert servers, every "
         f"expert on 2; server r0 SIGKILLed {failed['killed_at']:.2f} s into the run.",
         "",
         "| run | wall s | tokens | tok/s | slowest step ms | requests with the fault-free tokens |",
