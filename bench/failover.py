@@ -1,11 +1,11 @@
 """Throughput through an expert-server failure: the shipped checkpoint's
 experts on three server processes, every expert on two of them; the same
-greedy workload runs once fault-free and then once with one server killed
-(SIGKILL) at a known instant, both after a warm-up run of the same workload
-in the same engine (so no compilation is timed).
+greedy workload runs fault-free and with server r0 killed (SIGKILL) at a known
+instant, on the same servers and engine after a warm-up run (so no
+compilation is timed).
 
     python bench/failover.py [--transport shm|cuda_ipc] [--requests 64] [--max-tokens 32] [--kill-at 0.4]
-                             [--timeout-ms 500] [--min-timeout-ms 50] [--append bench/RESULTS.md]
+                             [--timeout-ms 500] [--min-timeout-ms 50] [--cycles 1] [--append bench/RESULTS.md]
 
 `--transport shm` (default): CPU processes sharing this host's cores, float32.
 `--transport cuda_ipc`: the client on GPU 0 and the servers on the GPUs of
@@ -13,10 +13,14 @@ in the same engine (so no compilation is timed).
 processes on one GPU share it through the driver's time slicing unless an MPS
 daemon runs (the table says which).
 
-Reports the throughput loss over the whole run against the fault-free run,
-throughput per tenth of the fault-free duration, the slowest step (the one
-that waited out the dead server's deadline and failed its tokens over) and
-whether every request produced the fault-free run's tokens.
+Runs go fault-free, killed, killed, fault-free (`--cycles` times), r0
+restarted as a new process before each run after a kill: consecutive runs of
+one engine were measured 20% apart on GPUs (2026-11-30), more than a failure
+costs, and this order cancels a steady drift. Reports the throughput loss of
+the killed runs against the fault-free ones, each run's slowest step (a
+killed run's is the one that waited out the dead server's deadline and failed
+its tokens over), throughput per tenth of the first pair, and whether every
+request produced the fault-free tokens.
 """
 
 from __future__ import annotations
@@ -76,11 +80,10 @@ def run_workload(engine, requests, params, kill=None) -> dict:
             "max_step": max(step_times), "killed_at": killed_at, "outputs": [outputs[i] for i in ids]}
 
 
-def measure(args, workdir: str) -> tuple[dict, dict]:
-    """The fault-free run, then the run with r0 killed, on the same servers
-    and engine (after a warm-up run): fresh processes differ from run to run
-    by more than the failure costs, so the two runs share them."""
+def measure(args, workdir: str) -> list[tuple[str, dict]]:
+    """The runs, in order, as (kind, result)."""
     from eaas_jax.engine import Engine, SamplingParams
+    from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
     from eaas_jax.runtime.cluster import LocalCluster
 
     path = os.path.join(workdir, "deployment.toml")
@@ -88,18 +91,28 @@ def measure(args, workdir: str) -> tuple[dict, dict]:
         f.write(deployment_text(args))
     requests = [f"{PROMPTS[i % len(PROMPTS)]} # {i}" for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    runs = []
     with LocalCluster(MODEL, path, dtype=args.dtype) as cluster:
         with Engine(MODEL, deployment=cluster, max_num_seqs=args.max_num_seqs, max_model_len=128,
                     dtype=args.dtype, block_size=4 if args.transport == "shm" else 16) as engine:
             run_workload(engine, requests, params)  # warm-up: compiles every shape the run uses
-            base = run_workload(engine, requests, params)
-            victim = cluster.process("r0")
+            r0 = cluster.endpoint_of("r0")
 
             def kill_r0():
-                victim.kill()
-                victim.wait()
+                cluster.process("r0").kill()
+                cluster.process("r0").wait()
 
-            return base, run_workload(engine, requests, params, (args.kill_at * base["wall"], kill_r0))
+            for kind in ("fault-free", "killed", "killed", "fault-free") * args.cycles:
+                if not engine.runner.experts.is_live(r0):
+                    cluster.start_server("r0")
+                    time.sleep(MEMBERSHIP_CHECK_S)  # admitted at the next step boundary, then warmed up:
+                    run_workload(engine, requests[:args.max_num_seqs], params)
+                    if not engine.runner.experts.is_live(r0):
+                        raise SystemExit("the restarted r0 was not admitted")
+                # The order starts fault-free: a kill comes at a fraction of that run's time.
+                kill = (args.kill_at * runs[0][1]["wall"], kill_r0) if kind == "killed" else None
+                runs.append((kind, run_workload(engine, requests, params, kill)))
+    return runs
 
 
 def per_tenth(timeline, span: float) -> list[float]:
@@ -128,17 +141,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--kill-at", type=float, default=0.4,
-                        help="kill server r0 at this fraction of the fault-free run's duration")
+                        help="kill server r0 at this fraction of the first fault-free run's duration")
     parser.add_argument("--timeout-ms", type=int, default=500, help="the deployment's combine deadline")
     parser.add_argument("--min-timeout-ms", type=int,
                         help="adaptive deadlines between this and --timeout-ms (default: fixed)")
     parser.add_argument("--transport", default="shm", choices=["shm", "cuda_ipc"],
                         help="shm: CPU processes; cuda_ipc: client on GPU 0, servers on --server-gpus")
     parser.add_argument("--server-gpus", default="1,1,1", help="cuda_ipc: the GPU of r0, r1 and r2")
+    parser.add_argument("--cycles", type=int, default=1,
+                        help="times to run fault-free, killed, killed, fault-free")
     parser.add_argument("--append", help="results file to append the table to")
     args = parser.parse_args()
     if not 0 < args.kill_at < 1:
         parser.error("--kill-at must be in (0, 1)")
+    if args.cycles < 1:
+        parser.error("--cycles must be at least 1")
     if args.transport == "cuda_ipc":
         try:
             args.server_gpus = [int(g) for g in args.server_gpus.split(",")]
@@ -152,13 +169,16 @@ def main() -> None:
         args.server_gpus = [None] * len(SERVERS)
         args.dtype = "float32"
     with tempfile.TemporaryDirectory() as workdir:
-        base, failed = measure(args, workdir)
-    tput = base["tokens"] / base["wall"], failed["tokens"] / failed["wall"]
-    equal = sum(a == b for a, b in zip(base["outputs"], failed["outputs"]))
+        runs = measure(args, workdir)
+    fault_free = [r for kind, r in runs if kind == "fault-free"]
+    killed = [r for kind, r in runs if kind == "killed"]
+    reference = fault_free[0]["outputs"]
+    tput = [sum(r["tokens"] for r in rs) / sum(r["wall"] for r in rs) for rs in (fault_free, killed)]
     command = (f"python bench/failover.py --transport {args.transport} --requests {args.requests} "
                f"--max-tokens {args.max_tokens} --max-num-seqs {args.max_num_seqs} --kill-at {args.kill_at} "
                f"--timeout-ms {args.timeout_ms}"
-               + ("" if args.min_timeout_ms is None else f" --min-timeout-ms {args.min_timeout_ms}"))
+               + ("" if args.min_timeout_ms is None else f" --min-timeout-ms {args.min_timeout_ms}")
+               + f" --cycles {args.cycles}")
     if args.transport == "cuda_ipc":
         import jax
 
@@ -172,19 +192,25 @@ def main() -> None:
         f"commit {git_commit()})",
         "",
         f"Device: {where}; `{command}`; shipped checkpoint, {args.dtype}; 3 expert servers, every "
-        f"expert on 2; server r0 SIGKILLed {failed['killed_at']:.2f} s into the run.",
+        f"expert on 2; in each killed run server r0 SIGKILLed at {killed[0]['killed_at']:.2f} s "
+        "(the first; restarted before the next run).",
         "",
-        "| run | wall s | tokens | tok/s | slowest step ms | requests with the fault-free tokens |",
-        "|---|---|---|---|---|---|",
-        f"| fault-free | {base['wall']:.2f} | {base['tokens']} | {tput[0]:.1f} | {base['max_step'] * 1e3:.0f} | - |",
-        f"| r0 killed | {failed['wall']:.2f} | {failed['tokens']} | {tput[1]:.1f} | "
-        f"{failed['max_step'] * 1e3:.0f} | {equal}/{args.requests} |",
+        "| run | kind | wall s | tokens | tok/s | slowest step ms | requests with the first fault-free run's tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, (kind, r) in enumerate(runs):
+        equal = sum(a == b for a, b in zip(reference, r["outputs"]))
+        lines.append(f"| {i + 1} | {kind} | {r['wall']:.2f} | {r['tokens']} | {r['tokens'] / r['wall']:.1f} | "
+                     f"{r['max_step'] * 1e3:.0f} | {equal}/{args.requests} |")
+    first_pair = fault_free[0], killed[0]
+    lines += [
         "",
-        f"Throughput loss over the run: **{(1 - tput[1] / tput[0]) * 100:.1f}%** (target < 2%).",
+        f"Throughput loss, killed runs against fault-free runs: **{(1 - tput[1] / tput[0]) * 100:.1f}%** "
+        f"({tput[1]:.1f} against {tput[0]:.1f} tok/s; target < 2%).",
         "",
-        "tok/s per tenth of the fault-free run's duration (fault-free / killed): "
-        + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(per_tenth(base["timeline"], base["wall"]),
-                                                      per_tenth(failed["timeline"], base["wall"]))),
+        "tok/s per tenth of run 1's duration (run 1 / run 2): "
+        + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(*(per_tenth(r["timeline"], first_pair[0]["wall"])
+                                                           for r in first_pair))),
     ]
     publish(lines, args.append)
 
