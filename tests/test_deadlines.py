@@ -39,6 +39,19 @@ def test_the_deadline_is_clamped_and_forgets_old_steps():
     assert d.deadline_us(8) == 40_000
 
 
+def test_after_forget_every_step_gets_the_maximum_until_seen_again():
+    d = AdaptiveDeadline(min_us=1_000, max_us=2_000_000, margin=4.0, min_samples=2)
+    for tokens in (8, 64, 64):
+        d.observe(tokens, 0.010)
+    assert d.deadline_us(8) == 40_000
+    d.forget()
+    assert d.deadline_us(8) == d.deadline_us(64) == 2_000_000
+    d.observe(8, 0.020)
+    assert d.deadline_us(8) == 2_000_000  # one sample of two: not known yet
+    d.observe(8, 0.010)
+    assert d.deadline_us(8) == 80_000  # the samples from before forget() do not count
+
+
 @pytest.mark.parametrize("kwargs", [dict(min_us=0, max_us=10), dict(min_us=20, max_us=10),
                                     dict(min_us=1, max_us=10, margin=0.5),
                                     dict(min_us=1, max_us=10, window=2, min_samples=3)])

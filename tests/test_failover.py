@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -135,6 +136,44 @@ def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_
     assert 300 <= deadline_ms < 5000, warning
     slowest = max(step_seconds)
     assert slowest < 2.5, f"the failure cost a {slowest:.2f} s step (deadline {deadline_ms} ms)"
+
+
+def test_with_adaptive_deadlines_a_pause_of_every_replica_reruns_the_step_with_the_full_deadline(
+        tiny_checkpoint, reference, tmp_path, caplog):
+    # Deadlines between 300 ms and 5 s. All three servers stop for longer than
+    # the adapted deadline but less than 5 s (on 2 x H200 under MPS, killing
+    # one server stalled the two on its GPU like this): no replica of any
+    # expert answers in time, yet every server is up.
+    deployment = REPLICATED.replace("timeout_ms = 2000", "timeout_ms = 5000\nmin_timeout_ms = 300")
+    with replicated_engine(tiny_checkpoint, tmp_path, deployment) as (cluster, engine):
+        servers = [cluster.process(name) for name in ("r0", "r1", "r2")]
+        paused_for = []
+
+        def thaw():
+            for proc in servers:
+                proc.send_signal(signal.SIGCONT)
+
+        def pause_every_server(steps, finished):
+            in_flight = [step.expert_arrays.timeout_us for _, step in engine._in_flight]
+            if steps >= 10 and not paused_for and in_flight and max(in_flight) < 3_000_000:
+                paused_for.append(max(in_flight) / 1e6 + 1.0)  # past every adapted deadline in flight
+                for proc in servers:
+                    proc.send_signal(signal.SIGSTOP)
+                threading.Timer(paused_for[0], thaw).start()
+
+        try:
+            with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
+                assert run_requests(engine, pause_every_server) == reference
+        finally:
+            thaw()
+        assert paused_for and engine.metrics.retried_steps == 1
+        backend = engine.runner.experts
+        assert all(backend.is_live(server) for server in range(3))
+        assert engine.metrics.server_counters["marked_dead"].sum() == 0
+        assert "eaas_retried_steps_total 1\n" in engine.metrics_text()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("runs again with the full deadline" in m for m in messages), messages
+    assert not any("routing around it" in m for m in messages), messages
 
 
 def test_route_spreads_each_experts_tokens_over_its_live_replicas():

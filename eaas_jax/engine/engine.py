@@ -48,6 +48,11 @@ Prompt = str | Seq[int]
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
+class _StepRunAgain(Exception):
+    """A step's tokens are dropped and its positions run again (nothing is
+    wrong with the request)."""
+
+
 def _server_labels(deployment: Deployment) -> list[str]:
     """Metric labels of the server endpoints: the file's names, then one per
     spare endpoint until a server joins there (`_place_joined_server`)."""
@@ -411,13 +416,15 @@ class Engine:
                 if seqs:
                     dispatched.append((seqs, self._dispatch(seqs, is_prefill, previous)))
             self._collect(in_flight, touched)
-        except BaseException:
+        except BaseException as e:
             # Tokens of failed or abandoned steps are dropped; their sequences
             # run those positions again (rewriting the same cache slots).
             for seqs, _ in in_flight + dispatched:
                 for seq in seqs:
                     seq.num_pending = 0
-            raise
+            if not isinstance(e, _StepRunAgain):
+                raise
+            dispatched = []
         self._in_flight = dispatched
         for request in touched.values():
             if request.finished:
@@ -509,24 +516,59 @@ class Engine:
     def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
         """Servers that failed in a step get no more tokens from the next step
         on (their replicas take over; the step itself was completed by in-step
-        failover); a step that left token slots unserved raises. Returns the
-        failures (server -> what happened)."""
+        failover); a step that left token slots unserved raises, or is run
+        again (`_paused_servers`). Returns the failures (server -> what
+        happened)."""
         failures = failed_servers(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
                                   step.expert_arrays.timeout_us / 1000)
         anomalies = transport_anomalies(self.runner.experts.endpoint.stats()) if failures else ""
         if anomalies:
             failures = {server: f"{what} [this client's transport counters: {anomalies}]"
                         for server, what in failures.items()}
+        unserved = int(np.sum(exchanges.unserved))
+        paused = self._paused_servers(failures, step) if unserved else set()
         for server, what in failures.items():
-            if self.runner.experts.is_live(server):
+            if self.runner.experts.is_live(server) and server not in paused:
                 out_for = ""
                 if self.runner.experts.deadlines is not None:  # adaptive: the miss may be a false alarm
                     out_for = f" (for {self._probation.failed(server, time.monotonic()):g} s if it stays up)"
                 log.warning("%s; routing around it%s", what, out_for)
                 self.runner.experts.set_live(server, False)
                 self.metrics.server_marked_dead(server)
+        if paused:
+            self._retry_with_full_deadlines(paused, failures, unserved)
         check_unserved(exchanges.unserved, failures)
         return failures
+
+    def _paused_servers(self, failures: dict[int, str], step: DispatchedStep) -> set[int]:
+        """Of the servers that failed a step leaving slots unserved, those
+        still up as the same process, if the step's deadline was an adapted
+        one below the maximum: a pause on every replica of some experts (a
+        burst, a neighbour's teardown on a shared GPU) rather than their
+        death, which a step run again with the full deadline rides out."""
+        deadlines = self.runner.experts.deadlines
+        if deadlines is None or step.expert_arrays.timeout_us >= deadlines.max_us:
+            return set()
+        try:
+            up = self.cluster.servers_up()
+        except RegistryError:
+            return set()
+        return {server for server in failures
+                if up.get(server) is not None and up.get(server) == self._incarnations.get(server)}
+
+    def _retry_with_full_deadlines(self, paused: set[int], failures: dict[int, str], unserved: int) -> None:
+        """Keeps the paused servers live, clears what queued steps found of
+        them, and has deadlines learnt again from the maximum; raises
+        _StepRunAgain, which drops the step's tokens so that its positions
+        run again. A second miss comes with the full deadline: no loop."""
+        for server in paused:
+            self.runner.experts.clear_failure(server)
+            log.warning("%s, but it is still up", failures[server])
+        self.runner.experts.deadlines.forget()
+        self.metrics.retried_steps += 1
+        log.warning("%d token-expert slots had no replica that replied in time; the step runs again with "
+                    "the full deadline", unserved)
+        raise _StepRunAgain
 
     def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
         """Waits for the dispatched steps' tokens and appends them."""

@@ -89,6 +89,7 @@ class ServingMetrics:
         self.steps = 0
         self.generated_tokens = 0
         self.unserved_slots = 0
+        self.retried_steps = 0
         self.expert_tokens = np.zeros((num_moe_layers, num_experts), np.int64)
         self.server_slots = np.zeros(n, np.int64)
         self.server_wait_seconds = np.zeros(n, np.float64)
@@ -186,7 +187,11 @@ class ServingMetrics:
                 for name, is_live in zip(self.server_names, live):
                     f.add(int(bool(is_live)), server=name)
             family("eaas_unserved_slots_total", "counter",
-                   "Token-expert slots no live replica served (their steps raised).").add(self.unserved_slots)
+                   "Token-expert slots no live replica served (their steps raised or ran again).").add(
+                self.unserved_slots)
+            family("eaas_retried_steps_total", "counter",
+                   "Steps run again with the full deadline: every replica of some experts missed an adapted "
+                   "one while up.").add(self.retried_steps)
         if transport:
             dropped = family("eaas_transport_dropped_messages_total", "counter",
                              "Messages this client's transport dropped, by the check they failed.")

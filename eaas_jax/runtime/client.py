@@ -94,6 +94,17 @@ class RemoteExpertBackend:
         if live and not self._live[endpoint]:
             self._generation[endpoint] += 1
         self._live[endpoint] = live
+        self._publish_liveness()
+
+    def clear_failure(self, endpoint: int) -> None:
+        """Keeps `endpoint` live and has the steps dispatched from now on send
+        to it again, whatever earlier steps found of it (its generation moves
+        on, so their carry no longer applies)."""
+        self._generation[endpoint] += 1
+        self._live[endpoint] = True
+        self._publish_liveness()
+
+    def _publish_liveness(self) -> None:
         self.arrays = self.arrays._replace(live=jnp.asarray(self._live), generation=jnp.asarray(self._generation))
 
     def step_arrays(self, num_tokens: int) -> RemoteArrays:

@@ -43,6 +43,12 @@ class AdaptiveDeadline:
         slowest = max(self._recent[self._known[i]])
         return int(min(self.max_us, max(self.min_us, self.margin * slowest * 1e6)))
 
+    def forget(self) -> None:
+        """Drops what was learnt: every step gets the maximum until healthy
+        steps of its size were seen again (after a false alarm)."""
+        self._recent.clear()
+        self._known.clear()
+
     def observe(self, num_tokens: int, seconds: float) -> None:
         """A step of `num_tokens` that every server answered took `seconds` on
         the device (steps with a failed exchange must not be observed: their
