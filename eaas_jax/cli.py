@@ -56,6 +56,7 @@ def _completion_dict(output) -> dict:
             }
             for c in output.outputs
         ],
+        **({"error": output.error} if output.error else {}),
     }
 
 
@@ -113,7 +114,7 @@ def _generate(args) -> int:
     )
     if args.chat and not all(isinstance(p, str) for p in prompts):
         raise SystemExit("error: --chat needs text prompts, not token ids")
-    start = time.time()
+    start, failure = time.time(), None
     try:
         with engine:
             if args.chat:
@@ -121,7 +122,11 @@ def _generate(args) -> int:
                 outputs = engine.chat(conversations, params, use_tqdm=args.input is not None)
             else:
                 outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
-    except (ValueError, ExpertServerError) as e:
+    except ExpertServerError as e:
+        if e.outputs is None or args.prompt is not None:
+            raise SystemExit(f"error: {e}")
+        outputs, failure = e.outputs, e  # a batch keeps what completed; the failed lines say why
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
     elapsed = time.time() - start
     if args.prompt is not None:
@@ -143,6 +148,8 @@ def _generate(args) -> int:
         f"{generated / elapsed:.1f} generated tok/s, {(prompt_tokens + generated) / elapsed:.1f} total tok/s",
         file=sys.stderr,
     )
+    if failure is not None:
+        raise SystemExit(f"error: {failure}")
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from eaas_jax.checkpoint import load_model
 from eaas_jax.cli import main
+from eaas_jax.engine import Engine, ExpertServerError
 from eaas_jax.model import ModelConfig
 
 from conftest import SHIPPED, replace_config
@@ -38,6 +39,30 @@ def test_generate_batch_from_jsonl(tiny_checkpoint, tmp_path, capsys):
     assert [len(r["outputs"][0]["token_ids"]) for r in rows][:2] == [3, 4]
     assert len(rows[2]["outputs"]) == 2 and rows[2]["prompt_token_ids"] == [5, 6, 7]
     assert "generated tok/s" in capsys.readouterr().err
+
+
+def test_a_batch_with_failed_requests_writes_every_line_then_exits_with_the_error(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    # What Engine.generate raises when expert servers failed some requests
+    # (tests/test_failover.py): every output, the failed ones marked.
+    generate = Engine.generate
+
+    def generate_failing_the_second(self, *args, **kwargs):
+        outputs = generate(self, *args, **kwargs)
+        outputs[1].error = "expert server 'solo' did not reply"
+        outputs[1].outputs[0].finish_reason = "error"
+        raise ExpertServerError("1 of 2 requests failed", outputs)
+
+    monkeypatch.setattr(Engine, "generate", generate_failing_the_second)
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps("import os") + "\n" + json.dumps("class A:") + "\n")
+    with pytest.raises(SystemExit, match="error: 1 of 2 requests failed"):
+        main(["generate", "--model", tiny_checkpoint, "--input", str(inp), "--output", str(outp),
+              "--max-tokens", "3", "--max-model-len", "64", "--max-num-seqs", "2"])
+    first, second = [json.loads(line) for line in outp.read_text().splitlines()]
+    assert "error" not in first and len(first["outputs"][0]["token_ids"]) == 3
+    assert second["error"] == "expert server 'solo' did not reply"
+    assert second["outputs"][0]["finish_reason"] == "error"
 
 
 @pytest.mark.parametrize(

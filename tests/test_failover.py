@@ -245,6 +245,56 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
             assert not engine.has_unfinished_requests()
 
 
+def _index_ranges(indices) -> str:
+    """[0, 1, 2, 5] -> '["0-2", "5-5"]' (the deployment file's syntax)."""
+    runs, ranges = [], []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return "[" + ", ".join(f'"{a}-{b}"' for a, b in runs) + "]"
+
+
+def test_killing_the_only_replica_of_an_expert_fails_just_the_requests_routed_to_it(
+        tiny_checkpoint, reference, tmp_path):
+    # The least used (MoE layer, expert) of the run, alone on "solo"; every
+    # other pair on one server of its layer.
+    with Engine(tiny_checkpoint, **ENGINE_ARGS) as engine:
+        engine.generate(REQUESTS, PARAMS, use_tqdm=False)
+        load = engine.metrics.expert_tokens
+    layer, expert = (int(i) for i in np.unravel_index(np.where(load > 0, load, load.max() + 1).argmin(), load.shape))
+    other_layers = [l for l in range(TINY_CONFIG.num_moe_layers) if l != layer]
+    others = [e for e in range(TINY_CONFIG.num_experts) if e != expert]
+    path = tmp_path / "solo.toml"
+    path.write_text('name = "solo"\ntimeout_ms = 2000\ncapacity = 64\n'
+                    f'[[servers]]\nname = "other-layers"\nlayers = {other_layers}\n'
+                    f'[[servers]]\nname = "layer"\nlayers = [{layer}]\nexperts = {_index_ranges(others)}\n'
+                    f'[[servers]]\nname = "solo"\nlayers = [{layer}]\nexperts = [{expert}]\n')
+    with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
+        with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+            assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+            victim = cluster.process("solo")
+            victim.kill()
+            victim.wait()
+            with pytest.raises(ExpertServerError, match=r"of 64 requests failed .*'solo'.*did not reply within "
+                                                        r"the 2000 ms deadline.*no live replica left") as raised:
+                engine.generate(REQUESTS, PARAMS, use_tqdm=False)
+            # One deadline waited, then the dead server's tokens fail at once.
+            assert engine.runner.experts.endpoint.stats()["timeouts"] == 1
+            assert not engine.has_unfinished_requests()
+            outputs = raised.value.outputs
+            failed = [i for i, out in enumerate(outputs) if out.error]
+            assert 0 < len(failed) < len(REQUESTS), load
+            for i, out in enumerate(outputs):
+                if out.error:
+                    assert "no live replica left" in out.error and out.outputs[0].finish_reason == "error"
+                else:  # not routed to the dead expert: exactly as without the failure
+                    assert out.outputs[0].token_ids == reference[i]
+            assert engine.metrics.failed_requests == len(failed)
+            assert f"eaas_failed_requests_total {len(failed)}\n" in engine.metrics_text()
+
+
 def test_a_drained_replica_exits_and_nothing_is_lost(tiny_checkpoint, reference, tmp_path):
     with replicated_engine(tiny_checkpoint, tmp_path) as (cluster, engine):
         slots_after_drain = []

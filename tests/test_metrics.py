@@ -32,12 +32,13 @@ def test_render_counts_each_servers_failures_and_escapes_labels():
     metrics = ServingMetrics(1, 2, ['a"b', "c\\d"])
     ok, timeout, bad = custom_calls.STATUS_OK, custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY
     report = StepStatuses(statuses=np.array([[ok, timeout], [bad, timeout]]), labels=[(0, 0), (0, 0)],
-                          unserved=np.array([3]), expert_tokens=np.array([[5, 7]]), server_slots=np.array([9, 4]),
+                          unserved=np.array([3]), unserved_rows=np.array([True, False]), expert_tokens=np.array([[5, 7]]), server_slots=np.array([9, 4]),
                           server_wait_us=np.array([1_500, 250_000]))
     assert metrics.recent_server_wait(0.5) is None
     metrics.observe(report)
     metrics.observe(report._replace(server_wait_us=np.array([500, 50_000])))
     metrics.server_marked_dead(1)
+    metrics.failed_requests, metrics.retried_steps = 1, 2  # what the engine counts
     samples = parse(metrics.render(live=[True, False], transport={"drop_checksum": 2, "timeouts": 4}))
     assert samples[("eaas_steps_total", "")] == 2
     assert samples[("eaas_expert_tokens_total", '{layer="0",expert="1"}')] == 14
@@ -48,6 +49,8 @@ def test_render_counts_each_servers_failures_and_escapes_labels():
     assert samples[("eaas_server_marked_dead_total", '{server="c\\\\d"}')] == 1
     assert samples[("eaas_server_live", '{server="c\\\\d"}')] == 0
     assert samples[("eaas_unserved_slots_total", "")] == 6
+    assert samples[("eaas_failed_requests_total", "")] == 1
+    assert samples[("eaas_retried_steps_total", "")] == 2
     assert samples[("eaas_server_wait_seconds_total", '{server="c\\\\d"}')] == 0.3
     np.testing.assert_allclose(metrics.recent_server_wait(1.0), [0.0015, 0.25])
     np.testing.assert_allclose(metrics.recent_server_wait(0.0), [0.0005, 0.05])

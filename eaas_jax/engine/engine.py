@@ -26,7 +26,8 @@ from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.model.attention import kv_cache_bytes_per_token
-from eaas_jax.runtime.client import RemoteExpertBackend, check_unserved, failed_servers, transport_anomalies
+from eaas_jax.runtime.client import (ExpertServerError, RemoteExpertBackend, failed_servers, transport_anomalies,
+                                     unserved_error)
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
 from eaas_jax.runtime.deployment import Deployment
 from eaas_jax.runtime.probation import Probation
@@ -51,6 +52,11 @@ _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16
 class _StepRunAgain(Exception):
     """A step's tokens are dropped and its positions run again (nothing is
     wrong with the request)."""
+
+
+def _index_list(indices: list[int], shown: int = 8) -> str:
+    text = ", ".join(map(str, indices[:shown]))
+    return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")
 
 
 def _server_labels(deployment: Deployment) -> list[str]:
@@ -516,9 +522,10 @@ class Engine:
     def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
         """Servers that failed in a step get no more tokens from the next step
         on (their replicas take over; the step itself was completed by in-step
-        failover); a step that left token slots unserved raises, or is run
-        again (`_paused_servers`). Returns the failures (server -> what
-        happened)."""
+        failover). A step that left token slots unserved is run again where
+        their servers only paused (`_paused_servers`); otherwise `_collect`
+        fails the requests of those slots. Returns the failures (server ->
+        what happened)."""
         failures = failed_servers(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
                                   step.expert_arrays.timeout_us / 1000)
         anomalies = transport_anomalies(self.runner.experts.endpoint.stats()) if failures else ""
@@ -537,7 +544,6 @@ class Engine:
                 self.metrics.server_marked_dead(server)
         if paused:
             self._retry_with_full_deadlines(paused, failures, unserved)
-        check_unserved(exchanges.unserved, failures)
         return failures
 
     def _paused_servers(self, failures: dict[int, str], step: DispatchedStep) -> set[int]:
@@ -582,14 +588,22 @@ class Engine:
             self._last_fetched_at = fetched_at
             self.metrics.observe(exchanges)
             self.metrics.observe_step_time(seconds)
-            if self.cluster is not None and not self._handle_failures(exchanges, step):
+            failures = {} if self.cluster is None else self._handle_failures(exchanges, step)
+            if self.cluster is not None and not failures:
                 self.runner.experts.observe_step(step.num_tokens, seconds)
+            error = unserved_error(exchanges.unserved, failures) if exchanges.unserved_rows.any() else None
             now = time.time()
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1
                 request = seq.request
                 if seq.finished or self._requests.get(request.request_id) is not request:
                     continue  # a token past a stop, or of an aborted request
+                if exchanges.unserved_rows[i]:
+                    # Its token missed an expert: the request fails. Rows are
+                    # independent, so the step's other rows are exact.
+                    self._fail(request, error)
+                    touched[request.request_id] = request
+                    continue
                 top = (list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
                        if seq.params.logprobs is not None else [])
                 seq.append(
@@ -603,6 +617,16 @@ class Engine:
                 if seq.finished:
                     self.scheduler.remove(seq)
                 touched[request.request_id] = request
+
+    def _fail(self, request: Request, error: str) -> None:
+        """Ends `request` (every completion) with `error`."""
+        log.warning("request %s failed: %s", request.request_id, error)
+        request.error = error
+        for seq in request.sequences:
+            if not seq.finished:
+                seq.finish_reason = "error"
+                self.scheduler.remove(seq)
+        self.metrics.failed_requests += 1
 
     # ------------------------------------------------------------------ offline
 
@@ -657,7 +681,13 @@ class Engine:
             for request in requests:  # interrupted: leave nothing of ours queued
                 if request.request_id not in results:
                     self.abort_request(request.request_id)
-        return [results[r.request_id] for r in requests]
+        outputs = [results[r.request_id] for r in requests]
+        failed = [i for i, out in enumerate(outputs) if out.error]
+        if failed:
+            raise ExpertServerError(
+                f"{len(failed)} of {len(outputs)} requests failed (prompts {_index_list(failed)}; the others "
+                f"completed, see .outputs): {outputs[failed[0]].error}", outputs)
+        return outputs
 
     def chat(
         self,

@@ -90,6 +90,7 @@ class ServingMetrics:
         self.generated_tokens = 0
         self.unserved_slots = 0
         self.retried_steps = 0
+        self.failed_requests = 0
         self.expert_tokens = np.zeros((num_moe_layers, num_experts), np.int64)
         self.server_slots = np.zeros(n, np.int64)
         self.server_wait_seconds = np.zeros(n, np.float64)
@@ -187,8 +188,11 @@ class ServingMetrics:
                 for name, is_live in zip(self.server_names, live):
                     f.add(int(bool(is_live)), server=name)
             family("eaas_unserved_slots_total", "counter",
-                   "Token-expert slots no live replica served (their steps raised or ran again).").add(
+                   "Token-expert slots no live replica served (their requests failed or their steps ran again).").add(
                 self.unserved_slots)
+            family("eaas_failed_requests_total", "counter",
+                   "Requests failed because a token of theirs had no live replica of its expert.").add(
+                self.failed_requests)
             family("eaas_retried_steps_total", "counter",
                    "Steps run again with the full deadline: every replica of some experts missed an adapted "
                    "one while up.").add(self.retried_steps)

@@ -20,7 +20,7 @@ class CompletionOutput:
     cumulative_logprob: float | None
     # Per generated token: {token id: Logprob} for the top tokens and the sampled one.
     logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", or "error" (the request failed)
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -52,3 +52,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None  # why the request failed: expert servers did not serve its tokens

@@ -20,7 +20,7 @@ from flax import nnx
 from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
 from eaas_jax.model.moe import expert_token_counts
-from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache
+from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache, micro_batch_rows
 from eaas_jax.transport import custom_calls
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class StepStatuses(NamedTuple):
     statuses: np.ndarray  # [combines, servers] transport status codes (failover retries included)
     labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each combine
     unserved: np.ndarray  # [exchanges] token slots no server delivered (after failover)
+    unserved_rows: np.ndarray  # [rows] bool: rows with a token whose slot no server delivered
     expert_tokens: np.ndarray  # [moe_layers, experts] real tokens routed to each expert
     server_slots: np.ndarray  # [servers] token-expert slots sent to each server (re-sends included)
     server_wait_us: np.ndarray  # [servers] microseconds the step's exchanges waited on each server
@@ -86,8 +87,9 @@ class DispatchedStep:
 
     def fetch(self) -> tuple[StepResult, StepStatuses]:
         sampled, exchanges = jax.device_get(self._outputs)
-        return StepResult(*(x[: self.num_rows] for x in sampled)), StepStatuses(exchanges[0], self._labels,
-                                                                                 *exchanges[1:])
+        statuses = StepStatuses(exchanges[0], self._labels, *exchanges[1:])
+        return (StepResult(*(x[: self.num_rows] for x in sampled)),
+                statuses._replace(unserved_rows=statuses.unserved_rows[: self.num_rows]))
 
 
 class EmbeddedExperts:
@@ -112,6 +114,16 @@ class EmbeddedExperts:
         return []
 
 
+def _rows_with(token_masks, labels, rows: list[slice], shape: tuple[int, int]) -> jax.Array:
+    """[B] bool: the rows holding a token flagged in any exchange's [n] mask
+    (n = a micro-batch's rows x T tokens, `labels` saying which micro-batch)."""
+    flagged = jnp.zeros(shape[0], bool)
+    for mask, (_, micro_batch) in zip(token_masks, labels):
+        r = rows[micro_batch]
+        flagged = flagged.at[r].set(flagged[r] | mask.reshape(-1, shape[1]).any(axis=1))
+    return flagged
+
+
 def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
           tokens, positions, paged, last_index, sampling, previous_tokens, token_sources, exchange_carry, *,
           num_top_logprobs, greedy_only):
@@ -123,20 +135,23 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
     experts = backend.exchange(expert_arrays, exchange_carry)
     token_mask = paged.slot_mapping < kv_cache[0].num_slots
+    num_micro_batches = backend.num_micro_batches(tokens.shape[0])
     hidden, kv_cache, routings = client.hidden_states(
-        tokens, positions, experts, kv_cache, paged,
-        num_micro_batches=backend.num_micro_batches(tokens.shape[0]), token_mask=token_mask,
+        tokens, positions, experts, kv_cache, paged, num_micro_batches=num_micro_batches, token_mask=token_mask,
     )
     last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
     logits = client.logits(last)
     statuses = getattr(experts, "statuses", [])
     statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
-    unserved = getattr(experts, "unserved", [])
-    unserved = jnp.stack(unserved) if unserved else jnp.zeros((0,), jnp.int32)
+    unserved_tokens = getattr(experts, "unserved_tokens", [])
+    unserved = jnp.stack([jnp.sum(t, dtype=jnp.int32) for t in unserved_tokens]) if unserved_tokens else (
+        jnp.zeros((0,), jnp.int32))
+    unserved_rows = _rows_with(unserved_tokens, getattr(experts, "unserved_labels", []),
+                               micro_batch_rows(tokens.shape[0], num_micro_batches), tokens.shape)
     expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)
     server_slots = getattr(experts, "server_slots", jnp.zeros((0,), jnp.int32))
     server_wait_us = getattr(experts, "server_wait_us", jnp.zeros((0,), jnp.int32))
-    exchanges = (statuses, unserved, expert_tokens, server_slots, server_wait_us)
+    exchanges = (statuses, unserved, unserved_rows, expert_tokens, server_slots, server_wait_us)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
     return sampled, kv_cache, exchanges, next_tokens, getattr(experts, "carry", None)

@@ -146,6 +146,7 @@ class Request:
     seed: int
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.time()))
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    error: str | None = None  # why the request failed (its completions end with finish_reason "error")
 
     def __post_init__(self):
         self.sequences = [Sequence(self, i) for i in range(self.params.n)]
@@ -162,4 +163,5 @@ class Request:
             outputs=[s.completion(tokenizer) for s in self.sequences],
             finished=self.finished,
             metrics=self.metrics,
+            error=self.error,
         )

@@ -57,6 +57,14 @@ def _as_exchange(experts) -> ExpertExchange:
     return _InGraphExchange(experts)
 
 
+def micro_batch_rows(batch: int, num_micro_batches: int) -> list[slice]:
+    """The rows of each micro-batch: the batch cut into equal consecutive parts."""
+    m = num_micro_batches
+    if m < 1 or batch % m:
+        raise ValueError(f"batch of {batch} rows cannot be split into {m} micro-batches")
+    return [slice(i * batch // m, (i + 1) * batch // m) for i in range(m)]
+
+
 class _PendingFfn(NamedTuple):
     """A micro-batch between sending its MoE tokens and adding their output."""
 
@@ -140,13 +148,10 @@ class AttentionClientModel(nnx.Module):
         `token_mask` [B, T] marks real tokens (padding is not sent anywhere).
         """
         exchange = _as_exchange(experts)
-        batch = tokens.shape[0]
-        m = num_micro_batches
-        if m < 1 or batch % m:
-            raise ValueError(f"batch of {batch} rows cannot be split into {m} micro-batches")
+        rows = micro_batch_rows(tokens.shape[0], num_micro_batches)
+        m = len(rows)
         if token_mask is None:
             token_mask = jnp.ones(tokens.shape, bool)
-        rows = [slice(i * batch // m, (i + 1) * batch // m) for i in range(m)]
         client = self
         x = [client.embed_tokens(tokens[r]) for r in rows]
         pending: list[_PendingFfn | None] = [None] * m

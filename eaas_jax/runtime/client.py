@@ -140,8 +140,16 @@ class RemoteExpertBackend:
 
 
 class ExpertServerError(RuntimeError):
-    """Expert servers did not deliver their part of a step (the step's outputs
-    were discarded)."""
+    """Expert servers did not deliver their part of some requests' steps.
+
+    `outputs`, where `Engine.generate` raises it: every request's output in
+    prompt order, the failed ones finished with `error` set and the others
+    complete.
+    """
+
+    def __init__(self, message: str, outputs: list | None = None):
+        super().__init__(message)
+        self.outputs = outputs
 
 
 _FAILURES = {
@@ -177,10 +185,8 @@ def transport_anomalies(stats: dict[str, int]) -> str:
     return ", ".join(f"{name}={n}" for name, n in stats.items() if n and name not in _ROUTINE_COUNTERS)
 
 
-def check_unserved(unserved: np.ndarray, failures: dict[int, str]) -> None:
-    """Raises ExpertServerError when a step left token slots unserved (no live
+def unserved_error(unserved: np.ndarray, failures: dict[int, str]) -> str:
+    """What failed the requests of a step's unserved token slots (no live
     replica of their expert), naming the servers that failed."""
-    missing = int(np.sum(unserved))
-    if missing:
-        cause = "; ".join(failures.values()) or "their servers were marked dead earlier"
-        raise ExpertServerError(f"{cause} ({missing} token-expert slots had no live replica left)")
+    cause = "; ".join(failures.values()) or "their servers were marked dead earlier"
+    return f"{cause} ({int(np.sum(unserved))} token-expert slots had no live replica left)"

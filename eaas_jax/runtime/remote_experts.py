@@ -20,7 +20,8 @@ failed is not used again in this step, nor in the steps dispatched after it:
 they take this step's `carry` (the generation in which each server was seen
 failing) as input, so a step queued before the host fetched this one does not
 wait out the dead server's deadline again; the host then marks it dead. Slots
-that no live replica could serve are counted in `unserved`.
+that no live replica could serve are reported per token (`unserved_tokens`):
+only the requests of those tokens lose their step.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class _Handle(NamedTuple):
     num_tokens: int
     order: jax.Array | None  # token of each compacted row, None when not compacted
     done: list  # outputs of the chunks already combined at send time
-    unserved: jax.Array  # slots of those chunks no server delivered
+    lost: list  # [c, k] of those chunks: needed slots no server delivered
     last: _Chunk
 
 
@@ -93,7 +94,8 @@ class RemoteExperts:
 
     After tracing, `statuses` holds one [S] status vector per combine (failover
     retries included) and `status_labels` its (moe_layer, micro_batch);
-    `unserved` one int32 count per exchange of token slots no server delivered;
+    `unserved_tokens` per exchange [n] bool, the tokens with a needed slot no
+    server delivered, and `unserved_labels` its (moe_layer, micro_batch);
     `server_slots` [S] the token-expert slots dispatched to each server;
     `server_wait_us` [S] the microseconds the step's combines waited on each
     server, summed.
@@ -122,7 +124,10 @@ class RemoteExperts:
         self.timeout_us = timeout_us
         self.statuses: list[jax.Array] = []
         self.status_labels: list[tuple[int, int]] = []
-        self.unserved: list[jax.Array] = []
+        # Per receive: (moe_layer, micro_batch) and [n] tokens with a needed
+        # slot no server delivered (after failover).
+        self.unserved_labels: list[tuple[int, int]] = []
+        self.unserved_tokens: list[jax.Array] = []
         self.server_slots = jnp.zeros(self.servers.shape, jnp.int32)
         self.server_wait_us = jnp.zeros(self.servers.shape, jnp.int32)
         self._chain = None  # output of the last custom call
@@ -159,7 +164,7 @@ class RemoteExperts:
 
     def _combine_with_failover(self, moe_layer, micro_batch, chunk: _Chunk) -> tuple[jax.Array, jax.Array]:
         """The chunk's combined output, failed slots re-sent to other replicas;
-        and how many needed slots no server delivered."""
+        and [c, k] the needed slots no server delivered."""
         out = self._combine(moe_layer, micro_batch, chunk)
         targets = chunk.targets
         for _ in range(self.table.shape[-1] - 1):
@@ -172,7 +177,7 @@ class RemoteExperts:
             out = out + self._combine(moe_layer, micro_batch, retry)
             targets = jnp.where(lost, retry_targets, targets)
         served = (targets >= 0) & self.live[jnp.maximum(targets, 0)]
-        return out, jnp.sum(chunk.needed & ~served, dtype=jnp.int32)
+        return out, chunk.needed & ~served
 
     @property
     def carry(self) -> jax.Array:
@@ -192,22 +197,24 @@ class RemoteExperts:
             order = jnp.argsort(~token_mask, stable=True)
             x, ids, gates, targets, needed = (a[order] for a in (x, ids, gates, targets, needed))
         bounds = list(range(0, n, self.capacity)) + [n]
-        done, unserved = [], jnp.zeros((), jnp.int32)
+        done, lost = [], []
         for lo, hi in zip(bounds[:-2], bounds[1:-1]):  # every chunk but the last: now
             chunk = self._dispatch(moe_layer, micro_batch, x[lo:hi], ids[lo:hi], gates[lo:hi], targets[lo:hi],
                                    needed[lo:hi])
-            out, missing = self._combine_with_failover(moe_layer, micro_batch, chunk)
+            out, chunk_lost = self._combine_with_failover(moe_layer, micro_batch, chunk)
             done.append(out)
-            unserved = unserved + missing
+            lost.append(chunk_lost)
         lo = bounds[-2]
         last = self._dispatch(moe_layer, micro_batch, x[lo:], ids[lo:], gates[lo:], targets[lo:], needed[lo:])
-        return _Handle(moe_layer, micro_batch, n, order, done, unserved, last)
+        return _Handle(moe_layer, micro_batch, n, order, done, lost, last)
 
     def receive(self, handle: _Handle) -> jax.Array:
-        out, missing = self._combine_with_failover(handle.moe_layer, handle.micro_batch, handle.last)
-        self.unserved.append(handle.unserved + missing)
-        if handle.done:
-            out = jnp.concatenate(handle.done + [out])
+        out, last_lost = self._combine_with_failover(handle.moe_layer, handle.micro_batch, handle.last)
+        out, lost = (jnp.concatenate(parts) for parts in (handle.done + [out], handle.lost + [last_lost]))
+        lost = lost.any(axis=1)
         if handle.order is not None:
             out = jnp.zeros_like(out).at[handle.order].set(out)
+            lost = jnp.zeros_like(lost).at[handle.order].set(lost)
+        self.unserved_labels.append((handle.moe_layer, handle.micro_batch))
+        self.unserved_tokens.append(lost)
         return out
