@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import platform
 import tempfile
@@ -157,6 +158,9 @@ def main() -> None:
                         help="times to run fault-free, killed, killed, fault-free")
     parser.add_argument("--append", help="results file to append the table to")
     args = parser.parse_args()
+    # The engine's failures, re-admissions and retries, timed, beside the table.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("eaas_jax.engine.engine").setLevel(logging.INFO)
     if not 0 < args.kill_at < 1:
         parser.error("--kill-at must be in (0, 1)")
     if args.cycles < 1:
