@@ -18,6 +18,8 @@ import pytest
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.engine import engine as engine_module
 from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
+from eaas_jax.engine.metrics import RECENT_STEPS
+from eaas_jax.engine.runner import StepStatuses
 from eaas_jax.runtime.autoscaler import ScalingPolicy
 from eaas_jax.runtime.client import RemoteExpertBackend
 from eaas_jax.runtime.cluster import LocalCluster
@@ -416,8 +418,21 @@ def test_a_server_not_in_the_file_joins_mid_run_takes_traffic_and_drains(tiny_ch
         assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
 
 
+def feed_server_waits(engine, waits_us) -> None:
+    """Fills the engine metrics' window of recent steps with steps that
+    waited `waits_us` on each server (what the scaler reads of queueing)."""
+    metrics = engine.metrics
+    n = len(metrics.server_names)
+    step = StepStatuses(statuses=np.zeros((0, n), np.int32), labels=[], unserved=np.zeros(0, np.int32),
+                        unserved_rows=np.zeros(0, bool), expert_tokens=np.zeros_like(metrics.expert_tokens),
+                        server_slots=np.zeros(n, np.int64), server_wait_us=np.asarray(waits_us))
+    for _ in range(RECENT_STEPS):
+        metrics.observe(step)
+
+
+@pytest.mark.parametrize("r1_wait_us", [1_000, 10_000], ids=["even waits", "r1 lags"])
 def test_with_every_file_server_running_the_scaler_adds_one_for_the_hottest_experts(tiny_checkpoint, reference,
-                                                                                    tmp_path):
+                                                                                    tmp_path, r1_wait_us):
     policy = ScalingPolicy(latency_target_ms=100, min_servers=2, max_servers=3, cooldown_s=60)
     clock = [0.0]
     with replicated_engine(tiny_checkpoint, tmp_path, JOINABLE) as (cluster, engine):
@@ -428,11 +443,17 @@ def test_with_every_file_server_running_the_scaler_adds_one_for_the_hottest_expe
         def load_spike(steps, finished):
             if steps == 5:
                 added.append(engine.metrics.expert_tokens.sum(axis=0).copy())
+                feed_server_waits(engine, [1_000, r1_wait_us, 0])
                 assert scaler.observe(95) == 1
 
         assert run_requests(engine, load_spike) == reference
-        # It hosts the 6 experts (what r0 and r1 each host) with the most tokens when it was added.
-        hot = sorted(np.argsort(-added[0], kind="stable")[:6].tolist())
+        # It hosts 6 experts (what r0 and r1 each host): those with the most
+        # tokens when it was added, r1's (2-7) first when the clients waited
+        # on r1 ten times as long as on r0.
+        by_tokens = np.argsort(-added[0], kind="stable").tolist()
+        if r1_wait_us > 1_000:
+            by_tokens = [e for e in by_tokens if e >= 2] + [e for e in by_tokens if e < 2]
+        hot = sorted(by_tokens[:6])
         assert cluster.joined_servers()[2] == ("hot-0", tuple((l, e) for l in range(TINY_CONFIG.num_moe_layers)
                                                              for e in hot))
         assert scaler.running() == ["r0", "r1", "hot-0"] and engine.metrics.server_slots[2] > 0

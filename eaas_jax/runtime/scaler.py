@@ -8,8 +8,11 @@ recent step times) and carries out its decision on the engine's `LocalCluster`:
   `standby = true` spare, or one drained earlier); when every one runs and the
   deployment has a free spare endpoint, start a server that is not in the file
   there, hosting the experts with the most tokens so far (as many as a file
-  server hosts on average: one more replica of the hot ones). The engine
-  admits it at its next step boundary;
+  server hosts on average: one more replica of the hot ones), taken from
+  those of a lagging server when there is one (the clients' recent waits on
+  it, `ServingMetrics.recent_server_wait`, at least LAGGARD_RATIO times the
+  median of the other live servers'): the queue is there. The engine admits
+  it at its next step boundary;
 * drain: drain the server this scaler started last (else the last running
   one) through `Engine.drain_server`, which refuses when an expert would lose
   its last live replica (the scaler then holds).
@@ -30,6 +33,10 @@ from eaas_jax.runtime.autoscaler import ScalingPolicy
 from eaas_jax.runtime.cluster import LocalCluster
 
 log = logging.getLogger(__name__)
+
+# A live server whose recent wait (90th percentile) is this many times the
+# median of the other live servers' is the one a new replica should relieve.
+LAGGARD_RATIO = 2.0
 
 
 class ClusterScaler:
@@ -59,15 +66,38 @@ class ClusterScaler:
         deployment = self.cluster.deployment
         if len(self.cluster.joined_servers()) >= deployment.spare_endpoints:
             return None
-        per_expert = self.engine.metrics.expert_tokens.sum(axis=0)
         config = self.engine.config
         share = math.ceil(sum(len(s.hosted(config)) for s in deployment.servers)
                           / (len(deployment.servers) * config.num_moe_layers))
-        hottest = sorted(np.argsort(-per_expert, kind="stable")[:share].tolist())
+        hottest = self._experts_to_replicate(share)
         name = f"hot-{self._joined_count}"
         self._joined_count += 1
         self.cluster.add_server(name, experts=hottest)
         return name
+
+    def _experts_to_replicate(self, count: int) -> list[int]:
+        """The `count` experts with the most tokens so far, those of a lagging
+        server first (`_laggard`), in index order."""
+        per_expert = self.engine.metrics.expert_tokens.sum(axis=0)
+        by_tokens = np.argsort(-per_expert, kind="stable").tolist()
+        laggard = self._laggard()
+        if laggard is not None:
+            hosted = set(np.nonzero((self.engine.runner.experts.table == laggard).any(axis=(0, 2)))[0].tolist())
+            by_tokens = [e for e in by_tokens if e in hosted] + [e for e in by_tokens if e not in hosted]
+        return sorted(by_tokens[:count])
+
+    def _laggard(self) -> int | None:
+        """The live server the clients waited on LAGGARD_RATIO times as long
+        as on the median other live server (90th percentile of recent steps);
+        None when none stands out."""
+        waits = self.engine.metrics.recent_server_wait(0.9)
+        backend = self.engine.runner.experts
+        live = [i for i in range(0 if waits is None else len(waits)) if backend.is_live(i)]
+        if len(live) < 2:
+            return None
+        slowest = max(live, key=lambda i: waits[i])
+        others = np.median([waits[i] for i in live if i != slowest])
+        return slowest if waits[slowest] > 0 and waits[slowest] >= LAGGARD_RATIO * others else None
 
     def observe_engine(self, quantile: float = 0.9) -> int:
         """`observe` the engine's own step time: the `quantile` of its recent
