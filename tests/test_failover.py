@@ -241,9 +241,13 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
             # The dead server is known now: no deadline to wait for.
             engine.runner.wait()
             start = time.monotonic()
+            unserved, to_high = engine.metrics.unserved_slots, engine.metrics.expert_tokens[:, 4:].sum()
             with pytest.raises(ExpertServerError, match="marked dead earlier.*no live replica left"):
                 engine.generate(PROMPTS[:2], PARAMS, use_tqdm=False)
             assert time.monotonic() - start < 1.5
+            # Every token-expert slot routed to experts 4-7 went unserved, counted
+            # once per slot (a token with both of its experts there counts twice).
+            assert engine.metrics.unserved_slots - unserved == engine.metrics.expert_tokens[:, 4:].sum() - to_high > 0
             assert not engine.has_unfinished_requests()
 
 

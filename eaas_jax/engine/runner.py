@@ -114,13 +114,14 @@ class EmbeddedExperts:
         return []
 
 
-def _rows_with(token_masks, labels, rows: list[slice], shape: tuple[int, int]) -> jax.Array:
-    """[B] bool: the rows holding a token flagged in any exchange's [n] mask
-    (n = a micro-batch's rows x T tokens, `labels` saying which micro-batch)."""
+def _rows_with(token_counts, labels, rows: list[slice], shape: tuple[int, int]) -> jax.Array:
+    """[B] bool: the rows holding a token with a nonzero count in any
+    exchange's [n] counts (n = a micro-batch's rows x T tokens, `labels`
+    saying which micro-batch)."""
     flagged = jnp.zeros(shape[0], bool)
-    for mask, (_, micro_batch) in zip(token_masks, labels):
+    for counts, (_, micro_batch) in zip(token_counts, labels):
         r = rows[micro_batch]
-        flagged = flagged.at[r].set(flagged[r] | mask.reshape(-1, shape[1]).any(axis=1))
+        flagged = flagged.at[r].set(flagged[r] | (counts.reshape(-1, shape[1]) > 0).any(axis=1))
     return flagged
 
 
@@ -144,8 +145,7 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     statuses = getattr(experts, "statuses", [])
     statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
     unserved_tokens = getattr(experts, "unserved_tokens", [])
-    unserved = jnp.stack([jnp.sum(t, dtype=jnp.int32) for t in unserved_tokens]) if unserved_tokens else (
-        jnp.zeros((0,), jnp.int32))
+    unserved = jnp.stack([jnp.sum(t) for t in unserved_tokens]) if unserved_tokens else jnp.zeros((0,), jnp.int32)
     unserved_rows = _rows_with(unserved_tokens, getattr(experts, "unserved_labels", []),
                                micro_batch_rows(tokens.shape[0], num_micro_batches), tokens.shape)
     expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)

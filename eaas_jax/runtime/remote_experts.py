@@ -20,7 +20,7 @@ failed is not used again in this step, nor in the steps dispatched after it:
 they take this step's `carry` (the generation in which each server was seen
 failing) as input, so a step queued before the host fetched this one does not
 wait out the dead server's deadline again; the host then marks it dead. Slots
-that no live replica could serve are reported per token (`unserved_tokens`):
+that no live replica could serve are counted per token (`unserved_tokens`):
 only the requests of those tokens lose their step.
 """
 
@@ -94,7 +94,7 @@ class RemoteExperts:
 
     After tracing, `statuses` holds one [S] status vector per combine (failover
     retries included) and `status_labels` its (moe_layer, micro_batch);
-    `unserved_tokens` per exchange [n] bool, the tokens with a needed slot no
+    `unserved_tokens` per exchange [n] int32, each token's needed slots no
     server delivered, and `unserved_labels` its (moe_layer, micro_batch);
     `server_slots` [S] the token-expert slots dispatched to each server;
     `server_wait_us` [S] the microseconds the step's combines waited on each
@@ -124,8 +124,8 @@ class RemoteExperts:
         self.timeout_us = timeout_us
         self.statuses: list[jax.Array] = []
         self.status_labels: list[tuple[int, int]] = []
-        # Per receive: (moe_layer, micro_batch) and [n] tokens with a needed
-        # slot no server delivered (after failover).
+        # Per receive: (moe_layer, micro_batch) and [n] each token's needed
+        # slots no server delivered (after failover).
         self.unserved_labels: list[tuple[int, int]] = []
         self.unserved_tokens: list[jax.Array] = []
         self.server_slots = jnp.zeros(self.servers.shape, jnp.int32)
@@ -211,7 +211,7 @@ class RemoteExperts:
     def receive(self, handle: _Handle) -> jax.Array:
         out, last_lost = self._combine_with_failover(handle.moe_layer, handle.micro_batch, handle.last)
         out, lost = (jnp.concatenate(parts) for parts in (handle.done + [out], handle.lost + [last_lost]))
-        lost = lost.any(axis=1)
+        lost = jnp.sum(lost, axis=1, dtype=jnp.int32)
         if handle.order is not None:
             out = jnp.zeros_like(out).at[handle.order].set(out)
             lost = jnp.zeros_like(lost).at[handle.order].set(lost)
