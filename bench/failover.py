@@ -61,7 +61,6 @@ def run_workload(engine, requests, params, kill=None) -> dict:
     """Steps the engine until every request is done; `kill` = (seconds, fn)
     calls fn at the first step boundary after that many seconds. Requests
     that failed (a token with no live replica of its expert) are counted."""
-
     ids = [engine.add_request(prompt, params) for prompt in requests]
     lengths: dict[str, int] = {}
     outputs: dict[str, list[int]] = {}

@@ -251,17 +251,6 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
             assert not engine.has_unfinished_requests()
 
 
-def _index_ranges(indices) -> str:
-    """[0, 1, 2, 5] -> '["0-2", "5-5"]' (the deployment file's syntax)."""
-    runs, ranges = [], []
-    for i in indices:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return "[" + ", ".join(f'"{a}-{b}"' for a, b in runs) + "]"
-
-
 def test_killing_the_only_replica_of_an_expert_fails_just_the_requests_routed_to_it(
         tiny_checkpoint, reference, tmp_path):
     # The least used (MoE layer, expert) of the run, alone on "solo"; every
@@ -275,7 +264,7 @@ def test_killing_the_only_replica_of_an_expert_fails_just_the_requests_routed_to
     path = tmp_path / "solo.toml"
     path.write_text('name = "solo"\ntimeout_ms = 2000\ncapacity = 64\n'
                     f'[[servers]]\nname = "other-layers"\nlayers = {other_layers}\n'
-                    f'[[servers]]\nname = "layer"\nlayers = [{layer}]\nexperts = {_index_ranges(others)}\n'
+                    f'[[servers]]\nname = "layer"\nlayers = [{layer}]\nexperts = {others}\n'
                     f'[[servers]]\nname = "solo"\nlayers = [{layer}]\nexperts = [{expert}]\n')
     with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
         with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:

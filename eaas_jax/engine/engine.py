@@ -54,7 +54,8 @@ class _StepRunAgain(Exception):
     wrong with the request)."""
 
 
-def _index_list(indices: list[int], shown: int = 8) -> str:
+def _abbreviated(indices: list[int], shown: int = 8) -> str:
+    """"0, 3, 5" or "0, 1, ..., 7 and 4 more" for an error message."""
     text = ", ".join(map(str, indices[:shown]))
     return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")
 
@@ -685,7 +686,7 @@ class Engine:
         failed = [i for i, out in enumerate(outputs) if out.error]
         if failed:
             raise ExpertServerError(
-                f"{len(failed)} of {len(outputs)} requests failed (prompts {_index_list(failed)}; the others "
+                f"{len(failed)} of {len(outputs)} requests failed (prompts {_abbreviated(failed)}; the others "
                 f"completed, see .outputs): {outputs[failed[0]].error}", outputs)
         return outputs
 

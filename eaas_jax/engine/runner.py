@@ -86,10 +86,9 @@ class DispatchedStep:
             x.copy_to_host_async()
 
     def fetch(self) -> tuple[StepResult, StepStatuses]:
-        sampled, exchanges = jax.device_get(self._outputs)
-        statuses = StepStatuses(exchanges[0], self._labels, *exchanges[1:])
+        sampled, (statuses, unserved, unserved_rows, *rest) = jax.device_get(self._outputs)
         return (StepResult(*(x[: self.num_rows] for x in sampled)),
-                statuses._replace(unserved_rows=statuses.unserved_rows[: self.num_rows]))
+                StepStatuses(statuses, self._labels, unserved, unserved_rows[: self.num_rows], *rest))
 
 
 class EmbeddedExperts:
