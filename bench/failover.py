@@ -40,6 +40,9 @@ PROMPTS = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init
            "for i in range(", "# sort the list\n", "return {", "while True:\n"]
 
 
+# How long a restarted r0 may take to be routed to again (a probation, if
+# its first exchange missed the deadline, lasts 5 s).
+ADMISSION_TIMEOUT_S = 30.0
 SERVERS = {"r0": '["0-5"]', "r1": '["2-7"]', "r2": '["0-1", "6-7"]'}  # every one of the 8 experts on two
 
 
@@ -107,13 +110,23 @@ def measure(args, workdir: str) -> list[tuple[str, dict]]:
                 cluster.process("r0").kill()
                 cluster.process("r0").wait()
 
+            def restart_r0():
+                """Starts r0 again and warms it up until the engine routes to
+                it: admitted at a step boundary, or after a probation if it
+                missed its first exchange."""
+                cluster.start_server("r0")
+                deadline = time.monotonic() + ADMISSION_TIMEOUT_S
+                while True:
+                    time.sleep(MEMBERSHIP_CHECK_S)
+                    run_workload(engine, requests[:args.max_num_seqs], params)
+                    if engine.runner.experts.is_live(r0):
+                        return
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"the restarted r0 was not admitted within {ADMISSION_TIMEOUT_S:g} s")
+
             for kind in ("fault-free", "killed", "killed", "fault-free") * args.cycles:
                 if not engine.runner.experts.is_live(r0):
-                    cluster.start_server("r0")
-                    time.sleep(MEMBERSHIP_CHECK_S)  # admitted at the next step boundary, then warmed up:
-                    run_workload(engine, requests[:args.max_num_seqs], params)
-                    if not engine.runner.experts.is_live(r0):
-                        raise SystemExit("the restarted r0 was not admitted")
+                    restart_r0()
                 # The order starts fault-free: a kill comes at a fraction of that run's time.
                 kill = (args.kill_at * runs[0][1]["wall"], kill_r0) if kind == "killed" else None
                 runs.append((kind, run_workload(engine, requests, params, kill)))

@@ -18,7 +18,7 @@ from eaas_jax.runtime.expert_server import ExpertServer, select_experts
 from eaas_jax.runtime.remote_experts import RemoteExperts
 from eaas_jax.transport import shm
 
-from conftest import TINY_CONFIG, tiny_model
+from conftest import TINY_CONFIG, XLA_COMPILATIONS, tiny_model
 
 CLIENT, SERVERS = 0, (1, 2)
 TOKENS = 12
@@ -64,6 +64,21 @@ def deployment(model, request, monkeypatch):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{name}-")]
 
 
+def test_a_server_compiles_before_it_serves_and_never_after(model):
+    """A server says it is ready once constructed and one round ran; a
+    compile after that stalls its first exchanges past a client's deadline."""
+    c = TINY_CONFIG
+    geometry = dict(max_endpoints=2, num_channels=2, capacity=TOKENS, hidden_size=c.hidden_size,
+                    top_k=c.num_experts_per_tok, num_layers=c.num_moe_layers, num_experts=c.num_experts)
+    with shm.ShmEndpoint(f"t{uuid.uuid4().hex[:10]}", 1, **geometry) as endpoint:
+        before = XLA_COMPILATIONS["jit(_server_round)"]
+        server = ExpertServer(endpoint, select_experts(flat_params(model), [(0, 1), (1, 2)], c),
+                              poll_timeout_us=1_000)
+        assert XLA_COMPILATIONS["jit(_server_round)"] == before + 1
+        assert server.step() == 0 and server.step() == 0  # idle rounds
+        assert XLA_COMPILATIONS["jit(_server_round)"] == before + 1
+
+
 def test_select_experts_rejects_unknown_experts(model):
     with pytest.raises(ValueError, match="outside"):
         select_experts(flat_params(model), [(0, 99)], TINY_CONFIG)
@@ -76,9 +91,7 @@ def test_servers_match_the_embedded_experts(model, deployment, request):
     client, table, servers = deployment
     # The round picks its rows' bucket with a conditional unless it computes at full capacity.
     full_capacity = request.node.callspec.params["deployment"]
-    e = servers[0].experts
-    round_jaxpr = str(servers[0]._round.trace(jnp.asarray(e.group_of), e.gate_proj, e.up_proj, e.down_proj,
-                                              jnp.asarray(e.hosted_mask), **servers[0]._static).jaxpr)
+    round_jaxpr = str(servers[0]._round.trace(*servers[0]._args, **servers[0]._static).jaxpr)
     assert ("cond[" in round_jaxpr) != full_capacity
     servers_arr = jnp.asarray(SERVERS, jnp.int32)
 

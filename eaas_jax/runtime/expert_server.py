@@ -151,6 +151,12 @@ class ExpertServer:
         self._round = jax.jit(_server_round, static_argnames=("endpoint", "capacity", "timeout_us"),
                               compiler_options=custom_calls.COMPILER_OPTIONS)
         self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us)
+        self._args = (self._group_of, experts.gate_proj, experts.up_proj, experts.down_proj, self._hosted_mask)
+        # Compiled here, ahead of time, so that a server never compiles once it
+        # is up: on GPUs the jitted call traced the round again at the serve
+        # loop's first round (2026-11-30, tokamax), ~3 s in which a restarted
+        # server that had announced itself ready missed its first exchange.
+        self._compiled = self._round.lower(*self._args, **self._static).compile()
         # Rounds queued at once: on the CPU the poll handler blocks one of
         # XLA's few host threads while it waits, so a second queued round
         # would starve the client's and other servers' handlers.
@@ -160,9 +166,7 @@ class ExpertServer:
 
     def _queue(self) -> jax.Array:
         """Queues a round; returns its row count (a device value)."""
-        e = self.experts
-        _, rows = self._round(self._group_of, e.gate_proj, e.up_proj, e.down_proj, self._hosted_mask,
-                              **self._static)
+        _, rows = self._compiled(*self._args)
         return rows
 
     def step(self) -> int:
@@ -263,7 +267,7 @@ def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, e
     parent_gone = threading.Event()
     with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
-        server.step()  # compiles the round (an idle one)
+        server.step()  # an idle round: the transport answers before the server says it is ready
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
         if exit_with_parent:
