@@ -11,7 +11,9 @@ compilation is timed).
 `--transport cuda_ipc`: the client on GPU 0 and the servers on the GPUs of
 `--server-gpus` (default all three on GPU 1), bfloat16. Several server
 processes on one GPU share it through the driver's time slicing unless an MPS
-daemon runs (the table says which).
+daemon runs (the table says which). Measure without MPS: there a SIGKILLed
+server took the GPU's other MPS clients down with it (bench/RESULTS.md,
+2026-11-30).
 
 Runs go fault-free, killed, killed, fault-free (`--cycles` times), r0
 restarted as a new process before each run after a kill: consecutive runs of

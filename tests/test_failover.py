@@ -337,9 +337,9 @@ def test_a_replica_that_exited_while_idle_is_routed_around_before_any_deadline(t
         assert backend.endpoint.stats()["timeouts"] == 0
 
 
-def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_it_when_idle(tiny_checkpoint, reference,
-                                                                                     tmp_path):
-    policy = ScalingPolicy(latency_target_ms=100, min_servers=2, max_servers=3, cooldown_s=60)
+def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_the_least_used_when_idle(
+        tiny_checkpoint, reference, tmp_path):
+    policy = ScalingPolicy(latency_target_ms=100, min_servers=1, max_servers=3, cooldown_s=60)
     clock = [0.0]
     with replicated_engine(tiny_checkpoint, tmp_path, STANDBY_R2) as (cluster, engine):
         backend = engine.runner.experts
@@ -360,12 +360,18 @@ def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_it_when
         clock[0] = 30
         assert scaler.observe(10) == 0  # cooling down
         clock[0] = 90
-        assert scaler.observe(10) == -1 and cluster.process("r2").returncode == 0  # drained, exited
+        # The clients sent r1 the least of late: r1 goes, not r2, which the scaler started.
+        feed_recent_steps(engine, slots=[900, 10, 500])
+        slots = engine.metrics.server_slots.copy()
+        assert scaler.observe(10) == -1 and cluster.process("r1").returncode == 0  # drained, exited
+        assert scaler.running() == ["r0", "r2"] and cluster.process("r2").poll() is None
         assert scaler.observe(10) == 0  # cooling down again
         clock[0] = 200
-        assert scaler.observe(10) == 0  # min_servers
+        # r0 alone holds experts 2-5 now and r2 experts 6-7: both refuse, the scaler holds.
+        assert scaler.observe(10) == 0 and scaler.running() == ["r0", "r2"]
+        assert backend.is_live(0) and backend.is_live(2)
         assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
-        assert engine.metrics.server_slots[2] == slots[2]  # nothing reached r2 after the drain
+        assert engine.metrics.server_slots[1] == slots[1]  # nothing reached r1 after the drain
         assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
         # observe_engine feeds the policy the engine's own p90 step time.
         seen = []
@@ -411,14 +417,16 @@ def test_a_server_not_in_the_file_joins_mid_run_takes_traffic_and_drains(tiny_ch
         assert backend.endpoint.stats()["timeouts"] == 0 and engine.metrics.server_counters["marked_dead"].sum() == 0
 
 
-def feed_server_waits(engine, waits_us) -> None:
-    """Fills the engine metrics' window of recent steps with steps that
-    waited `waits_us` on each server (what the scaler reads of queueing)."""
+def feed_recent_steps(engine, *, waits_us=None, slots=None) -> None:
+    """Fills the engine metrics' window of recent steps with steps that sent
+    `slots` token-expert slots to each server and waited `waits_us` on it
+    (what the scaler reads of load and queueing; zeros by default)."""
     metrics = engine.metrics
     n = len(metrics.server_names)
     step = StepStatuses(statuses=np.zeros((0, n), np.int32), labels=[], unserved=np.zeros(0, np.int32),
                         unserved_rows=np.zeros(0, bool), expert_tokens=np.zeros_like(metrics.expert_tokens),
-                        server_slots=np.zeros(n, np.int64), server_wait_us=np.asarray(waits_us))
+                        server_slots=np.asarray(slots if slots is not None else [0] * n, np.int64),
+                        server_wait_us=np.asarray(waits_us if waits_us is not None else [0] * n))
     for _ in range(RECENT_STEPS):
         metrics.observe(step)
 
@@ -436,7 +444,7 @@ def test_with_every_file_server_running_the_scaler_adds_one_for_the_hottest_expe
         def load_spike(steps, finished):
             if steps == 5:
                 added.append(engine.metrics.expert_tokens.sum(axis=0).copy())
-                feed_server_waits(engine, [1_000, r1_wait_us, 0])
+                feed_recent_steps(engine, waits_us=[1_000, r1_wait_us, 0])
                 assert scaler.observe(95) == 1
 
         assert run_requests(engine, load_spike) == reference
@@ -453,6 +461,7 @@ def test_with_every_file_server_running_the_scaler_adds_one_for_the_hottest_expe
         clock[0] = 100
         assert scaler.observe(95) == 0  # max_servers
         clock[0] = 200
+        feed_recent_steps(engine, slots=[50, 50, 50])  # even traffic: the server the scaler started last goes
         assert scaler.observe(10) == -1 and cluster.process("hot-0").returncode == 0  # drained, exited
         assert scaler.running() == ["r0", "r1"]
         assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from eaas_jax.engine import SamplingParams
-from eaas_jax.engine.metrics import ServingMetrics
+from eaas_jax.engine.metrics import RECENT_STEPS, ServingMetrics
 from eaas_jax.engine.runner import StepStatuses
 from eaas_jax.transport import custom_calls
 
@@ -34,9 +34,10 @@ def test_render_counts_each_servers_failures_and_escapes_labels():
     report = StepStatuses(statuses=np.array([[ok, timeout], [bad, timeout]]), labels=[(0, 0), (0, 0)],
                           unserved=np.array([3]), unserved_rows=np.array([True, False]), expert_tokens=np.array([[5, 7]]), server_slots=np.array([9, 4]),
                           server_wait_us=np.array([1_500, 250_000]))
-    assert metrics.recent_server_wait(0.5) is None
+    assert metrics.recent_server_wait(0.5) is None and metrics.recent_server_slots() is None
     metrics.observe(report)
     metrics.observe(report._replace(server_wait_us=np.array([500, 50_000])))
+    assert metrics.recent_server_slots().tolist() == [18, 8]
     metrics.server_marked_dead(1)
     metrics.failed_requests, metrics.retried_steps = 1, 2  # what the engine counts
     samples = parse(metrics.render(live=[True, False], transport={"drop_checksum": 2, "timeouts": 4}))
@@ -56,6 +57,10 @@ def test_render_counts_each_servers_failures_and_escapes_labels():
     np.testing.assert_allclose(metrics.recent_server_wait(0.0), [0.0005, 0.05])
     assert samples[("eaas_transport_dropped_messages_total", '{reason="checksum"}')] == 2
     assert samples[("eaas_transport_events_total", '{event="timeouts"}')] == 4
+    # Recent slots cover the last RECENT_STEPS steps only.
+    for _ in range(RECENT_STEPS):
+        metrics.observe(report._replace(server_slots=np.array([0, 1])))
+    assert metrics.recent_server_slots().tolist() == [0, RECENT_STEPS]
 
 
 def test_step_times_are_a_cumulative_histogram_and_recent_quantiles():

@@ -95,6 +95,7 @@ class ServingMetrics:
         self.server_slots = np.zeros(n, np.int64)
         self.server_wait_seconds = np.zeros(n, np.float64)
         self._recent_server_wait: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_STEPS)
+        self._recent_server_slots: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_STEPS)
         self.server_counters = {name: np.zeros(n, np.int64) for name in (*_STATUS_COUNTERS.values(), "marked_dead")}
         self.step_seconds_counts = np.zeros(len(STEP_SECONDS_BUCKETS) + 1, np.int64)  # the last: above all
         self.step_seconds_sum = 0.0
@@ -106,6 +107,7 @@ class ServingMetrics:
         self.expert_tokens += report.expert_tokens
         if self.server_names:
             self.server_slots += report.server_slots
+            self._recent_server_slots.append(np.asarray(report.server_slots, np.int64))
             wait_s = np.asarray(report.server_wait_us, np.float64) / 1e6
             self.server_wait_seconds += wait_s
             self._recent_server_wait.append(wait_s)
@@ -143,6 +145,13 @@ class ServingMetrics:
         if not self._recent_server_wait:
             return None
         return np.quantile(np.stack(self._recent_server_wait), quantile, axis=0)
+
+    def recent_server_slots(self) -> np.ndarray | None:
+        """Per server, the token-expert slots sent to it in the last
+        RECENT_STEPS steps; None before the first step."""
+        if not self._recent_server_slots:
+            return None
+        return np.sum(np.stack(self._recent_server_slots), axis=0)
 
     def render(self, *, live: Sequence[bool] = (), transport: Mapping[str, int] | None = None) -> str:
         """The exposition text. live: per server, whether it gets traffic now;

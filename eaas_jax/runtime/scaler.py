@@ -13,9 +13,12 @@ recent step times) and carries out its decision on the engine's `LocalCluster`:
   it, `ServingMetrics.recent_server_wait`, at least LAGGARD_RATIO times the
   median of the other live servers'): the queue is there. The engine admits
   it at its next step boundary;
-* drain: drain the server this scaler started last (else the last running
-  one) through `Engine.drain_server`, which refuses when an expert would lose
-  its last live replica (the scaler then holds).
+* drain: drain the running server the clients sent the fewest token-expert
+  slots in recent steps (`ServingMetrics.recent_server_slots`: the least
+  traffic to move to replicas; ties go to the server this scaler started
+  last, then to the last running one) through `Engine.drain_server`, which
+  refuses when an expert would lose its last live replica: then the next
+  one, and the scaler holds when every one refuses.
 
 Servers are added and removed one at a time; the step never recompiles.
 """
@@ -99,6 +102,25 @@ class ClusterScaler:
         others = np.median([waits[i] for i in live if i != slowest])
         return slowest if waits[slowest] > 0 and waits[slowest] >= LAGGARD_RATIO * others else None
 
+    def _drain_one(self, running: list[str]) -> str | None:
+        """Drains a server (see the module doc); its name, None if every one
+        holds the last live replica of some expert."""
+        recent = self.engine.metrics.recent_server_slots()
+        ours = [name for name in self._started if name in running]
+        # Latest first: what this scaler started, then the running order reversed.
+        latest_first = ours[::-1] + [name for name in running[::-1] if name not in ours]
+        slots = {name: 0 if recent is None else int(recent[self.cluster.endpoint_of(name)])
+                 for name in latest_first}
+        refusals = []
+        for name in sorted(latest_first, key=slots.get):  # stable: ties stay latest first
+            try:
+                self.engine.drain_server(name)
+                return name
+            except ValueError as e:  # it holds an expert's last live replica
+                refusals.append(str(e))
+        log.info("autoscaler holds: %s", "; ".join(refusals))
+        return None
+
     def observe_engine(self, quantile: float = 0.9) -> int:
         """`observe` the engine's own step time: the `quantile` of its recent
         steps (`ServingMetrics.recent_step_time`), per-token latency for
@@ -119,12 +141,8 @@ class ClusterScaler:
                 return 0
             self._started.append(started)
         elif decision < 0:
-            ours = [name for name in self._started if name in running]
-            victim = ours[-1] if ours else running[-1]
-            try:
-                self.engine.drain_server(victim)
-            except ValueError as e:  # it holds an expert's last live replica
-                log.info("autoscaler holds: %s", e)
+            victim = self._drain_one(running)
+            if victim is None:
                 return 0
             if victim in self._started:
                 self._started.remove(victim)
