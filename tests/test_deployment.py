@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import numpy as np
 import pytest
 
 from eaas_jax.checkpoint import load_config
+from eaas_jax.runtime.cluster import LocalCluster
 from eaas_jax.runtime.deployment import Deployment, DeploymentError
 
 from conftest import REPO, SHIPPED, TINY_CONFIG
@@ -84,6 +86,49 @@ def test_cuda_ipc_deployment_names_each_servers_gpu(tmp_path):
     assert d.transport == "cuda_ipc"
     assert [s.device for s in d.servers] == [1, None]
     assert d.endpoint_paths("t")[0] == "/dev/shm/eaas-t-0.cuda-ipc"
+
+
+def test_replicas_that_share_a_gpu_are_found(tmp_path):
+    # Every expert on two servers (r0: 0-5, r1: 2-7, r2: 0-1 and 6-7): with r0
+    # and r1 on GPU 1, experts 2-5 have both replicas there.
+    d = _load(tmp_path, "name = 't'\ntransport = 'cuda_ipc'\n"
+                        "[[servers]]\nname = 'r0'\nexperts = ['0-5']\ndevice = 1\n"
+                        "[[servers]]\nname = 'r1'\nexperts = ['2-7']\ndevice = 1\n"
+                        "[[servers]]\nname = 'r2'\nexperts = ['0-1', '6-7']\ndevice = 0\n"
+                        "[[servers]]\nname = 'lone'\nlayers = [0]\nexperts = [0]\ndevice = 0\n")
+    gpu_of = lambda endpoint: str(d.servers[endpoint].device)  # noqa: E731
+    layers = range(TINY_CONFIG.num_moe_layers)
+    assert d.replicas_on_one_gpu(TINY_CONFIG, gpu_of) == {"1": [(l, e) for l in layers for e in range(2, 6)]}
+    # r2 on GPU 1 as well: every expert but layer 0's expert 0 (also on 'lone', GPU 0).
+    everything_on_1 = d.replicas_on_one_gpu(TINY_CONFIG, lambda endpoint: "0" if endpoint == 3 else "1")
+    assert everything_on_1 == {"1": [(l, e) for l in layers for e in range(8) if (l, e) != (0, 0)]}
+    # One replica is not a shared failure domain: a single-server file has nothing to report.
+    single = _load(tmp_path, "name = 't'\n[[servers]]\nname = 'a'\n")
+    assert single.replicas_on_one_gpu(TINY_CONFIG, lambda endpoint: "0") == {}
+
+
+def test_a_local_cluster_warns_of_replicas_on_one_gpu(tmp_path, monkeypatch, caplog):
+    """Its servers' GPUs: `device`, else round robin from the GPU after the
+    client's; only the warning runs here (starting cuda_ipc servers needs GPUs)."""
+    d = _load(tmp_path, "name = 't'\ntransport = 'cuda_ipc'\n"
+                        "[[servers]]\nname = 'r0'\nexperts = ['0-5']\n"
+                        "[[servers]]\nname = 'r1'\nexperts = ['2-7']\n"
+                        "[[servers]]\nname = 'r2'\nexperts = ['0-1', '6-7']\ndevice = 1\n")
+    cluster = LocalCluster.__new__(LocalCluster)  # no processes
+    cluster.deployment, cluster._config, cluster._joined = d, TINY_CONFIG, {}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert [cluster._gpu_of(endpoint) for endpoint in range(3)] == ["1", "0", "1"]
+    with caplog.at_level(logging.WARNING, logger="eaas_jax.runtime.cluster"):
+        cluster._warn_of_replicas_on_one_gpu()  # r0 and r2 on GPU 1: experts 0-1
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "4 (MoE layer, expert) pairs, e.g. (layer 0, expert 0), have every replica on GPU 1: a fault of that GPU "
+        "loses them all (under MPS, so can one killed server); place replicas on different GPUs"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # r0 and r1 on GPU 3 (r2 on 1): experts 2-5
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eaas_jax.runtime.cluster"):
+        cluster._warn_of_replicas_on_one_gpu()
+    assert len(caplog.records) == 1 and "8 (MoE layer, expert) pairs, e.g. (layer 0, expert 2), have every " \
+        "replica on GPU 3" in caplog.records[0].getMessage()
 
 
 def test_files_that_do_not_fit_the_model_are_rejected(tmp_path):

@@ -132,6 +132,8 @@ class LocalCluster:
         self._joined: dict[int, ServerSpec] = {}  # spare endpoint -> the server added there last
         self._closed = False
         atexit.register(self.close)
+        if self.deployment.transport == "cuda_ipc":
+            self._warn_of_replicas_on_one_gpu()
         try:
             started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
             for name in started:
@@ -159,20 +161,31 @@ class LocalCluster:
             command += ["--endpoint", str(endpoint), "--layers", _index_text(spec.layers),
                         "--experts", _index_text(spec.experts)]
         if self.deployment.transport == "cuda_ipc":
-            # One GPU per server process; by default the GPU after the
-            # client's (0), round robin over what this host has.
-            device = spec.device
-            if device is None:
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                gpus = visible.split(",") if visible else [str(i) for i in range(_local_gpu_count())]
-                device = gpus[(endpoint + 1) % len(gpus)]
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(device))
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=self._gpu_of(endpoint))
             env.pop("JAX_PLATFORMS", None)
         else:
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         with open(self._log_path(spec.name), "ab") as log_file:  # a restarted server appends
             return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file,
                                     stdin=subprocess.DEVNULL, env=env)
+
+    def _gpu_of(self, endpoint: int) -> str:
+        """The GPU of the server on `endpoint` (cuda_ipc: one per process):
+        its `device`, else the GPU after the client's (0), round robin over
+        what this host has."""
+        device = self._spec(endpoint).device
+        if device is not None:
+            return str(device)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(_local_gpu_count())]
+        return gpus[(endpoint + 1) % len(gpus)]
+
+    def _warn_of_replicas_on_one_gpu(self) -> None:
+        for gpu, pairs in self.deployment.replicas_on_one_gpu(self._config, self._gpu_of).items():
+            layer, expert = pairs[0]
+            log.warning("%s: %d (MoE layer, expert) pairs, e.g. (layer %d, expert %d), have every replica on "
+                        "GPU %s: a fault of that GPU loses them all (under MPS, so can one killed server); "
+                        "place replicas on different GPUs", self.deployment.source, len(pairs), layer, expert, gpu)
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:

@@ -269,6 +269,20 @@ class Deployment:
                 table[l, e, : len(endpoints)] = endpoints
         return table
 
+    def replicas_on_one_gpu(self, config: ModelConfig, gpu_of) -> dict[str, list[tuple[int, int]]]:
+        """The (layer, expert) pairs the file gives two or more replicas, all
+        on one GPU, by that GPU (`gpu_of(endpoint)` names a server's): one
+        fault of that GPU loses every replica, and under MPS so can one
+        killed server (bench/RESULTS.md, 2026-11-30)."""
+        table = self.routing_table(config)
+        shared: dict[str, list[tuple[int, int]]] = {}
+        for layer, expert in np.ndindex(*table.shape[:2]):
+            endpoints = table[layer, expert][table[layer, expert] >= 0]
+            gpus = {gpu_of(int(endpoint)) for endpoint in endpoints}
+            if len(endpoints) > 1 and len(gpus) == 1:
+                shared.setdefault(gpus.pop(), []).append((layer, expert))
+        return shared
+
     def geometry(self, config: ModelConfig) -> dict:
         """The mailbox geometry every endpoint of this deployment opens with."""
         return dict(
