@@ -275,10 +275,11 @@ class Deployment:
         fault of that GPU loses every replica, and under MPS so can one
         killed server (bench/RESULTS.md, 2026-11-30)."""
         table = self.routing_table(config)
+        gpu = {int(endpoint): gpu_of(int(endpoint)) for endpoint in np.unique(table[table >= 0])}  # once a server
         shared: dict[str, list[tuple[int, int]]] = {}
         for layer, expert in np.ndindex(*table.shape[:2]):
             endpoints = table[layer, expert][table[layer, expert] >= 0]
-            gpus = {gpu_of(int(endpoint)) for endpoint in endpoints}
+            gpus = {gpu[int(endpoint)] for endpoint in endpoints}
             if len(endpoints) > 1 and len(gpus) == 1:
                 shared.setdefault(gpus.pop(), []).append((layer, expert))
         return shared

@@ -143,15 +143,13 @@ class ExpertServer:
         poll_timeout_us: int = 20_000,
     ):
         self.endpoint = endpoint
-        self.experts = experts
-        self._hosted_mask = jnp.asarray(experts.hosted_mask)
-        self._group_of = jnp.asarray(experts.group_of)
         # Room for both micro-batches of one client in a single round.
         capacity = endpoint.geometry.capacity * endpoint.geometry.num_channels
         self._round = jax.jit(_server_round, static_argnames=("endpoint", "capacity", "timeout_us"),
                               compiler_options=custom_calls.COMPILER_OPTIONS)
         self._static = dict(endpoint=endpoint, capacity=capacity, timeout_us=poll_timeout_us)
-        self._args = (self._group_of, experts.gate_proj, experts.up_proj, experts.down_proj, self._hosted_mask)
+        self._args = (jnp.asarray(experts.group_of), experts.gate_proj, experts.up_proj, experts.down_proj,
+                      jnp.asarray(experts.hosted_mask))
         # Compiled here, ahead of time, so that a server never compiles once it
         # is up: on GPUs the jitted call traced the round again at the serve
         # loop's first round (2026-11-30, tokamax), ~3 s in which a restarted
