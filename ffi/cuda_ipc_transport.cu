@@ -58,10 +58,15 @@
 //
 // == Trust ==
 // As in shm, headers are validated on a private copy and expert ids on the
-// copied rows. Payload rows are read in place (no private copy): a sender
-// that rewrites a slot while it is read is caught by the sequence re-check
-// (poll: the request is dropped and read again later; combine: that server's
-// status becomes STATUS_BAD_REPLY, its rows' values are then undefined).
+// copied rows. A reply that fails validation is counted (per reason) and
+// skipped like a stale one, and combine keeps waiting for the awaited reply:
+// malformed replies in a server's slot cannot fail its exchange early. A
+// server with no valid reply by the deadline gets STATUS_BAD_REPLY when an
+// invalid reply came during the wait, STATUS_TIMEOUT otherwise. Payload rows
+// are read in place (no private copy): a sender that rewrites a slot while it
+// is read is caught by the sequence re-check (poll: the request is dropped
+// and read again later; combine: that server's status becomes
+// STATUS_BAD_REPLY, its rows' values are then undefined).
 #include <cuda_runtime.h>
 #include <time.h>
 
@@ -408,9 +413,10 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
   const int n = count;
   const std::size_t si = known ? static_cast<std::size_t>(p) * v.num_channels + channel : 0;
   if (n == 0 || !known) {
+    // A server sent nothing keeps what it owes on this channel: a probe of a
+    // server no step routes to (runtime/admission.py) outlives the steps.
     if (b == 0 && threadIdx.x == 0) {
       sent[s] = n == 0 ? 0 : -1;
-      if (known) v.pending_ticket[si] = 0;
       if (!known) Count(v, kPeerRefused);
     }
     return;
@@ -465,6 +471,88 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
   }
 }
 
+// What combine makes of a reply published in a server's slot.
+enum class ReplyVerdict {
+  kTorn,     // rewritten while read: not seen, look again
+  kStale,    // valid, for another ticket (an earlier request): skipped
+  kInvalid,  // failed validation: counted and skipped
+  kAwaited,  // valid, the awaited ticket, layer and token count
+};
+
+// Judges the reply published with sequence number `s1` in `slot` (server p's,
+// this channel) on a private copy of its header, against the awaited
+// `ticket`, `layer` and token count `n`; sets `*drop` to the counter of the
+// failed check when kInvalid.
+__device__ ReplyVerdict JudgeReply(const View& v, const std::uint8_t* slot, std::uint64_t s1, std::int32_t p,
+                                   int channel, std::uint64_t ticket, int layer, int n, Counter* drop) {
+  const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(slot);
+  const MessageHeader h = ReadHeader(slot);
+  Counter bad = h.seq != s1 ? kTornReads
+                            : CheckMessageHeader(h, v.deployment_id, v.capacity, v.num_layers, v.hidden_dtype,
+                                                 kKindReply, p, channel);
+  bool stale = false;
+  if (bad == kNumCounters) {
+    if (h.ticket != ticket) {
+      stale = true;
+    } else if (h.layer != static_cast<std::uint32_t>(layer)) {
+      bad = kDropLayer;
+    } else if (h.num_tokens != static_cast<std::uint32_t>(n)) {
+      bad = kDropReplySize;
+    }
+  }
+  FenceSys();  // the header loads above come before the re-check of seq (seqlock)
+  if (bad == kTornReads || LoadRelaxedSys(seq_ptr) != s1) return ReplyVerdict::kTorn;
+  if (stale) return ReplyVerdict::kStale;
+  *drop = bad;
+  return bad == kNumCounters ? ReplyVerdict::kAwaited : ReplyVerdict::kInvalid;
+}
+
+// Waits until `deadline` for server p's reply to `ticket` (layer, n tokens)
+// in slot `si` of this endpoint's inbox (server index s of the call).
+// Invalid replies are counted and skipped like stale ones, and the wait goes
+// on: a peer spamming malformed replies into the slot cannot fail the
+// exchange before the real reply or the deadline. Returns kStatusOk (the
+// reply's seq then in v.combine_seq[s]) or, at the deadline, kStatusBadReply
+// when an invalid reply came meanwhile, else kStatusTimeout. The deadline is
+// checked after every message too, so that nothing a peer publishes keeps
+// the wait going past it.
+__device__ std::int32_t WaitForReply(const View& v, int s, std::int32_t p, int channel, std::size_t si,
+                                     std::uint64_t ticket, int layer, int n, std::uint64_t deadline) {
+  const std::uint8_t* slot = Slot(v, v.inbox, p, channel);
+  const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(slot);
+  bool saw_invalid = false;
+  for (;;) {
+    const std::uint64_t s1 = LoadAcquireSys(seq_ptr);
+    const bool fresh = s1 != 0 && (s1 & 1) == 0 && s1 != v.last_seen[si];
+    if (fresh) {
+      Counter drop = kNumCounters;
+      const ReplyVerdict verdict = JudgeReply(v, slot, s1, p, channel, ticket, layer, n, &drop);
+      if (verdict == ReplyVerdict::kTorn) {
+        Count(v, kTornReads);
+      } else {
+        v.last_seen[si] = s1;
+        if (verdict == ReplyVerdict::kAwaited) {
+          v.combine_seq[s] = s1;
+          v.request_open[si] = 0;  // answered: the server is done reading it
+          Count(v, kRepliesAccepted);
+          return kStatusOk;
+        }
+        if (verdict == ReplyVerdict::kStale) {
+          Count(v, kStaleReplies);
+        } else {
+          Count(v, drop);
+          saw_invalid = true;
+        }
+      }
+    }
+    if (GlobalTimerNs() > deadline) {
+      Count(v, kTimeouts);
+      return saw_invalid ? kStatusBadReply : kStatusTimeout;
+    }
+    if (!fresh) __nanosleep(64);
+  }
+}
+
 // Combine's leader block: warp w waits for servers w, w + kWarps, ... (lane 0)
 // and writes their status.
 __device__ void WaitForReplies(const View& v, const std::int32_t* sent, const std::int32_t* servers, int S,
@@ -494,54 +582,7 @@ __device__ void WaitForReplies(const View& v, const std::int32_t* sent, const st
       continue;
     }
     v.pending_ticket[si] = 0;  // consumed: a late reply to it is stale
-    const std::uint8_t* slot = Slot(v, v.inbox, p, channel);
-    const auto* seq_ptr = reinterpret_cast<const std::uint64_t*>(slot);
-    std::int32_t st = kStatusTimeout;
-    for (;;) {
-      const std::uint64_t s1 = LoadAcquireSys(seq_ptr);
-      if (s1 != 0 && (s1 & 1) == 0 && s1 != v.last_seen[si]) {
-        const MessageHeader h = ReadHeader(slot);
-        Counter bad = h.seq != s1 ? kTornReads
-                                  : CheckMessageHeader(h, v.deployment_id, v.capacity, v.num_layers,
-                                                       v.hidden_dtype, kKindReply, p, channel);
-        bool stale = false;
-        if (bad == kNumCounters) {
-          if (h.ticket != ticket) {
-            stale = true;
-          } else if (h.layer != static_cast<std::uint32_t>(layer)) {
-            bad = kDropLayer;
-          } else if (h.num_tokens != static_cast<std::uint32_t>(n)) {
-            bad = kDropReplySize;
-          }
-        }
-        FenceSys();
-        if (bad == kTornReads || LoadRelaxedSys(seq_ptr) != s1) {
-          Count(v, kTornReads);
-          continue;
-        }
-        v.last_seen[si] = s1;
-        if (stale) {
-          Count(v, kStaleReplies);
-          continue;
-        }
-        if (bad != kNumCounters) {
-          Count(v, bad);
-          st = kStatusBadReply;
-        } else {
-          v.combine_seq[s] = s1;
-          v.request_open[si] = 0;  // answered: the server is done reading it
-          st = kStatusOk;
-          Count(v, kRepliesAccepted);
-        }
-        break;
-      }
-      if (GlobalTimerNs() > deadline) {
-        Count(v, kTimeouts);
-        break;
-      }
-      __nanosleep(64);
-    }
-    status[s] = st;
+    status[s] = WaitForReply(v, s, p, channel, si, ticket, layer, n, deadline);
     waited_us[s] = static_cast<std::int32_t>(min((GlobalTimerNs() - started) / 1000, std::uint64_t{INT32_MAX}));
   }
 }

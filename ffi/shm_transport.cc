@@ -15,14 +15,31 @@
 // the umask does not matter), unlinked by its owner on close. Layout:
 //   SegmentHeader (256 bytes) | slot (0, 0) | slot (0, 1) | ... | slot (E-1, C-1)
 // with slot (sender, channel) at index sender * num_channels + channel. The
-// owner writes the header and publishes `magic` last (release); a peer maps a
-// segment by name and refuses it unless magic, version, every geometry field
-// (max_endpoints, num_channels, capacity, d, k, num_layers, num_experts),
-// deployment id, owner endpoint and size equal its own. A segment left behind
-// by a crashed owner (owner_pid no longer alive) is reclaimed by the next
-// open of that endpoint; one whose owner is alive makes the open fail. On
-// close the owner sets `closed` (release) before unlinking, so senders drop
-// their cached mapping and re-open the name on the next send.
+// owner writes the header and publishes `magic` last (release).
+//
+// A peer opens a segment by name and, before mapping it, fstat's the open
+// file: it refuses (naming the segment, its owner uid and mode) anything that
+// is not a regular file owned by our effective uid with mode 0600 and exactly
+// the size our geometry gives. So another local user who creates the name
+// first can neither read our tokens, nor steer our replies, nor SIGBUS us by
+// truncating a segment we mapped: only our own uid can create a segment we
+// accept, and that uid could as well ptrace or kill us. (POSIX shm files
+// cannot take memfd seals, and a SIGBUS-safe read path would need a signal
+// handler inside XLA's threads; the owner check is what closes the hole.)
+// After mapping, the peer refuses the segment unless magic, version, every
+// geometry field (max_endpoints, num_channels, capacity, d, k, num_layers,
+// num_experts), deployment id and owner endpoint equal its own.
+//
+// Incarnations: the header records the owner's pid and process start time
+// (/proc/<pid>/stat), so a reused pid does not pass for the owner. A segment
+// whose owner is gone is reclaimed by the next open of that endpoint (one
+// whose owner is alive makes the open fail): the new owner marks the old
+// segment `closed` (release) before unlinking it, as an owner does on close,
+// and every peer drops its cached mapping of a closed segment and opens the
+// name again on its next send, so a restarted client or server is reached at
+// its new inbox without anyone's help. As a backstop (a segment unlinked by
+// someone else, never marked closed), a peer also checks every
+// kPeerRecheckInterval that the name still leads to the inode it mapped.
 //
 // == Process-wide state ==
 // A mutex-protected registry maps endpoint index -> Transport (endpoint indices
@@ -100,7 +117,7 @@ namespace {
 
 // "EAASSHM1" read as a little-endian u64.
 constexpr std::uint64_t kSegmentMagic = 0x314D485353414145ull;
-constexpr std::uint32_t kSegmentVersion = 2;
+constexpr std::uint32_t kSegmentVersion = 3;
 constexpr std::size_t kSegmentHeaderBytes = 256;
 
 struct SegmentHeader {
@@ -122,9 +139,14 @@ struct SegmentHeader {
   std::uint64_t total_bytes;       //  72
   std::int64_t owner_pid;          //  80
   std::uint32_t hidden_dtype;      //  88: HiddenDtype of requests
-  std::uint8_t reserved[kSegmentHeaderBytes - 92];
+  std::uint32_t reserved0;         //  92
+  std::uint64_t owner_start_time;  //  96: /proc/<pid>/stat starttime; 0 unknown
+  std::uint8_t reserved[kSegmentHeaderBytes - 104];
 };
 static_assert(sizeof(SegmentHeader) == kSegmentHeaderBytes, "segment header size");
+static_assert(offsetof(SegmentHeader, closed) == 52 && offsetof(SegmentHeader, owner_pid) == 80 &&
+                  offsetof(SegmentHeader, owner_start_time) == 96,
+              "segment header layout (mirrored in transport/shm.py)");
 
 using Geometry = EndpointGeometry;
 
@@ -146,6 +168,10 @@ inline void CpuRelax() {
 }
 
 using Clock = std::chrono::steady_clock;
+
+// How often a sender checks that a peer's segment name still leads to the
+// file it mapped (a backstop: owners mark replaced segments closed).
+constexpr std::chrono::milliseconds kPeerRecheckInterval{100};
 
 // Bounded spin, then sleeps with exponential backoff, clipped to a deadline.
 class Backoff {
@@ -205,12 +231,19 @@ std::string SegmentName(const std::string& deployment, std::int64_t endpoint) {
 
 std::string ErrnoText(int err) { return std::string(std::strerror(err)); }
 
+// The file a segment name led to when it was mapped.
+struct FileId {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  bool operator==(const FileId& o) const { return dev == o.dev && ino == o.ino; }
+};
+
 // An mmap'ed segment (own inbox or a peer's).
 class Mapping {
  public:
-  Mapping(void* base, std::size_t size, Geometry geo)
+  Mapping(void* base, std::size_t size, Geometry geo, FileId file = {})
       : base_(static_cast<std::uint8_t*>(base)), size_(size), geo_(geo),
-        slot_(geo.Slot()) {}
+        slot_(geo.Slot()), file_(file) {}
   ~Mapping() {
     if (base_ != nullptr) munmap(base_, size_);
   }
@@ -227,12 +260,14 @@ class Mapping {
     return reinterpret_cast<MessageHeader*>(slot(sender, channel));
   }
   bool closed() const { return __atomic_load_n(&header()->closed, __ATOMIC_ACQUIRE) != 0; }
+  const FileId& file() const { return file_; }
 
  private:
   std::uint8_t* base_;
   std::size_t size_;
   Geometry geo_;
   SlotLayout slot_;
+  FileId file_;
 };
 
 bool ProcessAlive(std::int64_t pid) {
@@ -241,23 +276,79 @@ bool ProcessAlive(std::int64_t pid) {
   return errno != ESRCH;  // EPERM: exists (another user)
 }
 
+// Field 22 of /proc/<pid>/stat (the process's start time, in clock ticks since
+// boot); 0 where it cannot be read. The command name (field 2) may hold
+// spaces and parentheses, so parsing starts after its last ')'.
+std::uint64_t ProcessStartTime(std::int64_t pid) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/stat";
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[1024];
+  const ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  const char* p = std::strrchr(buf, ')');
+  if (p == nullptr) return 0;
+  // After ") ": field 3 (state) ... field 22 (starttime).
+  for (int field = 2; field < 22; ++field) {
+    p = std::strchr(p + 1, ' ');
+    if (p == nullptr) return 0;
+  }
+  return std::strtoull(p + 1, nullptr, 10);
+}
+
+// Whether the process that recorded (`pid`, `start_time`) still runs: the pid
+// is alive and, where both start times are known, it is the same process
+// (not a later one that was given the same pid).
+bool OwnerAlive(std::int64_t pid, std::uint64_t start_time) {
+  if (!ProcessAlive(pid)) return false;
+  const std::uint64_t now = ProcessStartTime(pid);
+  return start_time == 0 || now == 0 || now == start_time;
+}
+
+// Checks an open segment file before it is mapped: a regular file, owned by
+// our effective uid, mode 0600 (its size is judged with its header). Fills
+// `st`; returns "" or why not (naming the segment, its owner and mode).
+std::string CheckSegmentFile(int fd, const std::string& name, struct stat* st) {
+  if (fstat(fd, st) != 0) return "cannot stat " + name + ": " + ErrnoText(errno);
+  char mode[8];
+  std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st->st_mode & 07777));
+  const std::string what = name + " (owner uid " + std::to_string(st->st_uid) + ", mode " + mode + ")";
+  if (!S_ISREG(st->st_mode)) return "refusing shared-memory segment " + what + ": not a regular file";
+  if (st->st_uid != geteuid()) {
+    return "refusing shared-memory segment " + what + ": owned by another user (ours is uid " +
+           std::to_string(geteuid()) + ")";
+  }
+  if ((st->st_mode & 07777) != 0600) return "refusing shared-memory segment " + what + ": mode is not 0600";
+  return "";
+}
+
 enum class PeerStatus { kOk, kUnavailable, kRefused };
 
-// Maps the inbox of `peer` and checks that it matches `geo`.
+// Maps the inbox of `peer` and checks that it matches `geo`: the file first
+// (owner, mode: CheckSegmentFile), then its header and size.
 PeerStatus OpenPeer(const std::string& deployment, std::int64_t peer,
                     const Geometry& geo, std::shared_ptr<Mapping>* out,
                     std::string* why) {
   const std::string name = SegmentName(deployment, peer);
-  const int fd = shm_open(name.c_str(), O_RDWR, 0);
+  const int fd = shm_open(name.c_str(), O_RDWR, 0);  // glibc adds O_NOFOLLOW
   if (fd < 0) {
     *why = "cannot open " + name + ": " + ErrnoText(errno);
-    return PeerStatus::kUnavailable;
+    // EACCES: a file we may not open, i.e. another user's: refused, not "not yet".
+    return errno == EACCES ? PeerStatus::kRefused : PeerStatus::kUnavailable;
   }
   struct stat st {};
-  if (fstat(fd, &st) != 0 || static_cast<std::size_t>(st.st_size) < kSegmentHeaderBytes) {
-    close(fd);
+  if (fstat(fd, &st) != 0 || (st.st_uid == geteuid() && static_cast<std::size_t>(st.st_size) < kSegmentHeaderBytes)) {
+    close(fd);  // its owner creates it, then sizes it: not initialised yet
     *why = name + " is not initialised yet";
     return PeerStatus::kUnavailable;
+  }
+  const std::string refused = CheckSegmentFile(fd, name, &st);
+  if (!refused.empty()) {
+    close(fd);
+    *why = refused;
+    return PeerStatus::kRefused;
   }
   const std::size_t size = static_cast<std::size_t>(st.st_size);
   void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -267,7 +358,7 @@ PeerStatus OpenPeer(const std::string& deployment, std::int64_t peer,
     *why = "cannot map " + name + ": " + ErrnoText(mmap_errno);
     return PeerStatus::kUnavailable;
   }
-  auto mapping = std::make_shared<Mapping>(base, size, geo);
+  auto mapping = std::make_shared<Mapping>(base, size, geo, FileId{st.st_dev, st.st_ino});
   const SegmentHeader* h = mapping->header();
   const std::uint64_t magic = LoadAcquire(&h->magic);
   if (magic == 0) {
@@ -334,6 +425,7 @@ class Transport {
         slot_(geo.Slot()), name_(std::move(name)), inbox_(std::move(inbox)),
         peers_(static_cast<std::size_t>(geo.max_endpoints)),
         peer_stale_(static_cast<std::size_t>(geo.max_endpoints), false),
+        next_recheck_(static_cast<std::size_t>(geo.max_endpoints)),
         send_seq_(geo.NumSlots()),
         last_seen_(new std::atomic<std::uint64_t>[geo.NumSlots()]),
         pending_(geo.NumSlots()) {
@@ -372,11 +464,13 @@ class Transport {
   std::mutex& mu() { return mu_; }
 
   // Mapping of `peer`'s inbox (caller holds mu). Opens it on first use, after
-  // a combine timeout marked it stale, or when its owner closed it.
+  // a combine timeout marked it stale, when its owner closed it (or a new
+  // owner reclaimed it), or when its name leads to another file by now.
   PeerStatus Peer(std::int64_t peer, Mapping** out, std::string* why) {
-    auto& m = peers_[static_cast<std::size_t>(peer)];
-    if (m && (peer_stale_[static_cast<std::size_t>(peer)] || m->closed())) m.reset();
-    peer_stale_[static_cast<std::size_t>(peer)] = false;
+    const auto i = static_cast<std::size_t>(peer);
+    auto& m = peers_[i];
+    if (m && (peer_stale_[i] || m->closed() || Replaced(peer, *m))) m.reset();
+    peer_stale_[i] = false;
     if (!m) {
       const PeerStatus st = OpenPeer(deployment_, peer, geo_, &m, why);
       if (st != PeerStatus::kOk) {
@@ -388,6 +482,22 @@ class Transport {
     return PeerStatus::kOk;
   }
   void MarkPeerStale(std::int64_t peer) { peer_stale_[static_cast<std::size_t>(peer)] = true; }
+
+  // Whether `peer`'s segment name now leads to another file than `mapped`
+  // (looked at most every kPeerRecheckInterval per peer). A name that is gone
+  // keeps the mapping: its owner may still read it.
+  bool Replaced(std::int64_t peer, const Mapping& mapped) {
+    const auto i = static_cast<std::size_t>(peer);
+    const Clock::time_point now = Clock::now();
+    if (now < next_recheck_[i]) return false;
+    next_recheck_[i] = now + kPeerRecheckInterval;
+    const int fd = shm_open(SegmentName(deployment_, peer).c_str(), O_RDONLY, 0);
+    if (fd < 0) return false;
+    struct stat st {};
+    const bool other = fstat(fd, &st) == 0 && !(FileId{st.st_dev, st.st_ino} == mapped.file());
+    close(fd);
+    return other;
+  }
 
   // Publishes one message into slot (this endpoint, channel) of `peer` (caller
   // holds mu). `fill(slot_base)` writes the payload; `h` has every field but
@@ -435,6 +545,7 @@ class Transport {
   std::mutex mu_;
   std::vector<std::shared_ptr<Mapping>> peers_;
   std::vector<bool> peer_stale_;
+  std::vector<Clock::time_point> next_recheck_;  // per peer: when Replaced looks again
   std::vector<std::uint64_t> send_seq_;
   std::unique_ptr<std::atomic<std::uint64_t>[]> last_seen_;
   std::vector<Pending> pending_;
@@ -459,6 +570,51 @@ std::shared_ptr<Transport> Lookup(std::int64_t endpoint) {
   return it == Registry().end() ? nullptr : it->second;
 }
 
+// Who owns an existing segment, as its header says (pid 0: not an eaas
+// segment, or not initialised yet).
+struct StaleOwner {
+  std::int64_t pid = 0;
+  std::uint64_t start_time = 0;
+};
+
+// Reads the owner of the existing segment `name`; returns "" or why it may not
+// be touched (another user's file, an odd mode: CheckSegmentFile).
+std::string ReadOwner(const std::string& name, StaleOwner* owner) {
+  const int fd = shm_open(name.c_str(), O_RDONLY, 0);
+  if (fd < 0) return errno == EACCES ? "cannot open " + name + " (another user's segment?)" : "";
+  struct stat st {};
+  std::string refused = CheckSegmentFile(fd, name, &st);
+  if (refused.empty() && static_cast<std::size_t>(st.st_size) >= kSegmentHeaderBytes) {
+    void* p = mmap(nullptr, kSegmentHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
+    if (p != MAP_FAILED) {
+      const auto* h = static_cast<const SegmentHeader*>(p);
+      if (LoadAcquire(&h->magic) == kSegmentMagic) {
+        owner->pid = h->owner_pid;
+        owner->start_time = h->owner_start_time;
+      }
+      munmap(p, kSegmentHeaderBytes);
+    }
+  }
+  close(fd);
+  return refused;
+}
+
+// Takes over the segment `name` of a dead owner: marks it closed, as its owner
+// would have on close, so that peers still mapping it open the name again on
+// their next send and reach the new inbox; then unlinks it.
+void ReclaimStale(const std::string& name) {
+  const int fd = shm_open(name.c_str(), O_RDWR, 0);
+  if (fd >= 0) {
+    void* p = mmap(nullptr, kSegmentHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p != MAP_FAILED) {
+      __atomic_store_n(&static_cast<SegmentHeader*>(p)->closed, 1u, __ATOMIC_RELEASE);
+      munmap(p, kSegmentHeaderBytes);
+    }
+    close(fd);
+  }
+  shm_unlink(name.c_str());
+}
+
 // Creates the inbox segment of `endpoint`. Returns "" or an error message.
 std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
                         const Geometry& geo, std::unique_ptr<Mapping>* out,
@@ -473,30 +629,23 @@ std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
     if (errno != EEXIST) {
       return "cannot create shared-memory inbox " + name + ": " + ErrnoText(errno);
     }
-    // Someone has it: reclaim it only if its owner process is gone.
-    std::int64_t owner = -1;
-    const int efd = shm_open(name.c_str(), O_RDONLY, 0);
-    if (efd >= 0) {
-      struct stat st {};
-      if (fstat(efd, &st) == 0 && static_cast<std::size_t>(st.st_size) >= kSegmentHeaderBytes) {
-        void* p = mmap(nullptr, kSegmentHeaderBytes, PROT_READ, MAP_SHARED, efd, 0);
-        if (p != MAP_FAILED) {
-          const auto* h = static_cast<const SegmentHeader*>(p);
-          if (LoadAcquire(&h->magic) == kSegmentMagic) owner = h->owner_pid;
-          munmap(p, kSegmentHeaderBytes);
-        }
-      }
-      close(efd);
+    // Someone has it: reclaim it only if it is ours and its owner process is gone.
+    *in_use = true;
+    StaleOwner owner;
+    const std::string refused = ReadOwner(name, &owner);
+    if (!refused.empty()) {
+      return "endpoint " + std::to_string(endpoint) + " of deployment '" + deployment + "' is unavailable: " +
+             refused + "; it was left alone";
     }
-    if (owner > 0 && !ProcessAlive(owner) && attempt == 0) {
-      shm_unlink(name.c_str());  // stale: its owner died without closing
+    if (owner.pid > 0 && !OwnerAlive(owner.pid, owner.start_time) && attempt == 0) {
+      ReclaimStale(name);
+      *in_use = false;
       continue;
     }
-    *in_use = true;
-    if (owner > 0) {
+    if (owner.pid > 0) {
       return "endpoint " + std::to_string(endpoint) + " of deployment '" + deployment +
              "' is already open: shared-memory inbox " + name + " is owned by pid " +
-             std::to_string(owner) + (owner == getpid() ? " (this process)" : "");
+             std::to_string(owner.pid) + (owner.pid == getpid() ? " (this process)" : "");
     }
     return "endpoint " + std::to_string(endpoint) + " of deployment '" + deployment +
            "' is already in use: shared-memory inbox " + name +
@@ -538,6 +687,7 @@ std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
   h->slot_bytes = geo.Slot().bytes;
   h->total_bytes = total;
   h->owner_pid = getpid();
+  h->owner_start_time = ProcessStartTime(getpid());
   __atomic_store_n(&h->magic, kSegmentMagic, __ATOMIC_RELEASE);
   *out = std::move(mapping);
   return "";
@@ -700,10 +850,12 @@ ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
     out[s] = 0;
     const std::int32_t p = srv[s];
     if (p == -1) continue;
+    const auto& toks = tokens[static_cast<std::size_t>(s)];
+    // A server sent nothing keeps what it owes on this channel: a probe of a
+    // server no step routes to (runtime/admission.py) outlives the steps.
+    if (toks.empty()) continue;
     Pending& pending = tr->pending(p, micro_batch);
     pending.valid = false;
-    const auto& toks = tokens[static_cast<std::size_t>(s)];
-    if (toks.empty()) continue;
     Mapping* peer = nullptr;
     std::string why;
     const PeerStatus st = tr->Peer(p, &peer, &why);
@@ -794,6 +946,7 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
     std::int64_t s, peer;
     std::uint64_t ticket;
     bool done;
+    bool saw_bad;  // an invalid reply was in its slot during this wait
   };
   std::vector<Wait> waits;
   {
@@ -818,7 +971,7 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
             "): combine must follow the dispatch of the same layer/micro-batch with the same "
             "targets and servers, once");
       }
-      waits.push_back({s, p, pd.ticket, false});
+      waits.push_back({s, p, pd.ticket, false, false});
       st[s] = kStatusTimeout;
     }
     // Consumed: a second combine without a new dispatch is an error, and a
@@ -865,14 +1018,16 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
         tr->Count(kStaleReplies);
         continue;
       }
+      if (bad != kNumCounters) {
+        // Dropped, and the wait goes on: one malformed message (a faulty or
+        // hostile writer of the slot) must not cost the server's real reply.
+        tr->Count(bad);
+        w.saw_bad = true;
+        continue;
+      }
       w.done = true;
       --remaining;
       waited[w.s] = elapsed_us();
-      if (bad != kNumCounters) {
-        tr->Count(bad);
-        st[w.s] = kStatusBadReply;
-        continue;
-      }
       const auto& toks = tokens[static_cast<std::size_t>(w.s)];
       for (std::size_t r = 0; r < toks.size(); ++r) {
         float* dst = o + static_cast<std::int64_t>(toks[r]) * d;
@@ -889,6 +1044,7 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::S32, 1> sent, ffi::Buffer<ffi::S32, 2> t
     for (const auto& w : waits) {
       if (w.done) continue;
       waited[w.s] = elapsed_us();
+      if (w.saw_bad) st[w.s] = kStatusBadReply;
       tr->Count(kTimeouts);
       tr->MarkPeerStale(w.peer);  // re-open its inbox by name on the next send
     }

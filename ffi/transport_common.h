@@ -55,7 +55,7 @@ constexpr const char* kCounterNames =
 enum CombineStatus : std::int32_t {
   kStatusOk = 0,
   kStatusTimeout = 1,
-  kStatusBadReply = 2,
+  kStatusBadReply = 2,     // no valid reply by the deadline, and an invalid one came
   kStatusNothingSent = 3,
   kStatusUnavailable = 4,  // dispatch could not reach the server (sent < 0)
 };
@@ -108,15 +108,18 @@ inline std::string MakeGeometry(const GeometryLimits& limits, std::int64_t endpo
                                 std::int64_t d, std::int64_t k, std::int64_t num_layers, std::int64_t num_experts,
                                 std::int64_t hidden_dtype, EndpointGeometry* out) {
   auto in = [](std::int64_t v, std::int64_t hi) { return v >= 1 && v <= hi; };
-  if (!in(max_endpoints, limits.max_endpoints) || !in(num_channels, limits.num_channels) ||
-      !in(max_endpoints * num_channels, limits.slots) || !in(capacity, limits.capacity) || !in(d, limits.d) ||
-      !in(k, limits.k) || !in(num_layers, limits.num_layers) || !in(num_experts, limits.num_experts)) {
+  // The product is formed only once both factors are in range: caller-given
+  // values near INT64_MAX would overflow it (undefined behaviour).
+  const bool factors_in = in(max_endpoints, limits.max_endpoints) && in(num_channels, limits.num_channels);
+  if (!factors_in || !in(max_endpoints * num_channels, limits.slots) || !in(capacity, limits.capacity) ||
+      !in(d, limits.d) || !in(k, limits.k) || !in(num_layers, limits.num_layers) ||
+      !in(num_experts, limits.num_experts)) {
     auto field = [](const char* name, std::int64_t v, std::int64_t hi) {
       return std::string(name) + "=" + std::to_string(v) + " (1.." + std::to_string(hi) + ") ";
     };
     return "geometry out of range: " + field("max_endpoints", max_endpoints, limits.max_endpoints) +
            field("num_channels", num_channels, limits.num_channels) +
-           field("max_endpoints*num_channels", max_endpoints * num_channels, limits.slots) +
+           (factors_in ? field("max_endpoints*num_channels", max_endpoints * num_channels, limits.slots) : "") +
            field("capacity", capacity, limits.capacity) + field("d", d, limits.d) + field("k", k, limits.k) +
            field("num_layers", num_layers, limits.num_layers) + field("num_experts", num_experts, limits.num_experts);
   }

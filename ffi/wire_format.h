@@ -54,7 +54,9 @@
 // channel, 0 < num_tokens <= capacity, layer < num_layers, hidden_dtype
 // supported, every expert id -1 or hosted by the receiving server (requests),
 // ticket == the one the client waits for (replies; an older ticket is a stale
-// reply and skipped). Bad messages are dropped and counted per reason.
+// reply and skipped). Bad messages are dropped and counted per reason; a
+// client waiting for a reply keeps waiting for the valid one until its
+// deadline, so a malformed message in a slot costs that message only.
 //
 // Multi-byte fields are little-endian (the only byte order supported).
 #ifndef EAAS_FFI_WIRE_FORMAT_H_

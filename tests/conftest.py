@@ -100,3 +100,59 @@ def tiny_engine(tiny_checkpoint):
 
 def replace_config(**changes) -> ModelConfig:
     return dataclasses.replace(TINY_CONFIG, **changes)
+
+
+class OtherUser:
+    """A second, unprivileged uid on this machine: how tests play a hostile
+    local user. Its code is stdlib-only Python run by the system interpreter
+    (the test's virtual environment may sit where that uid cannot read)."""
+
+    NAME = "eaas-hostile"
+    PYTHON = "/usr/bin/python3"
+
+    def __init__(self, uid: int, gid: int):
+        self.uid, self.gid = uid, gid
+
+    def command(self, code: str, *args: str) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                self.PYTHON, "-c", code, *map(str, args)]
+
+    def run(self, code: str, *args: str, timeout: float = 60.0):
+        """Runs `code` as this user; the CompletedProcess (text output)."""
+        import subprocess
+
+        return subprocess.run(self.command(code, *args), capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, code: str, *args: str, **kwargs):
+        import subprocess
+
+        return subprocess.Popen(self.command(code, *args), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    """A second uid, created here when missing (needs root, `useradd` and
+    `setpriv`, as in CI); skips cleanly where that is impossible."""
+    import pwd
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("playing another local user needs root (to create the user and switch to it)")
+    if not (shutil.which("setpriv") and os.path.exists(OtherUser.PYTHON)):
+        pytest.skip("needs setpriv and /usr/bin/python3 to run code as another user")
+    try:
+        entry = pwd.getpwnam(OtherUser.NAME)
+    except KeyError:
+        if not shutil.which("useradd"):
+            pytest.skip("needs useradd to create a second user")
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                               OtherUser.NAME], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"could not create user {OtherUser.NAME}: {made.stderr.strip()}")
+        entry = pwd.getpwnam(OtherUser.NAME)
+    user = OtherUser(entry.pw_uid, entry.pw_gid)
+    probe = user.run("import os; print(os.geteuid())")
+    if probe.returncode != 0 or probe.stdout.strip() != str(entry.pw_uid):
+        pytest.skip(f"cannot run code as {OtherUser.NAME}: {probe.stderr.strip()}")
+    return user

@@ -185,7 +185,7 @@ class ServingMetrics:
                 waits.add(f"{seconds:.6f}", server=name)
             for counter, help_text in (
                 ("deadline_misses", "Exchanges in which the server did not reply by the deadline."),
-                ("bad_replies", "Exchanges in which the server's reply failed validation."),
+                ("bad_replies", "Exchanges in which the server sent no valid reply by the deadline, only invalid ones."),
                 ("unreachable", "Exchanges in which the server's mailbox could not be written."),
                 ("marked_dead", "Times the engine marked the server dead and routed around it."),
             ):

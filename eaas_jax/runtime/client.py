@@ -154,7 +154,7 @@ class ExpertServerError(RuntimeError):
 
 _FAILURES = {
     custom_calls.STATUS_TIMEOUT: "did not reply within the {timeout_ms:g} ms deadline",
-    custom_calls.STATUS_BAD_REPLY: "sent a reply that failed validation",
+    custom_calls.STATUS_BAD_REPLY: "sent no valid reply within the {timeout_ms:g} ms deadline, only invalid ones",
     custom_calls.STATUS_UNAVAILABLE: "could not be reached (no mailbox to write to)",
 }
 

@@ -14,10 +14,14 @@ deadline. No host code runs on the data path (see the top of
 Control path (host, this module):
 
 * Directory: each endpoint publishes ``/dev/shm/eaas-<deployment>-<e>.cuda-ipc``,
-  a small JSON file with its geometry, owner pid, a random nonce and the IPC
-  handle of its inbox (created exclusively, mode 0600; one left behind by a
-  dead process is replaced). A peer imports an inbox only if the geometry and
-  deployment id equal its own (else :class:`CudaIpcPeerRefusedError`).
+  a small JSON file with its geometry, owner pid and start time, a random
+  nonce and the IPC handle of its inbox (created exclusively, mode 0600,
+  never through a symbolic link: :mod:`~eaas_jax.transport.private_files`).
+  One left behind by a dead process of this user (pid and start time: a
+  reused pid does not keep it) is replaced; one of another uid is never
+  used nor removed. Entries are read only when they are regular files of
+  this uid with mode 0600, and a peer imports an inbox only if the geometry
+  and deployment id equal its own (else :class:`CudaIpcPeerRefusedError`).
 * :meth:`CudaIpcEndpoint.connect` imports a peer now; a background thread
   imports peers the kernels asked for (a request from a client whose inbox is
   not imported yet stays in its slot until it is) and re-imports a peer whose
@@ -43,6 +47,14 @@ import jax
 
 from eaas_jax.transport import native
 from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
+from eaas_jax.transport.private_files import (
+    UntrustedFileError,
+    create_private_file,
+    owner_alive,
+    process_start_time,
+    read_private_file,
+    write_private_file,
+)
 from eaas_jax.transport.shm import (
     DISPATCH_DTYPES,
     ShmGeometry,
@@ -71,6 +83,7 @@ _HANDLE_BYTES = 64  # cudaIpcMemHandle_t
 _ERRLEN = 1024
 _WANTED_POLL_S = 0.002  # how often the control thread looks at the kernels' requests
 _RESCAN_S = 0.1  # how often it re-reads the imported peers' directory entries
+_MAX_ENTRY_BYTES = 64 * 1024  # an entry is about 1 KB: a far larger file is none
 
 
 class CudaIpcError(RuntimeError):
@@ -78,7 +91,8 @@ class CudaIpcError(RuntimeError):
 
 
 class CudaIpcEndpointInUseError(CudaIpcError, FileExistsError):
-    """The endpoint is already open, in this or another live process."""
+    """The endpoint is already open, in this or another live process, or its
+    directory entry's name is taken by a file this process does not trust."""
 
 
 class CudaIpcPeerRefusedError(CudaIpcError):
@@ -130,23 +144,91 @@ def available() -> bool:
         return False
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_entry(path: str) -> dict | None:
-    """A directory entry, or None while it does not exist (entries appear atomically)."""
+    """The directory entry at `path`; None while there is none, or only the
+    empty placeholder of an endpoint being opened (entries appear atomically).
+
+    Raises:
+      UntrustedFileError: the file there is not a private file of this user.
+    """
     try:
-        with open(path) as f:
-            return json.load(f)
+        data = read_private_file(path, _MAX_ENTRY_BYTES)
     except FileNotFoundError:
         return None
+    try:
+        entry = json.loads(data)
+    except ValueError:  # the placeholder
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _new_entry(endpoint: int, geometry: ShmGeometry, handle: bytes) -> dict:
+    """The directory entry this process publishes for its inbox."""
+    return {
+        "format": _DIRECTORY_FORMAT, "endpoint": endpoint, "pid": os.getpid(),
+        "start_time": process_start_time(os.getpid()), "nonce": secrets.token_hex(8), "handle": handle.hex(),
+        "geometry": {**vars(geometry)},
+    }
+
+
+def _claim_directory_entry(path: str, what: str) -> None:
+    """Reserves the directory entry at `path` for `what` (an endpoint, named in
+    errors): an empty placeholder, created exclusively, mode 0600.
+
+    Raises:
+      CudaIpcEndpointInUseError: `path` exists and is not an entry of a dead
+        process of this user (see :func:`_remove_abandoned_entry`).
+    """
+    for _ in range(2):
+        try:
+            create_private_file(path)
+            return
+        except FileExistsError:
+            _remove_abandoned_entry(path, what)
+    raise CudaIpcEndpointInUseError(f"{what}: {path} was created again while it was being claimed")
+
+
+def _remove_abandoned_entry(path: str, what: str) -> None:
+    """Removes the entry at `path` if its owner, a process of this user, died
+    without closing (no process runs under its pid with its start time).
+
+    Raises:
+      CudaIpcEndpointInUseError: its owner lives, or it is no entry to judge
+        (a placeholder, another uid's file, a link...): left in place.
+    """
+    try:
+        entry = _read_entry(path)
+    except UntrustedFileError as e:
+        raise CudaIpcEndpointInUseError(
+            f"{what} cannot be opened: {e}. It is left in place: its owner (or an administrator) must remove it"
+        ) from None
+    if entry is None:
+        if not os.path.lexists(path):
+            return  # removed meanwhile: claim it again
+        entry = {}  # a placeholder: its endpoint is being opened (or its owner died opening it)
+    owner, started = entry.get("pid"), entry.get("start_time")
+    if (isinstance(owner, int) and owner > 0 and (started is None or isinstance(started, int))
+            and not owner_alive(owner, started)):
+        os.unlink(path)
+        return
+    raise CudaIpcEndpointInUseError(
+        f"{what} is already open" + (f" by pid {owner}" if owner else "") + f": {path} exists (remove it if "
+        "no process uses it)"
+    )
+
+
+def _peer_entry(deployment: str, peer: int) -> dict | None:
+    """`peer`'s published directory entry; None while it has none (or only its placeholder).
+
+    Raises:
+      CudaIpcPeerRefusedError: the file under its name is not a private file
+        of this user (another uid's, a link, another mode...).
+    """
+    try:
+        entry = _read_entry(directory_path(deployment, peer))
+    except UntrustedFileError as e:
+        raise CudaIpcPeerRefusedError(f"refusing endpoint {peer}: {e}") from None
+    return entry if entry is not None and entry.get("nonce") else None
 
 
 _OPEN: dict[int, "CudaIpcEndpoint"] = {}
@@ -199,7 +281,7 @@ class CudaIpcEndpoint(BoundCalls):
         )
         self.path = directory_path(self.deployment, self.endpoint)
         lib = _lib()  # fails (no CUDA build) before anything is claimed
-        self._claim_directory_entry()
+        _claim_directory_entry(self.path, f"endpoint {self.endpoint} of deployment {self.deployment!r}")
         handle = (ctypes.c_uint8 * _HANDLE_BYTES)()
         err = ctypes.create_string_buffer(_ERRLEN)
         g = self.geometry
@@ -215,50 +297,15 @@ class CudaIpcEndpoint(BoundCalls):
         self._closed = False
         self._lock = threading.Lock()  # imports (control thread vs connect)
         self._imported: dict[int, str] = {}  # peer -> nonce of the entry imported
-        self._publish_directory_entry(bytes(handle))
+        # Atomic: readers see the placeholder or the entry.
+        entry = _new_entry(self.endpoint, self.geometry, bytes(handle))
+        write_private_file(self.path, json.dumps(entry).encode())
         with _OPEN_LOCK:
             _OPEN[self.endpoint] = self
         self._stop = threading.Event()
         self._control = threading.Thread(target=self._control_loop, name=f"eaas-cuda-ipc-{self.endpoint}",
                                          daemon=True)
         self._control.start()
-
-    # -- directory --
-    def _claim_directory_entry(self) -> None:
-        """Reserves this endpoint's entry: an empty placeholder, created exclusively."""
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
-                entry = None
-                try:
-                    entry = _read_entry(self.path)
-                except (OSError, ValueError):
-                    pass
-                owner = entry.get("pid") if isinstance(entry, dict) else None
-                if isinstance(owner, int) and not _process_alive(owner):
-                    os.unlink(self.path)  # its owner died without closing
-                    continue
-                raise CudaIpcEndpointInUseError(
-                    f"endpoint {self.endpoint} of deployment {self.deployment!r} is already open"
-                    + (f" by pid {owner}" if owner else "") + f": {self.path} exists (remove it if no "
-                    "process uses it)"
-                ) from None
-            os.close(fd)
-            return
-
-    def _publish_directory_entry(self, handle: bytes) -> None:
-        g = self.geometry
-        entry = {
-            "format": _DIRECTORY_FORMAT, "endpoint": self.endpoint, "pid": os.getpid(),
-            "nonce": secrets.token_hex(8), "handle": handle.hex(),
-            "geometry": {**vars(g)},
-        }
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(entry, f)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)  # atomic: readers see the placeholder or the entry
 
     # -- lifecycle --
     @property
@@ -319,18 +366,12 @@ class CudaIpcEndpoint(BoundCalls):
         _lib().eaas_cuda_ipc_set_peer(self.endpoint, peer, None, err, _ERRLEN)
         self._imported.pop(peer, None)
 
-    def _current_entry(self, peer: int) -> dict | None:
-        try:
-            entry = _read_entry(directory_path(self.deployment, peer))
-        except ValueError:  # the empty placeholder of an endpoint being opened
-            return None
-        return entry if isinstance(entry, dict) and entry.get("nonce") else None
-
     def connect(self, peer: int, timeout: float = 0.0) -> None:
         """Imports ``peer``'s inbox now (waiting up to ``timeout`` s for it to appear).
 
         Raises:
-          CudaIpcPeerRefusedError: its geometry or deployment id differs.
+          CudaIpcPeerRefusedError: its geometry or deployment id differs, or
+            the file under its entry's name is not a private file of this user.
           TimeoutError: it did not appear in time.
         """
         self._check_open()
@@ -339,7 +380,7 @@ class CudaIpcEndpoint(BoundCalls):
         deadline = time.monotonic() + timeout
         delay = 0.001
         while True:
-            entry = self._current_entry(int(peer))
+            entry = _peer_entry(self.deployment, int(peer))
             if entry is not None:
                 with self._lock:
                     if self._imported.get(int(peer)) != entry["nonce"]:
@@ -361,7 +402,11 @@ class CudaIpcEndpoint(BoundCalls):
         with self._lock:
             peers = {p for p in range(n) if wanted[p]} | (set(self._imported) if rescan else set())
             for peer in sorted(peers):
-                entry = self._current_entry(peer)
+                try:
+                    entry = _peer_entry(self.deployment, peer)
+                except CudaIpcPeerRefusedError as e:  # not the peer's entry: it is unavailable
+                    log.warning("cuda_ipc endpoint %d: %s", self.endpoint, e)
+                    entry = None
                 if entry is None:
                     if peer in self._imported:
                         self._forget(peer)

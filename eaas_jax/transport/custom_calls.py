@@ -31,7 +31,7 @@ from eaas_jax.transport import native
 #: combine status codes, per server.
 STATUS_OK = 0  #: reply received and summed in
 STATUS_TIMEOUT = 1  #: no reply by the deadline (its tokens' rows are zero)
-STATUS_BAD_REPLY = 2  #: a reply came but failed validation (rows are zero)
+STATUS_BAD_REPLY = 2  #: no valid reply by the deadline, and an invalid one came (rows are zero)
 STATUS_NOTHING_SENT = 3  #: no token for this server (or servers[s] == -1)
 STATUS_UNAVAILABLE = 4  #: dispatch could not reach the server (sent == -1)
 

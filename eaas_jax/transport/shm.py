@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
 import struct
 import threading
 import time
@@ -139,6 +138,15 @@ HIDDEN_F8E4M3 = 3
 #: dtype of dispatched hidden states -> MessageHeader.hidden_dtype code
 DISPATCH_DTYPES = {"float32": HIDDEN_F32, "bfloat16": HIDDEN_BF16, "float8_e4m3fn": HIDDEN_F8E4M3}
 
+
+#: Byte offsets of the segment header fields (ffi/shm_transport.cc, SegmentHeader)
+#: that tools and tests read: `closed` (u32, set when the owner closed the
+#: segment or a new owner reclaimed it), the owner's pid (i64) and process
+#: start time (u64, field 22 of /proc/<pid>/stat; 0 unknown).
+SEGMENT_OWNER_ENDPOINT_OFFSET = 20
+SEGMENT_CLOSED_OFFSET = 52
+SEGMENT_OWNER_PID_OFFSET = 80
+SEGMENT_OWNER_START_TIME_OFFSET = 96
 
 _ERRLEN = 1024
 
