@@ -114,8 +114,8 @@ def measure(args, workdir: str) -> list[tuple[str, dict]]:
 
             def restart_r0():
                 """Starts r0 again and warms it up until the engine routes to
-                it: admitted at a step boundary, or after a probation if it
-                missed its first exchange."""
+                it: admitted at the first step boundary after it is ready, or
+                after a probation and a probe if it missed an exchange."""
                 cluster.start_server("r0")
                 deadline = time.monotonic() + ADMISSION_TIMEOUT_S
                 while True:

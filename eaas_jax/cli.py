@@ -166,6 +166,7 @@ def _add_serve_experts(sub) -> None:
     p.add_argument("--registry", help="etcd://HOST:PORT to register in (lease as heartbeat)")
     p.add_argument("--shm-name", help="shared-memory name (default: the deployment's name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    # Exit when stdin closes (the engine that started this server died).
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_serve_experts)
 
@@ -177,6 +178,11 @@ def _serve_experts(args) -> int:
     from eaas_jax.runtime.expert_server import run_expert_server
     from eaas_jax.runtime.registry import RegistryError
 
+    parent = None
+    if args.exit_with_parent:  # before anything slow: an orphan must not even finish starting
+        from eaas_jax.runtime.parent_watch import ParentWatch
+
+        parent = ParentWatch()
     joining = None
     if args.layers is not None or args.experts is not None:
         joining = tuple(_index_list(v) for v in (args.layers or "all", args.experts or "all"))
@@ -184,7 +190,7 @@ def _serve_experts(args) -> int:
         run_expert_server(
             args.model, args.deployment, args.server, joining=joining, endpoint=args.endpoint,
             shm_name=args.shm_name, registry=args.registry, dtype=resolve_dtype(args.dtype),
-            exit_with_parent=args.exit_with_parent,
+            parent=parent,
         )
     except (CheckpointError, DeploymentError, RegistryError, ValueError) as e:
         raise SystemExit(f"error: {e}")

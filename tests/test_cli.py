@@ -15,7 +15,7 @@ from eaas_jax.cli import main
 from eaas_jax.engine import Engine, ExpertServerError
 from eaas_jax.model import ModelConfig
 
-from conftest import SHIPPED, replace_config
+from conftest import replace_config
 
 
 def test_generate_one_prompt_prints_prompt_and_completion(tiny_checkpoint, capsys):

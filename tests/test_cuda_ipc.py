@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -234,6 +235,107 @@ def test_combine_without_its_dispatch_is_a_bad_reply():
         assert client.stats()["unmatched_combines"] == 1
 
 
+# Endpoint 1 of GEO that answers the client (endpoint 0) line by line on stdin:
+# "forge" publishes a request of its own to the client on micro-batch 0, i.e.
+# into slot (1, 0) of the client's inbox, where its replies on micro-batch 0
+# go: to the client's combine that is a reply of the wrong kind (malformed).
+# "serve" polls once and replies (the toy experts of _transport_worker).
+# Each prints "done" when finished.
+_FORGING_SERVER = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+import jax, jax.numpy as jnp
+from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
+from _transport_worker import expert_compute, make_weights
+
+geo = json.loads(sys.argv[2])
+L, E, D, K = geo["num_layers"], geo["num_experts"], geo["hidden_size"], geo["top_k"]
+weights = make_weights(L, E, D, seed=0)
+hosted = jnp.ones((L, E), jnp.int32)
+with CudaIpcEndpoint(sys.argv[1], 1, **geo) as ep:
+    ep.connect(0, timeout=30)
+
+    @jax.jit
+    def forge():
+        ids = jnp.zeros((1, K), jnp.int32)
+        return ep.dispatch(jnp.ones((1, D), jnp.float32), ids, jnp.ones((1, K), jnp.float32), ids,
+                           jnp.array([0], jnp.int32), layer=0, micro_batch=0)
+
+    @jax.jit
+    def serve():
+        r = ep.poll(hosted, capacity=2 * geo["capacity"], timeout_us=30_000_000)
+        return ep.reply(expert_compute(weights, r.hidden, r.expert_ids, r.gates, r.layer), r.num_rows)
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        jax.block_until_ready({"forge": forge, "serve": serve}[line.strip()]())
+        print("done", flush=True)
+"""
+
+
+def _tell(proc: subprocess.Popen, command: str) -> None:
+    """Sends `command` to a _FORGING_SERVER and waits until it is done."""
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "done", f"the forging server failed at {command!r}"
+
+
+@gpu
+def test_malformed_replies_are_skipped_until_the_awaited_one_or_the_deadline():
+    """A malformed reply in a server's slot is counted and skipped: the
+    combine waiting there still takes the right reply after it (status OK,
+    the reference rows); with only malformed replies it gives up at the
+    deadline, with STATUS_BAD_REPLY rather than STATUS_TIMEOUT."""
+    deployment = f"{PREFIX}-{next(_names)}"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    with cuda_ipc.CudaIpcEndpoint(deployment, 0, **GEO) as client:
+        server = subprocess.Popen(
+            [sys.executable, "-c", _FORGING_SERVER, deployment, json.dumps(GEO), tests_dir],
+            env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "ready"
+            client.connect(1, timeout=30)
+            servers = jnp.array([1], jnp.int32)
+            dispatch = jax.jit(lambda h, e, g: client.dispatch(h, e, g, jnp.where(e >= 0, 1, -1), servers,
+                                                                layer=0, micro_batch=0))
+            combine = jax.jit(lambda sent, e, timeout_us: client.combine(
+                sent, jnp.where(e >= 0, 1, -1), servers, layer=0, micro_batch=0, timeout_us=timeout_us))
+            h, _, e, g, x = _tokens(8, 3, "float32")
+
+            # 1. A malformed reply, then the awaited one: OK, the right rows.
+            sent = jax.block_until_ready(dispatch(h, e, g))
+            _tell(server, "forge")
+            combined = {}
+            waiting = threading.Thread(target=lambda: combined.update(
+                result=jax.block_until_ready(combine(sent, e, np.int32(LONG_US)))))
+            waiting.start()
+            deadline = time.monotonic() + 60
+            while client.stats()["drop_kind"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert client.stats()["drop_kind"] == 1, client.stats()  # the waiting combine saw the forgery
+            _tell(server, "serve")
+            waiting.join(timeout=60)
+            out, status, _ = combined["result"]
+            assert status.tolist() == [custom_calls.STATUS_OK], client.stats()
+            np.testing.assert_allclose(out, reference(WEIGHTS, 0, x, e, g), rtol=1e-5, atol=1e-5)
+
+            # 2. Only a malformed reply: STATUS_BAD_REPLY, at the deadline (not before).
+            timeout_us = 300_000
+            sent = jax.block_until_ready(dispatch(h, e, g))
+            _tell(server, "forge")
+            t0 = time.monotonic()
+            out, status, waited_us = jax.block_until_ready(combine(sent, e, np.int32(timeout_us)))
+            wall = time.monotonic() - t0
+            assert status.tolist() == [custom_calls.STATUS_BAD_REPLY], client.stats()
+            assert timeout_us <= int(waited_us[0]) <= wall * 1e6
+            np.testing.assert_array_equal(out, 0)
+            stats = client.stats()
+            assert stats["drop_kind"] == 2 and stats["replies_accepted"] == 1 and stats["timeouts"] == 1, stats
+        finally:
+            server.stdin.close()
+            server.wait(timeout=60)
+
+
 def _embedded_and_disaggregated(model: str, tmp_path, *, capacity: int, prompts, max_tokens: int,
                                  **engine_args) -> tuple[list, list, dict]:
     """Greedy tokens of `prompts` from the embedded engine and from one
@@ -295,6 +397,64 @@ def test_a_thousand_exchanges_in_one_step_equal_embedded_on_gpus(tmp_path):
         dtype="float32", block_size=16, max_num_batched_tokens=8192)
     assert got == want
     assert stats["unmatched_combines"] == 0 and stats["requests_sent"] == stats["replies_accepted"], stats
+
+
+@gpu
+def test_a_paused_server_is_probed_and_admitted_again_on_gpus(tmp_path, monkeypatch):
+    """Fixed deadlines, every expert on two of three servers: a server paused
+    past the deadline is marked dead, probed once it is back (a one-token
+    exchange through the CUDA dispatch and combine kernels, outside any step:
+    its pending request outlives the steps that send that server nothing) and
+    routed to again once it answered; greedy tokens equal the embedded
+    engine's throughout."""
+    import signal
+
+    from eaas_jax.engine import Engine, SamplingParams
+    from eaas_jax.engine import engine as engine_module
+    from eaas_jax.runtime.cluster import LocalCluster
+
+    monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
+    monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)
+    device = os.environ.get("EAAS_TEST_PEER_GPU")
+    on_peer = f"device = {device}\n" if device is not None else ""
+    deployment = tmp_path / "gpu-replicas.toml"
+    deployment.write_text(
+        'name = "gpureplicas"\ntransport = "cuda_ipc"\ncapacity = 64\ntimeout_ms = 2000\n'
+        f'[[servers]]\nname = "r0"\nexperts = ["0-5"]\n{on_peer}'
+        f'[[servers]]\nname = "r1"\nexperts = ["2-7"]\n{on_peer}'
+        f'[[servers]]\nname = "r2"\nexperts = ["0-1", "6-7"]\n{on_peer}')
+    prompts = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init__(self", "x = 1"]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    args = dict(max_num_seqs=4, max_model_len=128, dtype="float32", block_size=4)
+
+    def tokens(engine):
+        return [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+
+    with Engine(SHIPPED, **args) as engine:
+        want = tokens(engine)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the servers' processes
+    with LocalCluster(SHIPPED, str(deployment), dtype="float32") as cluster:
+        with Engine(SHIPPED, deployment=cluster, **args) as engine:
+            backend, misses = engine.runner.experts, engine.metrics.server_counters["deadline_misses"]
+            assert tokens(engine) == want
+            r0 = cluster.process("r0")
+            r0.send_signal(signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 120
+                while backend.is_live(0):
+                    assert time.monotonic() < deadline, "the paused r0 was not marked dead"
+                    assert tokens(engine) == want
+            finally:
+                r0.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 120
+            while not backend.is_live(0):
+                assert time.monotonic() < deadline, "r0 was not admitted again"
+                assert tokens(engine) == want
+            slots = engine.metrics.server_slots.copy()
+            assert tokens(engine) == want
+            assert engine.metrics.server_slots[0] > slots[0] and misses.tolist() == [1, 0, 0]
+            stats = backend.endpoint.stats()
+            assert stats["unmatched_combines"] == 0, stats
 
 
 @pytest.mark.skipif(HAVE_GPU, reason="checks the error raised where there is no GPU")

@@ -6,7 +6,6 @@ import glob
 import logging
 import os
 
-import numpy as np
 import pytest
 
 from eaas_jax.checkpoint import load_config

@@ -10,10 +10,13 @@ killed server is named within the deadline; nothing is left behind.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -22,7 +25,7 @@ import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.engine.runner import StepRows
-from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.runtime.cluster import KEEP_LOGS_ENV_VAR, LocalCluster
 from eaas_jax.transport import hidden_codec
 
 from conftest import REPO, SHIPPED, TINY_CONFIG, compiles_once_per_step_shape
@@ -263,6 +266,58 @@ def test_a_crashing_client_leaves_no_servers_or_segments(how, tiny_checkpoint, t
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{shm_name}-")]
 
 
+# A client killed while its servers start: it prints the shm name and each
+# server's pid as it is spawned, then waits (the test kills it).
+CLIENT_KILLED_WHILE_SERVERS_START = textwrap.dedent("""
+    import sys
+    from eaas_jax.engine import Engine
+    from eaas_jax.runtime import cluster
+    spawn = cluster.LocalCluster._spawn
+    def spawn_and_tell(self, endpoint):
+        proc = spawn(self, endpoint)
+        print(self.shm_name, proc.pid, flush=True)
+        return proc
+    cluster.LocalCluster._spawn = spawn_and_tell
+    Engine(sys.argv[1], deployment=sys.argv[2], max_num_seqs=4, max_model_len=64, dtype="float32")
+""")
+
+
+def test_servers_of_a_client_killed_while_they_start_exit_before_opening_their_inboxes(tiny_checkpoint, tmp_path):
+    deployment = write_deployment(tmp_path, 2)
+    child = subprocess.Popen([sys.executable, "-c", CLIENT_KILLED_WHILE_SERVERS_START, tiny_checkpoint, deployment],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        spawned = [child.stdout.readline().split() for _ in range(2)]
+    finally:
+        child.kill()
+        child.communicate()
+    assert all(len(line) == 2 for line in spawned), spawned
+    shm_name, pids = spawned[0][0], [int(pid) for _, pid in spawned]
+    deadline = time.monotonic() + 30
+    opened = set()
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "orphaned expert servers kept starting"
+        opened |= {f for f in os.listdir("/dev/shm") if f.startswith(f"eaas-{shm_name}-")}
+        time.sleep(0.01)
+    # They went while starting, before loading the model and opening their inboxes.
+    assert not opened
+    [log_dir] = glob.glob(os.path.join(tempfile.gettempdir(), f"eaas-{shm_name}-*"))
+    for name in os.listdir(log_dir):
+        assert "the process that started this server exited" in open(os.path.join(log_dir, name)).read()
+    shutil.rmtree(log_dir)  # the killed client could not
+
+
+def test_a_cluster_removes_its_log_directory_even_after_a_failure(tiny_checkpoint, tmp_path, caplog):
+    deployment = write_deployment(str(tmp_path), 2)
+    with LocalCluster(tiny_checkpoint, deployment, dtype="float32") as cluster:
+        victim = cluster.process(cluster.deployment.servers[0].name)
+        victim.kill()
+        victim.wait()
+    assert not os.path.exists(cluster.log_dir)
+    # The failed server's log ends up in ours before its file goes.
+    assert any("was killed by SIGKILL" in r.getMessage() and "its log ends" in r.getMessage() for r in caplog.records)
+
+
 def test_bad_deployment_arguments_fail_before_starting_anything(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="registry needs a deployment"):
         Engine(tiny_checkpoint, registry="etcd://127.0.0.1:1")
@@ -279,11 +334,14 @@ def test_profile_dir_gets_each_servers_trace(tiny_checkpoint, tmp_path, monkeypa
     loop into <dir>/<server name>, written when it stops."""
     profiles = tmp_path / "profiles"
     monkeypatch.setenv("EAAS_JAX_PROFILE_DIR", str(profiles))
+    monkeypatch.setenv(KEEP_LOGS_ENV_VAR, "1")  # and the servers' logs
     deployment = write_deployment(str(tmp_path), 2)
     with LocalCluster(tiny_checkpoint, deployment, dtype="float32") as cluster:
         with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
             assert token_ids(engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False))
         names = [spec.name for spec in cluster.deployment.servers]
+    assert sorted(os.listdir(cluster.log_dir)) == sorted(f"{name}.log" for name in names)
+    shutil.rmtree(cluster.log_dir)
     for name in names:
         traces = list((profiles / name).rglob("*.xplane.pb"))
         assert traces and all(t.stat().st_size > 0 for t in traces), (name, list(profiles.rglob("*")))

@@ -337,6 +337,85 @@ def test_a_replica_that_exited_while_idle_is_routed_around_before_any_deadline(t
         assert backend.endpoint.stats()["timeouts"] == 0
 
 
+def generate_until(engine, reference, done, what: str, timeout_s: float = 120.0) -> None:
+    """Generates REQUESTS[:8] (checking them against `reference`) until done()
+    holds: what drives the engine's step boundaries while a server changes
+    state."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]
+
+
+def test_with_fixed_deadlines_replacements_and_paused_servers_come_back_only_once_they_answer(
+        tiny_checkpoint, reference, tmp_path, caplog, monkeypatch):
+    """Redundancy comes back after every kind of fault, with the shipped
+    deployments' fixed deadlines: (1) a server killed and restarted on its
+    endpoint while the engine is idle is sent to at its new inbox; (2) a
+    paused server marked dead by a missed deadline is probed, not routed to,
+    while it stays paused, and admitted once it answers; (3) a replacement
+    started while the engine serves gets tokens only once it is ready. No
+    step's exchange but those of the faults themselves misses its deadline
+    (an unanswered probe is a transport timeout, but no step waits for it)."""
+    monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
+    monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)
+    deployment = REPLICATED.replace("timeout_ms = 2000", "timeout_ms = 1000")
+    with replicated_engine(tiny_checkpoint, tmp_path, deployment) as (cluster, engine):
+        backend, counters = engine.runner.experts, engine.metrics.server_counters
+        misses = counters["deadline_misses"]
+        assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]
+
+        # (1) Killed and restarted while idle: the engine still maps the dead inbox.
+        victim = cluster.process("r0")
+        victim.kill()
+        victim.wait()
+        cluster.start_server("r0")
+        slots = engine.metrics.server_slots.copy()
+        time.sleep(engine_module.MEMBERSHIP_CHECK_S)
+        assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+        assert misses.sum() == 0 and backend.is_live(0) and engine.metrics.server_slots[0] > slots[0]
+
+        # (2) Paused past the deadline mid-run, kept paused through a probe.
+        r0, frozen = cluster.process("r0"), []
+
+        def freeze_r0(steps, finished):
+            if steps == 5:
+                r0.send_signal(signal.SIGSTOP)
+                frozen.append(steps)
+
+        with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
+            assert run_requests(engine, freeze_r0) == reference
+            assert not backend.is_live(0) and misses.tolist() == [1, 0, 0]
+            generate_until(engine, reference, lambda: any("did not answer a probe" in r.getMessage() for r in caplog.records),
+                            "a probe of the paused r0 went unanswered")
+        r0.send_signal(signal.SIGCONT)
+        generate_until(engine, reference, lambda: backend.is_live(0), "r0 was admitted again")
+        slots = engine.metrics.server_slots.copy()
+        assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+        assert engine.metrics.server_slots[0] > slots[0] and misses.tolist() == [1, 0, 0]
+        assert counters["marked_dead"].tolist() == [1, 0, 0]
+
+        # (3) A replacement started while the engine serves.
+        restarted = threading.Event()
+
+        def kill_and_replace_r0(steps, finished):
+            if steps == 5:
+                victim = cluster.process("r0")
+                victim.kill()
+                victim.wait()
+                threading.Thread(target=lambda: (cluster.start_server("r0"), restarted.set())).start()
+
+        assert run_requests(engine, kill_and_replace_r0) == reference
+        generate_until(engine, reference, restarted.is_set, "the replacement of r0 was ready")
+        generate_until(engine, reference, lambda: backend.is_live(0), "the replacement of r0 was admitted")
+        slots = engine.metrics.server_slots.copy()
+        assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+        assert engine.metrics.server_slots[0] > slots[0]
+        # The kill cost at most one deadline (none when the membership check saw
+        # the process gone first); the replacement none.
+        assert misses.sum() <= 2 and counters["marked_dead"].tolist() == [2, 0, 0]
+
+
 def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_the_least_used_when_idle(
         tiny_checkpoint, reference, tmp_path):
     policy = ScalingPolicy(latency_target_ms=100, min_servers=1, max_servers=3, cooldown_s=60)

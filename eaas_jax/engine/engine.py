@@ -26,6 +26,7 @@ from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.model.attention import kv_cache_bytes_per_token
+from eaas_jax.runtime.admission import AdmissionProbes
 from eaas_jax.runtime.client import (ExpertServerError, RemoteExpertBackend, failed_servers, transport_anomalies,
                                      unserved_error)
 from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
@@ -37,10 +38,10 @@ log = logging.getLogger(__name__)
 
 # How often, at most, a step boundary asks the cluster which servers are up.
 MEMBERSHIP_CHECK_S = 1.0
-# With adaptive deadlines, a server marked dead by a failed exchange that is
-# still up (the same process) gets its traffic back after PROBATION_S, doubled
-# per failure in a row up to PROBATION_MAX_S (`runtime.probation`). Fixed
-# deadlines are generous enough that a miss means a new process is needed.
+# A server marked dead by a failed exchange that is still up (the same
+# process) is probed again after PROBATION_S, doubled per failure in a row
+# (a missed probe included) up to PROBATION_MAX_S (`runtime.probation`), and
+# gets its traffic back once it answers (`runtime.admission`).
 PROBATION_S = 5.0
 PROBATION_MAX_S = 60.0
 
@@ -179,7 +180,7 @@ class Engine:
         if shared:
             self.cluster = deployment
         elif registry is not None:
-            self.cluster, self._owns_cluster = RegistryCluster(registry, deployment), True
+            self.cluster, self._owns_cluster = RegistryCluster(registry, deployment, config=self.config), True
         else:
             self.cluster = LocalCluster(model_path, deployment, dtype=self.dtype.name)
             self._owns_cluster = True
@@ -199,6 +200,7 @@ class Engine:
         )
         for server in set(range(spec.num_server_endpoints)) - set(spec.started_servers):
             experts.set_live(server, False)  # standby or spare: admitted once up (`_follow_membership`)
+        self._probes = AdmissionProbes(self._client_endpoint)
         return client, experts
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
@@ -241,9 +243,9 @@ class Engine:
         self._in_flight: list[tuple[list[Sequence], DispatchedStep]] = []
         self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
         self._next_membership_check = 0.0
-        # Server endpoint -> the incarnation (process) it was last live as: one
-        # that was drained is admitted again only as a new process, one that
-        # failed an exchange also after its probation.
+        # Server endpoint -> the incarnation (process) it was last seen up as:
+        # one that was drained is admitted again only as a new process, one
+        # that failed an exchange also after its probation and a probe.
         self._incarnations: dict[int, object] = {}
         self._probation = Probation(PROBATION_S, PROBATION_MAX_S)
         self._rng = np.random.default_rng(seed)
@@ -466,12 +468,15 @@ class Engine:
 
     def _follow_membership(self) -> None:
         """Applies the cluster's membership to the routing table from the next
-        step on, asked at most every MEMBERSHIP_CHECK_S: a server that is gone
-        (the process exited; with etcd, the lease expired) gets no more tokens,
-        so no step waits out a deadline on it; a server that came up (a standby
-        one started, a failed or drained one restarted as a new process) is
-        admitted, and so is one marked dead by a failed exchange that is still
-        up once its probation ends. Tables change without recompiling."""
+        step on, asked at most every MEMBERSHIP_CHECK_S (clusters report a
+        server up only once it is ready): a server that is gone (the process
+        exited; with etcd, the lease expired) gets no more tokens, so no step
+        waits out a deadline on it; one that came back as another process is
+        routed to at its new inbox; one that came up (a standby one started,
+        a failed or drained one running as a new process) is admitted; one
+        marked dead by a failed exchange that is still up is probed once its
+        probation ends and admitted when it answers. Tables change without
+        recompiling."""
         now = time.monotonic()
         if self.cluster is None or now < self._next_membership_check:
             return
@@ -483,34 +488,70 @@ class Engine:
             return
         backend = self.runner.experts
         for endpoint in range(self.cluster.deployment.num_server_endpoints):
-            incarnation, live = up.get(endpoint), backend.is_live(endpoint)
-            if live and incarnation is None:
-                log.warning("%s is gone; routing around it", self.cluster.describe_server(endpoint))
-                backend.set_live(endpoint, False)
-                self.metrics.server_marked_dead(endpoint)
-            elif live:
+            incarnation, known = up.get(endpoint), self._incarnations.get(endpoint)
+            if backend.is_live(endpoint):
+                if incarnation is None:
+                    log.warning("%s is gone; routing around it", self.cluster.describe_server(endpoint))
+                    self._route_out(endpoint)
+                    continue
+                if known is not None and incarnation != known:  # killed and restarted between two checks
+                    log.warning("%s runs as a new process; sending to its new inbox",
+                                self.cluster.describe_server(endpoint))
+                    if not self._map_inbox(endpoint):
+                        self._route_out(endpoint)
                 self._incarnations[endpoint] = incarnation
                 self._probation.served(endpoint, now)
-            elif incarnation is not None and incarnation != self._incarnations.get(endpoint):
+            elif incarnation is None:
+                self._probes.forget(endpoint)
+            elif self._probes.outstanding(endpoint, incarnation):
+                self._readmit_if_answered(endpoint, now)
+            elif incarnation != known:
+                self._incarnations[endpoint] = incarnation
                 self._probation.forget(endpoint)  # a new process starts with a clean record
-                self._admit(endpoint, incarnation)
-            elif incarnation is not None and self._probation.is_over(endpoint, now):
-                self._admit(endpoint, incarnation, why=" (it failed an exchange but stayed up; probation over)")
+                self._admit(endpoint)
+            elif self._probation.is_over(endpoint, now) and self._map_inbox(endpoint):
+                self.runner.wait()  # steps queued while it was routed to would share its mailboxes
+                self._probes.start(endpoint, incarnation)
 
-    def _admit(self, endpoint: int, incarnation, why: str = "") -> None:
-        """Maps server `endpoint`'s (new) inbox and routes tokens to it again;
-        a server on a spare endpoint first takes its place in the routing
-        table as a replica of what it hosts."""
+    def _route_out(self, endpoint: int) -> None:
+        """No tokens to server `endpoint` from the next step on (counted as marked dead)."""
+        self.runner.experts.set_live(endpoint, False)
+        self.metrics.server_marked_dead(endpoint)
+
+    def _map_inbox(self, endpoint: int) -> bool:
+        """Maps server `endpoint`'s current inbox (not a predecessor's); False
+        (logged) if it cannot be reached yet."""
+        try:
+            self._client_endpoint.connect(endpoint)
+        except (OSError, RuntimeError, ValueError) as e:  # the next check retries
+            log.warning("cannot reach expert server %d yet: %s", endpoint, e)
+            return False
+        return True
+
+    def _admit(self, endpoint: int, why: str = "") -> None:
+        """Maps server `endpoint`'s inbox and routes tokens to it again; a
+        server on a spare endpoint first takes its place in the routing table
+        as a replica of what it hosts."""
         try:
             if endpoint in self.cluster.deployment.spare_range:
                 self._place_joined_server(endpoint)
-            self._client_endpoint.connect(endpoint)
-        except (OSError, RuntimeError, ValueError, LookupError) as e:  # the next check retries
+        except (ValueError, LookupError) as e:  # the next check retries
             log.warning("cannot admit expert server %d yet: %s", endpoint, e)
             return
-        self.runner.experts.set_live(endpoint, True)
-        self._incarnations[endpoint] = incarnation
-        log.info("admitted %s%s", self.cluster.describe_server(endpoint), why)
+        if self._map_inbox(endpoint):
+            self.runner.experts.set_live(endpoint, True)
+            log.info("admitted %s%s", self.cluster.describe_server(endpoint), why)
+
+    def _readmit_if_answered(self, endpoint: int, now: float) -> None:
+        """A server marked dead that stayed up, probed at the last check
+        (`AdmissionProbes`): admitted if it answered, else probed again after
+        a longer probation."""
+        if self._probes.answered(endpoint):
+            self._admit(endpoint, why=" (it failed an exchange but stayed up, and answered a probe)")
+        else:
+            seconds = self._probation.failed(endpoint, now)
+            log.warning("%s did not answer a probe; probing again in %g s",
+                        self.cluster.describe_server(endpoint), seconds)
 
     def _place_joined_server(self, endpoint: int) -> None:
         """Routes to the server that joined on spare `endpoint` the (layer,
@@ -537,12 +578,9 @@ class Engine:
         paused = self._paused_servers(failures, step) if unserved else set()
         for server, what in failures.items():
             if self.runner.experts.is_live(server) and server not in paused:
-                out_for = ""
-                if self.runner.experts.deadlines is not None:  # adaptive: the miss may be a false alarm
-                    out_for = f" (for {self._probation.failed(server, time.monotonic()):g} s if it stays up)"
-                log.warning("%s; routing around it%s", what, out_for)
-                self.runner.experts.set_live(server, False)
-                self.metrics.server_marked_dead(server)
+                seconds = self._probation.failed(server, time.monotonic())
+                log.warning("%s; routing around it (probed again in %g s if it stays up)", what, seconds)
+                self._route_out(server)
         if paused:
             self._retry_with_full_deadlines(paused, failures, unserved)
         return failures

@@ -3,8 +3,11 @@
 * `LocalCluster`: the engine starts one `eaas-jax serve-experts` process per
   server of a deployment file on this host, waits until each says "ready",
   and on `close()` stops them and removes every shared-memory segment of the
-  deployment, whatever state they were left in. Several engines of one process
-  can share it (each claims a client slot).
+  deployment, whatever state they were left in, and the servers' log
+  directory (unless asked to keep it). Several engines of one process can
+  share it (each claims a client slot). Its servers die with the process that
+  started them, even while still starting up: each watches its stdin, a pipe
+  whose only writer is this process.
 * `RegistryCluster`: servers started elsewhere registered themselves in etcd;
   the engine waits for every server the deployment names, and claims a client
   slot there (a key under its own lease, so a crashed client frees its slot).
@@ -18,10 +21,14 @@ for error messages.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
+import re
+import reprlib
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,15 +42,18 @@ from typing import NamedTuple
 import jax
 
 from eaas_jax.checkpoint.directory import load_config
-from eaas_jax.runtime.deployment import Deployment, DeploymentError, ServerSpec
+from eaas_jax.model.config import ModelConfig
+from eaas_jax.runtime.deployment import TRANSPORTS, Deployment, DeploymentError, ServerSpec
 from eaas_jax.runtime.registry import (
     EtcdRegistry,
     Heartbeat,
     RegistryError,
+    ServerRegistrations,
     clients_prefix,
     servers_prefix,
     wait_for_servers,
 )
+from eaas_jax.transport.shm import default_deployment_id
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +71,31 @@ def _index_text(values: tuple[int, ...] | None) -> str:
     return "all" if values is None else ",".join(map(str, values))
 
 
-def _hosted_pairs(value) -> tuple[tuple[int, int], ...] | None:
-    """A registry entry's hosted list as (layer, expert) pairs; None if malformed."""
+def _is_index(value) -> bool:
+    """Whether a JSON value is a non-negative integer (true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What a server or shared-memory name may be: the deployment file's rule (a
+# shm name becomes part of file names in /dev/shm, a server name of log lines).
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _hosted_pairs(value, config: ModelConfig | None) -> tuple[tuple[int, int], ...]:
+    """A registry entry's hosted list as (MoE layer, expert) pairs; ValueError
+    saying what is wrong unless it is a non-empty list of [layer, expert]
+    (inside the model when its `config` is given)."""
     if not isinstance(value, list) or not value:
-        return None
+        raise ValueError(f"hosted {reprlib.repr(value)} is not a non-empty list of [layer, expert] pairs")
     pairs = []
     for pair in value:
-        if (not isinstance(pair, list) or len(pair) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)):
-            return None
-        pairs.append((pair[0], pair[1]))
+        if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_index, pair))):
+            raise ValueError(f"hosted pair {reprlib.repr(pair)} is not [layer, expert]")
+        layer, expert = pair
+        if config is not None and not (layer < config.num_moe_layers and expert < config.num_experts):
+            raise ValueError(f"hosted (layer {layer}, expert {expert}) is outside the model's "
+                             f"{config.num_moe_layers} MoE layers x {config.num_experts} experts")
+        pairs.append((layer, expert))
     return tuple(pairs)
 
 
@@ -100,6 +125,14 @@ class _Slots:
             self._free.sort()
 
 
+def _close_pipes(proc: subprocess.Popen) -> None:
+    """Closes our ends of a server's stdin (telling a live one to stop) and stdout."""
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
 def _reap(proc: subprocess.Popen, timeout: float) -> int:
     """Waits for a terminated process, SIGKILLing it after `timeout` s; its exit code."""
     try:
@@ -109,26 +142,40 @@ def _reap(proc: subprocess.Popen, timeout: float) -> int:
         return proc.wait()
 
 
+#: Set to 1 to keep a LocalCluster's server logs after it closes (the default
+#: of its `keep_logs`).
+KEEP_LOGS_ENV_VAR = "EAAS_JAX_KEEP_SERVER_LOGS"
+
+
 class LocalCluster:
     """Expert-server processes of `deployment_path` for `model_path`, on this host.
 
     Args:
       startup_timeout: seconds each server may take to load, compile and answer.
       dtype: the experts' dtype name ('float32' or 'bfloat16').
+      keep_logs: keep the servers' log directory (`log_dir`, private to this
+        cluster) when it closes; default: whether $EAAS_JAX_KEEP_SERVER_LOGS
+        is 1. Either way, the end of the log of a server that failed is
+        logged as a warning on close.
     """
 
     def __init__(self, model_path: str, deployment_path: str, *, dtype: str = "float32",
-                 startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0, keep_logs: bool | None = None):
         self.deployment = Deployment.load(deployment_path)
         # A unique name per cluster: two clusters on one host never share segments.
         self.shm_name = f"{self.deployment.name[:24]}-{uuid.uuid4().hex[:12]}"
-        self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")
+        self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")  # mode 0700
+        self.keep_logs = os.environ.get(KEEP_LOGS_ENV_VAR) == "1" if keep_logs is None else keep_logs
         self._slots = _Slots(self.deployment.max_clients)
         self._spawn_args = (model_path, deployment_path, dtype)
         self._config = load_config(model_path)
         # Per server endpoint (the file's, then the spare ones): its latest
         # process, None while never started (standby, unused spare).
         self._procs: list[subprocess.Popen | None] = [None] * self.deployment.num_server_endpoints
+        # Per endpoint: the process id of its server once it said "ready".
+        # Only those count as up: a server still starting would miss its
+        # first exchanges.
+        self._ready: dict[int, int] = {}
         self._joined: dict[int, ServerSpec] = {}  # spare endpoint -> the server added there last
         self._closed = False
         atexit.register(self.close)
@@ -140,7 +187,7 @@ class LocalCluster:
                 endpoint = self.deployment.server_endpoint(name)
                 self._procs[endpoint] = self._spawn(endpoint)
             for name in started:
-                self._wait_ready(name, self.process(name), startup_timeout)
+                self._wait_ready(self.deployment.server_endpoint(name), startup_timeout)
         except BaseException:
             self.close()
             raise
@@ -165,9 +212,12 @@ class LocalCluster:
             env.pop("JAX_PLATFORMS", None)
         else:
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        # stdin: a pipe only this process writes to; it closes when this
+        # process dies, however it dies, and the server then exits
+        # (--exit-with-parent), even before it is ready.
         with open(self._log_path(spec.name), "ab") as log_file:  # a restarted server appends
             return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file,
-                                    stdin=subprocess.DEVNULL, env=env)
+                                    stdin=subprocess.PIPE, env=env)
 
     def _gpu_of(self, endpoint: int) -> str:
         """The GPU of the server on `endpoint` (cuda_ipc: one per process):
@@ -194,7 +244,10 @@ class LocalCluster:
         except OSError:
             return ""
 
-    def _wait_ready(self, name: str, proc: subprocess.Popen, timeout: float) -> None:
+    def _wait_ready(self, endpoint: int, timeout: float) -> None:
+        """Waits for the "ready" line of the server on `endpoint`; from then on
+        it counts as up (`servers_up`)."""
+        name, proc = self._spec(endpoint).name, self._procs[endpoint]
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
@@ -208,6 +261,7 @@ class LocalCluster:
                 if sel.select(timeout=min(left, 0.5)):
                     line = proc.stdout.readline()
                     if line.strip() == b"ready":
+                        self._ready[endpoint] = proc.pid
                         return
                     if not line:  # stdout closed: the process is gone
                         proc.wait(timeout=10)
@@ -240,17 +294,21 @@ class LocalCluster:
         """Server `name`'s latest process; None if it was never started."""
         return self._procs[self.endpoint_of(name)]
 
-    def servers_up(self) -> dict[int, int]:
-        """Endpoint -> process id of every server whose process is running (a
-        restarted server is up under a new id)."""
+    def _running(self) -> dict[int, int]:
+        """Endpoint -> process id of every server whose process is running (ready or not)."""
         return {endpoint: proc.pid for endpoint, proc in enumerate(self._procs)
                 if proc is not None and proc.poll() is None}
 
+    def servers_up(self) -> dict[int, int]:
+        """Endpoint -> process id of every server whose process is running and
+        said it is ready (a restarted server is up under a new id once ready)."""
+        return {endpoint: pid for endpoint, pid in self._running().items() if self._ready.get(endpoint) == pid}
+
     def joined_servers(self) -> dict[int, JoinedServer]:
         """Spare endpoint -> the server added there, of those running."""
-        up = self.servers_up()
+        running = self._running()
         return {endpoint: JoinedServer(spec.name, tuple(spec.hosted(self._config)))
-                for endpoint, spec in self._joined.items() if endpoint in up}
+                for endpoint, spec in self._joined.items() if endpoint in running}
 
     def start_server(self, name: str, timeout: float = 300.0) -> None:
         """Starts server `name` (a standby one, or one that exited) and waits
@@ -259,10 +317,10 @@ class LocalCluster:
         if proc is not None and proc.poll() is None:
             raise ValueError(f"expert server {name!r} is already running (process {proc.pid})")
         if proc is not None:
-            proc.stdout.close()
+            _close_pipes(proc)
         endpoint = self.endpoint_of(name)
         self._procs[endpoint] = proc = self._spawn(endpoint)
-        self._wait_ready(name, proc, timeout)
+        self._wait_ready(endpoint, timeout)
         log.info("started expert server %r (process %d)", name, proc.pid)
 
     def add_server(self, name: str, *, layers="all", experts="all", device: int | None = None,
@@ -276,19 +334,19 @@ class LocalCluster:
         self.deployment.check_server(spec, self._config)
         if device is not None:
             spec = dataclasses.replace(spec, device=device)
-        up = self.servers_up()
-        if any(s.name == name and e in up for e, s in self._joined.items()):
+        running = self._running()
+        if any(s.name == name and e in running for e, s in self._joined.items()):
             raise ValueError(f"expert server {name!r} is already running")
-        free = [e for e in self.deployment.spare_range if e not in up]
+        free = [e for e in self.deployment.spare_range if e not in running]
         if not free:
             raise DeploymentError(f"every spare endpoint of deployment {self.deployment.name!r} "
                                   f"({self.deployment.spare_endpoints}) has a running server")
         endpoint = free[0]
         if self._procs[endpoint] is not None:
-            self._procs[endpoint].stdout.close()
+            _close_pipes(self._procs[endpoint])
         self._joined[endpoint] = spec
         self._procs[endpoint] = proc = self._spawn(endpoint)
-        self._wait_ready(name, proc, timeout)
+        self._wait_ready(endpoint, timeout)
         log.info("added expert server %r on spare endpoint %d (process %d)", name, endpoint, proc.pid)
         return endpoint
 
@@ -319,8 +377,9 @@ class LocalCluster:
         return f"expert server {spec.name!r} (endpoint {endpoint}; {state}; log {self._log_path(spec.name)})"
 
     def close(self) -> None:
-        """Stops every server (SIGTERM, then SIGKILL after 10 s) and unlinks
-        every segment of the deployment (idempotent)."""
+        """Stops every server (SIGTERM, then SIGKILL after 10 s), unlinks
+        every segment of the deployment and removes the log directory unless
+        `keep_logs` (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -331,17 +390,26 @@ class LocalCluster:
                 proc.terminate()
         for proc in procs:
             _reap(proc, 10.0)
-            proc.stdout.close()
+            _close_pipes(proc)
         # Servers that were killed could not unlink their inboxes.
         for path in self.deployment.endpoint_paths(self.shm_name):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        if all(p.returncode in (0, -signal.SIGTERM) for p in procs):
-            for name in os.listdir(self.log_dir):
-                os.unlink(os.path.join(self.log_dir, name))
-            os.rmdir(self.log_dir)
+        self._report_failed_servers()
+        if self.keep_logs:
+            log.info("expert server logs kept in %s", self.log_dir)
+        else:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _report_failed_servers(self) -> None:
+        """Logs the end of the log of every server whose latest process did
+        not exit as asked (its log may be removed next)."""
+        for endpoint, proc in enumerate(self._procs):
+            if proc is not None and proc.returncode not in (0, -signal.SIGTERM):
+                name = self._spec(endpoint).name
+                log.warning("%s; its log ends:\n%s", self.describe_server(endpoint), self._log_tail(name))
 
     def __enter__(self) -> "LocalCluster":
         return self
@@ -351,31 +419,34 @@ class LocalCluster:
 
 
 class RegistryCluster:
-    """The expert servers of `deployment_path` as registered in etcd at `registry`.
+    """The expert servers of `deployment_path` as registered in etcd at `registry`
+    (`etcd://HOST:PORT`, `etcds://HOST:PORT`, or an `EtcdRegistry` set up with
+    credentials).
 
     Which servers are up is read from etcd by a background thread every
     `membership_poll_s`: engines ask at step boundaries, and a slow or
     unreachable etcd must not stall a step (a request waits up to the
-    registry client's 5 s timeout)."""
+    registry client's 5 s timeout). Every server entry is checked before use
+    (`_entry_problem`; the hosted experts against the model when its `config`
+    is given): an invalid one is ignored with a warning, as if that server had
+    not registered. `wait_s`: how long to wait for the deployment's servers to
+    register, and for a free client slot."""
 
-    def __init__(self, registry: str, deployment_path: str, *, wait_s: float = 60.0, lease_ttl_s: int = 5,
-                 membership_poll_s: float = 1.0):
+    def __init__(self, registry: str | EtcdRegistry, deployment_path: str, *, config: ModelConfig | None = None,
+                 wait_s: float = 60.0, lease_ttl_s: int = 5, membership_poll_s: float = 1.0):
         self.deployment = Deployment.load(deployment_path)
-        self.registry = EtcdRegistry(registry)
-        names = [s.name for s in self.deployment.servers]
+        self.registry = registry if isinstance(registry, EtcdRegistry) else EtcdRegistry(registry)
+        self._config = config
+        self._listed = {s.name for s in self.deployment.servers}
+        self.shm_name: str | None = None  # the started servers' one, once they registered
+        self._registrations = ServerRegistrations(self.registry, self.deployment.name, self._entry_problem)
         started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
-        self.entries = wait_for_servers(self.registry, self.deployment.name, started, wait_s)
-        shm_names = {e.get("shm_name") for e in self.entries.values()}
+        self.entries = wait_for_servers(self._registrations, started, wait_s)
+        shm_names = {self.entries[name]["shm_name"] for name in started}
         if len(shm_names) != 1:
             raise RegistryError(f"servers of {self.deployment.name!r} disagree on the shm name: {shm_names}")
         self.shm_name = shm_names.pop()
-        for name, entry in self.entries.items():
-            want = self.deployment.server_endpoint(name) if name in names else None
-            if want is not None and entry.get("endpoint") != want:
-                raise RegistryError(
-                    f"server {name!r} registered endpoint {entry.get('endpoint')} but "
-                    f"{self.deployment.source} puts it at {want}"
-                )
+        self._wait_s = wait_s
         self._lease_ttl_s = lease_ttl_s
         self._heartbeats: dict[int, Heartbeat] = {}
         # (servers up, joined servers, None) or (None, None, the RegistryError)
@@ -386,22 +457,93 @@ class RegistryCluster:
                                         name="eaas-registry-membership", daemon=True)
         self._poller.start()
 
+    def _entry_problem(self, name: str, entry) -> str | None:
+        """What is wrong with server `name`'s registry entry, None if nothing.
+        Anyone allowed to write the registry wrote it, so every field is
+        checked: a bad endpoint, transport or hosted list would send tokens
+        to the wrong mailbox or index past the routing table."""
+        if not _NAME.fullmatch(name):
+            return "the server name is not 1-40 characters of A-Z, a-z, 0-9, _ and -"
+        if not isinstance(entry, dict):
+            return f"its value {reprlib.repr(entry)} is not a JSON object"
+        problems = [self._endpoint_problem(name, entry.get("endpoint")),
+                    self._shm_name_problem(entry.get("shm_name"), entry.get("deployment_id"))]
+        transport = entry.get("transport")
+        if transport not in TRANSPORTS:
+            problems.append(f"transport {reprlib.repr(transport)} is not one of {list(TRANSPORTS)}")
+        elif transport != self.deployment.transport:
+            problems.append(f"transport {transport!r} is not the deployment's {self.deployment.transport!r}")
+        pid = entry.get("pid")
+        if not _is_index(pid) or pid == 0:
+            problems.append(f"pid {reprlib.repr(pid)} is not a positive integer")
+        if not isinstance(entry.get("host"), str):
+            problems.append(f"host {reprlib.repr(entry.get('host'))} is not a string")
+        try:
+            _hosted_pairs(entry.get("hosted"), self._config)
+        except ValueError as e:
+            problems.append(str(e))
+        return "; ".join(p for p in problems if p) or None
+
+    def _endpoint_problem(self, name: str, endpoint) -> str | None:
+        """A listed server must be on the file's endpoint, any other on a spare one."""
+        if name in self._listed:
+            want = self.deployment.server_endpoint(name)
+            if _is_index(endpoint) and endpoint == want:
+                return None
+            return f"endpoint {reprlib.repr(endpoint)} is not {want}, where {self.deployment.source} puts it"
+        if _is_index(endpoint) and endpoint in self.deployment.spare_range:
+            return None
+        return (f"endpoint {reprlib.repr(endpoint)} of a server not in {self.deployment.source} is not one of "
+                f"its spare endpoints {list(self.deployment.spare_range)}")
+
+    def _shm_name_problem(self, shm_name, deployment_id) -> str | None:
+        """The shm name must be a valid one (the started servers' once known),
+        and the deployment id the one of that name."""
+        if not (isinstance(shm_name, str) and _NAME.fullmatch(shm_name)):
+            return f"shm_name {reprlib.repr(shm_name)} is not 1-40 characters of A-Z, a-z, 0-9, _ and -"
+        if self.shm_name is not None and shm_name != self.shm_name:
+            return f"shm_name {shm_name!r} is not the deployment's {self.shm_name!r}"
+        if not (_is_index(deployment_id) and deployment_id == default_deployment_id(shm_name)):
+            return f"deployment_id {reprlib.repr(deployment_id)} is not the id of shm name {shm_name!r}"
+        return None
+
     def claim_client(self) -> int:
+        """Claims the first free client slot (a key under a lease of this
+        client's own) and returns its endpoint. When every slot is taken it
+        waits for one, up to `wait_s`: a crashed client's slot lives until its
+        lease expires, and a client restarted at once must get one back."""
         heartbeat = Heartbeat(self.registry, self._lease_ttl_s)
+        try:
+            slot = self._claim_slot(heartbeat.lease)
+        except BaseException:
+            heartbeat.stop()
+            raise
+        endpoint = self.deployment.client_endpoint(slot)
+        self._heartbeats[endpoint] = heartbeat
+        return endpoint
+
+    def _claim_slot(self, lease: int) -> int:
+        """The first client slot this client could claim under `lease`, waiting up to `wait_s` for one."""
         prefix = clients_prefix(self.deployment.name)
-        for slot in range(self.deployment.max_clients):
-            claimed = self.registry.create(
-                f"{prefix}{slot}", {"pid": os.getpid(), "host": socket.gethostname()},
-                lease=heartbeat.lease,
-            )
-            if claimed:
-                endpoint = self.deployment.client_endpoint(slot)
-                self._heartbeats[endpoint] = heartbeat
-                return endpoint
-        heartbeat.stop()
-        raise DeploymentError(
-            f"every client slot of deployment {self.deployment.name!r} is taken in {self.registry.url}"
-        )
+        value = {"pid": os.getpid(), "host": socket.gethostname()}
+        deadline = time.monotonic() + self._wait_s
+        waiting = False
+        while True:
+            for slot in range(self.deployment.max_clients):
+                if self.registry.create(f"{prefix}{slot}", value, lease=lease):
+                    return slot
+            if time.monotonic() >= deadline:
+                raise DeploymentError(
+                    f"every client slot ({self.deployment.max_clients}) of deployment {self.deployment.name!r} "
+                    f"is taken in {self.registry.url}, and none freed within {self._wait_s:.0f} s (raise "
+                    "max_clients, or stop a client)"
+                )
+            if not waiting:
+                log.warning("waiting for a free client slot of deployment %r in %s (all %d are taken; a crashed "
+                            "client's slot frees when its lease expires) ...", self.deployment.name,
+                            self.registry.url, self.deployment.max_clients)
+                waiting = True
+            time.sleep(0.5)  # etcd itself looks for expired leases every 0.5 s
 
     def release_client(self, endpoint: int) -> None:
         heartbeat = self._heartbeats.pop(endpoint, None)
@@ -429,26 +571,15 @@ class RegistryCluster:
         return joined
 
     def _poll_servers_up(self):
-        prefix = servers_prefix(self.deployment.name)
         try:
-            found = self.registry.get_prefix(prefix)
+            entries = self._registrations.read()  # the valid ones
         except RegistryError as e:
             return None, None, e
-        entries = {key.removeprefix(prefix): entry for key, entry in found.items()}
-        up = {endpoint: (entries[spec.name].get("host"), entries[spec.name].get("pid"))
-              for endpoint, spec in enumerate(self.deployment.servers) if spec.name in entries}
-        joined = {}
-        listed = {spec.name for spec in self.deployment.servers}
+        up, joined = {}, {}
         for name, entry in entries.items():
-            if name in listed:
-                continue
-            endpoint, hosted = entry.get("endpoint"), _hosted_pairs(entry.get("hosted"))
-            if endpoint not in self.deployment.spare_range or hosted is None:
-                log.warning("ignoring registry entry of server %r: endpoint %r is not a spare one of %s, or its "
-                            "hosted experts are malformed", name, endpoint, self.deployment.source)
-                continue
-            up[endpoint] = (entry.get("host"), entry.get("pid"))
-            joined[endpoint] = JoinedServer(name, hosted)
+            up[entry["endpoint"]] = (entry["host"], entry["pid"])
+            if name not in self._listed:
+                joined[entry["endpoint"]] = JoinedServer(name, _hosted_pairs(entry["hosted"], self._config))
         return up, joined, None
 
     def _follow_registry(self, poll_s: float) -> None:

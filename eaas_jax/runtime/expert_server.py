@@ -44,8 +44,10 @@ from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
 from eaas_jax.runtime.client import transport_anomalies
 from eaas_jax.runtime.deployment import Deployment, DeploymentError
+from eaas_jax.runtime.parent_watch import ParentWatch
 from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix, spares_prefix
 from eaas_jax.transport import custom_calls, hidden_codec
+from eaas_jax.transport.shm import default_deployment_id
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,7 @@ def run_expert_server(
     shm_name: str | None = None,
     registry: str | None = None,
     dtype=jnp.float32,
-    exit_with_parent: bool = False,
+    parent: ParentWatch | None = None,
     poll_timeout_us: int = 20_000,
     announce=lambda: print("ready", flush=True),
 ) -> None:
@@ -212,35 +214,30 @@ def run_expert_server(
     spare endpoint: `endpoint` if given (a LocalCluster picks it), else the
     first one it can claim in the registry, for as long as its lease lives.
     `announce` is called once the server answers requests (the engine that
-    started it waits for the "ready" line on its stdout).
+    started it waits for the "ready" line on its stdout). With `parent`, the
+    server goes when the process that started it does (`ParentWatch`).
     """
     deployment = Deployment.load(deployment_path)
+    if parent is not None:
+        parent.remove_when_gone(deployment.endpoint_paths(shm_name or deployment.name))
     config = load_config(model_path)
     deployment.check(config)
     # The lease is this process's heartbeat: the keys under it (its spare
     # endpoint's claim, its registration) go when the process does.
     heartbeat = Heartbeat(EtcdRegistry(registry)) if registry is not None else None
     try:
-        parent_gone = _serve(model_path, deployment, config, server_name, heartbeat, joining=joining,
-                             endpoint=endpoint, shm_name=shm_name, dtype=dtype, exit_with_parent=exit_with_parent,
-                             poll_timeout_us=poll_timeout_us, announce=announce)
+        _serve(model_path, deployment, config, server_name, heartbeat, joining=joining, endpoint=endpoint,
+               shm_name=shm_name, dtype=dtype, parent=parent, poll_timeout_us=poll_timeout_us, announce=announce)
     finally:
         if heartbeat is not None:
             heartbeat.stop()
-    if parent_gone.is_set():
-        # The engine that owned this deployment died without cleaning up: the
-        # last servers out remove every mailbox of it, clients' included.
-        for path in deployment.endpoint_paths(shm_name or deployment.name):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    if parent is not None and parent.gone.is_set():
+        parent.remove_mailboxes()  # the engine that owned them died without cleaning up
 
 
 def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, endpoint, shm_name, dtype,
-           exit_with_parent, poll_timeout_us, announce) -> threading.Event:
-    """run_expert_server's body once the registry lease exists; returns the
-    event set if the parent process went away."""
+           parent, poll_timeout_us, announce) -> None:
+    """run_expert_server's body once the registry lease exists."""
     if joining is None:
         endpoint_index = deployment.server_endpoint(server_name)
         spec = deployment.servers[endpoint_index]
@@ -262,18 +259,18 @@ def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, e
     experts = select_experts(params, hosted, config)
     del params  # the unhosted experts of the loaded layers
     shm_name = shm_name or deployment.name
-    parent_gone = threading.Event()
     with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
         server.step()  # an idle round: the transport answers before the server says it is ready
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
-        if exit_with_parent:
-            _stop_when_parent_exits(server, parent_gone)
+        if parent is not None:
+            parent.serving(server)
         if heartbeat is not None:
             heartbeat.registry.put(servers_prefix(deployment.name) + server_name, {
                 "endpoint": endpoint_index, "shm_name": shm_name, "transport": deployment.transport,
                 "pid": os.getpid(), "host": socket.gethostname(), "hosted": hosted,
+                "deployment_id": default_deployment_id(shm_name),
             }, lease=heartbeat.lease)
         try:
             announce()
@@ -285,7 +282,6 @@ def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, e
             anomalies = transport_anomalies(endpoint.stats())
     log.info("expert server %s stopped after %d rows%s", server_name, server.rows_served,
              f" (transport counters: {anomalies})" if anomalies else "")
-    return parent_gone
 
 
 def _claim_spare(etcd: EtcdRegistry, deployment: Deployment, server_name: str, lease: int) -> int:
@@ -315,16 +311,3 @@ def _profiled(server_name: str):
     finally:
         jax.profiler.stop_trace()
         log.info("expert server %s: profile written to %s", server_name, path)
-
-
-def _stop_when_parent_exits(server: ExpertServer, parent_gone: threading.Event) -> None:
-    parent = os.getppid()
-
-    def watch():
-        while not server.stopped.wait(0.5):
-            if os.getppid() != parent:
-                log.warning("parent process %d exited; stopping", parent)
-                parent_gone.set()
-                server.stop()
-
-    threading.Thread(target=watch, name="eaas-parent-watch", daemon=True).start()
