@@ -36,7 +36,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--deployment", help="deployment TOML: run the experts in expert servers "
                    "(started here unless --registry is given)")
-    p.add_argument("--registry", help="etcd://HOST:PORT where the deployment's servers registered")
+    p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "
+                   "registered; credentials and certificates from $EAAS_ETCD_* (README)")
     p.set_defaults(func=_generate)
 
 
@@ -108,10 +109,16 @@ def _generate(args) -> int:
             raise SystemExit(f"{args.input}: no prompts")
     if args.registry and not args.deployment:
         raise SystemExit("error: --registry needs --deployment (the servers it names)")
-    engine = Engine(
-        args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-        deployment=args.deployment, registry=args.registry,
-    )
+    from eaas_jax.runtime.deployment import DeploymentError
+    from eaas_jax.runtime.registry import RegistryError
+
+    try:
+        engine = Engine(
+            args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
+            deployment=args.deployment, registry=args.registry,
+        )
+    except (DeploymentError, RegistryError) as e:  # a bad file, etcd refusing or unreachable: no traceback
+        raise SystemExit(f"error: {e}")
     if args.chat and not all(isinstance(p, str) for p in prompts):
         raise SystemExit("error: --chat needs text prompts, not token ids")
     start, failure = time.time(), None
@@ -163,7 +170,8 @@ def _add_serve_experts(sub) -> None:
     p.add_argument("--layers", help='MoE layers a joining server hosts: "all" or indices and ranges, e.g. "0-3,7"')
     p.add_argument("--experts", help='experts a joining server hosts: "all" or indices and ranges, e.g. "0-15"')
     p.add_argument("--endpoint", type=int, help=argparse.SUPPRESS)  # a LocalCluster's pick of a spare endpoint
-    p.add_argument("--registry", help="etcd://HOST:PORT to register in (lease as heartbeat)")
+    p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) to register in (lease as heartbeat); "
+                   "credentials and certificates from $EAAS_ETCD_* (README)")
     p.add_argument("--shm-name", help="shared-memory name (default: the deployment's name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     # Exit when stdin closes (the engine that started this server died).

@@ -15,7 +15,7 @@ from eaas_jax.cli import main
 from eaas_jax.engine import Engine, ExpertServerError
 from eaas_jax.model import ModelConfig
 
-from conftest import replace_config
+from conftest import REPO, replace_config
 
 
 def test_generate_one_prompt_prints_prompt_and_completion(tiny_checkpoint, capsys):
@@ -80,6 +80,13 @@ def test_generate_rejects_bad_jsonl_lines_with_their_line_number(tiny_checkpoint
 def test_generate_rejects_bad_sampling_flags(tiny_checkpoint):
     with pytest.raises(SystemExit, match="temperature"):
         main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--temperature", "-1"])
+
+
+def test_generate_reports_an_unreachable_registry_as_an_error(tiny_checkpoint):
+    deployment = os.path.join(REPO, "configs", "deploy", "tiny-moe-2-servers.toml")
+    with pytest.raises(SystemExit, match=r"^error: cannot reach etcd at etcd://127.0.0.1:1"):
+        main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--deployment", deployment,
+              "--registry", "etcd://127.0.0.1:1"])
 
 
 def test_train_writes_a_loadable_checkpoint_and_learns(tmp_path):
