@@ -303,6 +303,7 @@ def test_hostile_registry_entries_are_ignored(authenticated, expected, caplog):
     """Entries of servers not in the file, each wrong in one way, are each
     warned of once and never used; the engine keeps serving with its servers."""
     caplog.set_level(logging.WARNING, logger="eaas_jax.runtime.registry")
+    caplog.set_level(logging.WARNING, logger="eaas_jax.runtime.cluster")
     shm_name = authenticated.shm_name
     hostile = {
         "endpoint-a-string": registration(shm_name, "2"),
@@ -326,11 +327,14 @@ def test_hostile_registry_entries_are_ignored(authenticated, expected, caplog):
     registry = EtcdRegistry(authenticated.url, user=USER, password=PASSWORD)
     prefix = servers_prefix("tiny-moe")
     engine, cluster = authenticated.engine, authenticated.engine.cluster
+    # Valid in itself, but on a spare endpoint it never claimed (no claim key).
+    squatter = registration(shm_name, 2, hosted=[[0, 1], [1, 2]])
     try:
         for name, entry in hostile.items():
             registry.put(prefix + name, entry)
         for name, value in garbage.items():
             put_text(registry, prefix + name, value)
+        registry.put(prefix + "squatter", squatter)
         time.sleep(2.5 + MEMBERSHIP_CHECK_S)  # the cluster polls twice or more, then a step boundary
         assert generated(engine) == expected
         assert cluster._poller.is_alive()
@@ -343,7 +347,10 @@ def test_hostile_registry_entries_are_ignored(authenticated, expected, caplog):
         assert "transport 'carrier-pigeon' is not one of ['shm', 'cuda_ipc']" in "\n".join(warnings)
         assert "not-json': its value is not JSON" in "\n".join(warnings)
         assert not any("\nforged" in w for w in warnings)
+        unclaimed = [r.getMessage() for r in caplog.records if "'squatter'" in r.getMessage()]
+        assert unclaimed == ["ignoring registry entry of server 'squatter': spare endpoint 2 is claimed by nobody"]
     finally:
+        registry.delete(prefix + "squatter")
         for name in [*hostile, *garbage]:
             registry.delete(prefix + name)
 

@@ -51,6 +51,7 @@ from eaas_jax.runtime.registry import (
     ServerRegistrations,
     clients_prefix,
     servers_prefix,
+    spares_prefix,
     wait_for_servers,
 )
 from eaas_jax.transport.shm import default_deployment_id
@@ -440,6 +441,7 @@ class RegistryCluster:
         self._listed = {s.name for s in self.deployment.servers}
         self.shm_name: str | None = None  # the started servers' one, once they registered
         self._registrations = ServerRegistrations(self.registry, self.deployment.name, self._entry_problem)
+        self._unclaimed_warned: set[tuple] = set()
         started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
         self.entries = wait_for_servers(self._registrations, started, wait_s)
         shm_names = {self.entries[name]["shm_name"] for name in started}
@@ -573,14 +575,31 @@ class RegistryCluster:
     def _poll_servers_up(self):
         try:
             entries = self._registrations.read()  # the valid ones
+            claims = self.registry.get_prefix(spares_prefix(self.deployment.name))
         except RegistryError as e:
             return None, None, e
         up, joined = {}, {}
         for name, entry in entries.items():
-            up[entry["endpoint"]] = (entry["host"], entry["pid"])
+            endpoint = entry["endpoint"]
             if name not in self._listed:
-                joined[entry["endpoint"]] = JoinedServer(name, _hosted_pairs(entry["hosted"], self._config))
+                claimant = claims.get(spares_prefix(self.deployment.name) + str(endpoint), {})
+                if not isinstance(claimant, dict) or claimant.get("server") != name:
+                    self._warn_unclaimed(name, endpoint, claimant)
+                    continue
+                joined[endpoint] = JoinedServer(name, _hosted_pairs(entry["hosted"], self._config))
+            up[endpoint] = (entry["host"], entry["pid"])
         return up, joined, None
+
+    def _warn_unclaimed(self, name: str, endpoint: int, claimant) -> None:
+        """Warns (once per server, endpoint and claim) of a joining server's
+        entry on a spare endpoint that another server, or none, claimed: a
+        server joins only on the endpoint it claimed (`serve-experts` claims
+        one atomically under its lease), so two entries never share one."""
+        key = (name, endpoint, repr(claimant))
+        if key not in self._unclaimed_warned:
+            self._unclaimed_warned.add(key)
+            log.warning("ignoring registry entry of server %r: spare endpoint %d is claimed by %s", name, endpoint,
+                        reprlib.repr(claimant.get("server")) if isinstance(claimant, dict) and claimant else "nobody")
 
     def _follow_registry(self, poll_s: float) -> None:
         while not self._closed.wait(poll_s):
