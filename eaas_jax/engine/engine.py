@@ -508,6 +508,7 @@ class Engine:
             elif incarnation != known:
                 self._incarnations[endpoint] = incarnation
                 self._probation.forget(endpoint)  # a new process starts with a clean record
+                self._probes.forget(endpoint)  # one sent to its predecessor
                 self._admit(endpoint)
             elif self._probation.is_over(endpoint, now) and self._map_inbox(endpoint):
                 self.runner.wait()  # steps queued while it was routed to would share its mailboxes
