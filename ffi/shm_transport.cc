@@ -307,20 +307,19 @@ bool OwnerAlive(std::int64_t pid, std::uint64_t start_time) {
   return start_time == 0 || now == 0 || now == start_time;
 }
 
-// Checks an open segment file before it is mapped: a regular file, owned by
-// our effective uid, mode 0600 (its size is judged with its header). Fills
-// `st`; returns "" or why not (naming the segment, its owner and mode).
-std::string CheckSegmentFile(int fd, const std::string& name, struct stat* st) {
-  if (fstat(fd, st) != 0) return "cannot stat " + name + ": " + ErrnoText(errno);
+// Judges a segment file (`st`: fstat of the open file) before it is mapped:
+// a regular file, owned by our effective uid, mode 0600 (its size is judged
+// with its header). Returns "" or why not (naming the segment, its owner and mode).
+std::string CheckSegmentFile(const struct stat& st, const std::string& name) {
   char mode[8];
-  std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st->st_mode & 07777));
-  const std::string what = name + " (owner uid " + std::to_string(st->st_uid) + ", mode " + mode + ")";
-  if (!S_ISREG(st->st_mode)) return "refusing shared-memory segment " + what + ": not a regular file";
-  if (st->st_uid != geteuid()) {
+  std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+  const std::string what = name + " (owner uid " + std::to_string(st.st_uid) + ", mode " + mode + ")";
+  if (!S_ISREG(st.st_mode)) return "refusing shared-memory segment " + what + ": not a regular file";
+  if (st.st_uid != geteuid()) {
     return "refusing shared-memory segment " + what + ": owned by another user (ours is uid " +
            std::to_string(geteuid()) + ")";
   }
-  if ((st->st_mode & 07777) != 0600) return "refusing shared-memory segment " + what + ": mode is not 0600";
+  if ((st.st_mode & 07777) != 0600) return "refusing shared-memory segment " + what + ": mode is not 0600";
   return "";
 }
 
@@ -344,7 +343,7 @@ PeerStatus OpenPeer(const std::string& deployment, std::int64_t peer,
     *why = name + " is not initialised yet";
     return PeerStatus::kUnavailable;
   }
-  const std::string refused = CheckSegmentFile(fd, name, &st);
+  const std::string refused = CheckSegmentFile(st, name);
   if (!refused.empty()) {
     close(fd);
     *why = refused;
@@ -583,7 +582,8 @@ std::string ReadOwner(const std::string& name, StaleOwner* owner) {
   const int fd = shm_open(name.c_str(), O_RDONLY, 0);
   if (fd < 0) return errno == EACCES ? "cannot open " + name + " (another user's segment?)" : "";
   struct stat st {};
-  std::string refused = CheckSegmentFile(fd, name, &st);
+  const std::string refused = fstat(fd, &st) != 0 ? "cannot stat " + name + ": " + ErrnoText(errno)
+                                                  : CheckSegmentFile(st, name);
   if (refused.empty() && static_cast<std::size_t>(st.st_size) >= kSegmentHeaderBytes) {
     void* p = mmap(nullptr, kSegmentHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
     if (p != MAP_FAILED) {

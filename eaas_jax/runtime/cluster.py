@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import reprlib
 import selectors
 import shutil
@@ -43,7 +42,7 @@ import jax
 
 from eaas_jax.checkpoint.directory import load_config
 from eaas_jax.model.config import ModelConfig
-from eaas_jax.runtime.deployment import TRANSPORTS, Deployment, DeploymentError, ServerSpec
+from eaas_jax.runtime.deployment import NAME, TRANSPORTS, Deployment, DeploymentError, ServerSpec
 from eaas_jax.runtime.registry import (
     EtcdRegistry,
     Heartbeat,
@@ -76,10 +75,6 @@ def _is_index(value) -> bool:
     """Whether a JSON value is a non-negative integer (true and false are not)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-
-# What a server or shared-memory name may be: the deployment file's rule (a
-# shm name becomes part of file names in /dev/shm, a server name of log lines).
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
 def _hosted_pairs(value, config: ModelConfig | None) -> tuple[tuple[int, int], ...]:
@@ -464,7 +459,7 @@ class RegistryCluster:
         Anyone allowed to write the registry wrote it, so every field is
         checked: a bad endpoint, transport or hosted list would send tokens
         to the wrong mailbox or index past the routing table."""
-        if not _NAME.fullmatch(name):
+        if not NAME.fullmatch(name):
             return "the server name is not 1-40 characters of A-Z, a-z, 0-9, _ and -"
         if not isinstance(entry, dict):
             return f"its value {reprlib.repr(entry)} is not a JSON object"
@@ -501,7 +496,7 @@ class RegistryCluster:
     def _shm_name_problem(self, shm_name, deployment_id) -> str | None:
         """The shm name must be a valid one (the started servers' once known),
         and the deployment id the one of that name."""
-        if not (isinstance(shm_name, str) and _NAME.fullmatch(shm_name)):
+        if not (isinstance(shm_name, str) and NAME.fullmatch(shm_name)):
             return f"shm_name {reprlib.repr(shm_name)} is not 1-40 characters of A-Z, a-z, 0-9, _ and -"
         if self.shm_name is not None and shm_name != self.shm_name:
             return f"shm_name {shm_name!r} is not the deployment's {self.shm_name!r}"

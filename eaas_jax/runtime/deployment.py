@@ -53,7 +53,9 @@ from eaas_jax.model.config import ModelConfig
 from eaas_jax.transport.shm import DISPATCH_DTYPES
 
 TRANSPORTS = ("shm", "cuda_ipc")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+# What a deployment, server or shared-memory name may be (a shm name becomes
+# part of file names in /dev/shm, a server name of log lines).
+NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _KEYS = {"name", "transport", "capacity", "timeout_ms", "min_timeout_ms", "double_batching", "max_clients",
          "spare_endpoints", "dispatch_dtype", "servers"}
 _SERVER_KEYS = {"name", "layers", "experts", "device", "standby"}
@@ -116,7 +118,7 @@ class Deployment:
             if unknown:
                 fail(f"{where}unknown keys {unknown} (known: {sorted(known)})")
             name = table.get("name")
-            if not isinstance(name, str) or not _NAME.match(name):
+            if not isinstance(name, str) or not NAME.fullmatch(name):
                 fail(f"{where}name must be 1-40 characters of [A-Za-z0-9_-], got {name!r}")
             return name
 
@@ -228,7 +230,7 @@ class Deployment:
         layers / experts as in the file ("all", or a list of indices and
         ranges)."""
         where = f"{self.source}: joining server {name!r}"
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise DeploymentError(f"{where}: name must be 1-40 characters of [A-Za-z0-9_-]")
         if any(s.name == name for s in self.servers):
             raise DeploymentError(f"{where}: the file already has a server of that name")
