@@ -128,8 +128,10 @@ def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_
         with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
             assert run_requests(engine, freeze_then_thaw_r0) == reference
         assert frozen and thawed and backend.endpoint.stats()["timeouts"] == 1
-        # Still the same process once its probation ended: it serves again.
+        # Still the same process once its probation ended: probed (the answer
+        # is looked for at the next membership check), then it serves again.
         time.sleep(engine_module.PROBATION_S)
+        generate_until(engine, reference, lambda: backend.is_live(0), "r0 was admitted again", timeout_s=30)
         assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]
         assert backend.is_live(0) and engine.metrics.server_slots[0] > thawed[0]
         assert backend.endpoint.stats()["timeouts"] == 1
