@@ -1,6 +1,6 @@
 """Autoscaler simulation: server-hours and SLO attainment of the scaling
 policy against static provisioning for the peak, on a diurnal trace with
-bursts (`eaas_jax.runtime.autoscaler`).
+bursts (`eaas_jax.control_plane.autoscaler`).
 
     python bench/autoscaler_sim.py [--hours 48] [--seed 0] [--append bench/RESULTS.md]
 
@@ -22,7 +22,7 @@ import sys
 from _results import REPO, git_commit, publish
 
 sys.path.insert(0, REPO)
-from eaas_jax.runtime.autoscaler import (ScalingPolicy, ServerModel, diurnal_trace, simulate,  # noqa: E402
+from eaas_jax.control_plane.autoscaler import (ScalingPolicy, ServerModel, diurnal_trace, simulate,  # noqa: E402
                                          static_servers_for_attainment, static_servers_for_peak)
 
 

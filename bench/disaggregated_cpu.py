@@ -31,8 +31,8 @@ sys.path.insert(0, REPO)
 from _results import git_commit, publish  # noqa: E402
 from eaas_jax.checkpoint import load_model  # noqa: E402
 from eaas_jax.engine import Engine, SamplingParams  # noqa: E402
-from eaas_jax.runtime.cluster import LocalCluster  # noqa: E402
-from eaas_jax.runtime.remote_experts import route  # noqa: E402
+from eaas_jax.control_plane.cluster import LocalCluster  # noqa: E402
+from eaas_jax.attention_client.exchange import route  # noqa: E402
 from eaas_jax.transport import shm  # noqa: E402
 
 MODEL = os.path.join(REPO, "checkpoints", "tiny-moe")

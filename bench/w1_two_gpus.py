@@ -50,7 +50,7 @@ def deployment_file(directory: str, transport: str, dispatch_dtype: str, capacit
 def phase(args, config: str) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine
-    from eaas_jax.runtime.cluster import LocalCluster
+    from eaas_jax.control_plane.cluster import LocalCluster
 
     batches = [int(b) for b in args.batches.split(",")]
     engine_args = dict(dtype="bfloat16", max_num_seqs=max(batches), max_model_len=w1.PROMPT_LEN + args.steps + 16,

@@ -109,8 +109,8 @@ def _generate(args) -> int:
             raise SystemExit(f"{args.input}: no prompts")
     if args.registry and not args.deployment:
         raise SystemExit("error: --registry needs --deployment (the servers it names)")
-    from eaas_jax.runtime.deployment import DeploymentError
-    from eaas_jax.runtime.registry import RegistryError
+    from eaas_jax.control_plane.deployment import DeploymentError
+    from eaas_jax.control_plane.registry import RegistryError
 
     try:
         engine = Engine(
@@ -182,13 +182,13 @@ def _add_serve_experts(sub) -> None:
 def _serve_experts(args) -> int:
     from eaas_jax.checkpoint import CheckpointError
     from eaas_jax.engine.engine import resolve_dtype
-    from eaas_jax.runtime.deployment import DeploymentError
-    from eaas_jax.runtime.expert_server import run_expert_server
-    from eaas_jax.runtime.registry import RegistryError
+    from eaas_jax.control_plane.deployment import DeploymentError
+    from eaas_jax.expert_server.server import run_expert_server
+    from eaas_jax.control_plane.registry import RegistryError
 
     parent = None
     if args.exit_with_parent:  # before anything slow: an orphan must not even finish starting
-        from eaas_jax.runtime.parent_watch import ParentWatch
+        from eaas_jax.expert_server.parent_watch import ParentWatch
 
         parent = ParentWatch()
     joining = None
@@ -310,8 +310,8 @@ def _read_load(path: str, num_moe_layers: int, num_experts: int):
 def _plan_placement(args) -> int:
     from eaas_jax.checkpoint import CheckpointError
     from eaas_jax.checkpoint.directory import load_config
-    from eaas_jax.runtime.deployment import Deployment, DeploymentError
-    from eaas_jax.runtime.placement import deployment_toml, plan_placement
+    from eaas_jax.control_plane.deployment import Deployment, DeploymentError
+    from eaas_jax.control_plane.placement import deployment_toml, plan_placement
 
     try:
         config = load_config(args.model)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eaas_jax.runtime.autoscaler import (ScalingPolicy, ServerModel, diurnal_trace, latency_ms, simulate,
+from eaas_jax.control_plane.autoscaler import (ScalingPolicy, ServerModel, diurnal_trace, latency_ms, simulate,
                                          static_servers_for_attainment, static_servers_for_peak)
 
 POLICY = ScalingPolicy(latency_target_ms=100, min_servers=1, max_servers=8, scale_up_at=0.8,

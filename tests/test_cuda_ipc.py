@@ -411,7 +411,7 @@ def test_a_paused_server_is_probed_and_admitted_again_on_gpus(tmp_path, monkeypa
 
     from eaas_jax.engine import Engine, SamplingParams
     from eaas_jax.engine import engine as engine_module
-    from eaas_jax.runtime.cluster import LocalCluster
+    from eaas_jax.control_plane.cluster import LocalCluster
 
     monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
     monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from eaas_jax.runtime.deadlines import AdaptiveDeadline
+from eaas_jax.attention_client.deadlines import AdaptiveDeadline
 
 
 def test_a_step_larger_than_any_seen_enough_gets_the_maximum():

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from eaas_jax.checkpoint import load_config
-from eaas_jax.runtime.cluster import LocalCluster
-from eaas_jax.runtime.deployment import Deployment, DeploymentError
+from eaas_jax.control_plane.cluster import LocalCluster
+from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 
 from conftest import REPO, SHIPPED, TINY_CONFIG
 
@@ -117,14 +117,14 @@ def test_a_local_cluster_warns_of_replicas_on_one_gpu(tmp_path, monkeypatch, cap
     cluster.deployment, cluster._config, cluster._joined = d, TINY_CONFIG, {}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert [cluster._gpu_of(endpoint) for endpoint in range(3)] == ["1", "0", "1"]
-    with caplog.at_level(logging.WARNING, logger="eaas_jax.runtime.cluster"):
+    with caplog.at_level(logging.WARNING, logger="eaas_jax.control_plane.cluster"):
         cluster._warn_of_replicas_on_one_gpu()  # r0 and r2 on GPU 1: experts 0-1
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
         "4 (MoE layer, expert) pairs, e.g. (layer 0, expert 0), have every replica on GPU 1: a fault of that GPU "
         "loses them all (under MPS, so can one killed server); place replicas on different GPUs"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # r0 and r1 on GPU 3 (r2 on 1): experts 2-5
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="eaas_jax.runtime.cluster"):
+    with caplog.at_level(logging.WARNING, logger="eaas_jax.control_plane.cluster"):
         cluster._warn_of_replicas_on_one_gpu()
     assert len(caplog.records) == 1 and "8 (MoE layer, expert) pairs, e.g. (layer 0, expert 2), have every " \
         "replica on GPU 3" in caplog.records[0].getMessage()

@@ -25,7 +25,7 @@ import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.engine.runner import StepRows
-from eaas_jax.runtime.cluster import KEEP_LOGS_ENV_VAR, LocalCluster
+from eaas_jax.control_plane.cluster import KEEP_LOGS_ENV_VAR, LocalCluster
 from eaas_jax.transport import hidden_codec
 
 from conftest import REPO, SHIPPED, TINY_CONFIG, compiles_once_per_step_shape
@@ -271,7 +271,7 @@ def test_a_crashing_client_leaves_no_servers_or_segments(how, tiny_checkpoint, t
 CLIENT_KILLED_WHILE_SERVERS_START = textwrap.dedent("""
     import sys
     from eaas_jax.engine import Engine
-    from eaas_jax.runtime import cluster
+    from eaas_jax.control_plane import cluster
     spawn = cluster.LocalCluster._spawn
     def spawn_and_tell(self, endpoint):
         proc = spawn(self, endpoint)

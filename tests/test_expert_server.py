@@ -14,8 +14,8 @@ from flax import nnx
 
 from eaas_jax.checkpoint import flat_params, load_client, load_expert_banks, load_model
 from eaas_jax.kernels import grouped_matmul
-from eaas_jax.runtime.expert_server import ExpertServer, select_experts
-from eaas_jax.runtime.remote_experts import RemoteExperts
+from eaas_jax.expert_server.server import ExpertServer, select_experts
+from eaas_jax.attention_client.exchange import RemoteExperts
 from eaas_jax.transport import shm
 
 from conftest import TINY_CONFIG, XLA_COMPILATIONS, tiny_model

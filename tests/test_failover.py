@@ -20,12 +20,12 @@ from eaas_jax.engine import engine as engine_module
 from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
 from eaas_jax.engine.metrics import RECENT_STEPS
 from eaas_jax.engine.runner import StepStatuses
-from eaas_jax.runtime.autoscaler import ScalingPolicy
-from eaas_jax.runtime.client import RemoteExpertBackend
-from eaas_jax.runtime.cluster import LocalCluster
-from eaas_jax.runtime.deployment import DeploymentError
-from eaas_jax.runtime.remote_experts import route
-from eaas_jax.runtime.scaler import ClusterScaler
+from eaas_jax.control_plane.autoscaler import ScalingPolicy
+from eaas_jax.attention_client.remote_backend import RemoteExpertBackend
+from eaas_jax.control_plane.cluster import LocalCluster
+from eaas_jax.control_plane.deployment import DeploymentError
+from eaas_jax.attention_client.exchange import route
+from eaas_jax.control_plane.scaler import ClusterScaler
 
 from conftest import TINY_CONFIG
 from test_disaggregated import ENGINE_ARGS, PROMPTS, token_ids

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from eaas_jax.engine import Engine
-from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.control_plane.cluster import LocalCluster
 from eaas_jax.transport import shm
 
 from test_disaggregated import ENGINE_ARGS, token_ids

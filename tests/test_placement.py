@@ -8,8 +8,8 @@ import pytest
 
 from eaas_jax.cli import main as cli
 from eaas_jax.engine import Engine, SamplingParams
-from eaas_jax.runtime.deployment import Deployment
-from eaas_jax.runtime.placement import plan_placement
+from eaas_jax.control_plane.deployment import Deployment
+from eaas_jax.control_plane.placement import plan_placement
 
 from conftest import SHIPPED
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from eaas_jax.runtime.probation import Probation
+from eaas_jax.control_plane.probation import Probation
 
 
 def test_the_backoff_doubles_per_failure_in_a_row_up_to_the_cap():

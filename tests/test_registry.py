@@ -28,9 +28,9 @@ import pytest
 from eaas_jax.checkpoint.directory import load_config
 from eaas_jax.engine import Engine, SamplingParams
 from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
-from eaas_jax.runtime.cluster import RegistryCluster
-from eaas_jax.runtime.deployment import Deployment, DeploymentError
-from eaas_jax.runtime.registry import (ENV_CA_FILE, ENV_CERT_FILE, ENV_KEY_FILE, ENV_PASSWORD,
+from eaas_jax.control_plane.cluster import RegistryCluster
+from eaas_jax.control_plane.deployment import Deployment, DeploymentError
+from eaas_jax.control_plane.registry import (ENV_CA_FILE, ENV_CERT_FILE, ENV_KEY_FILE, ENV_PASSWORD,
                                        ENV_PASSWORD_FILE, ENV_USER, EtcdRegistry, Heartbeat, RegistryError,
                                        clients_prefix, servers_prefix, spares_prefix)
 from eaas_jax.transport.shm import default_deployment_id
@@ -302,8 +302,8 @@ def put_text(registry: EtcdRegistry, key: str, value: bytes) -> None:
 def test_hostile_registry_entries_are_ignored(authenticated, expected, caplog):
     """Entries of servers not in the file, each wrong in one way, are each
     warned of once and never used; the engine keeps serving with its servers."""
-    caplog.set_level(logging.WARNING, logger="eaas_jax.runtime.registry")
-    caplog.set_level(logging.WARNING, logger="eaas_jax.runtime.cluster")
+    caplog.set_level(logging.WARNING, logger="eaas_jax.control_plane.registry")
+    caplog.set_level(logging.WARNING, logger="eaas_jax.control_plane.cluster")
     shm_name = authenticated.shm_name
     hostile = {
         "endpoint-a-string": registration(shm_name, "2"),

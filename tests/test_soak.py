@@ -13,7 +13,7 @@ import numpy as np
 
 from eaas_jax.engine import Engine
 from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
-from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.control_plane.cluster import LocalCluster
 
 from test_disaggregated import ENGINE_ARGS
 from test_failover import PARAMS, REPLICATED, REQUESTS

@@ -26,13 +26,13 @@ from eaas_jax.engine.scheduler import Scheduler
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.model.attention import kv_cache_bytes_per_token
-from eaas_jax.runtime.admission import AdmissionProbes
-from eaas_jax.runtime.client import (ExpertServerError, RemoteExpertBackend, failed_servers, transport_anomalies,
+from eaas_jax.control_plane.admission import AdmissionProbes
+from eaas_jax.attention_client.remote_backend import (ExpertServerError, RemoteExpertBackend, failed_servers, transport_anomalies,
                                      unserved_error)
-from eaas_jax.runtime.cluster import LocalCluster, RegistryCluster
-from eaas_jax.runtime.deployment import Deployment
-from eaas_jax.runtime.probation import Probation
-from eaas_jax.runtime.registry import RegistryError
+from eaas_jax.control_plane.cluster import LocalCluster, RegistryCluster
+from eaas_jax.control_plane.deployment import Deployment
+from eaas_jax.control_plane.probation import Probation
+from eaas_jax.control_plane.registry import RegistryError
 
 log = logging.getLogger(__name__)
 

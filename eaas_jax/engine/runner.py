@@ -158,7 +158,7 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
 
 class ModelRunner:
     """Runs steps of `client` with routed experts from `experts`: an
-    `EmbeddedExperts` or a remote backend (`eaas_jax.runtime.client`) with the
+    `EmbeddedExperts` or a remote backend (`eaas_jax.attention_client.remote_backend`) with the
     same members (`arrays`; `step_arrays(num_tokens)`, those for the next step
     of that many padded tokens; `num_micro_batches`, `initial_carry`, `exchange`,
     `traced_exchanges`: the (moe_layer, micro_batch) of each status row of the

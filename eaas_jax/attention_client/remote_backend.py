@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eaas_jax.runtime.deadlines import AdaptiveDeadline
-from eaas_jax.runtime.remote_experts import RemoteExperts
+from eaas_jax.attention_client.deadlines import AdaptiveDeadline
+from eaas_jax.attention_client.exchange import RemoteExperts
 from eaas_jax.transport import custom_calls
 
 

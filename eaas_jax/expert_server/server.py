@@ -42,10 +42,10 @@ from eaas_jax.checkpoint.directory import load_config, load_expert_banks
 from eaas_jax.kernels import grouped_matmul
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
-from eaas_jax.runtime.client import transport_anomalies
-from eaas_jax.runtime.deployment import Deployment, DeploymentError
-from eaas_jax.runtime.parent_watch import ParentWatch
-from eaas_jax.runtime.registry import EtcdRegistry, Heartbeat, servers_prefix, spares_prefix
+from eaas_jax.attention_client.remote_backend import transport_anomalies
+from eaas_jax.control_plane.deployment import Deployment, DeploymentError
+from eaas_jax.expert_server.parent_watch import ParentWatch
+from eaas_jax.control_plane.registry import EtcdRegistry, Heartbeat, servers_prefix, spares_prefix
 from eaas_jax.transport import custom_calls, hidden_codec
 from eaas_jax.transport.shm import default_deployment_id
 

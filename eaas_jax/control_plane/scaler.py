@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from eaas_jax.runtime.autoscaler import ScalingPolicy
-from eaas_jax.runtime.cluster import LocalCluster
+from eaas_jax.control_plane.autoscaler import ScalingPolicy
+from eaas_jax.control_plane.cluster import LocalCluster
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ import jax
 
 from eaas_jax.checkpoint.directory import load_config
 from eaas_jax.model.config import ModelConfig
-from eaas_jax.runtime.deployment import NAME, TRANSPORTS, Deployment, DeploymentError, ServerSpec
-from eaas_jax.runtime.registry import (
+from eaas_jax.control_plane.deployment import NAME, TRANSPORTS, Deployment, DeploymentError, ServerSpec
+from eaas_jax.control_plane.registry import (
     EtcdRegistry,
     Heartbeat,
     RegistryError,
