@@ -93,7 +93,7 @@ def run_workload(engine, requests, params, kill=None) -> dict:
 def measure(args, workdir: str) -> list[tuple[str, dict]]:
     """The runs, in order, as (kind, result)."""
     from eaas_jax.engine import Engine, SamplingParams
-    from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
+    from eaas_jax.control_plane.server_pool import MEMBERSHIP_CHECK_S
     from eaas_jax.control_plane.cluster import LocalCluster
 
     path = os.path.join(workdir, "deployment.toml")

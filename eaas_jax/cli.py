@@ -181,7 +181,7 @@ def _add_serve_experts(sub) -> None:
 
 def _serve_experts(args) -> int:
     from eaas_jax.checkpoint import CheckpointError
-    from eaas_jax.engine.engine import resolve_dtype
+    from eaas_jax.engine.dtypes import resolve_dtype
     from eaas_jax.control_plane.deployment import DeploymentError
     from eaas_jax.expert_server.server import run_expert_server
     from eaas_jax.control_plane.registry import RegistryError

@@ -410,11 +410,11 @@ def test_a_paused_server_is_probed_and_admitted_again_on_gpus(tmp_path, monkeypa
     import signal
 
     from eaas_jax.engine import Engine, SamplingParams
-    from eaas_jax.engine import engine as engine_module
+    from eaas_jax.control_plane import server_pool
     from eaas_jax.control_plane.cluster import LocalCluster
 
-    monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
-    monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)
+    monkeypatch.setattr(server_pool, "PROBATION_S", 0.5)
+    monkeypatch.setattr(server_pool, "MEMBERSHIP_CHECK_S", 0.1)
     device = os.environ.get("EAAS_TEST_PEER_GPU")
     on_peer = f"device = {device}\n" if device is not None else ""
     deployment = tmp_path / "gpu-replicas.toml"

@@ -167,7 +167,7 @@ def test_two_clients_share_the_servers(shared_cluster, tiny_checkpoint, referenc
         engine.shutdown()
     assert not errors, errors
     assert results == [references["random"][0::2], references["random"][1::2]]
-    endpoints = {e._client_endpoint for e in engines}
+    endpoints = {e.pool.client_endpoint for e in engines}
     assert endpoints == {None}  # both left their slots
     for engine in engines:  # what each client sent a server = its routing's load on the experts there
         m = engine.metrics

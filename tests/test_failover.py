@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
-from eaas_jax.engine import engine as engine_module
-from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
+from eaas_jax.control_plane import server_pool
+from eaas_jax.control_plane.server_pool import MEMBERSHIP_CHECK_S
 from eaas_jax.engine.metrics import RECENT_STEPS
-from eaas_jax.engine.runner import StepStatuses
+from eaas_jax.engine.experts_backend import ExchangeReport
 from eaas_jax.control_plane.autoscaler import ScalingPolicy
 from eaas_jax.attention_client.remote_backend import RemoteExpertBackend
 from eaas_jax.control_plane.cluster import LocalCluster
@@ -101,8 +101,8 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
 
 def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_deadline_and_is_readmitted(
         tiny_checkpoint, reference, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
-    monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)
+    monkeypatch.setattr(server_pool, "PROBATION_S", 0.5)
+    monkeypatch.setattr(server_pool, "MEMBERSHIP_CHECK_S", 0.1)
     # Deadlines between 300 ms and 5 s, from the step times this client saw.
     deployment = REPLICATED.replace("timeout_ms = 2000", "timeout_ms = 5000\nmin_timeout_ms = 300")
     with replicated_engine(tiny_checkpoint, tmp_path, deployment) as (cluster, engine):
@@ -130,7 +130,7 @@ def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_
         assert frozen and thawed and backend.endpoint.stats()["timeouts"] == 1
         # Still the same process once its probation ended: probed (the answer
         # is looked for at the next membership check), then it serves again.
-        time.sleep(engine_module.PROBATION_S)
+        time.sleep(server_pool.PROBATION_S)
         generate_until(engine, reference, lambda: backend.is_live(0), "r0 was admitted again", timeout_s=30)
         assert token_ids(engine.generate(REQUESTS[:8], PARAMS, use_tqdm=False)) == reference[:8]
         assert backend.is_live(0) and engine.metrics.server_slots[0] > thawed[0]
@@ -359,8 +359,8 @@ def test_with_fixed_deadlines_replacements_and_paused_servers_come_back_only_onc
     started while the engine serves gets tokens only once it is ready. No
     step's exchange but those of the faults themselves misses its deadline
     (an unanswered probe is a transport timeout, but no step waits for it)."""
-    monkeypatch.setattr(engine_module, "PROBATION_S", 0.5)
-    monkeypatch.setattr(engine_module, "MEMBERSHIP_CHECK_S", 0.1)
+    monkeypatch.setattr(server_pool, "PROBATION_S", 0.5)
+    monkeypatch.setattr(server_pool, "MEMBERSHIP_CHECK_S", 0.1)
     deployment = REPLICATED.replace("timeout_ms = 2000", "timeout_ms = 1000")
     with replicated_engine(tiny_checkpoint, tmp_path, deployment) as (cluster, engine):
         backend, counters = engine.runner.experts, engine.metrics.server_counters
@@ -373,7 +373,7 @@ def test_with_fixed_deadlines_replacements_and_paused_servers_come_back_only_onc
         victim.wait()
         cluster.start_server("r0")
         slots = engine.metrics.server_slots.copy()
-        time.sleep(engine_module.MEMBERSHIP_CHECK_S)
+        time.sleep(server_pool.MEMBERSHIP_CHECK_S)
         assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
         assert misses.sum() == 0 and backend.is_live(0) and engine.metrics.server_slots[0] > slots[0]
 
@@ -504,7 +504,7 @@ def feed_recent_steps(engine, *, waits_us=None, slots=None) -> None:
     (what the scaler reads of load and queueing; zeros by default)."""
     metrics = engine.metrics
     n = len(metrics.server_names)
-    step = StepStatuses(statuses=np.zeros((0, n), np.int32), labels=[], unserved=np.zeros(0, np.int32),
+    step = ExchangeReport(statuses=np.zeros((0, n), np.int32), labels=[], unserved=np.zeros(0, np.int32),
                         unserved_rows=np.zeros(0, bool), expert_tokens=np.zeros_like(metrics.expert_tokens),
                         server_slots=np.asarray(slots if slots is not None else [0] * n, np.int64),
                         server_wait_us=np.asarray(waits_us if waits_us is not None else [0] * n))

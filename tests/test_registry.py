@@ -27,7 +27,7 @@ import pytest
 
 from eaas_jax.checkpoint.directory import load_config
 from eaas_jax.engine import Engine, SamplingParams
-from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
+from eaas_jax.control_plane.server_pool import MEMBERSHIP_CHECK_S
 from eaas_jax.control_plane.cluster import RegistryCluster
 from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 from eaas_jax.control_plane.registry import (ENV_CA_FILE, ENV_CERT_FILE, ENV_KEY_FILE, ENV_PASSWORD,

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from eaas_jax.engine import Engine
-from eaas_jax.engine.engine import MEMBERSHIP_CHECK_S
+from eaas_jax.control_plane.server_pool import MEMBERSHIP_CHECK_S
 from eaas_jax.control_plane.cluster import LocalCluster
 
 from test_disaggregated import ENGINE_ARGS

@@ -144,7 +144,8 @@ KEEP_LOGS_ENV_VAR = "EAAS_JAX_KEEP_SERVER_LOGS"
 
 
 class LocalCluster:
-    """Expert-server processes of `deployment_path` for `model_path`, on this host.
+    """Expert-server processes of `deployment` (a file, or a `Deployment`
+    loaded from one) for `model_path`, on this host.
 
     Args:
       startup_timeout: seconds each server may take to load, compile and answer.
@@ -155,15 +156,15 @@ class LocalCluster:
         logged as a warning on close.
     """
 
-    def __init__(self, model_path: str, deployment_path: str, *, dtype: str = "float32",
+    def __init__(self, model_path: str, deployment: Deployment | str, *, dtype: str = "float32",
                  startup_timeout: float = 300.0, keep_logs: bool | None = None):
-        self.deployment = Deployment.load(deployment_path)
+        self.deployment = Deployment.of(deployment)
         # A unique name per cluster: two clusters on one host never share segments.
         self.shm_name = f"{self.deployment.name[:24]}-{uuid.uuid4().hex[:12]}"
         self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")  # mode 0700
         self.keep_logs = os.environ.get(KEEP_LOGS_ENV_VAR) == "1" if keep_logs is None else keep_logs
         self._slots = _Slots(self.deployment.max_clients)
-        self._spawn_args = (model_path, deployment_path, dtype)
+        self._spawn_args = (model_path, self.deployment.source, dtype)  # servers load the file themselves
         self._config = load_config(model_path)
         # Per server endpoint (the file's, then the spare ones): its latest
         # process, None while never started (standby, unused spare).
@@ -415,7 +416,7 @@ class LocalCluster:
 
 
 class RegistryCluster:
-    """The expert servers of `deployment_path` as registered in etcd at `registry`
+    """The expert servers of `deployment` (a file or a `Deployment`) as registered in etcd at `registry`
     (`etcd://HOST:PORT`, `etcds://HOST:PORT`, or an `EtcdRegistry` set up with
     credentials).
 
@@ -428,9 +429,10 @@ class RegistryCluster:
     not registered. `wait_s`: how long to wait for the deployment's servers to
     register, and for a free client slot."""
 
-    def __init__(self, registry: str | EtcdRegistry, deployment_path: str, *, config: ModelConfig | None = None,
-                 wait_s: float = 60.0, lease_ttl_s: int = 5, membership_poll_s: float = 1.0):
-        self.deployment = Deployment.load(deployment_path)
+    def __init__(self, registry: str | EtcdRegistry, deployment: Deployment | str, *,
+                 config: ModelConfig | None = None, wait_s: float = 60.0, lease_ttl_s: int = 5,
+                 membership_poll_s: float = 1.0):
+        self.deployment = Deployment.of(deployment)
         self.registry = registry if isinstance(registry, EtcdRegistry) else EtcdRegistry(registry)
         self._config = config
         self._listed = {s.name for s in self.deployment.servers}

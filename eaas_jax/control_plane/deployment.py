@@ -108,6 +108,12 @@ class Deployment:
         return cls.from_dict(raw, source=path)
 
     @classmethod
+    def of(cls, deployment: "Deployment | str | os.PathLike") -> "Deployment":
+        """`deployment` if it is one (loaded and checked once, by whoever
+        loaded it), else the file it names, loaded."""
+        return deployment if isinstance(deployment, Deployment) else cls.load(deployment)
+
+    @classmethod
     def from_dict(cls, raw: dict, *, source: str = "<deployment>") -> "Deployment":
         def fail(msg):
             raise DeploymentError(f"{source}: {msg}")

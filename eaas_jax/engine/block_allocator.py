@@ -31,3 +31,20 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
         if len(self._free) > self.num_blocks:
             raise RuntimeError("KV blocks freed twice")
+
+
+def kv_block_count(num_kv_blocks: int | None, *, max_model_len: int, block_size: int, max_num_seqs: int,
+                   kv_cache_bytes: int, bytes_per_token: int) -> int:
+    """The KV cache's block count: `num_kv_blocks` if given, else enough for
+    `max_num_seqs` full-length sequences within `kv_cache_bytes` (at least one
+    sequence); ValueError if it cannot hold one sequence of `max_model_len`."""
+    blocks_per_seq = -(-max_model_len // block_size)
+    if num_kv_blocks is None:
+        block_bytes = block_size * bytes_per_token
+        num_kv_blocks = max(blocks_per_seq, min(max_num_seqs * blocks_per_seq, kv_cache_bytes // block_bytes))
+    if num_kv_blocks < blocks_per_seq:
+        raise ValueError(
+            f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
+            f"{max_model_len} ({blocks_per_seq} blocks of {block_size})"
+        )
+    return num_kv_blocks

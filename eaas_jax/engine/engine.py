@@ -2,83 +2,32 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
 from typing import Sequence as Seq
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from eaas_jax.checkpoint.directory import load_client, load_config, load_model
-from eaas_jax.engine.block_allocator import BlockAllocator
-from eaas_jax.engine.chat_template import check_messages
+from eaas_jax.engine.block_allocator import BlockAllocator, kv_block_count
+from eaas_jax.engine.dtypes import resolve_dtype
 from eaas_jax.engine.expert_parallel import ExpertParallelExperts, expert_mesh
 from eaas_jax.engine.generation_config import GenerationDefaults
 from eaas_jax.engine.metrics import ServingMetrics
 from eaas_jax.engine.outputs import RequestOutput
-from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows
+from eaas_jax.engine.prompts import chat_prompts, Prompt, RequestBuilder, abbreviated, paired_with_params
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner
 from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from eaas_jax.engine.scheduler import Scheduler
+from eaas_jax.engine.scheduler import Scheduler, step_rows
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
 from eaas_jax.model.attention import kv_cache_bytes_per_token
-from eaas_jax.control_plane.admission import AdmissionProbes
-from eaas_jax.attention_client.remote_backend import (ExpertServerError, RemoteExpertBackend, failed_servers, transport_anomalies,
-                                     unserved_error)
+from eaas_jax.attention_client.remote_backend import ExpertServerError
 from eaas_jax.control_plane.cluster import LocalCluster, RegistryCluster
-from eaas_jax.control_plane.deployment import Deployment
-from eaas_jax.control_plane.probation import Probation
-from eaas_jax.control_plane.registry import RegistryError
+from eaas_jax.control_plane.server_pool import RunStepAgain, ServerPool
 
 log = logging.getLogger(__name__)
-
-# How often, at most, a step boundary asks the cluster which servers are up.
-MEMBERSHIP_CHECK_S = 1.0
-# A server marked dead by a failed exchange that is still up (the same
-# process) is probed again after PROBATION_S, doubled per failure in a row
-# (a missed probe included) up to PROBATION_MAX_S (`runtime.probation`), and
-# gets its traffic back once it answers (`runtime.admission`).
-PROBATION_S = 5.0
-PROBATION_MAX_S = 60.0
-
-Prompt = str | Seq[int]
-
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-
-
-class _StepRunAgain(Exception):
-    """A step's tokens are dropped and its positions run again (nothing is
-    wrong with the request)."""
-
-
-def _abbreviated(indices: list[int], shown: int = 8) -> str:
-    """"0, 3, 5" or "0, 1, ..., 7 and 4 more" for an error message."""
-    text = ", ".join(map(str, indices[:shown]))
-    return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")
-
-
-def _server_labels(deployment: Deployment) -> list[str]:
-    """Metric labels of the server endpoints: the file's names, then one per
-    spare endpoint until a server joins there (`_place_joined_server`)."""
-    return [s.name for s in deployment.servers] + [f"spare-{e}" for e in deployment.spare_range]
-
-
-def resolve_dtype(dtype) -> jnp.dtype:
-    """'auto' is bfloat16 on accelerators and float32 on the CPU."""
-    if dtype == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
-        return jnp.dtype(_DTYPES[dtype])
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-    return dtype
 
 
 class Engine:
@@ -137,9 +86,7 @@ class Engine:
             raise ValueError("registry needs a deployment (the file naming the servers to find)")
         self.dtype = resolve_dtype(dtype)
         self.runner: ModelRunner | None = None
-        self.cluster = None
-        self._owns_cluster = False
-        self._client_endpoint = None  # ShmEndpoint or CudaIpcEndpoint
+        self.pool: ServerPool | None = None  # the expert servers, with a deployment
         sharding = None
         if deployment is None:
             model = load_model(model_path, dtype=self.dtype)
@@ -151,12 +98,11 @@ class Engine:
                 sharding = experts.replicated
         else:
             self.config = load_config(model_path)
-            try:
-                client, experts = self._connect(model_path, deployment, registry, double_batching)
-            except BaseException:
-                self.shutdown()
-                raise
+            self.pool = ServerPool(model_path, deployment, config=self.config, dtype=self.dtype.name,
+                                   registry=registry, double_batching=double_batching)
         try:
+            if self.pool is not None:
+                client, experts = load_client(model_path, dtype=self.dtype), self.pool.experts
             self._init_scheduling(model_path, client, experts, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, block_size=block_size,
                                   num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
@@ -166,42 +112,10 @@ class Engine:
             self.shutdown()
             raise
 
-    def _connect(self, model_path, deployment, registry, double_batching):
-        """Starts or finds the expert servers, opens this client's endpoint."""
-        shared = isinstance(deployment, (LocalCluster, RegistryCluster))
-        spec = deployment.deployment if shared else Deployment.load(deployment)
-        spec.check(self.config)
-        if double_batching is None:
-            double_batching = spec.double_batching
-        elif double_batching and not spec.double_batching:
-            raise ValueError(
-                f"double batching needs two mailbox channels, but {spec.source} sets double_batching = false"
-            )
-        if shared:
-            self.cluster = deployment
-        elif registry is not None:
-            self.cluster, self._owns_cluster = RegistryCluster(registry, deployment, config=self.config), True
-        else:
-            self.cluster = LocalCluster(model_path, deployment, dtype=self.dtype.name)
-            self._owns_cluster = True
-        client = load_client(model_path, dtype=self.dtype)
-        endpoint = self.cluster.claim_client()
-        try:
-            self._client_endpoint = spec.open_endpoint(self.cluster.shm_name, endpoint, self.config)
-        except BaseException:
-            self.cluster.release_client(endpoint)
-            raise
-        for server in spec.started_servers:
-            self._client_endpoint.connect(server, timeout=30.0)
-        experts = RemoteExpertBackend(
-            self._client_endpoint, list(range(spec.num_server_endpoints)), spec.routing_table(self.config),
-            timeout_us=spec.timeout_ms * 1000, double_batching=double_batching,
-            min_timeout_us=None if spec.min_timeout_ms is None else spec.min_timeout_ms * 1000,
-        )
-        for server in set(range(spec.num_server_endpoints)) - set(spec.started_servers):
-            experts.set_live(server, False)  # standby or spare: admitted once up (`_follow_membership`)
-        self._probes = AdmissionProbes(self._client_endpoint)
-        return client, experts
+    @property
+    def cluster(self) -> LocalCluster | RegistryCluster | None:
+        """The deployment's servers (None when the experts are embedded)."""
+        return None if self.pool is None else self.pool.cluster
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
                          num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, seed, sharding):
@@ -213,23 +127,11 @@ class Engine:
             )
         self.tokenizer = Tokenizer.from_directory(model_path)
         self.generation_defaults = GenerationDefaults.load(model_path)
-        # Both files may name end-of-sequence ids (generation_config.json often more).
-        self.eos_token_ids = tuple(
-            dict.fromkeys(self.config.eos_token_ids + self.generation_defaults.eos_token_ids)
-        )
-        bad = [t for t in self.eos_token_ids if t >= self.config.vocab_size]
-        if bad:
-            raise ValueError(f"eos token ids {bad} of {model_path} are outside the vocabulary")
+        self.eos_token_ids = self.generation_defaults.eos_token_ids_with(self.config, model_path)
 
-        blocks_per_seq = -(-self.max_model_len // block_size)
-        if num_kv_blocks is None:
-            block_bytes = block_size * kv_cache_bytes_per_token(self.config, self.dtype.itemsize)
-            num_kv_blocks = max(blocks_per_seq, min(max_num_seqs * blocks_per_seq, kv_cache_bytes // block_bytes))
-        if num_kv_blocks < blocks_per_seq:
-            raise ValueError(
-                f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_model_len="
-                f"{self.max_model_len} ({blocks_per_seq} blocks of {block_size})"
-            )
+        num_kv_blocks = kv_block_count(num_kv_blocks, max_model_len=self.max_model_len, block_size=block_size,
+                                       max_num_seqs=max_num_seqs, kv_cache_bytes=kv_cache_bytes,
+                                       bytes_per_token=kv_cache_bytes_per_token(self.config, self.dtype.itemsize))
         self.runner = ModelRunner(client, experts, num_blocks=num_kv_blocks, block_size=block_size,
                                   max_rows=max_num_seqs, sharding=sharding)
         self.scheduler = Scheduler(
@@ -241,24 +143,18 @@ class Engine:
         # The steps queued on the device whose tokens have not been collected:
         # (their sequences in row order, the dispatched step).
         self._in_flight: list[tuple[list[Sequence], DispatchedStep]] = []
-        self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
-        self._next_membership_check = 0.0
-        # Server endpoint -> the incarnation (process) it was last seen up as:
-        # one that was drained is admitted again only as a new process, one
-        # that failed an exchange also after its probation and a probe.
-        self._incarnations: dict[int, object] = {}
-        self._probation = Probation(PROBATION_S, PROBATION_MAX_S)
-        self._rng = np.random.default_rng(seed)
-        self._ids = itertools.count()
+        self._request_builder = RequestBuilder(self.tokenizer, self.config.vocab_size, self.max_model_len, seed)
         self._requests: dict[str, Request] = {}
         self.metrics = ServingMetrics(
             self.config.num_moe_layers, self.config.num_experts,
-            [] if self.cluster is None else _server_labels(self.cluster.deployment),
+            [] if self.pool is None else self.pool.server_labels(),
         )
+        if self.pool is not None:
+            self.pool.report_to(self.metrics)
         log.info(
             "engine ready: %s, dtype=%s, max_num_seqs=%d, max_model_len=%d, %d KV blocks of %d, experts %s",
             model_path, self.dtype.name, max_num_seqs, self.max_model_len, num_kv_blocks, block_size,
-            "embedded" if self.cluster is None else f"in {len(self.cluster.deployment.started_servers)} servers",
+            "embedded" if self.pool is None else self.pool.describe(),
         )
 
     # ----------------------------------------------------------------- lifetime
@@ -266,16 +162,8 @@ class Engine:
     def shutdown(self) -> None:
         """Leaves the deployment: closes this client's mailbox, frees its slot,
         and stops the expert servers this engine started (idempotent)."""
-        if self._client_endpoint is not None:
-            if self.runner is not None:
-                self.runner.wait()  # a step still queued on the device uses the mailbox
-            endpoint = self._client_endpoint
-            self._client_endpoint = None
-            endpoint.close()
-            self.cluster.release_client(endpoint.endpoint)
-        if self._owns_cluster:
-            self._owns_cluster = False
-            self.cluster.close()
+        if self.pool is not None:
+            self.pool.close(self.runner.wait if self.runner is not None else lambda: None)
 
     def drain_server(self, name: str) -> None:
         """Drains expert server `name`: it gets no tokens from the next step on,
@@ -283,33 +171,16 @@ class Engine:
         engine's cluster started it (servers started elsewhere are only routed
         around: stop them once this returns). Refuses, changing nothing, when
         an expert would be left without a live replica."""
-        if self.cluster is None:
+        if self.pool is None:
             raise ValueError("drain_server needs a deployment: this engine's experts are embedded")
-        deployment = self.cluster.deployment
-        endpoint = self.cluster.endpoint_of(name)
-        backend = self.runner.experts
-        others = [s for s in range(deployment.num_server_endpoints) if s != endpoint and backend.is_live(s)]
-        table = backend.table
-        orphaned = np.argwhere((table == endpoint).any(-1) & ~np.isin(table, others).any(-1))
-        if len(orphaned):
-            layer, expert = orphaned[0]
-            raise ValueError(f"draining {name!r} would leave {len(orphaned)} (MoE layer, expert) pairs with no "
-                             f"live replica, e.g. (layer {layer}, expert {expert})")
-        backend.set_live(endpoint, False)
-        self._probation.forget(endpoint)  # drained: back only as a new process, not after a probation
-        self.runner.wait()  # the steps queued before this one was routed around
-        code = self.cluster.stop_server(name)
-        log.info("drained expert server %r (exit code %s)", name, code)
+        self.pool.drain(name, self.runner.wait)
 
     def metrics_text(self) -> str:
         """The engine's serving metrics (per-expert load, per-server traffic and
         failures, transport drops) in Prometheus' text exposition format."""
-        live, transport = (), None
-        if self.cluster is not None:
-            live = [self.runner.experts.is_live(s) for s in range(self.cluster.deployment.num_server_endpoints)]
-            if self._client_endpoint is not None:
-                transport = self._client_endpoint.stats()
-        return self.metrics.render(live=live, transport=transport)
+        if self.pool is None:
+            return self.metrics.render()
+        return self.metrics.render(live=self.pool.live_mask(), transport=self.pool.transport_stats())
 
     def __enter__(self) -> "Engine":
         return self
@@ -318,41 +189,6 @@ class Engine:
         self.shutdown()
 
     # ----------------------------------------------------------------- requests
-
-    def _make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, _ChatPrompt):
-            ids, text = self.tokenizer.encode(prompt, add_special_tokens=False), str(prompt)
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("empty prompt")
-            ids, text = self.tokenizer.encode(prompt), prompt
-        else:
-            ids, text = list(prompt), None
-            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
-                raise ValueError("a token-id prompt must be a list of integers")
-            ids = [int(t) for t in ids]
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        if not ids:
-            raise ValueError("empty prompt")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens does not fit max_model_len={self.max_model_len} "
-                "(at least one token must be generated)"
-            )
-        if params.stop and not self.tokenizer.available:
-            raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
-        bad_stops = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
-        if bad_stops:
-            raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
-        return Request(request_id, text, ids, params, seed)
 
     def default_sampling_params(self) -> SamplingParams:
         """What requests without sampling params get: the checkpoint's
@@ -363,7 +199,8 @@ class Engine:
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Queues a request; raises ValueError (queueing nothing) if it is invalid."""
-        request = self._make_request(prompt, sampling_params or self.default_sampling_params(), request_id)
+        request = self._request_builder.build(prompt, sampling_params or self.default_sampling_params(), request_id,
+                                              self._requests)
         self._enqueue(request)
         return request.request_id
 
@@ -406,7 +243,8 @@ class Engine:
         """`step()` without building outputs: the requests whose tokens arrived
         (finished ones are forgotten here)."""
         touched: dict[str, Request] = {}
-        self._follow_membership()
+        if self.pool is not None:
+            self.pool.follow_membership(self.runner.wait)
         in_flight, self._in_flight = self._in_flight, []
         dispatched = []
         try:
@@ -416,10 +254,6 @@ class Engine:
                 self._collect(in_flight, touched)
                 in_flight = []
             prefill, decode = self.scheduler.schedule()
-            now = time.time()
-            for seq in prefill:
-                if seq.request.metrics.first_scheduled_time is None:
-                    seq.request.metrics.first_scheduled_time = now
             previous = in_flight[0] if in_flight else None
             for seqs, is_prefill in ((prefill, True), (decode, False)):
                 if seqs:
@@ -431,7 +265,7 @@ class Engine:
             for seqs, _ in in_flight + dispatched:
                 for seq in seqs:
                     seq.num_pending = 0
-            if not isinstance(e, _StepRunAgain):
+            if not isinstance(e, RunStepAgain):
                 raise
             dispatched = []
         self._in_flight = dispatched
@@ -444,194 +278,22 @@ class Engine:
     def _dispatch(self, seqs: list[Sequence], is_prefill: bool, previous) -> DispatchedStep:
         """Queues a step for `seqs`; a decode row whose last token is pending
         reads it from `previous` (sequences, step) on the device."""
-        source_row = {id(seq): i for i, seq in enumerate(previous[0])} if previous else {}
-        rows = StepRows([], [], [], [], [])
-        for seq in seqs:
-            start = 0 if is_prefill else seq.num_tokens - 1
-            if seq.num_pending:
-                rows.tokens.append([0])  # placeholder for the token on the device
-                rows.token_sources.append(source_row[id(seq)])
-            else:
-                rows.tokens.append(seq.all_ids if is_prefill else [seq.last_token])
-                rows.token_sources.append(-1)
-            rows.start_positions.append(start)
-            rows.block_tables.append(seq.blocks)
-            rows.sampling.append(seq.sampling_row(self.eos_token_ids))
-        if not any(seq.num_pending for seq in seqs):
-            rows, previous = rows._replace(token_sources=None), None
+        rows = step_rows(seqs, is_prefill, previous[0] if previous else None, self.eos_token_ids)
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         step = self.runner.dispatch(rows, MAX_LOGPROBS if want_logprobs else 0,
-                                    previous[1] if previous else None)
+                                    previous[1] if rows.token_sources is not None else None)
         for seq in seqs:
             seq.num_pending += 1
         return step
 
-    def _follow_membership(self) -> None:
-        """Applies the cluster's membership to the routing table from the next
-        step on, asked at most every MEMBERSHIP_CHECK_S (clusters report a
-        server up only once it is ready): a server that is gone (the process
-        exited; with etcd, the lease expired) gets no more tokens, so no step
-        waits out a deadline on it; one that came back as another process is
-        routed to at its new inbox; one that came up (a standby one started,
-        a failed or drained one running as a new process) is admitted; one
-        marked dead by a failed exchange that is still up is probed once its
-        probation ends and admitted when it answers. Tables change without
-        recompiling."""
-        now = time.monotonic()
-        if self.cluster is None or now < self._next_membership_check:
-            return
-        self._next_membership_check = now + MEMBERSHIP_CHECK_S
-        try:
-            up = self.cluster.servers_up()
-        except RegistryError as e:  # a registry outage is not a server failure
-            log.warning("cannot tell which expert servers are up (%s); routing table unchanged", e)
-            return
-        backend = self.runner.experts
-        for endpoint in range(self.cluster.deployment.num_server_endpoints):
-            incarnation, known = up.get(endpoint), self._incarnations.get(endpoint)
-            if backend.is_live(endpoint):
-                if incarnation is None:
-                    log.warning("%s is gone; routing around it", self.cluster.describe_server(endpoint))
-                    self._route_out(endpoint)
-                    continue
-                if known is not None and incarnation != known:  # killed and restarted between two checks
-                    log.warning("%s runs as a new process; sending to its new inbox",
-                                self.cluster.describe_server(endpoint))
-                    if not self._map_inbox(endpoint):
-                        self._route_out(endpoint)
-                self._incarnations[endpoint] = incarnation
-                self._probation.served(endpoint, now)
-            elif incarnation is None:
-                self._probes.forget(endpoint)
-            elif self._probes.outstanding(endpoint, incarnation):
-                self._readmit_if_answered(endpoint, now)
-            elif incarnation != known:
-                self._incarnations[endpoint] = incarnation
-                self._probation.forget(endpoint)  # a new process starts with a clean record
-                self._probes.forget(endpoint)  # one sent to its predecessor
-                self._admit(endpoint)
-            elif self._probation.is_over(endpoint, now) and self._map_inbox(endpoint):
-                self.runner.wait()  # steps queued while it was routed to would share its mailboxes
-                self._probes.start(endpoint, incarnation)
-
-    def _route_out(self, endpoint: int) -> None:
-        """No tokens to server `endpoint` from the next step on (counted as marked dead)."""
-        self.runner.experts.set_live(endpoint, False)
-        self.metrics.server_marked_dead(endpoint)
-
-    def _map_inbox(self, endpoint: int) -> bool:
-        """Maps server `endpoint`'s current inbox (not a predecessor's); False
-        (logged) if it cannot be reached yet."""
-        try:
-            self._client_endpoint.connect(endpoint)
-        except (OSError, RuntimeError, ValueError) as e:  # the next check retries
-            log.warning("cannot reach expert server %d yet: %s", endpoint, e)
-            return False
-        return True
-
-    def _admit(self, endpoint: int, why: str = "") -> None:
-        """Maps server `endpoint`'s inbox and routes tokens to it again; a
-        server on a spare endpoint first takes its place in the routing table
-        as a replica of what it hosts."""
-        try:
-            if endpoint in self.cluster.deployment.spare_range:
-                self._place_joined_server(endpoint)
-        except (ValueError, LookupError) as e:  # the next check retries
-            log.warning("cannot admit expert server %d yet: %s", endpoint, e)
-            return
-        if self._map_inbox(endpoint):
-            self.runner.experts.set_live(endpoint, True)
-            log.info("admitted %s%s", self.cluster.describe_server(endpoint), why)
-
-    def _readmit_if_answered(self, endpoint: int, now: float) -> None:
-        """A server marked dead that stayed up, probed at the last check
-        (`AdmissionProbes`): admitted if it answered, else probed again after
-        a longer probation."""
-        if self._probes.answered(endpoint):
-            self._admit(endpoint, why=" (it failed an exchange but stayed up, and answered a probe)")
-        else:
-            seconds = self._probation.failed(endpoint, now)
-            log.warning("%s did not answer a probe; probing again in %g s",
-                        self.cluster.describe_server(endpoint), seconds)
-
-    def _place_joined_server(self, endpoint: int) -> None:
-        """Routes to the server that joined on spare `endpoint` the (layer,
-        expert) pairs it registered (LookupError if it is gone again;
-        ValueError if a pair is outside the model)."""
-        joined = self.cluster.joined_servers()[endpoint]
-        self.runner.experts.set_hosted(endpoint, joined.hosted)
-        self.metrics.name_server(endpoint, joined.name)
-
-    def _handle_failures(self, exchanges, step: DispatchedStep) -> dict[int, str]:
-        """Servers that failed in a step get no more tokens from the next step
-        on (their replicas take over; the step itself was completed by in-step
-        failover). A step that left token slots unserved is run again where
-        their servers only paused (`_paused_servers`); otherwise `_collect`
-        fails the requests of those slots. Returns the failures (server ->
-        what happened)."""
-        failures = failed_servers(exchanges.statuses, exchanges.labels, self.cluster.describe_server,
-                                  step.expert_arrays.timeout_us / 1000)
-        anomalies = transport_anomalies(self.runner.experts.endpoint.stats()) if failures else ""
-        if anomalies:
-            failures = {server: f"{what} [this client's transport counters: {anomalies}]"
-                        for server, what in failures.items()}
-        unserved = int(np.sum(exchanges.unserved))
-        paused = self._paused_servers(failures, step) if unserved else set()
-        for server, what in failures.items():
-            if self.runner.experts.is_live(server) and server not in paused:
-                seconds = self._probation.failed(server, time.monotonic())
-                log.warning("%s; routing around it (probed again in %g s if it stays up)", what, seconds)
-                self._route_out(server)
-        if paused:
-            self._retry_with_full_deadlines(paused, failures, unserved)
-        return failures
-
-    def _paused_servers(self, failures: dict[int, str], step: DispatchedStep) -> set[int]:
-        """Of the servers that failed a step leaving slots unserved, those
-        still up as the same process, if the step's deadline was an adapted
-        one below the maximum: a pause on every replica of some experts (a
-        burst, a neighbour's teardown on a shared GPU) rather than their
-        death, which a step run again with the full deadline rides out."""
-        deadlines = self.runner.experts.deadlines
-        if deadlines is None or step.expert_arrays.timeout_us >= deadlines.max_us:
-            return set()
-        try:
-            up = self.cluster.servers_up()
-        except RegistryError:
-            return set()
-        return {server for server in failures
-                if up.get(server) is not None and up.get(server) == self._incarnations.get(server)}
-
-    def _retry_with_full_deadlines(self, paused: set[int], failures: dict[int, str], unserved: int) -> None:
-        """Keeps the paused servers live, clears what queued steps found of
-        them, and has deadlines learnt again from the maximum; raises
-        _StepRunAgain, which drops the step's tokens so that its positions
-        run again. A second miss comes with the full deadline: no loop."""
-        for server in paused:
-            self.runner.experts.clear_failure(server)
-            log.warning("%s, but it is still up", failures[server])
-        self.runner.experts.deadlines.forget()
-        self.metrics.retried_steps += 1
-        log.warning("%d token-expert slots had no replica that replied in time; the step runs again with "
-                    "the full deadline", unserved)
-        raise _StepRunAgain
-
     def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
         """Waits for the dispatched steps' tokens and appends them."""
         for seqs, step in in_flight:
-            result, exchanges = step.fetch()
-            # The step's time on the device: it started when it was queued or
-            # when the step before it ended, whichever came later (an upper
-            # bound when the host fetches late).
-            fetched_at = time.monotonic()
-            seconds = fetched_at - max(step.dispatched_at, self._last_fetched_at)
-            self._last_fetched_at = fetched_at
+            result, exchanges, seconds = self.runner.fetch(step)
             self.metrics.observe(exchanges)
             self.metrics.observe_step_time(seconds)
-            failures = {} if self.cluster is None else self._handle_failures(exchanges, step)
-            if self.cluster is not None and not failures:
-                self.runner.experts.observe_step(step.num_tokens, seconds)
-            error = unserved_error(exchanges.unserved, failures) if exchanges.unserved_rows.any() else None
+            error = (None if self.pool is None else
+                     self.pool.after_step(exchanges, step.expert_arrays, step.num_tokens, seconds))
             now = time.time()
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1
@@ -659,13 +321,9 @@ class Engine:
                 touched[request.request_id] = request
 
     def _fail(self, request: Request, error: str) -> None:
-        """Ends `request` (every completion) with `error`."""
         log.warning("request %s failed: %s", request.request_id, error)
-        request.error = error
-        for seq in request.sequences:
-            if not seq.finished:
-                seq.finish_reason = "error"
-                self.scheduler.remove(seq)
+        for seq in request.fail(error):
+            self.scheduler.remove(seq)
         self.metrics.failed_requests += 1
 
     # ------------------------------------------------------------------ offline
@@ -682,21 +340,11 @@ class Engine:
         Every prompt is validated before any work starts: one bad prompt raises
         ValueError and nothing is queued.
         """
-        if isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or self.default_sampling_params()] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        prompts, params = paired_with_params(prompts, sampling_params, self.default_sampling_params)
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                requests.append(self._make_request(prompt, p, None))
+                requests.append(self._request_builder.build(prompt, p, None, self._requests))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"prompt {i}: {e}") from None
         for request in requests:
@@ -725,7 +373,7 @@ class Engine:
         failed = [i for i, out in enumerate(outputs) if out.error]
         if failed:
             raise ExpertServerError(
-                f"{len(failed)} of {len(outputs)} requests failed (prompts {_abbreviated(failed)}; the others "
+                f"{len(failed)} of {len(outputs)} requests failed (prompts {abbreviated(failed)}; the others "
                 f"completed, see .outputs): {outputs[failed[0]].error}", outputs)
         return outputs
 
@@ -744,21 +392,5 @@ class Engine:
         template writes them), as transformers' `apply_chat_template` does.
         Each output's `prompt` is the rendered text.
         """
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for i, conversation in enumerate(conversations):
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    check_messages(conversation), add_generation_prompt=add_generation_prompt
-                )
-            except ValueError as e:
-                raise type(e)(f"conversation {i}: {e}") from None
-            prompts.append(_ChatPrompt(text))
+        prompts = chat_prompts(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-
-
-class _ChatPrompt(str):
-    """Prompt text rendered from a chat template: tokenized without adding
-    special tokens, since the template already wrote them."""
-
-    __slots__ = ()

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eaas_jax.engine.experts_backend import ExchangeOutputs
 from eaas_jax.model.moe import Routing, routed_experts
 from eaas_jax.model.transformer import ExpertStack
 
@@ -38,7 +39,7 @@ def expert_mesh(num_devices: int) -> Mesh:
 
 
 class ExpertParallelExperts:
-    """A `ModelRunner` experts backend: `experts` sharded by expert over `mesh`.
+    """An `ExpertsBackend`: `experts` sharded by expert over `mesh`.
 
     `replicated` is the sharding for everything else (the runner's `sharding`).
     """
@@ -64,6 +65,9 @@ class ExpertParallelExperts:
 
     def exchange(self, arrays, carry) -> "_ShardedExperts":
         return _ShardedExperts(nnx.merge(self._graphdef, arrays), self.mesh)
+
+    def outputs(self, exchange) -> ExchangeOutputs:
+        return ExchangeOutputs.none()
 
     def traced_exchanges(self) -> list[tuple[int, int]]:
         return []

@@ -52,5 +52,15 @@ class GenerationDefaults:
             raise ValueError(f"{path}: {e}") from None
         return cls(tuple(eos), sampling)
 
+    def eos_token_ids_with(self, config, source) -> tuple[int, ...]:
+        """The end-of-sequence ids of the model `config` and of this file
+        together (generation_config.json often names more); ValueError for
+        one outside the vocabulary of the model at `source`."""
+        ids = tuple(dict.fromkeys(config.eos_token_ids + self.eos_token_ids))
+        bad = [t for t in ids if t >= config.vocab_size]
+        if bad:
+            raise ValueError(f"eos token ids {bad} of {source} are outside the vocabulary")
+        return ids
+
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.sampling)

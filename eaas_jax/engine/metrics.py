@@ -102,7 +102,7 @@ class ServingMetrics:
         self._recent_step_seconds: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
 
     def observe(self, report) -> None:
-        """Adds one step's `StepStatuses`."""
+        """Adds one step's `ExchangeReport`."""
         self.steps += 1
         self.expert_tokens += report.expert_tokens
         if self.server_names:

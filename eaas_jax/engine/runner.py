@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eaas_jax.engine.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
 from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
 from eaas_jax.model.moe import expert_token_counts
@@ -53,19 +54,6 @@ class StepResult(NamedTuple):
     top_logprobs: np.ndarray  # [rows, L]
 
 
-class StepStatuses(NamedTuple):
-    """What one step's MoE layers reported: the load on each expert and, with
-    expert servers, what their exchanges did (empty arrays when embedded)."""
-
-    statuses: np.ndarray  # [combines, servers] transport status codes (failover retries included)
-    labels: list[tuple[int, int]]  # (moe_layer, micro_batch) of each combine
-    unserved: np.ndarray  # [exchanges] token slots no server delivered (after failover)
-    unserved_rows: np.ndarray  # [rows] bool: rows with a token whose slot no server delivered
-    expert_tokens: np.ndarray  # [moe_layers, experts] real tokens routed to each expert
-    server_slots: np.ndarray  # [servers] token-expert slots sent to each server (re-sends included)
-    server_wait_us: np.ndarray  # [servers] microseconds the step's exchanges waited on each server
-
-
 class DispatchedStep:
     """A step queued on the device; `fetch()` waits for and returns its results.
 
@@ -85,14 +73,14 @@ class DispatchedStep:
         for x in jax.tree.leaves(self._outputs):  # start the copies as soon as the step ends
             x.copy_to_host_async()
 
-    def fetch(self) -> tuple[StepResult, StepStatuses]:
+    def fetch(self) -> tuple[StepResult, ExchangeReport]:
         sampled, (statuses, unserved, unserved_rows, *rest) = jax.device_get(self._outputs)
         return (StepResult(*(x[: self.num_rows] for x in sampled)),
-                StepStatuses(statuses, self._labels, unserved, unserved_rows[: self.num_rows], *rest))
+                ExchangeReport(statuses, self._labels, unserved, unserved_rows[: self.num_rows], *rest))
 
 
 class EmbeddedExperts:
-    """The routed experts computed in the client's own graph."""
+    """The routed experts computed in the client's own graph (an `ExpertsBackend`)."""
 
     def __init__(self, experts: ExpertStack):
         self._graphdef, self.arrays = nnx.split(experts)
@@ -108,6 +96,9 @@ class EmbeddedExperts:
 
     def exchange(self, arrays, carry):
         return nnx.merge(self._graphdef, arrays)
+
+    def outputs(self, exchange) -> ExchangeOutputs:
+        return ExchangeOutputs.none()
 
     def traced_exchanges(self) -> list[tuple[int, int]]:
         return []
@@ -141,30 +132,25 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     )
     last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
     logits = client.logits(last)
-    statuses = getattr(experts, "statuses", [])
-    statuses = jnp.stack(statuses) if statuses else jnp.zeros((0, 0), jnp.int32)
-    unserved_tokens = getattr(experts, "unserved_tokens", [])
-    unserved = jnp.stack([jnp.sum(t) for t in unserved_tokens]) if unserved_tokens else jnp.zeros((0,), jnp.int32)
-    unserved_rows = _rows_with(unserved_tokens, getattr(experts, "unserved_labels", []),
+    traced = backend.outputs(experts)
+    statuses = jnp.stack(traced.statuses) if traced.statuses else jnp.zeros((0, 0), jnp.int32)
+    unserved = (jnp.stack([jnp.sum(t) for t in traced.unserved_tokens]) if traced.unserved_tokens
+                else jnp.zeros((0,), jnp.int32))
+    unserved_rows = _rows_with(traced.unserved_tokens, traced.unserved_labels,
                                micro_batch_rows(tokens.shape[0], num_micro_batches), tokens.shape)
     expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)
-    server_slots = getattr(experts, "server_slots", jnp.zeros((0,), jnp.int32))
-    server_wait_us = getattr(experts, "server_wait_us", jnp.zeros((0,), jnp.int32))
-    exchanges = (statuses, unserved, unserved_rows, expert_tokens, server_slots, server_wait_us)
+    exchanges = (statuses, unserved, unserved_rows, expert_tokens, traced.server_slots, traced.server_wait_us)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
-    return sampled, kv_cache, exchanges, next_tokens, getattr(experts, "carry", None)
+    return sampled, kv_cache, exchanges, next_tokens, traced.carry
 
 
 class ModelRunner:
-    """Runs steps of `client` with routed experts from `experts`: an
-    `EmbeddedExperts` or a remote backend (`eaas_jax.attention_client.remote_backend`) with the
-    same members (`arrays`; `step_arrays(num_tokens)`, those for the next step
-    of that many padded tokens; `num_micro_batches`, `initial_carry`, `exchange`,
-    `traced_exchanges`: the (moe_layer, micro_batch) of each status row of the
-    last traced step). A backend's carry is device state one step hands the
-    next in dispatch order (remote: the servers still live), so a step queued
-    before the host fetched its predecessor still learns what that one found.
+    """Runs steps of `client` with routed experts from `experts`, an
+    `ExpertsBackend` (`engine.experts_backend`). A backend's carry is device
+    state one step hands the next in dispatch order (remote: the servers still
+    live), so a step queued before the host fetched its predecessor still
+    learns what that one found.
 
     Steps are dispatched without waiting (`dispatch`), so that the host can
     prepare step n+1, feeding it step n's tokens on the device, while step n
@@ -173,7 +159,7 @@ class ModelRunner:
     default device).
     """
 
-    def __init__(self, client: AttentionClientModel, experts, *, num_blocks: int, block_size: int,
+    def __init__(self, client: AttentionClientModel, experts: ExpertsBackend, *, num_blocks: int, block_size: int,
                  max_rows: int, sharding: jax.sharding.Sharding | None = None):
         self.config = client.config
         self.block_size = block_size
@@ -208,6 +194,7 @@ class ModelRunner:
         self._carry = jax.device_put(experts.initial_carry(), sharding)
         # (moe_layer, micro_batch) of each exchange, per compiled step shape
         self._labels: dict[tuple, list[tuple[int, int]]] = {}
+        self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
 
     @property
     def num_compilations(self) -> int:
@@ -268,6 +255,17 @@ class ModelRunner:
             self._carry,
         )
         return shape, args, dict(num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
+
+    def fetch(self, step: DispatchedStep) -> tuple[StepResult, ExchangeReport, float]:
+        """Waits for `step` (fetched in dispatch order); returns its results
+        and its time on the device: from when it was queued or the step before
+        it ended, whichever came later, to now (an upper bound when the host
+        fetches late)."""
+        result, report = step.fetch()
+        fetched_at = time.monotonic()
+        seconds = fetched_at - max(step.dispatched_at, self._last_fetched_at)
+        self._last_fetched_at = fetched_at
+        return result, report, seconds
 
     def wait(self) -> None:
         """Blocks until every dispatched step has run. A failure is logged, not

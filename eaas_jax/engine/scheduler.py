@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 from eaas_jax.engine.block_allocator import BlockAllocator
+from eaas_jax.engine.runner import StepRows
 from eaas_jax.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class Scheduler:
             if need > self.allocator.num_free or (prefill and num_tokens > budget):
                 break
             self.waiting.popleft()
+            metrics = seq.request.metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or time.time()
             seq.blocks = self.allocator.allocate(need)
             budget -= num_tokens
             self.running.append(seq)
@@ -100,3 +104,26 @@ class Scheduler:
             self.finish(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def step_rows(seqs: list[Sequence], is_prefill: bool, previous: list[Sequence] | None,
+              eos_token_ids: tuple[int, ...]) -> StepRows:
+    """The runner's rows for a step of `seqs`: a prefill of every token, or a
+    decode of the last one. A decode row whose last token is still pending on
+    the device names its row in the step of `previous` (that step's
+    sequences in row order) instead; `token_sources` is None when no row does."""
+    source_row = {id(seq): i for i, seq in enumerate(previous)} if previous else {}
+    rows = StepRows([], [], [], [], [])
+    for seq in seqs:
+        if seq.num_pending:
+            rows.tokens.append([0])  # placeholder for the token on the device
+            rows.token_sources.append(source_row[id(seq)])
+        else:
+            rows.tokens.append(seq.all_ids if is_prefill else [seq.last_token])
+            rows.token_sources.append(-1)
+        rows.start_positions.append(0 if is_prefill else seq.num_tokens - 1)
+        rows.block_tables.append(seq.blocks)
+        rows.sampling.append(seq.sampling_row(eos_token_ids))
+    if not any(seq.num_pending for seq in seqs):
+        rows = rows._replace(token_sources=None)
+    return rows

@@ -155,6 +155,14 @@ class Request:
     def finished(self) -> bool:
         return all(s.finished for s in self.sequences)
 
+    def fail(self, error: str) -> list["Sequence"]:
+        """Ends every completion not finished yet with `error`; returns those."""
+        self.error = error
+        ended = [seq for seq in self.sequences if not seq.finished]
+        for seq in ended:
+            seq.finish_reason = "error"
+        return ended
+
     def output(self, tokenizer: Tokenizer) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,

@@ -1,0 +1,49 @@
+"""The experts-backend protocol: every backend the model runner takes
+implements all of it, and an `ExchangeReport` counts statuses per server."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from eaas_jax.attention_client.remote_backend import RemoteExpertBackend
+from eaas_jax.engine.expert_parallel import ExpertParallelExperts
+from eaas_jax.engine.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
+from eaas_jax.engine.runner import EmbeddedExperts
+from eaas_jax.transport import custom_calls
+
+PROTOCOL_METHODS = sorted(name for name, member in vars(ExpertsBackend).items()
+                          if inspect.isfunction(member) and not name.startswith("_"))
+
+
+def test_the_protocol_names_what_the_runner_calls():
+    # A backend missing any of these fails inside a trace, far from its cause.
+    assert PROTOCOL_METHODS == ["exchange", "initial_carry", "num_micro_batches", "outputs", "step_arrays",
+                                "traced_exchanges"]
+
+
+@pytest.mark.parametrize("backend", [EmbeddedExperts, ExpertParallelExperts, RemoteExpertBackend])
+def test_every_backend_implements_the_protocol(backend):
+    missing = [name for name in PROTOCOL_METHODS if not callable(getattr(backend, name, None))]
+    assert not missing, f"{backend.__name__} lacks {missing}"
+    for name in PROTOCOL_METHODS:  # same arguments as the protocol's
+        expected = list(inspect.signature(getattr(ExpertsBackend, name)).parameters)
+        assert list(inspect.signature(getattr(backend, name)).parameters) == expected, (backend, name)
+
+
+def test_backends_without_an_exchange_report_nothing():
+    outputs = ExchangeOutputs.none()
+    assert outputs.statuses == [] and outputs.unserved_tokens == [] and outputs.carry is None
+    assert outputs.server_slots.shape == (0,) and outputs.server_wait_us.shape == (0,)
+
+
+def test_a_report_counts_each_servers_statuses_and_unserved_slots():
+    ok, timeout, bad = custom_calls.STATUS_OK, custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY
+    report = ExchangeReport(statuses=np.array([[ok, timeout, bad], [ok, timeout, ok]]), labels=[(0, 0), (0, 0)],
+                            unserved=np.array([2, 3]), unserved_rows=np.array([True, False]),
+                            expert_tokens=np.zeros((1, 2)), server_slots=np.array([1, 2, 3]),
+                            server_wait_us=np.zeros(3))
+    assert report.count(timeout).tolist() == [0, 2, 0]
+    assert report.count(bad).tolist() == [0, 0, 1]
+    assert report.count(ok).tolist() == [2, 0, 1]
+    assert report.unserved_slots == 5
