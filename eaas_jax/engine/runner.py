@@ -200,8 +200,17 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return len(self._labels)
 
-    def _prepare(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None):
-        """The step's shape key, padded arguments and static options for `rows`."""
+    def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None):
+        """The step's inputs for `rows`, built on the host without compiling:
+        `(shape, args, static)`. `shape` is the compiled program's key, (batch
+        rows, tokens per row, blocks per row, banned ids per row,
+        `num_top_logprobs`, greedy_only), each size bucketed (`bucket`, minimum
+        16 tokens unless every row has one, 8 blocks, 4 banned ids). `args`
+        are the step's positional arguments, padded: padding tokens and rows
+        get position 0 and the invalid slot `num_blocks * block_size` (their
+        cache writes are dropped); `last_index` is each row's last real token;
+        `token_sources` (-1 where absent) need `previous` and one token per
+        row (ValueError otherwise). `static` holds the jit's static options."""
         n = len(rows.tokens)
         batch = bucket(n)
         # Minimum buckets: a few padded rows/tokens cost less than a recompile.
@@ -278,14 +287,14 @@ class ModelRunner:
 
     def lower(self, rows: StepRows, num_top_logprobs: int = 0) -> jax.stages.Lowered:
         """The compiled step for `rows`' shapes, lowered (to inspect its HLO)."""
-        _, args, static = self._prepare(rows, num_top_logprobs, None)
+        _, args, static = self.prepare_inputs(rows, num_top_logprobs, None)
         return self._jitted.lower(*args, **static)
 
     def dispatch(self, rows: StepRows, num_top_logprobs: int,
                  previous: DispatchedStep | None = None) -> DispatchedStep:
         """Queues a step for `rows` on the device; `previous` is the step whose
         tokens `rows.token_sources` name."""
-        shape, args, static = self._prepare(rows, num_top_logprobs, previous)
+        shape, args, static = self.prepare_inputs(rows, num_top_logprobs, previous)
         new_shape = shape not in self._labels
         if new_shape:
             log.info(

@@ -1,0 +1,219 @@
+"""ModelRunner on its own (no Engine): the padded inputs it builds from a batch
+of `StepRows` (`prepare_inputs`, which compiles nothing), and one prefill and
+one decode step dispatched and fetched against a full forward pass."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows, bucket
+
+from conftest import tiny_model
+
+BLOCK = 4
+NUM_BLOCKS = 16
+INVALID_SLOT = NUM_BLOCKS * BLOCK  # 64: where padding tokens "write" (dropped)
+MAX_ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def runner(model) -> ModelRunner:
+    return ModelRunner(model.client, EmbeddedExperts(model.experts), num_blocks=NUM_BLOCKS, block_size=BLOCK,
+                       max_rows=MAX_ROWS)
+
+
+def _sampling(**fields) -> dict:
+    row = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stream=0, step=0, banned=[])
+    row.update(fields)
+    return row
+
+
+def _rows(tokens, starts, tables, sampling=None, token_sources=None) -> StepRows:
+    sampling = sampling or [_sampling() for _ in tokens]
+    return StepRows(tokens, starts, tables, sampling, token_sources)
+
+
+def _inputs(runner, rows, num_top_logprobs=0, previous=None):
+    """prepare_inputs' shape key, its step arguments by name (numpy), and static options."""
+    shape, args, static = runner.prepare_inputs(rows, num_top_logprobs, previous)
+    _, _, kv_cache, tokens, positions, paged, last_index, sampling, previous_tokens, sources, _ = args
+    assert kv_cache is runner.kv_cache
+    named = dict(tokens=tokens, positions=positions, slots=paged.slot_mapping, tables=paged.block_tables,
+                 last_index=last_index, sampling=sampling, previous_tokens=previous_tokens, sources=sources)
+    return shape, named, static
+
+
+def _previous_step(next_tokens) -> DispatchedStep:
+    """A stand-in for a dispatched step: only its device `next_tokens` are read."""
+    return DispatchedStep(1, (jnp.zeros((1,), jnp.int32),), (jnp.zeros((0,), jnp.int32),),
+                          jnp.asarray(next_tokens, jnp.int32), [], num_tokens=1, expert_arrays=None)
+
+
+def test_bucket_is_the_next_power_of_two_above_a_minimum():
+    """Guards the bucketing all step shapes use (a wrong one recompiles per batch)."""
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert bucket(3, 16) == 16 and bucket(17, 16) == 32 and bucket(0) == 1
+
+
+@pytest.mark.parametrize(
+    "lengths, num_blocks, banned, temperatures, logprobs, key",
+    [
+        # decode rows (one token each) keep one token per row: no 16-token minimum
+        ([1, 1, 1], [3, 1, 1], [0, 0, 0], [0, 0, 0], 0, (4, 1, 8, 4, 0, True)),
+        ([1], [1], [0], [0], 0, (1, 1, 8, 4, 0, True)),
+        # a row of two tokens: the 16-token minimum
+        ([2, 1], [1, 1], [0, 0], [0, 0], 0, (2, 16, 8, 4, 0, True)),
+        ([5, 3, 1], [2, 1, 1], [0, 2, 0], [0, 0, 0], 0, (4, 16, 8, 4, 0, True)),
+        ([17, 1, 1, 1, 1], [9, 1, 1, 1, 1], [5, 0, 0, 0, 0], [0, 0.5, 0, 0, 0], 3, (8, 32, 16, 8, 3, False)),
+    ],
+)
+def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, banned, temperatures, logprobs, key):
+    """Guards the shape key (batch rows, tokens per row, blocks per row, banned
+    ids per row, top logprobs, greedy only) and that every array is padded to
+    it: a key that missed a dimension would reuse a program of another shape."""
+    rows = _rows([list(range(1, n + 1)) for n in lengths], [0] * len(lengths),
+                 [list(range(b)) for b in num_blocks],
+                 [_sampling(banned=list(range(k)), temperature=t) for k, t in zip(banned, temperatures)])
+    shape, x, static = _inputs(runner, rows, logprobs)
+    assert shape == key
+    batch, seq, blocks, num_banned = key[:4]
+    assert x["tokens"].shape == x["positions"].shape == x["slots"].shape == (batch, seq)
+    assert x["tables"].shape == (batch, blocks)
+    assert x["last_index"].shape == x["sources"].shape == (batch,)
+    assert all(np.shape(col) == (batch,) for col in x["sampling"][:-1])
+    assert x["sampling"].banned.shape == (batch, num_banned)
+    assert x["previous_tokens"].shape == (bucket(MAX_ROWS),)
+    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[5]}
+    for name in ("tokens", "positions", "slots", "tables", "last_index", "sources"):
+        assert x[name].dtype == np.int32, name
+
+
+def test_prefill_tokens_tables_positions_slots_and_last_index(runner):
+    """Guards a prefill batch's padded inputs: tokens and block tables copied
+    left-aligned, positions counting from the row's start, each token's cache
+    slot block * block_size + position % block_size through the row's table,
+    padding tokens and padding rows at position 0 with the invalid slot
+    num_blocks * block_size (so the cache write drops them), and last_index on
+    each row's last real token."""
+    rows = _rows([[11, 12, 13, 14, 15], [21, 22, 23], [31]], [0, 0, 0], [[7, 2], [1], [3]])
+    shape, x, _ = _inputs(runner, rows)
+    assert shape[:3] == (4, 16, 8)
+    pad = lambda values, width, fill=0: values + [fill] * (width - len(values))  # noqa: E731
+    np.testing.assert_array_equal(x["tokens"], [pad([11, 12, 13, 14, 15], 16), pad([21, 22, 23], 16),
+                                                pad([31], 16), pad([], 16)])
+    np.testing.assert_array_equal(x["tables"], [pad([7, 2], 8), pad([1], 8), pad([3], 8), pad([], 8)])
+    np.testing.assert_array_equal(x["positions"], [pad([0, 1, 2, 3, 4], 16), pad([0, 1, 2], 16),
+                                                   pad([0], 16), pad([], 16)])
+    np.testing.assert_array_equal(x["slots"], [
+        pad([28, 29, 30, 31, 8], 16, INVALID_SLOT),  # block 7, then block 2
+        pad([4, 5, 6], 16, INVALID_SLOT),  # block 1
+        pad([12], 16, INVALID_SLOT),  # block 3
+        pad([], 16, INVALID_SLOT),  # a padding row writes nothing
+    ])
+    np.testing.assert_array_equal(x["last_index"], [4, 2, 0, 0])
+
+
+def test_decode_rows_start_at_their_position(runner):
+    """Guards decode inputs: one token per row at its start position, its slot
+    in the table entry that position falls in (block 9 for position 9 with
+    blocks of 4), last_index 0, and padding rows on the invalid slot."""
+    rows = _rows([[5], [6], [7]], [9, 0, 7], [[5, 14, 9], [4], [0, 6]])
+    shape, x, _ = _inputs(runner, rows)
+    assert shape[:3] == (4, 1, 8)
+    np.testing.assert_array_equal(x["tokens"], [[5], [6], [7], [0]])
+    np.testing.assert_array_equal(x["positions"], [[9], [0], [7], [0]])
+    # 9 * 4 + 9 % 4, 4 * 4 + 0, 6 * 4 + 7 % 4
+    np.testing.assert_array_equal(x["slots"], [[37], [16], [27], [INVALID_SLOT]])
+    np.testing.assert_array_equal(x["last_index"], [0, 0, 0, 0])
+
+
+def test_token_sources_name_rows_of_the_previous_step(runner):
+    """Guards token_sources: padded with -1 (no source), the previous step's
+    device tokens passed as the step's `previous_tokens` (the runner's zero
+    buffer without a previous step), and a ValueError for sources without a
+    previous step or with more than one new token in a row (the device token
+    only replaces a row's single token)."""
+    _, x, _ = _inputs(runner, _rows([[5], [6]], [4, 8], [[0, 1], [2, 3, 4]]))
+    np.testing.assert_array_equal(x["sources"], [-1, -1])
+    np.testing.assert_array_equal(x["previous_tokens"], np.zeros(bucket(MAX_ROWS)))
+
+    previous = _previous_step(np.arange(100, 100 + bucket(MAX_ROWS)))
+    rows = _rows([[0], [0], [9]], [4, 8, 2], [[0, 1], [2, 3, 4], [5]], token_sources=[2, 0, -1])
+    _, x, _ = _inputs(runner, rows, previous=previous)
+    np.testing.assert_array_equal(x["sources"], [2, 0, -1, -1])
+    assert x["previous_tokens"] is previous.next_tokens
+
+    with pytest.raises(ValueError, match="previous step"):
+        runner.prepare_inputs(rows, 0, None)
+    prefill = _rows([[0], [0, 1]], [4, 0], [[0, 1], [2]], token_sources=[0, -1])
+    with pytest.raises(ValueError, match="one new token per row"):
+        runner.prepare_inputs(prefill, 0, previous)
+
+
+def test_sampling_inputs_are_padded_with_neutral_rows(runner):
+    """Guards the sampling inputs: each row's parameters in its row, padding
+    rows greedy with top_p 1 and no filter, banned ids left-aligned and padded
+    with -1 to a bucket of at least 4, and greedy_only false as soon as one row
+    samples."""
+    rows = _rows([[1], [2], [3]], [0, 0, 0], [[0], [1], [2]], [
+        _sampling(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=123, stream=1, step=4, banned=[0, 9]),
+        _sampling(seed=7, step=2),
+        _sampling(banned=[1, 2, 3, 4, 5]),
+    ])
+    shape, x, static = _inputs(runner, rows, num_top_logprobs=2)
+    s = x["sampling"]
+    np.testing.assert_allclose(s.temperature, [0.7, 0, 0, 0])
+    np.testing.assert_allclose(s.top_p, [0.9, 1, 1, 1])
+    np.testing.assert_array_equal(s.top_k, [5, 0, 0, 0])
+    np.testing.assert_allclose(s.min_p, [0.1, 0, 0, 0])
+    np.testing.assert_array_equal(s.seed, [123, 7, 0, 0])
+    assert s.seed.dtype == np.uint32
+    np.testing.assert_array_equal(s.stream, [1, 0, 0, 0])
+    np.testing.assert_array_equal(s.step, [4, 2, 0, 0])
+    np.testing.assert_array_equal(s.banned, [[0, 9, -1, -1, -1, -1, -1, -1], [-1] * 8,
+                                             [1, 2, 3, 4, 5, -1, -1, -1], [-1] * 8])
+    assert shape == (4, 1, 8, 8, 2, False)
+    assert static == {"num_top_logprobs": 2, "greedy_only": False}
+
+
+def test_prefill_then_decode_steps_match_a_full_forward_pass(model, runner):
+    """Guards the whole step end to end: three prompts prefilled in scattered
+    blocks (one in block 0, where padding tokens and the padding row would land
+    if their slots were not the invalid one) and then decoded with their tokens
+    read on the device from the prefill step through token_sources, in another
+    row order; every greedy token and its log-probability equal those of a
+    full causal forward pass. One program per step shape."""
+    prompts = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36, 37]]
+    tables = [[7, 2], [0, 9], [4, 12]]
+    compiled = runner.num_compilations
+    prefill = runner.dispatch(_rows(prompts, [0, 0, 0], tables), 0)
+    first, _ = prefill.fetch()
+    assert first.tokens.shape == (3,)  # padding rows dropped
+
+    # Decode rows in reverse order: row i reads prefill row 2 - i.
+    order = [2, 1, 0]
+    rows = _rows([[0]] * 3, [len(prompts[i]) for i in order], [tables[i] for i in order],
+                 [_sampling(step=1)] * 3, token_sources=order)
+    second, _ = runner.dispatch(rows, 0, prefill).fetch()
+    assert runner.num_compilations - compiled == 2
+
+    full = [p + [int(first.tokens[i])] for i, p in enumerate(prompts)]
+    width = max(map(len, full))
+    padded = jnp.asarray([f + [0] * (width - len(f)) for f in full], jnp.int32)  # causal: padding after is inert
+    logprobs = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, t: m(t))(model, padded), axis=-1))
+    for i, p in enumerate(prompts):
+        at_prefill, at_decode = logprobs[i, len(p) - 1], logprobs[i, len(p)]
+        assert first.tokens[i] == at_prefill.argmax()
+        np.testing.assert_allclose(first.logprobs[i], at_prefill.max(), rtol=1e-4, atol=1e-4)
+        row = order.index(i)
+        assert second.tokens[row] == at_decode.argmax()
+        np.testing.assert_allclose(second.logprobs[row], at_decode.max(), rtol=1e-4, atol=1e-4)
