@@ -25,7 +25,7 @@ import pytest
 
 from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.sampling_params import SamplingParams
-from eaas_jax.engine.scheduler import Scheduler
+from eaas_jax.engine.scheduler import Scheduler, step_rows
 from eaas_jax.engine.sequence import Request, Sequence
 
 BLOCK = 4
@@ -332,3 +332,25 @@ def test_remove_a_running_sequence_frees_its_blocks_once():
     scheduler.remove(b)
     assert scheduler.allocator.num_free == 3
     assert not scheduler.has_work
+
+
+def test_step_rows_prefill_whole_prompts_and_decode_last_tokens_or_their_source_rows():
+    """What the scheduler's choice hands the runner (`step_rows`): a prefill row
+    holds the prompt from position 0; a decode row its last token at its
+    position, or, with that token still pending on the device, a placeholder
+    and the row of the previous step that sampled it."""
+    a, b, c = _seq("a", 5), _seq("b", 3), _seq("c", 2)
+    scheduler = _scheduler(16, seqs=[a, b, c])
+    prefill, _ = scheduler.schedule()
+    rows = step_rows(prefill, True, None, eos_token_ids=(0,))
+    assert rows.tokens == [[1, 2, 3, 4, 5], [1, 2, 3], [1, 2]] and rows.start_positions == [0, 0, 0]
+    assert rows.block_tables == [a.blocks, b.blocks, c.blocks] and rows.token_sources is None
+    assert [r["temperature"] for r in rows.sampling] == [0.0] * 3
+
+    a.output_ids.append(TOKEN)
+    b.output_ids.append(9)
+    c.num_pending = 1  # its first token is still on the device, sampled in row 2 of `prefill`'s step
+    rows = step_rows([b, c, a], False, prefill, eos_token_ids=(0,))
+    assert rows.tokens == [[9], [0], [TOKEN]]
+    assert rows.start_positions == [3, 2, 5]  # the position of each row's new token
+    assert rows.token_sources == [-1, 2, -1]
