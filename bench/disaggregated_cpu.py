@@ -33,7 +33,7 @@ from eaas_jax.checkpoint import load_model  # noqa: E402
 from eaas_jax.engine import Engine, SamplingParams  # noqa: E402
 from eaas_jax.control_plane.cluster import LocalCluster  # noqa: E402
 from eaas_jax.attention_client.exchange import route  # noqa: E402
-from eaas_jax.transport import shm  # noqa: E402
+from eaas_jax.transport import shm, wire  # noqa: E402
 
 MODEL = os.path.join(REPO, "checkpoints", "tiny-moe")
 DEPLOY = {n: os.path.join(REPO, "configs", "deploy", f"tiny-moe-{n}-server{'s' if n > 1 else ''}.toml") for n in (1, 2)}
@@ -92,7 +92,7 @@ def round_trip(cluster: LocalCluster, tokens: int, rounds: int) -> tuple[float, 
             return acc / rounds
 
         remote_out, status = jax.block_until_ready(exchange(x))
-        assert (np.asarray(status) == shm.STATUS_OK).all(), status
+        assert (np.asarray(status) == wire.STATUS_OK).all(), status
         np.testing.assert_allclose(np.asarray(remote_out), np.asarray(local(x)), rtol=1e-4, atol=1e-5)
         t_remote, t_local = [], []
         for _ in range(5):

@@ -278,6 +278,8 @@ def _convert(args) -> int:
 
 
 def _add_plan_placement(sub) -> None:
+    from eaas_jax.transport import backends
+
     p = sub.add_parser("plan-placement", help="write a deployment file placing the experts on N servers")
     p.add_argument("--model", required=True, help="checkpoint directory (for its number of experts)")
     p.add_argument("--servers", required=True,
@@ -288,7 +290,9 @@ def _add_plan_placement(sub) -> None:
     p.add_argument("--hot-replicas", type=int, default=0,
                    help="one more copy for this many of the most loaded experts (needs --load)")
     p.add_argument("--name", default="planned", help="deployment name (default: planned)")
-    p.add_argument("--transport", default="shm", choices=["shm", "cuda_ipc"])
+    p.add_argument("--transport", default=backends.DEFAULT, choices=backends.names(),
+                   help=f"the deployment's transport (default {backends.DEFAULT}): shm for CPU processes, "
+                        "cuda_ipc for GPUs of one host")
     p.add_argument("--out", required=True, help="deployment TOML to write")
     p.set_defaults(func=_plan_placement)
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from eaas_jax.transport import shm
+from eaas_jax.transport import shm, wire
 
 from _transport_worker import expert_compute, make_weights
 
@@ -119,7 +119,7 @@ class RawPeer:
         return sender * self.target.geometry.num_channels + channel
 
     def read_header(self, sender: int, channel: int) -> dict:
-        return shm.unpack_header(self.slots[self.slot_index(sender, channel), :64].tobytes())
+        return wire.unpack_header(self.slots[self.slot_index(sender, channel), :64].tobytes())
 
     def publish(self, slots, headers, *, hidden=None, expert_ids=None, gates=None, scales=None) -> None:
         """Message i into slot index slots[i]: `headers` uint8 [M, 64]; each
@@ -146,11 +146,11 @@ class RawPeer:
         if header is None:
             self.seq += 2
             f = dict(seq=self.seq, deployment_id=self.target.geometry.deployment_id,
-                     kind=shm.KIND_REQUEST, sender=slot_sender, layer=0,
+                     kind=wire.KIND_REQUEST, sender=slot_sender, layer=0,
                      micro_batch=slot_channel,
                      num_tokens=2)
             f.update(fields)
-            header = shm.pack_header(**f)
+            header = wire.pack_header(**f)
         payload = {name: None if arr is None else np.asarray(arr)[None]
                    for name, arr in dict(hidden=hidden, expert_ids=expert_ids, gates=gates).items()}
         self.publish([self.slot_index(slot_sender, slot_channel)], np.frombuffer(header, np.uint8), **payload)

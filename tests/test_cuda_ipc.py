@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eaas_jax.transport import cuda_ipc, custom_calls, hidden_codec
+from eaas_jax.transport import cuda_ipc, hidden_codec, wire
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _transport_worker import make_weights, reference  # noqa: E402
@@ -110,7 +110,7 @@ def test_round_trip_between_processes_matches_reference(dtype):
                 p0, s0, e0, g0, x0 = _tokens(CAP, 100 + it, dtype)
                 p1, s1, e1, g1, x1 = _tokens(5, 200 + it, dtype)
                 out0, out1, st0, st1 = step(p0, s0, e0, g0, p1, s1, e1, g1)
-                assert [int(st0[0]), int(st1[0])] == [custom_calls.STATUS_OK] * 2, (it, client.stats())
+                assert [int(st0[0]), int(st1[0])] == [wire.STATUS_OK] * 2, (it, client.stats())
                 np.testing.assert_allclose(out0, reference(WEIGHTS, 1, x0, e0, g0), rtol=1e-5, atol=1e-5)
                 np.testing.assert_allclose(out1, reference(WEIGHTS, 0, x1, e1, g1), rtol=1e-5, atol=1e-5)
             stats = client.stats()
@@ -164,7 +164,7 @@ def test_unreachable_server_and_deadline():
             sent, out, status, waited_us = jax.block_until_ready(step(h, e, g))
             wall = time.monotonic() - t0
             assert int(sent[0]) == -1 and int(sent[1]) > 0
-            assert status.tolist() == [custom_calls.STATUS_UNAVAILABLE, custom_calls.STATUS_TIMEOUT]
+            assert status.tolist() == [wire.STATUS_UNAVAILABLE, wire.STATUS_TIMEOUT]
             assert int(waited_us[0]) == 0 and timeout_us <= int(waited_us[1]) <= wall * 1e6
             assert 0.3 <= wall < 3.0, wall
             stats = client.stats()
@@ -231,7 +231,7 @@ def test_combine_without_its_dispatch_is_a_bad_reply():
         targets = jnp.ones((4, K), jnp.int32)
         out, status, _ = jax.jit(lambda sent: client.combine(sent, targets, servers, layer=0, micro_batch=0,
                                                           timeout_us=LONG_US))(jnp.array([4], jnp.int32))
-        assert status.tolist() == [custom_calls.STATUS_BAD_REPLY]
+        assert status.tolist() == [wire.STATUS_BAD_REPLY]
         assert client.stats()["unmatched_combines"] == 1
 
 
@@ -316,7 +316,7 @@ def test_malformed_replies_are_skipped_until_the_awaited_one_or_the_deadline():
             _tell(server, "serve")
             waiting.join(timeout=60)
             out, status, _ = combined["result"]
-            assert status.tolist() == [custom_calls.STATUS_OK], client.stats()
+            assert status.tolist() == [wire.STATUS_OK], client.stats()
             np.testing.assert_allclose(out, reference(WEIGHTS, 0, x, e, g), rtol=1e-5, atol=1e-5)
 
             # 2. Only a malformed reply: STATUS_BAD_REPLY, at the deadline (not before).
@@ -326,7 +326,7 @@ def test_malformed_replies_are_skipped_until_the_awaited_one_or_the_deadline():
             t0 = time.monotonic()
             out, status, waited_us = jax.block_until_ready(combine(sent, e, np.int32(timeout_us)))
             wall = time.monotonic() - t0
-            assert status.tolist() == [custom_calls.STATUS_BAD_REPLY], client.stats()
+            assert status.tolist() == [wire.STATUS_BAD_REPLY], client.stats()
             assert timeout_us <= int(waited_us[0]) <= wall * 1e6
             np.testing.assert_array_equal(out, 0)
             stats = client.stats()

@@ -16,7 +16,7 @@ from eaas_jax.checkpoint import flat_params, load_client, load_expert_banks, loa
 from eaas_jax.kernels import grouped_matmul
 from eaas_jax.expert_server.server import ExpertServer, select_experts
 from eaas_jax.attention_client.exchange import RemoteExperts
-from eaas_jax.transport import shm
+from eaas_jax.transport import shm, wire
 
 from conftest import TINY_CONFIG, XLA_COMPILATIONS, tiny_model
 
@@ -114,7 +114,7 @@ def test_servers_match_the_embedded_experts(model, deployment, request):
     targets = jnp.asarray(table)[:, routing.expert_ids]  # [L, T, k]
     results = exchange(x, routing.expert_ids, routing.weights, targets, jnp.zeros((), jnp.int32))
     for (layer, _), (out, status) in zip(((0, 0), (1, 1), (1, 0)), results):
-        assert np.asarray(status).tolist() == [shm.STATUS_OK] * 2
+        assert np.asarray(status).tolist() == [wire.STATUS_OK] * 2
         expected = model.experts(layer, x, routing)
         np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
     # Both servers did work, and each token-slot was computed exactly once.
@@ -135,13 +135,13 @@ def test_model_forward_with_remote_experts_equals_embedded(model, deployment):
 
     logits, statuses = forward(model, jnp.asarray(table), live)
     assert statuses.shape == (TINY_CONFIG.num_moe_layers, len(SERVERS))
-    assert (np.asarray(statuses) == shm.STATUS_OK).all()
+    assert (np.asarray(statuses) == wire.STATUS_OK).all()
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model(tokens)), rtol=1e-4, atol=1e-5)
 
     # A dead server's experts are not dispatched (routing around it is the
     # failover's job): its status says nothing was sent, and the result differs.
     logits_dead, statuses_dead = forward(model, jnp.asarray(table), live.at[SERVERS[1]].set(False))
-    assert (np.asarray(statuses_dead)[:, 1] == shm.STATUS_NOTHING_SENT).all()
+    assert (np.asarray(statuses_dead)[:, 1] == wire.STATUS_NOTHING_SENT).all()
     assert not np.allclose(np.asarray(logits_dead), np.asarray(logits), atol=1e-3)
 
 

@@ -10,7 +10,7 @@ from eaas_jax.attention_client.remote_backend import RemoteExpertBackend
 from eaas_jax.engine.expert_parallel import ExpertParallelExperts
 from eaas_jax.engine.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
 from eaas_jax.engine.runner import EmbeddedExperts
-from eaas_jax.transport import custom_calls
+from eaas_jax.transport import wire
 
 PROTOCOL_METHODS = sorted(name for name, member in vars(ExpertsBackend).items()
                           if inspect.isfunction(member) and not name.startswith("_"))
@@ -38,7 +38,7 @@ def test_backends_without_an_exchange_report_nothing():
 
 
 def test_a_report_counts_each_servers_statuses_and_unserved_slots():
-    ok, timeout, bad = custom_calls.STATUS_OK, custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY
+    ok, timeout, bad = wire.STATUS_OK, wire.STATUS_TIMEOUT, wire.STATUS_BAD_REPLY
     report = ExchangeReport(statuses=np.array([[ok, timeout, bad], [ok, timeout, ok]]), labels=[(0, 0), (0, 0)],
                             unserved=np.array([2, 3]), unserved_rows=np.array([True, False]),
                             expert_tokens=np.zeros((1, 2)), server_slots=np.array([1, 2, 3]),

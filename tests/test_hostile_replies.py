@@ -14,7 +14,7 @@ import numpy as np
 
 from eaas_jax.engine import Engine
 from eaas_jax.control_plane.cluster import LocalCluster
-from eaas_jax.transport import shm
+from eaas_jax.transport import shm, wire
 
 from test_disaggregated import ENGINE_ARGS, token_ids
 from test_failover import PARAMS, REQUESTS, run_requests
@@ -27,9 +27,9 @@ TWO_SERVERS = ('name = "hostile"\ntimeout_ms = 5000\ncapacity = 64\n'
 def malformed_headers(deployment_id: int, sender: int, channel: int, num_tokens: int):
     """Reply headers that fail one check each (the first a bad checksum);
     `seq` is filled in at each write."""
-    valid = dict(deployment_id=deployment_id, kind=shm.KIND_REPLY, sender=sender, layer=0, micro_batch=channel,
+    valid = dict(deployment_id=deployment_id, kind=wire.KIND_REPLY, sender=sender, layer=0, micro_batch=channel,
                  num_tokens=num_tokens, ticket=1)
-    return [dict(valid, checksum=12345), dict(valid, kind=shm.KIND_REQUEST), dict(valid, sender=sender + 1),
+    return [dict(valid, checksum=12345), dict(valid, kind=wire.KIND_REQUEST), dict(valid, sender=sender + 1),
             dict(valid, micro_batch=channel + 1), dict(valid, num_tokens=0), dict(valid, num_tokens=10**6),
             dict(valid, layer=99), dict(valid, hidden_dtype=77), dict(valid, deployment_id=deployment_id ^ 1)]
 
@@ -86,14 +86,14 @@ class ReplyForger:
             wait_stopped(process.pid)
             client = self.client.endpoint
             for channel in range(self.client.geometry.num_channels):
-                awaited = shm.unpack_header(self.inboxes[server][self._header(client, channel)])["ticket"]
+                awaited = wire.unpack_header(self.inboxes[server][self._header(client, channel)])["ticket"]
                 reply_at = self._header(server, channel)
-                reply = shm.unpack_header(self.inboxes[client][reply_at])
-                if reply["checksum_ok"] and reply["kind"] == shm.KIND_REPLY and reply["ticket"] == awaited:
+                reply = wire.unpack_header(self.inboxes[client][reply_at])
+                if reply["checksum_ok"] and reply["kind"] == wire.KIND_REPLY and reply["ticket"] == awaited:
                     continue  # the real reply, maybe not read yet
                 headers = malformed_headers(self.client.geometry.deployment_id, server, channel, 4)
                 self.seq += 2
-                self.inboxes[client][reply_at] = shm.pack_header(seq=self.seq, **headers[self.written % len(headers)])
+                self.inboxes[client][reply_at] = wire.pack_header(seq=self.seq, **headers[self.written % len(headers)])
                 self.written += 1
             time.sleep(0.005)  # a waiting combine looks at its slot at least every 200 us
         finally:

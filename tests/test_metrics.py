@@ -10,7 +10,7 @@ import numpy as np
 from eaas_jax.engine import SamplingParams
 from eaas_jax.engine.metrics import RECENT_STEPS, ServingMetrics
 from eaas_jax.engine.experts_backend import ExchangeReport
-from eaas_jax.transport import custom_calls
+from eaas_jax.transport import wire
 
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?\d+(?:\.\d+)?)$')
 
@@ -30,7 +30,7 @@ def parse(text: str) -> dict[tuple[str, str], float]:
 
 def test_render_counts_each_servers_failures_and_escapes_labels():
     metrics = ServingMetrics(1, 2, ['a"b', "c\\d"])
-    ok, timeout, bad = custom_calls.STATUS_OK, custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY
+    ok, timeout, bad = wire.STATUS_OK, wire.STATUS_TIMEOUT, wire.STATUS_BAD_REPLY
     report = ExchangeReport(statuses=np.array([[ok, timeout], [bad, timeout]]), labels=[(0, 0), (0, 0)],
                           unserved=np.array([3]), unserved_rows=np.array([True, False]), expert_tokens=np.array([[5, 7]]), server_slots=np.array([9, 4]),
                           server_wait_us=np.array([1_500, 250_000]))

@@ -28,10 +28,10 @@ from eaas_jax.transport.private_files import (
     read_private_file,
     write_private_file,
 )
-from eaas_jax.transport.shm import ShmGeometry
+from eaas_jax.transport.wire import Geometry
 
 MAX_BYTES = 4096
-GEOMETRY = ShmGeometry(max_endpoints=4, num_channels=2, capacity=16, hidden_size=64, top_k=2, num_layers=2,
+GEOMETRY = Geometry(max_endpoints=4, num_channels=2, capacity=16, hidden_size=64, top_k=2, num_layers=2,
                        num_experts=8, deployment_id=7)
 _names = itertools.count()
 

@@ -33,7 +33,7 @@ from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 from eaas_jax.control_plane.registry import (ENV_CA_FILE, ENV_CERT_FILE, ENV_KEY_FILE, ENV_PASSWORD,
                                        ENV_PASSWORD_FILE, ENV_USER, EtcdRegistry, Heartbeat, RegistryError,
                                        clients_prefix, servers_prefix, spares_prefix)
-from eaas_jax.transport.shm import default_deployment_id
+from eaas_jax.transport.wire import default_deployment_id
 
 from conftest import REPO, SHIPPED
 

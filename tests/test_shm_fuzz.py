@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eaas_jax.transport import native, shm
+from eaas_jax.transport import native, shm, wire
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shm_harness import (  # noqa: E402, F401 (the fixtures are used by name)
@@ -48,11 +48,11 @@ _HEADER_DTYPE = np.dtype([
     ("sender", "<u4"), ("layer", "<u4"), ("micro_batch", "<u4"), ("num_tokens", "<u4"),
     ("reserved", "<u4", (4,)), ("checksum", "<u4"),
 ])
-assert _HEADER_DTYPE.itemsize == shm.HEADER.size
+assert _HEADER_DTYPE.itemsize == wire.HEADER.size
 
 
 def _pack_headers(fields: dict) -> np.ndarray:
-    """The headers of M messages, uint8 [M, 64] (shm.pack_header for arrays):
+    """The headers of M messages, uint8 [M, 64] (wire.pack_header for arrays):
     `fields` holds M values per header field, and `checksum_xor`, what each
     checksum is XORed with (0 keeps it right)."""
     records = np.zeros(len(fields["seq"]), _HEADER_DTYPE)
@@ -88,7 +88,7 @@ class _Corruption:
     stage: int = 0
 
 
-def _header_corruptions(geo: shm.ShmGeometry, kind: int, dtype_code: int) -> list[_Corruption]:
+def _header_corruptions(geo: wire.Geometry, kind: int, dtype_code: int) -> list[_Corruption]:
     """Every header check of wire_format.h failed, for messages of `kind` in
     `dtype_code`: wrong checksum, deployment, kind, sender, channel, dtype;
     num_tokens 0, over capacity or huge; layer out of range."""
@@ -181,7 +181,7 @@ def _experts_where(rng, mask: np.ndarray, layers: np.ndarray, shape: tuple) -> n
     return scores.argmax(axis=-1).astype(np.int32)
 
 
-def _requests(rng, geo: shm.ShmGeometry, hosted: np.ndarray, seqs: np.ndarray) -> dict:
+def _requests(rng, geo: wire.Geometry, hosted: np.ndarray, seqs: np.ndarray) -> dict:
     """Valid requests from every slot's owner, one per slot of an inbox of
     `geo`, as fields (header and payload). Every hidden row starts with its
     message index x capacity + row (uint32), so that polled rows name their
@@ -197,11 +197,11 @@ def _requests(rng, geo: shm.ShmGeometry, hosted: np.ndarray, seqs: np.ndarray) -
     expert_ids = _experts_where(rng, hosted, layers, (cap, k))
     expert_ids[rng.random(expert_ids.shape) < 0.25] = -1
     garbage_ids = rng.integers(I32_MIN, I32_MAX, expert_ids.shape, dtype=np.int32, endpoint=True)
-    dtype_code = shm.DISPATCH_DTYPES[geo.dispatch_dtype]
+    dtype_code = wire.DISPATCH_DTYPES[geo.dispatch_dtype]
     return dict(
         seq=seqs, deployment_id=np.full(m, geo.deployment_id, np.uint64),
         ticket=rng.integers(0, 2**64, m, np.uint64),
-        kind=np.full(m, shm.KIND_REQUEST, np.uint64), hidden_dtype=np.full(m, dtype_code, np.uint64),
+        kind=np.full(m, wire.KIND_REQUEST, np.uint64), hidden_dtype=np.full(m, dtype_code, np.uint64),
         sender=(slots // geo.num_channels).astype(np.uint64), layer=layers.astype(np.uint64),
         micro_batch=(slots % geo.num_channels).astype(np.uint64), num_tokens=num_tokens.astype(np.uint64),
         checksum_xor=np.zeros(m, np.uint64), hidden=hidden,
@@ -212,7 +212,7 @@ def _requests(rng, geo: shm.ShmGeometry, hosted: np.ndarray, seqs: np.ndarray) -
     )
 
 
-def _expert_corruption(geo: shm.ShmGeometry, hosted: np.ndarray) -> _Corruption:
+def _expert_corruption(geo: wire.Geometry, hosted: np.ndarray) -> _Corruption:
     """One expert id of a used row that is neither -1 nor hosted for the
     message's layer: not hosted here, >= num_experts, negative, INT32 extremes."""
     cap, k, num_experts = geo.capacity, geo.top_k, geo.num_experts
@@ -266,7 +266,7 @@ def _check_polled(r, fields: dict, accepted: np.ndarray, hosted: np.ndarray, cap
 
 
 @pytest.mark.fuzz
-@pytest.mark.parametrize("dtype", sorted(shm.DISPATCH_DTYPES))
+@pytest.mark.parametrize("dtype", sorted(wire.DISPATCH_DTYPES))
 def test_fuzzed_requests_never_yield_invalid_rows(open_ep, dtype):
     """Hostile requests in every slot of a 64 x 8 inbox, polled at once (jitted
     poll and reply): every header check failed alone or with others, expert
@@ -276,9 +276,9 @@ def test_fuzzed_requests_never_yield_invalid_rows(open_ep, dtype):
     replies to each message it took (or counts its sender unavailable)."""
     server = open_ep(0, **POLL_FUZZ_GEO, dispatch_dtype=dtype)
     geo, raw = server.geometry, RawPeer(server)
-    rng = np.random.default_rng(shm.DISPATCH_DTYPES[dtype])
+    rng = np.random.default_rng(wire.DISPATCH_DTYPES[dtype])
     hosted = _hosted_at_random(rng, geo.num_layers, geo.num_experts)
-    corruptions = _header_corruptions(geo, shm.KIND_REQUEST, shm.DISPATCH_DTYPES[dtype])
+    corruptions = _header_corruptions(geo, wire.KIND_REQUEST, wire.DISPATCH_DTYPES[dtype])
     corruptions.append(_expert_corruption(geo, hosted))
     slots = np.arange(len(raw.slots))
     rows = len(slots) * geo.capacity  # every slot's message fits: nothing is deferred
@@ -392,7 +392,7 @@ class _ReplyFuzzer:
         self.previous_tickets = self.tickets
         cap, layer = self.geo.capacity, self.LAYER
         others = [v for v in range(self.geo.num_layers) if v != layer]
-        self.corruptions = _header_corruptions(self.geo, shm.KIND_REPLY, shm.HIDDEN_F32) + [
+        self.corruptions = _header_corruptions(self.geo, wire.KIND_REPLY, wire.HIDDEN_F32) + [
             _Corruption("stale_replies", "ticket", lambda rng, f, m: _pick(
                 rng, m, f["ticket"] ^ rng.integers(1, 2**64, m, dtype=np.uint64), self.previous_tickets), stage=1),
             _Corruption("drop_layer", "layer", lambda rng, f, m: _pick(rng, m, *others), stage=2),
@@ -440,7 +440,7 @@ class _ReplyFuzzer:
         seqs = (self.next_seq + 2 * np.arange(m)).astype(np.uint64)
         self.next_seq += 2 * m
         return dict(seq=seqs, deployment_id=np.full(m, self.geo.deployment_id, np.uint64), ticket=self.tickets,
-                    kind=np.full(m, shm.KIND_REPLY, np.uint64), hidden_dtype=np.full(m, shm.HIDDEN_F32, np.uint64),
+                    kind=np.full(m, wire.KIND_REPLY, np.uint64), hidden_dtype=np.full(m, wire.HIDDEN_F32, np.uint64),
                     sender=self.server_ids.astype(np.uint64), layer=np.full(m, self.LAYER, np.uint64),
                     micro_batch=np.full(m, micro_batch, np.uint64), num_tokens=sent.astype(np.uint64),
                     checksum_xor=np.zeros(m, np.uint64), hidden=rows)
@@ -470,7 +470,7 @@ class _ReplyFuzzer:
 
 # combine's status for a reply that first fails a check of stage 0 (header),
 # 1 (stale ticket) or 2 (not what was awaited), or none (-1).
-_STATUS_OF_FIRST_STAGE = {-1: shm.STATUS_OK, 0: shm.STATUS_BAD_REPLY, 1: shm.STATUS_TIMEOUT, 2: shm.STATUS_BAD_REPLY}
+_STATUS_OF_FIRST_STAGE = {-1: wire.STATUS_OK, 0: wire.STATUS_BAD_REPLY, 1: wire.STATUS_TIMEOUT, 2: wire.STATUS_BAD_REPLY}
 
 
 def _fuzz_combine_at_its_deadline(fuzzer: _ReplyFuzzer, micro_batch: int) -> int:
@@ -488,7 +488,7 @@ def _fuzz_combine_at_its_deadline(fuzzer: _ReplyFuzzer, micro_batch: int) -> int
     first = np.where(not_new, 1, _first_stage(hit, fuzzer.corruptions))  # unread: TIMEOUT, as if stale
     expected = np.vectorize(_STATUS_OF_FIRST_STAGE.get)(first)
     np.testing.assert_array_equal(status, expected)
-    answered = expected == shm.STATUS_OK
+    answered = expected == wire.STATUS_OK
     np.testing.assert_array_equal(out, fuzzer.expected_output(targets, rows, sent, answered))
     _check_counted(delta, hit, fuzzer.corruptions, counted=~not_new & hit.any(axis=1))
     assert delta["replies_accepted"] == answered.sum() and delta["timeouts"] == (~answered).sum()
@@ -526,7 +526,7 @@ def _fuzz_combine_while_it_waits(fuzzer: _ReplyFuzzer, micro_batch: int, batches
     finally:
         waiter.join(timeout=60)
     out, status, _ = result["combined"]
-    np.testing.assert_array_equal(status, shm.STATUS_OK)
+    np.testing.assert_array_equal(status, wire.STATUS_OK)
     np.testing.assert_array_equal(out, fuzzer.expected_output(targets, rows, sent, np.ones(len(sent), bool)))
     return written
 
@@ -598,7 +598,7 @@ def test_fuzzed_c_api_arguments_are_refused_cleanly(deployment):
     overflow or out-of-bounds access; unfixed, `max_endpoints *
     num_channels` overflowed in a refusal's message.)"""
     lib = shm._lib()
-    num_counters = len(shm.COUNTER_NAMES)
+    num_counters = len(native.counter_names())
     rng = np.random.default_rng(11)
     opened = 0
     for args in _open_arguments(rng, deployment.encode(), FUZZ_MESSAGES):

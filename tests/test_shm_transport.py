@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eaas_jax.transport import hidden_codec, native, shm
+from eaas_jax.transport import hidden_codec, native, shm, wire
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _transport_worker import expert_compute, reference  # noqa: E402
@@ -63,8 +63,8 @@ def test_round_trip_jit_two_servers_two_channels(open_ep):
         h0, e0, g0 = random_tokens(CAP, seed=10 * it)
         h1, e1, g1 = random_tokens(7, seed=10 * it + 1)
         out0, out1, st0, st1, sent0, sent1, rows = step(h0, e0, g0, h1, e1, g1)
-        np.testing.assert_array_equal(st0, [shm.STATUS_OK] * 2)
-        np.testing.assert_array_equal(st1, [shm.STATUS_OK] * 2)
+        np.testing.assert_array_equal(st0, [wire.STATUS_OK] * 2)
+        np.testing.assert_array_equal(st1, [wire.STATUS_OK] * 2)
         for s_idx, s in enumerate((1, 2)):
             n0 = int((SERVER_OF[e0] == s).any(axis=1).sum())
             n1 = int((SERVER_OF[e1] == s).any(axis=1).sum())
@@ -92,7 +92,7 @@ def test_eager_partial_routing_and_unrouted(open_ep):
     serve_once(server, after=sent)
     out, status, _ = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
                               timeout_us=LONG_US)
-    np.testing.assert_array_equal(status, [shm.STATUS_NOTHING_SENT, shm.STATUS_OK])
+    np.testing.assert_array_equal(status, [wire.STATUS_NOTHING_SENT, wire.STATUS_OK])
     expected = reference(WEIGHTS, 1, hidden, expert_ids, gates, served=targets == 1)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert client.stats()["unrouted_targets"] == 1
@@ -119,7 +119,7 @@ def test_poll_defers_what_does_not_fit(open_ep):
         h, e, g, t, sent = batches[client.endpoint]
         out, status, _ = shm.combine(client, sent, t, servers, layer=0, micro_batch=1,
                                   timeout_us=LONG_US)
-        assert int(status[0]) == shm.STATUS_OK
+        assert int(status[0]) == wire.STATUS_OK
         np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
     # Nothing more to collect: an empty poll returns after its timeout.
     t0 = time.monotonic()
@@ -166,7 +166,7 @@ def test_threads_share_the_registry(open_ep):
             for it in range(8):
                 h, e, g = random_tokens(CAP - it, seed=seed + it)
                 out, status, _ = step(h, e, g)
-                assert int(status[0]) == shm.STATUS_OK
+                assert int(status[0]) == wire.STATUS_OK
                 np.testing.assert_allclose(out, reference(WEIGHTS, 1, h, e, g), rtol=1e-5,
                                            atol=1e-5)
         except BaseException as e:  # noqa: BLE001 - reported below
@@ -238,7 +238,7 @@ def test_multiprocess_server(open_ep, deployment):
             h0, e0, g0 = random_tokens(CAP, seed=100 + it)
             h1, e1, g1 = random_tokens(5, seed=200 + it)
             out0, out1, st0, st1 = step(h0, e0, g0, h1, e1, g1)
-            if int(st0[0]) != shm.STATUS_OK or int(st1[0]) != shm.STATUS_OK:
+            if int(st0[0]) != wire.STATUS_OK or int(st1[0]) != wire.STATUS_OK:
                 proc.kill()
                 _, stderr = proc.communicate()
                 pytest.fail(f"round {it}: status {st0} {st1}, client {client.stats()}, "
@@ -271,7 +271,7 @@ def _open_in_child(deployment: str, endpoint: int) -> subprocess.Popen:
         "lib.eaas_shm_open.argtypes = [ctypes.c_char_p, ctypes.c_uint64] + [i64] * 9 + "
         "[ctypes.c_char_p, i64]\n"
         "err = ctypes.create_string_buffer(256)\n"
-        f"rc = lib.eaas_shm_open(b'{deployment}', {shm.default_deployment_id(deployment)}, {endpoint}, "
+        f"rc = lib.eaas_shm_open(b'{deployment}', {wire.default_deployment_id(deployment)}, {endpoint}, "
         f"4, 2, {CAP}, {D}, {K}, {L}, {E}, 1, err, 256)\n"
         "assert rc == 0, err.value\n"
         "print('open', flush=True)\n"
@@ -300,7 +300,7 @@ def _exchange(client, server) -> np.ndarray:
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     serve_once(server, after=sent)
     out, status, _ = shm.combine(client, sent, t, servers, layer=0, micro_batch=0, timeout_us=2_000_000)
-    if int(status[0]) == shm.STATUS_OK:
+    if int(status[0]) == wire.STATUS_OK:
         np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
     return np.asarray(status)
 
@@ -337,7 +337,7 @@ def test_restarted_client_gets_replies_at_its_new_inbox(open_ep, deployment):
         assert closed == 1, "the reclaimed segment was not marked closed"
     finally:
         old_inbox.close()
-    assert _exchange(client, server).tolist() == [shm.STATUS_OK]
+    assert _exchange(client, server).tolist() == [wire.STATUS_OK]
 
 
 def test_a_peer_follows_its_name_to_a_new_file(open_ep, deployment):
@@ -350,7 +350,7 @@ def test_a_peer_follows_its_name_to_a_new_file(open_ep, deployment):
     os.unlink(shm.segment_path(deployment, 0))  # cleaned up by a tool, not reclaimed
     time.sleep(0.15)  # past the sender's recheck interval (100 ms)
     client = open_ep(0)
-    assert _exchange(client, server).tolist() == [shm.STATUS_OK]
+    assert _exchange(client, server).tolist() == [wire.STATUS_OK]
 
 
 def test_a_reused_pid_does_not_keep_a_stale_segment(deployment):
@@ -440,8 +440,8 @@ def test_fault_injection(open_ep):
         assert poll_rows() == 2
         assert server.stats()["peer_unavailable"] == 1
 
-        bad_header = bytearray(shm.pack_header(
-            seq=raw.seq + 2, deployment_id=server.geometry.deployment_id, kind=shm.KIND_REQUEST,
+        bad_header = bytearray(wire.pack_header(
+            seq=raw.seq + 2, deployment_id=server.geometry.deployment_id, kind=wire.KIND_REQUEST,
             sender=3, layer=0, micro_batch=0, num_tokens=2))
         bad_header[33] ^= 0x40  # corrupt the layer, keep the old checksum
         garbage = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
@@ -455,7 +455,7 @@ def test_fault_injection(open_ep):
             ("drop_deployment", dict(deployment_id=server.geometry.deployment_id ^ 1)),
             ("drop_checksum", dict(header=bytes(bad_header))),
             ("drop_checksum", dict(header=(raw.seq + 10).to_bytes(8, "little") + garbage[8:])),
-            ("drop_kind", dict(kind=shm.KIND_REPLY)),
+            ("drop_kind", dict(kind=wire.KIND_REPLY)),
             ("drop_kind", dict(kind=77)),
             ("drop_layer", dict(layer=L)),
             ("drop_layer", dict(layer=2**31)),
@@ -479,8 +479,8 @@ def test_fault_injection(open_ep):
 
         # Header written after the checksum was computed (seq advanced alone):
         # checksum covers seq, so a replayed header with a new seq is refused.
-        hdr = bytearray(shm.pack_header(seq=raw.seq + 2, deployment_id=server.geometry.deployment_id,
-                                        kind=shm.KIND_REQUEST, sender=3, layer=0, micro_batch=0,
+        hdr = bytearray(wire.pack_header(seq=raw.seq + 2, deployment_id=server.geometry.deployment_id,
+                                        kind=wire.KIND_REQUEST, sender=3, layer=0, micro_batch=0,
                                         num_tokens=2))
         hdr[0:8] = (raw.seq + 4).to_bytes(8, "little")
         raw.seq += 4
@@ -490,8 +490,8 @@ def test_fault_injection(open_ep):
         # An odd seq (being written) is ignored, not counted, until published.
         before = server.stats()
         raw.seq += 1
-        raw.write(3, 1, header=shm.pack_header(
-            seq=raw.seq, deployment_id=server.geometry.deployment_id, kind=shm.KIND_REQUEST,
+        raw.write(3, 1, header=wire.pack_header(
+            seq=raw.seq, deployment_id=server.geometry.deployment_id, kind=wire.KIND_REQUEST,
             sender=3, layer=0, micro_batch=1, num_tokens=2))
         assert poll_rows() == 0
         assert server.stats() == before
@@ -516,12 +516,12 @@ def test_fault_injection(open_ep):
         hdr = raw.read_header(0, 0)
         assert hdr["checksum_ok"] and hdr["seq"] % 2 == 0 and hdr["ticket"] == hdr["seq"]
         assert (hdr["kind"], hdr["sender"], hdr["layer"], hdr["micro_batch"],
-                hdr["num_tokens"], hdr["hidden_dtype"]) == (shm.KIND_REQUEST, 0, 1, 0, CAP, 1)
+                hdr["num_tokens"], hdr["hidden_dtype"]) == (wire.KIND_REQUEST, 0, 1, 0, CAP, 1)
         r, _ = serve_once(server, after=sent)
         assert int(r.num_rows) == CAP
         out, status, _ = shm.combine(client, sent, t, servers, layer=1, micro_batch=0,
                                   timeout_us=LONG_US)
-        assert int(status[0]) == shm.STATUS_OK
+        assert int(status[0]) == wire.STATUS_OK
         np.testing.assert_allclose(out, reference(WEIGHTS, 1, h, e, g), rtol=1e-5, atol=1e-5)
     finally:
         raw.close()
@@ -543,20 +543,20 @@ def test_bad_replies_are_refused(open_ep):
         sent = jax.block_until_ready(
             shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0))
         ticket = server_raw.read_header(0, 0)["ticket"]
-        raw.write(1, 0, hidden=np.ones((3, D), np.float32), header=shm.pack_header(
-            seq=10, deployment_id=did, kind=shm.KIND_REPLY, sender=1, layer=0, micro_batch=0,
+        raw.write(1, 0, hidden=np.ones((3, D), np.float32), header=wire.pack_header(
+            seq=10, deployment_id=did, kind=wire.KIND_REPLY, sender=1, layer=0, micro_batch=0,
             num_tokens=3, ticket=ticket))
         out, status, _ = combine(sent)  # only the bad one comes: waits out the deadline
-        assert int(status[0]) == shm.STATUS_BAD_REPLY
+        assert int(status[0]) == wire.STATUS_BAD_REPLY
         np.testing.assert_array_equal(out, 0)
         assert client.stats()["drop_reply_size"] == 1
         # 2. A reply for an older ticket: skipped, then the real one is used.
         sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
-        raw.write(1, 0, hidden=np.full((4, D), 9, np.float32), header=shm.pack_header(
-            seq=12, deployment_id=did, kind=shm.KIND_REPLY, sender=1, layer=0, micro_batch=0,
+        raw.write(1, 0, hidden=np.full((4, D), 9, np.float32), header=wire.pack_header(
+            seq=12, deployment_id=did, kind=wire.KIND_REPLY, sender=1, layer=0, micro_batch=0,
             num_tokens=4, ticket=ticket))
         out, status, _ = combine(sent)  # only the stale one is there: timeout
-        assert int(status[0]) == shm.STATUS_TIMEOUT
+        assert int(status[0]) == wire.STATUS_TIMEOUT
         assert client.stats()["stale_replies"] == 1
         np.testing.assert_array_equal(out, 0)
     finally:
@@ -591,8 +591,8 @@ def test_a_malformed_reply_costs_only_itself(open_ep):
             ("drop_checksum", dict(num_tokens=4, ticket=ticket, checksum=12345)),
         ]
         for seq, (counter, fields) in enumerate(malformed, start=1):
-            raw.write(1, 0, hidden=np.full((4, D), 7, np.float32), header=shm.pack_header(
-                seq=2 * seq, deployment_id=did, kind=shm.KIND_REPLY, sender=1, micro_batch=0,
+            raw.write(1, 0, hidden=np.full((4, D), 7, np.float32), header=wire.pack_header(
+                seq=2 * seq, deployment_id=did, kind=wire.KIND_REPLY, sender=1, micro_batch=0,
                 **dict(dict(layer=0), **fields)))
             deadline = time.monotonic() + 30
             while client.stats()[counter] < 1:  # the waiting combine has read (and dropped) it
@@ -601,7 +601,7 @@ def test_a_malformed_reply_costs_only_itself(open_ep):
         serve_once(server)
         waiter.join(timeout=30)
         out, status, _ = result["combined"]
-        assert int(status[0]) == shm.STATUS_OK
+        assert int(status[0]) == wire.STATUS_OK
         np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
         assert client.stats()["replies_accepted"] == 1
     finally:
@@ -638,7 +638,7 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
     print(f"combine with one silent server returned after {elapsed * 1e3:.1f} ms "
           f"(deadline {timeout_s * 1e3:.0f} ms)")
     assert timeout_s <= elapsed < timeout_s + 0.15
-    np.testing.assert_array_equal(status, [shm.STATUS_TIMEOUT, shm.STATUS_OK])
+    np.testing.assert_array_equal(status, [wire.STATUS_TIMEOUT, wire.STATUS_OK])
     # The wait on each server: the whole deadline on the silent one, next to nothing on
     # the one whose reply was already there.
     assert timeout_s * 1e6 <= waited_us[0] <= elapsed * 1e6 and 0 <= waited_us[1] < 20_000
@@ -657,14 +657,14 @@ def test_combine_timeout_is_bounded_and_stale_reply_skipped(open_ep):
     t0 = time.monotonic()
     out, status, _ = jax.block_until_ready(combine_jit(sent, np.int32(50_000)))
     assert time.monotonic() - t0 < timeout_s  # the new, shorter deadline held
-    np.testing.assert_array_equal(status, [shm.STATUS_TIMEOUT, shm.STATUS_OK])
+    np.testing.assert_array_equal(status, [wire.STATUS_TIMEOUT, wire.STATUS_OK])
     assert client.stats()["stale_replies"] == 1
     # Next time server 1 keeps up: everything is back.
     sent = shm.dispatch(client, h, e, g, t, servers, layer=0, micro_batch=0)
     serve_once(s1, after=sent)
     serve_once(s2, after=sent)
     out, status, _ = combine_jit(sent, np.int32(LONG_US))
-    np.testing.assert_array_equal(status, [shm.STATUS_OK, shm.STATUS_OK])
+    np.testing.assert_array_equal(status, [wire.STATUS_OK, wire.STATUS_OK])
     np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
     assert XLA_COMPILATIONS["jit(combine)"] - compiled_before == 1
 
@@ -714,7 +714,7 @@ def test_peer_geometry_mismatch_is_refused(open_ep):
     np.testing.assert_array_equal(sent, [-1, -1, -1])
     out, status, waited_us = shm.combine(client, sent, t, servers, layer=0, micro_batch=0,
                                          timeout_us=LONG_US)
-    np.testing.assert_array_equal(status, [shm.STATUS_UNAVAILABLE] * 3)
+    np.testing.assert_array_equal(status, [wire.STATUS_UNAVAILABLE] * 3)
     np.testing.assert_array_equal(waited_us, [0, 0, 0])
     stats = client.stats()
     assert stats["peer_refused"] == 2 and stats["peer_unavailable"] == 1
@@ -807,7 +807,7 @@ def test_narrow_dispatch_dtypes_arrive_bit_exact_with_their_scales(open_ep, dtyp
     token = shm.reply(server, y, r.num_rows)
     out, status, _ = shm.combine(client, sent, targets, servers, layer=1, micro_batch=0,
                               timeout_us=LONG_US, after=token)
-    assert np.asarray(status).tolist() == [shm.STATUS_OK]
+    assert np.asarray(status).tolist() == [wire.STATUS_OK]
     reference = expert_compute(WEIGHTS, decoded, ids, gates, np.ones(CAP, np.int32))
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-5, atol=1e-6)
 
@@ -826,9 +826,9 @@ def test_a_request_in_another_dtype_than_the_deployments_is_dropped(open_ep):
     hostile or misconfigured sender, bypassing the geometry check)."""
     server = open_ep(1, dispatch_dtype="bfloat16")
     hidden, ids, gates = random_tokens(2, seed=22, experts=range(4))
-    header = shm.pack_header(seq=2, deployment_id=server.geometry.deployment_id, ticket=2,
-                             kind=shm.KIND_REQUEST, sender=0, layer=0, micro_batch=0, num_tokens=2,
-                             hidden_dtype=shm.HIDDEN_F32)
+    header = wire.pack_header(seq=2, deployment_id=server.geometry.deployment_id, ticket=2,
+                             kind=wire.KIND_REQUEST, sender=0, layer=0, micro_batch=0, num_tokens=2,
+                             hidden_dtype=wire.HIDDEN_F32)
     with open(server.segment_path, "r+b") as f:
         f.seek(server.layout.segment_header_bytes)  # slot (sender 0, channel 0)
         f.write(header)

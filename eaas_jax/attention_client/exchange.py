@@ -32,10 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from eaas_jax.model.moe import Routing
-from eaas_jax.transport import custom_calls, hidden_codec
-
-# combine statuses that mean a server did not deliver what it owed
-FAILED_STATUSES = (custom_calls.STATUS_TIMEOUT, custom_calls.STATUS_BAD_REPLY, custom_calls.STATUS_UNAVAILABLE)
+from eaas_jax.transport import custom_calls, hidden_codec, wire
 
 
 class _Chunk(NamedTuple):
@@ -157,7 +154,7 @@ class RemoteExperts:
         self.server_wait_us = self.server_wait_us + waited_us
         self.statuses.append(status)
         self.status_labels.append((moe_layer, micro_batch))
-        self._failed = self._failed | (status[:, None] == jnp.asarray(FAILED_STATUSES)).any(axis=1)
+        self._failed = self._failed | (status[:, None] == jnp.asarray(wire.FAILED_STATUSES)).any(axis=1)
         self.live = self.live.at[self._endpoint_index].set(
             self.live[jnp.maximum(self.servers, 0)] & ~self._failed, mode="drop")
         return out

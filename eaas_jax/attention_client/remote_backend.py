@@ -17,7 +17,7 @@ import numpy as np
 from eaas_jax.attention_client.deadlines import AdaptiveDeadline
 from eaas_jax.engine.experts_backend import ExchangeOutputs
 from eaas_jax.attention_client.exchange import RemoteExperts
-from eaas_jax.transport import custom_calls
+from eaas_jax.transport import wire
 
 
 class RemoteArrays(NamedTuple):
@@ -158,11 +158,7 @@ class ExpertServerError(RuntimeError):
         self.outputs = outputs
 
 
-_FAILURES = {
-    custom_calls.STATUS_TIMEOUT: "did not reply within the {timeout_ms:g} ms deadline",
-    custom_calls.STATUS_BAD_REPLY: "sent no valid reply within the {timeout_ms:g} ms deadline, only invalid ones",
-    custom_calls.STATUS_UNAVAILABLE: "could not be reached (no mailbox to write to)",
-}
+_FAILURES = {code: status.text for code, status in wire.STATUSES.items() if status.failed}
 
 
 def failed_servers(statuses: np.ndarray, labels, describe_server, timeout_ms: float) -> dict[int, str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eaas_jax.transport import custom_calls, hidden_codec
+from eaas_jax.transport import custom_calls, hidden_codec, wire
 
 
 class AdmissionProbes:
@@ -63,7 +63,7 @@ class AdmissionProbes:
         """Whether `server` answered its outstanding probe by now; consumes it."""
         _, sent = self._outstanding.pop(server)
         server_index = jnp.asarray([server], jnp.int32)
-        return int(self._status(sent, server_index)) == custom_calls.STATUS_OK
+        return int(self._status(sent, server_index)) == wire.STATUS_OK
 
     def forget(self, server: int) -> None:
         """Drops the probe of `server` (it went away): its reply, if any, is stale."""

@@ -42,7 +42,7 @@ import jax
 
 from eaas_jax.checkpoint.directory import load_config
 from eaas_jax.model.config import ModelConfig
-from eaas_jax.control_plane.deployment import NAME, TRANSPORTS, Deployment, DeploymentError, ServerSpec
+from eaas_jax.control_plane.deployment import NAME, Deployment, DeploymentError, ServerSpec
 from eaas_jax.control_plane.registry import (
     EtcdRegistry,
     Heartbeat,
@@ -53,7 +53,8 @@ from eaas_jax.control_plane.registry import (
     spares_prefix,
     wait_for_servers,
 )
-from eaas_jax.transport.shm import default_deployment_id
+from eaas_jax.transport import backends
+from eaas_jax.transport.wire import default_deployment_id
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class LocalCluster:
         self._joined: dict[int, ServerSpec] = {}  # spare endpoint -> the server added there last
         self._closed = False
         atexit.register(self.close)
-        if self.deployment.transport == "cuda_ipc":
+        if self.deployment.backend.one_process_per_gpu:
             self._warn_of_replicas_on_one_gpu()
         try:
             started = [self.deployment.servers[i].name for i in self.deployment.started_servers]
@@ -204,7 +205,7 @@ class LocalCluster:
         if endpoint in self.deployment.spare_range:
             command += ["--endpoint", str(endpoint), "--layers", _index_text(spec.layers),
                         "--experts", _index_text(spec.experts)]
-        if self.deployment.transport == "cuda_ipc":
+        if self.deployment.backend.one_process_per_gpu:
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=self._gpu_of(endpoint))
             env.pop("JAX_PLATFORMS", None)
         else:
@@ -217,7 +218,7 @@ class LocalCluster:
                                     stdin=subprocess.PIPE, env=env)
 
     def _gpu_of(self, endpoint: int) -> str:
-        """The GPU of the server on `endpoint` (cuda_ipc: one per process):
+        """The GPU of the server on `endpoint` (one per process):
         its `device`, else the GPU after the client's (0), round robin over
         what this host has."""
         device = self._spec(endpoint).device
@@ -468,8 +469,8 @@ class RegistryCluster:
         problems = [self._endpoint_problem(name, entry.get("endpoint")),
                     self._shm_name_problem(entry.get("shm_name"), entry.get("deployment_id"))]
         transport = entry.get("transport")
-        if transport not in TRANSPORTS:
-            problems.append(f"transport {reprlib.repr(transport)} is not one of {list(TRANSPORTS)}")
+        if transport not in backends.names():
+            problems.append(f"transport {reprlib.repr(transport)} is not one of {list(backends.names())}")
         elif transport != self.deployment.transport:
             problems.append(f"transport {transport!r} is not the deployment's {self.deployment.transport!r}")
         pid = entry.get("pid")

@@ -3,8 +3,9 @@
 A deployment is a TOML file (see `configs/deploy/`):
 
     name = "tiny-moe"          # shm segment prefix / etcd key prefix
-    transport = "shm"          # "shm" (CPU processes) or "cuda_ipc" (GPUs of
-                               # one host, one process per GPU)
+    transport = "<backend>"    # one of eaas_jax.transport.backends.names()
+                               # (default: backends.DEFAULT); what each
+                               # needs is at the top of its module
     capacity = 256             # tokens per mailbox message
     timeout_ms = 10000         # deadline of one exchange (combine)
     min_timeout_ms = 50        # optional: deadlines adapt to the step times
@@ -25,8 +26,9 @@ A deployment is a TOML file (see `configs/deploy/`):
     name = "experts-even"
     layers = "all"             # MoE layer indices, or "all"
     experts = [0, 2, 4, 6]     # expert indices, ranges like "0-3", or "all"
-    device = 1                 # cuda_ipc only: the GPU (CUDA_VISIBLE_DEVICES
-                               # value) a locally started server runs on
+    device = 1                 # transports with one process per GPU only:
+                               # the GPU (CUDA_VISIBLE_DEVICES value) a
+                               # locally started server runs on
     standby = false            # true: a spare, not started with the deployment;
                                # clients admit it at a step boundary once it is
                                # up (LocalCluster.start_server, or registered)
@@ -50,9 +52,9 @@ import tomllib
 import numpy as np
 
 from eaas_jax.model.config import ModelConfig
-from eaas_jax.transport.shm import DISPATCH_DTYPES
+from eaas_jax.transport import backends
+from eaas_jax.transport.wire import DISPATCH_DTYPES
 
-TRANSPORTS = ("shm", "cuda_ipc")
 # What a deployment, server or shared-memory name may be (a shm name becomes
 # part of file names in /dev/shm, a server name of log lines).
 NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
@@ -70,7 +72,7 @@ class ServerSpec:
     name: str
     layers: tuple[int, ...] | None  # None = every MoE layer
     experts: tuple[int, ...] | None  # None = every expert
-    device: int | None = None  # cuda_ipc: GPU of a locally started server
+    device: int | None = None  # one process per GPU: GPU of a locally started server
     standby: bool = False  # a spare: not started with the deployment
 
     def hosted(self, config: ModelConfig) -> list[tuple[int, int]]:
@@ -83,7 +85,7 @@ class ServerSpec:
 class Deployment:
     name: str
     servers: tuple[ServerSpec, ...]
-    transport: str = "shm"
+    transport: str = backends.DEFAULT
     capacity: int = 256
     timeout_ms: int = 10_000
     min_timeout_ms: int | None = None
@@ -129,9 +131,11 @@ class Deployment:
             return name
 
         name = check_table(raw, _KEYS, "")
-        transport = raw.get("transport", "shm")
-        if transport not in TRANSPORTS:
-            fail(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+        transport = raw.get("transport", backends.DEFAULT)
+        try:
+            backend = backends.get(transport)
+        except backends.UnknownTransportError as e:
+            fail(str(e))
         ints = {}
         for key, default, lo in (("capacity", 256, 1), ("timeout_ms", 10_000, 1), ("max_clients", 2, 1),
                                  ("spare_endpoints", 0, 0)):
@@ -162,11 +166,8 @@ class Deployment:
                 fail(f"{where}: server name {sname!r} is used twice")
             seen.add(sname)
             device = s.get("device")
-            if device is not None:
-                if transport != "cuda_ipc":
-                    fail(f"{where}: device is for the cuda_ipc transport (this deployment uses {transport!r})")
-                if not isinstance(device, int) or isinstance(device, bool) or device < 0:
-                    fail(f"{where}: device must be a GPU index >= 0, got {device!r}")
+            if device is not None and (not isinstance(device, int) or isinstance(device, bool) or device < 0):
+                fail(f"{where}: device must be a GPU index >= 0, got {device!r}")
             standby = s.get("standby", False)
             if not isinstance(standby, bool):
                 fail(f"{where}: standby must be true or false, got {standby!r}")
@@ -177,8 +178,11 @@ class Deployment:
                 device,
                 standby,
             ))
-        return cls(name=name, servers=tuple(servers), transport=transport, min_timeout_ms=min_timeout_ms,
-                   double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
+        deployment = cls(name=name, servers=tuple(servers), transport=transport, min_timeout_ms=min_timeout_ms,
+                         double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
+        for problem in backend.deployment_problems(deployment):
+            fail(problem)
+        return deployment
 
     # ------------------------------------------------------------- checks
 
@@ -213,6 +217,10 @@ class Deployment:
                 )
 
     # ------------------------------------------------------------- derived
+
+    @property
+    def backend(self) -> backends.TransportBackend:
+        return backends.get(self.transport)
 
     @property
     def num_servers(self) -> int:
@@ -305,26 +313,14 @@ class Deployment:
             dispatch_dtype=self.dispatch_dtype,
         )
 
-
-    def open_endpoint(self, shm_name: str, endpoint: int, config: ModelConfig):
-        """Opens endpoint `endpoint` of this deployment with its transport
-        (cuda_ipc: on the process's first GPU)."""
-        if self.transport == "cuda_ipc":
-            from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
-
-            return CudaIpcEndpoint(shm_name, endpoint, **self.geometry(config))
-        from eaas_jax.transport.shm import ShmEndpoint
-
-        return ShmEndpoint(shm_name, endpoint, **self.geometry(config))
+    def open_endpoint(self, shm_name: str, endpoint: int, config: ModelConfig) -> backends.TransportEndpoint:
+        """Opens endpoint `endpoint` of this deployment with its transport."""
+        return self.backend.open_endpoint(shm_name, endpoint, self.geometry(config))
 
     def endpoint_paths(self, shm_name: str) -> list[str]:
         """Where this deployment's endpoints appear in the file system (for
         cleaning up after processes that were killed)."""
-        if self.transport == "cuda_ipc":
-            from eaas_jax.transport.cuda_ipc import directory_path as path
-        else:
-            from eaas_jax.transport.shm import segment_path as path
-        return [path(shm_name, e) for e in range(self.max_endpoints)]
+        return [path for e in range(self.max_endpoints) for path in self.backend.endpoint_paths(shm_name, e)]
 
 
 def _index_set(value, where: str) -> tuple[int, ...] | None:

@@ -71,7 +71,7 @@ def plan_placement(num_experts: int, servers: Sequence[str], *, replicas: int = 
 
 def deployment_toml(name: str, placement: dict[str, list[int]], **options) -> str:
     """A deployment file for `placement` (options: the file's top-level keys,
-    e.g. transport="shm", capacity=256, timeout_ms=10000)."""
+    e.g. capacity=256, timeout_ms=10000)."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"

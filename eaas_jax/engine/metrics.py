@@ -15,13 +15,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eaas_jax.transport import custom_calls
+from eaas_jax.transport import wire
 
 # A server's combine status -> the per-server counter it adds to.
 _STATUS_COUNTERS = {
-    custom_calls.STATUS_TIMEOUT: "deadline_misses",
-    custom_calls.STATUS_BAD_REPLY: "bad_replies",
-    custom_calls.STATUS_UNAVAILABLE: "unreachable",
+    wire.STATUS_TIMEOUT: "deadline_misses",
+    wire.STATUS_BAD_REPLY: "bad_replies",
+    wire.STATUS_UNAVAILABLE: "unreachable",
 }
 
 

@@ -47,7 +47,7 @@ from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 from eaas_jax.expert_server.parent_watch import ParentWatch
 from eaas_jax.control_plane.registry import EtcdRegistry, Heartbeat, servers_prefix, spares_prefix
 from eaas_jax.transport import custom_calls, hidden_codec
-from eaas_jax.transport.shm import default_deployment_id
+from eaas_jax.transport.wire import default_deployment_id
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, e
             parent.serving(server)
         if heartbeat is not None:
             heartbeat.registry.put(servers_prefix(deployment.name) + server_name, {
-                "endpoint": endpoint_index, "shm_name": shm_name, "transport": deployment.transport,
+                "endpoint": endpoint_index, "shm_name": shm_name, **deployment.backend.describe(endpoint),
                 "pid": os.getpid(), "host": socket.gethostname(), "hosted": hosted,
                 "deployment_id": default_deployment_id(shm_name),
             }, lease=heartbeat.lease)

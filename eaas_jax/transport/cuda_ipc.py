@@ -27,6 +27,8 @@ Control path (host, this module):
   not imported yet stays in its slot until it is) and re-imports a peer whose
   directory entry changed (it restarted) or forgets one whose entry vanished.
 
+:data:`BACKEND` is this module's entry in ``transport/backends.py``.
+
 One process per GPU: two processes on one GPU are time-sliced by the driver,
 and a kernel of one process spinning for the other's message makes every hop
 cost a time slice (milliseconds). A process may not import its own inbox, so
@@ -45,7 +47,7 @@ import time
 
 import jax
 
-from eaas_jax.transport import native
+from eaas_jax.transport import native, wire
 from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
 from eaas_jax.transport.private_files import (
     UntrustedFileError,
@@ -55,14 +57,9 @@ from eaas_jax.transport.private_files import (
     read_private_file,
     write_private_file,
 )
-from eaas_jax.transport.shm import (
-    DISPATCH_DTYPES,
-    ShmGeometry,
-    _counter_names,
-    default_deployment_id,
-)
 
 __all__ = [
+    "BACKEND",
     "CUDA_IPC_TARGETS",
     "CudaIpcEndpoint",
     "CudaIpcError",
@@ -162,7 +159,7 @@ def _read_entry(path: str) -> dict | None:
     return entry if isinstance(entry, dict) else None
 
 
-def _new_entry(endpoint: int, geometry: ShmGeometry, handle: bytes) -> dict:
+def _new_entry(endpoint: int, geometry: wire.Geometry, handle: bytes) -> dict:
     """The directory entry this process publishes for its inbox."""
     return {
         "format": _DIRECTORY_FORMAT, "endpoint": endpoint, "pid": os.getpid(),
@@ -266,14 +263,14 @@ class CudaIpcEndpoint(BoundCalls):
         dispatch_dtype: str = "float32",
         device: int = 0,
     ):
-        if dispatch_dtype not in DISPATCH_DTYPES:
-            raise ValueError(f"dispatch_dtype must be one of {sorted(DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
+        if dispatch_dtype not in wire.DISPATCH_DTYPES:
+            raise ValueError(f"dispatch_dtype must be one of {sorted(wire.DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
         self.deployment = str(deployment)
         self.endpoint = int(endpoint)
         self.device = int(device)
         if deployment_id is None:
-            deployment_id = default_deployment_id(self.deployment)
-        self.geometry = ShmGeometry(
+            deployment_id = wire.default_deployment_id(self.deployment)
+        self.geometry = wire.Geometry(
             max_endpoints=int(max_endpoints), num_channels=int(num_channels), capacity=int(capacity),
             hidden_size=int(hidden_size), top_k=int(top_k), num_layers=int(num_layers),
             num_experts=int(num_experts), deployment_id=int(deployment_id) & 0xFFFFFFFFFFFFFFFF,
@@ -287,7 +284,7 @@ class CudaIpcEndpoint(BoundCalls):
         g = self.geometry
         rc = lib.eaas_cuda_ipc_open(
             g.deployment_id, self.endpoint, self.device, g.max_endpoints, g.num_channels, g.capacity,
-            g.hidden_size, g.top_k, g.num_layers, g.num_experts, DISPATCH_DTYPES[dispatch_dtype],
+            g.hidden_size, g.top_k, g.num_layers, g.num_experts, wire.DISPATCH_DTYPES[dispatch_dtype],
             handle, err, _ERRLEN,
         )
         if rc != 0:
@@ -431,9 +428,32 @@ class CudaIpcEndpoint(BoundCalls):
     def stats(self) -> dict[str, int]:
         """Counters of this endpoint (same names as the shm backend's)."""
         self._check_open()
-        names = _counter_names()
+        names = native.counter_names()
         out = (ctypes.c_int64 * len(names))()
         n = _lib().eaas_cuda_ipc_stats(self.endpoint, out, len(names))
         if n < 0:
             raise CudaIpcError(f"{self!r}: reading the counters failed")
         return dict(zip(names, out[: min(n, len(names))]))
+
+
+class CudaIpcBackend:
+    """The ``cuda_ipc`` transport backend (a ``backends.TransportBackend``)."""
+
+    name = "cuda_ipc"
+    ffi_targets = CUDA_IPC_TARGETS
+    one_process_per_gpu = True  # see the top of this module
+
+    def open_endpoint(self, name: str, endpoint: int, geometry: dict) -> CudaIpcEndpoint:
+        return CudaIpcEndpoint(name, endpoint, **geometry)  # on the process's first GPU
+
+    def endpoint_paths(self, name: str, endpoint: int) -> tuple[str, ...]:
+        return (directory_path(name, endpoint),)
+
+    def describe(self, endpoint: CudaIpcEndpoint) -> dict:
+        return {"transport": self.name}  # peers find the inbox's handle in its directory entry
+
+    def deployment_problems(self, deployment) -> list[str]:
+        return []  # any server may name its GPU; whether it has one shows when it starts
+
+
+BACKEND = CudaIpcBackend()

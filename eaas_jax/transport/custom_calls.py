@@ -28,13 +28,6 @@ import numpy as np
 
 from eaas_jax.transport import native
 
-#: combine status codes, per server.
-STATUS_OK = 0  #: reply received and summed in
-STATUS_TIMEOUT = 1  #: no reply by the deadline (its tokens' rows are zero)
-STATUS_BAD_REPLY = 2  #: no valid reply by the deadline, and an invalid one came (rows are zero)
-STATUS_NOTHING_SENT = 3  #: no token for this server (or servers[s] == -1)
-STATUS_UNAVAILABLE = 4  #: dispatch could not reach the server (sent == -1)
-
 #: XLA compile options for every program holding these calls. On 2 x H200
 #: (jaxlib 0.11.2) a W1 prefill step, whose chunks are static slices of a
 #: micro-batch, ran the combine handler 2048 times for its 1024 combines and
@@ -43,8 +36,6 @@ STATUS_UNAVAILABLE = 4  #: dispatch could not reach the server (sent == -1)
 #: into a fusion and, for a call with two results, also leaves the original,
 #: which as a side-effecting call is never removed as dead.
 COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": False}
-
-
 
 
 class FfiTargets(NamedTuple):
@@ -111,15 +102,10 @@ class BoundCalls:
 
 
 def _resolve(endpoint):
-    """(index, geometry, FfiTargets) of an endpoint object, or of an int: the
-    index of an shm endpoint open in this process."""
-    if isinstance(endpoint, (int, np.integer)) and not isinstance(endpoint, bool):
-        from eaas_jax.transport import shm  # the int form predates the other backends
-
-        return int(endpoint), shm._info(int(endpoint))[0], shm.SHM_TARGETS
+    """(index, geometry, FfiTargets) of an endpoint object."""
     targets = getattr(endpoint, "ffi_targets", None)
     if not isinstance(targets, FfiTargets):
-        raise TypeError(f"endpoint must be a transport endpoint or an int, got {type(endpoint).__name__}")
+        raise TypeError(f"endpoint must be a transport endpoint, got {type(endpoint).__name__}")
     endpoint._check_open()
     return endpoint.endpoint, endpoint.geometry, targets
 
@@ -160,7 +146,7 @@ def dispatch(endpoint, hidden, expert_ids, gates, targets, servers, *, layer: in
     """Client: send each token once to every server one of its top-k slots targets.
 
     Args:
-      endpoint: this client's endpoint (or the index of an shm endpoint open here).
+      endpoint: this client's endpoint.
       hidden: ``[T, d]`` in the endpoint's dispatch dtype, ``T <= capacity``
         (`eaas_jax.transport.hidden_codec.encode` makes it from float rows).
       scales: ``float32[T]``, the float8 rows' scales (ignored otherwise).
@@ -210,7 +196,7 @@ class Combined(NamedTuple):
     """What :func:`combine` returns."""
 
     out: jax.Array  #: [T, d] float32: per token, the sum of its servers' reply rows (zeros from failed ones)
-    status: jax.Array  #: [S] int32 per-server status (``STATUS_*``)
+    status: jax.Array  #: [S] int32 per-server status (``wire.STATUS_*``, meanings in ``wire.STATUSES``)
     #: [S] int32: microseconds from the call's start until each server's reply
     #: was taken (or the deadline passed); 0 where nothing was sent. The time
     #: this client waited on each server in this exchange.

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eaas_jax.transport import wire
+
 __all__ = [
     "HEADER_CHECKSUM_TARGET",
     "SHM_COMBINE_TARGET",
@@ -33,6 +35,7 @@ __all__ = [
     "SHM_REPLY_TARGET",
     "NativeLibraryNotFoundError",
     "built_xla_ffi_api_version",
+    "counter_names",
     "header_checksum",
     "header_checksum_reference",
     "library_path",
@@ -77,10 +80,6 @@ _CUDA_HANDLERS: dict[str, str] = {
     CUDA_IPC_POLL_TARGET: "eaas_cuda_ipc_poll",
     CUDA_IPC_REPLY_TARGET: "eaas_cuda_ipc_reply",
 }
-
-# 32-bit FNV-1a, must match ffi/wire_format.h.
-FNV1A32_OFFSET_BASIS = 0x811C9DC5
-FNV1A32_PRIME = 0x01000193
 
 
 class NativeLibraryNotFoundError(ImportError):
@@ -169,6 +168,16 @@ def built_xla_ffi_api_version() -> tuple[int, int]:
     major, minor = ctypes.c_int(), ctypes.c_int()
     fn(ctypes.byref(major), ctypes.byref(minor))
     return major.value, minor.value
+
+
+@functools.cache
+def counter_names() -> tuple[str, ...]:
+    """Names of the per-endpoint counters (``stats()`` of every backend), in
+    the library's order (kCounterNames in ffi/transport_common.h)."""
+    fn = load_library().eaas_shm_stat_names
+    fn.argtypes = []
+    fn.restype = ctypes.c_char_p
+    return tuple(fn().decode().split(","))
 
 
 def has_cuda_handlers() -> bool:
@@ -261,10 +270,4 @@ def header_checksum(headers: jax.Array) -> jax.Array:
 def header_checksum_reference(headers: np.ndarray) -> np.ndarray:
     """NumPy reference of :func:`header_checksum` (same FNV-1a as ffi/wire_format.h)."""
     _check_headers(headers, where="header_checksum_reference")
-    headers = np.asarray(headers)
-    out = np.full(headers.shape[0], FNV1A32_OFFSET_BASIS, dtype=np.uint32)
-    prime = np.uint32(FNV1A32_PRIME)
-    for col in range(headers.shape[1]):
-        out ^= headers[:, col]
-        out *= prime  # uint32 array arithmetic wraps modulo 2**32
-    return out
+    return wire.fnv1a32(np.asarray(headers))

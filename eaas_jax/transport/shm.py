@@ -24,7 +24,9 @@ differs is refused.
 
 The four custom calls (:func:`dispatch`, :func:`combine`, :func:`poll`,
 :func:`reply`; CPU handlers here) are those of every backend, defined in
-``transport/custom_calls.py`` and re-exported here.
+``transport/custom_calls.py``; the ones here also take an endpoint's index.
+The message header and status codes are in ``transport/wire.py``;
+:data:`BACKEND` is this module's entry in ``transport/backends.py``.
 
 The handlers look the endpoint up by index in a process-wide registry, so the
 endpoint must be open (in this process) when a compiled function runs, and when
@@ -43,7 +45,7 @@ Behaviour choices:
   overflows its slot and no token is ever dropped.
 * A server that cannot be reached when dispatching (no inbox yet, closed, or
   refused) gets no message: ``sent = -1``, and combine reports
-  :data:`STATUS_UNAVAILABLE` for it without waiting.
+  ``wire.STATUS_UNAVAILABLE`` for it without waiting.
 * ``targets`` entries that are neither -1 nor one of ``servers`` are ignored
   (counted as ``unrouted_targets``).
 * poll returns as soon as one sweep over the inbox found at least one valid
@@ -57,87 +59,34 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import struct
+import functools
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
-from eaas_jax.transport import native
-from eaas_jax.transport.custom_calls import (  # re-exported: the calls work on every backend
-    STATUS_BAD_REPLY,
-    STATUS_NOTHING_SENT,
-    STATUS_OK,
-    STATUS_TIMEOUT,
-    STATUS_UNAVAILABLE,
-    BoundCalls,
-    Combined,
-    FfiTargets,
-    close_at_exit,
-    PollResult,
-    combine,
-    dispatch,
-    poll,
-    reply,
-)
+from eaas_jax.transport import custom_calls, native, wire
+from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
 
 __all__ = [
-    "COUNTER_NAMES",
-    "Combined",
-    "HEADER",
-    "KIND_REPLY",
-    "KIND_REQUEST",
-    "DISPATCH_DTYPES",
-    "HIDDEN_BF16",
-    "HIDDEN_F32",
-    "HIDDEN_F8E4M3",
-    "PollResult",
-    "STATUS_BAD_REPLY",
-    "STATUS_NOTHING_SENT",
-    "STATUS_OK",
-    "STATUS_TIMEOUT",
-    "STATUS_UNAVAILABLE",
+    "BACKEND",
+    "SHM_TARGETS",
     "ShmEndpoint",
     "ShmEndpointInUseError",
     "ShmError",
-    "ShmGeometry",
     "ShmPeerRefusedError",
     "combine",
-    "default_deployment_id",
     "dispatch",
-    "message_checksum",
-    "pack_header",
     "poll",
     "reply",
     "segment_name",
     "segment_path",
-    "unpack_header",
 ]
 
 #: The XLA targets of this backend (CPU handlers).
 SHM_TARGETS = FfiTargets(
     native.SHM_DISPATCH_TARGET, native.SHM_COMBINE_TARGET, native.SHM_POLL_TARGET, native.SHM_REPLY_TARGET
 )
-
-# --- wire format (must match ffi/wire_format.h) ------------------------------
-
-#: MessageHeader: seq, deployment_id, ticket (u64); kind, hidden_dtype (u16);
-#: sender, layer, micro_batch, num_tokens, reserved[4], checksum (u32).
-HEADER = struct.Struct("<QQQHHIIII4II")
-assert HEADER.size == 64
-_HEADER_FIELDS = (
-    "seq", "deployment_id", "ticket", "kind", "hidden_dtype", "sender", "layer",
-    "micro_batch", "num_tokens", "reserved", "checksum",
-)
-KIND_REQUEST = 1
-KIND_REPLY = 2
-HIDDEN_F32 = 1
-HIDDEN_BF16 = 2
-HIDDEN_F8E4M3 = 3
-#: dtype of dispatched hidden states -> MessageHeader.hidden_dtype code
-DISPATCH_DTYPES = {"float32": HIDDEN_F32, "bfloat16": HIDDEN_BF16, "float8_e4m3fn": HIDDEN_F8E4M3}
-
 
 #: Byte offsets of the segment header fields (ffi/shm_transport.cc, SegmentHeader)
 #: that tools and tests read: `closed` (u32, set when the owner closed the
@@ -164,21 +113,6 @@ class ShmPeerRefusedError(ShmError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ShmGeometry:
-    """What every endpoint of a deployment must agree on."""
-
-    max_endpoints: int
-    num_channels: int
-    capacity: int
-    hidden_size: int
-    top_k: int
-    num_layers: int
-    num_experts: int
-    deployment_id: int
-    dispatch_dtype: str = "float32"  #: of the hidden states in requests
-
-
-@dataclasses.dataclass(frozen=True)
 class _Layout:
     segment_header_bytes: int
     slot_bytes: int
@@ -189,15 +123,6 @@ class _Layout:
     scales_offset: int
 
 
-def default_deployment_id(deployment: str) -> int:
-    """64-bit FNV-1a of the deployment name: the id when none is given."""
-    h = 0xCBF29CE484222325
-    for b in deployment.encode():
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
 def segment_name(deployment: str, endpoint: int) -> str:
     """POSIX shm name of an endpoint's inbox."""
     return f"/eaas-{deployment}-{int(endpoint)}"
@@ -206,46 +131,6 @@ def segment_name(deployment: str, endpoint: int) -> str:
 def segment_path(deployment: str, endpoint: int) -> str:
     """Where the inbox appears in the file system (Linux)."""
     return "/dev/shm" + segment_name(deployment, endpoint)
-
-
-def message_checksum(header: bytes) -> int:
-    """FNV-1a 32 of the first 60 header bytes (the checksum field excluded)."""
-    row = np.frombuffer(bytes(header[:60]), dtype=np.uint8)[None, :]
-    return int(native.header_checksum_reference(row)[0])
-
-
-def pack_header(
-    *,
-    seq: int,
-    deployment_id: int,
-    kind: int,
-    sender: int,
-    layer: int,
-    micro_batch: int,
-    num_tokens: int,
-    ticket: int | None = None,
-    hidden_dtype: int = HIDDEN_F32,
-    reserved: tuple[int, int, int, int] = (0, 0, 0, 0),
-    checksum: int | None = None,
-) -> bytes:
-    """A 64-byte message header (checksum computed unless given): for tools and tests."""
-    ticket = seq if ticket is None else ticket
-    fields = (seq, deployment_id, ticket, kind, hidden_dtype, sender, layer,
-              micro_batch, num_tokens, *reserved)
-    body = HEADER.pack(*fields, 0)
-    if checksum is None:
-        checksum = message_checksum(body)
-    return HEADER.pack(*fields, checksum)
-
-
-def unpack_header(data: bytes) -> dict[str, Any]:
-    """Fields of a 64-byte message header, plus ``checksum_ok``."""
-    values = HEADER.unpack(bytes(data[:64]))
-    out = dict(zip(_HEADER_FIELDS[:9], values[:9]))
-    out["reserved"] = tuple(values[9:13])
-    out["checksum"] = values[13]
-    out["checksum_ok"] = message_checksum(data) == values[13]
-    return out
 
 
 # --- the C API (ctypes) ------------------------------------------------------
@@ -268,35 +153,20 @@ def _lib() -> ctypes.CDLL:
             lib.eaas_shm_stats.restype = ctypes.c_int
             lib.eaas_shm_info.argtypes = [i64, p_i64, i64]
             lib.eaas_shm_info.restype = ctypes.c_int
-            lib.eaas_shm_stat_names.argtypes = []
-            lib.eaas_shm_stat_names.restype = ctypes.c_char_p
             lib.eaas_shm_connect.argtypes = [i64, i64, c_char_p, i64]
             lib.eaas_shm_connect.restype = ctypes.c_int
             _c_api = lib
         return _c_api
 
 
-def _counter_names() -> tuple[str, ...]:
-    return tuple(_lib().eaas_shm_stat_names().decode().split(","))
-
-
-def __getattr__(name: str):  # COUNTER_NAMES is read from the library lazily
-    if name == "COUNTER_NAMES":
-        return _counter_names()
-    raise AttributeError(name)
-
-
-def _info(endpoint: int) -> tuple[ShmGeometry, _Layout]:
+def _info(endpoint: int) -> tuple[wire.Geometry, _Layout]:
     out = (ctypes.c_int64 * 16)()
     n = _lib().eaas_shm_info(int(endpoint), out, 16)
     if n < 0:
-        raise ShmError(
-            f"shm endpoint {endpoint} is not open in this process; open it with "
-            "ShmEndpoint(...) first (its geometry gives the output shapes)"
-        )
+        raise ShmError(f"shm endpoint {endpoint} is not open in this process")
     v = list(out[:n])
-    dtype_names = {code: name for name, code in DISPATCH_DTYPES.items()}
-    geo = ShmGeometry(
+    dtype_names = {code: name for name, code in wire.DISPATCH_DTYPES.items()}
+    geo = wire.Geometry(
         max_endpoints=v[0], num_channels=v[1], capacity=v[2], hidden_size=v[3],
         top_k=v[4], num_layers=v[5], num_experts=v[6],
         deployment_id=v[7] & 0xFFFFFFFFFFFFFFFF, dispatch_dtype=dtype_names[v[8]],
@@ -308,6 +178,31 @@ def _info(endpoint: int) -> tuple[ShmGeometry, _Layout]:
 _OPEN: dict[int, "ShmEndpoint"] = {}
 _OPEN_LOCK = threading.Lock()
 close_at_exit(_OPEN, _OPEN_LOCK)
+
+
+def _by_index(call):
+    """`call` (one of the four custom calls), also taking the index of an shm
+    endpoint open in this process instead of the endpoint: the form that
+    predates the other backends."""
+
+    @functools.wraps(call)
+    def wrapper(endpoint, *args, **kwargs):
+        if isinstance(endpoint, (int, np.integer)) and not isinstance(endpoint, bool):
+            with _OPEN_LOCK:
+                found = _OPEN.get(int(endpoint))
+            if found is None:
+                raise ShmError(
+                    f"shm endpoint {endpoint} is not open in this process; open it with "
+                    "ShmEndpoint(...) first (its geometry gives the output shapes)"
+                )
+            endpoint = found
+        return call(endpoint, *args, **kwargs)
+
+    return wrapper
+
+
+dispatch, combine, poll, reply = map(
+    _by_index, (custom_calls.dispatch, custom_calls.combine, custom_calls.poll, custom_calls.reply))
 
 
 class ShmEndpoint(BoundCalls):
@@ -322,7 +217,7 @@ class ShmEndpoint(BoundCalls):
       deployment_id: 64-bit id checked in every message; defaults to a hash of
         ``deployment``.
       dispatch_dtype: dtype of the hidden states clients send (a key of
-        ``DISPATCH_DTYPES``; float8 rows travel with a float32 scale each).
+        ``wire.DISPATCH_DTYPES``; float8 rows travel with a float32 scale each).
 
     Raises:
       ShmEndpointInUseError: the endpoint is already open (here or in a live
@@ -346,18 +241,18 @@ class ShmEndpoint(BoundCalls):
         deployment_id: int | None = None,
         dispatch_dtype: str = "float32",
     ):
-        if dispatch_dtype not in DISPATCH_DTYPES:
-            raise ValueError(f"dispatch_dtype must be one of {sorted(DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
+        if dispatch_dtype not in wire.DISPATCH_DTYPES:
+            raise ValueError(f"dispatch_dtype must be one of {sorted(wire.DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
         self.deployment = str(deployment)
         self.endpoint = int(endpoint)
         if deployment_id is None:
-            deployment_id = default_deployment_id(self.deployment)
+            deployment_id = wire.default_deployment_id(self.deployment)
         err = ctypes.create_string_buffer(_ERRLEN)
         rc = _lib().eaas_shm_open(
             self.deployment.encode(), int(deployment_id) & 0xFFFFFFFFFFFFFFFF,
             self.endpoint, int(max_endpoints), int(num_channels), int(capacity),
             int(hidden_size), int(top_k), int(num_layers), int(num_experts),
-            DISPATCH_DTYPES[dispatch_dtype], err, _ERRLEN,
+            wire.DISPATCH_DTYPES[dispatch_dtype], err, _ERRLEN,
         )
         if rc != 0:
             msg = err.value.decode(errors="replace")
@@ -429,9 +324,33 @@ class ShmEndpoint(BoundCalls):
     def stats(self) -> dict[str, int]:
         """Counters of this endpoint (messages sent/accepted, drops per reason...)."""
         self._check_open()
-        names = _counter_names()
+        names = native.counter_names()
         out = (ctypes.c_int64 * len(names))()
         n = _lib().eaas_shm_stats(self.endpoint, out, len(names))
         if n < 0:
             raise ShmError(f"{self!r} is not open")
         return dict(zip(names, out[: min(n, len(names))]))
+
+
+class ShmBackend:
+    """The ``shm`` transport backend (a ``backends.TransportBackend``)."""
+
+    name = "shm"
+    ffi_targets = SHM_TARGETS
+    one_process_per_gpu = False  # CPU processes
+
+    def open_endpoint(self, name: str, endpoint: int, geometry: dict) -> ShmEndpoint:
+        return ShmEndpoint(name, endpoint, **geometry)
+
+    def endpoint_paths(self, name: str, endpoint: int) -> tuple[str, ...]:
+        return (segment_path(name, endpoint),)
+
+    def describe(self, endpoint: ShmEndpoint) -> dict:
+        return {"transport": self.name}  # peers find the inbox by name
+
+    def deployment_problems(self, deployment) -> list[str]:
+        return [f"servers[{i}]: device is for the cuda_ipc transport (this deployment uses {self.name!r})"
+                for i, server in enumerate(deployment.servers) if server.device is not None]
+
+
+BACKEND = ShmBackend()
