@@ -51,7 +51,7 @@ constexpr const char* kCounterNames =
     "stale_replies,torn_reads,deferred,unreplied,timeouts,peer_unavailable,"
     "peer_refused,unrouted_targets,unmatched_combines";
 
-// combine's status output, per server (STATUS_* in Python).
+// combine's status output, per server (mirrored by eaas_jax/transport/wire.py: wire.STATUS_*, wire.STATUSES).
 enum CombineStatus : std::int32_t {
   kStatusOk = 0,
   kStatusTimeout = 1,

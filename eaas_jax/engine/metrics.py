@@ -111,9 +111,9 @@ class ServingMetrics:
             wait_s = np.asarray(report.server_wait_us, np.float64) / 1e6
             self.server_wait_seconds += wait_s
             self._recent_server_wait.append(wait_s)
-            self.unserved_slots += int(np.sum(report.unserved))
+            self.unserved_slots += report.unserved_slots
             for status, counter in _STATUS_COUNTERS.items():
-                self.server_counters[counter] += np.sum(np.asarray(report.statuses) == status, axis=0)
+                self.server_counters[counter] += report.count(status)
 
     def name_server(self, endpoint: int, name: str) -> None:
         """Labels `endpoint`'s counters with the server now there (one that
