@@ -96,13 +96,6 @@ EAAS_FFI_EXPORT int eaas_mlx5_encode_sequence_word(std::uint8_t* out, std::uint1
   return ds;
 }
 
-// Posting steps 2-5 on host memory: `dbrec` (2 words), `bf` (8 bytes,
-// 8-aligned), `ctrl` the last WQE's control segment (4-aligned).
-EAAS_FFI_EXPORT void eaas_mlx5_ring_doorbell(std::uint32_t* dbrec, std::uint64_t* bf, const std::uint8_t* ctrl,
-                                             std::uint16_t sq_producer) {
-  m::RingDoorbell(dbrec, bf, reinterpret_cast<const m::mlx5_wqe_ctrl_seg*>(ctrl), sq_producer);
-}
-
 // Decodes the 64-byte CQE at `cqe` into `*out`.
 EAAS_FFI_EXPORT void eaas_mlx5_decode_cqe(const std::uint8_t* cqe, m::Cqe* out) {
   Block b;
