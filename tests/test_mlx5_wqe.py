@@ -7,6 +7,7 @@ Three references, each over many random field sets:
   * pyverbs' WQE segment classes and CQE accessor (Debian python3-pyverbs),
     through the library's C ABI (eaas_jax/transport/mlx5_wqe.py);
   * known answers written from the segment layouts, which need neither package.
+With nvcc on the PATH the header is also compiled for the device.
 """
 
 from __future__ import annotations
@@ -105,6 +106,24 @@ def test_selftest_matches_rdma_core_setters(cxx_with_rdma_core, tmp_path, layout
     run = subprocess.run([str(exe), str(2 * CASES)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{2 * CASES} seeds equal (layouts: {layouts})" in run.stdout
+
+
+@pytest.mark.parametrize("layouts", ["rdma-core", "own"])
+def test_header_compiles_for_the_device(tmp_path, layouts):
+    """The same writers in a CUDA kernel (tests/mlx5_wqe_device.cu) to PTX,
+    with the doorbell's three system-scope fences."""
+    nvcc = shutil.which(os.environ.get("CUDACXX", "nvcc"))
+    if nvcc is None:
+        pytest.skip("no CUDA compiler (nvcc or $CUDACXX) to compile ffi/mlx5_wqe.h for the device")
+    ptx = tmp_path / "mlx5_wqe_device.ptx"
+    flags = ["-DEAAS_MLX5_OWN_LAYOUTS"] if layouts == "own" else []
+    subprocess.run(
+        [nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-Werror", "all-warnings", *flags, f"-I{ROOT / 'ffi'}",
+         str(ROOT / "tests" / "mlx5_wqe_device.cu"), "-o", str(ptx)],
+        check=True,
+    )
+    text = ptx.read_text()
+    assert text.count("membar.sys") + text.count("fence.sc.sys") == 3
 
 
 def test_library_built_with_rdma_core_when_installed(cxx_with_rdma_core):
