@@ -47,3 +47,41 @@ def test_a_report_counts_each_servers_statuses_and_unserved_slots():
     assert report.count(bad).tolist() == [0, 0, 1]
     assert report.count(ok).tolist() == [2, 0, 1]
     assert report.unserved_slots == 5
+
+
+def _attribute_chains(path: str) -> set[str]:
+    """Every dotted attribute chain read in the module at `path` ('self.runner.experts.is_live', ...)."""
+    import ast
+
+    def chain(node):
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if isinstance(node, ast.Name):
+            parts.append(node.id)
+        return ".".join(reversed(parts))
+
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return {chain(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+
+
+def test_the_engine_reaches_servers_only_through_its_server_pool():
+    """engine/ asks the ServerPool (control_plane) about servers: it never
+    reads into the experts backend, a cluster or a transport endpoint (it may
+    hand the pool's cluster to its users: `Engine.cluster`)."""
+    import os
+
+    import eaas_jax.engine
+
+    folder = os.path.dirname(eaas_jax.engine.__file__)
+    reaching = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            found = {c for c in _attribute_chains(os.path.join(folder, name))
+                     if any(f".{part}." in f".{c}" for part in ("cluster", "client_endpoint", "endpoint"))
+                     or ".runner.experts" in c or c.startswith("runner.experts")}
+            if found:
+                reaching[name] = sorted(found)
+    assert not reaching, reaching
