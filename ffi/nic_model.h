@@ -77,7 +77,8 @@
 //    acked, retransmits after a timeout (go-back-N from the oldest unacked
 //    PSN, so loss and reordering become real), and fails it with
 //    TRANSPORT_RETRY_EXC_ERR after retry_count timeouts (a lost link). The
-//    in-process peer lookup (ResolveRemote) is the seam where that goes.
+//    in-process peer lookup (WqeContext::RemoteByRkey, the responder's
+//    checks) and PlaceOneChunk's transmission are the seams where it goes.
 #ifndef EAAS_FFI_NIC_MODEL_H_
 #define EAAS_FFI_NIC_MODEL_H_
 
@@ -106,14 +107,13 @@ enum Syndrome : std::uint8_t {
   kSyndromeLocalQpOp = 0x02,
   kSyndromeLocalProt = 0x04,
   kSyndromeWrFlush = 0x05,
-  kSyndromeRemoteInvalRequest = 0x12,
   kSyndromeRemoteAccess = 0x13,
   kSyndromeTransportRetryExceeded = 0x15,
   kSyndromeRnrRetryExceeded = 0x16,
 };
 
 // Why the model rejected a WQE: an error CQE's vendor syndrome (mirrored by
-// eaas_jax/transport/nic_model.py: VIOLATIONS).
+// eaas_jax/transport/nic_model.py: Violation, SYNDROMES).
 enum class Violation : std::uint8_t {
   kNone = 0,
   kQpState,         // QP not in RTS (RESET/INIT/RTR)               local QP op
@@ -217,7 +217,6 @@ class WqeContext {
 
 // A WQE that passed validation: what to write where.
 struct ValidWrite {
-  std::uint8_t opcode;
   bool signaled;
   bool fenced;
   std::uint8_t* dst;

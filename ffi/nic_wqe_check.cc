@@ -119,7 +119,6 @@ Violation ValidateWqe(const std::uint8_t (&wqe)[kWqeBytes], std::uint16_t expect
   // A well-formed WRITE with immediate still needs a receive WQE the model lacks.
   if (opcode == m::MLX5_OPCODE_RDMA_WRITE_IMM) return Violation::kNoReceiveQueue;
 
-  out->opcode = opcode;
   out->signaled = (fm_ce_se & m::MLX5_WQE_CTRL_CQ_UPDATE) != 0;
   out->fenced = (fm_ce_se & m::MLX5_WQE_CTRL_FENCE) != 0;
   out->dst = reinterpret_cast<std::uint8_t*>(static_cast<std::uintptr_t>(raddr));

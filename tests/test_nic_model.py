@@ -190,6 +190,8 @@ MALFORMED = {
     "inline_too_long": (lambda p: _inline(p, 28, 29 | 0x80000000, 4), Violation.INLINE_TOO_LONG),
     "inline_huge_count": (lambda p: _inline(p, 28, 0xFFFFFFFF, 4), Violation.INLINE_TOO_LONG),
     "inline_without_flag": (lambda p: _inline(p, 20, 20, 4), Violation.DS_MISMATCH),
+    # 8 bytes: DS 3 like a data segment, so its bytes are read as an lkey (0).
+    "seq_word_without_inline_flag": (lambda p: _inline(p, 8, 8, 3), Violation.BAD_LKEY),
     "wqe_index_ahead": (lambda p: _patch(p.write(0, 0, 64), 1, ">H", p.q.next_index + 1), Violation.WQE_INDEX),
     "wqe_index_behind": (lambda p: _patch(p.write(0, 0, 64), 1, ">H", p.q.next_index - 1), Violation.WQE_INDEX),
     "qpn_mismatch": (lambda p: _patch(p.write(0, 0, 64), 4, ">I", (((p.qa.qpn + 1) << 8) | 3)), Violation.QPN),
