@@ -276,11 +276,13 @@ bool Nic::PlaceOneChunk(Clock::time_point now) {
     for (std::size_t i = 0; i < qp->in_flight.size(); ++i) {
       const InFlight& e = qp->in_flight[i];
       if (Done(e)) continue;
-      // A fenced write waits for every earlier one, and the ones after it wait with it.
+      // A fenced write starts once every earlier one is placed; the ones
+      // after it start after it (the send queue is issued in order), so they
+      // wait with it, then may interleave with it.
       if (e.fenced && earlier_pending) break;
       if (e.due <= now) candidates.push_back({qp, i});
       earlier_pending = true;
-      if (e.fenced || !faults_.reorder) break;
+      if (!faults_.reorder) break;
     }
   }
   if (candidates.empty()) return false;

@@ -49,8 +49,9 @@
 //    taken from the send queue;
 //  * reorder: each placement picks a random chunk of any placeable WQE. What
 //    mlx5 allows: WQEs without the fence flag may be placed in any order and
-//    byte ranges in any order; a WQE with MLX5_WQE_CTRL_FENCE waits until
-//    every earlier WQE of its QP is placed, and nothing after it goes first.
+//    byte ranges in any order; a WQE with MLX5_WQE_CTRL_FENCE starts only
+//    once every earlier WQE of its QP is placed, and the WQEs after it start
+//    after it (in-order issue): they wait with it, then may interleave with it.
 //    CQEs are still written in send-queue order (a WQE completes only after
 //    every earlier one);
 //  * loss_permille: each chunk transmission is lost with that probability and

@@ -314,15 +314,16 @@ def drain(nic: NicModel) -> None:
     raise AssertionError("the NIC never ran out of work")
 
 
-def _random_writes(p: Pair, rng: random.Random, count: int, expect: np.ndarray) -> list[int]:
+def _random_writes(p: Pair, rng: random.Random, count: int, expect: np.ndarray, fence: int) -> list[int]:
     """Posts `count` random WRITEs in random batches, applying each to
-    `expect`; returns the WQE indices that asked for a CQE."""
+    `expect`, with `fence` in every WQE's flags; returns the WQE indices
+    that asked for a CQE."""
     signalled = []
     posted = 0
     while posted < count:
         for _ in range(min(rng.randint(1, 16), count - posted)):
-            flags = w.CTRL_CQ_UPDATE if rng.random() < 0.3 else 0
-            if flags:
+            flags = (w.CTRL_CQ_UPDATE if rng.random() < 0.3 else 0) | fence
+            if flags & w.CTRL_CQ_UPDATE:
                 signalled.append(p.q.next_index)
             if rng.random() < 0.5:
                 size = rng.randint(1, 1024)
@@ -342,7 +343,15 @@ def _random_writes(p: Pair, rng: random.Random, count: int, expect: np.ndarray) 
     return signalled
 
 
-@pytest.mark.parametrize("faults", [{}, {"loss_permille": 300, "retry_count": 100, "latency_us": 0}])
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {},
+        {"loss_permille": 300, "retry_count": 100},
+        # Overlapping WRITEs land in posting order only because each is fenced.
+        {"reorder": True, "loss_permille": 100, "retry_count": 100},
+    ],
+)
 def test_random_writes_match_reference(faults):
     p = Pair(log_sq_bbs=4, log_cq_entries=6)
     try:
@@ -351,7 +360,7 @@ def test_random_writes_match_reference(faults):
         expect = p.dst.mid.copy()
         signalled, seen = [], []
         for _ in range(25):
-            signalled += _random_writes(p, rng, 12, expect)
+            signalled += _random_writes(p, rng, 12, expect, w.CTRL_FENCE if faults.get("reorder") else 0)
             drain(p.a)
             seen += [c.wqe_counter for c in p.q.poll()]
         assert seen == signalled
@@ -407,6 +416,31 @@ def test_reordering_never_breaks_a_fenced_publication():
 
 def test_reordering_is_real_without_the_fence():
     assert _stale_publications(fenced=False) > 0
+
+
+def test_wqes_after_a_fence_wait_with_it():
+    """A (1 KiB), F (fenced), B: B is issued after F, so it never lands
+    before A is complete either."""
+    p = Pair()
+    try:
+        p.a.set_faults(reorder=True, seed=7)
+        early = 0
+        for trial in range(1, 21):
+            p.q.post(p.write(0, trial, 1024, flags=0))
+            for off, flags in ((2048, w.CTRL_FENCE), (3072, w.CTRL_CQ_UPDATE)):
+                p.q.post(w.inline_write(p.q.next_index, p.qa.qpn, p.dst.addr(off), p.dst.region.rkey,
+                                        struct.pack("<Q", trial), fm_ce_se=flags))
+            p.q.ring()
+            for _ in range(1000):
+                if p.q.poll():
+                    break
+                p.a.progress(1)
+                b_landed = int(p.dst.mid[3072:3080].view(np.uint64)[0]) == trial
+                early += b_landed and not (p.dst.mid[:1024] == p.src.mid[trial : trial + 1024]).all()
+            assert int(p.dst.mid[3072:3080].view(np.uint64)[0]) == trial
+        assert early == 0
+    finally:
+        p.close()
 
 
 def test_reordering_keeps_cqes_in_order():
