@@ -91,6 +91,7 @@
 
 #include "export.h"
 #include "hidden_ffi_type.h"
+#include "shm_segment.h"
 #include "transport_common.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
@@ -229,8 +230,6 @@ std::string SegmentName(const std::string& deployment, std::int64_t endpoint) {
   return "/eaas-" + deployment + "-" + std::to_string(endpoint);
 }
 
-std::string ErrnoText(int err) { return std::string(std::strerror(err)); }
-
 // The file a segment name led to when it was mapped.
 struct FileId {
   dev_t dev = 0;
@@ -305,22 +304,6 @@ bool OwnerAlive(std::int64_t pid, std::uint64_t start_time) {
   if (!ProcessAlive(pid)) return false;
   const std::uint64_t now = ProcessStartTime(pid);
   return start_time == 0 || now == 0 || now == start_time;
-}
-
-// Judges a segment file (`st`: fstat of the open file) before it is mapped:
-// a regular file, owned by our effective uid, mode 0600 (its size is judged
-// with its header). Returns "" or why not (naming the segment, its owner and mode).
-std::string CheckSegmentFile(const struct stat& st, const std::string& name) {
-  char mode[8];
-  std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
-  const std::string what = name + " (owner uid " + std::to_string(st.st_uid) + ", mode " + mode + ")";
-  if (!S_ISREG(st.st_mode)) return "refusing shared-memory segment " + what + ": not a regular file";
-  if (st.st_uid != geteuid()) {
-    return "refusing shared-memory segment " + what + ": owned by another user (ours is uid " +
-           std::to_string(geteuid()) + ")";
-  }
-  if ((st.st_mode & 07777) != 0600) return "refusing shared-memory segment " + what + ": mode is not 0600";
-  return "";
 }
 
 enum class PeerStatus { kOk, kUnavailable, kRefused };
@@ -654,20 +637,9 @@ std::string CreateInbox(const std::string& deployment, std::int64_t endpoint,
   }
   if (fd < 0) return "cannot create shared-memory inbox " + name;
   const std::size_t total = SegmentBytes(geo);
-  if (fchmod(fd, 0600) != 0 || ftruncate(fd, static_cast<off_t>(total)) != 0) {
-    const int err = errno;
-    close(fd);
-    shm_unlink(name.c_str());
-    return "cannot size shared-memory inbox " + name + " to " + std::to_string(total) +
-           " bytes: " + ErrnoText(err);
-  }
-  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  const int err = errno;
-  close(fd);
-  if (base == MAP_FAILED) {
-    shm_unlink(name.c_str());
-    return "cannot map shared-memory inbox " + name + ": " + ErrnoText(err);
-  }
+  void* base = nullptr;
+  const std::string failed = SizeAndMapSegment(fd, name, "inbox", total, &base);
+  if (!failed.empty()) return failed;
   auto mapping = std::make_unique<Mapping>(base, total, geo);
   SegmentHeader* h = mapping->header();
   h->version = kSegmentVersion;

@@ -1,0 +1,396 @@
+// The software NIC's queues and progress engine (see nic_model.h): QP
+// segments, the doorbell record, taking WQEs, placing bytes under the fault
+// knobs, and writing CQEs.
+#include "nic_model.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "shm_segment.h"
+
+namespace eaas {
+namespace nic {
+namespace {
+
+namespace m = eaas::mlx5;
+
+std::map<std::int64_t, std::unique_ptr<Nic>>& NicTable() {
+  static auto* table = new std::map<std::int64_t, std::unique_ptr<Nic>>();
+  return *table;
+}
+
+// The fabric as one QP's WQE sees it: its NIC's regions, its peer's.
+class QpContext : public WqeContext {
+ public:
+  QpContext(const Nic& nic, const Qp& qp) : nic_(nic), qp_(qp) {}
+  const Region* LocalByLkey(std::uint32_t lkey) const override { return nic_.FindLkey(lkey); }
+  const Region* RemoteByRkey(std::uint32_t rkey, bool* peer_ok) const override {
+    Nic* peer = FindNic(qp_.peer_nic);
+    const Qp* peer_qp = peer == nullptr ? nullptr : peer->FindQp(qp_.peer_qpn);
+    *peer_ok = peer_qp != nullptr && (peer_qp->state == QpState::kRtr || peer_qp->state == QpState::kRts);
+    return *peer_ok ? peer->FindRkey(rkey) : nullptr;
+  }
+
+ private:
+  const Nic& nic_;
+  const Qp& qp_;
+};
+
+// Chunk offsets of a write of `size` bytes to `dst`: boundaries at multiples
+// of kChunkBytes of the destination address.
+std::vector<std::size_t> Chunks(const std::uint8_t* dst, std::size_t size) {
+  std::vector<std::size_t> out;
+  const auto a = reinterpret_cast<std::uintptr_t>(dst);
+  for (std::size_t off = 0; off < size; off = static_cast<std::size_t>((a + off) / kChunkBytes + 1) * kChunkBytes - a) {
+    out.push_back(off);
+  }
+  return out;
+}
+
+std::size_t ChunkEnd(const InFlight& e, std::size_t off) {
+  const auto a = reinterpret_cast<std::uintptr_t>(e.dst);
+  return std::min(e.bytes.size(), static_cast<std::size_t>(((a + off) / kChunkBytes + 1) * kChunkBytes - a));
+}
+
+bool Done(const InFlight& e) { return e.why != Violation::kNone || e.unplaced.empty(); }
+
+}  // namespace
+
+std::mutex& ModelMutex() {
+  static auto* mu = new std::mutex();
+  return *mu;
+}
+
+Nic* FindNic(std::int64_t id) {
+  auto it = NicTable().find(id);
+  return it == NicTable().end() ? nullptr : it->second.get();
+}
+
+QueueLayout MakeQueueLayout(std::uint32_t qpn, std::uint32_t log_sq_bbs, std::uint32_t log_cq_entries) {
+  QueueLayout l{};
+  l.magic = kQueueMagic;
+  l.qpn = qpn;
+  l.log_sq_bbs = log_sq_bbs;
+  l.log_cq_entries = log_cq_entries;
+  l.dbrec_offset = sizeof(QueueLayout);
+  l.sq_offset = l.dbrec_offset + 64;  // the record gets a cache line of its own
+  l.cq_offset = l.sq_offset + (std::uint64_t{m::MLX5_SEND_WQE_BB} << log_sq_bbs);
+  l.total_bytes = l.cq_offset + (std::uint64_t{sizeof(m::mlx5_cqe64)} << log_cq_entries);
+  return l;
+}
+
+Qp::~Qp() {
+  if (base != nullptr) {
+    munmap(base, layout.total_bytes);
+    shm_unlink(segment_name.c_str());
+  }
+}
+
+Nic::~Nic() { Stop(); }
+
+void Nic::SetFaults(const Faults& f) {
+  faults_ = f;
+  rng_.seed(f.seed);
+}
+
+std::string Nic::RegisterRegion(void* addr, std::uint64_t length, std::uint32_t access, std::uint32_t* lkey,
+                                std::uint32_t* rkey) {
+  if (addr == nullptr || length == 0) return "a region needs an address and a length";
+  if (reinterpret_cast<std::uintptr_t>(addr) > UINTPTR_MAX - length) return "the region wraps around";
+  if (access & ~std::uint32_t{kAccessLocalWrite | kAccessRemoteWrite | kAccessRemoteRead}) {
+    return "unknown access flags";
+  }
+  // Two keys per region, neither 0 (rdma-core's "no key"), unique in the
+  // process (ConnectX's are per device): a sender that names its own region
+  // where the peer's belongs is caught.
+  static std::uint32_t next_key = 1;
+  const std::uint32_t n = next_key++;
+  Region r{static_cast<std::uint8_t*>(addr), length, (n << 8) | 0x11, (n << 8) | 0x22, access};
+  regions_[r.lkey] = r;
+  rkeys_[r.rkey] = r.lkey;
+  *lkey = r.lkey;
+  *rkey = r.rkey;
+  return "";
+}
+
+const Region* Nic::FindLkey(std::uint32_t lkey) const {
+  auto it = regions_.find(lkey);
+  return it == regions_.end() ? nullptr : &it->second;
+}
+
+const Region* Nic::FindRkey(std::uint32_t rkey) const {
+  auto it = rkeys_.find(rkey);
+  return it == rkeys_.end() ? nullptr : FindLkey(it->second);
+}
+
+Qp* Nic::FindQp(std::uint32_t qpn) {
+  auto it = qps_.find(qpn);
+  return it == qps_.end() ? nullptr : it->second.get();
+}
+
+std::string Nic::CreateQp(std::uint32_t log_sq_bbs, std::uint32_t log_cq_entries, std::uint32_t* qpn) {
+  // 2^15 BBs at most: the 16-bit WQE index must tell a full queue from an empty one.
+  if (log_sq_bbs > 15 || log_cq_entries > 22) return "queue sizes: log_sq_bbs <= 15, log_cq_entries <= 22";
+  auto qp = std::make_unique<Qp>();
+  qp->qpn = next_qpn_++;
+  qp->layout = MakeQueueLayout(qp->qpn, log_sq_bbs, log_cq_entries);
+  // pid and NIC id make the name unique to this process and NIC.
+  qp->segment_name = "/eaas-nic-" + std::to_string(getpid()) + "-" + std::to_string(id_) + "-" +
+                     std::to_string(qp->qpn);
+  const int fd = shm_open(qp->segment_name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) return "cannot create NIC queue segment " + qp->segment_name + ": " + ErrnoText(errno);
+  void* base = nullptr;
+  const std::string failed = SizeAndMapSegment(fd, qp->segment_name, "NIC queue segment", qp->layout.total_bytes, &base);
+  if (!failed.empty()) return failed;
+  qp->base = static_cast<std::uint8_t*>(base);
+  // CQEs start invalid (what the driver does to a new CQ).
+  for (std::uint32_t i = 0; i < (1u << log_cq_entries); ++i) {
+    qp->cq()[i * sizeof(m::mlx5_cqe64) + 63] = static_cast<std::uint8_t>(m::MLX5_CQE_INVALID << 4);
+  }
+  QueueLayout header = qp->layout;
+  header.magic = 0;
+  std::memcpy(qp->base, &header, sizeof(header));
+  __atomic_store_n(reinterpret_cast<std::uint64_t*>(qp->base), kQueueMagic, __ATOMIC_RELEASE);
+  *qpn = qp->qpn;
+  qps_[qp->qpn] = std::move(qp);
+  return "";
+}
+
+std::string Nic::ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, std::uint32_t peer_qpn) {
+  Qp* qp = FindQp(qpn);
+  if (qp == nullptr) return "no QP " + std::to_string(qpn);
+  const QpState from = qp->state;
+  const bool ok = to == QpState::kErr || to == QpState::kReset || (from == QpState::kReset && to == QpState::kInit) ||
+                  (from == QpState::kInit && to == QpState::kRtr) || (from == QpState::kRtr && to == QpState::kRts);
+  if (!ok) return "QP state transition not allowed";
+  if (to == QpState::kRtr) {
+    qp->peer_nic = peer_nic;
+    qp->peer_qpn = peer_qpn;
+  }
+  if (to == QpState::kReset) {
+    // A QP back in RESET starts over: empty queues, CQEs invalid, record 0.
+    const QueueLayout l = qp->layout;
+    std::memset(qp->base + l.dbrec_offset, 0, l.total_bytes - l.dbrec_offset);
+    for (std::uint32_t i = 0; i < (1u << l.log_cq_entries); ++i) {
+      qp->cq()[i * sizeof(m::mlx5_cqe64) + 63] = static_cast<std::uint8_t>(m::MLX5_CQE_INVALID << 4);
+    }
+    qp->sq_consumer = qp->cq_producer = 0;
+    qp->in_flight.clear();
+    qp->peer_nic = -1;
+  }
+  if (to == QpState::kErr) {
+    for (auto& e : qp->in_flight) {
+      if (!Done(e)) e.why = Violation::kFlushed;
+    }
+  }
+  qp->state = to;
+  return "";
+}
+
+// --- taking WQEs ---------------------------------------------------------------
+
+void Nic::TakeNewWqes(Qp& qp) {
+  if (qp.state == QpState::kReset) return;  // a QP in RESET does not look at its queue
+  const std::uint32_t sq_size = 1u << qp.layout.log_sq_bbs;
+  const std::uint16_t producer =
+      static_cast<std::uint16_t>(m::Bswap32(__atomic_load_n(&qp.dbrec()[m::MLX5_SND_DBR], __ATOMIC_ACQUIRE)));
+  const auto pending = static_cast<std::uint16_t>(producer - static_cast<std::uint16_t>(qp.sq_consumer));
+  if (pending == 0) return;
+  if (pending > sq_size) {
+    // Backwards, or past WQEs not taken yet: nothing in the queue can be
+    // trusted. One error for the position; a QP in ERR just stops looking.
+    if (qp.state != QpState::kErr) {
+      InFlight e;
+      e.wqe_index = static_cast<std::uint16_t>(qp.sq_consumer);
+      e.why = Violation::kDoorbell;
+      Enqueue(qp, std::move(e));
+    }
+    return;
+  }
+  for (std::uint16_t i = 0; i < pending; ++i) {
+    const auto index = static_cast<std::uint16_t>(qp.sq_consumer);
+    std::uint8_t wqe[kWqeBytes];
+    std::memcpy(wqe, qp.sq() + (index & (sq_size - 1)) * kWqeBytes, kWqeBytes);
+    ++qp.sq_consumer;
+    InFlight e;
+    e.wqe_index = index;
+    e.opcode = wqe[0 + 3];  // opcode: low byte of the big-endian first word
+    if (qp.state == QpState::kErr) {
+      e.why = Violation::kFlushed;
+    } else if (qp.state != QpState::kRts) {
+      e.why = Violation::kQpState;
+    } else {
+      ValidWrite w{};
+      e.why = ValidateWqe(wqe, index, qp.qpn, QpContext(*this, qp), &w);
+      if (e.why == Violation::kNone) {
+        e.signaled = w.signaled;
+        e.fenced = w.fenced;
+        e.dst = w.dst;
+        e.bytes.assign(w.src, w.src + w.size);
+        e.unplaced = Chunks(w.dst, w.size);
+        e.due = Clock::now() + std::chrono::microseconds(faults_.latency_us);
+      }
+    }
+    Enqueue(qp, std::move(e));
+  }
+}
+
+// Appends a taken WQE; a failed one moves the QP to ERR, which flushes the
+// writes behind it (there are none yet: they come after it).
+void Nic::Enqueue(Qp& qp, InFlight entry) {
+  const bool failed = entry.why != Violation::kNone && entry.why != Violation::kFlushed;
+  qp.in_flight.push_back(std::move(entry));
+  if (failed) qp.state = QpState::kErr;
+}
+
+// Fails in-flight entry `index` of `qp` (retry exceeded) and flushes every
+// entry behind it; the QP goes to ERR.
+void Nic::Fail(Qp& qp, std::size_t index, Violation why) {
+  qp.in_flight[index].why = why;
+  for (std::size_t i = index + 1; i < qp.in_flight.size(); ++i) {
+    if (!Done(qp.in_flight[i])) qp.in_flight[i].why = Violation::kFlushed;
+  }
+  qp.state = QpState::kErr;
+}
+
+// --- placing bytes ---------------------------------------------------------------
+
+// Places one chunk of one placeable write (any QP), or returns false when no
+// chunk is due. In order without the reorder fault; else a random chunk of a
+// random placeable write, the fence rule being the only constraint.
+bool Nic::PlaceOneChunk(Clock::time_point now) {
+  struct Candidate {
+    Qp* qp;
+    std::size_t index;
+  };
+  std::vector<Candidate> candidates;
+  for (auto& entry : qps_) {
+    Qp* qp = entry.second.get();
+    bool earlier_pending = false;
+    for (std::size_t i = 0; i < qp->in_flight.size(); ++i) {
+      const InFlight& e = qp->in_flight[i];
+      if (Done(e)) continue;
+      // A fenced write starts once every earlier one is placed; the ones
+      // after it start after it (the send queue is issued in order), so they
+      // wait with it, then may interleave with it.
+      if (e.fenced && earlier_pending) break;
+      if (e.due <= now) candidates.push_back({qp, i});
+      earlier_pending = true;
+      if (!faults_.reorder) break;
+    }
+  }
+  if (candidates.empty()) return false;
+  const Candidate c = faults_.reorder ? candidates[rng_() % candidates.size()] : candidates.front();
+  InFlight& e = c.qp->in_flight[c.index];
+  const std::size_t pick = faults_.reorder ? rng_() % e.unplaced.size() : 0;
+  const bool lost = faults_.link_down || (faults_.loss_permille > 0 && rng_() % 1000 < faults_.loss_permille);
+  if (lost) {
+    // Retransmitted after a timeout (the added latency), or given up.
+    if (++e.losses > faults_.retry_count) {
+      Fail(*c.qp, c.index, Violation::kRetryExceeded);
+    } else {
+      e.due = now + std::chrono::microseconds(faults_.latency_us);
+    }
+    return true;
+  }
+  const std::size_t off = e.unplaced[pick];
+  std::memcpy(e.dst + off, e.bytes.data() + off, ChunkEnd(e, off) - off);
+  e.unplaced.erase(e.unplaced.begin() + static_cast<std::ptrdiff_t>(pick));
+  return true;
+}
+
+// --- completions -----------------------------------------------------------------
+
+// Writes the CQEs of the finished entries at the head of the QP's list, in
+// send-queue order. Returns how many entries it retired.
+std::int64_t Nic::Complete(Qp& qp) {
+  std::int64_t n = 0;
+  while (!qp.in_flight.empty() && Done(qp.in_flight.front())) {
+    const InFlight& e = qp.in_flight.front();
+    if (e.why != Violation::kNone || e.signaled) WriteCqe(qp, e);
+    qp.in_flight.pop_front();
+    ++n;
+  }
+  return n;
+}
+
+// CQE number cq_producer, owner bit = the lap's parity; op_own is stored
+// last (release), so a consumer that acquire-loads it sees the rest.
+void Nic::WriteCqe(Qp& qp, const InFlight& e) {
+  const std::uint32_t log = qp.layout.log_cq_entries;
+  std::uint8_t* slot = qp.cq() + (qp.cq_producer & ((1u << log) - 1)) * sizeof(m::mlx5_cqe64);
+  const auto owner = static_cast<std::uint8_t>((qp.cq_producer >> log) & 1);
+  ++qp.cq_producer;
+  alignas(8) std::uint8_t cqe[64] = {};
+  const std::uint32_t opcode_qpn = m::Bswap32((std::uint32_t{e.opcode} << 24) | qp.qpn);
+  const std::uint16_t counter = m::Bswap16(e.wqe_index);
+  std::uint8_t cqe_opcode = m::MLX5_CQE_REQ;
+  if (e.why != Violation::kNone) {
+    cqe_opcode = m::MLX5_CQE_REQ_ERR;
+    cqe[offsetof(m::mlx5_err_cqe, vendor_err_synd)] = static_cast<std::uint8_t>(e.why);
+    cqe[offsetof(m::mlx5_err_cqe, syndrome)] = SyndromeOf(e.why);
+  }
+  std::memcpy(cqe + offsetof(m::mlx5_cqe64, sop_drop_qpn), &opcode_qpn, 4);
+  std::memcpy(cqe + offsetof(m::mlx5_cqe64, wqe_counter), &counter, 2);
+  std::memcpy(slot, cqe, 63);
+  __atomic_store_n(slot + 63, static_cast<std::uint8_t>((cqe_opcode << 4) | owner), __ATOMIC_RELEASE);
+}
+
+std::int64_t Nic::Progress(std::int64_t max_chunks) {
+  for (auto& entry : qps_) TakeNewWqes(*entry.second);
+  std::int64_t done = 0;
+  const auto now = Clock::now();
+  for (std::int64_t placed = 0; max_chunks < 0 || placed < max_chunks; ++placed) {
+    if (!PlaceOneChunk(now)) break;
+    ++done;
+  }
+  for (auto& entry : qps_) done += Complete(*entry.second);
+  return done;
+}
+
+// --- the progress thread ---------------------------------------------------------
+
+void Nic::Start(std::int64_t interval_us) {
+  if (running_.exchange(true)) return;
+  thread_ = std::thread([this, interval_us] {
+    const timespec nap{static_cast<time_t>(interval_us / 1000000), static_cast<long>(interval_us % 1000000) * 1000};
+    while (running_.load(std::memory_order_acquire)) {
+      {
+        std::lock_guard<std::mutex> lock(ModelMutex());
+        Progress(-1);
+      }
+      nanosleep(&nap, nullptr);
+    }
+  });
+}
+
+void Nic::Stop() {
+  if (!running_.exchange(false)) return;
+  thread_.join();
+}
+
+// --- the table of NICs (the C ABI's handles) -------------------------------------
+
+std::int64_t AddNic() {
+  static std::int64_t next_id = 1;
+  const std::int64_t id = next_id++;
+  NicTable()[id] = std::make_unique<Nic>(id);
+  return id;
+}
+
+std::unique_ptr<Nic> RemoveNic(std::int64_t id) {
+  auto it = NicTable().find(id);
+  if (it == NicTable().end()) return nullptr;
+  std::unique_ptr<Nic> nic = std::move(it->second);
+  NicTable().erase(it);
+  return nic;
+}
+
+}  // namespace nic
+}  // namespace eaas
