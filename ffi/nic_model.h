@@ -97,6 +97,7 @@
 #include <vector>
 
 #include "mlx5_wqe.h"
+#include "nic_link.h"
 
 namespace eaas {
 namespace nic {
@@ -201,7 +202,11 @@ struct InFlight {
   Violation why = Violation::kNone;  // kNone: a write
   std::uint8_t* dst = nullptr;       // inside a peer region (checked)
   std::vector<std::uint8_t> bytes;   // the WRITE's data, read when it was taken
-  std::vector<std::size_t> unplaced;  // chunk offsets into `bytes` still to place
+  std::vector<std::size_t> unplaced;  // chunk offsets into `bytes` still to place;
+                                      // over a link: packet offsets not acked yet
+  std::uint64_t raddr = 0;           // over a link: where, checked by the responder
+  std::uint32_t rkey = 0;
+  std::uint32_t psn0 = 0;            // over a link: PSN of the packet at offset 0
   Clock::time_point due{};           // no placement before
   std::uint32_t losses = 0;
 };
@@ -214,13 +219,17 @@ class WqeContext {
   // The peer QP's region for `rkey`; *peer_ok false when the peer QP is
   // missing or not in RTR/RTS (then the result is nullptr).
   virtual const Region* RemoteByRkey(std::uint32_t rkey, bool* peer_ok) const = 0;
+  // The peer is across a TCP link: its responder checks the remote side.
+  virtual bool OverLink() const { return false; }
 };
 
 // A WQE that passed validation: what to write where.
 struct ValidWrite {
   bool signaled;
   bool fenced;
-  std::uint8_t* dst;
+  std::uint8_t* dst;        // nullptr over a link
+  std::uint64_t raddr;
+  std::uint32_t rkey;
   const std::uint8_t* src;  // in a local region or in `wqe` (inline)
   std::uint32_t size;
 };
@@ -231,6 +240,12 @@ struct ValidWrite {
 // (the requester checks its WQE before it sends a packet).
 Violation ValidateWqe(const std::uint8_t (&wqe)[kWqeBytes], std::uint16_t expected_index,
                       std::uint32_t qpn, const WqeContext& ctx, ValidWrite* out);
+
+// The responder's checks of a WRITE of `size` bytes at `raddr` to the
+// region of its rkey (nullptr: not registered): kNone, kBadRkey,
+// kRemoteAccess or kRemoteBounds. The same for a peer in this process and
+// one across a link.
+Violation CheckRemoteWrite(const Region* remote, std::uint64_t raddr, std::uint64_t size);
 
 // The PRM's syndrome for a violation.
 std::uint8_t SyndromeOf(Violation v);
@@ -248,6 +263,16 @@ struct Qp {
   std::int64_t peer_nic = -1;
   std::uint32_t peer_qpn = 0;
   std::deque<InFlight> in_flight;
+  // A peer across a TCP link (ConnectQp): `link` carries this QP's WRITE
+  // frames out and their ACK/NAKs back (nullptr: a responder-only QP).
+  bool remote = false;
+  std::unique_ptr<Conn> link;
+  std::uint32_t next_psn = 0;  // requester: PSN for the next packet taken
+  std::uint32_t send_psn = 0;  // requester: next PSN to transmit (go-back-N rewinds it)
+  std::uint32_t una_psn = 0;   // requester: oldest PSN not acked
+  std::uint32_t timeouts = 0;  // requester: retransmission timeouts without progress
+  Clock::time_point rto_due{};
+  std::uint32_t expected_psn = 0;  // responder: the only PSN it accepts next
 
   ~Qp();
   volatile std::uint32_t* dbrec() const {
@@ -276,6 +301,11 @@ class Nic {
   // ibv_modify_qp's state machine: RESET->INIT->RTR (names the peer)->RTS,
   // any->ERR, any->RESET (empties the queues).
   std::string ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, std::uint32_t peer_qpn);
+  // Listens on 127.0.0.1 (ephemeral port) for peer NICs' links.
+  std::string Listen(std::uint16_t* port);
+  // INIT -> RTR with the peer QP `peer_qpn` of the NIC listening on
+  // host:port (port 0: only receive from that QP, send nothing).
+  std::string ConnectQp(std::uint32_t qpn, const std::string& host, std::uint16_t port, std::uint32_t peer_qpn);
   Qp* FindQp(std::uint32_t qpn);
   const Region* FindLkey(std::uint32_t lkey) const;
   const Region* FindRkey(std::uint32_t rkey) const;
@@ -295,6 +325,12 @@ class Nic {
   std::int64_t Complete(Qp& qp);
   void Fail(Qp& qp, std::size_t index, Violation why);
   void WriteCqe(Qp& qp, const InFlight& entry);
+  // The link (nic_model.cc, "over a link"): the responder side, and one QP's
+  // requester side.
+  void ServeLinks();
+  bool Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>& payload);
+  void DriveLink(Qp& qp, Clock::time_point now);
+  void OnReply(Qp& qp, const FrameHeader& h, Clock::time_point now);
 
   std::int64_t id_;
   Faults faults_;
@@ -303,6 +339,8 @@ class Nic {
   std::map<std::uint32_t, std::uint32_t> rkeys_;  // rkey -> lkey
   std::map<std::uint32_t, std::unique_ptr<Qp>> qps_;
   std::uint32_t next_qpn_ = 0x100;
+  int listen_fd_ = -1;
+  std::vector<std::unique_ptr<Conn>> accepted_;
   std::thread thread_;
   std::atomic<bool> running_{false};
 };
