@@ -203,6 +203,7 @@ std::string Nic::ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, 
     qp->remote = false;
     qp->link.reset();
     qp->next_psn = qp->send_psn = qp->una_psn = qp->expected_psn = qp->timeouts = 0;
+    qp->placed_ahead.clear();
   }
   if (to == QpState::kErr) {
     for (auto& e : qp->in_flight) {
@@ -391,10 +392,11 @@ std::int64_t Nic::Progress(std::int64_t max_chunks) {
 // --- over a link -------------------------------------------------------------------
 // A requester sends each packet of a write as a WRITE frame with the next
 // PSN, at most kWindow unacked; fenced writes wait until every earlier one is
-// acked. The responder accepts only the PSN it expects: it checks the frame
-// as a local write is checked (QP, rkey, access, bounds), places the bytes
-// and ACKs the PSN, or NAKs it with the reason; an older PSN (a duplicate) is
-// re-acked, a newer one dropped. A reply to the oldest unacked PSN is the
+// acked. The responder accepts the PSN it expects: it checks the frame as a
+// local write is checked (QP, rkey, access, bounds), places the bytes and
+// ACKs, or NAKs it with the reason; an older PSN (a duplicate) is re-acked,
+// not placed again; a newer one is dropped (with the reorder fault: placed
+// now, acked once the gap is filled). A reply to the oldest unacked PSN is the
 // only one that counts (ACKs are cumulative). Without progress for
 // kRetransmitTimeout the requester goes back to the oldest unacked PSN
 // (go-back-N); retry_count timeouts in a row fail that write with retry
@@ -453,20 +455,28 @@ bool Nic::Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>
   }
   FrameHeader reply{kFrameMagic, kFrameVersion, static_cast<std::uint16_t>(FrameKind::kAck), h.dst_qpn, h.src_qpn,
                     h.psn, 0, 0, 0, 0};
-  if (Before(h.psn, qp->expected_psn)) {
-    reply.psn = qp->expected_psn - 1;  // a duplicate: say again how far we are
-  } else if (h.psn != qp->expected_psn) {
-    return true;  // ahead of a lost packet: the requester goes back
-  } else {
+  const bool ahead = h.psn != qp->expected_psn && !Before(h.psn, qp->expected_psn);
+  // Ahead of a lost packet: dropped (the requester goes back), unless the
+  // reorder fault places it now, as mlx5 may place unfenced writes in any
+  // order (the requester's fence keeps fenced ones behind the others).
+  if (ahead && !(faults_.reorder && h.psn - qp->expected_psn < kWindow)) return true;
+  const bool duplicate = Before(h.psn, qp->expected_psn) || qp->placed_ahead.count(h.psn) != 0;
+  if (!duplicate) {
     const Violation v = CheckRemoteWrite(FindRkey(h.rkey), h.raddr, h.length);
     if (v != Violation::kNone) {
+      if (ahead) return true;  // refused when its turn comes (the requester resends it)
       reply.kind = static_cast<std::uint16_t>(FrameKind::kNak);
       reply.rkey = static_cast<std::uint32_t>(v);
-    } else {
-      if (h.length > 0) std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(h.raddr)), payload.data(), h.length);
-      ++qp->expected_psn;
+      reply.psn = h.psn;
+      QueueFrame(c, reply, nullptr);
+      return true;
     }
+    if (h.length > 0) std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(h.raddr)), payload.data(), h.length);
+    qp->placed_ahead.insert(h.psn);
+    while (qp->placed_ahead.erase(qp->expected_psn) != 0) ++qp->expected_psn;
   }
+  // ACKs are cumulative: everything before expected_psn is placed.
+  reply.psn = qp->expected_psn - 1;
   QueueFrame(c, reply, nullptr);
   return true;
 }

@@ -92,6 +92,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -272,7 +273,8 @@ struct Qp {
   std::uint32_t una_psn = 0;   // requester: oldest PSN not acked
   std::uint32_t timeouts = 0;  // requester: retransmission timeouts without progress
   Clock::time_point rto_due{};
-  std::uint32_t expected_psn = 0;  // responder: the only PSN it accepts next
+  std::uint32_t expected_psn = 0;  // responder: everything before it is placed
+  std::set<std::uint32_t> placed_ahead;  // responder, reorder fault: PSNs placed beyond it
 
   ~Qp();
   volatile std::uint32_t* dbrec() const {
