@@ -12,7 +12,8 @@
 //    for both, per device): stricter than hardware, so a transport that sends
 //    its local key, or its own region's rkey, as the peer's rkey fails here.
 //  * QP: RC, states RESET/INIT/RTR/RTS/ERR (ibv_qp_state values), connected
-//    to a peer QP of the same or another NIC of this process. Its doorbell
+//    to a peer QP of the same or another NIC of this process, or of a NIC in
+//    another process across a TCP link (below). Its doorbell
 //    record, send queue (2^n 64-byte basic blocks) and completion queue (2^m
 //    mlx5_cqe64, one CQ per QP) live in one POSIX shared-memory segment
 //    (QueueLayout) that another process (the transport's FFI handler, later
@@ -70,16 +71,36 @@
 //    QPs have a max WQE size of one BB (max_send_sge 1, max_inline_data 28),
 //    what mlx5_wqe.h writes; larger DS is a local QP operation error.
 //  * CQ overrun (the consumer's CQ doorbell record is not read).
-//  * Two NICs joined by TCP (issue 24's "remote writes travel over it"). The
-//    design: Faults's transmission step becomes a frame (qpn, psn, rkey,
-//    raddr, bytes) sent to the peer NIC over a 127.0.0.1 connection; the
-//    responder validates rkey/bounds/access on its side and answers ACK or
-//    NAK(syndrome) per PSN; the requester keeps the WQE in flight until
-//    acked, retransmits after a timeout (go-back-N from the oldest unacked
-//    PSN, so loss and reordering become real), and fails it with
-//    TRANSPORT_RETRY_EXC_ERR after retry_count timeouts (a lost link). The
-//    in-process peer lookup (WqeContext::RemoteByRkey, the responder's
-//    checks) and PlaceOneChunk's transmission are the seams where it goes.
+//  * Over a link: RDMA READ/atomics, WRITE with immediate (still the local
+//    RNR error), NAK-sequence-error (a gap is repaired by the timeout only),
+//    loss of ACK/NAK frames, reconnecting a link, more than one connection
+//    per requester QP, any address but IPv4 (tests use 127.0.0.1 only).
+//
+// == Two NICs joined by TCP ==  (nic_link.cc: frames, sockets; nic_model.cc:
+// "over a link": what they mean)
+// A NIC listens on 127.0.0.1 (Listen: ephemeral port). ConnectQp moves a QP
+// INIT -> RTR with a peer QP (peer address, peer QPN) of a NIC that is
+// usually in another process; the requester QP opens its own connection
+// (port 0: a responder-only QP). ValidateWqe then makes only the requester's
+// checks (WqeContext::OverLink); each valid WRITE gets ceil(size / kMtu)
+// consecutive PSNs, and each packet goes out as a WRITE frame (FrameHeader:
+// magic, version, kind, sender/destination QPN, PSN, rkey, remote address,
+// length; payload). The responder checks a frame exactly like a local write
+// (CheckRemoteWrite: rkey, access, bounds incl. wrap; QP in RTR/RTS, sent by
+// its peer QP) and accepts the next PSN only: it places the bytes and ACKs,
+// or NAKs with the Violation (-> the requester's error CQE, syndrome and all);
+// duplicates are re-acked and never placed twice; later PSNs are dropped
+// (with the responder's reorder fault: placed now, acked cumulatively once
+// the gap is filled, as mlx5 may place unfenced writes out of order). The
+// requester completes WQEs in order once all their PSNs are acked; a fenced
+// WQE is not sent before every earlier one is acked. Without an ACK for
+// kRetransmitTimeout (+ 2 x latency_us) it goes back to the oldest unacked
+// PSN (go-back-N); retry_count timeouts in a row fail that WQE with
+// TRANSPORT_RETRY_EXC_ERR and flush the rest (QP to ERR), which is what a
+// closed connection or link_down comes to. loss_permille and link_down drop
+// WRITE frames at the sender. A malformed frame (magic, version, kind,
+// length > kMtu, payload on ACK/NAK) or one for an unknown QPN closes the
+// connection; nothing is placed outside a region that passed the checks.
 #ifndef EAAS_FFI_NIC_MODEL_H_
 #define EAAS_FFI_NIC_MODEL_H_
 

@@ -7,6 +7,11 @@ it instead of a ConnectX. This module wraps its C ABI: NICs, registered
 regions, QPs, and :class:`Queues`, the posting side of a QP (write WQEs, ring
 the doorbell record, poll CQEs) over the NIC's own mapping of the queue
 segment or, as another process would, one mapped by name.
+
+Two NIC models, usually in two processes, can be joined by a TCP link on
+127.0.0.1: :meth:`NicModel.listen` on one, :meth:`QueuePair.connect_remote`
+with its port and QPN on the other; WRITEs to that QP then travel as frames,
+checked, acked and retransmitted as ``ffi/nic_model.h`` describes.
 """
 
 from __future__ import annotations
