@@ -484,7 +484,9 @@ bool Nic::Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>
 // A reply to the requester QP `qp`.
 void Nic::OnReply(Qp& qp, const FrameHeader& h, Clock::time_point now) {
   if (h.src_qpn != qp.peer_qpn || h.dst_qpn != qp.qpn) return;
-  if (Before(h.psn, qp.una_psn) || !Before(h.psn, qp.send_psn)) return;  // stale, or for nothing we sent
+  // Stale, or for no packet taken. (An ACK may be for a packet past
+  // send_psn: sent before a go-back-N rewind, and it got through.)
+  if (Before(h.psn, qp.una_psn) || !Before(h.psn, qp.next_psn)) return;
   for (std::size_t i = 0; i < qp.in_flight.size(); ++i) {
     InFlight& e = qp.in_flight[i];
     if (Done(e)) continue;
@@ -499,6 +501,7 @@ void Nic::OnReply(Qp& qp, const FrameHeader& h, Clock::time_point now) {
   }
   if (h.kind == static_cast<std::uint16_t>(FrameKind::kAck)) {
     qp.una_psn = h.psn + 1;
+    if (Before(qp.send_psn, qp.una_psn)) qp.send_psn = qp.una_psn;
     qp.timeouts = 0;
     qp.rto_due = now + kRetransmitTimeout + std::chrono::microseconds(2 * faults_.latency_us);
   }
