@@ -269,6 +269,25 @@ def test_peer_gone_mid_stream_is_retry_exceeded(link):
     _assert_lost_link(link, 0, 16)
 
 
+def test_peer_process_killed_mid_stream_is_retry_exceeded():
+    """The peer process dies (SIGKILL) while WRITEs are in flight: a process
+    of its own, the module's stays up."""
+    peer = Peer()
+    lk = Link(peer, {"retry_count": 3})
+    try:
+        for i in range(8):
+            lk.write(1024 * i, 0, 1024, flags=w.CTRL_CQ_UPDATE)
+        lk.q.ring()
+        peer.kill()
+        for i in range(8):
+            lk.write(1024 * i, 0, 1024, flags=w.CTRL_CQ_UPDATE)
+        lk.q.ring()
+        _assert_lost_link(lk, 0, 16)
+    finally:
+        lk.close()
+        peer.kill()
+
+
 def _closed_by_peer(s: socket.socket) -> bool:
     s.settimeout(WAIT_S)
     try:
