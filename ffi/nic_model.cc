@@ -36,6 +36,7 @@ class QpContext : public WqeContext {
     *peer_ok = peer_qp != nullptr && (peer_qp->state == QpState::kRtr || peer_qp->state == QpState::kRts);
     return *peer_ok ? peer->FindRkey(rkey) : nullptr;
   }
+  bool OverLink() const override { return qp_.remote; }
 
  private:
   const Nic& nic_;
@@ -59,6 +60,18 @@ std::size_t ChunkEnd(const InFlight& e, std::size_t off) {
 }
 
 bool Done(const InFlight& e) { return e.why != Violation::kNone || e.unplaced.empty(); }
+
+// PSN order with wrap-around: a before b.
+bool Before(std::uint32_t a, std::uint32_t b) { return static_cast<std::int32_t>(a - b) < 0; }
+
+// Packets a requester keeps unacked at most, and its retransmission timeout:
+// generous, so a loaded machine's scheduling delay is not taken for loss
+// (retry_count such timeouts without progress fail a WQE).
+constexpr std::uint32_t kWindow = 64;
+constexpr auto kRetransmitTimeout = std::chrono::milliseconds(10);
+
+// The PSN of the packet at offset `off` of a write over a link.
+std::uint32_t PsnAt(const InFlight& e, std::size_t off) { return e.psn0 + static_cast<std::uint32_t>(off / kMtu); }
 
 }  // namespace
 
@@ -92,7 +105,10 @@ Qp::~Qp() {
   }
 }
 
-Nic::~Nic() { Stop(); }
+Nic::~Nic() {
+  Stop();
+  if (listen_fd_ >= 0) close(listen_fd_);
+}
 
 void Nic::SetFaults(const Faults& f) {
   faults_ = f;
@@ -170,6 +186,7 @@ std::string Nic::ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, 
                   (from == QpState::kInit && to == QpState::kRtr) || (from == QpState::kRtr && to == QpState::kRts);
   if (!ok) return "QP state transition not allowed";
   if (to == QpState::kRtr) {
+    qp->remote = false;
     qp->peer_nic = peer_nic;
     qp->peer_qpn = peer_qpn;
   }
@@ -183,6 +200,10 @@ std::string Nic::ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, 
     qp->sq_consumer = qp->cq_producer = 0;
     qp->in_flight.clear();
     qp->peer_nic = -1;
+    qp->remote = false;
+    qp->link.reset();
+    qp->next_psn = qp->send_psn = qp->una_psn = qp->expected_psn = qp->timeouts = 0;
+    qp->placed_ahead.clear();
   }
   if (to == QpState::kErr) {
     for (auto& e : qp->in_flight) {
@@ -232,8 +253,17 @@ void Nic::TakeNewWqes(Qp& qp) {
         e.signaled = w.signaled;
         e.fenced = w.fenced;
         e.dst = w.dst;
+        e.raddr = w.raddr;
+        e.rkey = w.rkey;
         e.bytes.assign(w.src, w.src + w.size);
-        e.unplaced = Chunks(w.dst, w.size);
+        if (qp.remote) {
+          // Packets of kMtu bytes, one PSN each, acked in PSN order.
+          for (std::size_t off = 0; off < w.size; off += kMtu) e.unplaced.push_back(off);
+          e.psn0 = qp.next_psn;
+          qp.next_psn += static_cast<std::uint32_t>(e.unplaced.size());
+        } else {
+          e.unplaced = Chunks(w.dst, w.size);
+        }
         e.due = Clock::now() + std::chrono::microseconds(faults_.latency_us);
       }
     }
@@ -272,6 +302,7 @@ bool Nic::PlaceOneChunk(Clock::time_point now) {
   std::vector<Candidate> candidates;
   for (auto& entry : qps_) {
     Qp* qp = entry.second.get();
+    if (qp->remote) continue;  // its writes travel over the link (DriveLink)
     bool earlier_pending = false;
     for (std::size_t i = 0; i < qp->in_flight.size(); ++i) {
       const InFlight& e = qp->in_flight[i];
@@ -343,15 +374,192 @@ void Nic::WriteCqe(Qp& qp, const InFlight& e) {
 }
 
 std::int64_t Nic::Progress(std::int64_t max_chunks) {
+  ServeLinks();
   for (auto& entry : qps_) TakeNewWqes(*entry.second);
   std::int64_t done = 0;
   const auto now = Clock::now();
+  for (auto& entry : qps_) {
+    if (entry.second->remote) DriveLink(*entry.second, now);
+  }
   for (std::int64_t placed = 0; max_chunks < 0 || placed < max_chunks; ++placed) {
     if (!PlaceOneChunk(now)) break;
     ++done;
   }
   for (auto& entry : qps_) done += Complete(*entry.second);
   return done;
+}
+
+// --- over a link -------------------------------------------------------------------
+// A requester sends each packet of a write as a WRITE frame with the next
+// PSN, at most kWindow unacked; fenced writes wait until every earlier one is
+// acked. The responder accepts the PSN it expects: it checks the frame as a
+// local write is checked (QP, rkey, access, bounds), places the bytes and
+// ACKs, or NAKs it with the reason; an older PSN (a duplicate) is re-acked,
+// not placed again; a newer one is dropped (with the reorder fault: placed
+// now, acked once the gap is filled). A reply to the oldest unacked PSN is the
+// only one that counts (ACKs are cumulative). Without progress for
+// kRetransmitTimeout the requester goes back to the oldest unacked PSN
+// (go-back-N); retry_count timeouts in a row fail that write with retry
+// exceeded. Loss (loss_permille, link_down) drops WRITE frames at the sender.
+
+std::string Nic::Listen(std::uint16_t* port) {
+  if (listen_fd_ >= 0) return "the NIC is listening already";
+  return nic::Listen(&listen_fd_, port);
+}
+
+std::string Nic::ConnectQp(std::uint32_t qpn, const std::string& host, std::uint16_t port,
+                           std::uint32_t peer_qpn) {
+  Qp* qp = FindQp(qpn);
+  if (qp == nullptr) return "no QP " + std::to_string(qpn);
+  if (qp->state != QpState::kInit) return "a QP is connected in INIT";
+  std::unique_ptr<Conn> link;
+  if (port != 0) {
+    const std::string failed = Connect(host, port, &link);
+    if (!failed.empty()) return failed;
+  }
+  qp->remote = true;
+  qp->link = std::move(link);
+  qp->peer_nic = -1;
+  qp->peer_qpn = peer_qpn;
+  qp->state = QpState::kRtr;
+  return "";
+}
+
+void Nic::ServeLinks() {
+  if (listen_fd_ < 0) return;
+  while (auto c = Accept(listen_fd_)) accepted_.push_back(std::move(c));
+  FrameHeader h{};
+  std::vector<std::uint8_t> payload;
+  for (auto& c : accepted_) {
+    Pump(*c);
+    Parse p;
+    while ((p = NextFrame(*c, &h, &payload)) == Parse::kFrame) {
+      if (!Respond(*c, h, payload)) break;
+    }
+    if (p == Parse::kBad || (p == Parse::kFrame && !c->closed)) c->Close();  // not our protocol
+    Pump(*c);
+  }
+  accepted_.erase(std::remove_if(accepted_.begin(), accepted_.end(), [](const auto& c) { return c->closed; }),
+                  accepted_.end());
+}
+
+// The responder's handling of one frame; false: close the connection.
+bool Nic::Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>& payload) {
+  if (h.kind != static_cast<std::uint16_t>(FrameKind::kWrite)) return false;  // replies come the other way
+  Qp* qp = FindQp(h.dst_qpn);
+  if (qp == nullptr) return false;
+  // Not from this QP's peer, or the QP cannot receive: dropped unanswered,
+  // as hardware drops such packets (the requester runs out of retries).
+  if (!qp->remote || qp->peer_qpn != h.src_qpn || (qp->state != QpState::kRtr && qp->state != QpState::kRts)) {
+    return true;
+  }
+  FrameHeader reply{kFrameMagic, kFrameVersion, static_cast<std::uint16_t>(FrameKind::kAck), h.dst_qpn, h.src_qpn,
+                    h.psn, 0, 0, 0, 0};
+  const bool ahead = h.psn != qp->expected_psn && !Before(h.psn, qp->expected_psn);
+  // Ahead of a lost packet: dropped (the requester goes back), unless the
+  // reorder fault places it now, as mlx5 may place unfenced writes in any
+  // order (the requester's fence keeps fenced ones behind the others).
+  if (ahead && !(faults_.reorder && h.psn - qp->expected_psn < kWindow)) return true;
+  const bool duplicate = Before(h.psn, qp->expected_psn) || qp->placed_ahead.count(h.psn) != 0;
+  if (!duplicate) {
+    const Violation v = CheckRemoteWrite(FindRkey(h.rkey), h.raddr, h.length);
+    if (v != Violation::kNone) {
+      if (ahead) return true;  // refused when its turn comes (the requester resends it)
+      reply.kind = static_cast<std::uint16_t>(FrameKind::kNak);
+      reply.rkey = static_cast<std::uint32_t>(v);
+      reply.psn = h.psn;
+      QueueFrame(c, reply, nullptr);
+      return true;
+    }
+    if (h.length > 0) std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(h.raddr)), payload.data(), h.length);
+    qp->placed_ahead.insert(h.psn);
+    while (qp->placed_ahead.erase(qp->expected_psn) != 0) ++qp->expected_psn;
+  }
+  // ACKs are cumulative: everything before expected_psn is placed.
+  reply.psn = qp->expected_psn - 1;
+  QueueFrame(c, reply, nullptr);
+  return true;
+}
+
+// A reply to the requester QP `qp`.
+void Nic::OnReply(Qp& qp, const FrameHeader& h, Clock::time_point now) {
+  if (h.src_qpn != qp.peer_qpn || h.dst_qpn != qp.qpn) return;
+  // Stale, or for no packet taken. (An ACK may be for a packet past
+  // send_psn: sent before a go-back-N rewind, and it got through.)
+  if (Before(h.psn, qp.una_psn) || !Before(h.psn, qp.next_psn)) return;
+  for (std::size_t i = 0; i < qp.in_flight.size(); ++i) {
+    InFlight& e = qp.in_flight[i];
+    if (Done(e)) continue;
+    if (h.kind == static_cast<std::uint16_t>(FrameKind::kNak)) {
+      if (h.psn != qp.una_psn) return;  // only the oldest can be refused
+      const auto why = static_cast<Violation>(h.rkey);
+      Fail(qp, i, why == Violation::kBadRkey || why == Violation::kRemoteAccess ? why : Violation::kRemoteBounds);
+      return;
+    }
+    while (!e.unplaced.empty() && !Before(h.psn, PsnAt(e, e.unplaced.front()))) e.unplaced.erase(e.unplaced.begin());
+    if (!e.unplaced.empty()) break;
+  }
+  if (h.kind == static_cast<std::uint16_t>(FrameKind::kAck)) {
+    qp.una_psn = h.psn + 1;
+    if (Before(qp.send_psn, qp.una_psn)) qp.send_psn = qp.una_psn;
+    qp.timeouts = 0;
+    qp.rto_due = now + kRetransmitTimeout + std::chrono::microseconds(2 * faults_.latency_us);
+  }
+}
+
+void Nic::DriveLink(Qp& qp, Clock::time_point now) {
+  Conn* link = qp.link.get();
+  if (link != nullptr) {
+    Pump(*link);
+    FrameHeader h{};
+    std::vector<std::uint8_t> payload;
+    Parse p;
+    while ((p = NextFrame(*link, &h, &payload)) == Parse::kFrame) {
+      if (h.kind == static_cast<std::uint16_t>(FrameKind::kWrite)) {
+        p = Parse::kBad;  // a responder does not send WRITEs back
+        break;
+      }
+      OnReply(qp, h, now);
+    }
+    if (p == Parse::kBad) link->Close();
+  }
+  const auto rto = kRetransmitTimeout + std::chrono::microseconds(2 * faults_.latency_us);
+  if (qp.una_psn != qp.send_psn && now >= qp.rto_due) {
+    // Nothing acked for a timeout: go back to the oldest unacked PSN, or give up.
+    if (++qp.timeouts > faults_.retry_count) {
+      for (std::size_t i = 0; i < qp.in_flight.size(); ++i) {
+        if (!Done(qp.in_flight[i])) {
+          Fail(qp, i, Violation::kRetryExceeded);
+          break;
+        }
+      }
+      qp.una_psn = qp.send_psn = qp.next_psn;
+      return;
+    }
+    qp.send_psn = qp.una_psn;
+    qp.rto_due = now + rto;
+  }
+  bool earlier_unacked = false;
+  for (InFlight& e : qp.in_flight) {
+    if (Done(e)) continue;
+    if ((e.fenced && earlier_unacked) || e.due > now) break;
+    earlier_unacked = true;
+    for (std::size_t off : e.unplaced) {
+      const std::uint32_t psn = PsnAt(e, off);
+      if (Before(psn, qp.send_psn)) continue;  // sent, waiting for its ACK
+      if (qp.send_psn - qp.una_psn >= kWindow) break;
+      if (qp.una_psn == qp.send_psn) qp.rto_due = now + rto;  // the first outstanding packet starts the timer
+      ++qp.send_psn;
+      const bool lost = faults_.link_down || (faults_.loss_permille > 0 && rng_() % 1000 < faults_.loss_permille);
+      if (lost || link == nullptr) continue;
+      const std::size_t len = std::min<std::size_t>(kMtu, e.bytes.size() - off);
+      const FrameHeader h{kFrameMagic, kFrameVersion, static_cast<std::uint16_t>(FrameKind::kWrite), qp.qpn,
+                          qp.peer_qpn, psn, e.rkey, e.raddr + off, static_cast<std::uint32_t>(len), 0};
+      QueueFrame(*link, h, e.bytes.data() + off);
+    }
+    if (qp.send_psn - qp.una_psn >= kWindow) break;
+  }
+  if (link != nullptr) Pump(*link);
 }
 
 // --- the progress thread ---------------------------------------------------------

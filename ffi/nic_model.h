@@ -12,7 +12,8 @@
 //    for both, per device): stricter than hardware, so a transport that sends
 //    its local key, or its own region's rkey, as the peer's rkey fails here.
 //  * QP: RC, states RESET/INIT/RTR/RTS/ERR (ibv_qp_state values), connected
-//    to a peer QP of the same or another NIC of this process. Its doorbell
+//    to a peer QP of the same or another NIC of this process, or of a NIC in
+//    another process across a TCP link (below). Its doorbell
 //    record, send queue (2^n 64-byte basic blocks) and completion queue (2^m
 //    mlx5_cqe64, one CQ per QP) live in one POSIX shared-memory segment
 //    (QueueLayout) that another process (the transport's FFI handler, later
@@ -70,16 +71,36 @@
 //    QPs have a max WQE size of one BB (max_send_sge 1, max_inline_data 28),
 //    what mlx5_wqe.h writes; larger DS is a local QP operation error.
 //  * CQ overrun (the consumer's CQ doorbell record is not read).
-//  * Two NICs joined by TCP (issue 24's "remote writes travel over it"). The
-//    design: Faults's transmission step becomes a frame (qpn, psn, rkey,
-//    raddr, bytes) sent to the peer NIC over a 127.0.0.1 connection; the
-//    responder validates rkey/bounds/access on its side and answers ACK or
-//    NAK(syndrome) per PSN; the requester keeps the WQE in flight until
-//    acked, retransmits after a timeout (go-back-N from the oldest unacked
-//    PSN, so loss and reordering become real), and fails it with
-//    TRANSPORT_RETRY_EXC_ERR after retry_count timeouts (a lost link). The
-//    in-process peer lookup (WqeContext::RemoteByRkey, the responder's
-//    checks) and PlaceOneChunk's transmission are the seams where it goes.
+//  * Over a link: RDMA READ/atomics, WRITE with immediate (still the local
+//    RNR error), NAK-sequence-error (a gap is repaired by the timeout only),
+//    loss of ACK/NAK frames, reconnecting a link, more than one connection
+//    per requester QP, any address but IPv4 (tests use 127.0.0.1 only).
+//
+// == Two NICs joined by TCP ==  (nic_link.cc: frames, sockets; nic_model.cc:
+// "over a link": what they mean)
+// A NIC listens on 127.0.0.1 (Listen: ephemeral port). ConnectQp moves a QP
+// INIT -> RTR with a peer QP (peer address, peer QPN) of a NIC that is
+// usually in another process; the requester QP opens its own connection
+// (port 0: a responder-only QP). ValidateWqe then makes only the requester's
+// checks (WqeContext::OverLink); each valid WRITE gets ceil(size / kMtu)
+// consecutive PSNs, and each packet goes out as a WRITE frame (FrameHeader:
+// magic, version, kind, sender/destination QPN, PSN, rkey, remote address,
+// length; payload). The responder checks a frame exactly like a local write
+// (CheckRemoteWrite: rkey, access, bounds incl. wrap; QP in RTR/RTS, sent by
+// its peer QP) and accepts the next PSN only: it places the bytes and ACKs,
+// or NAKs with the Violation (-> the requester's error CQE, syndrome and all);
+// duplicates are re-acked and never placed twice; later PSNs are dropped
+// (with the responder's reorder fault: placed now, acked cumulatively once
+// the gap is filled, as mlx5 may place unfenced writes out of order). The
+// requester completes WQEs in order once all their PSNs are acked; a fenced
+// WQE is not sent before every earlier one is acked. Without an ACK for
+// kRetransmitTimeout (+ 2 x latency_us) it goes back to the oldest unacked
+// PSN (go-back-N); retry_count timeouts in a row fail that WQE with
+// TRANSPORT_RETRY_EXC_ERR and flush the rest (QP to ERR), which is what a
+// closed connection or link_down comes to. loss_permille and link_down drop
+// WRITE frames at the sender. A malformed frame (magic, version, kind,
+// length > kMtu, payload on ACK/NAK) or one for an unknown QPN closes the
+// connection; nothing is placed outside a region that passed the checks.
 #ifndef EAAS_FFI_NIC_MODEL_H_
 #define EAAS_FFI_NIC_MODEL_H_
 
@@ -92,11 +113,13 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "mlx5_wqe.h"
+#include "nic_link.h"
 
 namespace eaas {
 namespace nic {
@@ -201,7 +224,11 @@ struct InFlight {
   Violation why = Violation::kNone;  // kNone: a write
   std::uint8_t* dst = nullptr;       // inside a peer region (checked)
   std::vector<std::uint8_t> bytes;   // the WRITE's data, read when it was taken
-  std::vector<std::size_t> unplaced;  // chunk offsets into `bytes` still to place
+  std::vector<std::size_t> unplaced;  // chunk offsets into `bytes` still to place;
+                                      // over a link: packet offsets not acked yet
+  std::uint64_t raddr = 0;           // over a link: where, checked by the responder
+  std::uint32_t rkey = 0;
+  std::uint32_t psn0 = 0;            // over a link: PSN of the packet at offset 0
   Clock::time_point due{};           // no placement before
   std::uint32_t losses = 0;
 };
@@ -214,13 +241,17 @@ class WqeContext {
   // The peer QP's region for `rkey`; *peer_ok false when the peer QP is
   // missing or not in RTR/RTS (then the result is nullptr).
   virtual const Region* RemoteByRkey(std::uint32_t rkey, bool* peer_ok) const = 0;
+  // The peer is across a TCP link: its responder checks the remote side.
+  virtual bool OverLink() const { return false; }
 };
 
 // A WQE that passed validation: what to write where.
 struct ValidWrite {
   bool signaled;
   bool fenced;
-  std::uint8_t* dst;
+  std::uint8_t* dst;        // nullptr over a link
+  std::uint64_t raddr;
+  std::uint32_t rkey;
   const std::uint8_t* src;  // in a local region or in `wqe` (inline)
   std::uint32_t size;
 };
@@ -231,6 +262,12 @@ struct ValidWrite {
 // (the requester checks its WQE before it sends a packet).
 Violation ValidateWqe(const std::uint8_t (&wqe)[kWqeBytes], std::uint16_t expected_index,
                       std::uint32_t qpn, const WqeContext& ctx, ValidWrite* out);
+
+// The responder's checks of a WRITE of `size` bytes at `raddr` to the
+// region of its rkey (nullptr: not registered): kNone, kBadRkey,
+// kRemoteAccess or kRemoteBounds. The same for a peer in this process and
+// one across a link.
+Violation CheckRemoteWrite(const Region* remote, std::uint64_t raddr, std::uint64_t size);
 
 // The PRM's syndrome for a violation.
 std::uint8_t SyndromeOf(Violation v);
@@ -248,6 +285,17 @@ struct Qp {
   std::int64_t peer_nic = -1;
   std::uint32_t peer_qpn = 0;
   std::deque<InFlight> in_flight;
+  // A peer across a TCP link (ConnectQp): `link` carries this QP's WRITE
+  // frames out and their ACK/NAKs back (nullptr: a responder-only QP).
+  bool remote = false;
+  std::unique_ptr<Conn> link;
+  std::uint32_t next_psn = 0;  // requester: PSN for the next packet taken
+  std::uint32_t send_psn = 0;  // requester: next PSN to transmit (go-back-N rewinds it)
+  std::uint32_t una_psn = 0;   // requester: oldest PSN not acked
+  std::uint32_t timeouts = 0;  // requester: retransmission timeouts without progress
+  Clock::time_point rto_due{};
+  std::uint32_t expected_psn = 0;  // responder: everything before it is placed
+  std::set<std::uint32_t> placed_ahead;  // responder, reorder fault: PSNs placed beyond it
 
   ~Qp();
   volatile std::uint32_t* dbrec() const {
@@ -276,6 +324,11 @@ class Nic {
   // ibv_modify_qp's state machine: RESET->INIT->RTR (names the peer)->RTS,
   // any->ERR, any->RESET (empties the queues).
   std::string ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, std::uint32_t peer_qpn);
+  // Listens on 127.0.0.1 (ephemeral port) for peer NICs' links.
+  std::string Listen(std::uint16_t* port);
+  // INIT -> RTR with the peer QP `peer_qpn` of the NIC listening on
+  // host:port (port 0: only receive from that QP, send nothing).
+  std::string ConnectQp(std::uint32_t qpn, const std::string& host, std::uint16_t port, std::uint32_t peer_qpn);
   Qp* FindQp(std::uint32_t qpn);
   const Region* FindLkey(std::uint32_t lkey) const;
   const Region* FindRkey(std::uint32_t rkey) const;
@@ -295,6 +348,12 @@ class Nic {
   std::int64_t Complete(Qp& qp);
   void Fail(Qp& qp, std::size_t index, Violation why);
   void WriteCqe(Qp& qp, const InFlight& entry);
+  // The link (nic_model.cc, "over a link"): the responder side, and one QP's
+  // requester side.
+  void ServeLinks();
+  bool Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>& payload);
+  void DriveLink(Qp& qp, Clock::time_point now);
+  void OnReply(Qp& qp, const FrameHeader& h, Clock::time_point now);
 
   std::int64_t id_;
   Faults faults_;
@@ -303,6 +362,8 @@ class Nic {
   std::map<std::uint32_t, std::uint32_t> rkeys_;  // rkey -> lkey
   std::map<std::uint32_t, std::unique_ptr<Qp>> qps_;
   std::uint32_t next_qpn_ = 0x100;
+  int listen_fd_ = -1;
+  std::vector<std::unique_ptr<Conn>> accepted_;
   std::thread thread_;
   std::atomic<bool> running_{false};
 };

@@ -165,6 +165,28 @@ EAAS_FFI_EXPORT int eaas_nic_unmap_queues(std::uint64_t base, std::uint64_t tota
   return munmap(reinterpret_cast<void*>(static_cast<std::uintptr_t>(base)), total_bytes);
 }
 
+// Listens on 127.0.0.1 for peer NICs' links; the ephemeral port into *port.
+EAAS_FFI_EXPORT int eaas_nic_listen(std::int64_t nic, std::uint32_t* port, char* err, std::int64_t err_len) {
+  std::lock_guard<std::mutex> lock(n::ModelMutex());
+  n::Nic* p = n::FindNic(nic);
+  if (p == nullptr) return Fail("no such NIC", err, err_len);
+  std::uint16_t port16 = 0;
+  const std::string failed = p->Listen(&port16);
+  *port = port16;
+  return Result(failed, err, err_len);
+}
+
+// INIT -> RTR with QP `peer_qpn` of the NIC listening on host:port, over a
+// TCP link (port 0: receive from it only). Then RTS with eaas_nic_modify_qp.
+EAAS_FFI_EXPORT int eaas_nic_connect_qp(std::int64_t nic, std::uint32_t qpn, const char* host, std::uint32_t port,
+                                        std::uint32_t peer_qpn, char* err, std::int64_t err_len) {
+  std::lock_guard<std::mutex> lock(n::ModelMutex());
+  n::Nic* p = n::FindNic(nic);
+  if (p == nullptr) return Fail("no such NIC", err, err_len);
+  if (host == nullptr || port > 65535) return Fail("bad peer address", err, err_len);
+  return Result(p->ConnectQp(qpn, host, static_cast<std::uint16_t>(port), peer_qpn), err, err_len);
+}
+
 // Takes new WQEs, places at most `max_chunks` chunks (< 0: all that are due),
 // writes due CQEs; returns the chunks placed plus the WQEs retired, or -1.
 EAAS_FFI_EXPORT std::int64_t eaas_nic_progress(std::int64_t nic, std::int64_t max_chunks) {

@@ -37,6 +37,13 @@ constexpr std::uint64_t kZeroByteCount = std::uint64_t{1} << 31;
 
 }  // namespace
 
+Violation CheckRemoteWrite(const Region* remote, std::uint64_t raddr, std::uint64_t size) {
+  if (remote == nullptr) return Violation::kBadRkey;
+  if ((remote->access & kAccessRemoteWrite) == 0) return Violation::kRemoteAccess;
+  if (!Inside(*remote, raddr, size)) return Violation::kRemoteBounds;
+  return Violation::kNone;
+}
+
 std::uint8_t SyndromeOf(Violation v) {
   switch (v) {
     case Violation::kNone:
@@ -108,20 +115,26 @@ Violation ValidateWqe(const std::uint8_t (&wqe)[kWqeBytes], std::uint16_t expect
     src = reinterpret_cast<const std::uint8_t*>(static_cast<std::uintptr_t>(laddr));
   }
 
-  // The responder's checks.
-  bool peer_ok = false;
-  const Region* remote = ctx.RemoteByRkey(LoadBe32(raddr_seg + 8), &peer_ok);
-  if (!peer_ok) return Violation::kPeerGone;
-  if (remote == nullptr) return Violation::kBadRkey;
-  if ((remote->access & kAccessRemoteWrite) == 0) return Violation::kRemoteAccess;
+  // The responder's checks (across a link, the responder makes them).
   const std::uint64_t raddr = LoadBe64(raddr_seg);
-  if (!Inside(*remote, raddr, size)) return Violation::kRemoteBounds;
+  const std::uint32_t rkey = LoadBe32(raddr_seg + 8);
+  std::uint8_t* dst = nullptr;
+  if (!ctx.OverLink()) {
+    bool peer_ok = false;
+    const Region* remote = ctx.RemoteByRkey(rkey, &peer_ok);
+    if (!peer_ok) return Violation::kPeerGone;
+    const Violation v = CheckRemoteWrite(remote, raddr, size);
+    if (v != Violation::kNone) return v;
+    dst = reinterpret_cast<std::uint8_t*>(static_cast<std::uintptr_t>(raddr));
+  }
   // A well-formed WRITE with immediate still needs a receive WQE the model lacks.
   if (opcode == m::MLX5_OPCODE_RDMA_WRITE_IMM) return Violation::kNoReceiveQueue;
 
   out->signaled = (fm_ce_se & m::MLX5_WQE_CTRL_CQ_UPDATE) != 0;
   out->fenced = (fm_ce_se & m::MLX5_WQE_CTRL_FENCE) != 0;
-  out->dst = reinterpret_cast<std::uint8_t*>(static_cast<std::uintptr_t>(raddr));
+  out->dst = dst;
+  out->raddr = raddr;
+  out->rkey = rkey;
   out->src = src;
   out->size = static_cast<std::uint32_t>(size);
   return Violation::kNone;

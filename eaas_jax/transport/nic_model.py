@@ -7,6 +7,11 @@ it instead of a ConnectX. This module wraps its C ABI: NICs, registered
 regions, QPs, and :class:`Queues`, the posting side of a QP (write WQEs, ring
 the doorbell record, poll CQEs) over the NIC's own mapping of the queue
 segment or, as another process would, one mapped by name.
+
+Two NIC models, usually in two processes, can be joined by a TCP link on
+127.0.0.1: :meth:`NicModel.listen` on one, :meth:`QueuePair.connect_remote`
+with its port and QPN on the other; WRITEs to that QP then travel as frames,
+checked, acked and retransmitted as ``ffi/nic_model.h`` describes.
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ _SIGNATURES = {
     "eaas_nic_unmap_queues": ([_u64, _u64], _int),
     "eaas_nic_progress": ([_i64, _i64], _i64),
     "eaas_nic_start": ([_i64, _i64], _int),
+    "eaas_nic_listen": ([_i64, _p32, _buf, _i64], _int),
+    "eaas_nic_connect_qp": ([_i64, _u32, _buf, _u32, _u32, _buf, _i64], _int),
 }
 _ERR_LEN = 512
 
@@ -230,6 +237,14 @@ class QueuePair:
         peer_nic, peer_qpn = (peer.nic.handle, peer.qpn) if peer is not None else (-1, 0)
         _call("eaas_nic_modify_qp", self.nic.handle, self.qpn, int(state), peer_nic, peer_qpn)
 
+    def connect_remote(self, peer_qpn: int, host: str = "127.0.0.1", port: int = 0) -> None:
+        """RESET -> INIT -> RTR -> RTS with QP `peer_qpn` of the NIC model
+        listening on host:port (another process's, usually), over a TCP
+        link; port 0: only receive that QP's WRITEs, send none."""
+        self.modify(QpState.INIT)
+        _call("eaas_nic_connect_qp", self.nic.handle, self.qpn, host.encode(), port, peer_qpn)
+        self.modify(QpState.RTS)
+
 
 def connect(a: QueuePair, b: QueuePair) -> None:
     """RESET -> INIT -> RTR -> RTS for both, each the other's peer."""
@@ -284,6 +299,12 @@ class NicModel:
         qpn = ctypes.c_uint32()
         _call("eaas_nic_create_qp", self.handle, log_sq_bbs, log_cq_entries, qpn)
         return QueuePair(self, qpn.value)
+
+    def listen(self) -> int:
+        """Listens on 127.0.0.1 for other NIC models' links; returns the port."""
+        port = ctypes.c_uint32()
+        _call("eaas_nic_listen", self.handle, port)
+        return port.value
 
     def progress(self, max_chunks: int = -1) -> int:
         """Takes new WQEs, places up to `max_chunks` chunks (-1: all due),
