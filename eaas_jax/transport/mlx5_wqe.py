@@ -113,11 +113,7 @@ _SIGNATURES = {
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = native.load_library()
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, restype
-    return lib
+    return native.bind_functions(_SIGNATURES)
 
 
 def have_rdma_core() -> bool:

@@ -157,6 +157,16 @@ def load_library() -> ctypes.CDLL:
         ) from e
 
 
+def bind_functions(signatures: dict) -> ctypes.CDLL:
+    """The library with the C functions in `signatures` (name -> (argtypes,
+    restype)) given their prototypes, so ctypes checks and converts each call."""
+    lib = load_library()
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
 _REGISTER_LOCK = threading.Lock()
 
 

@@ -132,11 +132,7 @@ _ERR_LEN = 512
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = native.load_library()
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, restype
-    return lib
+    return native.bind_functions(_SIGNATURES)
 
 
 def _call(name: str, *args) -> None:
