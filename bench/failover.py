@@ -174,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     # The engine's failures, re-admissions and retries, timed, beside the table.
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("eaas_jax.engine.engine").setLevel(logging.INFO)
+    logging.getLogger("eaas_jax.control_plane.server_pool").setLevel(logging.INFO)
     if not 0 < args.kill_at < 1:
         parser.error("--kill-at must be in (0, 1)")
     if args.cycles < 1:

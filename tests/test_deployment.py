@@ -190,3 +190,11 @@ experts = ["3-7"]
     without = _load(tmp_path, "name = 't'\n[[servers]]\nname = 'a'\n")
     with pytest.raises(DeploymentError, match="no spare endpoint"):
         without.joining_server("c", "all", "all")
+
+
+def test_a_local_cluster_refuses_a_deployment_not_loaded_from_a_file():
+    """Its servers load the deployment file themselves: one built in memory
+    (or whose file is gone) would start servers that fail to find it."""
+    spec = Deployment.from_dict({"name": "mem", "servers": [{"name": "s0"}]})
+    with pytest.raises(DeploymentError, match="not loaded from one"):
+        LocalCluster(SHIPPED, spec)

@@ -8,7 +8,7 @@ import pytest
 
 from eaas_jax.attention_client.remote_backend import RemoteExpertBackend
 from eaas_jax.engine.expert_parallel import ExpertParallelExperts
-from eaas_jax.engine.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
+from eaas_jax.model.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
 from eaas_jax.engine.runner import EmbeddedExperts
 from eaas_jax.transport import wire
 

@@ -19,7 +19,7 @@ from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.control_plane import server_pool
 from eaas_jax.control_plane.server_pool import MEMBERSHIP_CHECK_S
 from eaas_jax.engine.metrics import RECENT_STEPS
-from eaas_jax.engine.experts_backend import ExchangeReport
+from eaas_jax.model.experts_backend import ExchangeReport
 from eaas_jax.control_plane.autoscaler import ScalingPolicy
 from eaas_jax.attention_client.remote_backend import RemoteExpertBackend
 from eaas_jax.control_plane.cluster import LocalCluster
@@ -125,7 +125,7 @@ def test_with_adaptive_deadlines_a_frozen_replica_costs_a_fraction_of_the_fixed_
                 r0.send_signal(signal.SIGCONT)
                 thawed.append(int(engine.metrics.server_slots[0]))
 
-        with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
+        with caplog.at_level("WARNING", logger="eaas_jax.control_plane.server_pool"):
             assert run_requests(engine, freeze_then_thaw_r0) == reference
         assert frozen and thawed and backend.endpoint.stats()["timeouts"] == 1
         # Still the same process once its probation ended: probed (the answer
@@ -166,7 +166,7 @@ def test_with_adaptive_deadlines_a_pause_of_every_replica_reruns_the_step_with_t
                 threading.Timer(paused_for[0], thaw).start()
 
         try:
-            with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
+            with caplog.at_level("WARNING", logger="eaas_jax.control_plane.server_pool"):
                 assert run_requests(engine, pause_every_server) == reference
         finally:
             thaw()
@@ -385,7 +385,7 @@ def test_with_fixed_deadlines_replacements_and_paused_servers_come_back_only_onc
                 r0.send_signal(signal.SIGSTOP)
                 frozen.append(steps)
 
-        with caplog.at_level("WARNING", logger="eaas_jax.engine.engine"):
+        with caplog.at_level("WARNING", logger="eaas_jax.control_plane.server_pool"):
             assert run_requests(engine, freeze_r0) == reference
             assert not backend.is_live(0) and misses.tolist() == [1, 0, 0]
             generate_until(engine, reference, lambda: any("did not answer a probe" in r.getMessage() for r in caplog.records),

@@ -9,7 +9,7 @@ import numpy as np
 
 from eaas_jax.engine import SamplingParams
 from eaas_jax.engine.metrics import RECENT_STEPS, ServingMetrics
-from eaas_jax.engine.experts_backend import ExchangeReport
+from eaas_jax.model.experts_backend import ExchangeReport
 from eaas_jax.transport import wire
 
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?\d+(?:\.\d+)?)$')

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eaas_jax.attention_client.deadlines import AdaptiveDeadline
-from eaas_jax.engine.experts_backend import ExchangeOutputs
+from eaas_jax.model.experts_backend import ExchangeOutputs
 from eaas_jax.attention_client.exchange import RemoteExperts
 from eaas_jax.transport import wire
 
@@ -137,9 +137,8 @@ class RemoteExpertBackend:
         return self._traced
 
     def outputs(self, exchange: RemoteExperts) -> ExchangeOutputs:
-        return ExchangeOutputs(exchange.statuses, exchange.status_labels, exchange.unserved_tokens,
-                               exchange.unserved_labels, exchange.server_slots, exchange.server_wait_us,
-                               exchange.carry)
+        return ExchangeOutputs(exchange.statuses, exchange.unserved_tokens, exchange.unserved_labels,
+                               exchange.server_slots, exchange.server_wait_us, exchange.carry)
 
     def traced_exchanges(self) -> list[tuple[int, int]]:
         return list(self._traced.status_labels) if self._traced is not None else []

@@ -146,7 +146,7 @@ KEEP_LOGS_ENV_VAR = "EAAS_JAX_KEEP_SERVER_LOGS"
 
 class LocalCluster:
     """Expert-server processes of `deployment` (a file, or a `Deployment`
-    loaded from one) for `model_path`, on this host.
+    loaded from one: the servers load that file) for `model_path`, on this host.
 
     Args:
       startup_timeout: seconds each server may take to load, compile and answer.
@@ -160,6 +160,9 @@ class LocalCluster:
     def __init__(self, model_path: str, deployment: Deployment | str, *, dtype: str = "float32",
                  startup_timeout: float = 300.0, keep_logs: bool | None = None):
         self.deployment = Deployment.of(deployment)
+        if not os.path.isfile(self.deployment.source):  # the servers load the file themselves
+            raise DeploymentError(f"a LocalCluster starts its servers from a deployment file, but this deployment "
+                                  f"was not loaded from one (source {self.deployment.source!r})")
         # A unique name per cluster: two clusters on one host never share segments.
         self.shm_name = f"{self.deployment.name[:24]}-{uuid.uuid4().hex[:12]}"
         self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{self.shm_name}-")  # mode 0700

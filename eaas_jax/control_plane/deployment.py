@@ -10,7 +10,7 @@ A deployment is a TOML file (see `configs/deploy/`):
     timeout_ms = 10000         # deadline of one exchange (combine)
     min_timeout_ms = 50        # optional: deadlines adapt to the step times
                                # a client sees, between this and timeout_ms
-                               # (runtime/deadlines.py); without it they are
+                               # (attention_client/deadlines.py); without it they are
                                # fixed at timeout_ms
     double_batching = true     # two micro-batches ping-pong in the client step
     max_clients = 2            # attention clients that may connect at once

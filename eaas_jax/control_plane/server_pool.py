@@ -24,7 +24,7 @@ from eaas_jax.control_plane.cluster import LocalCluster, RegistryCluster
 from eaas_jax.control_plane.deployment import Deployment
 from eaas_jax.control_plane.probation import Probation
 from eaas_jax.control_plane.registry import RegistryError
-from eaas_jax.engine.experts_backend import ExchangeReport
+from eaas_jax.model.experts_backend import ExchangeReport
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +283,8 @@ class ServerPool:
         paused = self._paused_servers(failures, step_arrays) if unserved else set()
         for server, what in failures.items():
             if self.experts.is_live(server) and server not in paused:
-                seconds = self._probation.failed(server, time.monotonic())
-                log.warning("%s; routing around it (probed again in %g s if it stays up)", what, seconds)
+                probation_s = self._probation.failed(server, time.monotonic())
+                log.warning("%s; routing around it (probed again in %g s if it stays up)", what, probation_s)
                 self._route_out(server)
         if paused:
             self._retry_with_full_deadlines(paused, failures, unserved)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
-
 def resolve_dtype(dtype) -> jnp.dtype:
     """'auto' is bfloat16 on accelerators and float32 on the CPU."""
     if dtype == "auto":

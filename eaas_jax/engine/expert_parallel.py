@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eaas_jax.engine.experts_backend import ExchangeOutputs
+from eaas_jax.model.experts_backend import ExchangeOutputs
 from eaas_jax.model.moe import Routing, routed_experts
 from eaas_jax.model.transformer import ExpertStack
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eaas_jax.engine.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
+from eaas_jax.model.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
 from eaas_jax.engine.sampler import SamplingInputs, sample
+from eaas_jax.engine.scheduler import StepRows
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
 from eaas_jax.model.moe import expert_token_counts
 from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache, micro_batch_rows
@@ -31,19 +32,6 @@ def bucket(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
-
-
-class StepRows(NamedTuple):
-    """One row per sequence, built on the host (numpy), before padding."""
-
-    tokens: list[list[int]]  # new tokens of each sequence
-    start_positions: list[int]  # position of each row's first new token
-    block_tables: list[list[int]]
-    sampling: list[dict]  # SamplingInputs fields per row
-    # Per row, -1, or the row of the previous dispatched step whose sampled token
-    # is this row's (single) new token: a token still on the device, in place
-    # of the placeholder in `tokens`.
-    token_sources: list[int] | None = None
 
 
 class StepResult(NamedTuple):
@@ -147,7 +135,7 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
 
 class ModelRunner:
     """Runs steps of `client` with routed experts from `experts`, an
-    `ExpertsBackend` (`engine.experts_backend`). A backend's carry is device
+    `ExpertsBackend` (`model.experts_backend`). A backend's carry is device
     state one step hands the next in dispatch order (remote: the servers still
     live), so a step queued before the host fetched its predecessor still
     learns what that one found.

@@ -17,12 +17,25 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from typing import NamedTuple
 
 from eaas_jax.engine.block_allocator import BlockAllocator
-from eaas_jax.engine.runner import StepRows
 from eaas_jax.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+class StepRows(NamedTuple):
+    """One row per sequence, built on the host (numpy), before padding."""
+
+    tokens: list[list[int]]  # new tokens of each sequence
+    start_positions: list[int]  # position of each row's first new token
+    block_tables: list[list[int]]
+    sampling: list[dict]  # SamplingInputs fields per row
+    # Per row, -1, or the row of the previous dispatched step whose sampled token
+    # is this row's (single) new token: a token still on the device, in place
+    # of the placeholder in `tokens`.
+    token_sources: list[int] | None = None
 
 
 class Scheduler:

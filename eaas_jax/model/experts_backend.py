@@ -1,8 +1,8 @@
 """The seam between the model runner and wherever the routed experts run.
 
 A compiled step gets its routed experts from an `ExpertsBackend`: computed in
-the step's own graph (`runner.EmbeddedExperts`), sharded over local devices
-(`expert_parallel.ExpertParallelExperts`) or served by expert servers through
+the step's own graph (`engine.runner.EmbeddedExperts`), sharded over local
+devices (`engine.expert_parallel.ExpertParallelExperts`) or served by expert servers through
 the transport (`attention_client.remote_backend.RemoteExpertBackend`). The
 backend's device arrays are inputs of the step (so a new routing table or
 deadline never recompiles), and its carry is device state one step hands the
@@ -11,6 +11,10 @@ next in dispatch order.
 What a step's exchanges saw comes back as an `ExchangeReport`: built on the
 device from the traced exchange's `ExchangeOutputs`, fetched with the step's
 tokens. Backends without an exchange report nothing (empty arrays).
+
+It lives beside the model's own `ExpertFn` / `ExpertExchange` (what the MoE
+layers call) rather than in `engine/`, so that the backends outside the engine
+(`attention_client`) import it without importing the engine.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class ExchangeOutputs(NamedTuple):
     """What one traced step's exchanges produce on the device.
 
     statuses: one [S] transport status vector per combine (failover re-sends
-      included), `status_labels` saying each one's (moe_layer, micro_batch);
+      included; the backend's `traced_exchanges()` names each one's
+      (moe_layer, micro_batch));
     unserved_tokens: per exchange, [n] int32: each token's needed slots no
       server delivered, `unserved_labels` its (moe_layer, micro_batch);
     server_slots, server_wait_us: [S] token-expert slots sent to each server
@@ -35,7 +40,6 @@ class ExchangeOutputs(NamedTuple):
     """
 
     statuses: list
-    status_labels: list
     unserved_tokens: list
     unserved_labels: list
     server_slots: jax.Array
@@ -46,7 +50,7 @@ class ExchangeOutputs(NamedTuple):
     def none(cls) -> "ExchangeOutputs":
         """A step with no exchange (experts in the graph)."""
         empty = jnp.zeros((0,), jnp.int32)
-        return cls([], [], [], [], empty, empty)
+        return cls([], [], [], empty, empty)
 
 
 class ExchangeReport(NamedTuple):
