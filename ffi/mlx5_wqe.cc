@@ -53,10 +53,13 @@ EAAS_FFI_EXPORT void eaas_mlx5_encode_data(std::uint8_t* out, std::uint32_t byte
   std::memcpy(out, b.bytes, 16);
 }
 
-// Inline data segment of `size` <= 60 bytes (what one BB can hold) into
-// `out` (64 bytes); returns its length in bytes, or -1 when `size` is over.
+// What one BB holds after the inline segment's 4-byte byte count.
+constexpr std::uint32_t kOneBbInline = m::MLX5_SEND_WQE_BB - 4;
+
+// Inline data segment of `size` <= kOneBbInline bytes into `out` (64 bytes);
+// returns its length in bytes, or -1 when `size` is over.
 EAAS_FFI_EXPORT int eaas_mlx5_encode_inline(std::uint8_t* out, const std::uint8_t* data, std::uint32_t size) {
-  if (size > 60) return -1;
+  if (size > kOneBbInline) return -1;
   Block b;
   const int units = m::SetInlineSeg(reinterpret_cast<m::mlx5_wqe_inl_data_seg*>(b.bytes), data, size);
   std::memcpy(out, b.bytes, static_cast<std::size_t>(units) * 16);

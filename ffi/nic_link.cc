@@ -41,7 +41,7 @@ void Conn::Close() {
 }
 
 std::string Listen(int* fd, std::uint16_t* port) {
-  const int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (s < 0) return "socket: " + ErrnoText(errno);
   sockaddr_in a{};
   a.sin_family = AF_INET;
@@ -53,7 +53,6 @@ std::string Listen(int* fd, std::uint16_t* port) {
     close(s);
     return why;
   }
-  fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
   *fd = s;
   *port = ntohs(a.sin_port);
   return "";

@@ -17,17 +17,14 @@
 #include "export.h"
 #include "nic_model.h"
 #include "shm_segment.h"
+#include "transport_common.h"
 
 namespace n = eaas::nic;
 
 namespace {
 
 int Fail(const std::string& why, char* err, std::int64_t err_len) {
-  if (err != nullptr && err_len > 0) {
-    const std::size_t len = std::min(why.size(), static_cast<std::size_t>(err_len - 1));
-    std::memcpy(err, why.data(), len);
-    err[len] = '\0';
-  }
+  eaas::CopyError(why, err, err_len);
   return -1;
 }
 

@@ -19,8 +19,9 @@
 //
 // A peer opens a segment by name and, before mapping it, fstat's the open
 // file: it refuses (naming the segment, its owner uid and mode) anything that
-// is not a regular file owned by our effective uid with mode 0600 and exactly
-// the size our geometry gives. So another local user who creates the name
+// is not a regular file owned by our effective uid with mode 0600 (its size
+// is judged after mapping, with the geometry in its header: only the header
+// is read before). So another local user who creates the name
 // first can neither read our tokens, nor steer our replies, nor SIGBUS us by
 // truncating a segment we mapped: only our own uid can create a segment we
 // accept, and that uid could as well ptrace or kill us. (POSIX shm files
@@ -473,12 +474,11 @@ class Transport {
     const Clock::time_point now = Clock::now();
     if (now < next_recheck_[i]) return false;
     next_recheck_[i] = now + kPeerRecheckInterval;
-    const int fd = shm_open(SegmentName(deployment_, peer).c_str(), O_RDONLY, 0);
-    if (fd < 0) return false;
+    // One stat of the file shm_open would open (glibc keeps POSIX shared
+    // memory in /dev/shm): this runs under the transport lock, on sends.
     struct stat st {};
-    const bool other = fstat(fd, &st) == 0 && !(FileId{st.st_dev, st.st_ino} == mapped.file());
-    close(fd);
-    return other;
+    if (stat(("/dev/shm" + SegmentName(deployment_, peer)).c_str(), &st) != 0) return false;
+    return !(FileId{st.st_dev, st.st_ino} == mapped.file());
   }
 
   // Publishes one message into slot (this endpoint, channel) of `peer` (caller

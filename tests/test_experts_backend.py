@@ -85,3 +85,11 @@ def test_the_engine_reaches_servers_only_through_its_server_pool():
             if found:
                 reaching[name] = sorted(found)
     assert not reaching, reaching
+
+
+def test_the_package_exports_the_engine_and_its_sampling_params():
+    """`from eaas_jax import Engine, SamplingParams` (the package was empty before)."""
+    import eaas_jax
+    from eaas_jax.engine import Engine, SamplingParams
+
+    assert eaas_jax.Engine is Engine and eaas_jax.SamplingParams is SamplingParams

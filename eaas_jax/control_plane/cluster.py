@@ -49,7 +49,6 @@ from eaas_jax.control_plane.registry import (
     RegistryError,
     ServerRegistrations,
     clients_prefix,
-    servers_prefix,
     spares_prefix,
     wait_for_servers,
 )
@@ -579,28 +578,29 @@ class RegistryCluster:
             claims = self.registry.get_prefix(spares_prefix(self.deployment.name))
         except RegistryError as e:
             return None, None, e
-        up, joined = {}, {}
+        up, joined, unclaimed = {}, {}, set()
         for name, entry in entries.items():
             endpoint = entry["endpoint"]
             if name not in self._listed:
                 claimant = claims.get(spares_prefix(self.deployment.name) + str(endpoint), {})
                 if not isinstance(claimant, dict) or claimant.get("server") != name:
-                    self._warn_unclaimed(name, endpoint, claimant)
+                    unclaimed.add(self._warn_unclaimed(name, endpoint, claimant))
                     continue
                 joined[endpoint] = JoinedServer(name, _hosted_pairs(entry["hosted"], self._config))
             up[endpoint] = (entry["host"], entry["pid"])
+        self._unclaimed_warned = unclaimed  # warned of again if it comes back after it was gone
         return up, joined, None
 
-    def _warn_unclaimed(self, name: str, endpoint: int, claimant) -> None:
-        """Warns (once per server, endpoint and claim) of a joining server's
-        entry on a spare endpoint that another server, or none, claimed: a
-        server joins only on the endpoint it claimed (`serve-experts` claims
-        one atomically under its lease), so two entries never share one."""
+    def _warn_unclaimed(self, name: str, endpoint: int, claimant) -> tuple:
+        """Warns (once while it lasts) of a joining server's entry on a spare
+        endpoint that another server, or none, claimed: a server joins only on
+        the endpoint it claimed (`serve-experts` claims one atomically under
+        its lease), so two entries never share one. Returns its key."""
         key = (name, endpoint, repr(claimant))
         if key not in self._unclaimed_warned:
-            self._unclaimed_warned.add(key)
             log.warning("ignoring registry entry of server %r: spare endpoint %d is claimed by %s", name, endpoint,
                         reprlib.repr(claimant.get("server")) if isinstance(claimant, dict) and claimant else "nobody")
+        return key
 
     def _follow_registry(self, poll_s: float) -> None:
         while not self._closed.wait(poll_s):
@@ -624,13 +624,16 @@ class RegistryCluster:
             if not joined or endpoint not in joined:
                 return f"spare endpoint {endpoint} (no server registered there as of the last poll)"
             return f"expert server {joined[endpoint].name!r} (spare endpoint {endpoint}, in {self.registry.url})"
+        # From the last poll, as everything else here: this names a server
+        # that failed a step, and must not make that step wait for etcd.
         spec = self.deployment.servers[endpoint]
-        try:
-            prefix = servers_prefix(self.deployment.name)
-            registered = prefix + spec.name in self.registry.get_prefix(prefix)
-            state = "still registered" if registered else "no longer registered (its lease expired)"
-        except RegistryError as e:
-            state = f"registry unreachable: {e}"
+        up, _, error = self._membership
+        if error is not None:
+            state = f"registry unreachable at the last poll: {error}"
+        elif endpoint in up:
+            state = "still registered as of the last poll"
+        else:
+            state = "no longer registered as of the last poll (its lease expired)"
         return f"expert server {spec.name!r} (endpoint {endpoint}; {state} in {self.registry.url})"
 
     def close(self) -> None:
