@@ -40,16 +40,16 @@ void Conn::Close() {
   out.clear();
 }
 
-std::string Listen(int* fd, std::uint16_t* port) {
-  const int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (s < 0) return "socket: " + ErrnoText(errno);
+std::string Listen(const std::string& host, int* fd, std::uint16_t* port) {
   sockaddr_in a{};
   a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) return "not an IPv4 address: " + host;
+  const int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (s < 0) return "socket: " + ErrnoText(errno);
   socklen_t len = sizeof(a);
   if (bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(s, 16) != 0 ||
       getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    const std::string why = "listen on 127.0.0.1: " + ErrnoText(errno);
+    const std::string why = "listen on " + host + ": " + ErrnoText(errno);
     close(s);
     return why;
   }

@@ -46,8 +46,8 @@ struct Conn {
   void Close();
 };
 
-// A non-blocking listening socket on 127.0.0.1, ephemeral port.
-std::string Listen(int* fd, std::uint16_t* port);
+// A non-blocking listening socket on the IPv4 address `host`, ephemeral port.
+std::string Listen(const std::string& host, int* fd, std::uint16_t* port);
 // A connection waiting on `listen_fd`, or nullptr.
 std::unique_ptr<Conn> Accept(int listen_fd);
 // Connects (blocking, at most ~1 s) to host:port; the connection is then

@@ -402,21 +402,15 @@ std::int64_t Nic::Progress(std::int64_t max_chunks) {
 // (go-back-N); retry_count timeouts in a row fail that write with retry
 // exceeded. Loss (loss_permille, link_down) drops WRITE frames at the sender.
 
-std::string Nic::Listen(std::uint16_t* port) {
+std::string Nic::Listen(const std::string& host, std::uint16_t* port) {
   if (listen_fd_ >= 0) return "the NIC is listening already";
-  return nic::Listen(&listen_fd_, port);
+  return nic::Listen(host, &listen_fd_, port);
 }
 
-std::string Nic::ConnectQp(std::uint32_t qpn, const std::string& host, std::uint16_t port,
-                           std::uint32_t peer_qpn) {
+std::string Nic::ConnectQp(std::uint32_t qpn, std::unique_ptr<Conn> link, std::uint32_t peer_qpn) {
   Qp* qp = FindQp(qpn);
   if (qp == nullptr) return "no QP " + std::to_string(qpn);
   if (qp->state != QpState::kInit) return "a QP is connected in INIT";
-  std::unique_ptr<Conn> link;
-  if (port != 0) {
-    const std::string failed = Connect(host, port, &link);
-    if (!failed.empty()) return failed;
-  }
   qp->remote = true;
   qp->link = std::move(link);
   qp->peer_nic = -1;

@@ -74,11 +74,12 @@
 //  * Over a link: RDMA READ/atomics, WRITE with immediate (still the local
 //    RNR error), NAK-sequence-error (a gap is repaired by the timeout only),
 //    loss of ACK/NAK frames, reconnecting a link, more than one connection
-//    per requester QP, any address but IPv4 (tests use 127.0.0.1 only).
+//    per requester QP, any address but IPv4.
 //
 // == Two NICs joined by TCP ==  (nic_link.cc: frames, sockets; nic_model.cc:
 // "over a link": what they mean)
-// A NIC listens on 127.0.0.1 (Listen: ephemeral port). ConnectQp moves a QP
+// A NIC listens on an IPv4 address (Listen: ephemeral port; 127.0.0.1, or a
+// network namespace's veth address in the two-host tests). ConnectQp moves a QP
 // INIT -> RTR with a peer QP (peer address, peer QPN) of a NIC that is
 // usually in another process; the requester QP opens its own connection
 // (port 0: a responder-only QP). ValidateWqe then makes only the requester's
@@ -324,11 +325,13 @@ class Nic {
   // ibv_modify_qp's state machine: RESET->INIT->RTR (names the peer)->RTS,
   // any->ERR, any->RESET (empties the queues).
   std::string ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, std::uint32_t peer_qpn);
-  // Listens on 127.0.0.1 (ephemeral port) for peer NICs' links.
-  std::string Listen(std::uint16_t* port);
-  // INIT -> RTR with the peer QP `peer_qpn` of the NIC listening on
-  // host:port (port 0: only receive from that QP, send nothing).
-  std::string ConnectQp(std::uint32_t qpn, const std::string& host, std::uint16_t port, std::uint32_t peer_qpn);
+  // Listens on the IPv4 address `host` (ephemeral port) for peer NICs' links.
+  std::string Listen(const std::string& host, std::uint16_t* port);
+  // INIT -> RTR with the peer QP `peer_qpn` of the NIC at the other end of
+  // `link` (a connection to its listening port: nic_link.h's Connect, made
+  // before taking ModelMutex, as it may block; nullptr: only receive from
+  // that QP, send nothing).
+  std::string ConnectQp(std::uint32_t qpn, std::unique_ptr<Conn> link, std::uint32_t peer_qpn);
   Qp* FindQp(std::uint32_t qpn);
   const Region* FindLkey(std::uint32_t lkey) const;
   const Region* FindRkey(std::uint32_t rkey) const;

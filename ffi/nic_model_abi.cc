@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "export.h"
 #include "nic_model.h"
@@ -162,13 +163,16 @@ EAAS_FFI_EXPORT int eaas_nic_unmap_queues(std::uint64_t base, std::uint64_t tota
   return munmap(reinterpret_cast<void*>(static_cast<std::uintptr_t>(base)), total_bytes);
 }
 
-// Listens on 127.0.0.1 for peer NICs' links; the ephemeral port into *port.
-EAAS_FFI_EXPORT int eaas_nic_listen(std::int64_t nic, std::uint32_t* port, char* err, std::int64_t err_len) {
+// Listens on the IPv4 address `host` for peer NICs' links; the ephemeral
+// port into *port.
+EAAS_FFI_EXPORT int eaas_nic_listen(std::int64_t nic, const char* host, std::uint32_t* port, char* err,
+                                    std::int64_t err_len) {
   std::lock_guard<std::mutex> lock(n::ModelMutex());
   n::Nic* p = n::FindNic(nic);
   if (p == nullptr) return Fail("no such NIC", err, err_len);
+  if (host == nullptr) return Fail("no address to listen on", err, err_len);
   std::uint16_t port16 = 0;
-  const std::string failed = p->Listen(&port16);
+  const std::string failed = p->Listen(host, &port16);
   *port = port16;
   return Result(failed, err, err_len);
 }
@@ -177,11 +181,16 @@ EAAS_FFI_EXPORT int eaas_nic_listen(std::int64_t nic, std::uint32_t* port, char*
 // TCP link (port 0: receive from it only). Then RTS with eaas_nic_modify_qp.
 EAAS_FFI_EXPORT int eaas_nic_connect_qp(std::int64_t nic, std::uint32_t qpn, const char* host, std::uint32_t port,
                                         std::uint32_t peer_qpn, char* err, std::int64_t err_len) {
+  if (host == nullptr || port > 65535) return Fail("bad peer address", err, err_len);
+  std::unique_ptr<n::Conn> link;
+  if (port != 0) {  // before the lock: connecting may take up to a second
+    const std::string failed = n::Connect(host, static_cast<std::uint16_t>(port), &link);
+    if (!failed.empty()) return Fail(failed, err, err_len);
+  }
   std::lock_guard<std::mutex> lock(n::ModelMutex());
   n::Nic* p = n::FindNic(nic);
   if (p == nullptr) return Fail("no such NIC", err, err_len);
-  if (host == nullptr || port > 65535) return Fail("bad peer address", err, err_len);
-  return Result(p->ConnectQp(qpn, host, static_cast<std::uint16_t>(port), peer_qpn), err, err_len);
+  return Result(p->ConnectQp(qpn, std::move(link), peer_qpn), err, err_len);
 }
 
 // Takes new WQEs, places at most `max_chunks` chunks (< 0: all that are due),

@@ -92,6 +92,7 @@
 
 #include "export.h"
 #include "hidden_ffi_type.h"
+#include "ibgda_writer.h"
 #include "shm_segment.h"
 #include "transport_common.h"
 #include "wire_format.h"
@@ -481,29 +482,37 @@ class Transport {
     return !(FileId{st.st_dev, st.st_ino} == mapped.file());
   }
 
-  // Publishes one message into slot (this endpoint, channel) of `peer` (caller
-  // holds mu). `fill(slot_base)` writes the payload; `h` has every field but
-  // seq/ticket/checksum set. Returns the published seq.
+  // Sends one message to slot (this endpoint, channel) of `peer`'s inbox
+  // (caller holds mu): `fill(slot_base)` writes the payload; `h` has every
+  // field but seq/ticket/checksum set. An shm endpoint stores it into its
+  // mapping of the peer's inbox (Publish); an ibgda endpoint assembles it in
+  // its NIC writer's staging slot and posts it as RDMA WRITEs. Returns kOk and
+  // the published seq, or why the peer cannot be sent to (`why`).
   template <typename Fill>
-  std::uint64_t Publish(Mapping* peer, std::int64_t peer_index, std::int64_t channel,
-                        MessageHeader h, bool ticket_is_seq, Fill&& fill) {
-    std::uint64_t& last = send_seq_[SlotIndex(peer_index, channel)];
-    const std::uint64_t seq = last + 2;
-    last = seq;
-    std::uint8_t* slot = peer->slot(endpoint_, channel);
-    auto* shared_h = reinterpret_cast<MessageHeader*>(slot);
-    __atomic_store_n(&shared_h->seq, seq - 1, __ATOMIC_RELAXED);  // odd: writing
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-    fill(slot);
-    h.seq = seq;
-    if (ticket_is_seq) h.ticket = seq;
-    h.checksum = HeaderChecksum(h);
-    std::memcpy(slot + sizeof(std::uint64_t),
-                reinterpret_cast<const std::uint8_t*>(&h) + sizeof(std::uint64_t),
-                sizeof(MessageHeader) - sizeof(std::uint64_t));
-    __atomic_store_n(&shared_h->seq, seq, __ATOMIC_RELEASE);
-    return seq;
+  PeerStatus Send(std::int64_t peer, std::int64_t channel, MessageHeader h, bool ticket_is_seq, Fill&& fill,
+                  std::uint64_t* seq, std::string* why) {
+    if (nic_ == nullptr) {
+      Mapping* mapping = nullptr;
+      const PeerStatus st = Peer(peer, &mapping, why);
+      if (st == PeerStatus::kOk) *seq = Publish(mapping, peer, channel, h, ticket_is_seq, fill);
+      return st;
+    }
+    std::uint8_t* staged = nic_->Stage(peer, channel, why);
+    if (staged == nullptr) return PeerStatus::kUnavailable;
+    *seq = NextSeq(peer, channel);
+    fill(staged);
+    Seal(&h, *seq, ticket_is_seq);
+    std::memcpy(staged, &h, sizeof(h));
+    if (!nic_->Post(peer, channel, MessageRanges(h), *seq)) {
+      *why = "its send queue is full";
+      return PeerStatus::kUnavailable;
+    }
+    return PeerStatus::kOk;
   }
+
+  // The NIC writer of an ibgda endpoint (nullptr: an shm endpoint).
+  ibgda::NicWriter* nic() { return nic_.get(); }
+  void AttachNic(std::unique_ptr<ibgda::NicWriter> nic) { nic_ = std::move(nic); }
 
   Mapping& inbox() { return *inbox_; }
   std::atomic<std::uint64_t>& last_seen(std::size_t slot_index) { return last_seen_[slot_index]; }
@@ -518,12 +527,63 @@ class Transport {
   std::size_t poll_start = 0;
 
  private:
+  std::uint64_t NextSeq(std::int64_t peer, std::int64_t channel) {
+    std::uint64_t& last = send_seq_[SlotIndex(peer, channel)];
+    last += 2;
+    return last;
+  }
+
+  static void Seal(MessageHeader* h, std::uint64_t seq, bool ticket_is_seq) {
+    h->seq = seq;
+    if (ticket_is_seq) h->ticket = seq;
+    h->checksum = HeaderChecksum(*h);
+  }
+
+  // The bytes of a slot that message `h` occupies, past its sequence word:
+  // the rest of the header with the first payload array's used rows, then
+  // each other array's used rows (a request's expert ids, gates and, for
+  // float8 rows, scales; a reply has none).
+  std::vector<ibgda::SlotRange> MessageRanges(const MessageHeader& h) const {
+    const std::size_t n = h.num_tokens;
+    const std::size_t seq_bytes = sizeof(h.seq);
+    std::vector<ibgda::SlotRange> ranges{
+        {seq_bytes, slot_.hidden_offset - seq_bytes + n * static_cast<std::size_t>(geo_.d) * HiddenElementBytes(h.hidden_dtype)}};
+    if (h.kind == kKindRequest) {
+      const std::size_t ids = n * static_cast<std::size_t>(geo_.k) * sizeof(std::int32_t);
+      ranges.push_back({slot_.expert_ids_offset, ids});
+      ranges.push_back({slot_.gates_offset, ids});
+      if (h.hidden_dtype == kHiddenF8E4M3) ranges.push_back({slot_.scales_offset, n * sizeof(float)});
+    }
+    return ranges;
+  }
+
+  // Publishes one message into slot (this endpoint, channel) of `peer`'s
+  // mapped inbox (the shm path of Send). Returns the published seq.
+  template <typename Fill>
+  std::uint64_t Publish(Mapping* peer, std::int64_t peer_index, std::int64_t channel,
+                        MessageHeader h, bool ticket_is_seq, Fill&& fill) {
+    const std::uint64_t seq = NextSeq(peer_index, channel);
+    std::uint8_t* slot = peer->slot(endpoint_, channel);
+    auto* shared_h = reinterpret_cast<MessageHeader*>(slot);
+    __atomic_store_n(&shared_h->seq, seq - 1, __ATOMIC_RELAXED);  // odd: writing
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    fill(slot);
+    Seal(&h, seq, ticket_is_seq);
+    std::memcpy(slot + sizeof(std::uint64_t),
+                reinterpret_cast<const std::uint8_t*>(&h) + sizeof(std::uint64_t),
+                sizeof(MessageHeader) - sizeof(std::uint64_t));
+    __atomic_store_n(&shared_h->seq, seq, __ATOMIC_RELEASE);
+    return seq;
+  }
+
   std::string deployment_;
   std::int64_t endpoint_;
   Geometry geo_;
   SlotLayout slot_;
   std::string name_;
   std::unique_ptr<Mapping> inbox_;
+  // Declared after the inbox, so destroyed before it: its NIC writes there.
+  std::unique_ptr<ibgda::NicWriter> nic_;
   std::mutex mu_;
   std::vector<std::shared_ptr<Mapping>> peers_;
   std::vector<bool> peer_stale_;
@@ -828,17 +888,11 @@ ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
     if (toks.empty()) continue;
     Pending& pending = tr->pending(p, micro_batch);
     pending.valid = false;
-    Mapping* peer = nullptr;
-    std::string why;
-    const PeerStatus st = tr->Peer(p, &peer, &why);
-    if (st != PeerStatus::kOk) {
-      tr->Count(st == PeerStatus::kRefused ? kPeerRefused : kPeerUnavailable);
-      out[s] = -1;
-      continue;
-    }
     const MessageHeader h = NewHeader(*tr, kKindRequest, layer, micro_batch, toks.size());
-    const std::uint64_t seq = tr->Publish(
-        peer, p, micro_batch, h, /*ticket_is_seq=*/true, [&](std::uint8_t* slot) {
+    std::uint64_t seq = 0;
+    std::string why;
+    const PeerStatus st = tr->Send(
+        p, micro_batch, h, /*ticket_is_seq=*/true, [&](std::uint8_t* slot) {
           std::uint8_t* dh = slot + layout.hidden_offset;
           auto* de = reinterpret_cast<std::int32_t*>(slot + layout.expert_ids_offset);
           auto* dg = reinterpret_cast<float*>(slot + layout.gates_offset);
@@ -853,7 +907,12 @@ ffi::Error DispatchImpl(ffi::AnyBuffer hidden, ffi::Buffer<ffi::F32, 1> scales,
               dg[r * k + j] = mine ? g[t * k + j] : 0.0f;
             }
           }
-        });
+        }, &seq, &why);
+    if (st != PeerStatus::kOk) {
+      tr->Count(st == PeerStatus::kRefused ? kPeerRefused : kPeerUnavailable);
+      out[s] = -1;
+      continue;
+    }
     pending.valid = true;
     pending.ticket = seq;
     pending.num_tokens = static_cast<std::int32_t>(toks.size());
@@ -1218,21 +1277,20 @@ ffi::Error ReplyImpl(ffi::Buffer<ffi::F32, 2> results, ffi::Buffer<ffi::S32, 0> 
   }
   std::int32_t replies = 0;
   for (const Accepted& a : tr->accepted) {
-    Mapping* peer = nullptr;
+    MessageHeader h = NewHeader(*tr, kKindReply, a.layer, a.channel,
+                                static_cast<std::size_t>(a.num_tokens));
+    h.ticket = a.ticket;
+    std::uint64_t seq = 0;
     std::string why;
-    const PeerStatus st = tr->Peer(a.sender, &peer, &why);
+    const PeerStatus st = tr->Send(a.sender, a.channel, h, /*ticket_is_seq=*/false, [&](std::uint8_t* slot) {
+      std::memcpy(slot + layout.hidden_offset, res + static_cast<std::int64_t>(a.first_row) * d,
+                  static_cast<std::size_t>(a.num_tokens) * static_cast<std::size_t>(d) *
+                      sizeof(float));
+    }, &seq, &why);
     if (st != PeerStatus::kOk) {
       tr->Count(st == PeerStatus::kRefused ? kPeerRefused : kPeerUnavailable);
       continue;
     }
-    MessageHeader h = NewHeader(*tr, kKindReply, a.layer, a.channel,
-                                static_cast<std::size_t>(a.num_tokens));
-    h.ticket = a.ticket;
-    tr->Publish(peer, a.sender, a.channel, h, /*ticket_is_seq=*/false, [&](std::uint8_t* slot) {
-      std::memcpy(slot + layout.hidden_offset, res + static_cast<std::int64_t>(a.first_row) * d,
-                  static_cast<std::size_t>(a.num_tokens) * static_cast<std::size_t>(d) *
-                      sizeof(float));
-    });
     ++replies;
     tr->Count(kRepliesSent);
   }
@@ -1244,6 +1302,86 @@ ffi::Error ReplyImpl(ffi::Buffer<ffi::F32, 2> results, ffi::Buffer<ffi::S32, 0> 
 }
 
 }  // namespace
+
+// The geometry arguments of the open calls, as they come.
+struct OpenArgs {
+  std::int64_t max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype;
+};
+
+// Opens an endpoint: creates its inbox and, when `nic_host` is given (the
+// ibgda backend), a NIC writer listening there, whose card goes to *card.
+// Returns as eaas_shm_open does.
+int OpenEndpoint(const char* deployment, std::uint64_t deployment_id, std::int64_t endpoint, const OpenArgs& a,
+                 const char* nic_host, ibgda::Card* card, char* err, std::int64_t errlen) {
+  const std::string dep = deployment ? deployment : "";
+  if (!ValidDeploymentName(dep)) {
+    CopyError("deployment name must be 1-40 characters of [A-Za-z0-9_-], got '" + dep + "'",
+              err, errlen);
+    return -1;
+  }
+  Geometry geo;
+  const std::string bad = MakeGeometry({4096, 64, 1 << 20, 1 << 20, 1 << 20, 1024, 1 << 16, 1 << 20}, endpoint,
+                                       deployment_id, a.max_endpoints, a.num_channels, a.capacity, a.d, a.k,
+                                       a.num_layers, a.num_experts, a.hidden_dtype, &geo);
+  if (!bad.empty()) {
+    CopyError(bad, err, errlen);
+    return -1;
+  }
+  const double bytes = static_cast<double>(SegmentBytes(geo));
+  if (bytes > static_cast<double>(std::int64_t{1} << 40)) {
+    CopyError("inbox would need " + std::to_string(bytes) + " bytes", err, errlen);
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  if (Registry().count(endpoint)) {
+    CopyError("endpoint " + std::to_string(endpoint) +
+                  " is already open in this process (close it first)",
+              err, errlen);
+    return -2;
+  }
+  std::unique_ptr<Mapping> inbox;
+  std::string name;
+  bool in_use = false;
+  const std::string msg = CreateInbox(dep, endpoint, geo, &inbox, &name, &in_use);
+  if (!msg.empty()) {
+    CopyError(msg, err, errlen);
+    return in_use ? -2 : -1;
+  }
+  auto tr = std::make_shared<Transport>(dep, endpoint, geo, std::move(inbox), name);
+  if (nic_host != nullptr) {
+    ibgda::NicWriterConfig config;
+    config.host = nic_host;
+    config.inbox = reinterpret_cast<std::uint8_t*>(tr->inbox().header());
+    config.inbox_bytes = SegmentBytes(geo);
+    config.slots_offset = kSegmentHeaderBytes;
+    config.slot_bytes = geo.Slot().bytes;
+    config.max_endpoints = geo.max_endpoints;
+    config.num_channels = geo.num_channels;
+    config.endpoint = endpoint;
+    std::unique_ptr<ibgda::NicWriter> nic;
+    const std::string failed = ibgda::NicWriter::Open(config, &nic);
+    if (!failed.empty()) {
+      CopyError(failed, err, errlen);
+      return -1;  // `tr` unlinks its inbox
+    }
+    *card = nic->card();
+    tr->AttachNic(std::move(nic));
+  }
+  Registry()[endpoint] = std::move(tr);
+  return 0;
+}
+
+// Runs `fn` on the NIC writer of the open ibgda endpoint `endpoint`, under
+// its transport's lock; false when there is no such endpoint.
+template <typename Fn>
+bool WithNic(std::int64_t endpoint, Fn&& fn) {
+  auto tr = Lookup(endpoint);
+  if (tr == nullptr || tr->nic() == nullptr) return false;
+  std::lock_guard<std::mutex> lock(tr->mu());
+  fn(*tr->nic());
+  return true;
+}
+
 }  // namespace shm
 }  // namespace eaas
 
@@ -1321,44 +1459,9 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
                                   std::int64_t d, std::int64_t k, std::int64_t num_layers,
                                   std::int64_t num_experts, std::int64_t hidden_dtype, char* err,
                                   std::int64_t errlen) {
-  using namespace eaas;
-  using namespace eaas::shm;
-  const std::string dep = deployment ? deployment : "";
-  if (!ValidDeploymentName(dep)) {
-    CopyError("deployment name must be 1-40 characters of [A-Za-z0-9_-], got '" + dep + "'",
-              err, errlen);
-    return -1;
-  }
-  Geometry geo;
-  const std::string bad = MakeGeometry({4096, 64, 1 << 20, 1 << 20, 1 << 20, 1024, 1 << 16, 1 << 20}, endpoint,
-                                       deployment_id, max_endpoints, num_channels, capacity, d, k, num_layers,
-                                       num_experts, hidden_dtype, &geo);
-  if (!bad.empty()) {
-    CopyError(bad, err, errlen);
-    return -1;
-  }
-  const double bytes = static_cast<double>(SegmentBytes(geo));
-  if (bytes > static_cast<double>(std::int64_t{1} << 40)) {
-    CopyError("inbox would need " + std::to_string(bytes) + " bytes", err, errlen);
-    return -1;
-  }
-  std::lock_guard<std::mutex> lock(g_registry_mu);
-  if (Registry().count(endpoint)) {
-    CopyError("shm endpoint " + std::to_string(endpoint) +
-                  " is already open in this process (close it first)",
-              err, errlen);
-    return -2;
-  }
-  std::unique_ptr<Mapping> inbox;
-  std::string name;
-  bool in_use = false;
-  const std::string msg = CreateInbox(dep, endpoint, geo, &inbox, &name, &in_use);
-  if (!msg.empty()) {
-    CopyError(msg, err, errlen);
-    return in_use ? -2 : -1;
-  }
-  Registry()[endpoint] = std::make_shared<Transport>(dep, endpoint, geo, std::move(inbox), name);
-  return 0;
+  return eaas::shm::OpenEndpoint(deployment, deployment_id, endpoint,
+                                 {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype},
+                                 nullptr, nullptr, err, errlen);
 }
 
 // Closes an endpoint: marks its inbox closed and unlinks it (the mapping goes
@@ -1437,6 +1540,73 @@ EAAS_FFI_EXPORT int eaas_shm_connect(std::int64_t endpoint, std::int64_t peer, c
   if (st == PeerStatus::kOk) return 0;
   CopyError(why, err, errlen);
   return st == PeerStatus::kRefused ? 2 : 1;
+}
+
+// --- the ibgda backend's endpoints (eaas_jax/transport/ibgda.py) ------------
+// Endpoints whose messages go out through a NIC writer (ibgda_writer.h); the
+// handlers above serve them as they serve shm endpoints.
+
+// As eaas_shm_open, plus a NIC listening on the IPv4 address `host`; its card
+// into card[0..3]: port, QPN base, inbox rkey, slots address; card[4]: the
+// NIC's handle (nic_model_abi.cc: fault injection).
+EAAS_FFI_EXPORT int eaas_ibgda_open(const char* deployment, std::uint64_t deployment_id, std::int64_t endpoint,
+                                    std::int64_t max_endpoints, std::int64_t num_channels, std::int64_t capacity,
+                                    std::int64_t d, std::int64_t k, std::int64_t num_layers,
+                                    std::int64_t num_experts, std::int64_t hidden_dtype, const char* host,
+                                    std::uint64_t* card, char* err, std::int64_t errlen) {
+  if (host == nullptr || card == nullptr) {
+    eaas::CopyError("ibgda: no address to listen on", err, errlen);
+    return -1;
+  }
+  eaas::ibgda::Card c;
+  const int rc = eaas::shm::OpenEndpoint(
+      deployment, deployment_id, endpoint,
+      {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype}, host, &c, err, errlen);
+  if (rc == 0) {
+    card[0] = c.port;
+    card[1] = c.qpn_base;
+    card[2] = c.inbox_rkey;
+    card[3] = c.slots_addr;
+    card[4] = static_cast<std::uint64_t>(eaas::shm::Lookup(endpoint)->nic()->nic());
+  }
+  return rc;
+}
+
+// Connects `endpoint`'s QP for `peer` to the peer whose card is (port,
+// qpn_base, rkey, slots_addr) at `host` (ibgda_writer.h, Connect). 0 or -1.
+EAAS_FFI_EXPORT int eaas_ibgda_connect(std::int64_t endpoint, std::int64_t peer, const char* host,
+                                       std::uint64_t port, std::uint64_t qpn_base, std::uint64_t rkey,
+                                       std::uint64_t slots_addr, char* err, std::int64_t errlen) {
+  if (host == nullptr || port > 0xffff || qpn_base > 0xffffff || rkey > 0xffffffffu) {
+    eaas::CopyError("ibgda: malformed peer card", err, errlen);
+    return -1;
+  }
+  const eaas::ibgda::Card card{static_cast<std::uint32_t>(port), static_cast<std::uint32_t>(qpn_base),
+                               static_cast<std::uint32_t>(rkey), slots_addr};
+  // The TCP connection first, outside every lock: it may take up to a second,
+  // and the handlers of the other peers go on meanwhile.
+  std::unique_ptr<eaas::nic::Conn> link;
+  std::string failed = eaas::nic::Connect(host, static_cast<std::uint16_t>(port), &link);
+  if (!failed.empty()) failed = "ibgda: cannot reach endpoint " + std::to_string(peer) + "'s NIC: " + failed;
+  const bool open = eaas::shm::WithNic(endpoint, [&](eaas::ibgda::NicWriter& nic) {
+    if (failed.empty()) failed = nic.Connect(peer, std::move(link), card);
+  });
+  if (!open) failed = "ibgda endpoint " + std::to_string(endpoint) + " is not open";
+  if (failed.empty()) return 0;
+  eaas::CopyError(failed, err, errlen);
+  return -1;
+}
+
+// The peer's state (ibgda_writer.h, PeerState); `op` 1 first marks a
+// connected peer ready, 2 disconnects it. -1: no such endpoint.
+EAAS_FFI_EXPORT int eaas_ibgda_peer(std::int64_t endpoint, std::int64_t peer, int op) {
+  int state = -1;
+  eaas::shm::WithNic(endpoint, [&](eaas::ibgda::NicWriter& nic) {
+    if (op == 1) nic.SetReady(peer);
+    if (op == 2) nic.Disconnect(peer);
+    state = static_cast<int>(nic.State(peer));
+  });
+  return state;
 }
 
 }  // extern "C"

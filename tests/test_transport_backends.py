@@ -93,18 +93,19 @@ def test_header_codec_round_trips_and_checks_the_checksum():
 
 
 def test_registry_lists_the_backends_by_name():
-    assert backends.names() == ("shm", "cuda_ipc")
+    assert backends.names() == ("shm", "cuda_ipc", "ibgda")
     assert backends.DEFAULT in backends.names()
     for name in backends.names():
         backend = backends.get(name)
         assert backend.name == name
         assert isinstance(backend, backends.TransportBackend), name
-    assert backends.get("shm").ffi_targets != backends.get("cuda_ipc").ffi_targets
+    targets = {name: backends.get(name).ffi_targets for name in backends.names()}
+    assert len(set(targets.values())) == len(targets)  # every backend's calls have names of their own
 
 
 @pytest.mark.parametrize("name", ["carrier-pigeon", ["shm"], None])
 def test_an_unknown_backend_is_refused_naming_the_known_ones(name):
-    with pytest.raises(backends.UnknownTransportError, match=r"one of \['shm', 'cuda_ipc'\]"):
+    with pytest.raises(backends.UnknownTransportError, match=r"one of \['shm', 'cuda_ipc', 'ibgda'\]"):
         backends.get(name)
 
 
@@ -124,7 +125,7 @@ def test_the_protocol_check_sees_a_missing_member():
 def test_a_deployment_with_an_unknown_transport_names_the_known_ones(tmp_path):
     path = tmp_path / "deploy.toml"
     path.write_text("name = 't'\ntransport = 'carrier-pigeon'\n[[servers]]\nname='a'\n")
-    with pytest.raises(DeploymentError, match=r"transport must be one of \['shm', 'cuda_ipc'\], "
+    with pytest.raises(DeploymentError, match=r"transport must be one of \['shm', 'cuda_ipc', 'ibgda'\], "
                                               r"got 'carrier-pigeon'"):
         Deployment.load(path)
 
@@ -142,16 +143,17 @@ def test_a_deployment_asks_its_backend():
         Deployment.from_dict({"name": "t", "servers": [{"name": "a", "device": 0}]})
 
 
-def test_an_shm_endpoint_is_a_transport_endpoint():
-    d = Deployment.from_dict({"name": "t", "servers": [{"name": "a"}]})
+@pytest.mark.parametrize("transport", ["shm", "ibgda"])
+def test_a_cpu_endpoint_is_a_transport_endpoint(transport):
+    d = Deployment.from_dict({"name": "t", "transport": transport, "servers": [{"name": "a"}]})
     name = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    (path,) = d.backend.endpoint_paths(name, 0)
+    paths = d.backend.endpoint_paths(name, 0)
     with d.open_endpoint(name, 0, TINY_CONFIG) as endpoint:
         assert isinstance(endpoint, backends.TransportEndpoint)
         assert endpoint.ffi_targets == d.backend.ffi_targets
-        assert os.path.exists(path) and path in d.endpoint_paths(name)
-        assert d.backend.describe(endpoint) == {"transport": "shm"}
-    assert not os.path.exists(path)
+        assert all(os.path.exists(path) and path in d.endpoint_paths(name) for path in paths)
+        assert d.backend.describe(endpoint) == {"transport": transport}
+    assert not any(os.path.exists(path) for path in paths)
 
 
 def test_the_cuda_ipc_endpoint_has_the_endpoint_members():

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -154,10 +155,15 @@ class LocalCluster:
         cluster) when it closes; default: whether $EAAS_JAX_KEEP_SERVER_LOGS
         is 1. Either way, the end of the log of a server that failed is
         logged as a warning on close.
+      launcher: how a server process is started: called with the server's
+        name, its command line and its environment, returns the command line
+        and environment to run (e.g. under ``numactl``, or in a network
+        namespace with ``ip netns exec``); default: as they are.
     """
 
     def __init__(self, model_path: str, deployment: Deployment | str, *, dtype: str = "float32",
-                 startup_timeout: float = 300.0, keep_logs: bool | None = None):
+                 startup_timeout: float = 300.0, keep_logs: bool | None = None,
+                 launcher: Callable[[str, list[str], dict[str, str]], tuple[list[str], dict[str, str]]] | None = None):
         self.deployment = Deployment.of(deployment)
         if not os.path.isfile(self.deployment.source):  # the servers load the file themselves
             raise DeploymentError(f"a LocalCluster starts its servers from a deployment file, but this deployment "
@@ -168,6 +174,7 @@ class LocalCluster:
         self.keep_logs = os.environ.get(KEEP_LOGS_ENV_VAR) == "1" if keep_logs is None else keep_logs
         self._slots = _Slots(self.deployment.max_clients)
         self._spawn_args = (model_path, self.deployment.source, dtype)  # servers load the file themselves
+        self._launcher = launcher
         self._config = load_config(model_path)
         # Per server endpoint (the file's, then the spare ones): its latest
         # process, None while never started (standby, unused spare).
@@ -212,6 +219,8 @@ class LocalCluster:
             env.pop("JAX_PLATFORMS", None)
         else:
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        if self._launcher is not None:
+            command, env = self._launcher(spec.name, command, env)
         # stdin: a pipe only this process writes to; it closes when this
         # process dies, however it dies, and the server then exits
         # (--exit-with-parent), even before it is ready.

@@ -6,6 +6,8 @@ A deployment is a TOML file (see `configs/deploy/`):
     transport = "<backend>"    # one of eaas_jax.transport.backends.names()
                                # (default: backends.DEFAULT); what each
                                # needs is at the top of its module
+    nic = "model"              # ibgda only: the NIC its work requests go to
+                               # ("model": the software NIC; "mlx5": not yet)
     capacity = 256             # tokens per mailbox message
     timeout_ms = 10000         # deadline of one exchange (combine)
     min_timeout_ms = 50        # optional: deadlines adapt to the step times
@@ -58,7 +60,7 @@ from eaas_jax.transport.wire import DISPATCH_DTYPES
 # What a deployment, server or shared-memory name may be (a shm name becomes
 # part of file names in /dev/shm, a server name of log lines).
 NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
-_KEYS = {"name", "transport", "capacity", "timeout_ms", "min_timeout_ms", "double_batching", "max_clients",
+_KEYS = {"name", "transport", "nic", "capacity", "timeout_ms", "min_timeout_ms", "double_batching", "max_clients",
          "spare_endpoints", "dispatch_dtype", "servers"}
 _SERVER_KEYS = {"name", "layers", "experts", "device", "standby"}
 
@@ -86,6 +88,7 @@ class Deployment:
     name: str
     servers: tuple[ServerSpec, ...]
     transport: str = backends.DEFAULT
+    nic: str | None = None
     capacity: int = 256
     timeout_ms: int = 10_000
     min_timeout_ms: int | None = None
@@ -136,6 +139,9 @@ class Deployment:
             backend = backends.get(transport)
         except backends.UnknownTransportError as e:
             fail(str(e))
+        nic = raw.get("nic")
+        if nic is not None and not isinstance(nic, str):
+            fail(f"nic must be a string, got {nic!r}")
         ints = {}
         for key, default, lo in (("capacity", 256, 1), ("timeout_ms", 10_000, 1), ("max_clients", 2, 1),
                                  ("spare_endpoints", 0, 0)):
@@ -178,7 +184,7 @@ class Deployment:
                 device,
                 standby,
             ))
-        deployment = cls(name=name, servers=tuple(servers), transport=transport, min_timeout_ms=min_timeout_ms,
+        deployment = cls(name=name, servers=tuple(servers), transport=transport, nic=nic, min_timeout_ms=min_timeout_ms,
                          double_batching=double_batching, dispatch_dtype=dispatch_dtype, source=source, **ints)
         for problem in backend.deployment_problems(deployment):
             fail(problem)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 _MODULES = {
     "shm": "eaas_jax.transport.shm",
     "cuda_ipc": "eaas_jax.transport.cuda_ipc",
+    "ibgda": "eaas_jax.transport.ibgda",
 }
 #: The transport of a deployment that names none.
 DEFAULT = "shm"
@@ -85,6 +86,19 @@ class TransportBackend(Protocol):
     def deployment_problems(self, deployment) -> list[str]:
         """What a ``Deployment`` asks of this backend that it cannot do, one
         line each (empty: nothing)."""
+
+
+def foreign_options(deployment, backend: str, takes: frozenset = frozenset()) -> list[str]:
+    """What `deployment` sets that only other backends than `backend` take
+    (options in `takes` are its own), one line each: ``device`` of servers
+    (cuda_ipc) and ``nic`` (ibgda)."""
+    problems = []
+    if "device" not in takes:
+        problems += [f"servers[{i}]: device is for the cuda_ipc transport (this deployment uses {backend!r})"
+                     for i, server in enumerate(deployment.servers) if server.device is not None]
+    if "nic" not in takes and deployment.nic is not None:
+        problems.append(f"nic is for the ibgda transport (this deployment uses {backend!r})")
+    return problems
 
 
 def names() -> tuple[str, ...]:

@@ -38,25 +38,15 @@ client and server of one deployment are always separate processes.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
-import secrets
 import threading
 import time
 
 import jax
 
-from eaas_jax.transport import native, wire
+from eaas_jax.transport import backends, directory, native, wire
 from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
-from eaas_jax.transport.private_files import (
-    UntrustedFileError,
-    create_private_file,
-    owner_alive,
-    process_start_time,
-    read_private_file,
-    write_private_file,
-)
 
 __all__ = [
     "BACKEND",
@@ -80,7 +70,6 @@ _HANDLE_BYTES = 64  # cudaIpcMemHandle_t
 _ERRLEN = 1024
 _WANTED_POLL_S = 0.002  # how often the control thread looks at the kernels' requests
 _RESCAN_S = 0.1  # how often it re-reads the imported peers' directory entries
-_MAX_ENTRY_BYTES = 64 * 1024  # an entry is about 1 KB: a far larger file is none
 
 
 class CudaIpcError(RuntimeError):
@@ -141,91 +130,27 @@ def available() -> bool:
         return False
 
 
-def _read_entry(path: str) -> dict | None:
-    """The directory entry at `path`; None while there is none, or only the
-    empty placeholder of an endpoint being opened (entries appear atomically).
-
-    Raises:
-      UntrustedFileError: the file there is not a private file of this user.
-    """
-    try:
-        data = read_private_file(path, _MAX_ENTRY_BYTES)
-    except FileNotFoundError:
-        return None
-    try:
-        entry = json.loads(data)
-    except ValueError:  # the placeholder
-        return None
-    return entry if isinstance(entry, dict) else None
-
-
 def _new_entry(endpoint: int, geometry: wire.Geometry, handle: bytes) -> dict:
     """The directory entry this process publishes for its inbox."""
-    return {
-        "format": _DIRECTORY_FORMAT, "endpoint": endpoint, "pid": os.getpid(),
-        "start_time": process_start_time(os.getpid()), "nonce": secrets.token_hex(8), "handle": handle.hex(),
-        "geometry": {**vars(geometry)},
-    }
+    return directory.new_entry(_DIRECTORY_FORMAT, endpoint, geometry, handle=handle.hex())
 
 
 def _claim_directory_entry(path: str, what: str) -> None:
-    """Reserves the directory entry at `path` for `what` (an endpoint, named in
-    errors): an empty placeholder, created exclusively, mode 0600.
+    """Reserves the directory entry at `path` (:func:`directory.claim`).
 
     Raises:
-      CudaIpcEndpointInUseError: `path` exists and is not an entry of a dead
-        process of this user (see :func:`_remove_abandoned_entry`).
+      CudaIpcEndpointInUseError: it is taken.
     """
-    for _ in range(2):
-        try:
-            create_private_file(path)
-            return
-        except FileExistsError:
-            _remove_abandoned_entry(path, what)
-    raise CudaIpcEndpointInUseError(f"{what}: {path} was created again while it was being claimed")
-
-
-def _remove_abandoned_entry(path: str, what: str) -> None:
-    """Removes the entry at `path` if its owner, a process of this user, died
-    without closing (no process runs under its pid with its start time).
-
-    Raises:
-      CudaIpcEndpointInUseError: its owner lives, or it is no entry to judge
-        (a placeholder, another uid's file, a link...): left in place.
-    """
-    try:
-        entry = _read_entry(path)
-    except UntrustedFileError as e:
-        raise CudaIpcEndpointInUseError(
-            f"{what} cannot be opened: {e}. It is left in place: its owner (or an administrator) must remove it"
-        ) from None
-    if entry is None:
-        if not os.path.lexists(path):
-            return  # removed meanwhile: claim it again
-        entry = {}  # a placeholder: its endpoint is being opened (or its owner died opening it)
-    owner, started = entry.get("pid"), entry.get("start_time")
-    if (isinstance(owner, int) and owner > 0 and (started is None or isinstance(started, int))
-            and not owner_alive(owner, started)):
-        os.unlink(path)
-        return
-    raise CudaIpcEndpointInUseError(
-        f"{what} is already open" + (f" by pid {owner}" if owner else "") + f": {path} exists (remove it if "
-        "no process uses it)"
-    )
+    directory.claim(path, what, CudaIpcEndpointInUseError)
 
 
 def _peer_entry(deployment: str, peer: int) -> dict | None:
-    """`peer`'s published directory entry; None while it has none (or only its placeholder).
+    """`peer`'s published directory entry; None while it has none.
 
     Raises:
-      CudaIpcPeerRefusedError: the file under its name is not a private file
-        of this user (another uid's, a link, another mode...).
+      CudaIpcPeerRefusedError: the file under its name is not a private file of this user.
     """
-    try:
-        entry = _read_entry(directory_path(deployment, peer))
-    except UntrustedFileError as e:
-        raise CudaIpcPeerRefusedError(f"refusing endpoint {peer}: {e}") from None
-    return entry if entry is not None and entry.get("nonce") else None
+    return directory.peer_entry(directory_path(deployment, peer), peer, CudaIpcPeerRefusedError)
 
 
 _OPEN: dict[int, "CudaIpcEndpoint"] = {}
@@ -295,8 +220,7 @@ class CudaIpcEndpoint(BoundCalls):
         self._lock = threading.Lock()  # imports (control thread vs connect)
         self._imported: dict[int, str] = {}  # peer -> nonce of the entry imported
         # Atomic: readers see the placeholder or the entry.
-        entry = _new_entry(self.endpoint, self.geometry, bytes(handle))
-        write_private_file(self.path, json.dumps(entry).encode())
+        directory.publish(self.path, _new_entry(self.endpoint, self.geometry, bytes(handle)))
         with _OPEN_LOCK:
             _OPEN[self.endpoint] = self
         self._stop = threading.Event()
@@ -453,7 +377,8 @@ class CudaIpcBackend:
         return {"transport": self.name}  # peers find the inbox's handle in its directory entry
 
     def deployment_problems(self, deployment) -> list[str]:
-        return []  # any server may name its GPU; whether it has one shows when it starts
+        # Any server may name its GPU; whether it has one shows when it starts.
+        return backends.foreign_options(deployment, self.name, takes=frozenset({"device"}))
 
 
 BACKEND = CudaIpcBackend()

@@ -29,6 +29,10 @@ from eaas_jax.transport import wire
 
 __all__ = [
     "HEADER_CHECKSUM_TARGET",
+    "IBGDA_COMBINE_TARGET",
+    "IBGDA_DISPATCH_TARGET",
+    "IBGDA_POLL_TARGET",
+    "IBGDA_REPLY_TARGET",
     "SHM_COMBINE_TARGET",
     "SHM_DISPATCH_TARGET",
     "SHM_POLL_TARGET",
@@ -57,13 +61,25 @@ SHM_COMBINE_TARGET = "eaas_shm_combine"
 SHM_POLL_TARGET = "eaas_shm_poll"
 SHM_REPLY_TARGET = "eaas_shm_reply"
 
-#: XLA target name -> exported C symbol, registered for platform "cpu".
+#: XLA custom-call target names of the ``ibgda`` transport (transport/ibgda.py).
+IBGDA_DISPATCH_TARGET = "eaas_ibgda_dispatch"
+IBGDA_COMBINE_TARGET = "eaas_ibgda_combine"
+IBGDA_POLL_TARGET = "eaas_ibgda_poll"
+IBGDA_REPLY_TARGET = "eaas_ibgda_reply"
+
+#: XLA target name -> exported C symbol, registered for platform "cpu". The
+#: ibgda targets are the shm handlers: for an ibgda endpoint they post WQEs
+#: to its NIC (ffi/ibgda_writer.h); the names tell the two apart in HLO.
 _CPU_HANDLERS: dict[str, str] = {
     HEADER_CHECKSUM_TARGET: "eaas_header_checksum",
     SHM_DISPATCH_TARGET: "eaas_shm_dispatch",
     SHM_COMBINE_TARGET: "eaas_shm_combine",
     SHM_POLL_TARGET: "eaas_shm_poll",
     SHM_REPLY_TARGET: "eaas_shm_reply",
+    IBGDA_DISPATCH_TARGET: "eaas_shm_dispatch",
+    IBGDA_COMBINE_TARGET: "eaas_shm_combine",
+    IBGDA_POLL_TARGET: "eaas_shm_poll",
+    IBGDA_REPLY_TARGET: "eaas_shm_reply",
 }
 
 #: XLA custom-call target names of the ``cuda_ipc`` transport (transport/cuda_ipc.py).

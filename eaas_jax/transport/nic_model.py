@@ -8,8 +8,8 @@ regions, QPs, and :class:`Queues`, the posting side of a QP (write WQEs, ring
 the doorbell record, poll CQEs) over the NIC's own mapping of the queue
 segment or, as another process would, one mapped by name.
 
-Two NIC models, usually in two processes, can be joined by a TCP link on
-127.0.0.1: :meth:`NicModel.listen` on one, :meth:`QueuePair.connect_remote`
+Two NIC models, usually in two processes, can be joined by a TCP link (on
+127.0.0.1, or between network namespaces): :meth:`NicModel.listen` on one, :meth:`QueuePair.connect_remote`
 with its port and QPN on the other; WRITEs to that QP then travel as frames,
 checked, acked and retransmitted as ``ffi/nic_model.h`` describes.
 """
@@ -39,6 +39,7 @@ __all__ = [
     "Region",
     "Violation",
     "connect",
+    "set_faults",
 ]
 
 #: ibverbs access flags (IBV_ACCESS_*).
@@ -124,7 +125,7 @@ _SIGNATURES = {
     "eaas_nic_unmap_queues": ([_u64, _u64], _int),
     "eaas_nic_progress": ([_i64, _i64], _i64),
     "eaas_nic_start": ([_i64, _i64], _int),
-    "eaas_nic_listen": ([_i64, _p32, _buf, _i64], _int),
+    "eaas_nic_listen": ([_i64, _buf, _p32, _buf, _i64], _int),
     "eaas_nic_connect_qp": ([_i64, _u32, _buf, _u32, _u32, _buf, _i64], _int),
 }
 _ERR_LEN = 512
@@ -144,6 +145,22 @@ def _call(name: str, *args) -> None:
 def _view(addr: int, size: int) -> np.ndarray:
     """A uint8 array over `size` bytes of native memory at `addr`."""
     return np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
+
+
+def set_faults(
+    handle: int,
+    *,
+    latency_us: int = 0,
+    reorder: bool = False,
+    loss_permille: int = 0,
+    link_down: bool = False,
+    retry_count: int = 7,
+    seed: int = 1,
+) -> None:
+    """Sets the fault injection of the NIC `handle` (``ffi/nic_model.h``,
+    "Ordering and faults"): every knob at once, the defaults meaning none."""
+    if _lib().eaas_nic_set_faults(handle, latency_us, int(reorder), loss_permille, int(link_down), retry_count, seed):
+        raise NicError("bad fault settings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,20 +285,9 @@ class NicModel:
             _lib().eaas_nic_destroy(self.handle)
             self.handle = None
 
-    def set_faults(
-        self,
-        *,
-        latency_us: int = 0,
-        reorder: bool = False,
-        loss_permille: int = 0,
-        link_down: bool = False,
-        retry_count: int = 7,
-        seed: int = 1,
-    ) -> None:
-        if _lib().eaas_nic_set_faults(
-            self.handle, latency_us, int(reorder), loss_permille, int(link_down), retry_count, seed
-        ):
-            raise NicError("bad fault settings")
+    def set_faults(self, **faults) -> None:
+        """The NIC's fault injection (:func:`set_faults`)."""
+        set_faults(self.handle, **faults)
 
     def register(self, buf: np.ndarray, access: int = ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE) -> Region:
         """Registers the memory of a contiguous array (kept alive by the caller)."""
@@ -296,10 +302,11 @@ class NicModel:
         _call("eaas_nic_create_qp", self.handle, log_sq_bbs, log_cq_entries, qpn)
         return QueuePair(self, qpn.value)
 
-    def listen(self) -> int:
-        """Listens on 127.0.0.1 for other NIC models' links; returns the port."""
+    def listen(self, host: str = "127.0.0.1") -> int:
+        """Listens on the IPv4 address `host` for other NIC models' links;
+        returns the (ephemeral) port."""
         port = ctypes.c_uint32()
-        _call("eaas_nic_listen", self.handle, port)
+        _call("eaas_nic_listen", self.handle, host.encode(), port)
         return port.value
 
     def progress(self, max_chunks: int = -1) -> int:

@@ -65,7 +65,7 @@ import time
 
 import numpy as np
 
-from eaas_jax.transport import custom_calls, native, wire
+from eaas_jax.transport import backends, custom_calls, native, wire
 from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
 
 __all__ = [
@@ -159,7 +159,9 @@ def _lib() -> ctypes.CDLL:
         return _c_api
 
 
-def _info(endpoint: int) -> tuple[wire.Geometry, _Layout]:
+def endpoint_info(endpoint: int) -> tuple[wire.Geometry, _Layout]:
+    """Geometry and slot layout of the endpoint with index `endpoint` open in
+    this process (shm or ibgda: both have an shm inbox)."""
     out = (ctypes.c_int64 * 16)()
     n = _lib().eaas_shm_info(int(endpoint), out, 16)
     if n < 0:
@@ -173,6 +175,22 @@ def _info(endpoint: int) -> tuple[wire.Geometry, _Layout]:
     )
     layout = _Layout(*v[9:16])
     return geo, layout
+
+
+def endpoint_stats(endpoint: int) -> dict[str, int]:
+    """The counters of the endpoint with index `endpoint` open in this process."""
+    names = native.counter_names()
+    out = (ctypes.c_int64 * len(names))()
+    n = _lib().eaas_shm_stats(int(endpoint), out, len(names))
+    if n < 0:
+        raise ShmError(f"endpoint {endpoint} is not open in this process")
+    return dict(zip(names, out[: min(n, len(names))]))
+
+
+def close_endpoint(endpoint: int) -> None:
+    """Closes the endpoint with index `endpoint` open in this process: marks
+    its inbox closed and unlinks it (no-op if it is not open)."""
+    _lib().eaas_shm_close(int(endpoint))
 
 
 _OPEN: dict[int, "ShmEndpoint"] = {}
@@ -258,7 +276,7 @@ class ShmEndpoint(BoundCalls):
             msg = err.value.decode(errors="replace")
             raise (ShmEndpointInUseError if rc == -2 else ShmError)(msg)
         self._closed = False
-        self.geometry, self.layout = _info(self.endpoint)
+        self.geometry, self.layout = endpoint_info(self.endpoint)
         with _OPEN_LOCK:
             _OPEN[self.endpoint] = self
 
@@ -283,7 +301,7 @@ class ShmEndpoint(BoundCalls):
         with _OPEN_LOCK:
             if _OPEN.get(self.endpoint) is self:
                 del _OPEN[self.endpoint]
-        _lib().eaas_shm_close(self.endpoint)
+        close_endpoint(self.endpoint)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -324,12 +342,7 @@ class ShmEndpoint(BoundCalls):
     def stats(self) -> dict[str, int]:
         """Counters of this endpoint (messages sent/accepted, drops per reason...)."""
         self._check_open()
-        names = native.counter_names()
-        out = (ctypes.c_int64 * len(names))()
-        n = _lib().eaas_shm_stats(self.endpoint, out, len(names))
-        if n < 0:
-            raise ShmError(f"{self!r} is not open")
-        return dict(zip(names, out[: min(n, len(names))]))
+        return endpoint_stats(self.endpoint)
 
 
 class ShmBackend:
@@ -349,8 +362,7 @@ class ShmBackend:
         return {"transport": self.name}  # peers find the inbox by name
 
     def deployment_problems(self, deployment) -> list[str]:
-        return [f"servers[{i}]: device is for the cuda_ipc transport (this deployment uses {self.name!r})"
-                for i, server in enumerate(deployment.servers) if server.device is not None]
+        return backends.foreign_options(deployment, self.name)
 
 
 BACKEND = ShmBackend()
