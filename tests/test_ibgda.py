@@ -406,7 +406,9 @@ def test_cutting_the_link_mid_run_fails_over_to_the_replica_on_this_host(tiny_ch
                 got = run_requests(engine, cut)
                 backend = engine.runner.experts
                 assert not backend.is_live(0) and backend.is_live(1)
-                assert engine.pool.client_endpoint.peer_state(0) == ibgda.PeerState.FAILED
+                # One deadline, on the exchange the cut caught (the reply, or the
+                # request itself, lost); later steps sent it nothing.
+                assert engine.pool.client_endpoint.stats()["timeouts"] == 1
                 assert cluster.process("far").poll() is None  # alive, only unreachable
     assert got == reference  # nothing lost, nothing changed
     assert 0 < cut_at[0] < len(REQUESTS)
