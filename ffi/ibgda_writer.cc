@@ -74,7 +74,7 @@ std::string NicWriter::Open(const NicWriterConfig& config, std::unique_ptr<NicWr
   w->nic_ = nic::AddNic();
   nic::Nic* n = nic::FindNic(w->nic_);
   std::uint16_t port = 0;
-  std::string failed = n->Listen(config.host, &port);
+  std::string failed = n->Listen(config.host, &port, &w->card_.link_key);
   std::uint32_t unused_key = 0;  // nothing is sent from the inbox, nor written into the staging area
   if (failed.empty()) {
     failed = n->RegisterRegion(config.inbox, config.inbox_bytes, nic::kAccessLocalWrite | nic::kAccessRemoteWrite,

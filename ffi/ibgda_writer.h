@@ -66,6 +66,7 @@ struct Card {
   std::uint32_t qpn_base = 0;   // its QP for endpoint p is qpn_base + p
   std::uint32_t inbox_rkey = 0;
   std::uint64_t slots_addr = 0;  // its inbox's slot (0, 0), in its address space
+  std::uint64_t link_key = 0;    // what a connection to its NIC must begin with
 };
 
 // Bytes [offset, offset + size) of a slot.

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <random>
 
 #include "shm_segment.h"
 
@@ -67,7 +68,7 @@ std::unique_ptr<Conn> Accept(int listen_fd) {
   return c;
 }
 
-std::string Connect(const std::string& host, std::uint16_t port, std::unique_ptr<Conn>* out) {
+std::string Connect(const std::string& host, std::uint16_t port, std::uint64_t key, std::unique_ptr<Conn>* out) {
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
@@ -91,7 +92,22 @@ std::string Connect(const std::string& host, std::uint16_t port, std::unique_ptr
   NonBlocking(s);
   *out = std::make_unique<Conn>();
   (*out)->fd = s;
+  const FrameHeader hello{kFrameMagic, kFrameVersion, static_cast<std::uint16_t>(FrameKind::kHello), 0, 0, 0, 0,
+                          key, 0, 0};
+  QueueFrame(**out, hello, nullptr);
   return "";
+}
+
+std::uint64_t NewLinkKey() {
+  std::random_device random;  // the kernel's randomness
+  std::uint64_t key = 0;
+  while (key == 0) key = (std::uint64_t{random()} << 32) | random();
+  return key;
+}
+
+bool IsHello(const FrameHeader& h, std::uint64_t key) {
+  // Compared without an early exit: the time taken tells nothing of the key.
+  return h.kind == static_cast<std::uint16_t>(FrameKind::kHello) && ((h.raddr ^ key) | h.length) == 0;
 }
 
 void Pump(Conn& c) {
@@ -141,7 +157,8 @@ Parse NextFrame(Conn& c, FrameHeader* h, std::vector<std::uint8_t>* payload) {
   std::memcpy(h, c.in.data(), sizeof(FrameHeader));
   const bool write = h->kind == static_cast<std::uint16_t>(FrameKind::kWrite);
   const bool reply = h->kind == static_cast<std::uint16_t>(FrameKind::kAck) ||
-                     h->kind == static_cast<std::uint16_t>(FrameKind::kNak);
+                     h->kind == static_cast<std::uint16_t>(FrameKind::kNak) ||
+                     h->kind == static_cast<std::uint16_t>(FrameKind::kHello);  // no payload either
   // Checked before waiting for the payload: a hostile length never makes us
   // buffer (or wait for) more than one MTU.
   if (h->magic != kFrameMagic || h->version != kFrameVersion || !(write || reply) || h->length > kMtu ||

@@ -4,6 +4,7 @@
 #ifndef EAAS_FFI_NIC_LINK_H_
 #define EAAS_FFI_NIC_LINK_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -18,11 +19,20 @@ inline constexpr std::uint16_t kFrameVersion = 1;
 // as ceil(size / kMtu) frames, one PSN each.
 inline constexpr std::uint32_t kMtu = 4096;
 
-enum class FrameKind : std::uint16_t { kWrite = 1, kAck = 2, kNak = 3 };
+enum class FrameKind : std::uint16_t { kWrite = 1, kAck = 2, kNak = 3, kHello = 4 };
 
 // Fixed header, host byte order (both ends run on one host: the link is a
 // test fabric, not a wire protocol). ACK/NAK carry no payload; a NAK's
 // reason (a Violation) is in `rkey`.
+//
+// Authentication: a listening NIC has a random 64-bit link key (Listen
+// draws it). A connection's first frame must be a HELLO carrying that key in
+// `raddr` (Connect sends it): the listener answers nothing and closes a
+// connection whose first frame is anything else, or a wrong key, or that
+// says nothing for kHelloTimeout. So only who was given the key (through a
+// 0600 directory entry: our uid) can place bytes in our regions; another
+// local user who finds the port cannot, whatever QPNs, PSNs or rkeys it
+// guesses.
 struct FrameHeader {
   std::uint32_t magic;
   std::uint16_t version;
@@ -37,10 +47,17 @@ struct FrameHeader {
 };
 static_assert(sizeof(FrameHeader) == 40, "frame header");
 
+// How long an accepted connection may take to authenticate, and how many
+// connections a NIC keeps at once (more are closed as they come).
+inline constexpr auto kHelloTimeout = std::chrono::seconds(2);
+inline constexpr std::size_t kMaxLinks = 256;
+
 // One TCP connection: bytes received but not parsed yet, bytes to send.
 struct Conn {
   int fd = -1;
   bool closed = false;
+  bool authenticated = false;  // an accepted one: its HELLO had our key
+  std::chrono::steady_clock::time_point accepted_at{};
   std::vector<std::uint8_t> in, out;
   ~Conn();
   void Close();
@@ -50,9 +67,13 @@ struct Conn {
 std::string Listen(const std::string& host, int* fd, std::uint16_t* port);
 // A connection waiting on `listen_fd`, or nullptr.
 std::unique_ptr<Conn> Accept(int listen_fd);
-// Connects (blocking, at most ~1 s) to host:port; the connection is then
-// non-blocking.
-std::string Connect(const std::string& host, std::uint16_t port, std::unique_ptr<Conn>* out);
+// Connects (blocking, at most ~1 s) to host:port and queues the HELLO with
+// the listener's link key `key`; the connection is then non-blocking.
+std::string Connect(const std::string& host, std::uint16_t port, std::uint64_t key, std::unique_ptr<Conn>* out);
+// A fresh random link key (never 0).
+std::uint64_t NewLinkKey();
+// Whether `h`, an accepted connection's first frame, is the HELLO with `key`.
+bool IsHello(const FrameHeader& h, std::uint64_t key);
 // Sends what the socket takes and receives what is there (bounded), never
 // blocking; the peer closing or an error marks the connection closed.
 void Pump(Conn& c);

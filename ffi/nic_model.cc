@@ -402,8 +402,10 @@ std::int64_t Nic::Progress(std::int64_t max_chunks) {
 // (go-back-N); retry_count timeouts in a row fail that write with retry
 // exceeded. Loss (loss_permille, link_down) drops WRITE frames at the sender.
 
-std::string Nic::Listen(const std::string& host, std::uint16_t* port) {
+std::string Nic::Listen(const std::string& host, std::uint16_t* port, std::uint64_t* key) {
   if (listen_fd_ >= 0) return "the NIC is listening already";
+  link_key_ = NewLinkKey();
+  *key = link_key_;
   return nic::Listen(host, &listen_fd_, port);
 }
 
@@ -421,15 +423,26 @@ std::string Nic::ConnectQp(std::uint32_t qpn, std::unique_ptr<Conn> link, std::u
 
 void Nic::ServeLinks() {
   if (listen_fd_ < 0) return;
-  while (auto c = Accept(listen_fd_)) accepted_.push_back(std::move(c));
+  const auto now = std::chrono::steady_clock::now();
+  while (auto c = Accept(listen_fd_)) {
+    if (accepted_.size() >= kMaxLinks) continue;  // closed as it goes out of scope
+    c->accepted_at = now;
+    accepted_.push_back(std::move(c));
+  }
   FrameHeader h{};
   std::vector<std::uint8_t> payload;
   for (auto& c : accepted_) {
     Pump(*c);
     Parse p;
     while ((p = NextFrame(*c, &h, &payload)) == Parse::kFrame) {
+      if (!c->authenticated) {  // the first frame: our key, or nothing more
+        c->authenticated = IsHello(h, link_key_);
+        if (!c->authenticated) break;
+        continue;
+      }
       if (!Respond(*c, h, payload)) break;
     }
+    if (!c->authenticated && now - c->accepted_at > kHelloTimeout) c->Close();
     if (p == Parse::kBad || (p == Parse::kFrame && !c->closed)) c->Close();  // not our protocol
     Pump(*c);
   }
@@ -509,8 +522,9 @@ void Nic::DriveLink(Qp& qp, Clock::time_point now) {
     std::vector<std::uint8_t> payload;
     Parse p;
     while ((p = NextFrame(*link, &h, &payload)) == Parse::kFrame) {
-      if (h.kind == static_cast<std::uint16_t>(FrameKind::kWrite)) {
-        p = Parse::kBad;  // a responder does not send WRITEs back
+      if (h.kind == static_cast<std::uint16_t>(FrameKind::kWrite) ||
+          h.kind == static_cast<std::uint16_t>(FrameKind::kHello)) {
+        p = Parse::kBad;  // a responder sends only ACK/NAKs back
         break;
       }
       OnReply(qp, h, now);

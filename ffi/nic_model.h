@@ -79,7 +79,8 @@
 // == Two NICs joined by TCP ==  (nic_link.cc: frames, sockets; nic_model.cc:
 // "over a link": what they mean)
 // A NIC listens on an IPv4 address (Listen: ephemeral port; 127.0.0.1, or a
-// network namespace's veth address in the two-host tests). ConnectQp moves a QP
+// network namespace's veth address in the two-host tests) and accepts frames
+// only on connections that began with its random link key (nic_link.h). ConnectQp moves a QP
 // INIT -> RTR with a peer QP (peer address, peer QPN) of a NIC that is
 // usually in another process; the requester QP opens its own connection
 // (port 0: a responder-only QP). ValidateWqe then makes only the requester's
@@ -325,8 +326,9 @@ class Nic {
   // ibv_modify_qp's state machine: RESET->INIT->RTR (names the peer)->RTS,
   // any->ERR, any->RESET (empties the queues).
   std::string ModifyQp(std::uint32_t qpn, QpState to, std::int64_t peer_nic, std::uint32_t peer_qpn);
-  // Listens on the IPv4 address `host` (ephemeral port) for peer NICs' links.
-  std::string Listen(const std::string& host, std::uint16_t* port);
+  // Listens on the IPv4 address `host` (ephemeral port) for peer NICs'
+  // links; *key: the link key a connection must say first (nic_link.h).
+  std::string Listen(const std::string& host, std::uint16_t* port, std::uint64_t* key);
   // INIT -> RTR with the peer QP `peer_qpn` of the NIC at the other end of
   // `link` (a connection to its listening port: nic_link.h's Connect, made
   // before taking ModelMutex, as it may block; nullptr: only receive from
@@ -366,6 +368,7 @@ class Nic {
   std::map<std::uint32_t, std::unique_ptr<Qp>> qps_;
   std::uint32_t next_qpn_ = 0x100;
   int listen_fd_ = -1;
+  std::uint64_t link_key_ = 0;
   std::vector<std::unique_ptr<Conn>> accepted_;
   std::thread thread_;
   std::atomic<bool> running_{false};

@@ -164,27 +164,28 @@ EAAS_FFI_EXPORT int eaas_nic_unmap_queues(std::uint64_t base, std::uint64_t tota
 }
 
 // Listens on the IPv4 address `host` for peer NICs' links; the ephemeral
-// port into *port.
-EAAS_FFI_EXPORT int eaas_nic_listen(std::int64_t nic, const char* host, std::uint32_t* port, char* err,
-                                    std::int64_t err_len) {
+// port into *port, the link key connections must begin with into *key.
+EAAS_FFI_EXPORT int eaas_nic_listen(std::int64_t nic, const char* host, std::uint32_t* port, std::uint64_t* key,
+                                    char* err, std::int64_t err_len) {
   std::lock_guard<std::mutex> lock(n::ModelMutex());
   n::Nic* p = n::FindNic(nic);
   if (p == nullptr) return Fail("no such NIC", err, err_len);
   if (host == nullptr) return Fail("no address to listen on", err, err_len);
   std::uint16_t port16 = 0;
-  const std::string failed = p->Listen(host, &port16);
+  const std::string failed = p->Listen(host, &port16, key);
   *port = port16;
   return Result(failed, err, err_len);
 }
 
-// INIT -> RTR with QP `peer_qpn` of the NIC listening on host:port, over a
-// TCP link (port 0: receive from it only). Then RTS with eaas_nic_modify_qp.
+// INIT -> RTR with QP `peer_qpn` of the NIC listening on host:port with link
+// key `key`, over a TCP link (port 0: receive from it only). Then RTS with
+// eaas_nic_modify_qp.
 EAAS_FFI_EXPORT int eaas_nic_connect_qp(std::int64_t nic, std::uint32_t qpn, const char* host, std::uint32_t port,
-                                        std::uint32_t peer_qpn, char* err, std::int64_t err_len) {
+                                        std::uint32_t peer_qpn, std::uint64_t key, char* err, std::int64_t err_len) {
   if (host == nullptr || port > 65535) return Fail("bad peer address", err, err_len);
   std::unique_ptr<n::Conn> link;
   if (port != 0) {  // before the lock: connecting may take up to a second
-    const std::string failed = n::Connect(host, static_cast<std::uint16_t>(port), &link);
+    const std::string failed = n::Connect(host, static_cast<std::uint16_t>(port), key, &link);
     if (!failed.empty()) return Fail(failed, err, err_len);
   }
   std::lock_guard<std::mutex> lock(n::ModelMutex());

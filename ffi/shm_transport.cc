@@ -1547,8 +1547,8 @@ EAAS_FFI_EXPORT int eaas_shm_connect(std::int64_t endpoint, std::int64_t peer, c
 // handlers above serve them as they serve shm endpoints.
 
 // As eaas_shm_open, plus a NIC listening on the IPv4 address `host`; its card
-// into card[0..3]: port, QPN base, inbox rkey, slots address; card[4]: the
-// NIC's handle (nic_model_abi.cc: fault injection).
+// into card[0..4]: port, QPN base, inbox rkey, slots address, link key;
+// card[5]: the NIC's handle (nic_model_abi.cc: fault injection).
 EAAS_FFI_EXPORT int eaas_ibgda_open(const char* deployment, std::uint64_t deployment_id, std::int64_t endpoint,
                                     std::int64_t max_endpoints, std::int64_t num_channels, std::int64_t capacity,
                                     std::int64_t d, std::int64_t k, std::int64_t num_layers,
@@ -1567,26 +1567,29 @@ EAAS_FFI_EXPORT int eaas_ibgda_open(const char* deployment, std::uint64_t deploy
     card[1] = c.qpn_base;
     card[2] = c.inbox_rkey;
     card[3] = c.slots_addr;
-    card[4] = static_cast<std::uint64_t>(eaas::shm::Lookup(endpoint)->nic()->nic());
+    card[4] = c.link_key;
+    card[5] = static_cast<std::uint64_t>(eaas::shm::Lookup(endpoint)->nic()->nic());
   }
   return rc;
 }
 
 // Connects `endpoint`'s QP for `peer` to the peer whose card is (port,
-// qpn_base, rkey, slots_addr) at `host` (ibgda_writer.h, Connect). 0 or -1.
+// qpn_base, rkey, slots_addr, link_key) at `host` (ibgda_writer.h, Connect).
+// 0 or -1.
 EAAS_FFI_EXPORT int eaas_ibgda_connect(std::int64_t endpoint, std::int64_t peer, const char* host,
                                        std::uint64_t port, std::uint64_t qpn_base, std::uint64_t rkey,
-                                       std::uint64_t slots_addr, char* err, std::int64_t errlen) {
+                                       std::uint64_t slots_addr, std::uint64_t link_key, char* err,
+                                       std::int64_t errlen) {
   if (host == nullptr || port > 0xffff || qpn_base > 0xffffff || rkey > 0xffffffffu) {
     eaas::CopyError("ibgda: malformed peer card", err, errlen);
     return -1;
   }
   const eaas::ibgda::Card card{static_cast<std::uint32_t>(port), static_cast<std::uint32_t>(qpn_base),
-                               static_cast<std::uint32_t>(rkey), slots_addr};
+                               static_cast<std::uint32_t>(rkey), slots_addr, link_key};
   // The TCP connection first, outside every lock: it may take up to a second,
   // and the handlers of the other peers go on meanwhile.
   std::unique_ptr<eaas::nic::Conn> link;
-  std::string failed = eaas::nic::Connect(host, static_cast<std::uint16_t>(port), &link);
+  std::string failed = eaas::nic::Connect(host, static_cast<std::uint16_t>(port), link_key, &link);
   if (!failed.empty()) failed = "ibgda: cannot reach endpoint " + std::to_string(peer) + "'s NIC: " + failed;
   const bool open = eaas::shm::WithNic(endpoint, [&](eaas::ibgda::NicWriter& nic) {
     if (failed.empty()) failed = nic.Connect(peer, std::move(link), card);

@@ -1,6 +1,6 @@
 """The far side of tests/test_nic_tcp.py: a NIC model in its own process
 with one guarded region and one QP, listening on 127.0.0.1. Prints one JSON
-line (port, qpn, rkey, addr, size), then answers commands on stdin, one JSON
+line (port, link key, qpn, rkey, addr), then answers commands on stdin, one JSON
 line each:
   {"cmd": "reset"}                   a fresh NIC, region and QP (the old NIC's
                                      links close); prints its JSON line
@@ -37,11 +37,12 @@ class Side:
         self.mid[:] = 0x11
         self.region = self.nic.register(self.mid)
         self.qp = self.nic.create_qp(6, 6)
-        self.port = self.nic.listen()
+        self.port, self.key = self.nic.listen()
         self.nic.start(interval_us=50)
 
     def info(self) -> dict:
-        return {"port": self.port, "qpn": self.qp.qpn, "rkey": self.region.rkey, "addr": self.region.addr}
+        return {"port": self.port, "key": self.key, "qpn": self.qp.qpn, "rkey": self.region.rkey,
+                "addr": self.region.addr}
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from eaas_jax.transport.nic_model import NicModel, QpState, Violation
 
 GUARD, SIZE, GUARD_BYTE = 256, 16384, 0xA5  # tests/nic_peer.py's buffer
 FRAME = struct.Struct("<IHHIIIIQII")  # nic_link.h's FrameHeader
-MAGIC, VERSION, KIND_WRITE = 0x4B4E4C45, 1, 1
+MAGIC, VERSION, KIND_WRITE, KIND_HELLO = 0x4B4E4C45, 1, 1, 4
 WAIT_S = 5.0
 
 
@@ -45,7 +45,8 @@ class Peer:
         self._take(self._reply())
 
     def _take(self, info: dict) -> None:
-        self.port, self.qpn, self.rkey, self.addr = info["port"], info["qpn"], info["rkey"], info["addr"]
+        self.port, self.key = info["port"], info["key"]
+        self.qpn, self.rkey, self.addr = info["qpn"], info["rkey"], info["addr"]
 
     def reset(self) -> None:
         """A fresh NIC in the peer process; the old one's links close."""
@@ -94,7 +95,7 @@ class Link:
         if faults:
             self.nic.set_faults(**faults)
         peer.cmd("connect", peer_qpn=self.qp.qpn)
-        self.qp.connect_remote(peer.qpn, port=peer.port)
+        self.qp.connect_remote(peer.qpn, port=peer.port, key=peer.key)
         self.nic.start(interval_us=50)
 
     def write(self, dst_off: int, src_off: int, size: int, *, flags: int = 0, rkey: int | None = None,
@@ -288,6 +289,35 @@ def test_peer_process_killed_mid_stream_is_retry_exceeded():
         peer.kill()
 
 
+def _hello(key: int) -> bytes:
+    return FRAME.pack(MAGIC, VERSION, KIND_HELLO, 0, 0, 0, 0, key, 0, 0)
+
+
+@pytest.mark.parametrize("opening", ["none", "wrong-key", "hello-with-payload"])
+def test_a_connection_without_the_link_key_places_nothing(link, opening):
+    """Another local user who found the port and guessed everything else (the
+    QPNs, PSN 0, the rkey, the address): without the key its WRITE is never
+    looked at, and the connection is closed."""
+    peer = link.peer
+    write = FRAME.pack(MAGIC, VERSION, KIND_WRITE, link.qp.qpn, peer.qpn, 0, peer.rkey, peer.addr, 8, 0) + b"\xee" * 8
+    first = {"none": b"", "wrong-key": _hello(peer.key ^ 1),
+             "hello-with-payload": FRAME.pack(MAGIC, VERSION, KIND_HELLO, 0, 0, 0, 0, peer.key, 8, 0) + bytes(8)}
+    with socket.create_connection(("127.0.0.1", peer.port), timeout=WAIT_S) as s:
+        s.sendall(first[opening] + write)
+        assert _closed_by_peer(s)
+    assert (peer.region() == 0x11).all()
+    link.write(0, 0, 64, flags=w.CTRL_CQ_UPDATE)  # the NIC still serves its real peer
+    link.q.ring()
+    assert _ok(link.cqes(1))
+
+
+def test_a_silent_connection_is_closed_after_the_hello_timeout(link):
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", link.peer.port), timeout=WAIT_S) as s:
+        assert _closed_by_peer(s)
+    assert 1.5 < time.monotonic() - started < WAIT_S  # kHelloTimeout: 2 s
+
+
 def _closed_by_peer(s: socket.socket) -> bool:
     s.settimeout(WAIT_S)
     try:
@@ -307,12 +337,13 @@ def _closed_by_peer(s: socket.socket) -> bool:
     ],
 )
 def test_hostile_frame_closes_the_connection(link, frame):
+    """Past the HELLO (the sender knows the key): frames that are not ours."""
     peer = link.peer
     if frame == "unknown-qpn":
         frame = FRAME.pack(MAGIC, VERSION, KIND_WRITE, link.qp.qpn, peer.qpn + 1000, 0, peer.rkey, peer.addr, 8, 0)
         frame += bytes(8)
     with socket.create_connection(("127.0.0.1", peer.port), timeout=WAIT_S) as s:
-        s.sendall(frame)
+        s.sendall(_hello(peer.key) + frame)
         assert _closed_by_peer(s)
     assert (peer.region() == 0x11).all()  # nothing written, guards intact
     link.write(0, 0, 64, flags=w.CTRL_CQ_UPDATE)  # the NIC still works
@@ -331,6 +362,7 @@ def test_forged_frames_write_nothing(link):
         FRAME.pack(MAGIC, VERSION, KIND_WRITE, link.qp.qpn, peer.qpn, 0, peer.rkey, peer.addr + SIZE - 4, 8, 0),
     ]
     with socket.create_connection(("127.0.0.1", peer.port), timeout=WAIT_S) as s:
+        s.sendall(_hello(peer.key))
         for f in frames:
             s.sendall(f + b"\xee" * 8)
         time.sleep(0.05)

@@ -18,7 +18,9 @@ Control path (this module):
 
 * Directory entry (:mod:`~eaas_jax.transport.directory`):
   ``/dev/shm/eaas-<deployment>-<e>.ibgda`` holds the endpoint's *card*: the
-  NIC's address and port, the QPN base (its QP for endpoint p is
+  NIC's address and port, its random link key (a connection to the NIC that
+  does not begin with it is closed: ``ffi/nic_link.h``; the entry is 0600,
+  so only this uid learns it), the QPN base (its QP for endpoint p is
   ``qpn_base + p``), the inbox's rkey and address, and ``peers``: for each
   peer it connected its QP to, that peer's entry nonce.
 * :meth:`IbgdaEndpoint.connect` (a client, for each server) connects this
@@ -111,7 +113,7 @@ def directory_path(deployment: str, endpoint: int) -> str:
 _i64, _u64, _buf = ctypes.c_int64, ctypes.c_uint64, ctypes.c_char_p
 _SIGNATURES = {
     "eaas_ibgda_open": ([_buf, _u64] + [_i64] * 9 + [_buf, ctypes.POINTER(_u64), _buf, _i64], ctypes.c_int),
-    "eaas_ibgda_connect": ([_i64, _i64, _buf, _u64, _u64, _u64, _u64, _buf, _i64], ctypes.c_int),
+    "eaas_ibgda_connect": ([_i64, _i64, _buf, _u64, _u64, _u64, _u64, _u64, _buf, _i64], ctypes.c_int),
     "eaas_ibgda_peer": ([_i64, _i64, ctypes.c_int], ctypes.c_int),
 }
 
@@ -130,6 +132,7 @@ class Card:
     qpn_base: int
     inbox_rkey: int
     slots_addr: int
+    link_key: int  #: what a connection to its NIC must begin with (the entry is 0600: our uid only)
 
     @classmethod
     def from_entry(cls, entry: dict) -> "Card":
@@ -142,7 +145,7 @@ class Card:
             card = cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)})
         except (KeyError, TypeError):
             raise IbgdaPeerRefusedError(f"endpoint {entry.get('endpoint')}'s entry has no valid card") from None
-        ints = (card.port, card.qpn_base, card.inbox_rkey, card.slots_addr)
+        ints = (card.port, card.qpn_base, card.inbox_rkey, card.slots_addr, card.link_key)
         if not isinstance(card.host, str) or not all(isinstance(v, int) and v >= 0 for v in ints):
             raise IbgdaPeerRefusedError(f"endpoint {entry.get('endpoint')}'s entry has a malformed card")
         return card
@@ -193,7 +196,7 @@ class IbgdaEndpoint(BoundCalls):
         self.path = directory_path(self.deployment, self.endpoint)
         directory.claim(self.path, f"endpoint {self.endpoint} of deployment {self.deployment!r}",
                         IbgdaEndpointInUseError)
-        card = (ctypes.c_uint64 * 5)()
+        card = (ctypes.c_uint64 * 6)()
         err = ctypes.create_string_buffer(_ERRLEN)
         rc = _lib().eaas_ibgda_open(
             self.deployment.encode(), int(deployment_id) & 0xFFFFFFFFFFFFFFFF, self.endpoint,
@@ -206,8 +209,8 @@ class IbgdaEndpoint(BoundCalls):
             raise (IbgdaEndpointInUseError if rc == -2 else IbgdaError)(msg)
         self._closed = False
         self.geometry, _ = shm.endpoint_info(self.endpoint)
-        self.card = Card(self.host, *(int(v) for v in card[:4]))
-        self._nic = int(card[4])
+        self.card = Card(self.host, *(int(v) for v in card[:5]))
+        self._nic = int(card[5])
         self._lock = threading.Lock()  # the peers' bookkeeping and our entry (control thread vs connect)
         self._wanted: set[int] = set()  # peers connect() was asked for: followed across their restarts
         self._connected: dict[int, str] = {}  # peer -> nonce of the entry our QP is connected to
@@ -325,7 +328,7 @@ class IbgdaEndpoint(BoundCalls):
             card = self._check_entry(peer, entry)
             err = ctypes.create_string_buffer(_ERRLEN)
             if _lib().eaas_ibgda_connect(self.endpoint, peer, card.host.encode(), card.port, card.qpn_base,
-                                         card.inbox_rkey, card.slots_addr, err, _ERRLEN) != 0:
+                                         card.inbox_rkey, card.slots_addr, card.link_key, err, _ERRLEN) != 0:
                 raise IbgdaError(err.value.decode(errors="replace"))
             self._connected[peer] = entry["nonce"]
             self._entry["peers"][str(peer)] = entry["nonce"]

@@ -125,8 +125,8 @@ _SIGNATURES = {
     "eaas_nic_unmap_queues": ([_u64, _u64], _int),
     "eaas_nic_progress": ([_i64, _i64], _i64),
     "eaas_nic_start": ([_i64, _i64], _int),
-    "eaas_nic_listen": ([_i64, _buf, _p32, _buf, _i64], _int),
-    "eaas_nic_connect_qp": ([_i64, _u32, _buf, _u32, _u32, _buf, _i64], _int),
+    "eaas_nic_listen": ([_i64, _buf, _p32, _p64, _buf, _i64], _int),
+    "eaas_nic_connect_qp": ([_i64, _u32, _buf, _u32, _u32, _u64, _buf, _i64], _int),
 }
 _ERR_LEN = 512
 
@@ -250,12 +250,13 @@ class QueuePair:
         peer_nic, peer_qpn = (peer.nic.handle, peer.qpn) if peer is not None else (-1, 0)
         _call("eaas_nic_modify_qp", self.nic.handle, self.qpn, int(state), peer_nic, peer_qpn)
 
-    def connect_remote(self, peer_qpn: int, host: str = "127.0.0.1", port: int = 0) -> None:
+    def connect_remote(self, peer_qpn: int, host: str = "127.0.0.1", port: int = 0, key: int = 0) -> None:
         """RESET -> INIT -> RTR -> RTS with QP `peer_qpn` of the NIC model
-        listening on host:port (another process's, usually), over a TCP
-        link; port 0: only receive that QP's WRITEs, send none."""
+        listening on host:port with link key `key` (:meth:`NicModel.listen`;
+        another process's NIC, usually), over a TCP link; port 0: only
+        receive that QP's WRITEs, send none."""
         self.modify(QpState.INIT)
-        _call("eaas_nic_connect_qp", self.nic.handle, self.qpn, host.encode(), port, peer_qpn)
+        _call("eaas_nic_connect_qp", self.nic.handle, self.qpn, host.encode(), port, peer_qpn, key)
         self.modify(QpState.RTS)
 
 
@@ -302,12 +303,13 @@ class NicModel:
         _call("eaas_nic_create_qp", self.handle, log_sq_bbs, log_cq_entries, qpn)
         return QueuePair(self, qpn.value)
 
-    def listen(self, host: str = "127.0.0.1") -> int:
+    def listen(self, host: str = "127.0.0.1") -> tuple[int, int]:
         """Listens on the IPv4 address `host` for other NIC models' links;
-        returns the (ephemeral) port."""
-        port = ctypes.c_uint32()
-        _call("eaas_nic_listen", self.handle, host.encode(), port)
-        return port.value
+        returns the (ephemeral) port and the link key a connection must
+        begin with (give it only to who may write into this NIC's regions)."""
+        port, key = ctypes.c_uint32(), ctypes.c_uint64()
+        _call("eaas_nic_listen", self.handle, host.encode(), port, key)
+        return port.value, key.value
 
     def progress(self, max_chunks: int = -1) -> int:
         """Takes new WQEs, places up to `max_chunks` chunks (-1: all due),
