@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import logging
+import os
 import sys
 import tomllib
 import time
@@ -173,6 +175,9 @@ def _add_serve_experts(sub) -> None:
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) to register in (lease as heartbeat); "
                    "credentials and certificates from $EAAS_ETCD_* (README)")
     p.add_argument("--shm-name", help="shared-memory name (default: the deployment's name)")
+    p.add_argument("--nic-host", type=_ipv4,
+                   help="transport = \"ibgda\": the IPv4 address this server's NIC listens on, reachable by "
+                        "its clients (default: $EAAS_NIC_HOST, else 127.0.0.1: this host only)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     # Exit when stdin closes (the engine that started this server died).
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
@@ -195,6 +200,8 @@ def _serve_experts(args) -> int:
     if args.layers is not None or args.experts is not None:
         joining = tuple(_index_list(v) for v in (args.layers or "all", args.experts or "all"))
     try:
+        if args.nic_host is not None:
+            os.environ["EAAS_NIC_HOST"] = args.nic_host  # where the transport's endpoint listens
         run_expert_server(
             args.model, args.deployment, args.server, joining=joining, endpoint=args.endpoint,
             shm_name=args.shm_name, registry=args.registry, dtype=resolve_dtype(args.dtype),
@@ -203,6 +210,13 @@ def _serve_experts(args) -> int:
     except (CheckpointError, DeploymentError, RegistryError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     return 0
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from None
 
 
 def _index_list(text: str):

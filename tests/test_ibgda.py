@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eaas_jax.control_plane.cluster import LocalCluster
+from eaas_jax.checkpoint import load_config
+from eaas_jax.control_plane.cluster import LocalCluster, RegistryCluster
+from eaas_jax.control_plane.registry import EtcdRegistry, RegistryEntries, cards_prefix
 from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 from eaas_jax.engine import Engine, SamplingParams
 from eaas_jax.transport import custom_calls, ibgda, wire
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _transport_worker import expert_compute, reference  # noqa: E402
 from conftest import compiles_once_per_step_shape  # noqa: E402
 from test_failover import PARAMS, REQUESTS, run_requests  # noqa: E402
+from test_registry import ETCD, put_text, running_etcd  # noqa: E402
 from shm_harness import CAP, GEO, HOSTED, LONG_US, SERVER_OF, WEIGHTS, random_tokens  # noqa: E402
 
 if not os.path.isdir("/dev/shm"):
@@ -412,3 +415,60 @@ def test_cutting_the_link_mid_run_fails_over_to_the_replica_on_this_host(tiny_ch
                 assert cluster.process("far").poll() is None  # alive, only unreachable
     assert got == reference  # nothing lost, nothing changed
     assert 0 < cut_at[0] < len(REQUESTS)
+
+
+@pytest.mark.skipif(ETCD is None, reason="needs Debian's etcd-server (.ci/run installs it)")
+def test_servers_on_another_host_are_found_through_etcd(tiny_checkpoint, embedded, tmp_path, monkeypatch):
+    """`serve-experts --registry --nic-host` in the namespace, etcd on this
+    side's address: the cards travel through etcd, not through this host's
+    files, and the engine's tokens equal the embedded engine's."""
+    name = f"ibetcd{os.getpid()}"
+    deployment = _deployment(tmp_path, name)
+    with second_host() as (ns, near, far, _, _far_if), running_etcd(tmp_path / "etcd", host=near) as url:
+        monkeypatch.setenv("EAAS_NIC_HOST", near)
+        servers = [subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "eaas_jax.cli", "serve-experts", "--model",
+             tiny_checkpoint, "--deployment", deployment, "--server", server, "--registry", url,
+             "--nic-host", far, "--shm-name", name],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{server}.log", "wb"),
+            env=dict(os.environ, JAX_PLATFORMS="cpu", EAAS_NIC_HOST="")) for server in ("low", "high")]
+        try:
+            cluster = RegistryCluster(url, deployment, config=load_config(tiny_checkpoint), wait_s=240)
+            try:
+                with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
+                    got = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, GREEDY, use_tqdm=False)]
+                    cards = EtcdRegistry(url).get_prefix(cards_prefix(name))
+                    files = glob.glob(f"/dev/shm/eaas-{name}-*.ibgda")
+            finally:
+                cluster.close()
+        finally:
+            for proc in servers:
+                proc.terminate()
+            for proc in servers:
+                proc.wait(timeout=30)
+    assert got == embedded
+    hosts = {entry["endpoint"]: entry["host"] for entry in cards.values()}
+    assert hosts[0] == hosts[1] == far and set(hosts.values()) == {far, near}  # the two servers and the client
+    assert files == []  # no card went through this host's files
+
+
+@pytest.mark.skipif(ETCD is None, reason="needs Debian's etcd-server (.ci/run installs it)")
+def test_cards_in_etcd_that_are_not_an_endpoints_object_read_as_none(tmp_path, caplog):
+    with running_etcd(tmp_path / "etcd") as url:
+        registry = EtcdRegistry(url)
+        lease = registry.grant_lease(5)
+        mine = RegistryEntries(registry, "cards", 0, lease, refresh_s=0)
+        mine.publish({"nonce": "a", "endpoint": 0})
+        prefix = cards_prefix("cards")
+        put_text(registry, prefix + "1", b"not json")
+        registry.put(prefix + "2", [1, 2])  # JSON, not an object
+        registry.put(prefix + "x", {"nonce": "b"})  # not an endpoint index
+        registry.put(prefix + "3", {"nonce": "c", "endpoint": 3})
+        peer = RegistryEntries(registry, "cards", 3, lease, refresh_s=0)
+        for _ in range(2):  # warned once per value, not per read
+            assert [peer.read(e) for e in (0, 1, 2, 3)] == [{"nonce": "a", "endpoint": 0}, None, None,
+                                                            {"nonce": "c", "endpoint": 3}]
+        assert len([r for r in caplog.records if "ignoring registry entry" in r.getMessage()]) == 3
+        mine.remove()
+        assert peer.read(0) is None
+        registry.revoke_lease(lease)

@@ -93,23 +93,23 @@ def make_certificates(directory) -> TlsFiles:
 
 
 @contextlib.contextmanager
-def running_etcd(data_dir, *flags: str, tls: TlsFiles | None = None):
-    """An etcd on loopback (HTTPS requiring client certificates with `tls`);
-    yields its registry URL."""
+def running_etcd(data_dir, *flags: str, tls: TlsFiles | None = None, host: str = "127.0.0.1"):
+    """An etcd on `host` (loopback, or a test's veth address; HTTPS requiring
+    client certificates with `tls`); yields its registry URL."""
     client, peer = _free_port(), _free_port()
     scheme = "http" if tls is None else "https"
     tls_flags = [] if tls is None else ["--client-cert-auth", "--trusted-ca-file", tls.ca,
                                          "--cert-file", tls.server_cert, "--key-file", tls.server_key]
     proc = subprocess.Popen(
         [ETCD, "--data-dir", str(data_dir),
-         "--listen-client-urls", f"{scheme}://127.0.0.1:{client}",
-         "--advertise-client-urls", f"{scheme}://127.0.0.1:{client}",
+         "--listen-client-urls", f"{scheme}://{host}:{client}",
+         "--advertise-client-urls", f"{scheme}://{host}:{client}",
          "--listen-peer-urls", f"http://127.0.0.1:{peer}",
          "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
          "--initial-cluster", f"default=http://127.0.0.1:{peer}", *tls_flags, *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    url = f"etcd://127.0.0.1:{client}" if tls is None else f"etcds://127.0.0.1:{client}"
+    url = f"etcd://{host}:{client}" if tls is None else f"etcds://{host}:{client}"
     registry = EtcdRegistry(url) if tls is None else EtcdRegistry(url, ca_file=tls.ca, cert_file=tls.client_cert,
                                                                    key_file=tls.client_key)
     deadline = time.monotonic() + 30
@@ -344,7 +344,7 @@ def test_hostile_registry_entries_are_ignored(authenticated, expected, caplog):
         for name in [*hostile, *garbage]:
             assert len([w for w in warnings if w.startswith(f"ignoring registry entry {prefix + name!r}:")]) == 1, name
         assert "(layer 3, expert 0) is outside the model's 3 MoE layers x 8 experts" in "\n".join(warnings)
-        assert "transport 'carrier-pigeon' is not one of ['shm', 'cuda_ipc']" in "\n".join(warnings)
+        assert "transport 'carrier-pigeon' is not one of ['shm', 'cuda_ipc', 'ibgda']" in "\n".join(warnings)
         assert "not-json': its value is not JSON" in "\n".join(warnings)
         assert not any("\nforged" in w for w in warnings)
         unclaimed = [r.getMessage() for r in caplog.records if "'squatter'" in r.getMessage()]

@@ -47,6 +47,7 @@ from eaas_jax.control_plane.deployment import NAME, Deployment, DeploymentError,
 from eaas_jax.control_plane.registry import (
     EtcdRegistry,
     Heartbeat,
+    RegistryEntries,
     RegistryError,
     ServerRegistrations,
     clients_prefix,
@@ -284,6 +285,9 @@ class LocalCluster:
     def claim_client(self) -> int:
         return self.deployment.client_endpoint(self._slots.claim())
 
+    def endpoint_entries(self, endpoint: int) -> None:
+        return None  # every endpoint is on this host: the transport's own directory
+
     def release_client(self, endpoint: int) -> None:
         self._slots.release(endpoint - self.deployment.num_server_endpoints)
 
@@ -517,6 +521,11 @@ class RegistryCluster:
         if not (_is_index(deployment_id) and deployment_id == default_deployment_id(shm_name)):
             return f"deployment_id {reprlib.repr(deployment_id)} is not the id of shm name {shm_name!r}"
         return None
+
+    def endpoint_entries(self, endpoint: int) -> RegistryEntries:
+        """Where client endpoint `endpoint` (claimed) publishes its transport
+        entry and finds the servers' (under its slot's lease)."""
+        return RegistryEntries(self.registry, self.deployment.name, endpoint, self._heartbeats[endpoint].lease)
 
     def claim_client(self) -> int:
         """Claims the first free client slot (a key under a lease of this

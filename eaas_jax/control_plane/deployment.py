@@ -319,9 +319,12 @@ class Deployment:
             dispatch_dtype=self.dispatch_dtype,
         )
 
-    def open_endpoint(self, shm_name: str, endpoint: int, config: ModelConfig) -> backends.TransportEndpoint:
-        """Opens endpoint `endpoint` of this deployment with its transport."""
-        return self.backend.open_endpoint(shm_name, endpoint, self.geometry(config))
+    def open_endpoint(self, shm_name: str, endpoint: int, config: ModelConfig,
+                      entries=None) -> backends.TransportEndpoint:
+        """Opens endpoint `endpoint` of this deployment with its transport
+        (`entries`: the registry's, where peers on other hosts are found;
+        ``TransportBackend.open_endpoint``)."""
+        return self.backend.open_endpoint(shm_name, endpoint, self.geometry(config), entries)
 
     def endpoint_paths(self, shm_name: str) -> list[str]:
         """Where this deployment's endpoints appear in the file system (for

@@ -327,6 +327,59 @@ def spares_prefix(deployment: str) -> str:
     return f"eaas/{deployment}/spares/"
 
 
+def cards_prefix(deployment: str) -> str:
+    """Where endpoints publish what peers on other hosts need to reach them
+    (a transport's entry, e.g. the ibgda card), under the endpoint index."""
+    return f"eaas/{deployment}/cards/"
+
+
+class RegistryEntries:
+    """A transport's endpoint entries in etcd (a
+    ``transport.directory.EntryStore``): how endpoints on different hosts find
+    each other. This endpoint's entry is the key ``cards_prefix + endpoint``
+    under `lease` (it goes when the process's lease does); peers' entries are
+    read with one range request per `refresh_s` at most (the transport asks
+    every few milliseconds). Entries are whatever anyone allowed to write the
+    registry put there: the transport checks every field it uses; a value
+    that is not a JSON object reads as none, with one warning per value."""
+
+    def __init__(self, registry: EtcdRegistry, deployment: str, endpoint: int, lease: int, *,
+                 refresh_s: float = 0.1):
+        self.registry, self.prefix, self.endpoint, self.lease = registry, cards_prefix(deployment), endpoint, lease
+        self._refresh_s = refresh_s
+        self._read_at = -float("inf")
+        self._entries: dict[int, dict] = {}
+        self._warned: dict[str, str] = {}
+
+    def claim(self) -> None:
+        pass  # the endpoint itself was claimed in the registry (a server's or client slot's key)
+
+    def publish(self, entry: dict) -> None:
+        self.registry.put(f"{self.prefix}{self.endpoint}", entry, lease=self.lease)
+
+    def read(self, peer: int) -> dict | None:
+        now = time.monotonic()
+        if now - self._read_at >= self._refresh_s:
+            self._read_at = now
+            entries, warned = {}, {}
+            for key, text in self.registry.get_prefix_text(self.prefix).items():
+                try:
+                    entry, index = json.loads(text), int(key[len(self.prefix):])
+                except (ValueError, RecursionError):
+                    entry, index = None, None
+                if isinstance(entry, dict) and index is not None:
+                    entries[index] = entry
+                    continue
+                warned[key] = text
+                if self._warned.get(key) != text:
+                    log.warning("ignoring registry entry %r: not an endpoint's JSON object", key)
+            self._entries, self._warned = entries, warned
+        return self._entries.get(peer)
+
+    def remove(self) -> None:
+        self.registry.delete(f"{self.prefix}{self.endpoint}")
+
+
 class ServerRegistrations:
     """The server entries of one deployment in etcd, each checked before use.
 

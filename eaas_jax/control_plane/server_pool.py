@@ -88,7 +88,8 @@ class ServerPool:
         """Opens this client's endpoint and maps the started servers' inboxes."""
         endpoint = self.cluster.claim_client()
         try:
-            self.client_endpoint = spec.open_endpoint(self.cluster.shm_name, endpoint, config)
+            self.client_endpoint = spec.open_endpoint(self.cluster.shm_name, endpoint, config,
+                                                      self.cluster.endpoint_entries(endpoint))
         except BaseException:
             self.cluster.release_client(endpoint)
             raise

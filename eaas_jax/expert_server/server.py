@@ -45,7 +45,13 @@ from eaas_jax.model.moe import routed_experts
 from eaas_jax.attention_client.remote_backend import transport_anomalies
 from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 from eaas_jax.expert_server.parent_watch import ParentWatch
-from eaas_jax.control_plane.registry import EtcdRegistry, Heartbeat, servers_prefix, spares_prefix
+from eaas_jax.control_plane.registry import (
+    EtcdRegistry,
+    Heartbeat,
+    RegistryEntries,
+    servers_prefix,
+    spares_prefix,
+)
 from eaas_jax.transport import custom_calls, hidden_codec
 from eaas_jax.transport.wire import default_deployment_id
 
@@ -259,7 +265,10 @@ def _serve(model_path, deployment, config, server_name, heartbeat, *, joining, e
     experts = select_experts(params, hosted, config)
     del params  # the unhosted experts of the loaded layers
     shm_name = shm_name or deployment.name
-    with deployment.open_endpoint(shm_name, endpoint_index, config) as endpoint:
+    # Registered: peers on other hosts find its transport entry in the registry.
+    entries = (None if heartbeat is None
+               else RegistryEntries(heartbeat.registry, deployment.name, endpoint_index, heartbeat.lease))
+    with deployment.open_endpoint(shm_name, endpoint_index, config, entries) as endpoint:
         server = ExpertServer(endpoint, experts, poll_timeout_us=poll_timeout_us)
         server.step()  # an idle round: the transport answers before the server says it is ready
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from eaas_jax.transport.custom_calls import FfiTargets
+    from eaas_jax.transport.directory import EntryStore
     from eaas_jax.transport.wire import Geometry
 
 #: Backend name -> the module whose ``BACKEND`` it is, in the order they are listed.
@@ -72,9 +73,14 @@ class TransportBackend(Protocol):
     #: Otherwise servers run on the CPU.
     one_process_per_gpu: bool
 
-    def open_endpoint(self, name: str, endpoint: int, geometry: dict) -> TransportEndpoint:
+    def open_endpoint(self, name: str, endpoint: int, geometry: dict,
+                      entries: EntryStore | None = None) -> TransportEndpoint:
         """Opens endpoint `endpoint` of the deployment instance `name` (its
-        shm name); `geometry`: ``Deployment.geometry``'s keyword arguments."""
+        shm name); `geometry`: ``Deployment.geometry``'s keyword arguments;
+        `entries`: where it publishes what peers need to reach it and finds
+        theirs, when they may be on other hosts (the registry's; None: this
+        host's directory). Backends whose peers are on this host by nature
+        (shm, cuda_ipc) find them by name and ignore it."""
 
     def endpoint_paths(self, name: str, endpoint: int) -> tuple[str, ...]:
         """The files endpoint `endpoint` of `name` occupies while open: what

@@ -367,8 +367,10 @@ class CudaIpcBackend:
     ffi_targets = CUDA_IPC_TARGETS
     one_process_per_gpu = True  # see the top of this module
 
-    def open_endpoint(self, name: str, endpoint: int, geometry: dict) -> CudaIpcEndpoint:
-        return CudaIpcEndpoint(name, endpoint, **geometry)  # on the process's first GPU
+    def open_endpoint(self, name: str, endpoint: int, geometry: dict, entries=None) -> CudaIpcEndpoint:
+        # On the process's first GPU; its peers are on this host (IPC handles):
+        # found in this host's directory.
+        return CudaIpcEndpoint(name, endpoint, **geometry)
 
     def endpoint_paths(self, name: str, endpoint: int) -> tuple[str, ...]:
         return (directory_path(name, endpoint),)

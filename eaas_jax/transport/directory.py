@@ -16,6 +16,11 @@ replaced; one of another uid is never used nor removed.
 An endpoint *claims* its entry's name first (an empty placeholder), opens
 its inbox, then *publishes* the entry; readers see the placeholder as "no
 entry yet".
+
+Peers on other hosts cannot read this host's files: there the entries live
+in the registry instead (``control_plane.registry.RegistryEntries``). Both
+are an :class:`EntryStore`, what a backend that follows its peers' entries
+takes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
+from typing import Protocol
 
 from eaas_jax.transport import wire
 from eaas_jax.transport.private_files import (
@@ -34,7 +41,7 @@ from eaas_jax.transport.private_files import (
     write_private_file,
 )
 
-__all__ = ["claim", "new_entry", "peer_entry", "publish", "read_entry"]
+__all__ = ["EntryStore", "FileEntries", "claim", "new_entry", "peer_entry", "publish", "read_entry"]
 
 #: An entry is about 1 KB: a far larger file is none.
 MAX_ENTRY_BYTES = 64 * 1024
@@ -132,3 +139,73 @@ def peer_entry(path: str, peer: int, refused: type[Exception]) -> dict | None:
     except UntrustedFileError as e:
         raise refused(f"refusing endpoint {peer}: {e}") from None
     return entry if entry is not None and entry.get("nonce") else None
+
+
+class EntryStore(Protocol):
+    """Where one endpoint publishes its entry and reads its peers'."""
+
+    def claim(self) -> None:
+        """Reserves this endpoint's entry (raises if another live endpoint holds it)."""
+
+    def publish(self, entry: dict) -> None:
+        """Makes `entry` this endpoint's, replacing the one before."""
+
+    def read(self, peer: int) -> dict | None:
+        """Endpoint `peer`'s entry, or None while it has none (raises the
+        store's refusal when what is there cannot be trusted)."""
+
+    def remove(self) -> None:
+        """Withdraws this endpoint's entry (idempotent)."""
+
+
+class FileEntries:
+    """Entries as private files in /dev/shm: the endpoints of one host.
+
+    Args:
+      path_of: endpoint index -> its entry's path.
+      endpoint: this endpoint's index.
+      in_use, refused: the backend's errors for a taken name and an
+        untrusted peer file.
+    """
+
+    def __init__(self, path_of: Callable[[int], str], endpoint: int, *, in_use: type[Exception],
+                 refused: type[Exception], what: str):
+        self._path_of, self._endpoint, self._what = path_of, endpoint, what
+        self._in_use, self._refused = in_use, refused
+        self._seen: dict[int, tuple] = {}  # peer -> (inode, mtime, size) of its file when last read
+        self._cache: dict[int, dict] = {}
+
+    @property
+    def path(self) -> str:
+        return self._path_of(self._endpoint)
+
+    def claim(self) -> None:
+        claim(self.path, self._what, self._in_use)
+
+    def publish(self, entry: dict) -> None:
+        publish(self.path, entry)
+
+    def read(self, peer: int) -> dict | None:
+        """Re-read only when the file changed (the caller may ask often)."""
+        path = self._path_of(peer)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            self._seen.pop(peer, None)
+            self._cache.pop(peer, None)
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._seen.get(peer) != stamp:
+            entry = peer_entry(path, peer, self._refused)
+            self._seen[peer] = stamp
+            if entry is None:
+                self._cache.pop(peer, None)
+            else:
+                self._cache[peer] = entry
+        return self._cache.get(peer)
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

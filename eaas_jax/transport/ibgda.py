@@ -162,6 +162,10 @@ class IbgdaEndpoint(BoundCalls):
     Args: as :class:`~eaas_jax.transport.shm.ShmEndpoint`, plus
       host: the IPv4 address its NIC listens on (default: the
         ``EAAS_NIC_HOST`` environment variable, else 127.0.0.1).
+      entries: where it publishes its card and finds its peers' (a
+        :class:`~eaas_jax.transport.directory.EntryStore`; default: private
+        files in /dev/shm, for peers on this host; the registry's
+        ``RegistryEntries`` reaches other hosts).
 
     Raises:
       IbgdaEndpointInUseError: the endpoint is open here or in a live process.
@@ -185,6 +189,7 @@ class IbgdaEndpoint(BoundCalls):
         deployment_id: int | None = None,
         dispatch_dtype: str = "float32",
         host: str | None = None,
+        entries: directory.EntryStore | None = None,
     ):
         if dispatch_dtype not in wire.DISPATCH_DTYPES:
             raise ValueError(f"dispatch_dtype must be one of {sorted(wire.DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
@@ -193,9 +198,10 @@ class IbgdaEndpoint(BoundCalls):
         self.host = host or os.environ.get("EAAS_NIC_HOST") or _DEFAULT_HOST
         if deployment_id is None:
             deployment_id = wire.default_deployment_id(self.deployment)
-        self.path = directory_path(self.deployment, self.endpoint)
-        directory.claim(self.path, f"endpoint {self.endpoint} of deployment {self.deployment!r}",
-                        IbgdaEndpointInUseError)
+        self._entries = entries or directory.FileEntries(
+            lambda e: directory_path(self.deployment, e), self.endpoint, in_use=IbgdaEndpointInUseError,
+            refused=IbgdaPeerRefusedError, what=f"endpoint {self.endpoint} of deployment {self.deployment!r}")
+        self._entries.claim()
         card = (ctypes.c_uint64 * 6)()
         err = ctypes.create_string_buffer(_ERRLEN)
         rc = _lib().eaas_ibgda_open(
@@ -204,7 +210,7 @@ class IbgdaEndpoint(BoundCalls):
             int(num_experts), wire.DISPATCH_DTYPES[dispatch_dtype], self.host.encode(), card, err, _ERRLEN,
         )
         if rc != 0:
-            os.unlink(self.path)
+            self._entries.remove()
             msg = err.value.decode(errors="replace")
             raise (IbgdaEndpointInUseError if rc == -2 else IbgdaError)(msg)
         self._closed = False
@@ -215,11 +221,9 @@ class IbgdaEndpoint(BoundCalls):
         self._wanted: set[int] = set()  # peers connect() was asked for: followed across their restarts
         self._connected: dict[int, str] = {}  # peer -> nonce of the entry our QP is connected to
         self._warned: dict[int, str] = {}  # peer -> the last problem logged about it
-        self._seen: dict[int, tuple] = {}  # peer -> (inode, mtime) of its entry file when last read
-        self._entries: dict[int, dict] = {}  # peer -> its entry as last read
         self._entry = directory.new_entry(_DIRECTORY_FORMAT, self.endpoint, self.geometry,
                                           **dataclasses.asdict(self.card), peers={})
-        directory.publish(self.path, self._entry)
+        self._entries.publish(self._entry)
         with _OPEN_LOCK:
             _OPEN[self.endpoint] = self
         self._stop = threading.Event()
@@ -247,9 +251,9 @@ class IbgdaEndpoint(BoundCalls):
             if _OPEN.get(self.endpoint) is self:
                 del _OPEN[self.endpoint]
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            self._entries.remove()
+        except Exception as e:  # noqa: BLE001 - an unreachable registry must not keep the inbox open
+            log.warning("ibgda endpoint %d: withdrawing its card: %r", self.endpoint, e)
         shm.close_endpoint(self.endpoint)
 
     def __repr__(self) -> str:
@@ -273,8 +277,7 @@ class IbgdaEndpoint(BoundCalls):
 
     def _check_entry(self, peer: int, entry: dict) -> Card:
         if entry.get("format") != _DIRECTORY_FORMAT or entry.get("endpoint") != peer:
-            raise IbgdaPeerRefusedError(f"{directory_path(self.deployment, peer)} is not an ibgda entry of "
-                                        f"endpoint {peer}")
+            raise IbgdaPeerRefusedError(f"the entry published for endpoint {peer} is not its ibgda card")
         theirs, ours = entry.get("geometry"), vars(self.geometry)
         if theirs != ours:
             diff = {k: (theirs.get(k) if isinstance(theirs, dict) else None, v) for k, v in ours.items()
@@ -282,25 +285,6 @@ class IbgdaEndpoint(BoundCalls):
             raise IbgdaPeerRefusedError(
                 f"refusing endpoint {peer}: geometry/identity mismatch (theirs, ours): {diff}")
         return Card.from_entry(entry)
-
-    def _read_peer(self, peer: int) -> dict | None:
-        """`peer`'s entry, re-read only when its file changed (caller holds _lock)."""
-        path = directory_path(self.deployment, peer)
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            self._seen.pop(peer, None)
-            self._entries.pop(peer, None)
-            return None
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._seen.get(peer) != stamp:
-            entry = directory.peer_entry(path, peer, IbgdaPeerRefusedError)
-            self._seen[peer] = stamp
-            if entry is None:
-                self._entries.pop(peer, None)
-            else:
-                self._entries[peer] = entry
-        return self._entries.get(peer)
 
     def _follow(self, peer: int) -> bool:
         """Brings this endpoint's QP for `peer` in line with `peer`'s entry
@@ -313,7 +297,9 @@ class IbgdaEndpoint(BoundCalls):
           IbgdaPeerRefusedError: its entry is not one to connect to.
           IbgdaError: connecting failed.
         """
-        entry = self._read_peer(peer)
+        entry = self._entries.read(peer)
+        if entry is not None and not isinstance(entry.get("nonce"), str):
+            raise IbgdaPeerRefusedError(f"endpoint {peer}'s entry has no nonce")
         changed = False
         if peer in self._connected and (entry is None or entry["nonce"] != self._connected[peer]):
             self._peer_op(peer, 2)  # the incarnation we were connected to left
@@ -357,16 +343,15 @@ class IbgdaEndpoint(BoundCalls):
             with self._lock:
                 self._wanted.add(peer)
                 if self._follow(peer):
-                    directory.publish(self.path, self._entry)
+                    self._entries.publish(self._entry)
             state = self.peer_state(peer)
             if state == PeerState.READY:
                 return
             if state == PeerState.FAILED:
                 raise IbgdaError(f"endpoint {peer} of deployment {self.deployment!r}: its QP failed")
             if time.monotonic() >= deadline:
-                what = "has no entry" if peer not in self._connected else "has not connected back"
-                raise TimeoutError(f"peer {peer} of deployment {self.deployment!r} {what} "
-                                   f"({directory_path(self.deployment, peer)})")
+                what = "has published no card" if peer not in self._connected else "has not connected back"
+                raise TimeoutError(f"peer {peer} of deployment {self.deployment!r} {what}")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
@@ -384,7 +369,7 @@ class IbgdaEndpoint(BoundCalls):
                         self._warned[peer] = str(e)
                         log.warning("ibgda endpoint %d: %s", self.endpoint, e)
             if changed:
-                directory.publish(self.path, self._entry)
+                self._entries.publish(self._entry)
 
     def _control_loop(self) -> None:
         while not self._stop.wait(_SCAN_S):
@@ -413,8 +398,9 @@ class IbgdaBackend:
     ffi_targets = IBGDA_TARGETS
     one_process_per_gpu = False  # CPU processes (the model NIC)
 
-    def open_endpoint(self, name: str, endpoint: int, geometry: dict) -> IbgdaEndpoint:
-        return IbgdaEndpoint(name, endpoint, **geometry)
+    def open_endpoint(self, name: str, endpoint: int, geometry: dict,
+                      entries: directory.EntryStore | None = None) -> IbgdaEndpoint:
+        return IbgdaEndpoint(name, endpoint, **geometry, entries=entries)
 
     def endpoint_paths(self, name: str, endpoint: int) -> tuple[str, ...]:
         return (shm.segment_path(name, endpoint), directory_path(name, endpoint))

@@ -352,8 +352,8 @@ class ShmBackend:
     ffi_targets = SHM_TARGETS
     one_process_per_gpu = False  # CPU processes
 
-    def open_endpoint(self, name: str, endpoint: int, geometry: dict) -> ShmEndpoint:
-        return ShmEndpoint(name, endpoint, **geometry)
+    def open_endpoint(self, name: str, endpoint: int, geometry: dict, entries=None) -> ShmEndpoint:
+        return ShmEndpoint(name, endpoint, **geometry)  # peers are on this host: found by name
 
     def endpoint_paths(self, name: str, endpoint: int) -> tuple[str, ...]:
         return (segment_path(name, endpoint),)
