@@ -75,8 +75,11 @@ def run_requests(engine, after_step) -> list[list[int]]:
     return [outputs[i] for i in ids]
 
 
-def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_checkpoint, reference, tmp_path):
-    with replicated_engine(tiny_checkpoint, tmp_path) as (cluster, engine):
+@pytest.mark.parametrize("transport", ["shm", "ibgda"])
+def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_checkpoint, reference, tmp_path,
+                                                                        transport):
+    with replicated_engine(tiny_checkpoint, tmp_path, f'transport = "{transport}"\n' + REPLICATED) as (cluster,
+                                                                                                       engine):
         finished_at_kill = []
 
         def kill_r0(steps, finished):
@@ -461,8 +464,11 @@ def test_the_scaler_starts_a_spare_mid_run_that_takes_traffic_and_drains_the_lea
         assert p90 > 0 and scaler.observe_engine(0.9) == 0 and seen == [p90 * 1e3]
 
 
-def test_a_server_not_in_the_file_joins_mid_run_takes_traffic_and_drains(tiny_checkpoint, reference, tmp_path):
-    with replicated_engine(tiny_checkpoint, tmp_path, JOINABLE) as (cluster, engine):
+@pytest.mark.parametrize("transport", ["shm", "ibgda"])
+def test_a_server_not_in_the_file_joins_mid_run_takes_traffic_and_drains(tiny_checkpoint, reference, tmp_path,
+                                                                         transport):
+    with replicated_engine(tiny_checkpoint, tmp_path, f'transport = "{transport}"\n' + JOINABLE) as (cluster,
+                                                                                                     engine):
         backend = engine.runner.experts
         layers = TINY_CONFIG.num_moe_layers
         assert not backend.is_live(2) and not (backend.table == 2).any()

@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 _DIRECTORY_FORMAT = "eaas-ibgda-1"
 _ERRLEN = 1024
 _SCAN_S = 0.01  # how often the control thread looks at the peers' entries
+_HANDSHAKE_S = 2.0  # how long connect() waits for a peer with a card to connect back
 _DEFAULT_HOST = "127.0.0.1"
 
 
@@ -324,8 +325,10 @@ class IbgdaEndpoint(BoundCalls):
         return changed
 
     def connect(self, peer: int, timeout: float = 0.0) -> None:
-        """Connects to `peer` now and waits up to `timeout` s until it is
-        ready (it has connected back).
+        """Connects to `peer` now and waits until it is ready (it has
+        connected back): up to `timeout` s for its card to appear, and once
+        it is there up to :data:`_HANDSHAKE_S` more for it to connect back
+        (a round of its control thread).
 
         Raises:
           IbgdaPeerRefusedError: its entry does not match (geometry,
@@ -337,7 +340,7 @@ class IbgdaEndpoint(BoundCalls):
         peer = int(peer)
         if not 0 <= peer < self.geometry.max_endpoints or peer == self.endpoint:
             raise ValueError(f"peer {peer} is not another endpoint in [0, {self.geometry.max_endpoints})")
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         delay = 0.001
         while True:
             with self._lock:
@@ -349,7 +352,7 @@ class IbgdaEndpoint(BoundCalls):
                 return
             if state == PeerState.FAILED:
                 raise IbgdaError(f"endpoint {peer} of deployment {self.deployment!r}: its QP failed")
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= started + (max(timeout, _HANDSHAKE_S) if peer in self._connected else timeout):
                 what = "has published no card" if peer not in self._connected else "has not connected back"
                 raise TimeoutError(f"peer {peer} of deployment {self.deployment!r} {what}")
             time.sleep(delay)
