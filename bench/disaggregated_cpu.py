@@ -33,7 +33,7 @@ from eaas_jax.checkpoint import load_model  # noqa: E402
 from eaas_jax.engine import Engine, SamplingParams  # noqa: E402
 from eaas_jax.control_plane.cluster import LocalCluster  # noqa: E402
 from eaas_jax.attention_client.exchange import route  # noqa: E402
-from eaas_jax.transport import shm, wire  # noqa: E402
+from eaas_jax.transport import custom_calls, wire  # noqa: E402
 
 MODEL = os.path.join(REPO, "checkpoints", "tiny-moe")
 DEPLOY = {n: os.path.join(REPO, "configs", "deploy", f"tiny-moe-{n}-server{'s' if n > 1 else ''}.toml") for n in (1, 2)}
@@ -77,9 +77,9 @@ def round_trip(cluster: LocalCluster, tokens: int, rounds: int) -> tuple[float, 
         def exchange(x):
             token, acc = None, jnp.zeros_like(x)
             for _ in range(rounds):  # unrolled: the calls chain through their outputs
-                sent = shm.dispatch(ep, x + acc * 0, routing.expert_ids, routing.weights, targets, servers,
+                sent = custom_calls.dispatch(ep, x + acc * 0, routing.expert_ids, routing.weights, targets, servers,
                                     layer=0, micro_batch=0, after=token)
-                out, token, _ = shm.combine(ep, sent, targets, servers, layer=0, micro_batch=0,
+                out, token, _ = custom_calls.combine(ep, sent, targets, servers, layer=0, micro_batch=0,
                                          timeout_us=10_000_000, after=sent)
                 acc = acc + out
             return acc / rounds, token
