@@ -109,13 +109,18 @@ def stats(ms: list[float]) -> str:
     return f"{statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f})"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options of the W0 CPU benches (`doc`: the script's docstring)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=64)
     ap.add_argument("--append", help="append the results table to this file")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
 
     rows = []
     engine_args = dict(dtype="float32", max_num_seqs=args.batch, max_model_len=128)

@@ -13,7 +13,6 @@ kernel writing the work requests) needs the device.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -28,7 +27,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from _results import git_commit, publish  # noqa: E402
-from disaggregated_cpu import MODEL, decode_steps, round_trip, stats  # noqa: E402
+from disaggregated_cpu import MODEL, decode_steps, parse_args, round_trip, stats  # noqa: E402
 from eaas_jax.control_plane.cluster import LocalCluster  # noqa: E402
 from eaas_jax.engine import Engine  # noqa: E402
 
@@ -44,12 +43,7 @@ def deployment(directory: str, transport: str, servers: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=64)
-    ap.add_argument("--append", help="append the results table to this file")
-    args = ap.parse_args()
+    args = parse_args(__doc__)
 
     engine_args = dict(dtype="float32", max_num_seqs=args.batch, max_model_len=128)
     with Engine(MODEL, **engine_args) as engine:

@@ -188,17 +188,13 @@ class CudaIpcEndpoint(BoundCalls):
         dispatch_dtype: str = "float32",
         device: int = 0,
     ):
-        if dispatch_dtype not in wire.DISPATCH_DTYPES:
-            raise ValueError(f"dispatch_dtype must be one of {sorted(wire.DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
-        self.deployment = str(deployment)
+        self.deployment, deployment_id = wire.endpoint_identity(deployment, deployment_id, dispatch_dtype)
         self.endpoint = int(endpoint)
         self.device = int(device)
-        if deployment_id is None:
-            deployment_id = wire.default_deployment_id(self.deployment)
         self.geometry = wire.Geometry(
             max_endpoints=int(max_endpoints), num_channels=int(num_channels), capacity=int(capacity),
             hidden_size=int(hidden_size), top_k=int(top_k), num_layers=int(num_layers),
-            num_experts=int(num_experts), deployment_id=int(deployment_id) & 0xFFFFFFFFFFFFFFFF,
+            num_experts=int(num_experts), deployment_id=deployment_id,
             dispatch_dtype=dispatch_dtype,
         )
         self.path = directory_path(self.deployment, self.endpoint)

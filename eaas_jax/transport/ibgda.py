@@ -192,13 +192,9 @@ class IbgdaEndpoint(BoundCalls):
         host: str | None = None,
         entries: directory.EntryStore | None = None,
     ):
-        if dispatch_dtype not in wire.DISPATCH_DTYPES:
-            raise ValueError(f"dispatch_dtype must be one of {sorted(wire.DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
-        self.deployment = str(deployment)
+        self.deployment, deployment_id = wire.endpoint_identity(deployment, deployment_id, dispatch_dtype)
         self.endpoint = int(endpoint)
         self.host = host or os.environ.get("EAAS_NIC_HOST") or _DEFAULT_HOST
-        if deployment_id is None:
-            deployment_id = wire.default_deployment_id(self.deployment)
         self._entries = entries or directory.FileEntries(
             lambda e: directory_path(self.deployment, e), self.endpoint, in_use=IbgdaEndpointInUseError,
             refused=IbgdaPeerRefusedError, what=f"endpoint {self.endpoint} of deployment {self.deployment!r}")
@@ -206,7 +202,7 @@ class IbgdaEndpoint(BoundCalls):
         card = (ctypes.c_uint64 * 6)()
         err = ctypes.create_string_buffer(_ERRLEN)
         rc = _lib().eaas_ibgda_open(
-            self.deployment.encode(), int(deployment_id) & 0xFFFFFFFFFFFFFFFF, self.endpoint,
+            self.deployment.encode(), deployment_id, self.endpoint,
             int(max_endpoints), int(num_channels), int(capacity), int(hidden_size), int(top_k), int(num_layers),
             int(num_experts), wire.DISPATCH_DTYPES[dispatch_dtype], self.host.encode(), card, err, _ERRLEN,
         )

@@ -259,15 +259,11 @@ class ShmEndpoint(BoundCalls):
         deployment_id: int | None = None,
         dispatch_dtype: str = "float32",
     ):
-        if dispatch_dtype not in wire.DISPATCH_DTYPES:
-            raise ValueError(f"dispatch_dtype must be one of {sorted(wire.DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
-        self.deployment = str(deployment)
+        self.deployment, deployment_id = wire.endpoint_identity(deployment, deployment_id, dispatch_dtype)
         self.endpoint = int(endpoint)
-        if deployment_id is None:
-            deployment_id = wire.default_deployment_id(self.deployment)
         err = ctypes.create_string_buffer(_ERRLEN)
         rc = _lib().eaas_shm_open(
-            self.deployment.encode(), int(deployment_id) & 0xFFFFFFFFFFFFFFFF,
+            self.deployment.encode(), deployment_id,
             self.endpoint, int(max_endpoints), int(num_channels), int(capacity),
             int(hidden_size), int(top_k), int(num_layers), int(num_experts),
             wire.DISPATCH_DTYPES[dispatch_dtype], err, _ERRLEN,

@@ -40,6 +40,19 @@ def fnv1a32(rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def endpoint_identity(deployment: str, deployment_id: int | None, dispatch_dtype: str) -> tuple[str, int]:
+    """(name, 64-bit id) of the deployment an endpoint opens: what every
+    backend's endpoint checks of its arguments before opening anything.
+
+    Raises:
+      ValueError: `dispatch_dtype` is not one of DISPATCH_DTYPES.
+    """
+    if dispatch_dtype not in DISPATCH_DTYPES:
+        raise ValueError(f"dispatch_dtype must be one of {sorted(DISPATCH_DTYPES)}, got {dispatch_dtype!r}")
+    deployment = str(deployment)
+    return deployment, (default_deployment_id(deployment) if deployment_id is None else int(deployment_id)) & _U64
+
+
 def default_deployment_id(deployment: str) -> int:
     """64-bit FNV-1a of the deployment name: the id when none is given."""
     h = _FNV1A64_OFFSET_BASIS
