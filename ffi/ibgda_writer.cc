@@ -28,6 +28,8 @@ constexpr auto kStageWait = std::chrono::milliseconds(20);
 // WQEs of one message at most: the odd sequence word, header + first array,
 // three more arrays, the sequence word.
 constexpr std::uint32_t kMaxWqesPerMessage = 6;
+// An mlx5 WRITE carries at most 2^31 bytes (the data segment's byte count).
+constexpr std::size_t kMaxMessageBytes = std::size_t{1} << 31;
 
 std::uint32_t Log2Ceil(std::uint64_t n) {
   std::uint32_t log = 0;
@@ -57,8 +59,12 @@ struct NicWriter::PeerQp {
 
 std::string NicWriter::Open(const NicWriterConfig& config, std::unique_ptr<NicWriter>* out) {
   if (config.inbox == nullptr || config.slot_bytes == 0 || config.max_endpoints <= 0 || config.num_channels <= 0 ||
-      config.endpoint < 0 || config.endpoint >= config.max_endpoints) {
+      config.endpoint < 0 || config.endpoint >= config.max_endpoints || config.slots_offset >= config.inbox_bytes) {
     return "ibgda: incomplete NIC writer configuration";
+  }
+  if (config.slot_bytes > kMaxMessageBytes) {
+    return "ibgda: a mailbox slot of " + std::to_string(config.slot_bytes) + " bytes is over the " +
+           std::to_string(kMaxMessageBytes) + " bytes one RDMA WRITE may carry (lower the capacity)";
   }
   std::unique_ptr<NicWriter> w(new NicWriter());
   w->config_ = config;
@@ -77,8 +83,9 @@ std::string NicWriter::Open(const NicWriterConfig& config, std::unique_ptr<NicWr
   std::string failed = n->Listen(config.host, &port, &w->card_.link_key);
   std::uint32_t unused_key = 0;  // nothing is sent from the inbox, nor written into the staging area
   if (failed.empty()) {
-    failed = n->RegisterRegion(config.inbox, config.inbox_bytes, nic::kAccessLocalWrite | nic::kAccessRemoteWrite,
-                               &unused_key, &w->card_.inbox_rkey);
+    // The slots only: the segment header (owner, `closed`) is not the peers' to write.
+    failed = n->RegisterRegion(config.inbox + config.slots_offset, config.inbox_bytes - config.slots_offset,
+                               nic::kAccessLocalWrite | nic::kAccessRemoteWrite, &unused_key, &w->card_.inbox_rkey);
   }
   if (failed.empty()) {
     failed = n->RegisterRegion(w->staging_, w->staging_bytes_, nic::kAccessLocalWrite, &w->staging_lkey_, &unused_key);
@@ -225,6 +232,8 @@ bool NicWriter::Post(std::int64_t peer, std::int64_t channel, const std::vector<
   PeerQp& q = *peers_[static_cast<std::size_t>(peer)];
   const std::uint32_t sq_size = 1u << q.log_sq;
   const auto wqes = static_cast<std::uint32_t>(ranges.size()) + 2;
+  // Defensive: Stage lets one message per channel be in flight, and the send
+  // queue holds two per channel (Open), so this never refuses in practice.
   if (wqes > kMaxWqesPerMessage || q.posted - q.completed + wqes > sq_size) return false;
   // The peer's slot (this endpoint, channel): this endpoint's row of its inbox.
   const std::uint64_t remote =

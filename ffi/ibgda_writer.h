@@ -8,12 +8,13 @@
 // == Resources (one NicWriter per endpoint) ==
 //  * a NIC of its own, listening on the endpoint's IPv4 address (a TCP port
 //    of the model NIC's link; nic_link.h);
-//  * its inbox, registered with remote-write access: peers write into it;
+//  * its inbox's slots, registered with remote-write access: peers write
+//    into them (not into the segment header);
 //  * a staging area, one slot per (peer, channel), registered for local
 //    access: a message is assembled there and the NIC gathers from it;
 //  * one RC QP per peer endpoint, created at open, so the QP for peer p has
-//    QPN qpn_base + p on every endpoint (each endpoint's NIC numbers its QPs
-//    from the same base; the card says it, and Connect checks the peer's).
+//    QPN qpn_base + p (the NIC numbers them in creation order; Open checks
+//    it, and the card publishes qpn_base).
 //    A QP is both ways of the pair: it sends this endpoint's messages to p and
 //    accepts p's writes into the inbox.
 // Card (below) is what a peer needs to know of all that. Exchanging cards,
@@ -115,6 +116,8 @@ class NicWriter {
   void Disconnect(std::int64_t peer);
   // kConnected -> kReady (the peer has connected its side too).
   bool SetReady(std::int64_t peer);
+  // Its state, after taking the completions the NIC wrote (an error one
+  // makes it kFailed).
   PeerState State(std::int64_t peer);
 
   // -- data path --

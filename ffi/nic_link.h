@@ -29,10 +29,12 @@ enum class FrameKind : std::uint16_t { kWrite = 1, kAck = 2, kNak = 3, kHello = 
 // draws it). A connection's first frame must be a HELLO carrying that key in
 // `raddr` (Connect sends it): the listener answers nothing and closes a
 // connection whose first frame is anything else, or a wrong key, or that
-// says nothing for kHelloTimeout. So only who was given the key (through a
-// 0600 directory entry: our uid) can place bytes in our regions; another
-// local user who finds the port cannot, whatever QPNs, PSNs or rkeys it
-// guesses.
+// says nothing for kHelloTimeout. So only who was given the key can place
+// bytes in our regions: our uid, through a 0600 directory entry, or whoever
+// may read the registry's cards (run etcd with auth and TLS); another user who
+// finds the port cannot, whatever QPNs, PSNs or rkeys it guesses. The key
+// crosses the network in clear text, like the rest of the link: a test
+// fabric, and a transport for networks one trusts.
 struct FrameHeader {
   std::uint32_t magic;
   std::uint16_t version;
@@ -47,10 +49,12 @@ struct FrameHeader {
 };
 static_assert(sizeof(FrameHeader) == 40, "frame header");
 
-// How long an accepted connection may take to authenticate, and how many
-// connections a NIC keeps at once (more are closed as they come).
+// How long an accepted connection may take to authenticate; how many
+// authenticated links a NIC keeps (one per peer QP: at least max_endpoints,
+// 4096) and how many unauthenticated ones (beyond that the oldest is closed).
 inline constexpr auto kHelloTimeout = std::chrono::seconds(2);
-inline constexpr std::size_t kMaxLinks = 256;
+inline constexpr std::size_t kMaxLinks = 4096;
+inline constexpr std::size_t kMaxPendingLinks = 64;
 
 // One TCP connection: bytes received but not parsed yet, bytes to send.
 struct Conn {

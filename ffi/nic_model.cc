@@ -61,6 +61,12 @@ std::size_t ChunkEnd(const InFlight& e, std::size_t off) {
 
 bool Done(const InFlight& e) { return e.why != Violation::kNone || e.unplaced.empty(); }
 
+// Before placing a chunk: the chunks placed before it become visible to other
+// CPUs first (a receiver that acquire-loads a sequence word placed by a later
+// chunk then sees the payload placed by earlier ones), as PCIe keeps a NIC's
+// posted writes in order. Free on x86; a barrier on weakly ordered CPUs.
+void PlacementBarrier() { std::atomic_thread_fence(std::memory_order_release); }
+
 // PSN order with wrap-around: a before b.
 bool Before(std::uint32_t a, std::uint32_t b) { return static_cast<std::int32_t>(a - b) < 0; }
 
@@ -331,6 +337,7 @@ bool Nic::PlaceOneChunk(Clock::time_point now) {
     return true;
   }
   const std::size_t off = e.unplaced[pick];
+  PlacementBarrier();
   std::memcpy(e.dst + off, e.bytes.data() + off, ChunkEnd(e, off) - off);
   e.unplaced.erase(e.unplaced.begin() + static_cast<std::ptrdiff_t>(pick));
   return true;
@@ -425,7 +432,24 @@ void Nic::ServeLinks() {
   if (listen_fd_ < 0) return;
   const auto now = std::chrono::steady_clock::now();
   while (auto c = Accept(listen_fd_)) {
-    if (accepted_.size() >= kMaxLinks) continue;  // closed as it goes out of scope
+    // Unauthenticated connections are few (a peer's HELLO comes with its
+    // connect): beyond kMaxPendingLinks the oldest goes, so a flood of idle
+    // connections cannot keep a peer out for long. Authenticated ones are
+    // the peers' links, kMaxLinks at most.
+    std::size_t open = 0, pending = 0;
+    Conn* oldest_pending = nullptr;
+    for (const auto& a : accepted_) {
+      if (a->closed) continue;
+      ++open;
+      if (a->authenticated) continue;
+      ++pending;
+      if (oldest_pending == nullptr) oldest_pending = a.get();  // accepted_ is in arrival order
+    }
+    if (pending >= kMaxPendingLinks) {
+      oldest_pending->Close();
+      --open;
+    }
+    if (open >= kMaxLinks + kMaxPendingLinks) continue;  // closed as it goes out of scope
     c->accepted_at = now;
     accepted_.push_back(std::move(c));
   }
@@ -478,6 +502,7 @@ bool Nic::Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>
       QueueFrame(c, reply, nullptr);
       return true;
     }
+    PlacementBarrier();
     if (h.length > 0) std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(h.raddr)), payload.data(), h.length);
     qp->placed_ahead.insert(h.psn);
     while (qp->placed_ahead.erase(qp->expected_psn) != 0) ++qp->expected_psn;

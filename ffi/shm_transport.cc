@@ -1309,10 +1309,10 @@ struct OpenArgs {
 };
 
 // Opens an endpoint: creates its inbox and, when `nic_host` is given (the
-// ibgda backend), a NIC writer listening there, whose card goes to *card.
-// Returns as eaas_shm_open does.
+// ibgda backend), a NIC writer listening there, whose card goes to *card and
+// NIC handle to *nic. Returns as eaas_shm_open does.
 int OpenEndpoint(const char* deployment, std::uint64_t deployment_id, std::int64_t endpoint, const OpenArgs& a,
-                 const char* nic_host, ibgda::Card* card, char* err, std::int64_t errlen) {
+                 const char* nic_host, ibgda::Card* card, std::int64_t* nic, char* err, std::int64_t errlen) {
   const std::string dep = deployment ? deployment : "";
   if (!ValidDeploymentName(dep)) {
     CopyError("deployment name must be 1-40 characters of [A-Za-z0-9_-], got '" + dep + "'",
@@ -1358,14 +1358,15 @@ int OpenEndpoint(const char* deployment, std::uint64_t deployment_id, std::int64
     config.max_endpoints = geo.max_endpoints;
     config.num_channels = geo.num_channels;
     config.endpoint = endpoint;
-    std::unique_ptr<ibgda::NicWriter> nic;
-    const std::string failed = ibgda::NicWriter::Open(config, &nic);
+    std::unique_ptr<ibgda::NicWriter> writer;
+    const std::string failed = ibgda::NicWriter::Open(config, &writer);
     if (!failed.empty()) {
       CopyError(failed, err, errlen);
       return -1;  // `tr` unlinks its inbox
     }
-    *card = nic->card();
-    tr->AttachNic(std::move(nic));
+    *card = writer->card();
+    *nic = writer->nic();
+    tr->AttachNic(std::move(writer));
   }
   Registry()[endpoint] = std::move(tr);
   return 0;
@@ -1461,7 +1462,7 @@ EAAS_FFI_EXPORT int eaas_shm_open(const char* deployment, std::uint64_t deployme
                                   std::int64_t errlen) {
   return eaas::shm::OpenEndpoint(deployment, deployment_id, endpoint,
                                  {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype},
-                                 nullptr, nullptr, err, errlen);
+                                 nullptr, nullptr, nullptr, err, errlen);
 }
 
 // Closes an endpoint: marks its inbox closed and unlinks it (the mapping goes
@@ -1559,16 +1560,18 @@ EAAS_FFI_EXPORT int eaas_ibgda_open(const char* deployment, std::uint64_t deploy
     return -1;
   }
   eaas::ibgda::Card c;
+  std::int64_t nic = 0;
   const int rc = eaas::shm::OpenEndpoint(
       deployment, deployment_id, endpoint,
-      {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype}, host, &c, err, errlen);
+      {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype}, host, &c, &nic, err,
+      errlen);
   if (rc == 0) {
     card[0] = c.port;
     card[1] = c.qpn_base;
     card[2] = c.inbox_rkey;
     card[3] = c.slots_addr;
     card[4] = c.link_key;
-    card[5] = static_cast<std::uint64_t>(eaas::shm::Lookup(endpoint)->nic()->nic());
+    card[5] = static_cast<std::uint64_t>(nic);
   }
   return rc;
 }

@@ -289,6 +289,15 @@ class EtcdRegistry:
     def delete(self, key: str) -> None:
         self._call("/kv/deleterange", {"key": _b64(key)})
 
+    def delete_if_leased(self, key: str, lease: int) -> bool:
+        """Deletes `key` only if it is held under `lease` (not a successor's
+        key of the same name); True if this call deleted it."""
+        result = self._call("/kv/txn", {
+            "compare": [{"key": _b64(key), "target": "LEASE", "lease": str(lease)}],
+            "success": [{"request_delete_range": {"key": _b64(key)}}],
+        })
+        return bool(result.get("succeeded", False))
+
     def get_prefix_text(self, prefix: str) -> dict[str, str]:
         """Every key starting with `prefix` and its value as stored (text)."""
         result = self._call("/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
@@ -340,8 +349,10 @@ class RegistryEntries:
     under `lease` (it goes when the process's lease does); peers' entries are
     read with one range request per `refresh_s` at most (the transport asks
     every few milliseconds). Entries are whatever anyone allowed to write the
-    registry put there: the transport checks every field it uses; a value
-    that is not a JSON object reads as none, with one warning per value."""
+    registry put there: the transport checks every field it uses; a key that
+    is not `cards_prefix` + a decimal endpoint index, or a value that is not a
+    JSON object, reads as none, with one warning per value. While etcd cannot
+    be reached, reads answer from the last snapshot (warned once)."""
 
     def __init__(self, registry: EtcdRegistry, deployment: str, endpoint: int, lease: int, *,
                  refresh_s: float = 0.1):
@@ -350,25 +361,41 @@ class RegistryEntries:
         self._read_at = -float("inf")
         self._entries: dict[int, dict] = {}
         self._warned: dict[str, str] = {}
+        self._unreachable: str | None = None  # the error last warned of
+        self._published = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.prefix}{self.endpoint}"
 
     def claim(self) -> None:
         pass  # the endpoint itself was claimed in the registry (a server's or client slot's key)
 
     def publish(self, entry: dict) -> None:
-        self.registry.put(f"{self.prefix}{self.endpoint}", entry, lease=self.lease)
+        self.registry.put(self.key, entry, lease=self.lease)
+        self._published = True
 
     def read(self, peer: int) -> dict | None:
         now = time.monotonic()
         if now - self._read_at >= self._refresh_s:
             self._read_at = now
+            try:
+                texts = self.registry.get_prefix_text(self.prefix)
+            except RegistryError as e:
+                if self._unreachable != str(e):
+                    self._unreachable = str(e)
+                    log.warning("cannot read the endpoints' cards (using the last ones read): %s", e)
+                return self._entries.get(peer)
+            self._unreachable = None
             entries, warned = {}, {}
-            for key, text in self.registry.get_prefix_text(self.prefix).items():
+            for key, text in texts.items():
+                name = key[len(self.prefix):]
                 try:
-                    entry, index = json.loads(text), int(key[len(self.prefix):])
+                    entry = json.loads(text)
                 except (ValueError, RecursionError):
-                    entry, index = None, None
-                if isinstance(entry, dict) and index is not None:
-                    entries[index] = entry
+                    entry = None
+                if isinstance(entry, dict) and name.isdigit() and str(int(name)) == name:
+                    entries[int(name)] = entry
                     continue
                 warned[key] = text
                 if self._warned.get(key) != text:
@@ -377,7 +404,11 @@ class RegistryEntries:
         return self._entries.get(peer)
 
     def remove(self) -> None:
-        self.registry.delete(f"{self.prefix}{self.endpoint}")
+        """Withdraws this endpoint's card: only one it published, under its
+        own lease (a successor on the same endpoint keeps its card)."""
+        if self._published:
+            self.registry.delete_if_leased(self.key, self.lease)
+            self._published = False
 
 
 class ServerRegistrations:

@@ -11,8 +11,9 @@ ring the doorbell record and reclaim the send queue from CQEs
 (``ffi/ibgda_writer.h``), instead of storing into a mapping of the peer's
 inbox. The inbox is an shm inbox with the same slot layout, seqlock and
 validation (``ffi/wire_format.h``), registered with the NIC for remote writes.
-Not yet: GPU kernels that write the WQEs, ``nic = "mlx5"`` (pyverbs DevX
-setup), peers on other hosts (their cards through the registry).
+Peers on other hosts find each other's cards in the registry (an
+``entries`` store); on one host, in private files. Not yet: GPU kernels that
+write the WQEs, ``nic = "mlx5"`` (pyverbs DevX setup).
 
 Control path (this module):
 
@@ -146,8 +147,10 @@ class Card:
             card = cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)})
         except (KeyError, TypeError):
             raise IbgdaPeerRefusedError(f"endpoint {entry.get('endpoint')}'s entry has no valid card") from None
-        ints = (card.port, card.qpn_base, card.inbox_rkey, card.slots_addr, card.link_key)
-        if not isinstance(card.host, str) or not all(isinstance(v, int) and v >= 0 for v in ints):
+        limits = ((card.port, 0xFFFF), (card.qpn_base, 0xFFFFFF), (card.inbox_rkey, 0xFFFFFFFF),
+                  (card.slots_addr, 0xFFFFFFFFFFFFFFFF), (card.link_key, 0xFFFFFFFFFFFFFFFF))
+        if not isinstance(card.host, str) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= top for v, top in limits):
             raise IbgdaPeerRefusedError(f"endpoint {entry.get('endpoint')}'s entry has a malformed card")
         return card
 
@@ -207,20 +210,26 @@ class IbgdaEndpoint(BoundCalls):
             int(num_experts), wire.DISPATCH_DTYPES[dispatch_dtype], self.host.encode(), card, err, _ERRLEN,
         )
         if rc != 0:
-            self._entries.remove()
+            self._entries.remove()  # our claim (a placeholder file); a registry's claim is not ours to remove
             msg = err.value.decode(errors="replace")
             raise (IbgdaEndpointInUseError if rc == -2 else IbgdaError)(msg)
         self._closed = False
-        self.geometry, _ = shm.endpoint_info(self.endpoint)
         self.card = Card(self.host, *(int(v) for v in card[:5]))
         self._nic = int(card[5])
-        self._lock = threading.Lock()  # the peers' bookkeeping and our entry (control thread vs connect)
+        self._lock = threading.Lock()  # the peers' bookkeeping and our entry (control thread vs connect, close)
         self._wanted: set[int] = set()  # peers connect() was asked for: followed across their restarts
         self._connected: dict[int, str] = {}  # peer -> nonce of the entry our QP is connected to
         self._warned: dict[int, str] = {}  # peer -> the last problem logged about it
-        self._entry = directory.new_entry(_DIRECTORY_FORMAT, self.endpoint, self.geometry,
-                                          **dataclasses.asdict(self.card), peers={})
-        self._entries.publish(self._entry)
+        self._retry_at: dict[int, tuple[float, float]] = {}  # peer -> (next attempt, backoff) after a failure
+        try:
+            self.geometry, _ = shm.endpoint_info(self.endpoint)
+            self._entry = directory.new_entry(_DIRECTORY_FORMAT, self.endpoint, self.geometry,
+                                              **dataclasses.asdict(self.card), peers={})
+            self._entries.publish(self._entry)
+        except BaseException:  # e.g. the registry cannot be reached: nothing stays open
+            self._entries.remove()
+            shm.close_endpoint(self.endpoint)
+            raise
         with _OPEN_LOCK:
             _OPEN[self.endpoint] = self
         self._stop = threading.Event()
@@ -238,9 +247,10 @@ class IbgdaEndpoint(BoundCalls):
 
     def close(self) -> None:
         """Stops the control thread, removes the entry, frees the NIC and the inbox (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # a connect() in another thread publishes nothing after this
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
         if threading.current_thread() is not self._control:
             self._control.join()
@@ -285,34 +295,46 @@ class IbgdaEndpoint(BoundCalls):
 
     def _follow(self, peer: int) -> bool:
         """Brings this endpoint's QP for `peer` in line with `peer`'s entry
-        (caller holds _lock): disconnects an incarnation that left, connects
-        to a peer this endpoint wants (:meth:`connect`) or that has connected
-        to it, and marks it ready once both sides are connected. Returns
-        whether our entry needs republishing.
+        (caller holds _lock): connects to a peer this endpoint wants
+        (:meth:`connect`) or that has connected to it, reconnects when the
+        peer is a new incarnation (a new nonce: its QP is new too), and marks
+        it ready once both sides are connected. Returns whether our entry
+        needs republishing.
+
+        An entry that is gone for a while (an etcd hiccup, a process that
+        died) changes nothing: resetting this side's QP alone would leave
+        the peer's expecting the old packet numbers. Connecting again after
+        a failure backs off (1 s, doubling to 30 s).
 
         Raises:
           IbgdaPeerRefusedError: its entry is not one to connect to.
           IbgdaError: connecting failed.
         """
         entry = self._entries.read(peer)
-        if entry is not None and not isinstance(entry.get("nonce"), str):
+        if entry is None:
+            return False
+        if not isinstance(entry.get("nonce"), str):
             raise IbgdaPeerRefusedError(f"endpoint {peer}'s entry has no nonce")
         changed = False
-        if peer in self._connected and (entry is None or entry["nonce"] != self._connected[peer]):
+        if peer in self._connected and entry["nonce"] != self._connected[peer]:
             self._peer_op(peer, 2)  # the incarnation we were connected to left
             del self._connected[peer]
             self._entry["peers"].pop(str(peer), None)
             changed = True
-        if entry is None:
-            return changed
         peers = entry.get("peers")
         connected_to_us = isinstance(peers, dict) and peers.get(str(self.endpoint)) == self.nonce
         if peer not in self._connected and (peer in self._wanted or connected_to_us):
+            retry_at, backoff = self._retry_at.get(peer, (0.0, 0.5))
+            if time.monotonic() < retry_at:
+                return changed
             card = self._check_entry(peer, entry)
             err = ctypes.create_string_buffer(_ERRLEN)
             if _lib().eaas_ibgda_connect(self.endpoint, peer, card.host.encode(), card.port, card.qpn_base,
                                          card.inbox_rkey, card.slots_addr, card.link_key, err, _ERRLEN) != 0:
+                backoff = min(2 * backoff, 30.0)
+                self._retry_at[peer] = (time.monotonic() + backoff, backoff)
                 raise IbgdaError(err.value.decode(errors="replace"))
+            self._retry_at.pop(peer, None)
             self._connected[peer] = entry["nonce"]
             self._entry["peers"][str(peer)] = entry["nonce"]
             changed = True
@@ -336,20 +358,27 @@ class IbgdaEndpoint(BoundCalls):
         peer = int(peer)
         if not 0 <= peer < self.geometry.max_endpoints or peer == self.endpoint:
             raise ValueError(f"peer {peer} is not another endpoint in [0, {self.geometry.max_endpoints})")
-        started = time.monotonic()
+        deadline = time.monotonic() + timeout
+        handshake = False
         delay = 0.001
         while True:
             with self._lock:
+                self._check_open()
                 self._wanted.add(peer)
                 if self._follow(peer):
                     self._entries.publish(self._entry)
+                connected = peer in self._connected
+            if connected and not handshake:  # its card is there: give it a round of its control thread
+                handshake = True
+                deadline = max(deadline, time.monotonic() + _HANDSHAKE_S)
             state = self.peer_state(peer)
             if state == PeerState.READY:
                 return
             if state == PeerState.FAILED:
                 raise IbgdaError(f"endpoint {peer} of deployment {self.deployment!r}: its QP failed")
-            if time.monotonic() >= started + (max(timeout, _HANDSHAKE_S) if peer in self._connected else timeout):
-                what = "has published no card" if peer not in self._connected else "has not connected back"
+            if time.monotonic() >= deadline:
+                what = ("has not connected back" if connected else
+                        "could not be reached (retrying)" if peer in self._retry_at else "has published no card")
                 raise TimeoutError(f"peer {peer} of deployment {self.deployment!r} {what}")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
