@@ -1,4 +1,4 @@
-"""The `eaas-jax` command: generate, serve-experts, train, convert, plan-placement."""
+"""The `eaas-jax` command: generate, batch, serve-experts, train, convert, plan-placement."""
 
 from __future__ import annotations
 
@@ -21,6 +21,31 @@ def _add_generate(sub) -> None:
     src.add_argument("--input", help="JSONL file: one prompt per line, a string or an object "
                      "with 'prompt' (text or token ids) and optional sampling fields")
     p.add_argument("--output", help="JSONL file for the results of --input (default: stdout)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each text prompt as a user message through the chat template")
+    _add_sampling_and_engine_args(p)
+    p.set_defaults(func=_generate)
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser(
+        "batch", help="run a JSONL file of requests, writing each result as it finishes (resumable)",
+        description="Runs every request of --input, appending each result to --output the moment its request "
+                    "finishes. Lines: a prompt string; an object with 'prompt' or 'messages', an optional "
+                    "'custom_id' and sampling fields; or an OpenAI batch line (custom_id, method, url "
+                    "/v1/completions or /v1/chat/completions, body). A bad line becomes an error record naming "
+                    "file:line and the run goes on. Rerunning the same command resumes: requests already in "
+                    "--output are skipped. SIGINT/SIGTERM stop after the current step.")
+    p.add_argument("--model", required=True, help="checkpoint directory (this project's or HF safetensors)")
+    p.add_argument("--input", required=True, help="JSONL file of requests")
+    p.add_argument("--output", required=True, help="JSONL file of results (resumed if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
+    _add_sampling_and_engine_args(p)
+    p.set_defaults(func=_batch)
+
+
+def _add_sampling_and_engine_args(p) -> None:
+    """The sampling defaults (what a request line does not set) and the engine's options."""
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--min-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -31,8 +56,6 @@ def _add_generate(sub) -> None:
     p.add_argument("-n", type=int, default=1, help="completions per prompt")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--chat", action="store_true",
-                   help="send each text prompt as a user message through the chat template")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -40,27 +63,6 @@ def _add_generate(sub) -> None:
                    "(started here unless --registry is given)")
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "
                    "registered; credentials and certificates from $EAAS_ETCD_* (README)")
-    p.set_defaults(func=_generate)
-
-
-def _completion_dict(output) -> dict:
-    return {
-        "request_id": output.request_id,
-        "prompt": output.prompt,
-        "prompt_token_ids": output.prompt_token_ids,
-        "outputs": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "token_ids": c.token_ids,
-                "cumulative_logprob": c.cumulative_logprob,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in output.outputs
-        ],
-        **({"error": output.error} if output.error else {}),
-    }
 
 
 def _read_jsonl(path: str, defaults) -> tuple[list, list]:
@@ -92,35 +94,81 @@ def _read_jsonl(path: str, defaults) -> tuple[list, list]:
     return prompts, params
 
 
-def _generate(args) -> int:
-    from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
+def _sampling_defaults(args):
+    """The SamplingParams of the command line (what request lines do not set)."""
+    from eaas_jax.engine import SamplingParams
 
     try:
-        defaults = SamplingParams(
+        return SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
             max_tokens=args.max_tokens, min_tokens=args.min_tokens,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+
+
+def _open_engine(args):
+    """The engine of the command line's options; a bad deployment or an
+    unreachable registry is one error line."""
+    from eaas_jax.control_plane.deployment import DeploymentError
+    from eaas_jax.control_plane.registry import RegistryError
+    from eaas_jax.engine import Engine
+
+    if args.registry and not args.deployment:
+        raise SystemExit("error: --registry needs --deployment (the servers it names)")
+    try:
+        return Engine(
+            args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
+            deployment=args.deployment, registry=args.registry,
+        )
+    except (DeploymentError, RegistryError) as e:  # a bad file, etcd refusing or unreachable: no traceback
+        raise SystemExit(f"error: {e}")
+
+
+def _batch(args) -> int:
+    from eaas_jax.batch.formats import read_requests
+    from eaas_jax.batch.results import ResultsFile, ResultsFileError
+    from eaas_jax.batch.runner import report, run_batch
+
+    defaults = _sampling_defaults(args)
+    try:
+        items = read_requests(args.input, defaults)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {args.input}: {e.strerror}")
+    if not items:
+        raise SystemExit(f"error: {args.input} holds no requests")
+    try:  # before any model work: an output that cannot be written fails now
+        results = ResultsFile(args.output, {item.custom_id for item in items}, overwrite=args.overwrite)
+    except ResultsFileError as e:
+        raise SystemExit(f"error: {e}")
+    with results:
+        if len(results.done) == len(items):
+            print(f"every request of {args.input} is in {args.output} already", file=sys.stderr)
+            return 0
+        if results.done:
+            print(f"resuming: {len(results.done)} of {len(items)} requests are in {args.output} already",
+                  file=sys.stderr)
+        with _open_engine(args) as engine:
+            summary = run_batch(engine, items, results, model=args.model)
+    report(summary, args.output)
+    if summary.interrupted:
+        return 130 if summary.interrupted == "SIGINT" else 143
+    return 1 if summary.failed else 0
+
+
+def _generate(args) -> int:
+    from eaas_jax.batch.formats import completion_dict
+    from eaas_jax.engine import ExpertServerError
+
+    defaults = _sampling_defaults(args)
     if args.prompt is not None:
         prompts, params = [args.prompt], [defaults]
     else:
         prompts, params = _read_jsonl(args.input, defaults)
         if not prompts:
             raise SystemExit(f"{args.input}: no prompts")
-    if args.registry and not args.deployment:
-        raise SystemExit("error: --registry needs --deployment (the servers it names)")
-    from eaas_jax.control_plane.deployment import DeploymentError
-    from eaas_jax.control_plane.registry import RegistryError
-
-    try:
-        engine = Engine(
-            args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-            deployment=args.deployment, registry=args.registry,
-        )
-    except (DeploymentError, RegistryError) as e:  # a bad file, etcd refusing or unreachable: no traceback
-        raise SystemExit(f"error: {e}")
+    engine = _open_engine(args)
     if args.chat and not all(isinstance(p, str) for p in prompts):
         raise SystemExit("error: --chat needs text prompts, not token ids")
     start, failure = time.time(), None
@@ -145,7 +193,7 @@ def _generate(args) -> int:
     out = open(args.output, "w") if args.output else sys.stdout
     try:
         for o in outputs:
-            out.write(json.dumps(_completion_dict(o)) + "\n")
+            out.write(json.dumps(completion_dict(o)) + "\n")
     finally:
         if args.output:
             out.close()
@@ -354,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_batch(sub)
     _add_serve_experts(sub)
     _add_train(sub)
     _add_convert(sub)

@@ -1,0 +1,207 @@
+"""Batch input lines and output records, in two formats.
+
+Simple: each line is a prompt string, or an object with ``prompt`` (text or
+token ids) or ``messages`` (a chat), an optional ``custom_id`` (default
+``line-<n>``) and any ``SamplingParams`` field. Its result record is the
+completion (``request_id``, ``prompt``, ``outputs``...) with ``custom_id``.
+
+OpenAI batch: ``{"custom_id", "method": "POST", "url": "/v1/completions" or
+"/v1/chat/completions", "body": {...}}``, the body's fields those of the
+OpenAI API this engine has (``model``, ``prompt``/``messages``,
+``max_tokens``, ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
+``logprobs``). Its record is OpenAI's batch output line: ``{"id",
+"custom_id", "response": {"status_code", "request_id", "body"}, "error"}``.
+
+A line that cannot be a request (not JSON, an unknown field, a bad sampling
+value, a duplicate id) is a :class:`BadLine`: the run writes an error record
+for it and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+
+from eaas_jax.engine.outputs import RequestOutput
+from eaas_jax.engine.sampling_params import SamplingParams
+
+__all__ = ["BadLine", "BatchRequest", "error_record", "read_requests", "result_record"]
+
+#: OpenAI batch URLs -> what the body asks for.
+OPENAI_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+# OpenAI body fields -> SamplingParams fields (the rest of a body is refused by name).
+_OPENAI_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+                  "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed"}
+_OPENAI_IGNORED = {"model", "stream", "user"}  # the model is this run's; batches do not stream
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRequest:
+    """One request of a batch file."""
+
+    custom_id: str
+    where: str  #: "file:line"
+    params: SamplingParams
+    prompt: str | list[int] | None = None  #: a completion's
+    messages: list | None = None  #: a chat's
+    openai_url: str | None = None  #: the OpenAI batch URL it came with (its record's format)
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+    """A line that is no request, and why."""
+
+    custom_id: str
+    where: str
+    reason: str
+    openai_url: str | None = None  #: the URL of an OpenAI batch line (its error record is OpenAI's)
+
+
+def read_requests(path: str, defaults: SamplingParams) -> list[BatchRequest | BadLine]:
+    """Every non-blank line of `path`, as a request or a bad line (in file order).
+
+    Raises:
+      OSError: the file cannot be read.
+    """
+    items: list[BatchRequest | BadLine] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = _parse(line, f"{path}:{number}", f"line-{number}", defaults)
+            if item.custom_id in seen:
+                item = BadLine(item.custom_id, item.where, f"custom_id {item.custom_id!r} is used by an earlier line",
+                               item.openai_url)
+            seen.add(item.custom_id)
+            items.append(item)
+    return items
+
+
+def _parse(line: str, where: str, default_id: str, defaults: SamplingParams) -> BatchRequest | BadLine:
+    try:
+        raw = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        return BadLine(default_id, where, f"not valid JSON ({e})")
+    if isinstance(raw, dict) and "url" in raw and "body" in raw:
+        return _parse_openai(raw, where, default_id, defaults)
+    if isinstance(raw, str):
+        raw = {"prompt": raw}
+    if not isinstance(raw, dict):
+        return BadLine(default_id, where, "expected a prompt string or an object")
+    custom_id = raw.get("custom_id", default_id)
+    if not isinstance(custom_id, str) or not custom_id:
+        return BadLine(default_id, where, f"custom_id must be a non-empty string, got {custom_id!r}")
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(raw) - fields - {"prompt", "messages", "custom_id"})
+    if unknown:
+        return BadLine(custom_id, where, f"unknown field(s) {unknown}")
+    if ("prompt" in raw) == ("messages" in raw):
+        return BadLine(custom_id, where, "expected exactly one of 'prompt' and 'messages'")
+    overrides = {k: v for k, v in raw.items() if k in fields}
+    try:
+        params = dataclasses.replace(defaults, **overrides)
+    except (ValueError, TypeError) as e:
+        return BadLine(custom_id, where, str(e))
+    return BatchRequest(custom_id, where, params, prompt=raw.get("prompt"), messages=raw.get("messages"))
+
+
+def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingParams) -> BatchRequest | BadLine:
+    url = raw.get("url")
+    custom_id = raw.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return BadLine(default_id, where, "an OpenAI batch line needs a custom_id string", url)
+    unknown = sorted(set(raw) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        return BadLine(custom_id, where, f"unknown field(s) {unknown}", url)
+    if raw.get("method", "POST") != "POST":
+        return BadLine(custom_id, where, f"method must be POST, got {raw.get('method')!r}", url)
+    if url not in OPENAI_URLS:
+        return BadLine(custom_id, where, f"url must be one of {sorted(OPENAI_URLS)}, got {url!r}", str(url))
+    body = raw["body"]
+    if not isinstance(body, dict):
+        return BadLine(custom_id, where, "body must be an object", url)
+    text_key = "prompt" if OPENAI_URLS[url] == "completion" else "messages"
+    known = set(_OPENAI_PARAMS) | _OPENAI_IGNORED | {text_key, "logprobs", "top_logprobs"}
+    unsupported = sorted(set(body) - known)
+    if unsupported:
+        return BadLine(custom_id, where, f"body field(s) {unsupported} are not supported", url)
+    if text_key not in body:
+        return BadLine(custom_id, where, f"body needs '{text_key}'", url)
+    overrides = {_OPENAI_PARAMS[k]: v for k, v in body.items() if k in _OPENAI_PARAMS}
+    logprobs = body.get("top_logprobs", 0) if text_key == "messages" and body.get("logprobs") else (
+        body.get("logprobs") if text_key == "prompt" else None)
+    if logprobs is not None:
+        overrides["logprobs"] = logprobs
+    try:
+        params = dataclasses.replace(defaults, **overrides)
+    except (ValueError, TypeError) as e:
+        return BadLine(custom_id, where, str(e), url)
+    if text_key == "prompt":
+        return BatchRequest(custom_id, where, params, prompt=body["prompt"], openai_url=url)
+    return BatchRequest(custom_id, where, params, messages=body["messages"], openai_url=url)
+
+
+# --- records -------------------------------------------------------------------
+
+
+def _logprobs(completion) -> list | None:
+    if completion.logprobs is None:
+        return None
+    return [{str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for token, lp in step.items()} for step in completion.logprobs]
+
+
+def completion_dict(output: RequestOutput) -> dict:
+    """A request's output as JSON values (the simple format's record body)."""
+    return {
+        "request_id": output.request_id,
+        "prompt": output.prompt,
+        "prompt_token_ids": output.prompt_token_ids,
+        "outputs": [
+            {"index": c.index, "text": c.text, "token_ids": c.token_ids, "cumulative_logprob": c.cumulative_logprob,
+             "logprobs": _logprobs(c), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            for c in output.outputs
+        ],
+        **({"error": output.error} if output.error else {}),
+    }
+
+
+def _openai_body(request: BatchRequest, output: RequestOutput, model: str) -> dict:
+    prompt_tokens = len(output.prompt_token_ids)
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if OPENAI_URLS[request.openai_url] == "completion":
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                   for c in output.outputs]
+        kind = "text_completion"
+    else:
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason, "logprobs": None} for c in output.outputs]
+        kind = "chat.completion"
+    return {"id": f"cmpl-{output.request_id}", "object": kind, "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
+
+
+def result_record(request: BatchRequest, output: RequestOutput, model: str) -> dict:
+    """The output line of a request that ran (an error record if it failed)."""
+    if output.error:
+        return error_record(request.custom_id, request.where, output.error, request.openai_url)
+    if request.openai_url is None:
+        return {"custom_id": request.custom_id, **completion_dict(output)}
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,
+            "response": {"status_code": 200, "request_id": output.request_id,
+                         "body": _openai_body(request, output, model)},
+            "error": None}
+
+
+def error_record(custom_id: str, where: str, reason: str, openai_url: str | None) -> dict:
+    """The output line of a request that could not run, naming its line."""
+    message = f"{where}: {reason}"
+    if openai_url is None:
+        return {"custom_id": custom_id, "error": message}
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
+            "error": {"code": "invalid_request", "message": message}}

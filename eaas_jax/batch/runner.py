@@ -1,0 +1,132 @@
+"""A batch run: every request of an input file through one engine, each
+result written the moment its request finishes (``results.ResultsFile``).
+
+SIGINT and SIGTERM stop the run after the step in progress, whose finished
+results are written first; the run then says how to resume (the same command
+again: what is in the output is skipped). Requests already in the output are
+not run at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import threading
+import time
+
+from tqdm.auto import tqdm
+
+from eaas_jax.batch.formats import BadLine, BatchRequest, error_record, result_record
+from eaas_jax.batch.results import ResultsFile
+from eaas_jax.engine.prompts import chat_prompts
+
+__all__ = ["BatchSummary", "run_batch"]
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    """What a run did."""
+
+    total: int  #: lines in the input
+    skipped: int = 0  #: already in the output (resumed)
+    completed: int = 0  #: results written by this run
+    failed: int = 0  #: error records written by this run (bad lines, failed requests)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    interrupted: str | None = None  #: the signal that stopped the run
+    ttft_s: list[float] = dataclasses.field(default_factory=list)  #: per request: time to first token
+
+    @property
+    def left(self) -> int:
+        return self.total - self.skipped - self.completed - self.failed
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag the run checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile, *, model: str,
+              use_tqdm: bool = True) -> BatchSummary:
+    """Runs the requests of `items` that `results` has no record of."""
+    summary = BatchSummary(total=len(items))
+    todo = [item for item in items if item.custom_id not in results.done]
+    summary.skipped = len(items) - len(todo)
+    start = time.time()
+    queued: dict[str, BatchRequest] = {}  # engine request id -> its batch request
+    with _StopOnSignal() as stop:
+        for item in todo:
+            if isinstance(item, BadLine):
+                results.write(error_record(item.custom_id, item.where, item.reason, item.openai_url))
+                summary.failed += 1
+                continue
+            try:
+                prompt = item.prompt if item.messages is None else chat_prompts(
+                    engine.tokenizer, item.messages, add_generation_prompt=True)[0]
+                queued[engine.add_request(prompt, item.params)] = item
+            except (ValueError, TypeError) as e:  # too long, bad tokens, a malformed chat
+                results.write(error_record(item.custom_id, item.where, str(e), item.openai_url))
+                summary.failed += 1
+        bar = tqdm(total=len(queued), desc="batch", unit="req", disable=not use_tqdm)
+        try:
+            while queued and stop.received is None:
+                for output in engine.step():
+                    if not output.finished or output.request_id not in queued:
+                        continue
+                    item = queued.pop(output.request_id)
+                    results.write(result_record(item, output, model))
+                    if output.error:
+                        summary.failed += 1
+                    else:
+                        summary.completed += 1
+                        summary.prompt_tokens += len(output.prompt_token_ids)
+                        summary.generated_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        if output.metrics.first_token_time is not None:
+                            summary.ttft_s.append(output.metrics.first_token_time - output.metrics.arrival_time)
+                    bar.update(1)
+                    bar.set_postfix(tok_per_s=f"{summary.generated_tokens / max(time.time() - start, 1e-9):.0f}")
+        finally:
+            bar.close()
+            for request_id in list(queued):  # interrupted: nothing of ours stays queued
+                engine.abort_request(request_id)
+    summary.interrupted = stop.received
+    summary.seconds = time.time() - start
+    return summary
+
+
+def describe(summary: BatchSummary, output: str) -> str:
+    """The run's closing lines for a person."""
+    rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
+    lines = [f"{summary.completed} completed, {summary.failed} failed, {summary.skipped} already in {output}, "
+             f"{summary.left} not run, of {summary.total}; {summary.generated_tokens} tokens generated in "
+             f"{summary.seconds:.1f} s ({rate:.1f} tok/s)"]
+    if summary.ttft_s:
+        ordered = sorted(summary.ttft_s)
+        lines.append(f"time to first token: p50 {ordered[len(ordered) // 2]:.2f} s, "
+                     f"p99 {ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]:.2f} s")
+    if summary.interrupted:
+        lines.append(f"interrupted by {summary.interrupted}: {summary.left} requests not run; run the same "
+                     "command again to resume (what is in the output is skipped)")
+    return "\n".join(lines)
+
+
+def report(summary: BatchSummary, output: str) -> None:
+    print(describe(summary, output), file=sys.stderr)

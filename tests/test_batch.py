@@ -1,0 +1,190 @@
+"""`eaas-jax batch`: results written as requests finish, resumed after SIGTERM
+or SIGKILL with every request exactly once and equal to an uninterrupted
+run's; bad lines become error records naming file:line; OpenAI batch files;
+an output that cannot be written fails before any model work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eaas_jax.batch.formats import BadLine, BatchRequest, read_requests, result_record
+from eaas_jax.batch.results import ResultsFile, ResultsFileError
+from eaas_jax.batch.runner import run_batch
+from eaas_jax.cli import main
+from eaas_jax.engine import Engine, SamplingParams
+
+from conftest import SHIPPED
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = [f"def handler_{i}(request):" for i in range(24)]
+
+
+def batch_command(inp, out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "eaas_jax.cli", "batch", "--model", SHIPPED, "--input", str(inp), "--output",
+            str(out), "--max-tokens", "12", "--ignore-eos", "--max-num-seqs", "2", "--max-model-len", "64",
+            "--dtype", "float32", *extra]
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def by_id(rows: list[dict]) -> dict[str, list[int]]:
+    return {r["custom_id"]: r["outputs"][0]["token_ids"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(SHIPPED, max_num_seqs=8, max_model_len=64, dtype="float32") as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The prompt file and an uninterrupted run's output (the CLI, one process)."""
+    directory = tmp_path_factory.mktemp("batch")
+    inp = directory / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p, "custom_id": f"q{i}"}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = directory / "reference.jsonl"
+    run = subprocess.run(batch_command(inp, out), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = records(out)
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"q{i}" for i in range(len(PROMPTS)))
+    return inp, by_id(rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_run_resumes_with_every_request_once_and_equal(uninterrupted, tmp_path, sig):
+    inp, expected = uninterrupted
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(batch_command(inp, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out.exists() and len(out.read_text().splitlines()) >= 4):
+        assert proc.poll() is None and time.monotonic() < deadline, "no results came"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143
+        assert "interrupted by SIGTERM" in stderr and "run the same command again to resume" in stderr
+        assert all(line.endswith("}") for line in out.read_text().splitlines())  # whole lines only
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        with open(out, "a") as f:  # as if it had died inside a write: a partial last line
+            f.write('{"custom_id": "q0", "outp')
+    first = records(out) if sig == signal.SIGTERM else [json.loads(l) for l in out.read_text().splitlines()[:-1]]
+    assert 4 <= len(first) < len(PROMPTS)
+    rerun = subprocess.run(batch_command(inp, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming: {len(first)} of {len(PROMPTS)}" in rerun.stderr
+    rows = records(out)
+    assert sorted(r["custom_id"] for r in rows) == sorted(expected)  # each exactly once
+    assert by_id(rows) == expected
+
+
+def test_bad_lines_become_error_records_and_the_run_goes_on(engine, tmp_path):
+    lines = [json.dumps({"prompt": p}) for p in PROMPTS[:17]]
+    lines.insert(2, "{not json")
+    lines.insert(9, json.dumps({"prompt": "x", "temperature": -1}))
+    lines.insert(15, json.dumps({"prompt": "x" * 5000}))  # over the context limit
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    items = read_requests(str(inp), GREEDY)
+    assert [type(i) for i in items].count(BadLine) == 2  # the third is found bad by the engine
+    with ResultsFile(str(out), {i.custom_id for i in items}) as results:
+        summary = run_batch(engine, items, results, model="tiny-moe", use_tqdm=False)
+    assert (summary.completed, summary.failed, summary.total) == (17, 3, 20)
+    errors = {r["custom_id"]: r["error"] for r in records(out) if "error" in r}
+    assert set(errors) == {"line-3", "line-10", "line-16"}
+    assert errors["line-3"].startswith(f"{inp}:3: not valid JSON")
+    assert errors["line-10"] == f"{inp}:10: temperature must be a number >= 0, got -1"
+    assert errors["line-16"].startswith(f"{inp}:16: ") and "64" in errors["line-16"]
+    assert sum("outputs" in r for r in records(out)) == 17
+
+
+def test_openai_batch_lines_give_openai_batch_records_equal_to_the_simple_format(engine, tmp_path):
+    body = {"model": "tiny-moe", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body},
+        {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {**body, "n": 2, "seed": 3,
+                                                                              "temperature": 0.7}},
+        {"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": body},
+        {"custom_id": "d", "method": "POST", "url": "/v1/embeddings", "body": body},
+        {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {**body, "presence_penalty": 1}},
+        {"prompt": PROMPTS[0], "custom_id": "simple", "max_tokens": 12},
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = read_requests(str(inp), SamplingParams(temperature=0.0, ignore_eos=True))
+    with ResultsFile(str(out), {i.custom_id for i in items}) as results:
+        run_batch(engine, items, results, model="tiny-moe", use_tqdm=False)
+    rows = {r["custom_id"]: r for r in records(out)}
+    a = rows["a"]
+    assert a["id"].startswith("batch_req_") and a["error"] is None and a["response"]["status_code"] == 200
+    completion = a["response"]["body"]
+    assert completion["object"] == "text_completion" and completion["model"] == "tiny-moe"
+    assert completion["choices"][0]["text"] == rows["simple"]["outputs"][0]["text"]
+    assert completion["usage"]["completion_tokens"] == 12
+    assert len(rows["b"]["response"]["body"]["choices"]) == 2
+    for bad, reason in (("c", "method must be POST"), ("d", "url must be one of"),
+                        ("e", "body field(s) ['presence_penalty'] are not supported")):
+        assert rows[bad]["response"] is None and reason in rows[bad]["error"]["message"]
+        assert rows[bad]["error"]["message"].startswith(f"{inp}:")
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_model_work(uninterrupted, tmp_path, capsys):
+    inp, _ = uninterrupted
+    for out in (tmp_path / "missing-dir" / "out.jsonl", "/proc/eaas-out.jsonl"):
+        started = time.monotonic()
+        with pytest.raises(SystemExit, match=f"error: .*{os.path.basename(str(out))}"):
+            main(["batch", "--model", "/nonexistent-model", "--input", str(inp), "--output", str(out)])
+        assert time.monotonic() - started < 5
+
+
+def test_an_output_of_another_input_is_refused_and_a_finished_one_is_left_alone(uninterrupted, tmp_path, capsys):
+    inp, expected = uninterrupted
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"custom_id": "someone-else", "outputs": []}) + "\n")
+    with pytest.raises(SystemExit, match="line 1 is no record of this input; pass --overwrite"):
+        main(["batch", "--model", SHIPPED, "--input", str(inp), "--output", str(other)])
+    assert other.read_text().count("\n") == 1
+    done = tmp_path / "done.jsonl"
+    done.write_text("".join(json.dumps({"custom_id": i, "outputs": [{"token_ids": t}]}) + "\n"
+                            for i, t in expected.items()))
+    assert main(["batch", "--model", "/nonexistent-model", "--input", str(inp), "--output", str(done)]) == 0
+    assert "already" in capsys.readouterr().err
+
+
+def test_duplicate_ids_and_lines_without_a_prompt_are_bad_lines(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in (
+        {"prompt": "a", "custom_id": "x"}, {"prompt": "b", "custom_id": "x"}, {"custom_id": "y"},
+        {"prompt": "c", "messages": []}, {"prompt": "d", "colour": "red"}, [1, 2])))
+    items = read_requests(str(inp), GREEDY)
+    assert isinstance(items[0], BatchRequest)
+    reasons = [item.reason for item in items[1:]]
+    assert reasons == ["custom_id 'x' is used by an earlier line", "expected exactly one of 'prompt' and 'messages'",
+                       "expected exactly one of 'prompt' and 'messages'", "unknown field(s) ['colour']",
+                       "expected a prompt string or an object"]
+
+
+def test_a_failed_request_is_an_error_record(engine):
+    request = BatchRequest("z", "in.jsonl:7", GREEDY, prompt="p", openai_url="/v1/completions")
+
+    class Failed:
+        error, request_id, outputs, prompt_token_ids = "expert server lost", "9", [], [1]
+
+    record = result_record(request, Failed(), "m")
+    assert record["response"] is None and record["error"]["message"] == "in.jsonl:7: expert server lost"
+
+
+def test_results_file_refuses_a_missing_directory(tmp_path):
+    with pytest.raises(ResultsFileError, match="does not exist"):
+        ResultsFile(str(tmp_path / "no" / "out.jsonl"), set())
