@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -46,12 +45,12 @@ def _add_batch(sub) -> None:
 
 def _add_sampling_and_engine_args(p) -> None:
     """The sampling defaults (what a request line does not set) and the engine's options."""
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--min-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most, per completion")
+    p.add_argument("--min-tokens", type=int, default=0, help="tokens to generate before EOS or a stop may end it")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one")
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("-n", type=int, default=1, help="completions per prompt")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
@@ -65,33 +64,22 @@ def _add_sampling_and_engine_args(p) -> None:
                    "registered; credentials and certificates from $EAAS_ETCD_* (README)")
 
 
-def _read_jsonl(path: str, defaults) -> tuple[list, list]:
-    from eaas_jax.engine import SamplingParams
+def _read_prompts(path: str, defaults) -> tuple[list, list]:
+    """generate --input: the prompts and params of `path`; the first bad line
+    ends the run (`batch` records it and goes on)."""
+    from eaas_jax.batch.formats import BadLine, read_requests
 
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    prompts, params = [], []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{number}: not valid JSON ({e})")
-            if isinstance(item, str):
-                item = {"prompt": item}
-            if not isinstance(item, dict) or "prompt" not in item:
-                raise SystemExit(f"{path}:{number}: expected a string or an object with a 'prompt'")
-            unknown = set(item) - fields - {"prompt"}
-            if unknown:
-                raise SystemExit(f"{path}:{number}: unknown field(s) {sorted(unknown)}")
-            overrides = {k: v for k, v in item.items() if k != "prompt"}
-            try:
-                params.append(dataclasses.replace(defaults, **overrides))
-            except ValueError as e:
-                raise SystemExit(f"{path}:{number}: {e}")
-            prompts.append(item["prompt"])
-    return prompts, params
+    try:
+        items = read_requests(path, defaults)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path}: {e.strerror}")
+    for item in items:
+        if isinstance(item, BadLine):
+            raise SystemExit(f"{item.where}: {item.reason}")
+        if item.prompt is None or item.openai_url is not None:
+            raise SystemExit(f"{item.where}: generate --input takes prompts; run chats and OpenAI batch lines "
+                             "with `eaas-jax batch`")
+    return [item.prompt for item in items], [item.params for item in items]
 
 
 def _sampling_defaults(args):
@@ -165,7 +153,7 @@ def _generate(args) -> int:
     if args.prompt is not None:
         prompts, params = [args.prompt], [defaults]
     else:
-        prompts, params = _read_jsonl(args.input, defaults)
+        prompts, params = _read_prompts(args.input, defaults)
         if not prompts:
             raise SystemExit(f"{args.input}: no prompts")
     engine = _open_engine(args)
@@ -397,22 +385,62 @@ def _plan_placement(args) -> int:
     return 0
 
 
+class _Subcommands:
+    """argparse's subparsers, each made with the options every subcommand
+    takes and a --help that shows the defaults."""
+
+    def __init__(self, subparsers, common: argparse.ArgumentParser):
+        self._subparsers, self._common = subparsers, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, parents=[self._common],
+                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("eaas-jax")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns its exit code. A failure is one `error: ...`
+    line on stderr and exit code 2 (with --debug, an unexpected one shows its
+    traceback)."""
     parser = argparse.ArgumentParser(prog="eaas-jax", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
-    _add_batch(sub)
-    _add_serve_experts(sub)
-    _add_train(sub)
-    _add_convert(sub)
-    _add_plan_placement(sub)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Accepted before and after the subcommand: a subcommand's copy leaves the
+    # value alone unless given there (SUPPRESS).
+    common = argparse.ArgumentParser(add_help=False)
+    for p, default in ((parser, False), (common, argparse.SUPPRESS)):
+        p.add_argument("-v", "--verbose", action="store_true", default=default, help="log at INFO level")
+        p.add_argument("--debug", action="store_true", default=default,
+                       help="show the traceback of an unexpected error")
+    sub = _Subcommands(parser.add_subparsers(dest="command", required=True), common)
+    for add in (_add_generate, _add_batch, _add_serve_experts, _add_train, _add_convert, _add_plan_placement):
+        add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    except KeyboardInterrupt:
+        message = "interrupted"
+    except Exception as e:  # noqa: BLE001 - one line for a person; --debug for the rest
+        if args.debug:
+            raise
+        message = f"{type(e).__name__}: {e} (--debug shows the traceback)"
+    print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

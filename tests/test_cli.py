@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sysconfig
 
@@ -42,7 +43,7 @@ def test_generate_batch_from_jsonl(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_a_batch_with_failed_requests_writes_every_line_then_exits_with_the_error(tiny_checkpoint, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, capsys):
     # What Engine.generate raises when expert servers failed some requests
     # (tests/test_failover.py): every output, the failed ones marked.
     generate = Engine.generate
@@ -56,9 +57,9 @@ def test_a_batch_with_failed_requests_writes_every_line_then_exits_with_the_erro
     monkeypatch.setattr(Engine, "generate", generate_failing_the_second)
     inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps("import os") + "\n" + json.dumps("class A:") + "\n")
-    with pytest.raises(SystemExit, match="error: 1 of 2 requests failed"):
-        main(["generate", "--model", tiny_checkpoint, "--input", str(inp), "--output", str(outp),
-              "--max-tokens", "3", "--max-model-len", "64", "--max-num-seqs", "2"])
+    assert main(["generate", "--model", tiny_checkpoint, "--input", str(inp), "--output", str(outp),
+                 "--max-tokens", "3", "--max-model-len", "64", "--max-num-seqs", "2"]) == 2
+    assert re.search("error: 1 of 2 requests failed", capsys.readouterr().err)
     first, second = [json.loads(line) for line in outp.read_text().splitlines()]
     assert "error" not in first and len(first["outputs"][0]["token_ids"]) == 3
     assert second["error"] == "expert server 'solo' did not reply"
@@ -70,23 +71,23 @@ def test_a_batch_with_failed_requests_writes_every_line_then_exits_with_the_erro
     [("{broken", "not valid JSON"), ('{"text": "x"}', "'prompt'"), ('{"prompt": "x", "top_p": 7}', "top_p"),
      ('{"prompt": "x", "colour": 1}', "unknown field")],
 )
-def test_generate_rejects_bad_jsonl_lines_with_their_line_number(tiny_checkpoint, tmp_path, line, message):
+def test_generate_rejects_bad_jsonl_lines_with_their_line_number(tiny_checkpoint, tmp_path, line, message, capsys):
     inp = tmp_path / "in.jsonl"
     inp.write_text('"fine"\n' + line + "\n")
-    with pytest.raises(SystemExit, match=rf"in\.jsonl:2: .*{message}"):
-        main(["generate", "--model", tiny_checkpoint, "--input", str(inp)])
+    assert main(["generate", "--model", tiny_checkpoint, "--input", str(inp)]) == 2
+    assert re.search(rf"in\.jsonl:2: .*{message}", capsys.readouterr().err)
 
 
-def test_generate_rejects_bad_sampling_flags(tiny_checkpoint):
-    with pytest.raises(SystemExit, match="temperature"):
-        main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--temperature", "-1"])
+def test_generate_rejects_bad_sampling_flags(tiny_checkpoint, capsys):
+    assert main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--temperature", "-1"]) == 2
+    assert re.search("temperature", capsys.readouterr().err)
 
 
-def test_generate_reports_an_unreachable_registry_as_an_error(tiny_checkpoint):
+def test_generate_reports_an_unreachable_registry_as_an_error(tiny_checkpoint, capsys):
     deployment = os.path.join(REPO, "configs", "deploy", "tiny-moe-2-servers.toml")
-    with pytest.raises(SystemExit, match=r"^error: cannot reach etcd at etcd://127.0.0.1:1"):
-        main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--deployment", deployment,
-              "--registry", "etcd://127.0.0.1:1"])
+    assert main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--deployment", deployment,
+                 "--registry", "etcd://127.0.0.1:1"]) == 2
+    assert re.search(r"^error: cannot reach etcd at etcd://127.0.0.1:1", capsys.readouterr().err)
 
 
 def test_train_writes_a_loadable_checkpoint_and_learns(tmp_path):
@@ -111,3 +112,24 @@ def test_train_writes_a_loadable_checkpoint_and_learns(tmp_path):
     assert model.config.eos_token_id == 0  # the tokenizer's end-of-text token
     assert (out / "tokenizer.json").exists()
     assert ModelConfig.load(out / "config.json").vocab_size == 320
+
+
+def test_errors_are_one_line_and_exit_code_2_with_the_traceback_only_under_debug(capsys):
+    assert main(["generate", "--model", "/nonexistent-checkpoint", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "/nonexistent-checkpoint" in err
+    with pytest.raises(Exception, match="nonexistent-checkpoint"):
+        main(["generate", "--model", "/nonexistent-checkpoint", "--prompt", "x", "--debug"])
+
+
+def test_version_help_defaults_and_verbose_after_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("eaas-jax ")
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    assert re.search(r"per\s+completion\s+\(default:\s+64\)", capsys.readouterr().out)  # --max-tokens
+    with pytest.raises(SystemExit) as e:  # -v after the subcommand parses (then a missing --input stops it)
+        main(["batch", "-v", "--model", "m", "--output", "o"])
+    assert e.value.code == 2 and "--input" in capsys.readouterr().err

@@ -94,12 +94,12 @@ def _parse(line: str, where: str, default_id: str, defaults: SamplingParams) -> 
     custom_id = raw.get("custom_id", default_id)
     if not isinstance(custom_id, str) or not custom_id:
         return BadLine(default_id, where, f"custom_id must be a non-empty string, got {custom_id!r}")
+    if ("prompt" in raw) == ("messages" in raw):
+        return BadLine(custom_id, where, "expected exactly one of 'prompt' and 'messages'")
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = sorted(set(raw) - fields - {"prompt", "messages", "custom_id"})
     if unknown:
         return BadLine(custom_id, where, f"unknown field(s) {unknown}")
-    if ("prompt" in raw) == ("messages" in raw):
-        return BadLine(custom_id, where, "expected exactly one of 'prompt' and 'messages'")
     overrides = {k: v for k, v in raw.items() if k in fields}
     try:
         params = dataclasses.replace(defaults, **overrides)
