@@ -73,6 +73,8 @@ def _read_prompts(path: str, defaults) -> tuple[list, list]:
         items = read_requests(path, defaults)
     except OSError as e:
         raise SystemExit(f"error: cannot read {path}: {e.strerror}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     for item in items:
         if isinstance(item, BadLine):
             raise SystemExit(f"{item.where}: {item.reason}")
@@ -124,6 +126,8 @@ def _batch(args) -> int:
         items = read_requests(args.input, defaults)
     except OSError as e:
         raise SystemExit(f"error: cannot read {args.input}: {e.strerror}")
+    except ValueError as e:  # the input as a whole (duplicate ids)
+        raise SystemExit(f"error: {e}")
     if not items:
         raise SystemExit(f"error: {args.input} holds no requests")
     try:  # before any model work: an output that cannot be written fails now
@@ -131,18 +135,20 @@ def _batch(args) -> int:
     except ResultsFileError as e:
         raise SystemExit(f"error: {e}")
     with results:
-        if len(results.done) == len(items):
-            print(f"every request of {args.input} is in {args.output} already", file=sys.stderr)
-            return 0
+        failed_before = f" ({len(results.failed)} of them error records: delete those lines to run them again)" \
+            if results.failed else ""
+        if all(item.custom_id in results.done for item in items):
+            print(f"every request of {args.input} is in {args.output} already{failed_before}", file=sys.stderr)
+            return 1 if results.failed else 0
         if results.done:
-            print(f"resuming: {len(results.done)} of {len(items)} requests are in {args.output} already",
-                  file=sys.stderr)
+            print(f"resuming: {len(results.done)} of {len(items)} requests are in {args.output} "
+                  f"already{failed_before}", file=sys.stderr)
         with _open_engine(args) as engine:
             summary = run_batch(engine, items, results, model=args.model)
     report(summary, args.output)
-    if summary.interrupted:
+    if summary.interrupted and summary.left:
         return 130 if summary.interrupted == "SIGINT" else 143
-    return 1 if summary.failed else 0
+    return 1 if results.failed else 0
 
 
 def _generate(args) -> int:
@@ -302,7 +308,7 @@ def _add_convert(sub) -> None:
                    help="HF model directory: config.json and *.safetensors")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="dtype of the stored parameters (default bfloat16)")
+                   help="dtype of the stored parameters")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_convert)
 
@@ -334,14 +340,14 @@ def _add_plan_placement(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (for its number of experts)")
     p.add_argument("--servers", required=True,
                    help="how many servers (named experts-0, experts-1, ...) or their names, comma-separated")
-    p.add_argument("--replicas", type=int, default=1, help="copies of every expert (default 1)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of every expert")
     p.add_argument("--load", help="measured load: a Prometheus text file of eaas_expert_tokens_total "
                                   "(engine.metrics_text()) or a .npy array [layers, experts]")
     p.add_argument("--hot-replicas", type=int, default=0,
                    help="one more copy for this many of the most loaded experts (needs --load)")
-    p.add_argument("--name", default="planned", help="deployment name (default: planned)")
+    p.add_argument("--name", default="planned", help="deployment name")
     p.add_argument("--transport", default=backends.DEFAULT, choices=backends.names(),
-                   help=f"the deployment's transport (default {backends.DEFAULT}): shm for CPU processes, "
+                   help="the deployment's transport: shm for CPU processes, "
                         "cuda_ipc for GPUs of one host")
     p.add_argument("--out", required=True, help="deployment TOML to write")
     p.set_defaults(func=_plan_placement)
@@ -434,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = e.code
     except KeyboardInterrupt:
-        message = "interrupted"
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - one line for a person; --debug for the rest
         if args.debug:
             raise

@@ -29,7 +29,7 @@ PROMPTS = [f"def handler_{i}(request):" for i in range(24)]
 
 def batch_command(inp, out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "eaas_jax.cli", "batch", "--model", SHIPPED, "--input", str(inp), "--output",
-            str(out), "--max-tokens", "12", "--ignore-eos", "--max-num-seqs", "2", "--max-model-len", "64",
+            str(out), "--max-tokens", "32", "--ignore-eos", "--max-num-seqs", "2", "--max-model-len", "64",
             "--dtype", "float32", *extra]
 
 
@@ -154,7 +154,7 @@ def test_an_output_of_another_input_is_refused_and_a_finished_one_is_left_alone(
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"custom_id": "someone-else", "outputs": []}) + "\n")
     assert main(["batch", "--model", SHIPPED, "--input", str(inp), "--output", str(other)]) == 2
-    assert re.search("line 1 is no record of this input; pass --overwrite", capsys.readouterr().err)
+    assert re.search(r"line 1 is no record of this input .*; pass --overwrite", capsys.readouterr().err)
     assert other.read_text().count("\n") == 1
     done = tmp_path / "done.jsonl"
     done.write_text("".join(json.dumps({"custom_id": i, "outputs": [{"token_ids": t}]}) + "\n"
@@ -163,17 +163,56 @@ def test_an_output_of_another_input_is_refused_and_a_finished_one_is_left_alone(
     assert "already" in capsys.readouterr().err
 
 
-def test_duplicate_ids_and_lines_without_a_prompt_are_bad_lines(tmp_path):
+def test_bad_lines_say_why(tmp_path):
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in (
-        {"prompt": "a", "custom_id": "x"}, {"prompt": "b", "custom_id": "x"}, {"custom_id": "y"},
-        {"prompt": "c", "messages": []}, {"prompt": "d", "colour": "red"}, [1, 2])))
+    lines = [json.dumps(x).encode() for x in (
+        {"prompt": "a", "custom_id": "x"}, {"custom_id": "y"}, {"prompt": "c", "messages": []},
+        {"prompt": "d", "colour": "red"}, [1, 2], {"messages": []}, {"messages": {"role": "user"}},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 129})]
+    inp.write_bytes(b"\n".join(lines) + b"\n" + b'{"prompt": "caf\xe9"}\n')
     items = read_requests(str(inp), GREEDY)
     assert isinstance(items[0], BatchRequest)
     reasons = [item.reason for item in items[1:]]
-    assert reasons == ["custom_id 'x' is used by an earlier line", "expected exactly one of 'prompt' and 'messages'",
-                       "expected exactly one of 'prompt' and 'messages'", "unknown field(s) ['colour']",
-                       "expected a prompt string or an object"]
+    assert reasons[:4] == ["expected exactly one of 'prompt' and 'messages'",
+                           "expected exactly one of 'prompt' and 'messages'", "unknown field(s) ['colour']",
+                           "expected a prompt string or an object"]
+    assert reasons[4] == reasons[5] == "a conversation must be a non-empty list of messages"
+    assert reasons[6] == "n = 129 is over the 128 completions one request may ask for"
+    assert reasons[7].startswith("not UTF-8") and items[8].where == f"{inp}:9"
+
+
+def test_two_lines_with_one_id_refuse_the_input(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "a", "custom_id": "x"}) + "\n" + json.dumps({"prompt": "b", "custom_id": "x"}))
+    with pytest.raises(ValueError, match=f"{inp}:2: custom_id 'x' is that of {inp}:1 too"):
+        read_requests(str(inp), GREEDY)
+    assert main(["batch", "--model", SHIPPED, "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "custom_id 'x'" in capsys.readouterr().err
+
+
+def test_resuming_keeps_a_whole_last_record_without_its_newline_and_counts_failures(tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p, "custom_id": f"q{i}"}) + "\n" for i, p in enumerate("abc")))
+    out.write_text(json.dumps({"custom_id": "q0", "outputs": []}) + "\n"
+                   + json.dumps({"custom_id": "q1", "error": "in.jsonl:2: lost"}) + "\n"
+                   + json.dumps({"custom_id": "q2", "outputs": []}))  # whole, but no newline
+    with ResultsFile(str(out), {"q0", "q1", "q2"}) as results:
+        assert results.done == {"q0", "q1", "q2"} and results.failed == {"q1"}
+        with pytest.raises(ResultsFileError, match="being written by another run"):
+            ResultsFile(str(out), {"q0", "q1", "q2"})
+    assert out.read_text().endswith("}\n") and len(records(out)) == 3
+    # Everything is there, one error record among it: nothing runs, exit 1.
+    assert main(["batch", "--model", "/nonexistent-model", "--input", str(inp), "--output", str(out)]) == 1
+    assert "1 of them error records" in capsys.readouterr().err
+
+
+def test_overwrite_leaves_the_old_results_when_the_run_fails_before_any(uninterrupted, tmp_path):
+    inp, _ = uninterrupted
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"custom_id": "q0", "outputs": []}) + "\n")
+    assert main(["batch", "--model", "/nonexistent-model", "--input", str(inp), "--output", str(out),
+                 "--overwrite"]) == 2
+    assert records(out) == [{"custom_id": "q0", "outputs": []}]
 
 
 def test_a_failed_request_is_an_error_record(engine):

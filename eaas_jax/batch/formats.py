@@ -8,13 +8,13 @@ completion (``request_id``, ``prompt``, ``outputs``...) with ``custom_id``.
 OpenAI batch: ``{"custom_id", "method": "POST", "url": "/v1/completions" or
 "/v1/chat/completions", "body": {...}}``, the body's fields those of the
 OpenAI API this engine has (``model``, ``prompt``/``messages``,
-``max_tokens``, ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
-``logprobs``). Its record is OpenAI's batch output line: ``{"id",
+``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``n``,
+``stop``, ``seed``). Its record is OpenAI's batch output line: ``{"id",
 "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``.
 
-A line that cannot be a request (not JSON, an unknown field, a bad sampling
-value, a duplicate id) is a :class:`BadLine`: the run writes an error record
-for it and goes on.
+A line that cannot be a request (not UTF-8 or JSON, an unknown field, a bad
+sampling value or chat) is a :class:`BadLine`: the run writes an error record
+for it and goes on. Two lines with one custom_id refuse the whole input.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import json
 import time
 import uuid
 
+from eaas_jax.engine.chat_template import check_messages
 from eaas_jax.engine.outputs import RequestOutput
 from eaas_jax.engine.sampling_params import SamplingParams
 
-__all__ = ["BadLine", "BatchRequest", "error_record", "read_requests", "result_record"]
+__all__ = ["BadLine", "BatchRequest", "completion_dict", "error_record", "read_requests", "result_record"]
 
 #: OpenAI batch URLs -> what the body asks for.
 OPENAI_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -47,6 +48,7 @@ class BatchRequest:
     prompt: str | list[int] | None = None  #: a completion's
     messages: list | None = None  #: a chat's
     openai_url: str | None = None  #: the OpenAI batch URL it came with (its record's format)
+    model: str | None = None  #: an OpenAI body's `model` (its record names it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,18 +66,27 @@ def read_requests(path: str, defaults: SamplingParams) -> list[BatchRequest | Ba
 
     Raises:
       OSError: the file cannot be read.
+      ValueError: two lines have one custom_id (the results could not be
+        told apart, nor a resume know which ran): the input is refused whole,
+        as OpenAI's batch API does.
     """
     items: list[BatchRequest | BadLine] = []
-    seen: set[str] = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
+    first_line: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                items.append(BadLine(f"line-{number}", where, f"not UTF-8 ({e.reason} at byte {e.start})"))
+                continue
             if not line.strip():
                 continue
-            item = _parse(line, f"{path}:{number}", f"line-{number}", defaults)
-            if item.custom_id in seen:
-                item = BadLine(item.custom_id, item.where, f"custom_id {item.custom_id!r} is used by an earlier line",
-                               item.openai_url)
-            seen.add(item.custom_id)
+            item = _parse(line, where, f"line-{number}", defaults)
+            if item.custom_id in first_line:
+                raise ValueError(f"{where}: custom_id {item.custom_id!r} is that of {first_line[item.custom_id]} "
+                                 "too; every request needs an id of its own")
+            first_line[item.custom_id] = where
             items.append(item)
     return items
 
@@ -101,11 +112,33 @@ def _parse(line: str, where: str, default_id: str, defaults: SamplingParams) -> 
     if unknown:
         return BadLine(custom_id, where, f"unknown field(s) {unknown}")
     overrides = {k: v for k, v in raw.items() if k in fields}
+    problem = _params_problem(overrides) or ("messages" in raw and _messages_problem(raw["messages"]))
+    if problem:
+        return BadLine(custom_id, where, problem)
     try:
         params = dataclasses.replace(defaults, **overrides)
     except (ValueError, TypeError) as e:
         return BadLine(custom_id, where, str(e))
     return BatchRequest(custom_id, where, params, prompt=raw.get("prompt"), messages=raw.get("messages"))
+
+
+#: Completions one request may ask for at most (OpenAI's limit too).
+MAX_N = 128
+
+
+def _params_problem(overrides: dict) -> str | None:
+    n = overrides.get("n", 1)
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
+        return f"n = {n} is over the {MAX_N} completions one request may ask for"
+    return None
+
+
+def _messages_problem(messages) -> str | None:
+    try:
+        check_messages(messages)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingParams) -> BatchRequest | BadLine:
@@ -124,24 +157,25 @@ def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingPara
     if not isinstance(body, dict):
         return BadLine(custom_id, where, "body must be an object", url)
     text_key = "prompt" if OPENAI_URLS[url] == "completion" else "messages"
-    known = set(_OPENAI_PARAMS) | _OPENAI_IGNORED | {text_key, "logprobs", "top_logprobs"}
-    unsupported = sorted(set(body) - known)
-    if unsupported:
+    unsupported = sorted(set(body) - set(_OPENAI_PARAMS) - _OPENAI_IGNORED - {text_key})
+    if unsupported:  # e.g. logprobs: not written in OpenAI's shape yet
         return BadLine(custom_id, where, f"body field(s) {unsupported} are not supported", url)
     if text_key not in body:
         return BadLine(custom_id, where, f"body needs '{text_key}'", url)
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        return BadLine(custom_id, where, "body gives both max_tokens and max_completion_tokens", url)
     overrides = {_OPENAI_PARAMS[k]: v for k, v in body.items() if k in _OPENAI_PARAMS}
-    logprobs = body.get("top_logprobs", 0) if text_key == "messages" and body.get("logprobs") else (
-        body.get("logprobs") if text_key == "prompt" else None)
-    if logprobs is not None:
-        overrides["logprobs"] = logprobs
+    problem = _params_problem(overrides) or (text_key == "messages" and _messages_problem(body["messages"]))
+    if problem:
+        return BadLine(custom_id, where, problem, url)
     try:
         params = dataclasses.replace(defaults, **overrides)
     except (ValueError, TypeError) as e:
         return BadLine(custom_id, where, str(e), url)
+    model = body.get("model") if isinstance(body.get("model"), str) else None
     if text_key == "prompt":
-        return BatchRequest(custom_id, where, params, prompt=body["prompt"], openai_url=url)
-    return BatchRequest(custom_id, where, params, messages=body["messages"], openai_url=url)
+        return BatchRequest(custom_id, where, params, prompt=body["prompt"], openai_url=url, model=model)
+    return BatchRequest(custom_id, where, params, messages=body["messages"], openai_url=url, model=model)
 
 
 # --- records -------------------------------------------------------------------
@@ -177,12 +211,12 @@ def _openai_body(request: BatchRequest, output: RequestOutput, model: str) -> di
     if OPENAI_URLS[request.openai_url] == "completion":
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
                    for c in output.outputs]
-        kind = "text_completion"
+        kind, prefix = "text_completion", "cmpl"
     else:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "finish_reason": c.finish_reason, "logprobs": None} for c in output.outputs]
-        kind = "chat.completion"
-    return {"id": f"cmpl-{output.request_id}", "object": kind, "created": int(time.time()), "model": model,
+        kind, prefix = "chat.completion", "chatcmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage}
 
 
@@ -194,7 +228,7 @@ def result_record(request: BatchRequest, output: RequestOutput, model: str) -> d
         return {"custom_id": request.custom_id, **completion_dict(output)}
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,
             "response": {"status_code": 200, "request_id": output.request_id,
-                         "body": _openai_body(request, output, model)},
+                         "body": _openai_body(request, output, request.model or model)},
             "error": None}
 
 

@@ -4,12 +4,16 @@ crash, and a rerun resumes.
 
 Each record is one ``write()`` of a whole line on a file opened with
 ``O_APPEND``: the kernel has it once the call returns, whatever happens to
-the process next. A process killed inside that call can leave a partial last
-line; reopening the file drops it (it was never a finished record).
+the process next (the file is synced when the run ends; a crash of the whole
+machine before that can lose records, as the page cache can). A process
+killed inside that call can leave a partial last line; reopening the file
+drops it (it was never a finished record). One run at a time writes a file:
+a second is refused (an exclusive lock on it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -38,60 +42,90 @@ class ResultsFile:
     def __init__(self, path: str, ids: set[str], *, overwrite: bool = False):
         self.path = path
         self.done: set[str] = set()
+        self.failed: set[str] = set()  #: ids with an error record
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise ResultsFileError(f"{path}: directory {directory} does not exist")
-        if os.path.exists(path) and not overwrite:
-            self.done = self._resume(ids)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if overwrite else 0)
         try:
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise ResultsFileError(f"cannot write {path}: {e.strerror}") from None
-
-    def _resume(self, ids: set[str]) -> set[str]:
-        """The ids recorded in the existing file; a partial last line (a
-        process killed while writing it) is cut off."""
         try:
-            with open(path := self.path, "rb") as f:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise ResultsFileError(f"{path} is being written by another run") from None
+        # --overwrite empties the file at the first record, not now: a run
+        # that fails before (a wrong --model) leaves the old results.
+        self._empty_first = overwrite
+        if not overwrite:
+            try:
+                self._resume(ids)
+            except ResultsFileError:
+                os.close(self._fd)
+                raise
+
+    def _resume(self, ids: set[str]) -> None:
+        """Takes the ids recorded in the existing file. A last line without
+        its newline is kept (and ended) if it is a whole record, and cut off
+        otherwise (a process killed while writing it)."""
+        path = self.path
+        try:
+            with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise ResultsFileError(f"cannot read {self.path} to resume it: {e.strerror}") from None
-        complete = data[: data.rfind(b"\n") + 1]
-        done = set()
-        for number, line in enumerate(complete.splitlines(), 1):
-            if not line.strip():
-                continue
+            raise ResultsFileError(f"cannot read {path} to resume it: {e.strerror}") from None
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                self._take(self._record_id(line, ids, number))
+        if tail.strip():
             try:
-                custom_id = json.loads(line).get("custom_id")
-            except (ValueError, AttributeError):
-                custom_id = None
-            if custom_id not in ids:
-                raise ResultsFileError(
-                    f"{path} exists and its line {number} is no record of this input; pass --overwrite to replace "
-                    "it, or choose another --output")
-            done.add(custom_id)
-        if len(complete) < len(data):
-            try:
-                os.truncate(path, len(complete))
-            except OSError as e:
-                raise ResultsFileError(f"cannot cut the partial last line of {path}: {e.strerror}") from None
-        return done
+                self._take(self._record_id(tail, ids, len(lines) + 1))
+                os.write(self._fd, b"\n")  # a whole record that lacked its newline
+            except ResultsFileError:  # a partial record: it never finished
+                try:
+                    os.truncate(path, len(data) - len(tail))
+                except OSError as e:
+                    raise ResultsFileError(f"cannot cut the partial last line of {path}: {e.strerror}") from None
+
+    def _record_id(self, line: bytes, ids: set[str], number: int) -> tuple[str, bool]:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        if not isinstance(custom_id, str) or custom_id not in ids:
+            raise ResultsFileError(
+                f"{self.path} exists and its line {number} is no record of this input (ids must be this input's); "
+                "pass --overwrite to replace it, or choose another --output")
+        return custom_id, bool(record.get("error"))
+
+    def _take(self, recorded: tuple[str, bool]) -> None:
+        custom_id, failed = recorded
+        self.done.add(custom_id)
+        if failed:
+            self.failed.add(custom_id)
 
     def write(self, record: dict) -> None:
-        """Appends `record` as one line, in one write."""
+        """Appends `record` (one with a `custom_id`) as one line, in one write."""
+        if self._empty_first:
+            os.ftruncate(self._fd, 0)
+            self._empty_first = False
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         written = 0
-        while written < len(data):  # a regular file takes it whole; a short write only on a full disk
+        while written < len(data):  # a regular file takes a line whole; loop in case it did not
             written += os.write(self._fd, data[written:])
-        if "custom_id" in record:
-            self.done.add(record["custom_id"])
+        self._take((record["custom_id"], bool(record.get("error"))))
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> "ResultsFile":
         return self

@@ -36,7 +36,8 @@ class BatchSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     interrupted: str | None = None  #: the signal that stopped the run
-    ttft_s: list[float] = dataclasses.field(default_factory=list)  #: per request: time to first token
+    #: per request: time to first token, from when it was queued (all are queued at the start)
+    ttft_s: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def left(self) -> int:
@@ -58,6 +59,10 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        # A second signal is not asked twice: it acts as it would have (a
+        # step stuck on a server must not need SIGKILL).
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
@@ -80,16 +85,17 @@ def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile,
                 continue
             try:
                 prompt = item.prompt if item.messages is None else chat_prompts(
-                    engine.tokenizer, item.messages, add_generation_prompt=True)[0]
+                    engine.tokenizer, [item.messages], add_generation_prompt=True)[0]
                 queued[engine.add_request(prompt, item.params)] = item
-            except (ValueError, TypeError) as e:  # too long, bad tokens, a malformed chat
-                results.write(error_record(item.custom_id, item.where, str(e), item.openai_url))
+            except Exception as e:  # noqa: BLE001 - too long, bad tokens, no chat template...: that line's error
+                results.write(error_record(item.custom_id, item.where, str(e) or type(e).__name__,
+                                           item.openai_url))
                 summary.failed += 1
         bar = tqdm(total=len(queued), desc="batch", unit="req", disable=not use_tqdm)
         try:
             while queued and stop.received is None:
-                for output in engine.step():
-                    if not output.finished or output.request_id not in queued:
+                for output in engine.step_finished():
+                    if output.request_id not in queued:
                         continue
                     item = queued.pop(output.request_id)
                     results.write(result_record(item, output, model))
@@ -120,9 +126,9 @@ def describe(summary: BatchSummary, output: str) -> str:
              f"{summary.seconds:.1f} s ({rate:.1f} tok/s)"]
     if summary.ttft_s:
         ordered = sorted(summary.ttft_s)
-        lines.append(f"time to first token: p50 {ordered[len(ordered) // 2]:.2f} s, "
+        lines.append(f"time to first token (from the start of the run): p50 {ordered[len(ordered) // 2]:.2f} s, "
                      f"p99 {ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]:.2f} s")
-    if summary.interrupted:
+    if summary.interrupted and summary.left:
         lines.append(f"interrupted by {summary.interrupted}: {summary.left} requests not run; run the same "
                      "command again to resume (what is in the output is skipped)")
     return "\n".join(lines)

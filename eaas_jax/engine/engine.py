@@ -239,6 +239,12 @@ class Engine:
         """
         return [request.output(self.tokenizer) for request in self._advance()]
 
+    def step_finished(self) -> list[RequestOutput]:
+        """`step()`, returning the outputs of the requests it finished only:
+        a running request's output decodes its whole text, which costs more
+        than the step when nobody reads it (offline and batch runs)."""
+        return [request.output(self.tokenizer) for request in self._advance() if request.finished]
+
     def _advance(self) -> list[Request]:
         """`step()` without building outputs: the requests whose tokens arrived
         (finished ones are forgotten here)."""
@@ -356,11 +362,9 @@ class Engine:
         generated, start = 0, time.time()
         try:
             while len(results) < len(requests):
-                # Outputs of finished requests only: decoding every running
-                # completion's text at every step would cost more than the step.
-                for request in self._advance():
-                    if request.finished and request.request_id in wanted:
-                        out = results[request.request_id] = request.output(self.tokenizer)
+                for out in self.step_finished():
+                    if out.request_id in wanted:
+                        results[out.request_id] = out
                         generated += sum(len(c.token_ids) for c in out.outputs)
                         bar.update(1)
                         bar.set_postfix(tok_per_s=f"{generated / (time.time() - start):.0f}")
