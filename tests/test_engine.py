@@ -293,3 +293,11 @@ def test_each_step_shape_compiles_once(tiny_checkpoint):
         engine.generate(_prompts(len(lengths)), [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
                                                   for n in lengths], use_tqdm=False)
     assert engine.num_compilations >= 3
+
+
+def test_a_dict_as_sampling_params_says_how_to_make_one(tiny_engine):
+    for call in (lambda: tiny_engine.generate(["x"], {"max_tokens": 3}, use_tqdm=False),
+                 lambda: tiny_engine.add_request("x", {"max_tokens": 3})):
+        with pytest.raises(TypeError, match=r"got (a )?dict; for a dict d of its fields, pass SamplingParams\(\*\*d\)"):
+            call()
+    assert not tiny_engine.has_unfinished_requests()

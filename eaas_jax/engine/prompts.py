@@ -15,6 +15,10 @@ from eaas_jax.engine.tokenizer import Tokenizer
 Prompt = str | Seq[int]
 
 
+_NOT_PARAMS = ("sampling params must be SamplingParams (one, or one per prompt), got {kind}; "
+               "for a dict d of its fields, pass SamplingParams(**d)")
+
+
 class ChatPrompt(str):
     """Prompt text rendered from a chat template: tokenized without adding
     special tokens, since the template already wrote them."""
@@ -34,6 +38,8 @@ def paired_with_params(prompts: Prompt | Seq[Prompt], sampling_params, default: 
     prompts = list(prompts)
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
         return prompts, [sampling_params or default()] * len(prompts)
+    if isinstance(sampling_params, dict):
+        raise TypeError(_NOT_PARAMS.format(kind="a dict"))
     params = list(sampling_params)
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
@@ -78,7 +84,7 @@ class RequestBuilder:
         """The request for `prompt`; raises ValueError or TypeError naming what
         is wrong with it (or with a `request_id` already `in_use`)."""
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+            raise TypeError(_NOT_PARAMS.format(kind=type(params).__name__))
         ids, text = self._tokens(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(
