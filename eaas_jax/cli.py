@@ -39,6 +39,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--input", required=True, help="JSONL file of requests")
     p.add_argument("--output", required=True, help="JSONL file of results (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
+    p.add_argument("--summary-json", help="also write the run's figures (counts, tokens/s, TTFT) to this JSON file")
     _add_sampling_and_engine_args(p)
     p.set_defaults(func=_batch)
 
@@ -119,7 +120,7 @@ def _open_engine(args):
 def _batch(args) -> int:
     from eaas_jax.batch.formats import read_requests
     from eaas_jax.batch.results import ResultsFile, ResultsFileError
-    from eaas_jax.batch.runner import report, run_batch
+    from eaas_jax.batch.runner import report, run_batch, summary_dict
 
     defaults = _sampling_defaults(args)
     try:
@@ -146,6 +147,9 @@ def _batch(args) -> int:
         with _open_engine(args) as engine:
             summary = run_batch(engine, items, results, model=args.model)
     report(summary, args.output)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary_dict(summary), f, indent=1)
     if summary.interrupted and summary.left:
         return 130 if summary.interrupted == "SIGINT" else 143
     return 1 if results.failed else 0

@@ -53,9 +53,13 @@ def uninterrupted(tmp_path_factory):
     directory = tmp_path_factory.mktemp("batch")
     inp = directory / "in.jsonl"
     inp.write_text("".join(json.dumps({"prompt": p, "custom_id": f"q{i}"}) + "\n" for i, p in enumerate(PROMPTS)))
-    out = directory / "reference.jsonl"
-    run = subprocess.run(batch_command(inp, out), capture_output=True, text=True, timeout=300)
+    out, summary = directory / "reference.jsonl", directory / "summary.json"
+    run = subprocess.run(batch_command(inp, out, "--summary-json", str(summary)), capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
+    figures = json.loads(summary.read_text())
+    assert (figures["completed"], figures["failed"], figures["not_run"]) == (len(PROMPTS), 0, 0)
+    assert figures["generated_tokens"] == 32 * len(PROMPTS) and figures["ttft_s_p50"] <= figures["seconds"]
     rows = records(out)
     assert sorted(r["custom_id"] for r in rows) == sorted(f"q{i}" for i in range(len(PROMPTS)))
     return inp, by_id(rows)

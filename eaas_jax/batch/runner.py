@@ -21,7 +21,7 @@ from eaas_jax.batch.formats import BadLine, BatchRequest, error_record, result_r
 from eaas_jax.batch.results import ResultsFile
 from eaas_jax.engine.prompts import chat_prompts
 
-__all__ = ["BatchSummary", "run_batch"]
+__all__ = ["BatchSummary", "describe", "report", "run_batch", "summary_dict"]
 
 
 @dataclasses.dataclass
@@ -118,16 +118,32 @@ def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile,
     return summary
 
 
+def summary_dict(summary: BatchSummary) -> dict:
+    """The run's figures for machines (`--summary-json`)."""
+    ordered = sorted(summary.ttft_s)
+
+    def quantile(q: float) -> float | None:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+    return {
+        "total": summary.total, "completed": summary.completed, "failed": summary.failed,
+        "skipped": summary.skipped, "not_run": summary.left, "prompt_tokens": summary.prompt_tokens,
+        "generated_tokens": summary.generated_tokens, "seconds": summary.seconds,
+        "generated_tokens_per_s": summary.generated_tokens / summary.seconds if summary.seconds else None,
+        "ttft_s_p50": quantile(0.5), "ttft_s_p99": quantile(0.99), "interrupted_by": summary.interrupted,
+    }
+
+
 def describe(summary: BatchSummary, output: str) -> str:
     """The run's closing lines for a person."""
     rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
     lines = [f"{summary.completed} completed, {summary.failed} failed, {summary.skipped} already in {output}, "
              f"{summary.left} not run, of {summary.total}; {summary.generated_tokens} tokens generated in "
              f"{summary.seconds:.1f} s ({rate:.1f} tok/s)"]
+    figures = summary_dict(summary)
     if summary.ttft_s:
-        ordered = sorted(summary.ttft_s)
-        lines.append(f"time to first token (from the start of the run): p50 {ordered[len(ordered) // 2]:.2f} s, "
-                     f"p99 {ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]:.2f} s")
+        lines.append(f"time to first token (from the start of the run): p50 {figures['ttft_s_p50']:.2f} s, "
+                     f"p99 {figures['ttft_s_p99']:.2f} s")
     if summary.interrupted and summary.left:
         lines.append(f"interrupted by {summary.interrupted}: {summary.left} requests not run; run the same "
                      "command again to resume (what is in the output is skipped)")
