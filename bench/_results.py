@@ -40,6 +40,16 @@ def finished_phases(raw: str | None) -> dict[str, dict]:
         return {r["phase"]: r for r in map(json.loads, filter(str.strip, f))}
 
 
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Appends machine-readable rows (metric, batch, value, unit, peer,
+    peer_value, ratio, device, date, commit, command) to `path`
+    (bench/results/<name>.jsonl), one JSON object a line."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def publish(lines: list[str], append_to: str | None) -> None:
     """Prints the table and appends it to `append_to` (bench/RESULTS.md) if given."""
     text = "\n".join(lines).rstrip("\n") + "\n"

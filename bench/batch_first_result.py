@@ -24,7 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import git_commit, publish  # noqa: E402
+from _results import append_rows, git_commit, publish  # noqa: E402
 
 MODEL = os.path.join(REPO, "checkpoints", "tiny-moe")
 FLAGS = ["--model", MODEL, "--max-tokens", "64", "--temperature", "0", "--ignore-eos", "--dtype", "float32"]
@@ -74,6 +74,12 @@ def main() -> None:
         "",
     ]
     publish(lines, args.append)
+    if args.append:
+        append_rows(os.path.join(REPO, "bench", "results", "batch_first_result.jsonl"), [dict(
+            metric="time_to_first_result_batch", batch=args.prompts, value=batch[0], unit="s",
+            peer="generate --input", peer_value=generate[0], ratio=batch[0] / generate[0],
+            device=f"{platform.machine()}, {os.cpu_count()} cores (CPU)", date=str(datetime.date.today()),
+            commit=git_commit(), command=f"python bench/batch_first_result.py --prompts {args.prompts}")])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import git_commit, publish  # noqa: E402
+from _results import append_rows, git_commit, publish  # noqa: E402
 from disaggregated_cpu import MODEL, decode_steps, parse_args, round_trip, stats  # noqa: E402
 from eaas_jax.control_plane.cluster import LocalCluster  # noqa: E402
 from eaas_jax.engine import Engine  # noqa: E402
@@ -83,6 +83,17 @@ def main() -> None:
         "",
     ]
     publish(lines, args.append)
+    if args.append:
+        common = dict(device=f"{platform.machine()}, {os.cpu_count()} cores (CPU)", date=str(datetime.date.today()),
+                      commit=git_commit(), command=f"python bench/ibgda_cpu.py --batch {args.batch} --steps "
+                      f"{args.steps} --rounds {args.rounds}")
+        shm_step, ib_step = statistics.median(steps["shm"]), statistics.median(steps["ibgda"])
+        rows = [dict(metric="w0_decode_step_ibgda_model_nic", batch=args.batch, value=ib_step, unit="ms",
+                     peer="shm", peer_value=shm_step, ratio=ib_step / shm_step, **common)]
+        rows += [dict(metric="w0_round_trip_ibgda_model_nic", batch=t, value=exchanges["ibgda"][t], unit="us",
+                      peer="shm", peer_value=exchanges["shm"][t], ratio=exchanges["ibgda"][t] / exchanges["shm"][t],
+                      **common) for t in (16, 64)]
+        append_rows(os.path.join(REPO, "bench", "results", "ibgda_cpu.jsonl"), rows)
 
 
 if __name__ == "__main__":
