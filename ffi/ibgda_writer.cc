@@ -227,11 +227,10 @@ std::uint8_t* NicWriter::Stage(std::int64_t peer, std::int64_t channel, std::str
   }
 }
 
-bool NicWriter::Post(std::int64_t peer, std::int64_t channel, const std::vector<SlotRange>& ranges,
-                     std::uint64_t seq) {
+bool NicWriter::Post(std::int64_t peer, std::int64_t channel, const SlotRanges& ranges, std::uint64_t seq) {
   PeerQp& q = *peers_[static_cast<std::size_t>(peer)];
   const std::uint32_t sq_size = 1u << q.log_sq;
-  const auto wqes = static_cast<std::uint32_t>(ranges.size()) + 2;
+  const auto wqes = static_cast<std::uint32_t>(ranges.count) + 2;
   // Defensive: Stage lets one message per channel be in flight, and the send
   // queue holds two per channel (Open), so this never refuses in practice.
   if (wqes > kMaxWqesPerMessage || q.posted - q.completed + wqes > sq_size) return false;

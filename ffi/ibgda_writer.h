@@ -50,6 +50,7 @@
 #ifndef EAAS_FFI_IBGDA_WRITER_H_
 #define EAAS_FFI_IBGDA_WRITER_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -74,6 +75,17 @@ struct Card {
 struct SlotRange {
   std::size_t offset;
   std::size_t size;
+};
+
+// The ranges one message occupies: the header with the first array, then at
+// most three more arrays. Fixed size: built for every message sent, so no
+// allocation.
+struct SlotRanges {
+  std::array<SlotRange, 4> ranges{};
+  std::size_t count = 0;
+  void Add(std::size_t offset, std::size_t size) { ranges[count++] = {offset, size}; }
+  const SlotRange* begin() const { return ranges.data(); }
+  const SlotRange* end() const { return ranges.data() + count; }
 };
 
 // A peer's QP as the posting side sees it.
@@ -128,7 +140,7 @@ class NicWriter {
   // Posts the message staged for (peer, channel), whose bytes are `ranges`
   // (sorted, disjoint, past the sequence word), published with `seq`.
   // false: no room in the send queue (the peer is in trouble).
-  bool Post(std::int64_t peer, std::int64_t channel, const std::vector<SlotRange>& ranges, std::uint64_t seq);
+  bool Post(std::int64_t peer, std::int64_t channel, const SlotRanges& ranges, std::uint64_t seq);
 
  private:
   struct PeerQp;

@@ -543,16 +543,17 @@ class Transport {
   // the rest of the header with the first payload array's used rows, then
   // each other array's used rows (a request's expert ids, gates and, for
   // float8 rows, scales; a reply has none).
-  std::vector<ibgda::SlotRange> MessageRanges(const MessageHeader& h) const {
+  ibgda::SlotRanges MessageRanges(const MessageHeader& h) const {
     const std::size_t n = h.num_tokens;
     const std::size_t seq_bytes = sizeof(h.seq);
-    std::vector<ibgda::SlotRange> ranges{
-        {seq_bytes, slot_.hidden_offset - seq_bytes + n * static_cast<std::size_t>(geo_.d) * HiddenElementBytes(h.hidden_dtype)}};
+    ibgda::SlotRanges ranges;
+    ranges.Add(seq_bytes,
+               slot_.hidden_offset - seq_bytes + n * static_cast<std::size_t>(geo_.d) * HiddenElementBytes(h.hidden_dtype));
     if (h.kind == kKindRequest) {
       const std::size_t ids = n * static_cast<std::size_t>(geo_.k) * sizeof(std::int32_t);
-      ranges.push_back({slot_.expert_ids_offset, ids});
-      ranges.push_back({slot_.gates_offset, ids});
-      if (h.hidden_dtype == kHiddenF8E4M3) ranges.push_back({slot_.scales_offset, n * sizeof(float)});
+      ranges.Add(slot_.expert_ids_offset, ids);
+      ranges.Add(slot_.gates_offset, ids);
+      if (h.hidden_dtype == kHiddenF8E4M3) ranges.Add(slot_.scales_offset, n * sizeof(float));
     }
     return ranges;
   }

@@ -83,6 +83,15 @@ def exchange(client, servers, hidden, expert_ids, gates, *, layer=0, micro_batch
     return np.asarray(out), np.asarray(status), np.asarray(sent)
 
 
+def assert_serves(client, servers, seeds) -> None:
+    """An exchange per seed: every server answers, the rows equal numpy's."""
+    for seed in seeds:
+        h, e, g = random_tokens(CAP, seed=seed)
+        out, status, _ = exchange(client, servers, h, e, g)
+        np.testing.assert_array_equal(status, [wire.STATUS_OK] * len(servers))
+        np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Round trips through the model NICs
 # --------------------------------------------------------------------------
@@ -194,11 +203,7 @@ def test_a_restarted_peer_is_reconnected_and_served(name):
     s2 = ibgda.IbgdaEndpoint(name, 2, **GEO)  # a new incarnation: new NIC, new nonce
     client.connect(2, timeout=10)  # reconnected to it, both sides fresh
     assert client.peer_state(2) == ibgda.PeerState.READY
-    for seed in range(3):
-        h, e, g = random_tokens(CAP, seed=20 + seed)
-        out, status, _ = exchange(client, (s1, s2), h, e, g)
-        np.testing.assert_array_equal(status, [wire.STATUS_OK] * 2)
-        np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
+    assert_serves(client, (s1, s2), seeds=range(20, 20 + 3))
 
 
 def test_an_entry_gone_for_a_moment_changes_nothing(name):
@@ -210,11 +215,7 @@ def test_an_entry_gone_for_a_moment_changes_nothing(name):
     time.sleep(10 * ibgda._SCAN_S)
     os.rename(path + ".away", path)
     time.sleep(10 * ibgda._SCAN_S)
-    for seed in range(3):
-        h, e, g = random_tokens(CAP, seed=40 + seed)
-        out, status, _ = exchange(client, (s1, s2), h, e, g)
-        np.testing.assert_array_equal(status, [wire.STATUS_OK] * 2)
-        np.testing.assert_allclose(out, reference(WEIGHTS, 0, h, e, g), rtol=1e-5, atol=1e-5)
+    assert_serves(client, (s1, s2), seeds=range(40, 40 + 3))
 
 
 def test_a_flood_of_idle_connections_does_not_keep_a_peer_out(name):
