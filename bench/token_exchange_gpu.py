@@ -3,6 +3,9 @@
 
     python bench/token_exchange_gpu.py [--tokens 16,64,256,1024] [--dtype bfloat16] [--append bench/RESULTS.md]
 
+(`bench/ibgda_gpu.py` runs its client and server roles with `--transport
+ibgda` as well, on one GPU.)
+
 Three processes: an expert server on GPU 1 and a client on GPU 0 (the
 transport: the client sends T rows of width 2048 in the dispatch dtype, the
 server answers each with a float32 row; the server's "expert" is a fixed
@@ -38,15 +41,20 @@ def geometry(args) -> dict:
                 num_layers=1, num_experts=2, dispatch_dtype=args.dtype)
 
 
-def server(args) -> None:
+def open_endpoint(args, endpoint: int):
+    """The role's endpoint of `args.transport` (on this process's GPU)."""
     sys.path.insert(0, REPO)
+    from eaas_jax.transport import backends
+
+    return backends.get(args.transport).open_endpoint(args.deployment, endpoint, geometry(args))
+
+
+def server(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
-
     geo = geometry(args)
-    with CudaIpcEndpoint(args.deployment, 1, **geo) as ep:
+    with open_endpoint(args, 1) as ep:
         hosted = jnp.ones((1, 2), jnp.int32)
         c = geo["capacity"]
 
@@ -75,14 +83,11 @@ def server(args) -> None:
 
 
 def client(args) -> None:
-    sys.path.insert(0, REPO)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
-
-    with CudaIpcEndpoint(args.deployment, 0, **geometry(args)) as ep:
+    with open_endpoint(args, 0) as ep:
         ep.connect(1, timeout=120)
         servers = jnp.array([1], jnp.int32)
         result, failures = {}, {}
@@ -107,14 +112,15 @@ def client(args) -> None:
                 return total, out[0, 0]
 
             jax.block_until_ready(rounds(hidden, scales, ids, gates, targets))  # compile + warm up
-            print(f"cuda_ipc {t} tokens: warmed up", file=sys.stderr, flush=True)
+            print(f"{args.transport} {t} tokens: warmed up", file=sys.stderr, flush=True)
             start = time.perf_counter()
             outs = [rounds(hidden, scales, ids, gates, targets) for _ in range(args.calls)]
             jax.block_until_ready(outs)
             elapsed = time.perf_counter() - start
             failures[t] = sum(int(bad) for bad, _ in outs) + int(float(outs[-1][1]) != 1.0)
             result[t] = elapsed / (args.calls * args.iters) * 1e6
-            print(f"cuda_ipc {t} tokens: {result[t]:.1f} us per round trip, {failures[t]} failed; {ep.stats()}",
+            print(f"{args.transport} {t} tokens: {result[t]:.1f} us per round trip, {failures[t]} failed; "
+                  f"{ep.stats()}",
                   file=sys.stderr, flush=True)
         print(json.dumps({"client_us": result, "failures": failures, "client": ep.stats()}), flush=True)
 
@@ -157,7 +163,7 @@ def run(role: str, args, gpus: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, __file__, "--role", role, "--tokens", args.tokens, "--dtype", args.dtype,
          "--iters", str(args.iters), "--calls", str(args.calls), "--timeout-s", str(args.timeout_s),
-         "--deployment", DEPLOYMENT],
+         "--deployment", DEPLOYMENT, "--transport", args.transport],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # stderr: shown as it comes
 
 
@@ -179,6 +185,7 @@ def main() -> None:
     parser.add_argument("--commit", help="commit to report (default: git HEAD)")
     parser.add_argument("--role", choices=["server", "client", "xla"], help=argparse.SUPPRESS)
     parser.add_argument("--deployment", default=DEPLOYMENT, help=argparse.SUPPRESS)
+    parser.add_argument("--transport", default="cuda_ipc", choices=["cuda_ipc", "ibgda"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.token_list = [int(t) for t in args.tokens.split(",")]
     if args.role:

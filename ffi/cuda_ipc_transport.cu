@@ -68,6 +68,7 @@
 // and read again later; combine: that server's status becomes
 // STATUS_BAD_REPLY, its rows' values are then undefined).
 #include <cuda_runtime.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include <algorithm>
@@ -83,6 +84,9 @@
 
 #include "export.h"
 #include "hidden_ffi_type.h"
+#include "ibgda_post.cuh"
+#include "ibgda_writer.h"
+#include "nic_link.h"
 #include "transport_common.h"
 #include "wire_format.h"
 #include "xla/ffi/api/ffi.h"
@@ -156,6 +160,11 @@ struct View {
   GridSync* combine_sync;         // [num_channels]
   GridSync* poll_sync;
   unsigned long long* counters;   // [kNumCounters]
+  // An ibgda endpoint (eaas_ibgda_gpu_open): messages are assembled in the
+  // staging slot of (peer, channel) and posted to the peer's QP
+  // (ibgda_post.cuh); `peers` is unused. nullptr: a cuda_ipc endpoint.
+  ibgda::NicQueue* nic;           // [max_endpoints]
+  std::uint8_t* staging;          // [max_endpoints x num_channels slots], mapped host memory
   std::uint64_t generation;  // of the open endpoint; 0: closed
   std::uint64_t deployment_id;
   std::uint64_t slot_bytes, hidden_offset, expert_ids_offset, gates_offset, scales_offset;
@@ -215,6 +224,84 @@ __device__ __forceinline__ std::uint8_t* Slot(const View& v, std::uint8_t* inbox
   return inbox + static_cast<std::size_t>(sender * v.num_channels + channel) * v.slot_bytes;
 }
 
+// Whether messages can go to peer p now: its inbox is imported (cuda_ipc),
+// or its QP is ready and has not failed (ibgda).
+__device__ bool PeerReachable(const View& v, std::int32_t p) {
+  if (v.nic != nullptr) {
+    const ibgda::NicQueue* q = v.nic + p;
+    return ibgda::post::LoadVolatile(&q->ready) != 0 && ibgda::post::LoadVolatile(&q->failed) == 0;
+  }
+  return LoadPointer(v.peers + p) != nullptr;
+}
+
+// Where this endpoint's message to (p, channel) is written: its slot in p's
+// imported inbox (cuda_ipc), or the staging slot of (p, channel) that the
+// NIC gathers from (ibgda). nullptr when p cannot be sent to.
+__device__ std::uint8_t* OutSlot(const View& v, std::int32_t p, int channel) {
+  if (v.nic != nullptr) {
+    return PeerReachable(v, p) ? v.staging + static_cast<std::size_t>(p * v.num_channels + channel) * v.slot_bytes
+                               : nullptr;
+  }
+  std::uint8_t* peer = LoadPointer(v.peers + p);
+  return peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, channel);
+}
+
+// How long a block waits for a staging slot, or for send-queue room, before
+// the peer counts as unavailable (as ibgda_writer.cc's kStageWait).
+constexpr std::uint64_t kNicWaitNs = 20'000'000;
+
+// Thread 0 of every block that writes rows of a message into `slot`
+// (OutSlot(v, p, channel)), before they go in: cuda_ipc stores the seqlock's
+// odd mark there when `odd_mark` (and fences); ibgda waits until the NIC is
+// done with what was staged in the slot before (the odd mark then goes as
+// the message's first WQE). false: this block must not write into the slot.
+__device__ bool OpenMessage(const View& v, std::int32_t p, int channel, std::uint8_t* slot, std::uint64_t seq,
+                            bool odd_mark) {
+  if (v.nic != nullptr) {
+    return ibgda::post::WaitForStagingSlot(v.nic + p, channel, GlobalTimerNs() + kNicWaitNs);
+  }
+  if (odd_mark) {
+    StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);  // odd: being written
+    FenceSys();
+  }
+  return true;
+}
+
+// The byte ranges of a slot that message `h` occupies past its sequence word
+// (as ibgda_writer's MessageRanges on CPUs): the header with the used rows of
+// the hidden array, then a request's expert ids, gates and float8 scales.
+__device__ int MessageRanges(const View& v, const MessageHeader& h, ibgda::MessageRange* out) {
+  const std::uint64_t n = h.num_tokens;
+  const std::uint64_t row = h.kind == kKindRequest ? v.row_bytes : static_cast<std::uint64_t>(v.d) * sizeof(float);
+  int count = 0;
+  out[count++] = {sizeof(std::uint64_t), v.hidden_offset - sizeof(std::uint64_t) + n * row};
+  if (h.kind == kKindRequest) {
+    const std::uint64_t ids = n * static_cast<std::uint64_t>(v.k) * sizeof(std::int32_t);
+    out[count++] = {v.expert_ids_offset, ids};
+    out[count++] = {v.gates_offset, ids};
+    if (h.hidden_dtype == kHiddenF8E4M3) out[count++] = {v.scales_offset, n * sizeof(float)};
+  }
+  return count;
+}
+
+// Makes a complete message visible to peer p: the even sequence word stored
+// into its inbox (cuda_ipc), or the message posted to its QP (ibgda). false:
+// the NIC would not take it (QP failed, peer gone, send queue full).
+__device__ bool PublishMessage(const View& v, std::int32_t p, int channel, std::uint8_t* slot,
+                               const MessageHeader& h) {
+  if (v.nic == nullptr) {
+    StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), h.seq);
+    return true;
+  }
+  ibgda::NicQueue* q = v.nic + p;
+  const std::uint64_t remote =
+      q->remote_slots + v.slot_bytes * static_cast<std::uint64_t>(v.endpoint * v.num_channels + channel);
+  ibgda::MessageRange ranges[4];
+  const int count = MessageRanges(v, h, ranges);
+  return ibgda::post::PostMessage(q, channel, remote, v.slot_bytes, ranges, count, h.seq,
+                                  GlobalTimerNs() + kNicWaitNs);
+}
+
 // A private copy of a slot's header (relaxed system-scope loads).
 __device__ MessageHeader ReadHeader(const std::uint8_t* slot) {
   MessageHeader h;
@@ -267,11 +354,11 @@ __device__ void CopyRows(std::uint8_t* dst, const std::uint8_t* src, const std::
 // looks at a header only once seq changed, and when one may still be inside
 // the slot the seqlock's odd mark went first. Every block then releases its
 // stores (system scope) and counts itself; the last one acquires them all and
-// publishes seq, so a message costs two fences in a row on the critical path.
-// Returns true in the one block that published and false elsewhere or when a
-// block aborted (then nothing is published and `*aborted` is set in the last
-// block).
-__device__ bool FinishMessage(const View& v, std::size_t counter, std::uint8_t* slot,
+// publishes the message to peer p (PublishMessage), so a message costs two
+// fences in a row on the critical path. Returns true in the one block that
+// published and false elsewhere or when a block aborted or publishing failed
+// (then `*aborted` is set in the last block).
+__device__ bool FinishMessage(const View& v, std::size_t counter, std::uint8_t* slot, std::int32_t p, int channel,
                               MessageHeader h, bool* aborted) {
   auto* dst = reinterpret_cast<std::uint64_t*>(slot);
   if (blockIdx.x == 0 && slot != nullptr) {
@@ -286,7 +373,10 @@ __device__ bool FinishMessage(const View& v, std::size_t counter, std::uint8_t* 
   *aborted = atomicExch(&v.abort[counter], 0u) != 0;
   if (*aborted) return false;
   FenceSys();  // acquire every block's stores (seen through the counter), release them before seq
-  StoreRelaxedSys(dst, h.seq);
+  if (!PublishMessage(v, p, channel, slot, h)) {
+    *aborted = true;
+    return false;
+  }
   return true;
 }
 
@@ -421,22 +511,22 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
     }
     return;
   }
-  std::uint8_t* peer = LoadPointer(v.peers + p);
-  std::uint8_t* slot = peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, channel);
+  std::uint8_t* slot = OutSlot(v, p, channel);
   const std::uint64_t seq = v.send_seq[si] + 2;
-  if (slot == nullptr) {
-    if (threadIdx.x == 0) atomicOr(&v.abort[s], 1u);
+  __shared__ int opened;
+  if (threadIdx.x == 0) {
+    // cuda_ipc: the seqlock's odd mark (a system-scope fence on the critical
+    // path) only when the server may still be reading the previous request
+    // of this slot: it has not answered it (this client gave up waiting).
+    // Once answered, the server's poll has committed it and never reads that
+    // slot's rows or header again until the sequence number changes.
+    opened = slot != nullptr && OpenMessage(v, p, channel, slot, seq, v.request_open[si] != 0);
+    if (!opened) atomicOr(&v.abort[s], 1u);
+  }
+  __syncthreads();
+  if (!opened) {
+    slot = nullptr;
   } else {
-    // The seqlock's odd mark (a system-scope fence on the critical path) only
-    // when the server may still be reading the previous request of this slot:
-    // it has not answered it (this client gave up waiting). Once answered, the
-    // server's poll has committed it and never reads that slot's rows or
-    // header again until the sequence number changes.
-    if (threadIdx.x == 0 && v.request_open[si] != 0) {
-      StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);  // odd: being written
-      FenceSys();
-    }
-    __syncthreads();
     auto* dst_ids = reinterpret_cast<std::int32_t*>(slot + v.expert_ids_offset);
     auto* dst_gates = reinterpret_cast<float*>(slot + v.gates_offset);
     auto* dst_scales = reinterpret_cast<float*>(slot + v.scales_offset);
@@ -455,7 +545,7 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
   if (threadIdx.x != 0) return;
   bool aborted = false;
   const MessageHeader h = NewHeader(v, kKindRequest, layer, channel, n, seq, seq);
-  if (FinishMessage(v, s, slot, h, &aborted)) {
+  if (FinishMessage(v, s, slot, p, channel, h, &aborted)) {
     v.send_seq[si] = seq;
     v.request_open[si] = 1;
     v.pending_ticket[si] = seq;
@@ -702,7 +792,7 @@ __device__ void AcceptRequests(const View& v, int C, int max_messages, std::int6
         Count(v, bad);
         continue;
       }
-      if (LoadPointer(v.peers + sender) == nullptr) {  // cannot answer it yet
+      if (!PeerReachable(v, sender)) {  // cannot answer it yet
         v.wanted[sender] = 1;
         continue;
       }
@@ -872,18 +962,18 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     const Accepted a = v.accepted[m];
     const std::size_t si = static_cast<std::size_t>(a.sender) * v.num_channels + a.channel;
     const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + si;
-    std::uint8_t* peer = LoadPointer(v.peers + a.sender);
-    std::uint8_t* slot = peer == nullptr ? nullptr : Slot(v, peer, v.endpoint, a.channel);
+    std::uint8_t* slot = OutSlot(v, a.sender, a.channel);
     const std::uint64_t seq = v.send_seq[si] + 2;
     const std::size_t row = static_cast<std::size_t>(v.d) * sizeof(float);
-    if (slot == nullptr) {
-      if (threadIdx.x == 0) atomicOr(&v.abort[counter], 1u);
+    __shared__ int opened;
+    if (threadIdx.x == 0) {  // always the odd mark: a late reply may still be read (wire_format.h)
+      opened = slot != nullptr && OpenMessage(v, a.sender, a.channel, slot, seq, true);
+      if (!opened) atomicOr(&v.abort[counter], 1u);
+    }
+    __syncthreads();
+    if (!opened) {
+      slot = nullptr;
     } else {
-      if (threadIdx.x == 0) {  // odd: being written (a late reply may still be read, see wire_format.h)
-        StoreRelaxedSys(reinterpret_cast<std::uint64_t*>(slot), seq - 1);
-        FenceSys();
-      }
-      __syncthreads();
       CopyRows(slot + v.hidden_offset,
                reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row) * v.d),
                nullptr, a.num_tokens, static_cast<std::uint32_t>(row), b, gridDim.x);
@@ -891,7 +981,7 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     __syncthreads();
     bool aborted = false;
     const MessageHeader h = NewHeader(v, kKindReply, a.layer, a.channel, a.num_tokens, seq, a.ticket);
-    if (threadIdx.x == 0 && FinishMessage(v, counter, slot, h, &aborted)) {
+    if (threadIdx.x == 0 && FinishMessage(v, counter, slot, a.sender, a.channel, h, &aborted)) {
       v.send_seq[si] = seq;
       Count(v, kRepliesSent);
     } else if (threadIdx.x == 0 && aborted) {
@@ -928,6 +1018,18 @@ struct Endpoint {
   std::map<std::int64_t, void*> imported;  // peer -> cudaIpcOpenMemHandle pointer
   std::vector<void*> retired;  // replaced imports, closed with the endpoint (a
                                // kernel may still be writing through them)
+  // An ibgda endpoint (eaas_ibgda_gpu_open): its inbox is host memory the
+  // NIC writes into (mapped into the GPU), and `writer` owns the NIC, its
+  // QPs and the staging area. Everything of it the GPU reads or writes is
+  // registered with CUDA (`registered`, unregistered before it goes).
+  std::unique_ptr<ibgda::NicWriter> writer;
+  std::uint8_t* host_inbox = nullptr;
+  std::size_t host_inbox_bytes = 0;
+  std::uint64_t* doorbells = nullptr;  // one word per peer QP: its BlueFlame register, modelled
+  std::size_t doorbells_bytes = 0;
+  std::uint64_t* doorbells_device = nullptr;
+  std::vector<std::uint8_t*> queues_device;  // per peer: its QP's queue segment, as the GPU sees it
+  std::vector<void*> registered;
 };
 
 // The open endpoints. g_mu guards the map only: nobody holds it while calling
@@ -951,13 +1053,39 @@ void WriteView(std::int64_t index, const View& view, cudaStream_t stream) {
 void Release(Endpoint* ep) {
   for (auto& kv : ep->imported) cudaIpcCloseMemHandle(kv.second);
   for (void* p : ep->retired) cudaIpcCloseMemHandle(p);
-  if (ep->view.inbox) cudaFree(ep->view.inbox);
+  for (void* p : ep->registered) cudaHostUnregister(p);
+  ep->writer.reset();  // stops the NIC (it writes into the inbox), frees its queues and staging area
+  if (ep->host_inbox) munmap(ep->host_inbox, ep->host_inbox_bytes);
+  if (ep->doorbells) munmap(ep->doorbells, ep->doorbells_bytes);
+  if (ep->view.inbox && ep->host_inbox == nullptr) cudaFree(ep->view.inbox);
   if (ep->state) cudaFree(ep->state);
+  if (ep->view.nic) cudaFree(ep->view.nic);
   if (ep->wanted_host) cudaFreeHost(ep->wanted_host);
   if (ep->control) cudaStreamDestroy(ep->control);
 }
 
-// Allocates and initialises an endpoint's device memory. "" or an error.
+// Host memory the GPU reaches: page-aligned, registered with CUDA (recorded
+// in ep->registered). Its device address into *device_ptr. "" or an error.
+std::string MapIntoGpu(Endpoint* ep, void* host, std::size_t bytes, void** device_ptr) {
+  cudaError_t e = cudaHostRegister(host, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  if (e != cudaSuccess) return "cudaHostRegister(" + std::to_string(bytes) + " bytes): " + CudaText(e);
+  ep->registered.push_back(host);
+  if ((e = cudaHostGetDevicePointer(device_ptr, host, 0)) != cudaSuccess) {
+    return "cudaHostGetDevicePointer: " + CudaText(e);
+  }
+  return "";
+}
+
+// Anonymous page-aligned host memory, zeroed; nullptr when there is none.
+std::uint8_t* MapPages(std::size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : static_cast<std::uint8_t*>(p);
+}
+
+// Allocates and initialises an endpoint's memory: its inbox in device memory
+// (`handle`: its IPC handle), or with `handle` null in host memory mapped
+// into the GPU (an ibgda endpoint: the NIC writes there). Not yet visible
+// to the kernels (WriteView). "" or an error.
 std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint* ep,
                    cudaIpcMemHandle_t* handle) {
   ep->geo = geo;
@@ -988,15 +1116,23 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   const std::size_t o_bad = take(slots * 4), o_poll = take(sizeof(PollInfo));
   const std::size_t o_counters = take(kNumCounters * sizeof(unsigned long long));
   const std::size_t state_bytes = offset;
+  if (handle == nullptr) {
+    ep->host_inbox_bytes = AlignUp(slots * layout.bytes, 4096);
+    ep->host_inbox = MapPages(ep->host_inbox_bytes);
+    if (ep->host_inbox == nullptr) return "allocating the inbox (" + std::to_string(ep->host_inbox_bytes) + " bytes)";
+    const std::string failed = MapIntoGpu(ep, ep->host_inbox, ep->host_inbox_bytes,
+                                          reinterpret_cast<void**>(&ep->view.inbox));
+    if (!failed.empty()) return "mapping the inbox into the GPU: " + failed;
+  }
   if ((e = cudaStreamCreateWithFlags(&ep->control, cudaStreamNonBlocking)) != cudaSuccess ||
-      (e = cudaMalloc(&ep->view.inbox, slots * layout.bytes)) != cudaSuccess ||
+      (handle != nullptr && (e = cudaMalloc(&ep->view.inbox, slots * layout.bytes)) != cudaSuccess) ||
       (e = cudaMalloc(&ep->state, state_bytes)) != cudaSuccess ||
       (e = cudaHostAlloc(reinterpret_cast<void**>(&ep->wanted_host), E * 4, cudaHostAllocMapped)) != cudaSuccess) {
     return "allocating the endpoint's GPU memory (" + std::to_string(slots * layout.bytes + state_bytes) +
            " bytes on device " + std::to_string(device) + "): " + CudaText(e);
   }
   std::memset(ep->wanted_host, 0, E * 4);
-  cudaMemsetAsync(ep->view.inbox, 0, slots * layout.bytes, ep->control);
+  if (handle != nullptr) cudaMemsetAsync(ep->view.inbox, 0, slots * layout.bytes, ep->control);
   cudaMemsetAsync(ep->state, 0, state_bytes, ep->control);
   auto* base = static_cast<std::uint8_t*>(ep->state);
   View& v = ep->view;
@@ -1048,10 +1184,118 @@ std::string Create(std::int64_t index, const Geometry& geo, int device, Endpoint
   const PollInfo idle{0, 0, -1, 0, 1};
   cudaMemcpyAsync(v.poll, &idle, sizeof(idle), cudaMemcpyHostToDevice, ep->control);
   if ((e = cudaStreamSynchronize(ep->control)) != cudaSuccess) return "initialising the inbox: " + CudaText(e);
-  if ((e = cudaIpcGetMemHandle(handle, v.inbox)) != cudaSuccess) return "cudaIpcGetMemHandle: " + CudaText(e);
-  WriteView(index, v, ep->control);
-  if ((e = cudaGetLastError()) != cudaSuccess) return "publishing the endpoint to the kernels: " + CudaText(e);
+  if (handle != nullptr && (e = cudaIpcGetMemHandle(handle, v.inbox)) != cudaSuccess) {
+    return "cudaIpcGetMemHandle: " + CudaText(e);
+  }
   return "";
+}
+
+// The kernels see the endpoint from now on. "" or an error.
+std::string Publish(std::int64_t index, Endpoint* ep) {
+  WriteView(index, ep->view, ep->control);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? "" : "publishing the endpoint to the kernels: " + CudaText(e);
+}
+
+// The ibgda part of an endpoint Create made with a host inbox: its NIC
+// (listening on `host`), the staging area, the QPs' queues and doorbell
+// words mapped into the GPU, and the per-peer NicQueue array. "" or an error.
+std::string AttachNic(std::int64_t index, const std::string& host, Endpoint* ep) {
+  const Geometry& geo = ep->geo;
+  ibgda::NicWriterConfig config;
+  config.host = host;
+  config.inbox = ep->host_inbox;
+  config.inbox_bytes = ep->host_inbox_bytes;
+  config.slots_offset = 0;
+  config.slot_bytes = geo.Slot().bytes;
+  config.max_endpoints = geo.max_endpoints;
+  config.num_channels = geo.num_channels;
+  config.endpoint = index;
+  config.device_posts = true;
+  std::string failed = ibgda::NicWriter::Open(config, &ep->writer);
+  if (!failed.empty()) return failed;
+  const auto E = static_cast<std::size_t>(geo.max_endpoints);
+  ep->doorbells_bytes = AlignUp(E * sizeof(std::uint64_t), 4096);
+  ep->doorbells = reinterpret_cast<std::uint64_t*>(MapPages(ep->doorbells_bytes));
+  if (ep->doorbells == nullptr) return "ibgda: allocating the doorbell page";
+  if (!(failed = MapIntoGpu(ep, ep->doorbells, ep->doorbells_bytes,
+                            reinterpret_cast<void**>(&ep->doorbells_device))).empty() ||
+      !(failed = MapIntoGpu(ep, ep->writer->staging(), ep->writer->staging_bytes(),
+                            reinterpret_cast<void**>(&ep->view.staging))).empty()) {
+    return "ibgda: " + failed;
+  }
+  for (std::size_t p = 0; p < E; ++p) {
+    const ibgda::QueueView q = ep->writer->Queue(static_cast<std::int64_t>(p));
+    void* device = nullptr;
+    if (!(failed = MapIntoGpu(ep, q.segment, q.segment_bytes, &device)).empty()) return "ibgda: " + failed;
+    ep->queues_device.push_back(static_cast<std::uint8_t*>(device));
+  }
+  const cudaError_t e = cudaMalloc(&ep->view.nic, E * sizeof(ibgda::NicQueue));
+  if (e != cudaSuccess) return "ibgda: allocating the queue table: " + CudaText(e);
+  cudaMemsetAsync(ep->view.nic, 0, E * sizeof(ibgda::NicQueue), ep->control);
+  const cudaError_t synced = cudaStreamSynchronize(ep->control);
+  return synced == cudaSuccess ? "" : "ibgda: " + CudaText(synced);
+}
+
+// The GPU's address of `host`, which lies in the host range starting at
+// `host_base` that the GPU sees at `device_base`.
+template <typename T>
+T* OnDevice(T* host, const void* host_base, std::uint8_t* device_base) {
+  const auto offset = reinterpret_cast<std::uintptr_t>(host) - reinterpret_cast<std::uintptr_t>(host_base);
+  return reinterpret_cast<T*>(device_base + offset);
+}
+
+// Peer p's NicQueue becomes not ready: kernels send it nothing more
+// (control_mu held). A kernel already posting finishes on the old QP.
+void WithdrawQueue(Endpoint* ep, std::int64_t p) {
+  const std::uint32_t flag = 0;
+  cudaMemcpyAsync(&ep->view.nic[p].ready, &flag, sizeof(flag), cudaMemcpyHostToDevice, ep->control);
+  if (cudaStreamSynchronize(ep->control) != cudaSuccess) cudaGetLastError();
+}
+
+// Writes peer p's NicQueue for the kernels, ready, with fresh counters (its
+// QP was just connected: nothing posted yet); control_mu held, and the queue
+// withdrawn before. "" or an error.
+// (The queue pointers stay those of AttachNic's mapping: a QP keeps its
+// segment for the NIC's life.)
+std::string PublishQueue(Endpoint* ep, std::int64_t p) {
+  ibgda::NicQueue q{};
+  {
+    const ibgda::QueueView view = ep->writer->Queue(p);
+    std::uint8_t* segment = ep->queues_device[static_cast<std::size_t>(p)];
+    q.sq = OnDevice(view.sq, view.segment, segment);
+    q.dbrec = OnDevice(view.dbrec, view.segment, segment);
+    q.cq = OnDevice(view.cq, view.segment, segment);
+    q.bf = ep->doorbells_device + p;
+    q.remote_slots = view.slots_addr;
+    q.staging_addr = reinterpret_cast<std::uintptr_t>(ep->writer->staging()) +
+                     static_cast<std::uint64_t>(p * ep->geo.num_channels) * ep->geo.Slot().bytes;
+    q.qpn = view.qpn;
+    q.rkey = view.rkey;
+    q.lkey = ep->writer->staging_lkey();
+    q.log_sq = view.log_sq;
+    q.log_cq = view.log_cq;
+  }
+  // Everything but `ready` first, then `ready` (stream order): a kernel that
+  // sees it set sees the rest.
+  ibgda::NicQueue* dst = ep->view.nic + p;
+  cudaMemcpyAsync(dst, &q, offsetof(ibgda::NicQueue, ready), cudaMemcpyHostToDevice, ep->control);
+  cudaMemcpyAsync(&dst->staged_until, &q.staged_until, sizeof(q.staged_until), cudaMemcpyHostToDevice, ep->control);
+  const std::uint32_t flag = 1;
+  cudaMemcpyAsync(&dst->ready, &flag, sizeof(flag), cudaMemcpyHostToDevice, ep->control);
+  const cudaError_t e = cudaStreamSynchronize(ep->control);
+  return e == cudaSuccess ? "" : "ibgda: updating the queue table: " + CudaText(e);
+}
+
+// Whether a kernel saw an error completion on peer p's QP (control_mu held).
+bool QueueFailed(Endpoint* ep, std::int64_t p) {
+  std::uint32_t failed = 0;
+  cudaMemcpyAsync(&failed, &ep->view.nic[p].failed, sizeof(failed), cudaMemcpyDeviceToHost, ep->control);
+  if (cudaStreamSynchronize(ep->control) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return failed != 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -1068,9 +1312,10 @@ std::shared_ptr<Endpoint> Lookup(std::int64_t index) {
 std::shared_ptr<Endpoint> Find(const char* where, std::int64_t index, ffi::Error* error) {
   std::shared_ptr<Endpoint> ep = Lookup(index);
   if (ep == nullptr) {
-    *error = ffi::Error::InvalidArgument(std::string(where) + ": cuda_ipc endpoint " + std::to_string(index) +
+    *error = ffi::Error::InvalidArgument(std::string(where) + ": GPU endpoint " + std::to_string(index) +
                                          " is not open in this process (open it with "
-                                         "eaas_jax.transport.cuda_ipc.CudaIpcEndpoint)");
+                                         "eaas_jax.transport.cuda_ipc.CudaIpcEndpoint, or an "
+                                         "eaas_jax.transport.ibgda.IbgdaEndpoint in a GPU process)");
     return nullptr;
   }
   int device = -1;
@@ -1348,7 +1593,8 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
   }
   auto ep = std::make_shared<Endpoint>();
   cudaIpcMemHandle_t handle{};
-  const std::string msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), &handle);
+  std::string msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), &handle);
+  if (msg.empty()) msg = Publish(endpoint, ep.get());
   if (!msg.empty()) {
     Release(ep.get());
     cudaGetLastError();
@@ -1391,6 +1637,11 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_set_peer(std::int64_t endpoint, std::int64_t p
   std::lock_guard<std::mutex> lock(ep->control_mu);
   if (peer < 0 || peer >= ep->geo.max_endpoints || peer == endpoint) {
     CopyError("peer " + std::to_string(peer) + " is not another endpoint in [0, max_endpoints)", err, errlen);
+    return -1;
+  }
+  if (ep->writer != nullptr) {
+    CopyError("endpoint " + std::to_string(endpoint) + " is an ibgda endpoint: its peers are reached through its NIC",
+              err, errlen);
     return -1;
   }
   cudaSetDevice(ep->device);
@@ -1459,6 +1710,125 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_stats(std::int64_t endpoint, std::int64_t* out
   }
   for (std::int64_t i = 0; i < n && i < eaas::kNumCounters; ++i) out[i] = static_cast<std::int64_t>(values[i]);
   return eaas::kNumCounters;
+}
+
+// --- ibgda endpoints on GPUs (eaas_jax/transport/ibgda.py) -------------------
+// The kernels above, with messages posted to a NIC by the GPU (ibgda_post.cuh)
+// instead of stored into imported inboxes. Closed with eaas_cuda_ipc_close,
+// counters from eaas_cuda_ipc_stats; the NIC handle (card[5]) takes
+// nic_model_abi.cc's fault injection.
+
+// As eaas_cuda_ipc_open, with the inbox in host memory the NIC writes into
+// and a NIC listening on the IPv4 address `host`. Its card into card[0..4]:
+// port, QPN base, inbox rkey, slots address, link key; card[5]: the NIC's
+// handle. Returns 0; -2 if already open in this process; -1 with a message.
+EAAS_FFI_EXPORT int eaas_ibgda_gpu_open(std::uint64_t deployment_id, std::int64_t endpoint, std::int64_t device,
+                                        std::int64_t max_endpoints, std::int64_t num_channels,
+                                        std::int64_t capacity, std::int64_t d, std::int64_t k,
+                                        std::int64_t num_layers, std::int64_t num_experts,
+                                        std::int64_t hidden_dtype, const char* host, std::uint64_t* card, char* err,
+                                        std::int64_t errlen) {
+  using namespace eaas;
+  using namespace eaas::cuda_ipc;
+  if (host == nullptr || card == nullptr) {
+    CopyError("ibgda: no address to listen on", err, errlen);
+    return -1;
+  }
+  Geometry geo;
+  std::string msg = MakeGeometry(
+      {kMaxEndpointIndex, ibgda::kMaxNicChannels, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20},
+      endpoint, deployment_id, max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype,
+      &geo);
+  if (!msg.empty()) {
+    CopyError(msg, err, errlen);
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (Endpoints().count(endpoint)) {
+    CopyError("GPU endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);
+    return -2;
+  }
+  auto ep = std::make_shared<Endpoint>();
+  msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), nullptr);
+  if (msg.empty()) msg = AttachNic(endpoint, host, ep.get());
+  if (msg.empty()) msg = Publish(endpoint, ep.get());
+  if (!msg.empty()) {
+    Release(ep.get());
+    cudaGetLastError();
+    CopyError(msg, err, errlen);
+    return -1;
+  }
+  const ibgda::Card& c = ep->writer->card();
+  card[0] = c.port;
+  card[1] = c.qpn_base;
+  card[2] = c.inbox_rkey;
+  card[3] = c.slots_addr;
+  card[4] = c.link_key;
+  card[5] = static_cast<std::uint64_t>(ep->writer->nic());
+  Endpoints()[endpoint] = std::move(ep);
+  return 0;
+}
+
+// Connects `endpoint`'s QP for `peer` to the peer whose card is (port,
+// qpn_base, rkey, slots_addr, link_key) at `host`, as eaas_ibgda_connect
+// does for CPU endpoints; the peer is not ready (sent to) before
+// eaas_ibgda_gpu_peer(op 1). 0 or -1.
+EAAS_FFI_EXPORT int eaas_ibgda_gpu_connect(std::int64_t endpoint, std::int64_t peer, const char* host,
+                                           std::uint64_t port, std::uint64_t qpn_base, std::uint64_t rkey,
+                                           std::uint64_t slots_addr, std::uint64_t link_key, char* err,
+                                           std::int64_t errlen) {
+  using namespace eaas;
+  using namespace eaas::cuda_ipc;
+  const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
+  if (ep == nullptr || ep->writer == nullptr) {
+    CopyError("ibgda GPU endpoint " + std::to_string(endpoint) + " is not open", err, errlen);
+    return -1;
+  }
+  if (host == nullptr || port > 0xffff || qpn_base > 0xffffff || rkey > 0xffffffffu || peer < 0 ||
+      peer >= ep->geo.max_endpoints || peer == endpoint) {
+    CopyError("ibgda: malformed peer card, or no such peer", err, errlen);
+    return -1;
+  }
+  const ibgda::Card card{static_cast<std::uint32_t>(port), static_cast<std::uint32_t>(qpn_base),
+                         static_cast<std::uint32_t>(rkey), slots_addr, link_key};
+  // The TCP connection first, outside the lock (it may take up to a second).
+  std::unique_ptr<nic::Conn> link;
+  std::string failed = nic::Connect(host, static_cast<std::uint16_t>(port), link_key, &link);
+  if (!failed.empty()) {
+    CopyError("ibgda: cannot reach endpoint " + std::to_string(peer) + "'s NIC: " + failed, err, errlen);
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(ep->control_mu);
+  cudaSetDevice(ep->device);
+  WithdrawQueue(ep.get(), peer);
+  failed = ep->writer->Connect(peer, std::move(link), card);
+  if (failed.empty()) return 0;
+  CopyError(failed, err, errlen);
+  return -1;
+}
+
+// The peer's state (ibgda_writer.h, PeerState), as eaas_ibgda_peer: `op` 1
+// first marks a connected peer ready (the kernels send to it from then on),
+// 2 disconnects it. A QP on which a kernel saw an error completion is
+// kFailed. -1: no such endpoint.
+EAAS_FFI_EXPORT int eaas_ibgda_gpu_peer(std::int64_t endpoint, std::int64_t peer, int op) {
+  using namespace eaas;
+  using namespace eaas::cuda_ipc;
+  const std::shared_ptr<Endpoint> ep = Lookup(endpoint);
+  if (ep == nullptr || ep->writer == nullptr) return -1;
+  if (peer < 0 || peer >= ep->geo.max_endpoints) return static_cast<int>(ibgda::PeerState::kIdle);
+  std::lock_guard<std::mutex> lock(ep->control_mu);
+  cudaSetDevice(ep->device);
+  ibgda::NicWriter& writer = *ep->writer;
+  if (op == 1 && writer.SetReady(peer) && !PublishQueue(ep.get(), peer).empty()) {
+    writer.MarkFailed(peer);  // not reachable from the kernels: say so
+  }
+  if (op == 2) {
+    WithdrawQueue(ep.get(), peer);
+    writer.Disconnect(peer);
+  }
+  if (writer.State(peer) == ibgda::PeerState::kReady && QueueFailed(ep.get(), peer)) writer.MarkFailed(peer);
+  return static_cast<int>(writer.State(peer));
 }
 
 }  // extern "C"

@@ -55,6 +55,8 @@ struct NicWriter::PeerQp {
   // slot is free again once `completed` reaches it).
   std::vector<std::uint32_t> staged_until;
   std::uint64_t doorbell = 0;  // stands in for the UAR's BlueFlame register (the model reads the record)
+  std::uint8_t* segment = nullptr;  // the NIC's mapping of the QP's queues
+  std::size_t segment_bytes = 0;
 };
 
 std::string NicWriter::Open(const NicWriterConfig& config, std::unique_ptr<NicWriter>* out) {
@@ -103,6 +105,8 @@ std::string NicWriter::Open(const NicWriterConfig& config, std::unique_ptr<NicWr
     // This process posts through the NIC's own mapping: nobody maps the
     // queues by name, so the name goes now and a killed process leaves none.
     shm_unlink(qp->segment_name.c_str());
+    q->segment = qp->base;
+    q->segment_bytes = qp->layout.total_bytes;
     q->dbrec = qp->dbrec();
     q->sq = qp->sq();
     q->cq = qp->cq();
@@ -179,8 +183,30 @@ bool NicWriter::SetReady(std::int64_t peer) {
 PeerState NicWriter::State(std::int64_t peer) {
   if (peer < 0 || peer >= config_.max_endpoints) return PeerState::kIdle;
   PeerQp& q = *peers_[static_cast<std::size_t>(peer)];
-  if (q.state == PeerState::kReady || q.state == PeerState::kConnected) Reclaim(q);
+  if (!config_.device_posts && (q.state == PeerState::kReady || q.state == PeerState::kConnected)) Reclaim(q);
   return q.state;
+}
+
+void NicWriter::MarkFailed(std::int64_t peer) {
+  if (peer < 0 || peer >= config_.max_endpoints) return;
+  PeerQp& q = *peers_[static_cast<std::size_t>(peer)];
+  if (q.state == PeerState::kReady || q.state == PeerState::kConnected) q.state = PeerState::kFailed;
+}
+
+QueueView NicWriter::Queue(std::int64_t peer) const {
+  const PeerQp& q = *peers_[static_cast<std::size_t>(peer)];
+  QueueView view;
+  view.qpn = q.qpn;
+  view.log_sq = q.log_sq;
+  view.log_cq = q.log_cq;
+  view.rkey = q.rkey;
+  view.slots_addr = q.slots_addr;
+  view.dbrec = q.dbrec;
+  view.sq = q.sq;
+  view.cq = q.cq;
+  view.segment = q.segment;
+  view.segment_bytes = q.segment_bytes;
+  return view;
 }
 
 // Consumes the CQEs the NIC wrote: a success frees the send queue up to the

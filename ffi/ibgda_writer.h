@@ -105,6 +105,23 @@ struct NicWriterConfig {
   std::int64_t max_endpoints = 0;
   std::int64_t num_channels = 0;
   std::int64_t endpoint = 0;      // this endpoint's index: its row in peers' inboxes
+  // A GPU kernel posts and reclaims (ffi/ibgda_post.cuh), not Post/Stage:
+  // State() then leaves the CQs alone (their consumer is the kernel) and
+  // learns of failures from MarkFailed.
+  bool device_posts = false;
+};
+
+// Where one peer's QP lives, for a poster outside this class (a GPU kernel,
+// which reaches these addresses through a CUDA host registration).
+struct QueueView {
+  std::uint32_t qpn = 0, log_sq = 0, log_cq = 0;
+  std::uint32_t rkey = 0;        // the peer's inbox
+  std::uint64_t slots_addr = 0;  // the peer's inbox slot (0, 0), in its address space
+  volatile std::uint32_t* dbrec = nullptr;
+  std::uint8_t* sq = nullptr;
+  const std::uint8_t* cq = nullptr;
+  std::uint8_t* segment = nullptr;  // the mapping holding dbrec, sq and cq
+  std::size_t segment_bytes = 0;
 };
 
 class NicWriter {
@@ -129,8 +146,14 @@ class NicWriter {
   // kConnected -> kReady (the peer has connected its side too).
   bool SetReady(std::int64_t peer);
   // Its state, after taking the completions the NIC wrote (an error one
-  // makes it kFailed).
+  // makes it kFailed; with device_posts, MarkFailed does).
   PeerState State(std::int64_t peer);
+  // The device poster saw an error completion: kFailed, as State would say.
+  void MarkFailed(std::int64_t peer);
+  QueueView Queue(std::int64_t peer) const;
+  std::uint8_t* staging() const { return staging_; }
+  std::size_t staging_bytes() const { return staging_bytes_; }
+  std::uint32_t staging_lkey() const { return staging_lkey_; }
 
   // -- data path --
   // The staging slot of (peer, channel) to assemble a message in; nullptr

@@ -4,6 +4,7 @@
 #include "nic_model.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -75,6 +76,9 @@ bool Before(std::uint32_t a, std::uint32_t b) { return static_cast<std::int32_t>
 // (retry_count such timeouts without progress fail a WQE).
 constexpr std::uint32_t kWindow = 64;
 constexpr auto kRetransmitTimeout = std::chrono::milliseconds(10);
+// How many times a round reads a responder link's socket while frames keep
+// coming (Pump reads a few frames at a time): up to 256 MTU frames, 1 MiB.
+constexpr int kBurstsPerRound = 64;
 
 // The PSN of the packet at offset `off` of a write over a link.
 std::uint32_t PsnAt(const InFlight& e, std::size_t off) { return e.psn0 + static_cast<std::uint32_t>(off / kMtu); }
@@ -456,18 +460,28 @@ void Nic::ServeLinks() {
   FrameHeader h{};
   std::vector<std::uint8_t> payload;
   for (auto& c : accepted_) {
-    Pump(*c);
-    Parse p;
-    while ((p = NextFrame(*c, &h, &payload)) == Parse::kFrame) {
-      if (!c->authenticated) {  // the first frame: our key, or nothing more
-        c->authenticated = IsHello(h, link_key_);
-        if (!c->authenticated) break;
-        continue;
+    // Pump reads a few frames at a time: look again while frames come, so a
+    // window of them is taken in one round rather than a few per round.
+    for (int burst = 0; burst < kBurstsPerRound && !c->closed; ++burst) {
+      Pump(*c);
+      Parse p;
+      int frames = 0;
+      while ((p = NextFrame(*c, &h, &payload)) == Parse::kFrame) {
+        ++frames;
+        if (!c->authenticated) {  // the first frame: our key, or nothing more
+          c->authenticated = IsHello(h, link_key_);
+          if (!c->authenticated) break;
+          continue;
+        }
+        if (!Respond(*c, h, payload)) break;
       }
-      if (!Respond(*c, h, payload)) break;
+      if (p == Parse::kBad || (p == Parse::kFrame && !c->closed)) {  // not our protocol
+        c->Close();
+        break;
+      }
+      if (frames == 0) break;
     }
     if (!c->authenticated && now - c->accepted_at > kHelloTimeout) c->Close();
-    if (p == Parse::kBad || (p == Parse::kFrame && !c->closed)) c->Close();  // not our protocol
     Pump(*c);
   }
   accepted_.erase(std::remove_if(accepted_.begin(), accepted_.end(), [](const auto& c) { return c->closed; }),
@@ -597,16 +611,37 @@ void Nic::DriveLink(Qp& qp, Clock::time_point now) {
 
 // --- the progress thread ---------------------------------------------------------
 
+std::vector<pollfd> Nic::LinkFds() const {
+  std::vector<pollfd> fds;
+  const auto add = [&fds](const Conn* c) {
+    if (c != nullptr && !c->closed && c->fd >= 0) {
+      fds.push_back({c->fd, static_cast<short>(POLLIN | (c->out.empty() ? 0 : POLLOUT)), 0});
+    }
+  };
+  if (listen_fd_ >= 0) fds.push_back({listen_fd_, POLLIN, 0});
+  for (const auto& c : accepted_) add(c.get());
+  for (const auto& entry : qps_) add(entry.second->link.get());
+  return fds;
+}
+
 void Nic::Start(std::int64_t interval_us) {
   if (running_.exchange(true)) return;
   thread_ = std::thread([this, interval_us] {
     const timespec nap{static_cast<time_t>(interval_us / 1000000), static_cast<long>(interval_us % 1000000) * 1000};
+    std::vector<pollfd> fds;
     while (running_.load(std::memory_order_acquire)) {
+      bool again;
       {
         std::lock_guard<std::mutex> lock(ModelMutex());
-        Progress(-1);
+        again = Progress(-1) > 0;
+        if (!again) fds = LinkFds();
       }
-      nanosleep(&nap, nullptr);
+      // Work done: look again at once. Else wait for a link to have frames
+      // (or room for ours) or for the interval, after which the doorbell
+      // records are read again (nothing signals those: as a NIC polling
+      // them). A socket closed meanwhile by another thread only ends the
+      // wait early.
+      if (!again) ppoll(fds.data(), fds.size(), &nap, nullptr);
     }
   });
 }

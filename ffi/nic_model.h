@@ -106,6 +106,8 @@
 #ifndef EAAS_FFI_NIC_MODEL_H_
 #define EAAS_FFI_NIC_MODEL_H_
 
+#include <poll.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -342,7 +344,9 @@ class Nic {
   // writes the CQEs that are due. Returns how many chunks and CQEs it did.
   std::int64_t Progress(std::int64_t max_chunks);
 
-  // A thread calling Progress every `interval_us` (under ModelMutex).
+  // A thread calling Progress (under ModelMutex): again at once after a
+  // round that did work, else once a link has frames (or room) or after
+  // `interval_us`, when the doorbell records are read again.
   void Start(std::int64_t interval_us);
   void Stop();
 
@@ -359,6 +363,8 @@ class Nic {
   bool Respond(Conn& c, const FrameHeader& h, const std::vector<std::uint8_t>& payload);
   void DriveLink(Qp& qp, Clock::time_point now);
   void OnReply(Qp& qp, const FrameHeader& h, Clock::time_point now);
+  // The sockets the progress thread waits on between rounds.
+  std::vector<pollfd> LinkFds() const;
 
   std::int64_t id_;
   Faults faults_;

@@ -5,8 +5,8 @@ row is the gate-weighted sum over the row's experts (-1 = none).
 
     python tests/_transport_worker.py '<json config>'
 
-runs an expert-server endpoint (`transport`: "shm", the default, or
-"cuda_ipc") in its own process: poll -> compute -> reply in one jitted step,
+runs an expert-server endpoint (`transport`: "shm", the default,
+"cuda_ipc" or "ibgda": on the GPU where JAX runs on one) in its own process: poll -> compute -> reply in one jitted step,
 until it has accepted `messages` requests (or `deadline_s` passed), then
 closes its endpoint and exits 0 (1 on timeout). It prints "ready" once its
 endpoint is open and its step compiled.
@@ -58,6 +58,10 @@ def open_endpoint(cfg: dict):
         from eaas_jax.transport.cuda_ipc import CudaIpcEndpoint
 
         return CudaIpcEndpoint(cfg["deployment"], cfg["endpoint"], **geo)
+    if cfg.get("transport") == "ibgda":
+        from eaas_jax.transport.ibgda import IbgdaEndpoint
+
+        return IbgdaEndpoint(cfg["deployment"], cfg["endpoint"], **geo)
     from eaas_jax.transport.shm import ShmEndpoint
 
     return ShmEndpoint(cfg["deployment"], cfg["endpoint"], **geo)

@@ -52,8 +52,9 @@ def _worker_env() -> dict:
     return env
 
 
-def _start(cfg: dict) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, WORKER, json.dumps(cfg)], env=_worker_env(),
+def _start(cfg: dict, env: dict | None = None) -> subprocess.Popen:
+    """A _transport_worker server (env: _worker_env()'s by default), once it said "ready"."""
+    proc = subprocess.Popen([sys.executable, WORKER, json.dumps(cfg)], env=env or _worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if line.strip() != "ready":

@@ -55,7 +55,10 @@ __all__ = [
     "CudaIpcError",
     "CudaIpcPeerRefusedError",
     "available",
+    "close_endpoint",
     "directory_path",
+    "endpoint_stats",
+    "library",
 ]
 
 #: The XLA targets of this backend (CUDA handlers).
@@ -117,8 +120,27 @@ def _lib() -> ctypes.CDLL:
             lib.eaas_cuda_ipc_take_wanted.restype = ctypes.c_int
             lib.eaas_cuda_ipc_stats.argtypes = [i64, ctypes.POINTER(ctypes.c_int64), i64]
             lib.eaas_cuda_ipc_stats.restype = ctypes.c_int
+            # The ibgda backend's GPU endpoints (transport/ibgda.py) live here too.
+            u64 = ctypes.c_uint64
+            lib.eaas_ibgda_gpu_open.argtypes = ([u64] + [i64] * 10
+                                                + [c_char_p, ctypes.POINTER(u64), c_char_p, i64])
+            lib.eaas_ibgda_gpu_open.restype = ctypes.c_int
+            lib.eaas_ibgda_gpu_connect.argtypes = [i64, i64, c_char_p] + [u64] * 5 + [c_char_p, i64]
+            lib.eaas_ibgda_gpu_connect.restype = ctypes.c_int
+            lib.eaas_ibgda_gpu_peer.argtypes = [i64, i64, ctypes.c_int]
+            lib.eaas_ibgda_gpu_peer.restype = ctypes.c_int
             _c_api = lib
         return _c_api
+
+
+def library() -> ctypes.CDLL:
+    """The FFI library with the GPU endpoints' C functions bound (cuda_ipc's
+    and the ibgda backend's GPU endpoints).
+
+    Raises:
+      CudaIpcError: it was built without CUDA.
+    """
+    return _lib()
 
 
 def available() -> bool:
@@ -128,6 +150,25 @@ def available() -> bool:
                 and any(d.platform == "gpu" for d in jax.devices()))
     except (native.NativeLibraryNotFoundError, CudaIpcError, RuntimeError):
         return False
+
+
+def close_endpoint(endpoint: int) -> None:
+    """Closes the GPU endpoint `endpoint` of this process (its kernels finish first)."""
+    _lib().eaas_cuda_ipc_close(int(endpoint))
+
+
+def endpoint_stats(endpoint: int) -> dict[str, int]:
+    """The counters of this process's GPU endpoint `endpoint` (``native.counter_names()``).
+
+    Raises:
+      CudaIpcError: it is not open.
+    """
+    names = native.counter_names()
+    out = (ctypes.c_int64 * len(names))()
+    n = _lib().eaas_cuda_ipc_stats(int(endpoint), out, len(names))
+    if n < 0:
+        raise CudaIpcError(f"GPU endpoint {endpoint}: reading the counters failed (not open?)")
+    return dict(zip(names, out[: min(n, len(names))]))
 
 
 def _new_entry(endpoint: int, geometry: wire.Geometry, handle: bytes) -> dict:
@@ -244,7 +285,7 @@ class CudaIpcEndpoint(BoundCalls):
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        _lib().eaas_cuda_ipc_close(self.endpoint)
+        close_endpoint(self.endpoint)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -348,12 +389,7 @@ class CudaIpcEndpoint(BoundCalls):
     def stats(self) -> dict[str, int]:
         """Counters of this endpoint (same names as the shm backend's)."""
         self._check_open()
-        names = native.counter_names()
-        out = (ctypes.c_int64 * len(names))()
-        n = _lib().eaas_cuda_ipc_stats(self.endpoint, out, len(names))
-        if n < 0:
-            raise CudaIpcError(f"{self!r}: reading the counters failed")
-        return dict(zip(names, out[: min(n, len(names))]))
+        return endpoint_stats(self.endpoint)
 
 
 class CudaIpcBackend:

@@ -2,18 +2,29 @@
 WRITEs that the sender posts to a NIC itself (mlx5 work requests:
 ``ffi/mlx5_wqe.h``), with no verbs call and no CPU of the receiver involved.
 
-What exists today (``nic = "model"``, CPU handlers): every endpoint runs a
-software NIC (``ffi/nic_model.h``) in its process, listening on an IPv4
-address; two endpoints' NICs are joined by a TCP link. The four custom calls
-are the ``shm`` backend's CPU handlers: for an ibgda endpoint they assemble
-each message in a staging slot and post it as WQEs on the peer's queue pair,
-ring the doorbell record and reclaim the send queue from CQEs
-(``ffi/ibgda_writer.h``), instead of storing into a mapping of the peer's
-inbox. The inbox is an shm inbox with the same slot layout, seqlock and
-validation (``ffi/wire_format.h``), registered with the NIC for remote writes.
+What exists today (``nic = "model"``): every endpoint runs a software NIC
+(``ffi/nic_model.h``) in its process, listening on an IPv4 address; two
+endpoints' NICs are joined by a TCP link. Where the endpoint lives follows
+where the process's JAX computations run (:func:`on_gpu`):
+
+* CPU: the four custom calls are the ``shm`` backend's CPU handlers; for an
+  ibgda endpoint they assemble each message in a staging slot and post it as
+  WQEs on the peer's queue pair, ring the doorbell record and reclaim the
+  send queue from CQEs (``ffi/ibgda_writer.h``), instead of storing into a
+  mapping of the peer's inbox. The inbox is an shm inbox with the same slot
+  layout, seqlock and validation (``ffi/wire_format.h``), registered with
+  the NIC for remote writes.
+* GPU: the custom calls are the ``cuda_ipc`` kernels; for an ibgda endpoint
+  they copy each message into its staging slot and one GPU thread writes
+  the WQEs into the send queue, the doorbell record and the doorbell, and
+  polls the CQEs (``ffi/ibgda_post.cuh``). The NIC being a CPU program here,
+  its queues, the staging area and the inbox are host memory mapped into
+  the GPU (on an mlx5 NIC they would be GPU memory).
+
+A CPU endpoint and a GPU one of the same geometry talk to each other.
 Peers on other hosts find each other's cards in the registry (an
-``entries`` store); on one host, in private files. Not yet: GPU kernels that
-write the WQEs, ``nic = "mlx5"`` (pyverbs DevX setup).
+``entries`` store); on one host, in private files. Not yet: ``nic =
+"mlx5"`` (pyverbs DevX setup).
 
 Control path (this module):
 
@@ -56,7 +67,7 @@ import os
 import threading
 import time
 
-from eaas_jax.transport import backends, directory, native, nic_model, shm, wire
+from eaas_jax.transport import backends, cuda_ipc, directory, native, nic_model, shm, wire
 from eaas_jax.transport.custom_calls import BoundCalls, FfiTargets, close_at_exit
 
 __all__ = [
@@ -67,6 +78,7 @@ __all__ = [
     "IbgdaPeerRefusedError",
     "PeerState",
     "directory_path",
+    "on_gpu",
 ]
 
 #: The XLA targets of this backend. On CPUs they are the shm backend's
@@ -125,6 +137,62 @@ def _lib() -> ctypes.CDLL:
     return native.bind_functions(_SIGNATURES)
 
 
+def on_gpu() -> bool:
+    """Whether this process's ibgda endpoints live on its GPU: its JAX
+    computations run there (so the compiled steps call the CUDA handlers) and
+    the library was built with them."""
+    import jax
+
+    return jax.default_backend() == "gpu" and native.has_cuda_handlers()
+
+
+class _CpuEndpoints:
+    """Endpoints whose handlers run on CPUs: an shm inbox, sends posted by
+    the shm handlers (ffi/shm_transport.cc)."""
+
+    def open(self, deployment: str, deployment_id: int, endpoint: int, geometry: list[int], host: str,
+             card, err) -> int:
+        return _lib().eaas_ibgda_open(deployment.encode(), deployment_id, endpoint, *geometry, host.encode(), card,
+                                      err, _ERRLEN)
+
+    def connect(self, *args) -> int:
+        return _lib().eaas_ibgda_connect(*args)
+
+    def peer(self, endpoint: int, peer: int, op: int) -> int:
+        return _lib().eaas_ibgda_peer(endpoint, peer, op)
+
+    def geometry(self, endpoint: int, **_) -> wire.Geometry:
+        return shm.endpoint_info(endpoint)[0]
+
+    close = staticmethod(shm.close_endpoint)
+    stats = staticmethod(shm.endpoint_stats)
+
+
+class _GpuEndpoints:
+    """Endpoints on this process's GPU: an inbox in host memory mapped into
+    it, sends posted by the cuda_ipc kernels (ffi/ibgda_post.cuh)."""
+
+    def __init__(self, device: int):
+        self.device = device
+
+    def open(self, deployment: str, deployment_id: int, endpoint: int, geometry: list[int], host: str,
+             card, err) -> int:
+        return cuda_ipc.library().eaas_ibgda_gpu_open(deployment_id, endpoint, self.device, *geometry,
+                                                      host.encode(), card, err, _ERRLEN)
+
+    def connect(self, *args) -> int:
+        return cuda_ipc.library().eaas_ibgda_gpu_connect(*args)
+
+    def peer(self, endpoint: int, peer: int, op: int) -> int:
+        return cuda_ipc.library().eaas_ibgda_gpu_peer(endpoint, peer, op)
+
+    def geometry(self, endpoint: int, **geometry) -> wire.Geometry:
+        return wire.Geometry(**geometry)
+
+    close = staticmethod(cuda_ipc.close_endpoint)
+    stats = staticmethod(cuda_ipc.endpoint_stats)
+
+
 @dataclasses.dataclass(frozen=True)
 class Card:
     """What a peer needs to write into an endpoint's inbox."""
@@ -166,6 +234,9 @@ class IbgdaEndpoint(BoundCalls):
     Args: as :class:`~eaas_jax.transport.shm.ShmEndpoint`, plus
       host: the IPv4 address its NIC listens on (default: the
         ``EAAS_NIC_HOST`` environment variable, else 127.0.0.1).
+      device: CUDA device ordinal to open it on (then its custom calls run
+        as GPU kernels); default: the process's first GPU when
+        :func:`on_gpu`, else the CPU.
       entries: where it publishes its card and finds its peers' (a
         :class:`~eaas_jax.transport.directory.EntryStore`; default: private
         files in /dev/shm, for peers on this host; the registry's
@@ -194,21 +265,28 @@ class IbgdaEndpoint(BoundCalls):
         dispatch_dtype: str = "float32",
         host: str | None = None,
         entries: directory.EntryStore | None = None,
+        device: int | None = None,
     ):
         self.deployment, deployment_id = wire.endpoint_identity(deployment, deployment_id, dispatch_dtype)
         self.endpoint = int(endpoint)
         self.host = host or os.environ.get("EAAS_NIC_HOST") or _DEFAULT_HOST
+        if device is None and on_gpu():
+            device = 0
+        self.device = device  #: the CUDA device it lives on; None: the CPU
+        self._native = _CpuEndpoints() if device is None else _GpuEndpoints(int(device))
+        if device is not None:
+            cuda_ipc.library()  # fails (no CUDA build) before anything is claimed
         self._entries = entries or directory.FileEntries(
             lambda e: directory_path(self.deployment, e), self.endpoint, in_use=IbgdaEndpointInUseError,
             refused=IbgdaPeerRefusedError, what=f"endpoint {self.endpoint} of deployment {self.deployment!r}")
         self._entries.claim()
         card = (ctypes.c_uint64 * 6)()
         err = ctypes.create_string_buffer(_ERRLEN)
-        rc = _lib().eaas_ibgda_open(
-            self.deployment.encode(), deployment_id, self.endpoint,
-            int(max_endpoints), int(num_channels), int(capacity), int(hidden_size), int(top_k), int(num_layers),
-            int(num_experts), wire.DISPATCH_DTYPES[dispatch_dtype], self.host.encode(), card, err, _ERRLEN,
-        )
+        geometry = dict(max_endpoints=int(max_endpoints), num_channels=int(num_channels), capacity=int(capacity),
+                        hidden_size=int(hidden_size), top_k=int(top_k), num_layers=int(num_layers),
+                        num_experts=int(num_experts))
+        rc = self._native.open(self.deployment, deployment_id, self.endpoint,
+                               [*geometry.values(), wire.DISPATCH_DTYPES[dispatch_dtype]], self.host, card, err)
         if rc != 0:
             self._entries.remove()  # our claim (a placeholder file); a registry's claim is not ours to remove
             msg = err.value.decode(errors="replace")
@@ -222,13 +300,14 @@ class IbgdaEndpoint(BoundCalls):
         self._warned: dict[int, str] = {}  # peer -> the last problem logged about it
         self._retry_at: dict[int, tuple[float, float]] = {}  # peer -> (next attempt, backoff) after a failure
         try:
-            self.geometry, _ = shm.endpoint_info(self.endpoint)
+            self.geometry = self._native.geometry(self.endpoint, **geometry, deployment_id=deployment_id,
+                                                  dispatch_dtype=dispatch_dtype)
             self._entry = directory.new_entry(_DIRECTORY_FORMAT, self.endpoint, self.geometry,
                                               **dataclasses.asdict(self.card), peers={})
             self._entries.publish(self._entry)
         except BaseException:  # e.g. the registry cannot be reached: nothing stays open
             self._entries.remove()
-            shm.close_endpoint(self.endpoint)
+            self._native.close(self.endpoint)
             raise
         with _OPEN_LOCK:
             _OPEN[self.endpoint] = self
@@ -261,11 +340,13 @@ class IbgdaEndpoint(BoundCalls):
             self._entries.remove()
         except Exception as e:  # noqa: BLE001 - an unreachable registry must not keep the inbox open
             log.warning("ibgda endpoint %d: withdrawing its card: %r", self.endpoint, e)
-        shm.close_endpoint(self.endpoint)
+        self._native.close(self.endpoint)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"IbgdaEndpoint({self.deployment!r}, {self.endpoint}, {self.host}:{self.card.port}, {state})"
+        where = "CPU" if self.device is None else f"GPU {self.device}"
+        return (f"IbgdaEndpoint({self.deployment!r}, {self.endpoint}, {self.host}:{self.card.port}, {where}, "
+                f"{state})")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -277,7 +358,7 @@ class IbgdaEndpoint(BoundCalls):
         return PeerState(self._peer_op(peer, 0))
 
     def _peer_op(self, peer: int, op: int) -> int:
-        state = _lib().eaas_ibgda_peer(self.endpoint, int(peer), op)
+        state = self._native.peer(self.endpoint, int(peer), op)
         if state < 0:
             raise IbgdaError(f"{self!r} is not open")
         return state
@@ -329,8 +410,8 @@ class IbgdaEndpoint(BoundCalls):
                 return changed
             card = self._check_entry(peer, entry)
             err = ctypes.create_string_buffer(_ERRLEN)
-            if _lib().eaas_ibgda_connect(self.endpoint, peer, card.host.encode(), card.port, card.qpn_base,
-                                         card.inbox_rkey, card.slots_addr, card.link_key, err, _ERRLEN) != 0:
+            if self._native.connect(self.endpoint, peer, card.host.encode(), card.port, card.qpn_base,
+                                    card.inbox_rkey, card.slots_addr, card.link_key, err, _ERRLEN) != 0:
                 backoff = min(2 * backoff, 30.0)
                 self._retry_at[peer] = (time.monotonic() + backoff, backoff)
                 raise IbgdaError(err.value.decode(errors="replace"))
@@ -416,7 +497,7 @@ class IbgdaEndpoint(BoundCalls):
     def stats(self) -> dict[str, int]:
         """Counters of this endpoint (the shm backend's names)."""
         self._check_open()
-        return shm.endpoint_stats(self.endpoint)
+        return self._native.stats(self.endpoint)
 
 
 class IbgdaBackend:
@@ -424,7 +505,12 @@ class IbgdaBackend:
 
     name = "ibgda"
     ffi_targets = IBGDA_TARGETS
-    one_process_per_gpu = False  # CPU processes (the model NIC)
+
+    @property
+    def one_process_per_gpu(self) -> bool:
+        # Where this process runs JAX on a GPU, so do its servers (one GPU
+        # each, as cuda_ipc's); elsewhere they are CPU processes.
+        return on_gpu()
 
     def open_endpoint(self, name: str, endpoint: int, geometry: dict,
                       entries: directory.EntryStore | None = None) -> IbgdaEndpoint:
@@ -437,7 +523,7 @@ class IbgdaBackend:
         return {"transport": self.name}  # peers find the card in its directory entry
 
     def deployment_problems(self, deployment) -> list[str]:
-        problems = backends.foreign_options(deployment, self.name, takes=frozenset({"nic"}))
+        problems = backends.foreign_options(deployment, self.name, takes=frozenset({"nic", "device"}))
         nic = deployment.nic or "model"
         if nic not in NICS:
             problems.append(f"nic must be one of {list(NICS)}, got {nic!r}")

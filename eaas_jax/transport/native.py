@@ -89,12 +89,18 @@ CUDA_IPC_POLL_TARGET = "eaas_cuda_ipc_poll"
 CUDA_IPC_REPLY_TARGET = "eaas_cuda_ipc_reply"
 
 #: XLA target name -> exported C symbol, registered for platform "CUDA" when
-#: the library was built with a CUDA compiler.
+#: the library was built with a CUDA compiler. The ibgda targets are the
+#: cuda_ipc kernels: for an ibgda endpoint opened on a GPU they post WQEs to
+#: its NIC (ffi/ibgda_post.cuh).
 _CUDA_HANDLERS: dict[str, str] = {
     CUDA_IPC_DISPATCH_TARGET: "eaas_cuda_ipc_dispatch",
     CUDA_IPC_COMBINE_TARGET: "eaas_cuda_ipc_combine",
     CUDA_IPC_POLL_TARGET: "eaas_cuda_ipc_poll",
     CUDA_IPC_REPLY_TARGET: "eaas_cuda_ipc_reply",
+    IBGDA_DISPATCH_TARGET: "eaas_cuda_ipc_dispatch",
+    IBGDA_COMBINE_TARGET: "eaas_cuda_ipc_combine",
+    IBGDA_POLL_TARGET: "eaas_cuda_ipc_poll",
+    IBGDA_REPLY_TARGET: "eaas_cuda_ipc_reply",
 }
 
 

@@ -1,0 +1,164 @@
+"""The `ibgda` transport on GPUs: the cuda_ipc kernels, with each message
+copied into a staging slot and posted by a GPU thread that writes the mlx5
+WQEs into the model NIC's send queue, rings its doorbell and polls its CQEs
+(ffi/ibgda_post.cuh). The model NIC validates every WQE as hardware would,
+so a wrong byte fails the exchange with an error completion.
+
+Needs a CUDA build of the library and a GPU (skipped otherwise, e.g. on CI;
+the CPU side of the backend is tests/test_ibgda.py). Servers run on the GPU
+named by EAAS_TEST_PEER_GPU, else on this process's (see test_cuda_ipc.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eaas_jax.transport import cuda_ipc, ibgda, wire
+
+from _transport_worker import make_weights, reference
+from conftest import SHIPPED
+from test_cuda_ipc import CAP, GEO, E, L, _start, _step, _tokens, _worker_env
+
+HAVE_GPU = cuda_ipc.available()
+pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the library built with CUDA")
+
+PREFIX = f"ib{os.getpid()}"
+_names = itertools.count()
+WEIGHTS = make_weights(L, E, GEO["hidden_size"], seed=0)
+
+
+def _server(deployment: str, geo: dict, messages: int, env: dict | None = None):
+    return _start(dict(transport="ibgda", deployment=deployment, endpoint=1, geometry=geo, seed=0,
+                       hosted=np.ones((L, E), np.int32).tolist(), poll_capacity=2 * CAP, messages=messages,
+                       deadline_s=120), env=env)
+
+
+def _exchange_and_check(client, rounds: int, dtype: str) -> None:
+    step = _step(client, jnp.array([1], jnp.int32))
+    for it in range(rounds):
+        p0, s0, e0, g0, x0 = _tokens(CAP, 100 + it, dtype)
+        p1, s1, e1, g1, x1 = _tokens(5, 200 + it, dtype)
+        out0, out1, st0, st1 = step(p0, s0, e0, g0, p1, s1, e1, g1)
+        assert [int(st0[0]), int(st1[0])] == [wire.STATUS_OK] * 2, (it, client.stats())
+        np.testing.assert_allclose(out0, reference(WEIGHTS, 1, x0, e0, g0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out1, reference(WEIGHTS, 0, x1, e1, g1), rtol=1e-5, atol=1e-5)
+
+
+def _finish(proc, client, rounds: int) -> None:
+    stats = client.stats()
+    assert stats["requests_sent"] == stats["replies_accepted"] == 2 * rounds, stats
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    server = json.loads(stdout.split("server stats", 1)[1])
+    assert server["requests_accepted"] == server["replies_sent"] == 2 * rounds, server
+    assert not any(v for k, v in server.items() if k.startswith("drop_")), server
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_gpu_round_trips_through_the_model_nic_match_the_reference(dtype):
+    """Client and server on GPUs: two micro-batches in flight, every byte of
+    both ways written by GPU-posted RDMA WRITEs; the sums equal NumPy's."""
+    deployment = f"{PREFIX}-{next(_names)}"
+    geo = dict(GEO, dispatch_dtype=dtype)
+    rounds = 3
+    proc = _server(deployment, geo, 2 * rounds)
+    try:
+        with ibgda.IbgdaEndpoint(deployment, 0, **geo) as client:
+            assert client.device == 0, "the endpoint of a GPU process must live on its GPU"
+            client.connect(1, timeout=30)
+            _exchange_and_check(client, rounds, dtype)
+            _finish(proc, client, rounds)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_gpu_client_and_a_cpu_server_talk_through_their_nics():
+    """The WQEs the GPU writes land in a CPU endpoint's shm inbox (and the
+    CPU handler's in the GPU's host-mapped one): one wire, two posters."""
+    deployment = f"{PREFIX}-{next(_names)}"
+    rounds = 2
+    proc = _server(deployment, GEO, 2 * rounds, env=dict(_worker_env(), JAX_PLATFORMS="cpu"))
+    try:
+        with ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
+            assert client.device == 0
+            client.connect(1, timeout=30)
+            _exchange_and_check(client, rounds, "float32")
+            _finish(proc, client, rounds)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_cut_link_fails_the_qp_and_the_server_becomes_unavailable():
+    """With the client's link down the NIC gives up after its retries and
+    writes an error CQE; the kernel that reclaims it marks the QP failed, so
+    later dispatches report the server unavailable (at once, not at the
+    deadline) and the control path sees PeerState.FAILED."""
+    deployment = f"{PREFIX}-{next(_names)}"
+    proc = _server(deployment, GEO, 2)
+    try:
+        with ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
+            client.connect(1, timeout=30)
+            _exchange_and_check(client, 1, "float32")
+            client.set_nic_faults(link_down=True)
+            servers = jnp.array([1], jnp.int32)
+            p, s, e, g, _ = _tokens(4, 7, "float32")
+            t = jnp.where(e >= 0, 1, -1)
+
+            @jax.jit
+            def exchange(p, s, e, g):
+                sent = client.dispatch(p, e, g, t, servers, layer=0, micro_batch=0, scales=s)
+                _, status, _ = client.combine(sent, t, servers, layer=0, micro_batch=0, timeout_us=200_000,
+                                              after=sent)
+                return sent, status
+
+            seen = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                sent, status = exchange(p, s, e, g)
+                seen.append((int(sent[0]), int(status[0])))
+                if seen[-1] == (-1, wire.STATUS_UNAVAILABLE):
+                    break
+            assert seen[0][1] == wire.STATUS_TIMEOUT, seen  # posted, never answered
+            assert seen[-1] == (-1, wire.STATUS_UNAVAILABLE), seen
+            assert client.peer_state(1) == ibgda.PeerState.FAILED
+            assert client.stats()["peer_unavailable"] >= 1
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_disaggregated_greedy_equals_embedded_over_ibgda_on_gpus(tmp_path):
+    """The shipped checkpoint, its experts in two server processes reached
+    through GPU-posted WQEs: the same greedy token ids as the embedded engine."""
+    from eaas_jax.engine import Engine, SamplingParams
+
+    device = os.environ.get("EAAS_TEST_PEER_GPU")
+    on_peer = f"device = {device}\n" if device is not None else ""
+    deployment = tmp_path / "ibgda-gpu.toml"
+    deployment.write_text(
+        'name = "tinyibgpu"\ntransport = "ibgda"\nnic = "model"\ncapacity = 64\ndispatch_dtype = "float32"\n'
+        f'[[servers]]\nname = "even"\nexperts = [0, 2, 4, 6]\n{on_peer}'
+        f'[[servers]]\nname = "odd"\nexperts = [1, 3, 5, 7]\n{on_peer}'
+    )
+    prompts = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init__(self", "x = 1"]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    args = dict(max_num_seqs=4, max_model_len=128, dtype="float32", block_size=4)
+    with Engine(SHIPPED, **args) as engine:
+        want = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the servers' processes
+    with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
+        got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
+    assert ibgda.on_gpu(), "this process's (and so its servers') ibgda endpoints live on GPUs"
+    assert got == want
