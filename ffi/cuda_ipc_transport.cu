@@ -1287,6 +1287,47 @@ std::string PublishQueue(Endpoint* ep, std::int64_t p) {
   return e == cudaSuccess ? "" : "ibgda: updating the queue table: " + CudaText(e);
 }
 
+// The geometry arguments of the open calls, as they come.
+struct OpenArgs {
+  std::int64_t max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype;
+};
+
+// Opens endpoint `index` on CUDA device `device`: a cuda_ipc endpoint (its
+// inbox's IPC handle into *handle) or, with `nic_host`, an ibgda one whose
+// NIC listens there (handle unused). Returns 0 and the endpoint in *out; -2
+// if already open in this process; -1 for any other error (message in err).
+int OpenEndpoint(std::uint64_t deployment_id, std::int64_t index, std::int64_t device, const OpenArgs& a,
+                 const char* nic_host, cudaIpcMemHandle_t* handle, std::shared_ptr<Endpoint>* out, char* err,
+                 std::int64_t errlen) {
+  Geometry geo;
+  std::string msg = MakeGeometry(
+      {kMaxEndpointIndex, ibgda::kMaxNicChannels, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20}, index,
+      deployment_id, a.max_endpoints, a.num_channels, a.capacity, a.d, a.k, a.num_layers, a.num_experts,
+      a.hidden_dtype, &geo);
+  if (!msg.empty()) {
+    CopyError(msg, err, errlen);
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (Endpoints().count(index)) {
+    CopyError("GPU endpoint " + std::to_string(index) + " is already open in this process", err, errlen);
+    return -2;
+  }
+  auto ep = std::make_shared<Endpoint>();
+  msg = Create(index, geo, static_cast<int>(device), ep.get(), nic_host == nullptr ? handle : nullptr);
+  if (msg.empty() && nic_host != nullptr) msg = AttachNic(index, nic_host, ep.get());
+  if (msg.empty()) msg = Publish(index, ep.get());
+  if (!msg.empty()) {
+    Release(ep.get());
+    cudaGetLastError();
+    CopyError(msg, err, errlen);
+    return -1;
+  }
+  Endpoints()[index] = ep;
+  *out = std::move(ep);
+  return 0;
+}
+
 // Whether a kernel saw an error completion on peer p's QP (control_mu held).
 bool QueueFailed(Endpoint* ep, std::int64_t p) {
   std::uint32_t failed = 0;
@@ -1576,34 +1617,14 @@ EAAS_FFI_EXPORT int eaas_cuda_ipc_open(std::uint64_t deployment_id, std::int64_t
                                        std::int64_t num_layers, std::int64_t num_experts,
                                        std::int64_t hidden_dtype, std::uint8_t* handle_out, char* err,
                                        std::int64_t errlen) {
-  using namespace eaas;
   using namespace eaas::cuda_ipc;
-  Geometry geo;
-  const std::string bad = MakeGeometry(
-      {kMaxEndpointIndex, 64, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20}, endpoint, deployment_id,
-      max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype, &geo);
-  if (!bad.empty()) {
-    CopyError(bad, err, errlen);
-    return -1;
-  }
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (Endpoints().count(endpoint)) {
-    CopyError("cuda_ipc endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);
-    return -2;
-  }
-  auto ep = std::make_shared<Endpoint>();
   cudaIpcMemHandle_t handle{};
-  std::string msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), &handle);
-  if (msg.empty()) msg = Publish(endpoint, ep.get());
-  if (!msg.empty()) {
-    Release(ep.get());
-    cudaGetLastError();
-    CopyError(msg, err, errlen);
-    return -1;
-  }
-  std::memcpy(handle_out, &handle, sizeof(handle));
-  Endpoints()[endpoint] = std::move(ep);
-  return 0;
+  std::shared_ptr<Endpoint> ep;
+  const int rc = OpenEndpoint(deployment_id, endpoint, device,
+                              {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype},
+                              nullptr, &handle, &ep, err, errlen);
+  if (rc == 0) std::memcpy(handle_out, &handle, sizeof(handle));
+  return rc;
 }
 
 // Closes an endpoint: waits for its device's work, unpublishes it from the
@@ -1734,30 +1755,11 @@ EAAS_FFI_EXPORT int eaas_ibgda_gpu_open(std::uint64_t deployment_id, std::int64_
     CopyError("ibgda: no address to listen on", err, errlen);
     return -1;
   }
-  Geometry geo;
-  std::string msg = MakeGeometry(
-      {kMaxEndpointIndex, ibgda::kMaxNicChannels, kMaxSlots, kMaxCapacity, 1 << 16, 256, 1 << 16, 1 << 20},
-      endpoint, deployment_id, max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype,
-      &geo);
-  if (!msg.empty()) {
-    CopyError(msg, err, errlen);
-    return -1;
-  }
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (Endpoints().count(endpoint)) {
-    CopyError("GPU endpoint " + std::to_string(endpoint) + " is already open in this process", err, errlen);
-    return -2;
-  }
-  auto ep = std::make_shared<Endpoint>();
-  msg = Create(endpoint, geo, static_cast<int>(device), ep.get(), nullptr);
-  if (msg.empty()) msg = AttachNic(endpoint, host, ep.get());
-  if (msg.empty()) msg = Publish(endpoint, ep.get());
-  if (!msg.empty()) {
-    Release(ep.get());
-    cudaGetLastError();
-    CopyError(msg, err, errlen);
-    return -1;
-  }
+  std::shared_ptr<Endpoint> ep;
+  const int rc = OpenEndpoint(deployment_id, endpoint, device,
+                              {max_endpoints, num_channels, capacity, d, k, num_layers, num_experts, hidden_dtype},
+                              host, nullptr, &ep, err, errlen);
+  if (rc != 0) return rc;
   const ibgda::Card& c = ep->writer->card();
   card[0] = c.port;
   card[1] = c.qpn_base;
@@ -1765,7 +1767,6 @@ EAAS_FFI_EXPORT int eaas_ibgda_gpu_open(std::uint64_t deployment_id, std::int64_
   card[3] = c.slots_addr;
   card[4] = c.link_key;
   card[5] = static_cast<std::uint64_t>(ep->writer->nic());
-  Endpoints()[endpoint] = std::move(ep);
   return 0;
 }
 

@@ -91,6 +91,31 @@ def _step(client, servers):
     return step
 
 
+def exchange_and_check(client, rounds: int, dtype: str) -> None:
+    """`rounds` steps of two micro-batches with server endpoint 1 (a
+    _transport_worker): every status OK, every sum equal to NumPy's."""
+    step = _step(client, jnp.array([1], jnp.int32))
+    for it in range(rounds):
+        p0, s0, e0, g0, x0 = _tokens(CAP, 100 + it, dtype)
+        p1, s1, e1, g1, x1 = _tokens(5, 200 + it, dtype)
+        out0, out1, st0, st1 = step(p0, s0, e0, g0, p1, s1, e1, g1)
+        assert [int(st0[0]), int(st1[0])] == [wire.STATUS_OK] * 2, (it, client.stats())
+        np.testing.assert_allclose(out0, reference(WEIGHTS, 1, x0, e0, g0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out1, reference(WEIGHTS, 0, x1, e1, g1), rtol=1e-5, atol=1e-5)
+
+
+def check_all_answered(proc: subprocess.Popen, client, rounds: int) -> None:
+    """After exchange_and_check: the server process accepted and answered
+    every request, dropped nothing, and exited 0."""
+    stats = client.stats()
+    assert stats["requests_sent"] == stats["replies_accepted"] == 2 * rounds, stats
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    server = json.loads(stdout.split("server stats", 1)[1])
+    assert server["requests_accepted"] == server["replies_sent"] == 2 * rounds, server
+    assert not any(v for k, v in server.items() if k.startswith("drop_")), server
+
+
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
 def test_round_trip_between_processes_matches_reference(dtype):
@@ -106,21 +131,8 @@ def test_round_trip_between_processes_matches_reference(dtype):
             # The server process owns endpoint 1: a second owner is refused.
             with pytest.raises(cuda_ipc.CudaIpcEndpointInUseError, match=f"pid {proc.pid}"):
                 cuda_ipc.CudaIpcEndpoint(deployment, 1, **geo)
-            step = _step(client, jnp.array([1], jnp.int32))
-            for it in range(rounds):
-                p0, s0, e0, g0, x0 = _tokens(CAP, 100 + it, dtype)
-                p1, s1, e1, g1, x1 = _tokens(5, 200 + it, dtype)
-                out0, out1, st0, st1 = step(p0, s0, e0, g0, p1, s1, e1, g1)
-                assert [int(st0[0]), int(st1[0])] == [wire.STATUS_OK] * 2, (it, client.stats())
-                np.testing.assert_allclose(out0, reference(WEIGHTS, 1, x0, e0, g0), rtol=1e-5, atol=1e-5)
-                np.testing.assert_allclose(out1, reference(WEIGHTS, 0, x1, e1, g1), rtol=1e-5, atol=1e-5)
-            stats = client.stats()
-            assert stats["requests_sent"] == stats["replies_accepted"] == 2 * rounds, stats
-            stdout, stderr = proc.communicate(timeout=60)
-            assert proc.returncode == 0, stderr[-3000:]
-            server = json.loads(stdout.split("server stats", 1)[1])
-            assert server["requests_accepted"] == server["replies_sent"] == 2 * rounds, server
-            assert not any(v for k, v in server.items() if k.startswith("drop_")), server
+            exchange_and_check(client, rounds, dtype)
+            check_all_answered(proc, client, rounds)
         assert not os.path.exists(cuda_ipc.directory_path(deployment, 1))
         assert not os.path.exists(cuda_ipc.directory_path(deployment, 0))
     finally:

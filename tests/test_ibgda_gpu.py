@@ -12,7 +12,6 @@ named by EAAS_TEST_PEER_GPU, else on this process's (see test_cuda_ipc.py).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 
@@ -23,43 +22,20 @@ import pytest
 
 from eaas_jax.transport import cuda_ipc, ibgda, wire
 
-from _transport_worker import make_weights, reference
 from conftest import SHIPPED
-from test_cuda_ipc import CAP, GEO, E, L, _start, _step, _tokens, _worker_env
+from test_cuda_ipc import CAP, GEO, E, L, _start, _tokens, _worker_env, check_all_answered, exchange_and_check
 
 HAVE_GPU = cuda_ipc.available()
 pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the library built with CUDA")
 
 PREFIX = f"ib{os.getpid()}"
 _names = itertools.count()
-WEIGHTS = make_weights(L, E, GEO["hidden_size"], seed=0)
 
 
 def _server(deployment: str, geo: dict, messages: int, env: dict | None = None):
     return _start(dict(transport="ibgda", deployment=deployment, endpoint=1, geometry=geo, seed=0,
                        hosted=np.ones((L, E), np.int32).tolist(), poll_capacity=2 * CAP, messages=messages,
                        deadline_s=120), env=env)
-
-
-def _exchange_and_check(client, rounds: int, dtype: str) -> None:
-    step = _step(client, jnp.array([1], jnp.int32))
-    for it in range(rounds):
-        p0, s0, e0, g0, x0 = _tokens(CAP, 100 + it, dtype)
-        p1, s1, e1, g1, x1 = _tokens(5, 200 + it, dtype)
-        out0, out1, st0, st1 = step(p0, s0, e0, g0, p1, s1, e1, g1)
-        assert [int(st0[0]), int(st1[0])] == [wire.STATUS_OK] * 2, (it, client.stats())
-        np.testing.assert_allclose(out0, reference(WEIGHTS, 1, x0, e0, g0), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(out1, reference(WEIGHTS, 0, x1, e1, g1), rtol=1e-5, atol=1e-5)
-
-
-def _finish(proc, client, rounds: int) -> None:
-    stats = client.stats()
-    assert stats["requests_sent"] == stats["replies_accepted"] == 2 * rounds, stats
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr[-3000:]
-    server = json.loads(stdout.split("server stats", 1)[1])
-    assert server["requests_accepted"] == server["replies_sent"] == 2 * rounds, server
-    assert not any(v for k, v in server.items() if k.startswith("drop_")), server
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
@@ -74,8 +50,8 @@ def test_gpu_round_trips_through_the_model_nic_match_the_reference(dtype):
         with ibgda.IbgdaEndpoint(deployment, 0, **geo) as client:
             assert client.device == 0, "the endpoint of a GPU process must live on its GPU"
             client.connect(1, timeout=30)
-            _exchange_and_check(client, rounds, dtype)
-            _finish(proc, client, rounds)
+            exchange_and_check(client, rounds, dtype)
+            check_all_answered(proc, client, rounds)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -92,8 +68,8 @@ def test_a_gpu_client_and_a_cpu_server_talk_through_their_nics():
         with ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
             assert client.device == 0
             client.connect(1, timeout=30)
-            _exchange_and_check(client, rounds, "float32")
-            _finish(proc, client, rounds)
+            exchange_and_check(client, rounds, "float32")
+            check_all_answered(proc, client, rounds)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -110,7 +86,7 @@ def test_a_cut_link_fails_the_qp_and_the_server_becomes_unavailable():
     try:
         with ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
             client.connect(1, timeout=30)
-            _exchange_and_check(client, 1, "float32")
+            exchange_and_check(client, 1, "float32")
             client.set_nic_faults(link_down=True)
             servers = jnp.array([1], jnp.int32)
             p, s, e, g, _ = _tokens(4, 7, "float32")

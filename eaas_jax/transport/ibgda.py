@@ -529,7 +529,7 @@ class IbgdaBackend:
             problems.append(f"nic must be one of {list(NICS)}, got {nic!r}")
         elif nic != "model":
             problems.append(f"nic = {nic!r} is not driven yet: only the software NIC (nic = \"model\") is; "
-                            "the mlx5 setup through pyverbs DevX is still to be built")
+                            "the endpoints do not use the pyverbs DevX setup (transport/mlx5_devx.py) yet")
         return problems
 
 
