@@ -184,6 +184,12 @@ def test_invalid_requests_fail_before_any_work(tiny_engine, prompt, params, mess
         ({"logprobs": 50}, "logprobs"),
         ({"seed": -1}, "seed"),
         ({"stop": [""]}, "stop"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"repetition_penalty": True}, "repetition_penalty"),
     ],
 )
 def test_invalid_sampling_params_raise_value_error(kwargs, message):

@@ -111,6 +111,25 @@ def test_chat_greedy_equals_transformers_generate(chat_dir, chat_engine):
     assert one[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids
 
 
+def test_repetition_penalty_greedy_equals_transformers_generate(chat_dir, chat_engine):
+    """repetition_penalty as transformers applies it (prompt and output tokens,
+    logits divided when positive, multiplied otherwise), through the engine's
+    pipelined decode (the latest token is still on the device when the next
+    step is queued)."""
+    model, _ = chat_dir
+    model.generation_config.eos_token_id = list(chat_engine.eos_token_ids)
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12]]
+    params = SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.8)
+    outputs = chat_engine.generate(prompts, params, use_tqdm=False)
+    plain = chat_engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] != [o.outputs[0].token_ids for o in plain]
+    for ids, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                                 repetition_penalty=1.8)
+        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
+
+
 def test_generation_config_sets_defaults_and_eos(chat_engine):
     end, eot = (chat_engine.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("<|im_end|>", "<|endoftext|>"))
     assert set(chat_engine.eos_token_ids) >= {end, eot}

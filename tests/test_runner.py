@@ -65,34 +65,45 @@ def test_bucket_is_the_next_power_of_two_above_a_minimum():
 
 
 @pytest.mark.parametrize(
-    "lengths, num_blocks, banned, temperatures, logprobs, key",
+    "lengths, num_blocks, banned, penalized, temperatures, logprobs, key",
     [
         # decode rows (one token each) keep one token per row: no 16-token minimum
-        ([1, 1, 1], [3, 1, 1], [0, 0, 0], [0, 0, 0], 0, (4, 1, 8, 4, 0, True)),
-        ([1], [1], [0], [0], 0, (1, 1, 8, 4, 0, True)),
+        ([1, 1, 1], [3, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], 0, (4, 1, 8, 4, 0, 0, True)),
+        ([1], [1], [0], [0], [0], 0, (1, 1, 8, 4, 0, 0, True)),
         # a row of two tokens: the 16-token minimum
-        ([2, 1], [1, 1], [0, 0], [0, 0], 0, (2, 16, 8, 4, 0, True)),
-        ([5, 3, 1], [2, 1, 1], [0, 2, 0], [0, 0, 0], 0, (4, 16, 8, 4, 0, True)),
-        ([17, 1, 1, 1, 1], [9, 1, 1, 1, 1], [5, 0, 0, 0, 0], [0, 0.5, 0, 0, 0], 3, (8, 32, 16, 8, 3, False)),
+        ([2, 1], [1, 1], [0, 0], [0, 0], [0, 0], 0, (2, 16, 8, 4, 0, 0, True)),
+        ([5, 3, 1], [2, 1, 1], [0, 2, 0], [0, 0, 0], [0, 0, 0], 0, (4, 16, 8, 4, 0, 0, True)),
+        ([17, 1, 1, 1, 1], [9, 1, 1, 1, 1], [5, 0, 0, 0, 0], [0] * 5, [0, 0.5, 0, 0, 0], 3,
+         (8, 32, 16, 8, 0, 3, False)),
+        # penalized tokens: at least 64 once any row has penalties
+        ([1, 1], [1, 1], [0, 0], [3, 0], [0, 0], 0, (2, 1, 8, 4, 64, 0, True)),
+        ([1, 1, 1], [1, 1, 1], [0, 0, 0], [5, 70, 0], [0, 0, 0], 0, (4, 1, 8, 4, 128, 0, True)),
     ],
 )
-def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, banned, temperatures, logprobs, key):
+def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, banned, penalized, temperatures,
+                                                 logprobs, key):
     """Guards the shape key (batch rows, tokens per row, blocks per row, banned
-    ids per row, top logprobs, greedy only) and that every array is padded to
-    it: a key that missed a dimension would reuse a program of another shape."""
+    ids per row, penalized tokens per row, top logprobs, greedy only) and that
+    every array is padded to it: a key that missed a dimension would reuse a
+    program of another shape."""
     rows = _rows([list(range(1, n + 1)) for n in lengths], [0] * len(lengths),
                  [list(range(b)) for b in num_blocks],
-                 [_sampling(banned=list(range(k)), temperature=t) for k, t in zip(banned, temperatures)])
+                 [_sampling(banned=list(range(k)), temperature=t,
+                            **({"repetition_penalty": 1.5, "penalized": [(i, 0) for i in range(p)]} if p else {}))
+                  for k, p, t in zip(banned, penalized, temperatures)])
     shape, x, static = _inputs(runner, rows, logprobs)
     assert shape == key
-    batch, seq, blocks, num_banned = key[:4]
+    batch, seq, blocks, num_banned, num_penalized = key[:5]
     assert x["tokens"].shape == x["positions"].shape == x["slots"].shape == (batch, seq)
     assert x["tables"].shape == (batch, blocks)
     assert x["last_index"].shape == x["sources"].shape == (batch,)
-    assert all(np.shape(col) == (batch,) for col in x["sampling"][:-1])
-    assert x["sampling"].banned.shape == (batch, num_banned)
+    sampling = x["sampling"]
+    assert all(np.shape(getattr(sampling, name)) == (batch,) for name in sampling._fields
+               if name not in ("banned", "penalty_ids", "penalty_counts"))
+    assert sampling.banned.shape == (batch, num_banned)
+    assert sampling.penalty_ids.shape == sampling.penalty_counts.shape == (batch, num_penalized)
     assert x["previous_tokens"].shape == (bucket(MAX_ROWS),)
-    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[5]}
+    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6]}
     for name in ("tokens", "positions", "slots", "tables", "last_index", "sources"):
         assert x[name].dtype == np.int32, name
 
@@ -166,7 +177,8 @@ def test_sampling_inputs_are_padded_with_neutral_rows(runner):
     samples."""
     rows = _rows([[1], [2], [3]], [0, 0, 0], [[0], [1], [2]], [
         _sampling(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=123, stream=1, step=4, banned=[0, 9]),
-        _sampling(seed=7, step=2),
+        _sampling(seed=7, step=2, presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2,
+                  penalized=[(4, 0), (8, 3)]),
         _sampling(banned=[1, 2, 3, 4, 5]),
     ])
     shape, x, static = _inputs(runner, rows, num_top_logprobs=2)
@@ -181,7 +193,12 @@ def test_sampling_inputs_are_padded_with_neutral_rows(runner):
     np.testing.assert_array_equal(s.step, [4, 2, 0, 0])
     np.testing.assert_array_equal(s.banned, [[0, 9, -1, -1, -1, -1, -1, -1], [-1] * 8,
                                              [1, 2, 3, 4, 5, -1, -1, -1], [-1] * 8])
-    assert shape == (4, 1, 8, 8, 2, False)
+    np.testing.assert_allclose(s.presence_penalty, [0, 0.5, 0, 0])
+    np.testing.assert_allclose(s.frequency_penalty, [0, -1, 0, 0])
+    np.testing.assert_allclose(s.repetition_penalty, [1, 1.2, 1, 1])
+    np.testing.assert_array_equal(s.penalty_ids[:, :3], [[-1] * 3, [4, 8, -1], [-1] * 3, [-1] * 3])
+    np.testing.assert_array_equal(s.penalty_counts[:, :3], [[0] * 3, [0, 3, 0], [0] * 3, [0] * 3])
+    assert shape == (4, 1, 8, 8, 64, 2, False)
     assert static == {"num_top_logprobs": 2, "greedy_only": False}
 
 

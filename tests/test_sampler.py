@@ -103,3 +103,59 @@ def test_all_greedy_batch_takes_the_argmax_path_with_the_same_tokens():
     assert np.asarray(alone).tolist()[:2] == np.asarray(mixed).tolist()[:2]
     assert int(alone[0]) == best[0] and int(alone[1]) != best[1]
     assert int(alone[1]) == int(np.argsort(-np.asarray(logits[1]))[1])
+
+
+def _penalties_reference(logits, prompt, output, repetition, frequency, presence):
+    """vLLM's penalties in NumPy, from a row's prompt and output token lists."""
+    out = logits.astype(np.float64).copy()
+    counts = np.bincount(np.asarray(output, np.int64), minlength=out.shape[-1]).astype(np.float64)
+    seen = np.zeros(out.shape[-1], bool)
+    seen[list(prompt) + list(output)] = True
+    scale = np.where(seen, repetition, 1.0)
+    out = np.where(out > 0, out / scale, out * scale)
+    return out - frequency * counts - presence * (counts > 0)
+
+
+def test_penalties_match_a_numpy_reference():
+    """Random prompts and outputs, each row's latest output token either known
+    to the host (in its counts) or still on the device (`pending`)."""
+    from collections import Counter
+
+    from eaas_jax.engine.sampler import apply_penalties
+
+    rng = np.random.default_rng(3)
+    vocab, rows_n = 40, 6
+    logits = rng.standard_normal((rows_n, vocab)).astype(np.float32) * 3
+    rows, pending, expected = [], [], []
+    for i in range(rows_n):
+        prompt = rng.integers(0, vocab, rng.integers(1, 12)).tolist()
+        output = rng.integers(0, vocab, rng.integers(0, 15)).tolist()
+        rep, freq, pres = (1.0, 0.0, 0.0) if i == 0 else (float(rng.uniform(0.5, 2)), float(rng.uniform(-2, 2)),
+                                                          float(rng.uniform(-2, 2)))
+        expected.append(_penalties_reference(logits[i], prompt, output, rep, freq, pres))
+        on_device = bool(output) and i % 2 == 1
+        known = output[:-1] if on_device else output
+        counts = Counter(known)
+        rows.append(dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stream=0, step=0, banned=[],
+                         presence_penalty=pres, frequency_penalty=freq, repetition_penalty=rep,
+                         penalized=[(t, counts.get(t, 0)) for t in set(prompt) | set(counts)]))
+        pending.append(output[-1] if on_device else -1)
+    params = SamplingInputs.padded(rows, 8, 1, 64)  # two padded rows
+    got = jax.jit(apply_penalties)(jnp.asarray(np.pad(logits, ((0, 2), (0, 0)))), params,
+                                   jnp.asarray(pending + [-1, -1], jnp.int32))
+    np.testing.assert_allclose(np.asarray(got)[:rows_n], np.stack(expected), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[rows_n:], 0.0)  # padding rows: untouched zeros
+
+
+def test_penalties_steer_sampling_but_not_the_returned_logprobs():
+    """Greedy and sampled rows pick from the penalized logits; the logprobs
+    returned are the model's raw ones (vLLM's default)."""
+    logits = jnp.asarray(np.stack([LOGITS, LOGITS]))
+    row = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stream=0, step=0, banned=[],
+               presence_penalty=2.0, penalized=[(3, 1)])  # token 3 (p 0.4) already generated once
+    params = SamplingInputs.padded([row, dict(row, temperature=1.0, top_k=1)], 2, 1, 64)
+    for greedy_only in (True, False):
+        tokens, logprob, *_ = sample(logits, params if not greedy_only else
+                                     SamplingInputs.padded([row, row], 2, 1, 64), 0, greedy_only)
+        assert np.asarray(tokens).tolist() == [0, 0]  # log 0.4 - 2 < log 0.3
+        np.testing.assert_allclose(np.asarray(logprob), np.log([0.3, 0.3]), rtol=1e-5)

@@ -128,7 +128,10 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
                                micro_batch_rows(tokens.shape[0], num_micro_batches), tokens.shape)
     expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)
     exchanges = (statuses, unserved, unserved_rows, expert_tokens, traced.server_slots, traced.server_wait_us)
-    sampled = sample(logits, sampling, num_top_logprobs, greedy_only)
+    # A row's input token read from the previous step is its latest output
+    # token, which the host's penalty counts do not have yet.
+    pending = jnp.where(token_sources >= 0, from_previous, -1)
+    sampled = sample(logits, sampling, num_top_logprobs, greedy_only, pending)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
     return sampled, kv_cache, exchanges, next_tokens, traced.carry
 
@@ -191,9 +194,10 @@ class ModelRunner:
     def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None):
         """The step's inputs for `rows`, built on the host without compiling:
         `(shape, args, static)`. `shape` is the compiled program's key, (batch
-        rows, tokens per row, blocks per row, banned ids per row,
-        `num_top_logprobs`, greedy_only), each size bucketed (`bucket`, minimum
-        16 tokens unless every row has one, 8 blocks, 4 banned ids). `args`
+        rows, tokens per row, blocks per row, banned ids per row, penalized
+        tokens per row, `num_top_logprobs`, greedy_only), each size bucketed
+        (`bucket`, minimum 16 tokens unless every row has one, 8 blocks, 4
+        banned ids, 64 penalized tokens; 0 of those when no row has penalties). `args`
         are the step's positional arguments, padded: padding tokens and rows
         get position 0 and the invalid slot `num_blocks * block_size` (their
         cache writes are dropped); `last_index` is each row's last real token;
@@ -206,8 +210,10 @@ class ModelRunner:
         seq = 1 if longest == 1 else bucket(longest, 16)
         max_blocks = bucket(max(len(b) for b in rows.block_tables), 8)
         num_banned = bucket(max(len(s["banned"]) for s in rows.sampling), 4)
+        most_penalized = max(len(s.get("penalized", ())) for s in rows.sampling)
+        num_penalized = bucket(most_penalized, 64) if most_penalized else 0
         greedy_only = all(s["temperature"] == 0 for s in rows.sampling)
-        shape = (batch, seq, max_blocks, num_banned, num_top_logprobs, greedy_only)
+        shape = (batch, seq, max_blocks, num_banned, num_penalized, num_top_logprobs, greedy_only)
 
         tokens = np.zeros((batch, seq), np.int32)
         tables = np.zeros((batch, max_blocks), np.int32)
@@ -231,7 +237,7 @@ class ModelRunner:
             if previous is None or seq != 1:
                 raise ValueError("token_sources need a previous step and one new token per row")
             sources[:n] = rows.token_sources
-        sampling = SamplingInputs.padded(rows.sampling, batch, num_banned)
+        sampling = SamplingInputs.padded(rows.sampling, batch, num_banned, num_penalized)
         arrays = self.experts.step_arrays(batch * seq)
         if arrays is not self._expert_arrays:  # e.g. a new liveness mask or deadline
             self._expert_arrays = arrays
@@ -286,7 +292,8 @@ class ModelRunner:
         new_shape = shape not in self._labels
         if new_shape:
             log.info(
-                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d logprobs=%d greedy=%s",
+                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d penalized=%d logprobs=%d "
+                "greedy=%s",
                 len(self._labels) + 1, *shape,
             )
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)

@@ -1,9 +1,9 @@
 """In-graph token sampling, one row per sequence, each row with its own parameters.
 
-The order follows vLLM: suppress banned tokens (EOS before `min_tokens`), scale by
-temperature, drop tokens under `min_p` x the top probability, keep the `top_k`
-most likely, then the smallest prefix of the rest whose renormalised mass reaches
-`top_p`. Temperature 0 rows take the argmax. Each row draws from its own key,
+The order follows vLLM: suppress banned tokens (EOS before `min_tokens`), apply
+the repetition, frequency and presence penalties, scale by temperature, drop
+tokens under `min_p` x the top probability, keep the `top_k` most likely, then
+the smallest prefix of the rest whose renormalised mass reaches `top_p`. Temperature 0 rows take the argmax. Each row draws from its own key,
 `fold_in(fold_in(key(seed), stream), step)`, so a seeded request samples the same
 tokens whatever else is in the batch. Returned log-probabilities are those of the
 model's raw distribution (before any of the above), as vLLM reports them.
@@ -29,19 +29,34 @@ class SamplingInputs(NamedTuple):
     stream: jax.Array  # int32: which completion of the request
     step: jax.Array  # int32: index of the token being sampled within the completion
     banned: jax.Array  # [B, S] int32 token ids to suppress, -1 = none
+    presence_penalty: jax.Array  # float32, 0 = none
+    frequency_penalty: jax.Array  # float32, 0 = none
+    repetition_penalty: jax.Array  # float32, 1 = none
+    # [B, P]: the tokens of each penalized row's prompt and output that the host
+    # knows (-1 = none), and how often each occurs in the output. P = 0 when no
+    # row is penalized: the penalties are then left out of the program.
+    penalty_ids: jax.Array  # int32
+    penalty_counts: jax.Array  # int32
 
     @classmethod
-    def padded(cls, rows: list[dict], batch: int, num_banned: int) -> "SamplingInputs":
-        """Host-side arrays for `rows` (dicts of the fields), padded to `batch` rows."""
+    def padded(cls, rows: list[dict], batch: int, num_banned: int, num_penalized: int = 0) -> "SamplingInputs":
+        """Host-side arrays for `rows` (dicts of the fields; the penalty ones
+        may be missing: none), padded to `batch` rows. A row's "penalized" is
+        its (token id, output count) pairs, at most `num_penalized`."""
 
         def column(name, dtype, fill):
             out = np.full((batch,), fill, dtype)
-            out[: len(rows)] = [r[name] for r in rows]
+            out[: len(rows)] = [r.get(name, fill) for r in rows]
             return out
 
         banned = np.full((batch, num_banned), -1, np.int32)
+        penalty_ids = np.full((batch, num_penalized), -1, np.int32)
+        penalty_counts = np.zeros((batch, num_penalized), np.int32)
         for i, r in enumerate(rows):
             banned[i, : len(r["banned"])] = r["banned"]
+            pairs = r.get("penalized", ())
+            if pairs:
+                penalty_ids[i, : len(pairs)], penalty_counts[i, : len(pairs)] = zip(*pairs)
         return cls(
             column("temperature", np.float32, 0.0),
             column("top_p", np.float32, 1.0),
@@ -51,6 +66,11 @@ class SamplingInputs(NamedTuple):
             column("stream", np.int32, 0),
             column("step", np.int32, 0),
             banned,
+            column("presence_penalty", np.float32, 0.0),
+            column("frequency_penalty", np.float32, 0.0),
+            column("repetition_penalty", np.float32, 1.0),
+            penalty_ids,
+            penalty_counts,
         )
 
 
@@ -62,9 +82,34 @@ def _suppress(logits: jax.Array, banned: jax.Array) -> jax.Array:
     return jnp.where(hits, -jnp.inf, logits)
 
 
+def apply_penalties(logits: jax.Array, params: SamplingInputs, pending: jax.Array | None = None) -> jax.Array:
+    """vLLM's penalties on [B, V] float32 logits: the logit of a token in the
+    row's prompt or output is divided by repetition_penalty if positive, else
+    multiplied by it; then frequency_penalty x its output count and
+    presence_penalty (if it occurs in the output) are subtracted. `pending`
+    [B]: each row's latest output token where it is still on the device (the
+    host's counts lack it), -1 = none. Rows without penalties are unchanged."""
+    batch, vocab = logits.shape
+    if params.penalty_ids.shape[1] == 0:
+        return logits
+    rows = jnp.arange(batch)[:, None]
+    ids = jnp.where(params.penalty_ids >= 0, params.penalty_ids, vocab)  # -1: dropped
+    counts = jnp.zeros(logits.shape, jnp.float32).at[rows, ids].add(params.penalty_counts, mode="drop")
+    seen = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
+    if pending is not None:
+        extra = jnp.where(pending >= 0, pending, vocab)[:, None]
+        counts = counts.at[rows, extra].add(1.0, mode="drop")
+        seen = seen.at[rows, extra].set(True, mode="drop")
+    repetition = jnp.where(seen, params.repetition_penalty[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    return (logits - params.frequency_penalty[:, None] * counts
+            - params.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+
+
 def filtered_logits(logits: jax.Array, params: SamplingInputs) -> tuple[jax.Array, jax.Array]:
-    """Temperature-scaled logits with every filtered-out token at -inf, sorted
-    descending per row, and the token id of each sorted position: ([B, V], [B, V])."""
+    """Temperature-scaled logits (penalties already applied) with every
+    filtered-out token at -inf, sorted descending per row, and the token id
+    of each sorted position: ([B, V], [B, V])."""
     logits = _suppress(logits.astype(jnp.float32), params.banned)
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
@@ -98,9 +143,10 @@ def _sample_or_argmax(logits: jax.Array, params: SamplingInputs) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, params: SamplingInputs, num_top_logprobs: int, greedy_only: bool = False
+    logits: jax.Array, params: SamplingInputs, num_top_logprobs: int, greedy_only: bool = False,
+    pending: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Samples one token per row.
+    """Samples one token per row (`pending`: see apply_penalties).
 
     Returns (token [B] int32, its logprob [B], its rank [B] (1 = most likely),
     top token ids [B, L], their logprobs [B, L]) with L = num_top_logprobs (static).
@@ -111,10 +157,11 @@ def sample(
     predicate on the host, which would stall the next step queued behind it.
     """
     raw_logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    penalized = apply_penalties(logits.astype(jnp.float32), params, pending)
     if greedy_only:
-        token = jnp.argmax(_suppress(logits.astype(jnp.float32), params.banned), axis=-1)
+        token = jnp.argmax(_suppress(penalized, params.banned), axis=-1)
     else:
-        token = _sample_or_argmax(logits, params)
+        token = _sample_or_argmax(penalized, params)
     token = token.astype(jnp.int32)
     token_logprob = jnp.take_along_axis(raw_logprobs, token[:, None], axis=-1)[:, 0]
     token_rank = 1 + jnp.sum(raw_logprobs > token_logprob[:, None], axis=-1, dtype=jnp.int32)

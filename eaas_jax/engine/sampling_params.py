@@ -22,6 +22,13 @@ class SamplingParams:
     completion reproducible whatever else is in the batch. logprobs: return the
     log-probabilities of this many most likely tokens at each step (plus the
     sampled one).
+    presence_penalty, frequency_penalty (in [-2, 2]): subtracted from the logit of
+    every token the completion has generated, once (presence) or once per
+    occurrence (frequency); > 0 favours new tokens. repetition_penalty (> 0):
+    the logit of every token of the prompt or the completion is divided by it
+    when positive, multiplied by it otherwise; > 1 discourages repeats. All
+    three act before temperature and the filters; returned logprobs stay the
+    model's raw ones (as vLLM's).
     """
 
     n: int = 1
@@ -36,6 +43,9 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -74,6 +84,14 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        _check(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0
+            and self.repetition_penalty != float("inf"),
+            f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
+        )
         _check(
             self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32),
             f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}",
@@ -90,6 +108,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the three penalties is set (other than its neutral value)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _is_int(x) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import time
 
 from eaas_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -25,6 +27,8 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # How often each token occurs in output_ids (the penalties' counts).
+    output_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
     def params(self) -> SamplingParams:
@@ -59,7 +63,7 @@ class Sequence:
             banned = list(p.stop_token_ids)
             if not p.ignore_eos:
                 banned.extend(eos_ids)
-        return {
+        row = {
             "temperature": p.temperature,
             "top_p": p.top_p,
             "top_k": max(p.top_k, 0),
@@ -69,6 +73,13 @@ class Sequence:
             "step": num_sampled,
             "banned": banned,
         }
+        if p.penalized:
+            # The tokens known here; a pending one is counted on the device.
+            counts = self.output_counts
+            row.update(presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                       repetition_penalty=p.repetition_penalty,
+                       penalized=[(t, counts.get(t, 0)) for t in self.request.prompt_token_set | counts.keys()])
+        return row
 
     def append(
         self,
@@ -83,6 +94,7 @@ class Sequence:
         """Records a sampled token and decides whether the completion has ended."""
         p = self.params
         self.output_ids.append(token)
+        self.output_counts[token] += 1
         self.cumulative_logprob += logprob
         if p.logprobs is not None:
             entry = {
@@ -150,6 +162,10 @@ class Request:
 
     def __post_init__(self):
         self.sequences = [Sequence(self, i) for i in range(self.params.n)]
+
+    @functools.cached_property
+    def prompt_token_set(self) -> frozenset[int]:
+        return frozenset(self.prompt_ids)
 
     @property
     def finished(self) -> bool:
