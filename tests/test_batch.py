@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from eaas_jax import openai_protocol
 from eaas_jax.batch.formats import BadLine, BatchRequest, read_requests, result_record
 from eaas_jax.batch.results import ResultsFile, ResultsFileError
 from eaas_jax.batch.runner import run_batch
@@ -122,7 +123,7 @@ def test_openai_batch_lines_give_openai_batch_records_equal_to_the_simple_format
                                                                               "temperature": 0.7}},
         {"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": body},
         {"custom_id": "d", "method": "POST", "url": "/v1/embeddings", "body": body},
-        {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {**body, "presence_penalty": 1}},
+        {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {**body, "logit_bias": {"1": 5}}},
         {"prompt": PROMPTS[0], "custom_id": "simple", "max_tokens": 12},
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -139,9 +140,58 @@ def test_openai_batch_lines_give_openai_batch_records_equal_to_the_simple_format
     assert completion["usage"]["completion_tokens"] == 12
     assert len(rows["b"]["response"]["body"]["choices"]) == 2
     for bad, reason in (("c", "method must be POST"), ("d", "url must be one of"),
-                        ("e", "body field(s) ['presence_penalty'] are not supported")):
+                        ("e", "body field(s) ['logit_bias'] are not supported")):
         assert rows[bad]["response"] is None and reason in rows[bad]["error"]["message"]
         assert rows[bad]["error"]["message"].startswith(f"{inp}:")
+
+
+def test_openai_logprobs_come_in_each_endpoints_shape(engine, tmp_path):
+    """Completions: parallel token/logprob/top/offset lists; chat: content
+    entries with bytes and top_logprobs. Both parse as the official openai
+    client's types and carry the engine's numbers. (The shipped checkpoint
+    has no chat template: the chat body is made of a completion's output.)"""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    chat = [{"role": "user", "content": PROMPTS[1]}]
+    lines = [
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "logprobs": 2}},
+        {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": chat, "top_logprobs": 3}},
+        {"custom_id": "worse", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": "x", "logprobs": True}},
+        {"custom_id": "simple", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "logprobs": 2},
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = read_requests(str(inp), SamplingParams(ignore_eos=True))
+    with ResultsFile(str(out), {i.custom_id for i in items}) as results:
+        run_batch(engine, items, results, model="m", use_tqdm=False)
+    rows = {r["custom_id"]: r for r in records(out)}
+    lp = Completion.model_validate(rows["c"]["response"]["body"]).choices[0].logprobs
+    simple = rows["simple"]["outputs"][0]
+    assert lp.token_logprobs == pytest.approx([step[str(t)]["logprob"]
+                                               for t, step in zip(simple["token_ids"], simple["logprobs"])])
+    assert lp.tokens == [step[str(t)]["decoded_token"] for t, step in zip(simple["token_ids"], simple["logprobs"])]
+    assert len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert all(2 <= len(top) <= 3 for top in lp.top_logprobs)  # the top 2, and the sampled token if not in them
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert "top_logprobs needs logprobs: true" in rows["bad"]["error"]["message"]
+    assert "logprobs must be an integer" in rows["worse"]["error"]["message"]
+
+    output = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3),
+                             use_tqdm=False)[0]
+    content = ChatCompletion.model_validate(
+        openai_protocol.response_body("chat", output, "m", top_logprobs=3)).choices[0].logprobs.content
+    steps = output.outputs[0].logprobs
+    assert [c.logprob for c in content] == pytest.approx([s[t].logprob for t, s in zip(output.outputs[0].token_ids,
+                                                                                         steps)])
+    assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob for c in content)
+    assert ChatCompletion.model_validate(openai_protocol.response_body(
+        "chat", engine.generate([PROMPTS[1]], SamplingParams(max_tokens=2), use_tqdm=False)[0], "m")
+    ).choices[0].logprobs is None
 
 
 def test_an_output_that_cannot_be_written_fails_before_any_model_work(uninterrupted, tmp_path, capsys):

@@ -7,10 +7,13 @@ completion (``request_id``, ``prompt``, ``outputs``...) with ``custom_id``.
 
 OpenAI batch: ``{"custom_id", "method": "POST", "url": "/v1/completions" or
 "/v1/chat/completions", "body": {...}}``, the body's fields those of the
-OpenAI API this engine has (``model``, ``prompt``/``messages``,
-``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``n``,
-``stop``, ``seed``). Its record is OpenAI's batch output line: ``{"id",
-"custom_id", "response": {"status_code", "request_id", "body"}, "error"}``.
+OpenAI API this engine has (``eaas_jax/openai_protocol.py``: ``model``,
+``prompt``/``messages``, ``max_tokens``/``max_completion_tokens``,
+``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, the presence and
+frequency penalties, ``logprobs`` and chat's ``top_logprobs``). Its record is
+OpenAI's batch output line: ``{"id", "custom_id", "response":
+{"status_code", "request_id", "body"}, "error"}``, the body that of the API
+(logprobs in its shape).
 
 A line that cannot be a request (not UTF-8 or JSON, an unknown field, a bad
 sampling value or chat) is a :class:`BadLine`: the run writes an error record
@@ -21,9 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import uuid
 
+from eaas_jax import openai_protocol
 from eaas_jax.engine.chat_template import check_messages
 from eaas_jax.engine.outputs import RequestOutput
 from eaas_jax.engine.sampling_params import SamplingParams
@@ -31,11 +34,8 @@ from eaas_jax.engine.sampling_params import SamplingParams
 __all__ = ["BadLine", "BatchRequest", "completion_dict", "error_record", "read_requests", "result_record"]
 
 #: OpenAI batch URLs -> what the body asks for.
-OPENAI_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
-# OpenAI body fields -> SamplingParams fields (the rest of a body is refused by name).
-_OPENAI_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-                  "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed"}
-_OPENAI_IGNORED = {"model", "stream", "user"}  # the model is this run's; batches do not stream
+OPENAI_URLS = openai_protocol.COMPLETION_URLS
+_STREAM = frozenset({"stream"})  # taken and ignored: batches do not stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,15 +156,12 @@ def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingPara
     body = raw["body"]
     if not isinstance(body, dict):
         return BadLine(custom_id, where, "body must be an object", url)
-    text_key = "prompt" if OPENAI_URLS[url] == "completion" else "messages"
-    unsupported = sorted(set(body) - set(_OPENAI_PARAMS) - _OPENAI_IGNORED - {text_key})
-    if unsupported:  # e.g. logprobs: not written in OpenAI's shape yet
-        return BadLine(custom_id, where, f"body field(s) {unsupported} are not supported", url)
-    if text_key not in body:
-        return BadLine(custom_id, where, f"body needs '{text_key}'", url)
-    if "max_tokens" in body and "max_completion_tokens" in body:
-        return BadLine(custom_id, where, "body gives both max_tokens and max_completion_tokens", url)
-    overrides = {_OPENAI_PARAMS[k]: v for k, v in body.items() if k in _OPENAI_PARAMS}
+    kind = OPENAI_URLS[url]
+    text_key = "prompt" if kind == "completion" else "messages"
+    problem = openai_protocol.body_problem(kind, body, also_allowed=_STREAM)
+    if problem:
+        return BadLine(custom_id, where, problem, url)
+    overrides = openai_protocol.params_of_body(kind, body)
     problem = _params_problem(overrides) or (text_key == "messages" and _messages_problem(body["messages"]))
     if problem:
         return BadLine(custom_id, where, problem, url)
@@ -203,23 +200,6 @@ def completion_dict(output: RequestOutput) -> dict:
     }
 
 
-def _openai_body(request: BatchRequest, output: RequestOutput, model: str) -> dict:
-    prompt_tokens = len(output.prompt_token_ids)
-    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    if OPENAI_URLS[request.openai_url] == "completion":
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                   for c in output.outputs]
-        kind, prefix = "text_completion", "cmpl"
-    else:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason, "logprobs": None} for c in output.outputs]
-        kind, prefix = "chat.completion", "chatcmpl"
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage}
-
-
 def result_record(request: BatchRequest, output: RequestOutput, model: str) -> dict:
     """The output line of a request that ran (an error record if it failed)."""
     if output.error:
@@ -228,7 +208,9 @@ def result_record(request: BatchRequest, output: RequestOutput, model: str) -> d
         return {"custom_id": request.custom_id, **completion_dict(output)}
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,
             "response": {"status_code": 200, "request_id": output.request_id,
-                         "body": _openai_body(request, output, request.model or model)},
+                         "body": openai_protocol.response_body(OPENAI_URLS[request.openai_url], output,
+                                                               request.model or model,
+                                                               top_logprobs=request.params.logprobs or 0)},
             "error": None}
 
 

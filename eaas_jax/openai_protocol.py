@@ -1,0 +1,121 @@
+"""The OpenAI API as this engine speaks it: which request-body fields map to
+which ``SamplingParams``, and the response bodies of ``/v1/completions`` and
+``/v1/chat/completions`` (choices, logprobs in each endpoint's own shape,
+usage). Used by the batch runner's OpenAI format; one place, so that the
+shapes are the same wherever a client reads them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from eaas_jax.engine.outputs import CompletionOutput, RequestOutput
+from eaas_jax.engine.sampling_params import MAX_LOGPROBS
+
+__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "body_problem", "params_of_body", "response_body"]
+
+#: URL -> what its body asks for.
+COMPLETION_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+# Body fields -> SamplingParams fields, as they are (the rest is mapped below or refused).
+_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+           "top_p": "top_p", "n": "n", "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty"}
+#: Fields taken and not acted on: the model is the server's; `user` is the client's label.
+IGNORED_FIELDS = frozenset({"model", "user"})
+# Logprob fields by endpoint: completions' `logprobs` is a count; chat's is a
+# flag with the count in `top_logprobs`.
+_LOGPROB_FIELDS = {"completion": {"logprobs"}, "chat": {"logprobs", "top_logprobs"}}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def body_problem(kind: str, body: dict, also_allowed: frozenset = frozenset()) -> str | None:
+    """Why `body` (of a `kind` request: "completion" or "chat") cannot be
+    served, naming the fields; None when it can. `also_allowed`: fields the
+    caller handles itself (e.g. ``stream``)."""
+    text_key = "prompt" if kind == "completion" else "messages"
+    unsupported = sorted(set(body) - set(_PARAMS) - IGNORED_FIELDS - _LOGPROB_FIELDS[kind] - also_allowed
+                         - {text_key})
+    if unsupported:
+        return f"body field(s) {unsupported} are not supported"
+    if text_key not in body:
+        return f"body needs '{text_key}'"
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        return "body gives both max_tokens and max_completion_tokens"
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "completion" and logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+        return f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {logprobs!r}"
+    if kind == "chat":
+        if logprobs is not None and not isinstance(logprobs, bool):
+            return f"logprobs must be true or false, got {logprobs!r}"
+        if top is not None and not (_is_int(top) and 0 <= top <= MAX_LOGPROBS):
+            return f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {top!r}"
+        if top is not None and not logprobs:
+            return "top_logprobs needs logprobs: true"
+    return None
+
+
+def params_of_body(kind: str, body: dict) -> dict:
+    """The SamplingParams fields a body sets (body_problem(kind, body) must be None)."""
+    fields = {_PARAMS[k]: v for k, v in body.items() if k in _PARAMS}
+    if kind == "completion" and body.get("logprobs") is not None:
+        fields["logprobs"] = body["logprobs"]
+    if kind == "chat" and body.get("logprobs"):
+        fields["logprobs"] = body.get("top_logprobs") or 0
+    return fields
+
+
+def _completion_logprobs(c: CompletionOutput) -> dict | None:
+    """/v1/completions' shape: parallel lists of the sampled tokens' text,
+    logprob, the top candidates ({text: logprob}) and text offsets."""
+    if c.logprobs is None:
+        return None
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for token_id, step in zip(c.token_ids, c.logprobs):
+        text = step[token_id].decoded_token or ""
+        tokens.append(text)
+        token_logprobs.append(step[token_id].logprob)
+        top.append({lp.decoded_token or "": lp.logprob for lp in sorted(step.values(), key=lambda lp: lp.rank)})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(c: CompletionOutput, top_n: int) -> dict | None:
+    """/v1/chat/completions' shape: per sampled token its text, logprob,
+    UTF-8 bytes and the `top_n` most likely candidates."""
+    if c.logprobs is None:
+        return None
+
+    def entry(lp) -> dict:
+        text = lp.decoded_token or ""
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
+
+    content = []
+    for token_id, step in zip(c.token_ids, c.logprobs):
+        best = sorted((lp for lp in step.values() if lp.rank <= top_n), key=lambda lp: lp.rank)
+        content.append({**entry(step[token_id]), "top_logprobs": [entry(lp) for lp in best]})
+    return {"content": content}
+
+
+def response_body(kind: str, output: RequestOutput, model: str, top_logprobs: int = 0) -> dict:
+    """The response body of a finished request (`top_logprobs`: the candidates
+    a chat asked for per token)."""
+    prompt_tokens = len(output.prompt_token_ids)
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if kind == "completion":
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": _completion_logprobs(c)} for c in output.outputs]
+        obj, prefix = "text_completion", "cmpl"
+    else:
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(c, top_logprobs)}
+                   for c in output.outputs]
+        obj, prefix = "chat.completion", "chatcmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
