@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -44,20 +45,35 @@ def _add_batch(sub) -> None:
     p.set_defaults(func=_batch)
 
 
+# Sampling flags -> SamplingParams fields. Unset flags take the Python API's
+# defaults: the checkpoint's generation_config.json over SamplingParams'.
+_SAMPLING_FLAGS = {"max_tokens": "max_tokens", "min_tokens": "min_tokens", "temperature": "temperature",
+                   "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed", "n": "n", "stop": "stop",
+                   "ignore_eos": "ignore_eos", "presence_penalty": "presence_penalty",
+                   "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty"}
+
+
 def _add_sampling_and_engine_args(p) -> None:
     """The sampling defaults (what a request line does not set) and the engine's options."""
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most, per completion")
-    p.add_argument("--min-tokens", type=int, default=0, help="tokens to generate before EOS or a stop may end it")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one")
-    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
-    p.add_argument("-n", type=int, default=1, help="completions per prompt")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    group = p.add_argument_group(
+        "sampling", "defaults of every request (a request line may set its own); unset: the checkpoint's "
+        "generation_config.json, else SamplingParams' defaults, as in the Python API")
+    unset = argparse.SUPPRESS
+    group.add_argument("--max-tokens", type=int, default=unset, help="tokens to generate at most (API default 16)")
+    group.add_argument("--min-tokens", type=int, default=unset, help="tokens before EOS or a stop may end a completion")
+    group.add_argument("--temperature", type=float, default=unset, help="0: greedy (API default 1.0)")
+    group.add_argument("--top-p", type=float, default=unset, help="nucleus sampling mass")
+    group.add_argument("--top-k", type=int, default=unset, help="0: no top-k cut")
+    group.add_argument("--min-p", type=float, default=unset, help="drop tokens below this fraction of the top one")
+    group.add_argument("--presence-penalty", type=float, default=unset, help="in [-2, 2]")
+    group.add_argument("--frequency-penalty", type=float, default=unset, help="in [-2, 2]")
+    group.add_argument("--repetition-penalty", type=float, default=unset, help="> 0; 1: none")
+    group.add_argument("--seed", type=int, default=unset, help="per-request sampling seed")
+    group.add_argument("-n", type=int, default=unset, help="completions per prompt")
+    group.add_argument("--stop", action="append", default=unset, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", default=unset)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in flight at most")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--deployment", help="deployment TOML: run the experts in expert servers "
                    "(started here unless --registry is given)")
@@ -86,15 +102,14 @@ def _read_prompts(path: str, defaults) -> tuple[list, list]:
 
 
 def _sampling_defaults(args):
-    """The SamplingParams of the command line (what request lines do not set)."""
-    from eaas_jax.engine import SamplingParams
+    """The SamplingParams of the command line (what request lines do not
+    set): the flags given, over the checkpoint's generation_config.json, over
+    SamplingParams' defaults (Engine.default_sampling_params: the same)."""
+    from eaas_jax.engine.generation_config import GenerationDefaults
 
+    given = {field: getattr(args, flag) for flag, field in _SAMPLING_FLAGS.items() if hasattr(args, flag)}
     try:
-        return SamplingParams(
-            n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
-            max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        )
+        return dataclasses.replace(GenerationDefaults.load(args.model).sampling_params(), **given)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 

@@ -30,7 +30,8 @@ PROMPTS = [f"def handler_{i}(request):" for i in range(24)]
 
 def batch_command(inp, out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "eaas_jax.cli", "batch", "--model", SHIPPED, "--input", str(inp), "--output",
-            str(out), "--max-tokens", "32", "--ignore-eos", "--max-num-seqs", "2", "--max-model-len", "64",
+            str(out), "--max-tokens", "32", "--temperature", "0", "--ignore-eos", "--max-num-seqs", "2",
+            "--max-model-len", "64",
             "--dtype", "float32", *extra]
 
 

@@ -129,7 +129,9 @@ def test_version_help_defaults_and_verbose_after_the_subcommand(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("eaas-jax ")
     with pytest.raises(SystemExit):
         main(["batch", "--help"])
-    assert re.search(r"per\s+completion\s+\(default:\s+64\)", capsys.readouterr().out)  # --max-tokens
+    shown = capsys.readouterr().out
+    assert re.search(r"in\s+flight\s+at\s+most\s+\(default:\s+32\)", shown)  # --max-num-seqs
+    assert re.search(r"unset:\s+the\s+checkpoint's\s+generation_config.json", shown)  # the sampling flags
     # -v and --debug after the subcommand parse: the run gets as far as reading its input.
     assert main(["batch", "--model", "m", "--input", "/nonexistent.jsonl", "--output", "o", "-v", "--debug"]) == 2
     assert "cannot read /nonexistent.jsonl" in capsys.readouterr().err

@@ -199,8 +199,22 @@ def test_expert_servers_serve_a_hf_directory(chat_dir, chat_engine, tmp_path):
     assert got == expected
 
 
+def test_cli_sampling_defaults_are_the_checkpoints_generation_config(chat_dir, tmp_path):
+    """Unset flags take what the Python API takes (generation_config.json:
+    max_new_tokens 20 here, not SamplingParams' 16); a flag given wins."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": [5, 6, 7]}) + "\n" + json.dumps({"prompt": [8, 9], "max_tokens": 3}) + "\n")
+    lengths = {}
+    for flags in ((), ("--max-tokens", "5")):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        assert cli(["generate", "--model", chat_dir[1], "--input", str(inp), "--output", str(out), "--ignore-eos",
+                    "--dtype", "float32", "--max-model-len", "64", *flags]) == 0
+        lengths[flags] = [len(json.loads(line)["outputs"][0]["token_ids"]) for line in out.read_text().splitlines()]
+    assert lengths == {(): [20, 3], ("--max-tokens", "5"): [5, 3]}
+
+
 def test_cli_chat_prompt(chat_dir, capsys):
-    cli(["generate", "--model", chat_dir[1], "--chat", "--prompt", "what is the time",
+    cli(["generate", "--model", chat_dir[1], "--chat", "--prompt", "what is the time", "--temperature", "0",
          "--max-tokens", "8", "--dtype", "float32", "--max-model-len", "64"])
     printed = capsys.readouterr().out
     assert "what is the time" not in printed  # the reply alone, not prompt + reply

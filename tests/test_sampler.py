@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,14 @@ def test_penalties_steer_sampling_but_not_the_returned_logprobs():
                                      SamplingInputs.padded([row, row], 2, 1, 64), 0, greedy_only)
         assert np.asarray(tokens).tolist() == [0, 0]  # log 0.4 - 2 < log 0.3
         np.testing.assert_allclose(np.asarray(logprob), np.log([0.3, 0.3]), rtol=1e-5)
+
+
+def test_generation_config_gives_the_default_penalty_and_refuses_a_bad_one(tmp_path):
+    from eaas_jax.engine.generation_config import GenerationDefaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1, "temperature": 0.7}))
+    params = GenerationDefaults.load(tmp_path).sampling_params()
+    assert (params.repetition_penalty, params.temperature, params.presence_penalty) == (1.1, 0.7, 0.0)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 0}))
+    with pytest.raises(ValueError, match="generation_config.json: repetition_penalty must be"):
+        GenerationDefaults.load(tmp_path)

@@ -1,24 +1,22 @@
 """`generation_config.json`: a checkpoint's end-of-sequence ids and default sampling.
 
 As in vLLM, the defaults apply to requests that come without sampling
-parameters: temperature, top_p, top_k, min_p and max_new_tokens are taken from
-the file when present; everything else keeps `SamplingParams`' defaults.
+parameters: temperature, top_p, top_k, min_p, repetition_penalty and
+max_new_tokens are taken from the file when present; everything else keeps
+`SamplingParams`' defaults. The command line's flags default to the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 
 from eaas_jax.engine.sampling_params import SamplingParams
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "min_p": "min_p", "max_new_tokens": "max_tokens"}
-
-log = logging.getLogger(__name__)
+                    "min_p": "min_p", "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +41,6 @@ class GenerationDefaults:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
             raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {data['eos_token_id']!r}")
         sampling = {ours: data[hf] for hf, ours in _SAMPLING_FIELDS.items() if data.get(hf) is not None}
-        if data.get("repetition_penalty") not in (None, 1.0):
-            log.warning("%s: repetition_penalty=%s is not implemented and is ignored",
-                        path, data["repetition_penalty"])
         try:
             SamplingParams(**sampling)
         except ValueError as e:
