@@ -40,7 +40,10 @@ def _add_batch(sub) -> None:
     p.add_argument("--input", required=True, help="JSONL file of requests")
     p.add_argument("--output", required=True, help="JSONL file of results (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
-    p.add_argument("--summary-json", help="also write the run's figures (counts, tokens/s, TTFT) to this JSON file")
+    p.add_argument("--summary-json", help="also write the run's figures (counts, tokens/s, TTFT and time per "
+                   "output token percentiles) to this JSON file")
+    p.add_argument("--plot", help="also write a PNG of the run (tokens and tokens/s over time, per-request "
+                   "latencies); needs matplotlib (the plot extra)")
     _add_sampling_and_engine_args(p)
     p.set_defaults(func=_batch)
 
@@ -138,6 +141,13 @@ def _batch(args) -> int:
     from eaas_jax.batch.runner import report, run_batch, summary_dict
 
     defaults = _sampling_defaults(args)
+    if args.plot:
+        from eaas_jax.batch.plot import PlotUnavailableError, check_available
+
+        try:  # before any work: a run must not end without the plot it was asked for
+            check_available()
+        except PlotUnavailableError as e:
+            raise SystemExit(f"error: {e}")
     try:
         items = read_requests(args.input, defaults)
     except OSError as e:
@@ -165,6 +175,11 @@ def _batch(args) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary_dict(summary), f, indent=1)
+    if args.plot:
+        from eaas_jax.batch.plot import write_plot
+
+        write_plot(summary, args.plot, title=os.path.basename(args.input))
+        print(f"plot: {args.plot}", file=sys.stderr)
     if summary.interrupted and summary.left:
         return 130 if summary.interrupted == "SIGINT" else 143
     return 1 if results.failed else 0

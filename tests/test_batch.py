@@ -55,13 +55,18 @@ def uninterrupted(tmp_path_factory):
     directory = tmp_path_factory.mktemp("batch")
     inp = directory / "in.jsonl"
     inp.write_text("".join(json.dumps({"prompt": p, "custom_id": f"q{i}"}) + "\n" for i, p in enumerate(PROMPTS)))
-    out, summary = directory / "reference.jsonl", directory / "summary.json"
-    run = subprocess.run(batch_command(inp, out, "--summary-json", str(summary)), capture_output=True, text=True,
-                         timeout=300)
+    out, summary, plot = directory / "reference.jsonl", directory / "summary.json", directory / "run.png"
+    run = subprocess.run(batch_command(inp, out, "--summary-json", str(summary), "--plot", str(plot)),
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     figures = json.loads(summary.read_text())
     assert (figures["completed"], figures["failed"], figures["not_run"]) == (len(PROMPTS), 0, 0)
-    assert figures["generated_tokens"] == 32 * len(PROMPTS) and figures["ttft_s_p50"] <= figures["seconds"]
+    assert figures["generated_tokens"] == 32 * len(PROMPTS)
+    assert figures["ttft_s_p50"] <= figures["ttft_s_p90"] <= figures["ttft_s_p99"] <= figures["seconds"]
+    # 32 tokens each: the per-token time is under the run's time over 31
+    assert 0 < figures["tpot_s_p50"] <= figures["tpot_s_p99"] <= figures["seconds"] / 31
+    assert "time per output token after the first: p50" in run.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     rows = records(out)
     assert sorted(r["custom_id"] for r in rows) == sorted(f"q{i}" for i in range(len(PROMPTS)))
     return inp, by_id(rows)
@@ -193,6 +198,19 @@ def test_openai_logprobs_come_in_each_endpoints_shape(engine, tmp_path):
     assert ChatCompletion.model_validate(openai_protocol.response_body(
         "chat", engine.generate([PROMPTS[1]], SamplingParams(max_tokens=2), use_tqdm=False)[0], "m")
     ).choices[0].logprobs is None
+
+
+def test_plot_without_matplotlib_fails_before_any_model_work(uninterrupted, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else find_spec(name, *a))
+    inp, _ = uninterrupted
+    assert main(["batch", "--model", "/nonexistent-model", "--input", str(inp), "--output",
+                 str(tmp_path / "o.jsonl"), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'eaas-jax[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_an_output_that_cannot_be_written_fails_before_any_model_work(uninterrupted, tmp_path, capsys):

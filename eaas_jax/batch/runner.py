@@ -38,6 +38,10 @@ class BatchSummary:
     interrupted: str | None = None  #: the signal that stopped the run
     #: per request: time to first token, from when it was queued (all are queued at the start)
     ttft_s: list[float] = dataclasses.field(default_factory=list)
+    #: per request of more than one token: time per output token after the first
+    tpot_s: list[float] = dataclasses.field(default_factory=list)
+    #: per result written: (seconds since the start, tokens generated so far): the run's timeline
+    timeline: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
     @property
     def left(self) -> int:
@@ -105,8 +109,8 @@ def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile,
                         summary.completed += 1
                         summary.prompt_tokens += len(output.prompt_token_ids)
                         summary.generated_tokens += sum(len(c.token_ids) for c in output.outputs)
-                        if output.metrics.first_token_time is not None:
-                            summary.ttft_s.append(output.metrics.first_token_time - output.metrics.arrival_time)
+                        _record_latencies(summary, output)
+                    summary.timeline.append((time.time() - start, summary.generated_tokens))
                     bar.update(1)
                     bar.set_postfix(tok_per_s=f"{summary.generated_tokens / max(time.time() - start, 1e-9):.0f}")
         finally:
@@ -118,19 +122,32 @@ def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile,
     return summary
 
 
+def _record_latencies(summary: BatchSummary, output) -> None:
+    metrics = output.metrics
+    if metrics.first_token_time is None:
+        return
+    summary.ttft_s.append(metrics.first_token_time - metrics.arrival_time)
+    # The completions of one request advance together: the longest one's pace.
+    longest = max(len(c.token_ids) for c in output.outputs)
+    if longest > 1 and metrics.last_token_time is not None:
+        summary.tpot_s.append((metrics.last_token_time - metrics.first_token_time) / (longest - 1))
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
 def summary_dict(summary: BatchSummary) -> dict:
     """The run's figures for machines (`--summary-json`)."""
-    ordered = sorted(summary.ttft_s)
-
-    def quantile(q: float) -> float | None:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
-
     return {
         "total": summary.total, "completed": summary.completed, "failed": summary.failed,
         "skipped": summary.skipped, "not_run": summary.left, "prompt_tokens": summary.prompt_tokens,
         "generated_tokens": summary.generated_tokens, "seconds": summary.seconds,
         "generated_tokens_per_s": summary.generated_tokens / summary.seconds if summary.seconds else None,
-        "ttft_s_p50": quantile(0.5), "ttft_s_p99": quantile(0.99), "interrupted_by": summary.interrupted,
+        **{f"{name}_p{round(q * 100)}": _quantile(values, q)
+           for name, values in (("ttft_s", summary.ttft_s), ("tpot_s", summary.tpot_s)) for q in (0.5, 0.9, 0.99)},
+        "interrupted_by": summary.interrupted,
     }
 
 
@@ -142,8 +159,11 @@ def describe(summary: BatchSummary, output: str) -> str:
              f"{summary.seconds:.1f} s ({rate:.1f} tok/s)"]
     figures = summary_dict(summary)
     if summary.ttft_s:
-        lines.append(f"time to first token (from the start of the run): p50 {figures['ttft_s_p50']:.2f} s, "
-                     f"p99 {figures['ttft_s_p99']:.2f} s")
+        lines.append("time to first token (from the start of the run): "
+                     + ", ".join(f"p{q} {figures[f'ttft_s_p{q}']:.2f} s" for q in (50, 90, 99)))
+    if summary.tpot_s:
+        lines.append("time per output token after the first: "
+                     + ", ".join(f"p{q} {figures[f'tpot_s_p{q}'] * 1e3:.1f} ms" for q in (50, 90, 99)))
     if summary.interrupted and summary.left:
         lines.append(f"interrupted by {summary.interrupted}: {summary.left} requests not run; run the same "
                      "command again to resume (what is in the output is skipped)")
