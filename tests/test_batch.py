@@ -167,7 +167,8 @@ def test_openai_logprobs_come_in_each_endpoints_shape(engine, tmp_path):
          "body": {"model": "m", "messages": chat, "top_logprobs": 3}},
         {"custom_id": "worse", "method": "POST", "url": "/v1/completions",
          "body": {"model": "m", "prompt": "x", "logprobs": True}},
-        {"custom_id": "simple", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "logprobs": 2},
+        {"custom_id": "simple", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "logprobs": 2,
+         "prompt_logprobs": 1},
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -183,6 +184,10 @@ def test_openai_logprobs_come_in_each_endpoints_shape(engine, tmp_path):
     assert len(lp.top_logprobs) == len(lp.text_offset) == 6
     assert all(2 <= len(top) <= 3 for top in lp.top_logprobs)  # the top 2, and the sampled token if not in them
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    prompt_steps = rows["simple"]["prompt_logprobs"]
+    assert prompt_steps[0] is None and len(prompt_steps) == len(rows["simple"]["prompt_token_ids"])
+    assert all(str(t) in step and any(e["rank"] == 1 for e in step.values())
+               for t, step in zip(rows["simple"]["prompt_token_ids"][1:], prompt_steps[1:]))
     assert "top_logprobs needs logprobs: true" in rows["bad"]["error"]["message"]
     assert "logprobs must be an integer" in rows["worse"]["error"]["message"]
 

@@ -182,6 +182,8 @@ def test_invalid_requests_fail_before_any_work(tiny_engine, prompt, params, mess
         ({"n": 0}, "n must"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"logprobs": 50}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"seed": -1}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"presence_penalty": 2.5}, "presence_penalty"),

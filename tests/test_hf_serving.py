@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -128,6 +129,27 @@ def test_repetition_penalty_greedy_equals_transformers_generate(chat_dir, chat_e
             ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
                                  repetition_penalty=1.8)
         assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
+
+
+def test_prompt_logprobs_equal_transformers(chat_dir, chat_engine):
+    """prompt_logprobs: None for the first token, then each token's logprob
+    given the ones before (and the top 2) as transformers' forward pass gives
+    them; the completion is unchanged by asking."""
+    model, _ = chat_dir
+    prompt = [5, 6, 7, 9, 11, 5]
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2, n=2)
+    out = chat_engine.generate([prompt], params, use_tqdm=False)[0]
+    plain = chat_engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids and plain.prompt_logprobs is None
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for t, entry in enumerate(out.prompt_logprobs[1:]):
+        token, want = prompt[t + 1], ref[t]
+        assert entry[token].logprob == pytest.approx(float(want[token]), abs=1e-4)
+        assert entry[token].rank == 1 + int((want > want[token]).sum())
+        best = [tid for tid, lp in entry.items() if lp.rank <= 2]
+        assert sorted(best) == sorted(np.argsort(-want)[:2].tolist())
 
 
 def test_generation_config_sets_defaults_and_eos(chat_engine):

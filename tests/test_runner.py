@@ -68,16 +68,16 @@ def test_bucket_is_the_next_power_of_two_above_a_minimum():
     "lengths, num_blocks, banned, penalized, temperatures, logprobs, key",
     [
         # decode rows (one token each) keep one token per row: no 16-token minimum
-        ([1, 1, 1], [3, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], 0, (4, 1, 8, 4, 0, 0, True)),
-        ([1], [1], [0], [0], [0], 0, (1, 1, 8, 4, 0, 0, True)),
+        ([1, 1, 1], [3, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], 0, (4, 1, 8, 4, 0, 0, True, -1)),
+        ([1], [1], [0], [0], [0], 0, (1, 1, 8, 4, 0, 0, True, -1)),
         # a row of two tokens: the 16-token minimum
-        ([2, 1], [1, 1], [0, 0], [0, 0], [0, 0], 0, (2, 16, 8, 4, 0, 0, True)),
-        ([5, 3, 1], [2, 1, 1], [0, 2, 0], [0, 0, 0], [0, 0, 0], 0, (4, 16, 8, 4, 0, 0, True)),
+        ([2, 1], [1, 1], [0, 0], [0, 0], [0, 0], 0, (2, 16, 8, 4, 0, 0, True, -1)),
+        ([5, 3, 1], [2, 1, 1], [0, 2, 0], [0, 0, 0], [0, 0, 0], 0, (4, 16, 8, 4, 0, 0, True, -1)),
         ([17, 1, 1, 1, 1], [9, 1, 1, 1, 1], [5, 0, 0, 0, 0], [0] * 5, [0, 0.5, 0, 0, 0], 3,
-         (8, 32, 16, 8, 0, 3, False)),
+         (8, 32, 16, 8, 0, 3, False, -1)),
         # penalized tokens: at least 64 once any row has penalties
-        ([1, 1], [1, 1], [0, 0], [3, 0], [0, 0], 0, (2, 1, 8, 4, 64, 0, True)),
-        ([1, 1, 1], [1, 1, 1], [0, 0, 0], [5, 70, 0], [0, 0, 0], 0, (4, 1, 8, 4, 128, 0, True)),
+        ([1, 1], [1, 1], [0, 0], [3, 0], [0, 0], 0, (2, 1, 8, 4, 64, 0, True, -1)),
+        ([1, 1, 1], [1, 1, 1], [0, 0, 0], [5, 70, 0], [0, 0, 0], 0, (4, 1, 8, 4, 128, 0, True, -1)),
     ],
 )
 def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, banned, penalized, temperatures,
@@ -103,7 +103,7 @@ def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, ba
     assert sampling.banned.shape == (batch, num_banned)
     assert sampling.penalty_ids.shape == sampling.penalty_counts.shape == (batch, num_penalized)
     assert x["previous_tokens"].shape == (bucket(MAX_ROWS),)
-    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6]}
+    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6], "num_prompt_logprobs": -1}
     for name in ("tokens", "positions", "slots", "tables", "last_index", "sources"):
         assert x[name].dtype == np.int32, name
 
@@ -198,8 +198,28 @@ def test_sampling_inputs_are_padded_with_neutral_rows(runner):
     np.testing.assert_allclose(s.repetition_penalty, [1, 1.2, 1, 1])
     np.testing.assert_array_equal(s.penalty_ids[:, :3], [[-1] * 3, [4, 8, -1], [-1] * 3, [-1] * 3])
     np.testing.assert_array_equal(s.penalty_counts[:, :3], [[0] * 3, [0, 3, 0], [0] * 3, [0] * 3])
-    assert shape == (4, 1, 8, 8, 64, 2, False)
-    assert static == {"num_top_logprobs": 2, "greedy_only": False}
+    assert shape == (4, 1, 8, 8, 64, 2, False, -1)
+    assert static == {"num_top_logprobs": 2, "greedy_only": False, "num_prompt_logprobs": -1}
+
+
+def test_prompt_logprobs_of_a_prefill_match_a_full_forward_pass(model, runner):
+    """A step that scores its rows' tokens (num_prompt_logprobs): each token
+    t + 1's logprob, rank and the top 3 there equal those of a full causal
+    forward pass, for rows of different lengths in one padded step."""
+    prompts = [[11, 12, 13, 14, 15], [21, 22, 23]]
+    result, _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0, num_prompt_logprobs=3).fetch()
+    plain, _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0).fetch()
+    assert plain.prompt_logprobs is None and result.tokens.tolist() == plain.tokens.tolist()
+    padded = jnp.asarray([p + [0] * (5 - len(p)) for p in prompts], jnp.int32)
+    logprobs = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, t: m(t))(model, padded), axis=-1))
+    for i, p in enumerate(prompts):
+        for t in range(len(p) - 1):
+            want = logprobs[i, t]
+            np.testing.assert_allclose(result.prompt_logprobs[i, t], want[p[t + 1]], rtol=1e-4, atol=1e-4)
+            assert result.prompt_ranks[i, t] == 1 + (want > want[p[t + 1]]).sum()
+            assert result.prompt_top_ids[i, t].tolist() == np.argsort(-want)[:3].tolist()
+            np.testing.assert_allclose(result.prompt_top_logprobs[i, t], np.sort(want)[::-1][:3], rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_prefill_then_decode_steps_match_a_full_forward_pass(model, runner):

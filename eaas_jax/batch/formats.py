@@ -178,11 +178,13 @@ def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingPara
 # --- records -------------------------------------------------------------------
 
 
-def _logprobs(completion) -> list | None:
-    if completion.logprobs is None:
+def _logprob_steps(steps: list | None) -> list | None:
+    """Per position, {token id (a JSON key): its Logprob's fields}; None stays None."""
+    if steps is None:
         return None
-    return [{str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-             for token, lp in step.items()} for step in completion.logprobs]
+    return [None if step is None else
+            {str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for token, lp in step.items()} for step in steps]
 
 
 def completion_dict(output: RequestOutput) -> dict:
@@ -191,9 +193,10 @@ def completion_dict(output: RequestOutput) -> dict:
         "request_id": output.request_id,
         "prompt": output.prompt,
         "prompt_token_ids": output.prompt_token_ids,
+        **({"prompt_logprobs": _logprob_steps(output.prompt_logprobs)} if output.prompt_logprobs else {}),
         "outputs": [
             {"index": c.index, "text": c.text, "token_ids": c.token_ids, "cumulative_logprob": c.cumulative_logprob,
-             "logprobs": _logprobs(c), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+             "logprobs": _logprob_steps(c.logprobs), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             for c in output.outputs
         ],
         **({"error": output.error} if output.error else {}),

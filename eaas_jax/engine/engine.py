@@ -286,8 +286,10 @@ class Engine:
         reads it from `previous` (sequences, step) on the device."""
         rows = step_rows(seqs, is_prefill, previous[0] if previous else None, self.eos_token_ids)
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        want_prompt_logprobs = is_prefill and any(seq.request.wants_prompt_logprobs for seq in seqs)
         step = self.runner.dispatch(rows, MAX_LOGPROBS if want_logprobs else 0,
-                                    previous[1] if rows.token_sources is not None else None)
+                                    previous[1] if rows.token_sources is not None else None,
+                                    MAX_LOGPROBS if want_prompt_logprobs else -1)
         for seq in seqs:
             seq.num_pending += 1
         return step
@@ -312,6 +314,8 @@ class Engine:
                     self._fail(request, error)
                     touched[request.request_id] = request
                     continue
+                if result.prompt_logprobs is not None and request.wants_prompt_logprobs:
+                    request.set_prompt_logprobs(result, i, self.tokenizer)
                 top = (list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
                        if seq.params.logprobs is not None else [])
                 seq.append(

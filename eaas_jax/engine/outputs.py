@@ -53,3 +53,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # why the request failed: expert servers did not serve its tokens
+    # Per prompt token (SamplingParams.prompt_logprobs): None for the first,
+    # then {token id: Logprob} of it and the most likely ones.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -40,6 +40,12 @@ class StepResult(NamedTuple):
     ranks: np.ndarray  # [rows]
     top_ids: np.ndarray  # [rows, L]
     top_logprobs: np.ndarray  # [rows, L]
+    # A step asked for prompt logprobs (prefill): for each row's token t + 1,
+    # its logprob and rank given tokens 0..t, and the top K there. None else.
+    prompt_logprobs: np.ndarray | None = None  # [rows, seq - 1]
+    prompt_ranks: np.ndarray | None = None  # [rows, seq - 1]
+    prompt_top_ids: np.ndarray | None = None  # [rows, seq - 1, K]
+    prompt_top_logprobs: np.ndarray | None = None  # [rows, seq - 1, K]
 
 
 class DispatchedStep:
@@ -103,9 +109,20 @@ def _rows_with(token_counts, labels, rows: list[slice], shape: tuple[int, int]) 
     return flagged
 
 
+def _prompt_logprobs(client, hidden: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, ...]:
+    """For each row's token t + 1: its logprob and rank given tokens 0..t, and
+    the `k` most likely tokens there (ids, logprobs): [B, S - 1] and [B, S - 1, k].
+    The LM head over every position: only for steps that ask."""
+    logprobs = jax.nn.log_softmax(client.logits(hidden[:, :-1]), axis=-1)
+    target = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+    rank = 1 + jnp.sum(logprobs > target[..., None], axis=-1, dtype=jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, k)
+    return target, rank, top_ids.astype(jnp.int32), top_logprobs
+
+
 def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
           tokens, positions, paged, last_index, sampling, previous_tokens, token_sources, exchange_carry, *,
-          num_top_logprobs, greedy_only):
+          num_top_logprobs, greedy_only, num_prompt_logprobs):
     # Parameters arrive as flat leaves: flattening nnx state in Python on
     # every call would cost the host ~0.5 ms per step.
     client = nnx.merge(client_graphdef, jax.tree.unflatten(client_treedef, client_leaves))
@@ -132,6 +149,8 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
     # token, which the host's penalty counts do not have yet.
     pending = jnp.where(token_sources >= 0, from_previous, -1)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only, pending)
+    if num_prompt_logprobs >= 0:
+        sampled += _prompt_logprobs(client, hidden, tokens, num_prompt_logprobs)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
     return sampled, kv_cache, exchanges, next_tokens, traced.carry
 
@@ -178,7 +197,7 @@ class ModelRunner:
         self._jitted = jax.jit(
             functools.partial(_step, client_graphdef, client_treedef, self._expert_treedef, experts),
             donate_argnums=(2,),
-            static_argnames=("num_top_logprobs", "greedy_only"),
+            static_argnames=("num_top_logprobs", "greedy_only", "num_prompt_logprobs"),
             compiler_options=custom_calls.COMPILER_OPTIONS,
         )
         self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
@@ -191,11 +210,13 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return len(self._labels)
 
-    def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None):
+    def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None,
+                       num_prompt_logprobs: int = -1):
         """The step's inputs for `rows`, built on the host without compiling:
         `(shape, args, static)`. `shape` is the compiled program's key, (batch
         rows, tokens per row, blocks per row, banned ids per row, penalized
-        tokens per row, `num_top_logprobs`, greedy_only), each size bucketed
+        tokens per row, `num_top_logprobs`, greedy_only, `num_prompt_logprobs`
+        (-1: none; else the top ones per prompt token)), each size bucketed
         (`bucket`, minimum 16 tokens unless every row has one, 8 blocks, 4
         banned ids, 64 penalized tokens; 0 of those when no row has penalties). `args`
         are the step's positional arguments, padded: padding tokens and rows
@@ -213,7 +234,8 @@ class ModelRunner:
         most_penalized = max(len(s.get("penalized", ())) for s in rows.sampling)
         num_penalized = bucket(most_penalized, 64) if most_penalized else 0
         greedy_only = all(s["temperature"] == 0 for s in rows.sampling)
-        shape = (batch, seq, max_blocks, num_banned, num_penalized, num_top_logprobs, greedy_only)
+        shape = (batch, seq, max_blocks, num_banned, num_penalized, num_top_logprobs, greedy_only,
+                 num_prompt_logprobs)
 
         tokens = np.zeros((batch, seq), np.int32)
         tables = np.zeros((batch, max_blocks), np.int32)
@@ -257,7 +279,8 @@ class ModelRunner:
             sources,
             self._carry,
         )
-        return shape, args, dict(num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
+        return shape, args, dict(num_top_logprobs=num_top_logprobs, greedy_only=greedy_only,
+                                 num_prompt_logprobs=num_prompt_logprobs)
 
     def fetch(self, step: DispatchedStep) -> tuple[StepResult, ExchangeReport, float]:
         """Waits for `step` (fetched in dispatch order); returns its results
@@ -285,15 +308,16 @@ class ModelRunner:
         return self._jitted.lower(*args, **static)
 
     def dispatch(self, rows: StepRows, num_top_logprobs: int,
-                 previous: DispatchedStep | None = None) -> DispatchedStep:
+                 previous: DispatchedStep | None = None, num_prompt_logprobs: int = -1) -> DispatchedStep:
         """Queues a step for `rows` on the device; `previous` is the step whose
-        tokens `rows.token_sources` name."""
-        shape, args, static = self.prepare_inputs(rows, num_top_logprobs, previous)
+        tokens `rows.token_sources` name; `num_prompt_logprobs` >= 0 also
+        scores every token of the rows (prompt logprobs, with that many top ones)."""
+        shape, args, static = self.prepare_inputs(rows, num_top_logprobs, previous, num_prompt_logprobs)
         new_shape = shape not in self._labels
         if new_shape:
             log.info(
                 "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d penalized=%d logprobs=%d "
-                "greedy=%s",
+                "greedy=%s prompt_logprobs=%d",
                 len(self._labels) + 1, *shape,
             )
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)

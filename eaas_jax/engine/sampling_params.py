@@ -21,7 +21,9 @@ class SamplingParams:
     token_ids). ignore_eos: keep going past EOS. seed: per-request seed making the
     completion reproducible whatever else is in the batch. logprobs: return the
     log-probabilities of this many most likely tokens at each step (plus the
-    sampled one).
+    sampled one). prompt_logprobs: return, for each prompt token after the
+    first, its log-probability given the tokens before it and those of this
+    many most likely tokens (the first prompt token has none).
     presence_penalty, frequency_penalty (in [-2, 2]): subtracted from the logit of
     every token the completion has generated, once (presence) or once per
     occurrence (frequency); > 0 favours new tokens. repetition_penalty (> 0):
@@ -43,6 +45,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -83,6 +86,11 @@ class SamplingParams:
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}",
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.prompt_logprobs!r}",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

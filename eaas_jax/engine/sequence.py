@@ -159,6 +159,9 @@ class Request:
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.time()))
     sequences: list[Sequence] = dataclasses.field(default_factory=list)
     error: str | None = None  # why the request failed (its completions end with finish_reason "error")
+    # Per prompt token: None for the first, then {token id: Logprob} of it and
+    # the most likely ones (SamplingParams.prompt_logprobs); set by the prefill.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def __post_init__(self):
         self.sequences = [Sequence(self, i) for i in range(self.params.n)]
@@ -166,6 +169,25 @@ class Request:
     @functools.cached_property
     def prompt_token_set(self) -> frozenset[int]:
         return frozenset(self.prompt_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
+
+    def set_prompt_logprobs(self, result, row: int, tokenizer: Tokenizer) -> None:
+        """Takes the prompt logprobs of a prefill step's `row` (a StepResult
+        that scored its tokens; a prefill's row starts with the prompt)."""
+        k = self.params.prompt_logprobs
+        entries: list[dict[int, Logprob] | None] = [None]
+        for t, token in enumerate(self.prompt_ids[1:]):
+            entry = {int(tid): Logprob(float(lp), rank + 1, tokenizer.token_text(int(tid)))
+                     for rank, (tid, lp) in enumerate(zip(result.prompt_top_ids[row, t, :k],
+                                                          result.prompt_top_logprobs[row, t, :k]))}
+            if token not in entry:
+                entry[token] = Logprob(float(result.prompt_logprobs[row, t]), int(result.prompt_ranks[row, t]),
+                                       tokenizer.token_text(token))
+            entries.append(entry)
+        self.prompt_logprobs = entries
 
     @property
     def finished(self) -> bool:
@@ -184,6 +206,7 @@ class Request:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_ids),
+            prompt_logprobs=self.prompt_logprobs,
             outputs=[s.completion(tokenizer) for s in self.sequences],
             finished=self.finished,
             metrics=self.metrics,
