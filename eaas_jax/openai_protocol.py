@@ -43,7 +43,7 @@ def body_problem(kind: str, body: dict, also_allowed: frozenset = frozenset()) -
         return f"body field(s) {unsupported} are not supported"
     if text_key not in body:
         return f"body needs '{text_key}'"
-    if "max_tokens" in body and "max_completion_tokens" in body:
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         return "body gives both max_tokens and max_completion_tokens"
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if kind == "completion" and logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
@@ -59,8 +59,11 @@ def body_problem(kind: str, body: dict, also_allowed: frozenset = frozenset()) -
 
 
 def params_of_body(kind: str, body: dict) -> dict:
-    """The SamplingParams fields a body sets (body_problem(kind, body) must be None)."""
-    fields = {_PARAMS[k]: v for k, v in body.items() if k in _PARAMS}
+    """The SamplingParams fields a body sets (body_problem(kind, body) must be
+    None). A field that is null is as one left out, as in the API; without
+    max_tokens a completion may run to the context limit (the API's default)."""
+    fields = {_PARAMS[k]: v for k, v in body.items() if k in _PARAMS and v is not None}
+    fields.setdefault("max_tokens", None)
     if kind == "completion" and body.get("logprobs") is not None:
         fields["logprobs"] = body["logprobs"]
     if kind == "chat" and body.get("logprobs"):
@@ -96,7 +99,8 @@ def _chat_logprobs(c: CompletionOutput, top_n: int) -> dict | None:
 
     content = []
     for token_id, step in zip(c.token_ids, c.logprobs):
-        best = sorted((lp for lp in step.values() if lp.rank <= top_n), key=lambda lp: lp.rank)
+        # The top_n most likely (the sampled token may share a rank in a tie).
+        best = sorted((lp for lp in step.values() if lp.rank <= top_n), key=lambda lp: lp.rank)[:top_n]
         content.append({**entry(step[token_id]), "top_logprobs": [entry(lp) for lp in best]})
     return {"content": content}
 

@@ -511,22 +511,26 @@ __global__ void DispatchKernel(int endpoint, std::uint64_t generation, const std
     }
     return;
   }
-  std::uint8_t* slot = OutSlot(v, p, channel);
   const std::uint64_t seq = v.send_seq[si] + 2;
-  __shared__ int opened;
+  // Thread 0 decides where the block writes, for all its threads: the peer
+  // may become unreachable meanwhile (OutSlot would then say nullptr to a
+  // later warp).
+  __shared__ std::uint8_t* block_slot;
   if (threadIdx.x == 0) {
     // cuda_ipc: the seqlock's odd mark (a system-scope fence on the critical
     // path) only when the server may still be reading the previous request
     // of this slot: it has not answered it (this client gave up waiting).
     // Once answered, the server's poll has committed it and never reads that
     // slot's rows or header again until the sequence number changes.
-    opened = slot != nullptr && OpenMessage(v, p, channel, slot, seq, v.request_open[si] != 0);
-    if (!opened) atomicOr(&v.abort[s], 1u);
+    block_slot = OutSlot(v, p, channel);
+    if (block_slot != nullptr && !OpenMessage(v, p, channel, block_slot, seq, v.request_open[si] != 0)) {
+      block_slot = nullptr;
+    }
+    if (block_slot == nullptr) atomicOr(&v.abort[s], 1u);
   }
   __syncthreads();
-  if (!opened) {
-    slot = nullptr;
-  } else {
+  std::uint8_t* const slot = block_slot;
+  if (slot != nullptr) {
     auto* dst_ids = reinterpret_cast<std::int32_t*>(slot + v.expert_ids_offset);
     auto* dst_gates = reinterpret_cast<float*>(slot + v.gates_offset);
     auto* dst_scales = reinterpret_cast<float*>(slot + v.scales_offset);
@@ -962,18 +966,19 @@ __global__ void ReplyKernel(int endpoint, std::uint64_t generation, const float*
     const Accepted a = v.accepted[m];
     const std::size_t si = static_cast<std::size_t>(a.sender) * v.num_channels + a.channel;
     const std::size_t counter = static_cast<std::size_t>(v.max_endpoints) + si;
-    std::uint8_t* slot = OutSlot(v, a.sender, a.channel);
     const std::uint64_t seq = v.send_seq[si] + 2;
     const std::size_t row = static_cast<std::size_t>(v.d) * sizeof(float);
-    __shared__ int opened;
+    __shared__ std::uint8_t* block_slot;  // thread 0's decision, for every thread (as in DispatchKernel)
     if (threadIdx.x == 0) {  // always the odd mark: a late reply may still be read (wire_format.h)
-      opened = slot != nullptr && OpenMessage(v, a.sender, a.channel, slot, seq, true);
-      if (!opened) atomicOr(&v.abort[counter], 1u);
+      block_slot = OutSlot(v, a.sender, a.channel);
+      if (block_slot != nullptr && !OpenMessage(v, a.sender, a.channel, block_slot, seq, true)) {
+        block_slot = nullptr;
+      }
+      if (block_slot == nullptr) atomicOr(&v.abort[counter], 1u);
     }
     __syncthreads();
-    if (!opened) {
-      slot = nullptr;
-    } else {
+    std::uint8_t* const slot = block_slot;
+    if (slot != nullptr) {
       CopyRows(slot + v.hidden_offset,
                reinterpret_cast<const std::uint8_t*>(results + static_cast<std::size_t>(a.first_row) * v.d),
                nullptr, a.num_tokens, static_cast<std::uint32_t>(row), b, gridDim.x);
@@ -1245,8 +1250,10 @@ T* OnDevice(T* host, const void* host_base, std::uint8_t* device_base) {
   return reinterpret_cast<T*>(device_base + offset);
 }
 
-// Peer p's NicQueue becomes not ready: kernels send it nothing more
-// (control_mu held). A kernel already posting finishes on the old QP.
+// Peer p's NicQueue becomes not ready: kernels start no new message to it
+// (control_mu held). A kernel already past its checks may still post to the
+// QP after the control path resets it; the NIC then fails that QP (an error
+// completion) and the peer is reconnected like a failed one.
 void WithdrawQueue(Endpoint* ep, std::int64_t p) {
   const std::uint32_t flag = 0;
   cudaMemcpyAsync(&ep->view.nic[p].ready, &flag, sizeof(flag), cudaMemcpyHostToDevice, ep->control);
@@ -1800,6 +1807,10 @@ EAAS_FFI_EXPORT int eaas_ibgda_gpu_connect(std::int64_t endpoint, std::int64_t p
     return -1;
   }
   std::lock_guard<std::mutex> lock(ep->control_mu);
+  if (ep->writer == nullptr) {  // closed meanwhile (close releases under control_mu)
+    CopyError("ibgda GPU endpoint " + std::to_string(endpoint) + " is not open", err, errlen);
+    return -1;
+  }
   cudaSetDevice(ep->device);
   WithdrawQueue(ep.get(), peer);
   failed = ep->writer->Connect(peer, std::move(link), card);
@@ -1819,6 +1830,7 @@ EAAS_FFI_EXPORT int eaas_ibgda_gpu_peer(std::int64_t endpoint, std::int64_t peer
   if (ep == nullptr || ep->writer == nullptr) return -1;
   if (peer < 0 || peer >= ep->geo.max_endpoints) return static_cast<int>(ibgda::PeerState::kIdle);
   std::lock_guard<std::mutex> lock(ep->control_mu);
+  if (ep->writer == nullptr) return -1;  // closed meanwhile
   cudaSetDevice(ep->device);
   ibgda::NicWriter& writer = *ep->writer;
   if (op == 1 && writer.SetReady(peer) && !PublishQueue(ep.get(), peer).empty()) {

@@ -120,7 +120,7 @@ __device__ bool WaitForStagingSlot(NicQueue* q, int channel, std::uint64_t deadl
     if (TryLock(q)) {
       Reclaim(q);
       Unlock(q);
-      continue;
+      if (static_cast<std::int32_t>(LoadVolatile(&q->completed) - until) >= 0) return true;
     }
     if (NowNs() > deadline) return false;
     __nanosleep(500);

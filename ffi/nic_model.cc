@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -636,12 +637,17 @@ void Nic::Start(std::int64_t interval_us) {
         again = Progress(-1) > 0;
         if (!again) fds = LinkFds();
       }
-      // Work done: look again at once. Else wait for a link to have frames
+      // Work done: look again once other threads had a turn at ModelMutex
+      // (the control path, other NICs). Else wait for a link to have frames
       // (or room for ours) or for the interval, after which the doorbell
       // records are read again (nothing signals those: as a NIC polling
       // them). A socket closed meanwhile by another thread only ends the
       // wait early.
-      if (!again) ppoll(fds.data(), fds.size(), &nap, nullptr);
+      if (again) {
+        sched_yield();
+      } else {
+        ppoll(fds.data(), fds.size(), &nap, nullptr);
+      }
     }
   });
 }

@@ -218,6 +218,19 @@ def test_plot_without_matplotlib_fails_before_any_model_work(uninterrupted, tmp_
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_openai_bodies_follow_the_api_for_left_out_and_null_fields(tmp_path):
+    """No max_tokens: up to the context limit (the API's default, not the
+    command line's); a null field is as one left out."""
+    inp = tmp_path / "in.jsonl"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    inp.write_text("".join(json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions", "body": b})
+                           + "\n" for c, b in (("a", body), ("b", {**body, "presence_penalty": None, "seed": None,
+                                                                        "max_tokens": None, "max_completion_tokens": 7}))))
+    a, b = read_requests(str(inp), SamplingParams(max_tokens=16, seed=3))
+    assert a.params.max_tokens is None and a.params.seed == 3
+    assert (b.params.max_tokens, b.params.presence_penalty, b.params.seed) == (7, 0.0, 3)
+
+
 def test_an_output_that_cannot_be_written_fails_before_any_model_work(uninterrupted, tmp_path, capsys):
     inp, _ = uninterrupted
     for out in (tmp_path / "missing-dir" / "out.jsonl", "/proc/eaas-out.jsonl"):

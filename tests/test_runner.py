@@ -202,10 +202,14 @@ def test_sampling_inputs_are_padded_with_neutral_rows(runner):
     assert static == {"num_top_logprobs": 2, "greedy_only": False, "num_prompt_logprobs": -1}
 
 
-def test_prompt_logprobs_of_a_prefill_match_a_full_forward_pass(model, runner):
+def test_prompt_logprobs_of_a_prefill_match_a_full_forward_pass(model, runner, monkeypatch):
     """A step that scores its rows' tokens (num_prompt_logprobs): each token
     t + 1's logprob, rank and the top 3 there equal those of a full causal
-    forward pass, for rows of different lengths in one padded step."""
+    forward pass, for rows of different lengths in one padded step, scored
+    in chunks of 7 positions (the last one padded)."""
+    import eaas_jax.engine.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PROMPT_LOGPROBS_CHUNK", 7)  # read when the step is traced (here)
     prompts = [[11, 12, 13, 14, 15], [21, 22, 23]]
     result, _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0, num_prompt_logprobs=3).fetch()
     plain, _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0).fetch()

@@ -109,15 +109,34 @@ def _rows_with(token_counts, labels, rows: list[slice], shape: tuple[int, int]) 
     return flagged
 
 
+# Positions the LM head scores at once for prompt logprobs: bounds the
+# [positions, vocabulary] float32 arrays (256 x 152k: 155 MB) whatever the
+# batch and prompt lengths.
+PROMPT_LOGPROBS_CHUNK = 256
+
+
 def _prompt_logprobs(client, hidden: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, ...]:
     """For each row's token t + 1: its logprob and rank given tokens 0..t, and
     the `k` most likely tokens there (ids, logprobs): [B, S - 1] and [B, S - 1, k].
-    The LM head over every position: only for steps that ask."""
-    logprobs = jax.nn.log_softmax(client.logits(hidden[:, :-1]), axis=-1)
-    target = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
-    rank = 1 + jnp.sum(logprobs > target[..., None], axis=-1, dtype=jnp.int32)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, k)
-    return target, rank, top_ids.astype(jnp.int32), top_logprobs
+    The LM head over every position, PROMPT_LOGPROBS_CHUNK at a time: only
+    for steps that ask."""
+    rows, seq, width = hidden.shape
+    n = rows * (seq - 1)
+    pad = -n % PROMPT_LOGPROBS_CHUNK
+    states = jnp.pad(hidden[:, :-1].reshape(n, width), ((0, pad), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:].reshape(n), (0, pad))
+
+    def score(chunk):
+        states, targets = chunk
+        logprobs = jax.nn.log_softmax(client.logits(states), axis=-1)
+        target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        rank = 1 + jnp.sum(logprobs > target[:, None], axis=-1, dtype=jnp.int32)
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, k)
+        return target, rank, top_ids.astype(jnp.int32), top_logprobs
+
+    scored = jax.lax.map(score, (states.reshape(-1, PROMPT_LOGPROBS_CHUNK, width),
+                                 targets.reshape(-1, PROMPT_LOGPROBS_CHUNK)))
+    return tuple(x.reshape(-1, *x.shape[2:])[:n].reshape(rows, seq - 1, *x.shape[2:]) for x in scored)
 
 
 def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
