@@ -208,21 +208,18 @@ def test_geometry_mismatch_is_refused():
         proc.wait(timeout=60)
 
 
-@gpu
-def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
-    """The shipped checkpoint, its experts in a server process on the peer GPU:
-    the same greedy token ids as the embedded engine."""
+def assert_two_gpu_servers_equal_embedded(tmp_path, head: str) -> None:
+    """The shipped checkpoint with its experts in two server processes (on the
+    peer GPU, else this one), a deployment of `head` (name, transport and
+    the like): the same greedy token ids as the embedded engine."""
     from eaas_jax.engine import Engine, SamplingParams
 
     device = os.environ.get("EAAS_TEST_PEER_GPU")
+    on_peer = f"device = {device}\n" if device is not None else ""
     deployment = tmp_path / "gpu.toml"
-    deployment.write_text(
-        'name = "tinygpu"\ntransport = "cuda_ipc"\ncapacity = 64\ndispatch_dtype = "float32"\n'
-        '[[servers]]\nname = "even"\nexperts = [0, 2, 4, 6]\n'
-        + (f"device = {device}\n" if device is not None else "")
-        + '[[servers]]\nname = "odd"\nexperts = [1, 3, 5, 7]\n'
-        + (f"device = {device}\n" if device is not None else "")
-    )
+    deployment.write_text(head + 'capacity = 64\ndispatch_dtype = "float32"\n'
+                          f'[[servers]]\nname = "even"\nexperts = [0, 2, 4, 6]\n{on_peer}'
+                          f'[[servers]]\nname = "odd"\nexperts = [1, 3, 5, 7]\n{on_peer}')
     prompts = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init__(self", "x = 1"]
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     args = dict(max_num_seqs=4, max_model_len=128, dtype="float32", block_size=4)
@@ -232,6 +229,11 @@ def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
     with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
         got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
     assert got == want
+
+
+@gpu
+def test_disaggregated_greedy_equals_embedded_on_gpus(tmp_path):
+    assert_two_gpu_servers_equal_embedded(tmp_path, 'name = "tinygpu"\ntransport = "cuda_ipc"\n')
 
 
 @gpu

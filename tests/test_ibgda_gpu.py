@@ -22,8 +22,8 @@ import pytest
 
 from eaas_jax.transport import cuda_ipc, ibgda, wire
 
-from conftest import SHIPPED
-from test_cuda_ipc import CAP, GEO, E, L, _start, _tokens, _worker_env, check_all_answered, exchange_and_check
+from test_cuda_ipc import (CAP, GEO, E, L, _start, _tokens, _worker_env, assert_two_gpu_servers_equal_embedded,
+                           check_all_answered, exchange_and_check)
 
 HAVE_GPU = cuda_ipc.available()
 pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the library built with CUDA")
@@ -118,23 +118,5 @@ def test_a_cut_link_fails_the_qp_and_the_server_becomes_unavailable():
 def test_disaggregated_greedy_equals_embedded_over_ibgda_on_gpus(tmp_path):
     """The shipped checkpoint, its experts in two server processes reached
     through GPU-posted WQEs: the same greedy token ids as the embedded engine."""
-    from eaas_jax.engine import Engine, SamplingParams
-
-    device = os.environ.get("EAAS_TEST_PEER_GPU")
-    on_peer = f"device = {device}\n" if device is not None else ""
-    deployment = tmp_path / "ibgda-gpu.toml"
-    deployment.write_text(
-        'name = "tinyibgpu"\ntransport = "ibgda"\nnic = "model"\ncapacity = 64\ndispatch_dtype = "float32"\n'
-        f'[[servers]]\nname = "even"\nexperts = [0, 2, 4, 6]\n{on_peer}'
-        f'[[servers]]\nname = "odd"\nexperts = [1, 3, 5, 7]\n{on_peer}'
-    )
-    prompts = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init__(self", "x = 1"]
-    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    args = dict(max_num_seqs=4, max_model_len=128, dtype="float32", block_size=4)
-    with Engine(SHIPPED, **args) as engine:
-        want = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the servers' processes
-    with Engine(SHIPPED, deployment=str(deployment), **args) as engine:
-        got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy, use_tqdm=False)]
     assert ibgda.on_gpu(), "this process's (and so its servers') ibgda endpoints live on GPUs"
-    assert got == want
+    assert_two_gpu_servers_equal_embedded(tmp_path, 'name = "tinyibgpu"\ntransport = "ibgda"\nnic = "model"\n')
