@@ -12,6 +12,8 @@ import sys
 import tomllib
 import time
 
+from eaas_jax import compile_cache
+
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate completions from a checkpoint")
@@ -82,6 +84,13 @@ def _add_sampling_and_engine_args(p) -> None:
                    "(started here unless --registry is given)")
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "
                    "registered; credentials and certificates from $EAAS_ETCD_* (README)")
+    _add_compile_cache_arg(p)
+
+
+def _add_compile_cache_arg(p) -> None:
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="keep compiled programs here for later runs; 'off': none (default: $EAAS_COMPILE_CACHE, "
+                        "else ~/.cache/eaas-jax/xla)")
 
 
 def _read_prompts(path: str, defaults) -> tuple[list, list]:
@@ -126,6 +135,7 @@ def _open_engine(args):
 
     if args.registry and not args.deployment:
         raise SystemExit("error: --registry needs --deployment (the servers it names)")
+    compile_cache.enable(args.compile_cache)
     try:
         return Engine(
             args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
@@ -255,6 +265,7 @@ def _add_serve_experts(sub) -> None:
                    help="transport = \"ibgda\": the IPv4 address this server's NIC listens on, reachable by "
                         "its clients (default: $EAAS_NIC_HOST, else 127.0.0.1: this host only)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_compile_cache_arg(p)
     # Exit when stdin closes (the engine that started this server died).
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_serve_experts)
@@ -272,6 +283,7 @@ def _serve_experts(args) -> int:
         from eaas_jax.expert_server.parent_watch import ParentWatch
 
         parent = ParentWatch()
+    compile_cache.enable(args.compile_cache)
     joining = None
     if args.layers is not None or args.experts is not None:
         joining = tuple(_index_list(v) for v in (args.layers or "all", args.experts or "all"))

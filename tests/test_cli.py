@@ -7,6 +7,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -135,3 +137,50 @@ def test_version_help_defaults_and_verbose_after_the_subcommand(capsys):
     # -v and --debug after the subcommand parse: the run gets as far as reading its input.
     assert main(["batch", "--model", "m", "--input", "/nonexistent.jsonl", "--output", "o", "-v", "--debug"]) == 2
     assert "cannot read /nonexistent.jsonl" in capsys.readouterr().err
+
+
+_TWO_RUNS = """
+import json, sys
+import jax
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+from eaas_jax.cli import main
+args = ["generate", "--model", sys.argv[1], "--prompt", "def f(x):", "--max-tokens", "4", "--temperature", "0",
+        "--max-model-len", "64", "--max-num-seqs", "2", "--compile-cache", sys.argv[2]]
+counts = []
+for _ in range(2):
+    assert main(args) == 0
+    counts.append(len(hits))
+print(json.dumps(counts))
+"""
+
+
+def test_a_second_run_loads_its_programs_from_the_compile_cache(tiny_checkpoint, tmp_path):
+    """The first run writes its compiled programs to --compile-cache; the
+    next (a new engine: new jit objects) finds them there instead of
+    compiling. Each run prints the same completion."""
+    cache = tmp_path / "xla"
+    run = subprocess.run([sys.executable, "-c", _TWO_RUNS, tiny_checkpoint, str(cache)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = json.loads(run.stdout.strip().splitlines()[-1])
+    assert first == 0 and second > first, (first, second)
+    assert any(cache.iterdir())
+    completions = [line for line in run.stdout.splitlines()[:-1] if line.startswith("def f(x):")]
+    assert len(completions) == 2 and completions[0] == completions[1]
+
+
+def test_a_compile_cache_others_can_write_is_not_used(tmp_path, caplog, monkeypatch):
+    from eaas_jax import compile_cache
+
+    monkeypatch.setenv(compile_cache.ENV_VAR, "unchanged")  # restored after the test
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with caplog.at_level("WARNING"):
+        assert compile_cache.enable(str(shared)) is None
+    assert "writable by others (mode 777)" in caplog.text
+    assert os.environ[compile_cache.ENV_VAR] == "unchanged"  # a refused directory is not handed on
+    assert compile_cache.enable("off") is None and os.environ[compile_cache.ENV_VAR] == "off"
