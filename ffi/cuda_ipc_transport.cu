@@ -1253,7 +1253,9 @@ T* OnDevice(T* host, const void* host_base, std::uint8_t* device_base) {
 // Peer p's NicQueue becomes not ready: kernels start no new message to it
 // (control_mu held). A kernel already past its checks may still post to the
 // QP after the control path resets it; the NIC then fails that QP (an error
-// completion) and the peer is reconnected like a failed one.
+// completion), and like any failed QP it stays failed until the peer
+// restarts (ibgda_writer.h, Failure). Closing that window needs connection
+// generations checked by the kernels under the queue lock.
 void WithdrawQueue(Endpoint* ep, std::int64_t p) {
   const std::uint32_t flag = 0;
   cudaMemcpyAsync(&ep->view.nic[p].ready, &flag, sizeof(flag), cudaMemcpyHostToDevice, ep->control);
