@@ -46,8 +46,7 @@ def body_problem(kind: str, body: dict, also_allowed: frozenset = frozenset()) -
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         return "body gives both max_tokens and max_completion_tokens"
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
-    if kind == "completion" and logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
-        return f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {logprobs!r}"
+    # Completions' `logprobs` is SamplingParams.logprobs itself: its check says what is wrong.
     if kind == "chat":
         if logprobs is not None and not isinstance(logprobs, bool):
             return f"logprobs must be true or false, got {logprobs!r}"

@@ -11,6 +11,7 @@ named by EAAS_TEST_PEER_GPU, else on this process's (see test_cuda_ipc.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -32,10 +33,19 @@ PREFIX = f"ib{os.getpid()}"
 _names = itertools.count()
 
 
-def _server(deployment: str, geo: dict, messages: int, env: dict | None = None):
-    return _start(dict(transport="ibgda", deployment=deployment, endpoint=1, geometry=geo, seed=0,
+@contextlib.contextmanager
+def _served(deployment: str, geo: dict, messages: int, env: dict | None = None):
+    """A _transport_worker ibgda server on endpoint 1 for `messages`
+    requests; killed on leaving if it has not exited."""
+    proc = _start(dict(transport="ibgda", deployment=deployment, endpoint=1, geometry=geo, seed=0,
                        hosted=np.ones((L, E), np.int32).tolist(), poll_capacity=2 * CAP, messages=messages,
                        deadline_s=120), env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
@@ -45,17 +55,11 @@ def test_gpu_round_trips_through_the_model_nic_match_the_reference(dtype):
     deployment = f"{PREFIX}-{next(_names)}"
     geo = dict(GEO, dispatch_dtype=dtype)
     rounds = 3
-    proc = _server(deployment, geo, 2 * rounds)
-    try:
-        with ibgda.IbgdaEndpoint(deployment, 0, **geo) as client:
-            assert client.device == 0, "the endpoint of a GPU process must live on its GPU"
-            client.connect(1, timeout=30)
-            exchange_and_check(client, rounds, dtype)
-            check_all_answered(proc, client, rounds)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    with _served(deployment, geo, 2 * rounds) as proc, ibgda.IbgdaEndpoint(deployment, 0, **geo) as client:
+        assert client.device == 0, "the endpoint of a GPU process must live on its GPU"
+        client.connect(1, timeout=30)
+        exchange_and_check(client, rounds, dtype)
+        check_all_answered(proc, client, rounds)
 
 
 def test_a_gpu_client_and_a_cpu_server_talk_through_their_nics():
@@ -63,17 +67,12 @@ def test_a_gpu_client_and_a_cpu_server_talk_through_their_nics():
     CPU handler's in the GPU's host-mapped one): one wire, two posters."""
     deployment = f"{PREFIX}-{next(_names)}"
     rounds = 2
-    proc = _server(deployment, GEO, 2 * rounds, env=dict(_worker_env(), JAX_PLATFORMS="cpu"))
-    try:
-        with ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
-            assert client.device == 0
-            client.connect(1, timeout=30)
-            exchange_and_check(client, rounds, "float32")
-            check_all_answered(proc, client, rounds)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    cpu = dict(_worker_env(), JAX_PLATFORMS="cpu")
+    with _served(deployment, GEO, 2 * rounds, env=cpu) as proc, ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
+        assert client.device == 0
+        client.connect(1, timeout=30)
+        exchange_and_check(client, rounds, "float32")
+        check_all_answered(proc, client, rounds)
 
 
 def test_a_cut_link_fails_the_qp_and_the_server_becomes_unavailable():
@@ -82,37 +81,32 @@ def test_a_cut_link_fails_the_qp_and_the_server_becomes_unavailable():
     later dispatches report the server unavailable (at once, not at the
     deadline) and the control path sees PeerState.FAILED."""
     deployment = f"{PREFIX}-{next(_names)}"
-    proc = _server(deployment, GEO, 2)
-    try:
-        with ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
-            client.connect(1, timeout=30)
-            exchange_and_check(client, 1, "float32")
-            client.set_nic_faults(link_down=True)
-            servers = jnp.array([1], jnp.int32)
-            p, s, e, g, _ = _tokens(4, 7, "float32")
-            t = jnp.where(e >= 0, 1, -1)
+    with _served(deployment, GEO, 2), ibgda.IbgdaEndpoint(deployment, 0, **GEO) as client:
+        client.connect(1, timeout=30)
+        exchange_and_check(client, 1, "float32")
+        client.set_nic_faults(link_down=True)
+        servers = jnp.array([1], jnp.int32)
+        p, s, e, g, _ = _tokens(4, 7, "float32")
+        t = jnp.where(e >= 0, 1, -1)
 
-            @jax.jit
-            def exchange(p, s, e, g):
-                sent = client.dispatch(p, e, g, t, servers, layer=0, micro_batch=0, scales=s)
-                _, status, _ = client.combine(sent, t, servers, layer=0, micro_batch=0, timeout_us=200_000,
-                                              after=sent)
-                return sent, status
+        @jax.jit
+        def exchange(p, s, e, g):
+            sent = client.dispatch(p, e, g, t, servers, layer=0, micro_batch=0, scales=s)
+            _, status, _ = client.combine(sent, t, servers, layer=0, micro_batch=0, timeout_us=200_000,
+                                          after=sent)
+            return sent, status
 
-            seen = []
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                sent, status = exchange(p, s, e, g)
-                seen.append((int(sent[0]), int(status[0])))
-                if seen[-1] == (-1, wire.STATUS_UNAVAILABLE):
-                    break
-            assert seen[0][1] == wire.STATUS_TIMEOUT, seen  # posted, never answered
-            assert seen[-1] == (-1, wire.STATUS_UNAVAILABLE), seen
-            assert client.peer_state(1) == ibgda.PeerState.FAILED
-            assert client.stats()["peer_unavailable"] >= 1
-    finally:
-        proc.kill()
-        proc.communicate()
+        seen = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            sent, status = exchange(p, s, e, g)
+            seen.append((int(sent[0]), int(status[0])))
+            if seen[-1] == (-1, wire.STATUS_UNAVAILABLE):
+                break
+        assert seen[0][1] == wire.STATUS_TIMEOUT, seen  # posted, never answered
+        assert seen[-1] == (-1, wire.STATUS_UNAVAILABLE), seen
+        assert client.peer_state(1) == ibgda.PeerState.FAILED
+        assert client.stats()["peer_unavailable"] >= 1
 
 
 def test_disaggregated_greedy_equals_embedded_over_ibgda_on_gpus(tmp_path):
