@@ -84,6 +84,10 @@ def _add_sampling_and_engine_args(p) -> None:
                    "(started here unless --registry is given)")
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "
                    "registered; credentials and certificates from $EAAS_ETCD_* (README)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the step shapes the requests will need before the first step (the rest in the "
+                        "background while it runs), with a progress line (default: on with --input and for "
+                        "batch, off for one --prompt)")
     _add_compile_cache_arg(p)
 
 
@@ -180,7 +184,7 @@ def _batch(args) -> int:
             print(f"resuming: {len(results.done)} of {len(items)} requests are in {args.output} "
                   f"already{failed_before}", file=sys.stderr)
         with _open_engine(args) as engine:
-            summary = run_batch(engine, items, results, model=args.model)
+            summary = run_batch(engine, items, results, model=args.model, warmup=args.warmup is not False)
     report(summary, args.output)
     if args.summary_json:
         with open(args.summary_json, "w") as f:
@@ -212,11 +216,13 @@ def _generate(args) -> int:
     start, failure = time.time(), None
     try:
         with engine:
+            batch = args.input is not None
+            warmup = batch if args.warmup is None else args.warmup
             if args.chat:
                 conversations = [[{"role": "user", "content": p}] for p in prompts]
-                outputs = engine.chat(conversations, params, use_tqdm=args.input is not None)
+                outputs = engine.chat(conversations, params, use_tqdm=batch, warmup=warmup)
             else:
-                outputs = engine.generate(prompts, params, use_tqdm=args.input is not None)
+                outputs = engine.generate(prompts, params, use_tqdm=batch, warmup=warmup)
     except ExpertServerError as e:
         if e.outputs is None or args.prompt is not None:
             raise SystemExit(f"error: {e}")
@@ -475,9 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_generate, _add_batch, _add_serve_experts, _add_train, _add_convert, _add_plan_placement):
         add(sub)
     args = parser.parse_args(argv)
+    # force: absl (imported with orbax) logs once at import, which installs a
+    # root handler and would make this call a no-op (-v would show nothing).
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
     )
     try:
         return args.func(args)

@@ -66,6 +66,8 @@ def uninterrupted(tmp_path_factory):
     # 32 tokens each: the per-token time is under the run's time over 31
     assert 0 < figures["tpot_s_p50"] <= figures["tpot_s_p99"] <= figures["seconds"] / 31
     assert "time per output token after the first: p50" in run.stderr
+    # warm-up is on by default: at least the first prefill and decode foreseen
+    assert figures["warmup_shapes"] >= 2 and "warm-up: " in run.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     rows = records(out)
     assert sorted(r["custom_id"] for r in rows) == sorted(f"q{i}" for i in range(len(PROMPTS)))
@@ -113,6 +115,7 @@ def test_bad_lines_become_error_records_and_the_run_goes_on(engine, tmp_path):
     with ResultsFile(str(out), {i.custom_id for i in items}) as results:
         summary = run_batch(engine, items, results, model="tiny-moe", use_tqdm=False)
     assert (summary.completed, summary.failed, summary.total) == (17, 3, 20)
+    assert summary.warmup_shapes >= 2  # warm-up is on by default
     errors = {r["custom_id"]: r["error"] for r in records(out) if "error" in r}
     assert set(errors) == {"line-3", "line-10", "line-16"}
     assert errors["line-3"].startswith(f"{inp}:3: not valid JSON")
@@ -136,7 +139,8 @@ def test_openai_batch_lines_give_openai_batch_records_equal_to_the_simple_format
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     items = read_requests(str(inp), SamplingParams(temperature=0.0, ignore_eos=True))
     with ResultsFile(str(out), {i.custom_id for i in items}) as results:
-        run_batch(engine, items, results, model="tiny-moe", use_tqdm=False)
+        summary = run_batch(engine, items, results, model="tiny-moe", use_tqdm=False, warmup=False)
+    assert summary.warmup_shapes == 0
     rows = {r["custom_id"]: r for r in records(out)}
     a = rows["a"]
     assert a["id"].startswith("batch_req_") and a["error"] is None and a["response"]["status_code"] == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -22,10 +23,14 @@ from conftest import REPO, replace_config
 
 
 def test_generate_one_prompt_prints_prompt_and_completion(tiny_checkpoint, capsys):
-    assert main(["generate", "--model", tiny_checkpoint, "--prompt", "def f(x):", "--max-tokens", "5",
-                 "--max-model-len", "64", "--max-num-seqs", "2"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("def f(x):") and len(out.strip()) > len("def f(x):")
+    """Also: --warmup (off by default for one prompt) changes nothing printed."""
+    outs = []
+    for warmup in ("--no-warmup", "--warmup"):
+        assert main(["generate", "--model", tiny_checkpoint, "--prompt", "def f(x):", "--max-tokens", "5",
+                     "--max-model-len", "64", "--max-num-seqs", "2", "--temperature", "0", warmup]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0].startswith("def f(x):") and len(outs[0].strip()) > len("def f(x):")
+    assert outs[1] == outs[0]
 
 
 def test_generate_batch_from_jsonl(tiny_checkpoint, tmp_path, capsys):
@@ -135,7 +140,16 @@ def test_version_help_defaults_and_verbose_after_the_subcommand(capsys):
     assert re.search(r"in\s+flight\s+at\s+most\s+\(default:\s+32\)", shown)  # --max-num-seqs
     assert re.search(r"unset:\s+the\s+checkpoint's\s+generation_config.json", shown)  # the sampling flags
     # -v and --debug after the subcommand parse: the run gets as far as reading its input.
-    assert main(["batch", "--model", "m", "--input", "/nonexistent.jsonl", "--output", "o", "-v", "--debug"]) == 2
+    root = logging.getLogger()
+    level = root.level
+    try:
+        # -v logs at INFO though absl (imported with orbax) installed a root handler first
+        assert root.handlers
+        assert main(["batch", "--model", "m", "--input", "/nonexistent.jsonl", "--output", "o", "-v",
+                     "--debug"]) == 2
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(level)
     assert "cannot read /nonexistent.jsonl" in capsys.readouterr().err
 
 

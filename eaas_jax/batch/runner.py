@@ -42,6 +42,9 @@ class BatchSummary:
     tpot_s: list[float] = dataclasses.field(default_factory=list)
     #: per result written: (seconds since the start, tokens generated so far): the run's timeline
     timeline: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    warmup_s: float = 0.0  #: compiling the first steps' shapes before the first step
+    warmup_shapes: int = 0  #: step shapes warm-up foresaw (compiled first, in the background, or left)
+    compile_waits: int = 0  #: steps that waited for their program to compile (foreseen too late, or not)
 
     @property
     def left(self) -> int:
@@ -74,8 +77,9 @@ class _StopOnSignal:
 
 
 def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile, *, model: str,
-              use_tqdm: bool = True) -> BatchSummary:
-    """Runs the requests of `items` that `results` has no record of."""
+              use_tqdm: bool = True, warmup: bool = True) -> BatchSummary:
+    """Runs the requests of `items` that `results` has no record of;
+    `warmup` first compiles the step shapes they will need (`Engine.warm_up`)."""
     summary = BatchSummary(total=len(items))
     todo = [item for item in items if item.custom_id not in results.done]
     summary.skipped = len(items) - len(todo)
@@ -95,8 +99,14 @@ def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile,
                 results.write(error_record(item.custom_id, item.where, str(e) or type(e).__name__,
                                            item.openai_url))
                 summary.failed += 1
-        bar = tqdm(total=len(queued), desc="batch", unit="req", disable=not use_tqdm)
+        bar, waits_before = None, engine.runner.num_compile_waits
         try:
+            if warmup and queued:
+                warmup_start = time.time()
+                plan = engine.warm_up(use_tqdm=use_tqdm)
+                summary.warmup_s = time.time() - warmup_start
+                summary.warmup_shapes = len(plan.first) + len(plan.later)
+            bar = tqdm(total=len(queued), desc="batch", unit="req", disable=not use_tqdm)
             while queued and stop.received is None:
                 for output in engine.step_finished():
                     if output.request_id not in queued:
@@ -114,11 +124,14 @@ def run_batch(engine, items: list[BatchRequest | BadLine], results: ResultsFile,
                     bar.update(1)
                     bar.set_postfix(tok_per_s=f"{summary.generated_tokens / max(time.time() - start, 1e-9):.0f}")
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
+            engine.stop_warm_up()
             for request_id in list(queued):  # interrupted: nothing of ours stays queued
                 engine.abort_request(request_id)
     summary.interrupted = stop.received
     summary.seconds = time.time() - start
+    summary.compile_waits = engine.runner.num_compile_waits - waits_before
     return summary
 
 
@@ -147,7 +160,8 @@ def summary_dict(summary: BatchSummary) -> dict:
         "generated_tokens_per_s": summary.generated_tokens / summary.seconds if summary.seconds else None,
         **{f"{name}_p{round(q * 100)}": _quantile(values, q)
            for name, values in (("ttft_s", summary.ttft_s), ("tpot_s", summary.tpot_s)) for q in (0.5, 0.9, 0.99)},
-        "interrupted_by": summary.interrupted,
+        "warmup_s": summary.warmup_s, "warmup_shapes": summary.warmup_shapes,
+        "steps_waiting_for_compiles": summary.compile_waits, "interrupted_by": summary.interrupted,
     }
 
 
@@ -164,6 +178,11 @@ def describe(summary: BatchSummary, output: str) -> str:
     if summary.tpot_s:
         lines.append("time per output token after the first: "
                      + ", ".join(f"p{q} {figures[f'tpot_s_p{q}'] * 1e3:.1f} ms" for q in (50, 90, 99)))
+    if summary.warmup_shapes:
+        lines.append(f"warm-up: {summary.warmup_s:.1f} s before the first step, {summary.warmup_shapes} step shapes "
+                     f"foreseen; {summary.compile_waits} steps waited for a compile")
+    elif summary.compile_waits:
+        lines.append(f"{summary.compile_waits} steps waited for a compile (no warm-up)")
     if summary.interrupted and summary.left:
         lines.append(f"interrupted by {summary.interrupted}: {summary.left} requests not run; run the same "
                      "command again to resume (what is in the output is skipped)")

@@ -17,11 +17,12 @@ from eaas_jax.engine.generation_config import GenerationDefaults
 from eaas_jax.engine.metrics import ServingMetrics
 from eaas_jax.engine.outputs import RequestOutput
 from eaas_jax.engine.prompts import chat_prompts, Prompt, RequestBuilder, abbreviated, paired_with_params
-from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner
-from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from eaas_jax.engine.scheduler import Scheduler, step_rows
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, compiles_alongside_steps
+from eaas_jax.engine.sampling_params import SamplingParams
+from eaas_jax.engine.scheduler import Scheduler, step_options, step_rows
 from eaas_jax.engine.sequence import Request, Sequence
 from eaas_jax.engine.tokenizer import Tokenizer
+from eaas_jax.engine.warmup import WarmupPlan, plan_warmup
 from eaas_jax.model.attention import kv_cache_bytes_per_token
 from eaas_jax.attention_client.remote_backend import ExpertServerError
 from eaas_jax.control_plane.cluster import LocalCluster, RegistryCluster
@@ -162,6 +163,8 @@ class Engine:
     def shutdown(self) -> None:
         """Leaves the deployment: closes this client's mailbox, frees its slot,
         and stops the expert servers this engine started (idempotent)."""
+        if self.runner is not None:
+            self.stop_warm_up()
         if self.pool is not None:
             self.pool.close(self.runner.wait if self.runner is not None else lambda: None)
 
@@ -220,7 +223,49 @@ class Engine:
 
     @property
     def num_compilations(self) -> int:
+        """Step shapes compiled (or compiling) so far."""
         return self.runner.num_compilations
+
+    def warm_up(self, *, later: str = "auto", use_tqdm: bool = True) -> WarmupPlan:
+        """Compiles the step programs the queued requests will need before
+        they run (`engine.warmup` says which are foreseen): the first prefill's
+        and decode's now, in parallel, with a progress bar. The shapes later
+        steps are likely to meet (`later`): "background" compiles them on
+        background threads while the steps run (a step of a shape still
+        compiling waits for it); "now" compiles them before returning too;
+        "when_met" leaves them to the steps; "auto" is "background" where
+        compiling costs the steps little (`compiles_alongside_steps`: not on a
+        CPU of few cores), else "when_met". `stop_warm_up()` (and `shutdown()`)
+        drop the background compiles not started. Call it after queueing the
+        requests and before the first step."""
+        if later not in ("auto", "background", "now", "when_met"):
+            raise ValueError(f"later must be 'auto', 'background', 'now' or 'when_met', got {later!r}")
+        if self._in_flight or self.scheduler.running:
+            raise RuntimeError("warm_up foresees a run of queued requests: call it before the first step")
+        allocator = self.scheduler.allocator
+        plan = plan_warmup(list(self.scheduler.waiting), max_num_seqs=self.scheduler.max_num_seqs,
+                           max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+                           block_size=allocator.block_size, num_free_blocks=allocator.num_free,
+                           max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        if later == "auto":
+            later = "background" if compiles_alongside_steps() else "when_met"
+        now = plan.first + (plan.later if later == "now" else [])
+        start = time.monotonic()
+        bar = tqdm(total=len(now), desc="warm-up: compiling", unit="shape", disable=not use_tqdm)
+        try:
+            self.runner.compile(now, on_done=lambda _: bar.update(1))
+        finally:
+            bar.close()
+        log.info("warm-up: %d step shapes compiled in %.1f s%s", len(now), time.monotonic() - start,
+                 f"; {len(plan.later)} more foreseen, {later}" if later != "now" else "")
+        if later == "background":
+            self.runner.compile(plan.later, background=True)
+        return plan
+
+    def stop_warm_up(self) -> None:
+        """Drops the background compiles of `warm_up` not started (those
+        running finish): what a run that has ended did not need."""
+        self.runner.stop_compiling()
 
     # --------------------------------------------------------------------- steps
 
@@ -285,11 +330,9 @@ class Engine:
         """Queues a step for `seqs`; a decode row whose last token is pending
         reads it from `previous` (sequences, step) on the device."""
         rows = step_rows(seqs, is_prefill, previous[0] if previous else None, self.eos_token_ids)
-        want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
-        want_prompt_logprobs = is_prefill and any(seq.request.wants_prompt_logprobs for seq in seqs)
-        step = self.runner.dispatch(rows, MAX_LOGPROBS if want_logprobs else 0,
-                                    previous[1] if rows.token_sources is not None else None,
-                                    MAX_LOGPROBS if want_prompt_logprobs else -1)
+        num_top_logprobs, num_prompt_logprobs = step_options(seqs, is_prefill)
+        step = self.runner.dispatch(rows, num_top_logprobs, previous[1] if rows.token_sources is not None else None,
+                                    num_prompt_logprobs)
         for seq in seqs:
             seq.num_pending += 1
         return step
@@ -344,11 +387,13 @@ class Engine:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        warmup: bool = False,
     ) -> list[RequestOutput]:
         """Generates completions for every prompt; outputs in prompt order.
 
         Every prompt is validated before any work starts: one bad prompt raises
-        ValueError and nothing is queued.
+        ValueError and nothing is queued. `warmup` compiles the step shapes
+        the prompts will need first (`warm_up`); nothing else may be running.
         """
         prompts, params = paired_with_params(prompts, sampling_params, self.default_sampling_params)
         requests = []
@@ -365,6 +410,8 @@ class Engine:
         bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not use_tqdm)
         generated, start = 0, time.time()
         try:
+            if warmup:
+                self.warm_up(use_tqdm=use_tqdm)
             while len(results) < len(requests):
                 for out in self.step_finished():
                     if out.request_id in wanted:
@@ -374,6 +421,7 @@ class Engine:
                         bar.set_postfix(tok_per_s=f"{generated / (time.time() - start):.0f}")
         finally:
             bar.close()
+            self.stop_warm_up()
             for request in requests:  # interrupted: leave nothing of ours queued
                 if request.request_id not in results:
                     self.abort_request(request.request_id)
@@ -392,6 +440,7 @@ class Engine:
         *,
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
+        warmup: bool = False,
     ) -> list[RequestOutput]:
         """Generates replies to one conversation ([{"role": ..., "content": ...}])
         or a list of conversations, rendered with the checkpoint's chat template.
@@ -401,4 +450,4 @@ class Engine:
         Each output's `prompt` is the rendered text.
         """
         prompts = chat_prompts(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, warmup=warmup)

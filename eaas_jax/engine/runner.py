@@ -7,10 +7,13 @@ so that a whole run compiles a handful of programs; each new one is logged.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
+import os
+import threading
 import time
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,36 @@ def bucket(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+class StepShape(NamedTuple):
+    """The key of a compiled step program: its padded sizes and static options."""
+
+    batch: int  # rows
+    seq: int  # tokens per row
+    blocks: int  # KV blocks per row
+    banned: int  # banned token ids per row
+    penalized: int  # penalized tokens per row (0: no penalties in the program)
+    logprobs: int  # top logprobs returned per row
+    greedy: bool  # every row greedy
+    prompt_logprobs: int  # -1: none; else top ones per prompt token
+
+    @classmethod
+    def bucketed(cls, *, rows: int, longest: int, blocks: int, banned: int, penalized: int, logprobs: int,
+                 greedy: bool, prompt_logprobs: int = -1) -> "StepShape":
+        """The shape of a step of `rows` rows, the longest of `longest` new
+        tokens, of `blocks` KV blocks, `banned` banned ids and `penalized`
+        penalized tokens at most: each size bucketed (`bucket`; minimum 16
+        tokens unless every row has one, 8 blocks, 4 banned ids, 64 penalized
+        tokens, 0 of those when no row has penalties). A few padded rows or
+        tokens cost less than a recompile."""
+        return cls(bucket(rows), 1 if longest == 1 else bucket(longest, 16), bucket(blocks, 8), bucket(banned, 4),
+                   bucket(penalized, 64) if penalized else 0, logprobs, greedy, prompt_logprobs)
+
+    def static(self) -> dict:
+        """The jit's static options of this shape."""
+        return dict(num_top_logprobs=self.logprobs, greedy_only=self.greedy,
+                    num_prompt_logprobs=self.prompt_logprobs)
 
 
 class StepResult(NamedTuple):
@@ -221,40 +254,44 @@ class ModelRunner:
         )
         self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
         self._carry = jax.device_put(experts.initial_carry(), sharding)
-        # (moe_layer, micro_batch) of each exchange, per compiled step shape
-        self._labels: dict[tuple, list[tuple[int, int]]] = {}
+        # What compiling each step shape gave (or will): the (moe_layer,
+        # micro_batch) of its exchanges. Warm-up fills it ahead of the steps,
+        # from other threads; tracing is one at a time (a trace's exchanges are
+        # read off the backend after it), XLA's compiles run in parallel.
+        self._compiled: dict[StepShape, concurrent.futures.Future] = {}
+        self._compiled_lock = threading.RLock()  # cancelling a compile calls _forget_failed
+        self._trace_lock = threading.Lock()
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None
+        self.num_compile_waits = 0  # steps that waited for their program to compile
+        # The KV cache as compiling sees it: shapes and placement (the cache
+        # itself is donated to each step, so another thread must not hold it).
+        self._kv_cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                           self.kv_cache)
         self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
 
     @property
     def num_compilations(self) -> int:
-        return len(self._labels)
+        """Step shapes compiled or being compiled."""
+        return len(self._compiled)
 
     def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None,
                        num_prompt_logprobs: int = -1):
         """The step's inputs for `rows`, built on the host without compiling:
-        `(shape, args, static)`. `shape` is the compiled program's key, (batch
-        rows, tokens per row, blocks per row, banned ids per row, penalized
-        tokens per row, `num_top_logprobs`, greedy_only, `num_prompt_logprobs`
-        (-1: none; else the top ones per prompt token)), each size bucketed
-        (`bucket`, minimum 16 tokens unless every row has one, 8 blocks, 4
-        banned ids, 64 penalized tokens; 0 of those when no row has penalties). `args`
-        are the step's positional arguments, padded: padding tokens and rows
+        `(shape, args, static)`. `shape` is the compiled program's key
+        (`StepShape.bucketed` of the rows' sizes, with `num_top_logprobs`,
+        whether every row is greedy, and `num_prompt_logprobs`). `args` are the
+        step's positional arguments, padded: padding tokens and rows
         get position 0 and the invalid slot `num_blocks * block_size` (their
         cache writes are dropped); `last_index` is each row's last real token;
         `token_sources` (-1 where absent) need `previous` and one token per
         row (ValueError otherwise). `static` holds the jit's static options."""
         n = len(rows.tokens)
-        batch = bucket(n)
-        # Minimum buckets: a few padded rows/tokens cost less than a recompile.
-        longest = max(len(t) for t in rows.tokens)
-        seq = 1 if longest == 1 else bucket(longest, 16)
-        max_blocks = bucket(max(len(b) for b in rows.block_tables), 8)
-        num_banned = bucket(max(len(s["banned"]) for s in rows.sampling), 4)
-        most_penalized = max(len(s.get("penalized", ())) for s in rows.sampling)
-        num_penalized = bucket(most_penalized, 64) if most_penalized else 0
-        greedy_only = all(s["temperature"] == 0 for s in rows.sampling)
-        shape = (batch, seq, max_blocks, num_banned, num_penalized, num_top_logprobs, greedy_only,
-                 num_prompt_logprobs)
+        shape = StepShape.bucketed(
+            rows=n, longest=max(len(t) for t in rows.tokens), blocks=max(len(b) for b in rows.block_tables),
+            banned=max(len(s["banned"]) for s in rows.sampling),
+            penalized=max(len(s.get("penalized", ())) for s in rows.sampling), logprobs=num_top_logprobs,
+            greedy=all(s["temperature"] == 0 for s in rows.sampling), prompt_logprobs=num_prompt_logprobs)
+        batch, seq, max_blocks, num_banned, num_penalized = shape[:5]
 
         tokens = np.zeros((batch, seq), np.int32)
         tables = np.zeros((batch, max_blocks), np.int32)
@@ -298,8 +335,7 @@ class ModelRunner:
             sources,
             self._carry,
         )
-        return shape, args, dict(num_top_logprobs=num_top_logprobs, greedy_only=greedy_only,
-                                 num_prompt_logprobs=num_prompt_logprobs)
+        return shape, args, shape.static()
 
     def fetch(self, step: DispatchedStep) -> tuple[StepResult, ExchangeReport, float]:
         """Waits for `step` (fetched in dispatch order); returns its results
@@ -326,21 +362,121 @@ class ModelRunner:
         _, args, static = self.prepare_inputs(rows, num_top_logprobs, None)
         return self._jitted.lower(*args, **static)
 
+    def _placeholder_rows(self, shape: StepShape) -> StepRows:
+        """Rows whose step has `shape` (their values are never run)."""
+        row = {"temperature": 0.0 if shape.greedy else 1.0, "banned": [0] * shape.banned}
+        if shape.penalized:
+            row["penalized"] = [(0, 0)] * shape.penalized
+        return StepRows([[0] * shape.seq] * shape.batch, [0] * shape.batch, [[0] * shape.blocks] * shape.batch,
+                        [row] * shape.batch)
+
+    def _compile(self, shape: StepShape, args, static) -> list[tuple[int, int]]:
+        """Compiles the step program of `shape` (jit's caches keep it for the
+        step's own call); returns its exchanges' labels."""
+        # The KV cache is donated to each step: compile against its spec.
+        args = (*args[:2], self._kv_cache_spec, *args[3:])
+        start = time.monotonic()
+        with self._trace_lock:
+            lowered = self._jitted.lower(*args, **static)
+            labels = self.experts.traced_exchanges()
+        lowered.compile()
+        log.info("compiled model step %s in %.1f s", shape, time.monotonic() - start)
+        return labels
+
+    def _compiling(self, shape: StepShape, args, static, executor=None) -> concurrent.futures.Future:
+        """The compile of `shape`: the one started before, else a new one, on
+        `executor` (None: here, now: a step needs it; one still queued in the
+        background is taken over, not waited for behind others). A failed one
+        is forgotten (the next step of that shape tries again)."""
+        with self._compiled_lock:
+            future = self._compiled.get(shape)
+            if future is not None and (executor is not None or not future.cancel()):
+                return future
+            if executor is not None:
+                future = executor.submit(self._compile, shape, args, static)
+            else:
+                future = concurrent.futures.Future()
+                future.set_running_or_notify_cancel()
+            self._compiled[shape] = future
+        future.add_done_callback(functools.partial(self._forget_failed, shape))
+        if executor is None:
+            log.info("compiling model step #%d: %s", len(self._compiled), shape)
+            try:
+                future.set_result(self._compile(shape, args, static))
+            except BaseException as e:
+                future.set_exception(e)
+        return future
+
+    def _forget_failed(self, shape: StepShape, future: concurrent.futures.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            with self._compiled_lock:
+                if self._compiled.get(shape) is future:
+                    del self._compiled[shape]
+
+    def compile(self, shapes: Iterable[StepShape], *, background: bool = False,
+                on_done=None) -> list[concurrent.futures.Future]:
+        """Compiles the step programs of `shapes` not compiled yet (warm-up).
+        In parallel; then waits for them, unless `background`: then they
+        compile on a pool of threads while steps run (a step of a shape still
+        compiling waits for it). `on_done(future)` is called as each finishes."""
+        futures = []
+        pool = self._background_pool() if background else concurrent.futures.ThreadPoolExecutor(
+            max_workers=_compile_threads(), thread_name_prefix="eaas-compile")
+        try:
+            for shape in shapes:
+                _, args, static = self.prepare_inputs(self._placeholder_rows(shape), shape.logprobs, None,
+                                                      shape.prompt_logprobs)
+                futures.append(self._compiling(shape, args, static, pool))
+                if on_done is not None:
+                    futures[-1].add_done_callback(on_done)
+        finally:
+            if not background:
+                pool.shutdown(wait=True)
+        if not background:
+            for future in futures:
+                future.result()  # raises a compile's error
+        return futures
+
+    def _background_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._background is None:
+            self._background = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, _compile_threads() // 2), thread_name_prefix="eaas-compile-background")
+        return self._background
+
+    def stop_compiling(self) -> None:
+        """Drops the background compiles not started; waits for those running."""
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background = None
+
     def dispatch(self, rows: StepRows, num_top_logprobs: int,
                  previous: DispatchedStep | None = None, num_prompt_logprobs: int = -1) -> DispatchedStep:
         """Queues a step for `rows` on the device; `previous` is the step whose
         tokens `rows.token_sources` name; `num_prompt_logprobs` >= 0 also
-        scores every token of the rows (prompt logprobs, with that many top ones)."""
+        scores every token of the rows (prompt logprobs, with that many top ones).
+        A shape met for the first time is compiled first (or waited for, if
+        warm-up is compiling it)."""
         shape, args, static = self.prepare_inputs(rows, num_top_logprobs, previous, num_prompt_logprobs)
-        new_shape = shape not in self._labels
-        if new_shape:
-            log.info(
-                "compiling model step #%d: batch=%d tokens=%d blocks/seq=%d banned=%d penalized=%d logprobs=%d "
-                "greedy=%s prompt_logprobs=%d",
-                len(self._labels) + 1, *shape,
-            )
+        compiled = self._compiled.get(shape)
+        if compiled is None or not compiled.done():
+            self.num_compile_waits += 1
+        labels = self._compiling(shape, args, static).result()
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
-        if new_shape:  # this call traced the step: its exchanges are known now
-            self._labels[shape] = self.experts.traced_exchanges()
-        return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, self._labels[shape],
-                              num_tokens=shape[0] * shape[1], expert_arrays=self._expert_arrays)
+        return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, labels,
+                              num_tokens=shape.batch * shape.seq, expert_arrays=self._expert_arrays)
+
+
+def _num_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _compile_threads() -> int:
+    """Threads compiling step programs at once: XLA's compiles release the
+    GIL, and each also uses a few threads of its own."""
+    return max(1, min(8, _num_cores() // 2))
+
+
+def compiles_alongside_steps() -> bool:
+    """Whether compiling while steps run costs the steps little: their device
+    is an accelerator, or the CPU that runs them has cores to spare."""
+    return jax.default_backend() != "cpu" or _num_cores() >= 8

@@ -20,6 +20,7 @@ import time
 from typing import NamedTuple
 
 from eaas_jax.engine.block_allocator import BlockAllocator
+from eaas_jax.engine.sampling_params import MAX_LOGPROBS
 from eaas_jax.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -140,3 +141,11 @@ def step_rows(seqs: list[Sequence], is_prefill: bool, previous: list[Sequence] |
     if not any(seq.num_pending for seq in seqs):
         rows = rows._replace(token_sources=None)
     return rows
+
+
+def step_options(seqs: list[Sequence], is_prefill: bool) -> tuple[int, int]:
+    """(top logprobs per row, top logprobs per prompt token or -1 for none)
+    of a step of `seqs`: a step computes the most any of its rows asks for."""
+    want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+    want_prompt_logprobs = is_prefill and any(seq.request.wants_prompt_logprobs for seq in seqs)
+    return MAX_LOGPROBS if want_logprobs else 0, MAX_LOGPROBS if want_prompt_logprobs else -1
