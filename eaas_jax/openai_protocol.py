@@ -7,13 +7,15 @@ shapes are the same wherever a client reads them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
+from eaas_jax.engine.chat_template import check_messages
 from eaas_jax.engine.outputs import CompletionOutput, RequestOutput
-from eaas_jax.engine.sampling_params import MAX_LOGPROBS
+from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
-__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "body_problem", "params_of_body", "response_body"]
+__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "body_problem", "params_of_body", "parse_body", "response_body"]
 
 #: URL -> what its body asks for.
 COMPLETION_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -68,6 +70,22 @@ def params_of_body(kind: str, body: dict) -> dict:
     if kind == "chat" and body.get("logprobs"):
         fields["logprobs"] = body.get("top_logprobs") or 0
     return fields
+
+
+def parse_body(kind: str, body: dict, defaults: SamplingParams, also_allowed: frozenset = frozenset()
+               ) -> tuple[SamplingParams, str | list | None, list | None]:
+    """A `kind` body's (sampling params over `defaults`, prompt, messages).
+    Raises ValueError naming the field for a body that cannot be served."""
+    problem = body_problem(kind, body, also_allowed)
+    if problem:
+        raise ValueError(problem)
+    if kind == "chat":
+        check_messages(body["messages"])
+    try:
+        params = dataclasses.replace(defaults, **params_of_body(kind, body))
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    return params, body.get("prompt"), body.get("messages")
 
 
 def _completion_logprobs(c: CompletionOutput) -> dict | None:

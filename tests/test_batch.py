@@ -272,7 +272,7 @@ def test_bad_lines_say_why(tmp_path):
                            "expected exactly one of 'prompt' and 'messages'", "unknown field(s) ['colour']",
                            "expected a prompt string or an object"]
     assert reasons[4] == reasons[5] == "a conversation must be a non-empty list of messages"
-    assert reasons[6] == "n = 129 is over the 128 completions one request may ask for"
+    assert reasons[6] == "n must be an integer in [1, 128], got 129"
     assert reasons[7].startswith("not UTF-8") and items[8].where == f"{inp}:9"
 
 

@@ -98,7 +98,7 @@ def test_a_replica_killed_mid_run_loses_no_request_and_changes_no_output(tiny_ch
         assert backend.endpoint.stats()["timeouts"] == 1
         counters = engine.metrics.server_counters
         assert counters["deadline_misses"].tolist() == counters["marked_dead"].tolist() == [1, 0, 0]
-        assert 'eaas_server_marked_dead_total{server="r0"} 1\n' in engine.metrics_text()
+        assert 'eaas_server_marked_dead_total{server="r0"} 1.0\n' in engine.metrics_text()
         assert engine.metrics.server_wait_seconds[0] >= 2.0  # the 2 s deadline its exchange waited on it
 
 
@@ -177,7 +177,7 @@ def test_with_adaptive_deadlines_a_pause_of_every_replica_reruns_the_step_with_t
         backend = engine.runner.experts
         assert all(backend.is_live(server) for server in range(3))
         assert engine.metrics.server_counters["marked_dead"].sum() == 0
-        assert "eaas_retried_steps_total 1\n" in engine.metrics_text()
+        assert "eaas_retried_steps_total 1.0\n" in engine.metrics_text()
     messages = [r.getMessage() for r in caplog.records]
     assert any("runs again with the full deadline" in m for m in messages), messages
     assert not any("routing around it" in m for m in messages), messages
@@ -274,6 +274,7 @@ def test_killing_the_only_replica_of_an_expert_fails_just_the_requests_routed_to
     with LocalCluster(tiny_checkpoint, str(path), dtype="float32") as cluster:
         with Engine(tiny_checkpoint, deployment=cluster, **ENGINE_ARGS) as engine:
             assert token_ids(engine.generate(REQUESTS, PARAMS, use_tqdm=False)) == reference
+            assert engine.unservable() is None
             victim = cluster.process("solo")
             victim.kill()
             victim.wait()
@@ -292,7 +293,9 @@ def test_killing_the_only_replica_of_an_expert_fails_just_the_requests_routed_to
                 else:  # not routed to the dead expert: exactly as without the failure
                     assert out.outputs[0].token_ids == reference[i]
             assert engine.metrics.failed_requests == len(failed)
-            assert f"eaas_failed_requests_total {len(failed)}\n" in engine.metrics_text()
+            assert f"eaas_failed_requests_total {float(len(failed))}\n" in engine.metrics_text()
+            # What a health check reports: the expert with no replica left
+            assert engine.unservable().startswith(f"1 experts have no live replica (MoE layer {layer}, expert {expert} ")
 
 
 def test_a_drained_replica_exits_and_nothing_is_lost(tiny_checkpoint, reference, tmp_path):

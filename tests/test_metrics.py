@@ -3,29 +3,19 @@ engine counts against what its requests must have routed."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from eaas_jax.engine import SamplingParams
 from eaas_jax.engine.metrics import RECENT_STEPS, ServingMetrics
 from eaas_jax.model.experts_backend import ExchangeReport
 from eaas_jax.transport import wire
 
-SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?\d+(?:\.\d+)?)$')
-
-
 def parse(text: str) -> dict[tuple[str, str], float]:
-    """{(name, labels): value} of an exposition text; every line must be a
-    HELP/TYPE comment or a sample."""
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            continue
-        m = SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        samples[(m.group(1), m.group(2) or "")] = float(m.group(3))
-    return samples
+    """{(name, labels as '{k="v",...}' in sorted order, unescaped): value} of an
+    exposition text, read by prometheus_client's parser."""
+    return {(s.name, "{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}" if s.labels else ""):
+            s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_render_counts_each_servers_failures_and_escapes_labels():
@@ -42,17 +32,17 @@ def test_render_counts_each_servers_failures_and_escapes_labels():
     metrics.failed_requests, metrics.retried_steps = 1, 2  # what the engine counts
     samples = parse(metrics.render(live=[True, False], transport={"drop_checksum": 2, "timeouts": 4}))
     assert samples[("eaas_steps_total", "")] == 2
-    assert samples[("eaas_expert_tokens_total", '{layer="0",expert="1"}')] == 14
-    assert samples[("eaas_server_token_slots_total", '{server="a\\"b"}')] == 18
-    assert samples[("eaas_server_deadline_misses_total", '{server="c\\\\d"}')] == 4
-    assert samples[("eaas_server_deadline_misses_total", '{server="a\\"b"}')] == 0
-    assert samples[("eaas_server_bad_replies_total", '{server="a\\"b"}')] == 2
-    assert samples[("eaas_server_marked_dead_total", '{server="c\\\\d"}')] == 1
-    assert samples[("eaas_server_live", '{server="c\\\\d"}')] == 0
+    assert samples[("eaas_expert_tokens_total", '{expert="1",layer="0"}')] == 14
+    assert samples[("eaas_server_token_slots_total", '{server="a"b"}')] == 18
+    assert samples[("eaas_server_deadline_misses_total", '{server="c\\d"}')] == 4
+    assert samples[("eaas_server_deadline_misses_total", '{server="a"b"}')] == 0
+    assert samples[("eaas_server_bad_replies_total", '{server="a"b"}')] == 2
+    assert samples[("eaas_server_marked_dead_total", '{server="c\\d"}')] == 1
+    assert samples[("eaas_server_live", '{server="c\\d"}')] == 0
     assert samples[("eaas_unserved_slots_total", "")] == 6
     assert samples[("eaas_failed_requests_total", "")] == 1
     assert samples[("eaas_retried_steps_total", "")] == 2
-    assert samples[("eaas_server_wait_seconds_total", '{server="c\\\\d"}')] == 0.3
+    assert samples[("eaas_server_wait_seconds_total", '{server="c\\d"}')] == 0.3
     np.testing.assert_allclose(metrics.recent_server_wait(1.0), [0.0015, 0.25])
     np.testing.assert_allclose(metrics.recent_server_wait(0.0), [0.0005, 0.05])
     assert samples[("eaas_transport_dropped_messages_total", '{reason="checksum"}')] == 2
@@ -80,6 +70,7 @@ def test_embedded_engine_counts_every_real_token_once_per_routed_expert(tiny_eng
     """Each prompt token and each generated token but the last goes through
     every MoE layer once, to top_k experts: padding rows must not count."""
     before = tiny_engine.metrics.expert_tokens.copy()
+    samples_before = parse(tiny_engine.metrics_text())
     prompts = ["def f(x):", "import os\nimport sys", "a"]
     outs = tiny_engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
                                 use_tqdm=False)
@@ -94,3 +85,15 @@ def test_embedded_engine_counts_every_real_token_once_per_routed_expert(tiny_eng
     # Every step the engine ran has its time in the histogram.
     assert samples[("eaas_step_seconds_count", "")] == samples[("eaas_steps_total", "")] > 0
     assert samples[("eaas_step_seconds_sum", "")] > 0
+
+    def added(name):
+        return samples[(name, "")] - samples_before[(name, "")]
+
+    # Each request's first token, and each later one (5 tokens: 4 gaps), in the latency histograms.
+    assert added("eaas_time_to_first_token_seconds_count") == len(prompts)
+    assert added("eaas_inter_token_latency_seconds_count") == 4 * len(prompts)
+    assert added("eaas_time_to_first_token_seconds_sum") > 0
+    assert added("eaas_prompt_tokens_total") == sum(len(o.prompt_token_ids) for o in outs)
+    # Finished: nothing holds KV blocks or waits.
+    assert samples[("eaas_kv_blocks_used", "")] == 0 < samples[("eaas_kv_blocks", "")]
+    assert samples[("eaas_sequences_running", "")] == samples[("eaas_requests_unfinished", "")] == 0

@@ -70,6 +70,11 @@ class RemoteExpertBackend:
     def is_live(self, endpoint: int) -> bool:
         return bool(self._live[endpoint])
 
+    def experts_without_live_replica(self) -> list[tuple[int, int]]:
+        """The (MoE layer, expert) pairs no live server hosts now."""
+        live = np.append(self._live, False)  # table entry -1 (no replica) reads the last: not live
+        return [(int(layer), int(expert)) for layer, expert in np.argwhere(~live[self._table].any(axis=2))]
+
     def set_hosted(self, endpoint: int, hosted) -> None:
         """Makes server `endpoint` a replica of exactly the (MoE layer, expert)
         pairs in `hosted` (a server that joined on a spare endpoint, or another

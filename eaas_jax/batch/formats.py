@@ -111,34 +111,13 @@ def _parse(line: str, where: str, default_id: str, defaults: SamplingParams) -> 
     unknown = sorted(set(raw) - fields - {"prompt", "messages", "custom_id"})
     if unknown:
         return BadLine(custom_id, where, f"unknown field(s) {unknown}")
-    overrides = {k: v for k, v in raw.items() if k in fields}
-    problem = _params_problem(overrides) or ("messages" in raw and _messages_problem(raw["messages"]))
-    if problem:
-        return BadLine(custom_id, where, problem)
     try:
-        params = dataclasses.replace(defaults, **overrides)
+        if "messages" in raw:
+            check_messages(raw["messages"])
+        params = dataclasses.replace(defaults, **{k: v for k, v in raw.items() if k in fields})
     except (ValueError, TypeError) as e:
         return BadLine(custom_id, where, str(e))
     return BatchRequest(custom_id, where, params, prompt=raw.get("prompt"), messages=raw.get("messages"))
-
-
-#: Completions one request may ask for at most (OpenAI's limit too).
-MAX_N = 128
-
-
-def _params_problem(overrides: dict) -> str | None:
-    n = overrides.get("n", 1)
-    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
-        return f"n = {n} is over the {MAX_N} completions one request may ask for"
-    return None
-
-
-def _messages_problem(messages) -> str | None:
-    try:
-        check_messages(messages)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingParams) -> BatchRequest | BadLine:
@@ -156,23 +135,12 @@ def _parse_openai(raw: dict, where: str, default_id: str, defaults: SamplingPara
     body = raw["body"]
     if not isinstance(body, dict):
         return BadLine(custom_id, where, "body must be an object", url)
-    kind = OPENAI_URLS[url]
-    text_key = "prompt" if kind == "completion" else "messages"
-    problem = openai_protocol.body_problem(kind, body, also_allowed=_STREAM)
-    if problem:
-        return BadLine(custom_id, where, problem, url)
-    overrides = openai_protocol.params_of_body(kind, body)
-    problem = _params_problem(overrides) or (text_key == "messages" and _messages_problem(body["messages"]))
-    if problem:
-        return BadLine(custom_id, where, problem, url)
     try:
-        params = dataclasses.replace(defaults, **overrides)
-    except (ValueError, TypeError) as e:
+        params, prompt, messages = openai_protocol.parse_body(OPENAI_URLS[url], body, defaults, also_allowed=_STREAM)
+    except ValueError as e:
         return BadLine(custom_id, where, str(e), url)
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    if text_key == "prompt":
-        return BatchRequest(custom_id, where, params, prompt=body["prompt"], openai_url=url, model=model)
-    return BatchRequest(custom_id, where, params, messages=body["messages"], openai_url=url, model=model)
+    return BatchRequest(custom_id, where, params, prompt=prompt, messages=messages, openai_url=url, model=model)
 
 
 # --- records -------------------------------------------------------------------

@@ -121,6 +121,15 @@ class ServerPool:
     def describe(self) -> str:
         return f"in {len(self.deployment.started_servers)} servers"
 
+    def unservable(self) -> str | None:
+        """Why no request can be served now (experts with no live replica), or None."""
+        lost = self.experts.experts_without_live_replica()
+        if not lost:
+            return None
+        layer, expert = lost[0]
+        return (f"{len(lost)} experts have no live replica (MoE layer {layer}, expert {expert} among them): "
+                "every request routed to them would fail")
+
     def live_mask(self) -> list[bool]:
         return [self.experts.is_live(s) for s in range(self.deployment.num_server_endpoints)]
 

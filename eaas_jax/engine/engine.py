@@ -14,7 +14,7 @@ from eaas_jax.engine.block_allocator import BlockAllocator, kv_block_count
 from eaas_jax.engine.dtypes import resolve_dtype
 from eaas_jax.engine.expert_parallel import ExpertParallelExperts, expert_mesh
 from eaas_jax.engine.generation_config import GenerationDefaults
-from eaas_jax.engine.metrics import ServingMetrics
+from eaas_jax.engine.metrics import ServingMetrics, render_families
 from eaas_jax.engine.outputs import RequestOutput
 from eaas_jax.engine.prompts import chat_prompts, Prompt, RequestBuilder, abbreviated, paired_with_params
 from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, compiles_alongside_steps
@@ -180,10 +180,28 @@ class Engine:
 
     def metrics_text(self) -> str:
         """The engine's serving metrics (per-expert load, per-server traffic and
-        failures, transport drops) in Prometheus' text exposition format."""
+        failures, transport drops, latencies, scheduler and KV cache use) in
+        Prometheus' text exposition format."""
+        return render_families(self.metric_families())
+
+    def metric_families(self) -> list:
+        """`metrics_text`'s families (prometheus_client's), for a registry of one's own."""
+        allocator = self.scheduler.allocator
+        gauges = {
+            "eaas_requests_unfinished": (len(self._requests), "Requests queued or running."),
+            "eaas_sequences_running": (len(self.scheduler.running), "Sequences holding KV blocks."),
+            "eaas_sequences_waiting": (len(self.scheduler.waiting), "Sequences waiting to be scheduled."),
+            "eaas_kv_blocks_used": (allocator.num_blocks - allocator.num_free, "KV cache blocks in use."),
+            "eaas_kv_blocks": (allocator.num_blocks, "KV cache blocks in all."),
+        }
         if self.pool is None:
-            return self.metrics.render()
-        return self.metrics.render(live=self.pool.live_mask(), transport=self.pool.transport_stats())
+            return self.metrics.families(gauges=gauges)
+        return self.metrics.families(live=self.pool.live_mask(), transport=self.pool.transport_stats(), gauges=gauges)
+
+    def unservable(self) -> str | None:
+        """Why the engine cannot serve requests now (e.g. some expert has no
+        live replica left), or None when it can."""
+        return None if self.pool is None else self.pool.unservable()
 
     def __enter__(self) -> "Engine":
         return self
@@ -367,7 +385,12 @@ class Engine:
                 )
                 self.metrics.generated_tokens += 1
                 metrics = request.metrics
-                metrics.first_token_time = metrics.first_token_time or now
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = now
+                    self.metrics.ttft_seconds.observe(now - metrics.arrival_time)
+                    self.metrics.prompt_tokens += len(request.prompt_ids)
+                elif metrics.last_token_time != now:  # once per step for the completions of one request
+                    self.metrics.itl_seconds.observe(now - metrics.last_token_time)
                 metrics.last_token_time = now
                 if seq.finished:
                     self.scheduler.remove(seq)

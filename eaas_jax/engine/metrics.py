@@ -1,19 +1,25 @@
-"""Serving metrics of an engine, rendered in Prometheus' text exposition format.
+"""Serving metrics of an engine, rendered in Prometheus' text exposition
+format (through prometheus_client).
 
 What an operator (or an autoscaler) watches: the tokens routed to each expert
 (its load), the token-expert slots sent to each expert server, each server's
 deadline misses, bad replies, times it was marked dead, the transport's
-dropped messages by reason, and how long steps take. Counters only grow for
-the engine's lifetime; `render` reads them without resetting.
+dropped messages by reason, how long steps take, the time to each request's
+first token and between its tokens, and how full the scheduler and the KV
+cache are. Counters only grow for the engine's lifetime; `render` reads them
+without resetting.
 """
 
 from __future__ import annotations
 
 import collections
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from eaas_jax.transport import wire
 
@@ -28,11 +34,14 @@ _STATUS_COUNTERS = {
 # Upper bounds in seconds of the step-time histogram's buckets: decode steps
 # take milliseconds on GPUs, tens of them on CPUs, long prefills seconds.
 STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Time to a request's first token: queueing and its prefill.
+TTFT_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Time between a request's tokens: a decode step, or more when a prefill runs between.
+ITL_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Steps whose times `recent_step_time` takes quantiles over.
 RECENT_STEPS = 256
 
 EXPERT_TOKENS = "eaas_expert_tokens_total"
-_EXPERT_TOKENS_SAMPLE = re.compile(EXPERT_TOKENS + r'\{layer="(\d+)",expert="(\d+)"\} (\d+)')
 
 
 def read_expert_tokens(text: str, num_moe_layers: int, num_experts: int) -> np.ndarray:
@@ -40,34 +49,50 @@ def read_expert_tokens(text: str, num_moe_layers: int, num_experts: int) -> np.n
     (what the placement planner balances)."""
     load = np.zeros((num_moe_layers, num_experts), np.int64)
     found = 0
-    for line in text.splitlines():
-        m = _EXPERT_TOKENS_SAMPLE.fullmatch(line.strip())
-        if m:
-            layer, expert, count = map(int, m.groups())
-            if layer >= num_moe_layers or expert >= num_experts:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name != EXPERT_TOKENS:
+                continue
+            layer, expert = int(sample.labels["layer"]), int(sample.labels["expert"])
+            if not (0 <= layer < num_moe_layers and 0 <= expert < num_experts):
                 raise ValueError(f"(layer {layer}, expert {expert}) is not in this model")
-            load[layer, expert] = count
+            load[layer, expert] = int(sample.value)
             found += 1
     if not found:
         raise ValueError(f"no {EXPERT_TOKENS} samples")
     return load
 
 
-def _label(value) -> str:
-    """A label value, escaped as the exposition format asks."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class Histogram:
+    """Counts of observations by bucket (`bounds`: upper bounds in seconds,
+    one more bucket above them all) and their sum."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = np.zeros(len(self.bounds) + 1, np.int64)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[np.searchsorted(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def family(self, name: str, help_text: str) -> HistogramMetricFamily:
+        cumulative = np.cumsum(self.counts)
+        return HistogramMetricFamily(
+            name, help_text, sum_value=self.sum,
+            buckets=[(repr(float(b)), int(c)) for b, c in zip(self.bounds, cumulative)] + [("+Inf", int(cumulative[-1]))])
 
 
-class _Family:
-    """The lines of one metric family."""
+def render_families(families: Sequence[Metric]) -> str:
+    """The exposition text of `families`."""
 
-    def __init__(self, name: str, kind: str, help_text: str):
-        self.lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        self.name = name
+    class _Families(Collector):
+        def collect(self):
+            return iter(families)
 
-    def add(self, value, **labels) -> None:
-        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        self.lines.append(f"{self.name}{{{text}}} {value}" if text else f"{self.name} {value}")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families())
+    return generate_latest(registry).decode()
 
 
 def _check_quantile(quantile: float) -> None:
@@ -97,8 +122,10 @@ class ServingMetrics:
         self._recent_server_wait: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_STEPS)
         self._recent_server_slots: collections.deque[np.ndarray] = collections.deque(maxlen=RECENT_STEPS)
         self.server_counters = {name: np.zeros(n, np.int64) for name in (*_STATUS_COUNTERS.values(), "marked_dead")}
-        self.step_seconds_counts = np.zeros(len(STEP_SECONDS_BUCKETS) + 1, np.int64)  # the last: above all
-        self.step_seconds_sum = 0.0
+        self.step_seconds = Histogram(STEP_SECONDS_BUCKETS)
+        self.ttft_seconds = Histogram(TTFT_SECONDS_BUCKETS)
+        self.itl_seconds = Histogram(ITL_SECONDS_BUCKETS)
+        self.prompt_tokens = 0
         self._recent_step_seconds: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
 
     def observe(self, report) -> None:
@@ -126,8 +153,7 @@ class ServingMetrics:
     def observe_step_time(self, seconds: float) -> None:
         """One step's time on the device (the engine measures it from when the
         step could start to when its results arrived)."""
-        self.step_seconds_counts[np.searchsorted(STEP_SECONDS_BUCKETS, seconds)] += 1
-        self.step_seconds_sum += seconds
+        self.step_seconds.observe(seconds)
         self._recent_step_seconds.append(seconds)
 
     def recent_step_time(self, quantile: float) -> float | None:
@@ -153,67 +179,75 @@ class ServingMetrics:
             return None
         return np.sum(np.stack(self._recent_server_slots), axis=0)
 
-    def render(self, *, live: Sequence[bool] = (), transport: Mapping[str, int] | None = None) -> str:
-        """The exposition text. live: per server, whether it gets traffic now;
-        transport: the client endpoint's counters (`endpoint.stats()`)."""
-        families = []
+    def families(self, *, live: Sequence[bool] = (), transport: Mapping[str, int] | None = None,
+                 gauges: Mapping[str, tuple[float, str]] | None = None) -> list[Metric]:
+        """The metric families. live: per server, whether it gets traffic
+        now; transport: the client endpoint's counters (`endpoint.stats()`);
+        gauges: name -> (value, help) read off the engine now."""
+        out: list[Metric] = []
 
-        def family(name, kind, help_text):
-            families.append(_Family(name, kind, help_text))
-            return families[-1]
+        def counter(name: str, help_text: str, value=None, labels: Sequence[str] = ()) -> CounterMetricFamily:
+            out.append(CounterMetricFamily(name, help_text, value=value, labels=None if value is not None else labels))
+            return out[-1]
 
-        family("eaas_steps_total", "counter", "Model steps run.").add(self.steps)
-        family("eaas_generated_tokens_total", "counter", "Tokens generated.").add(self.generated_tokens)
-        steps = family("eaas_step_seconds", "histogram",
-                       "Time of each model step on the device, from when it could start to when its results arrived.")
-        for bound, count in zip((*STEP_SECONDS_BUCKETS, "+Inf"), np.cumsum(self.step_seconds_counts)):
-            steps.lines.append(f'eaas_step_seconds_bucket{{le="{bound}"}} {count}')
-        steps.lines += [f"eaas_step_seconds_sum {self.step_seconds_sum:.6f}",
-                        f"eaas_step_seconds_count {int(self.step_seconds_counts.sum())}"]
-        experts = family(EXPERT_TOKENS, "counter",
-                         "Tokens routed to each expert (each of a token's top-k experts counts it).")
+        counter("eaas_steps_total", "Model steps run.", self.steps)
+        counter("eaas_generated_tokens_total", "Tokens generated.", self.generated_tokens)
+        counter("eaas_prompt_tokens_total", "Prompt tokens of the requests that got a first token.",
+                self.prompt_tokens)
+        out.append(self.step_seconds.family(
+            "eaas_step_seconds", "Time of each model step on the device, from when it could start to when its "
+            "results arrived."))
+        out.append(self.ttft_seconds.family(
+            "eaas_time_to_first_token_seconds", "From a request's arrival to its first token."))
+        out.append(self.itl_seconds.family(
+            "eaas_inter_token_latency_seconds", "Between two steps' tokens of one request."))
+        for name, (value, help_text) in (gauges or {}).items():
+            out.append(GaugeMetricFamily(name, help_text, value=value))
+        experts = counter(EXPERT_TOKENS, "Tokens routed to each expert (each of a token's top-k experts counts it).",
+                          labels=["layer", "expert"])
         for (layer, expert), count in np.ndenumerate(self.expert_tokens):
-            experts.add(int(count), layer=layer, expert=expert)
+            experts.add_metric([str(layer), str(expert)], int(count))
         if self.server_names:
-            slots = family("eaas_server_token_slots_total", "counter",
-                           "Token-expert slots sent to each expert server (failover re-sends included).")
-            for name, count in zip(self.server_names, self.server_slots):
-                slots.add(int(count), server=name)
-            waits = family("eaas_server_wait_seconds_total", "counter",
-                           "Time this client's exchanges waited on each expert server's replies.")
-            for name, seconds in zip(self.server_names, self.server_wait_seconds):
-                waits.add(f"{seconds:.6f}", server=name)
-            for counter, help_text in (
+            def per_server(family, values):
+                for name, value in zip(self.server_names, values):
+                    family.add_metric([name], value)
+
+            per_server(counter("eaas_server_token_slots_total", "Token-expert slots sent to each expert server "
+                               "(failover re-sends included).", labels=["server"]), self.server_slots.tolist())
+            per_server(counter("eaas_server_wait_seconds_total", "Time this client's exchanges waited on each "
+                               "expert server's replies.", labels=["server"]), self.server_wait_seconds.tolist())
+            for name, help_text in (
                 ("deadline_misses", "Exchanges in which the server did not reply by the deadline."),
                 ("bad_replies", "Exchanges in which the server sent no valid reply by the deadline, only invalid ones."),
                 ("unreachable", "Exchanges in which the server's mailbox could not be written."),
                 ("marked_dead", "Times the engine marked the server dead and routed around it."),
             ):
-                f = family(f"eaas_server_{counter}_total", "counter", help_text)
-                for name, count in zip(self.server_names, self.server_counters[counter]):
-                    f.add(int(count), server=name)
+                per_server(counter(f"eaas_server_{name}_total", help_text, labels=["server"]),
+                           self.server_counters[name].tolist())
             if live:
-                f = family("eaas_server_live", "gauge", "1 if the server gets traffic, 0 if routed around.")
-                for name, is_live in zip(self.server_names, live):
-                    f.add(int(bool(is_live)), server=name)
-            family("eaas_unserved_slots_total", "counter",
-                   "Token-expert slots no live replica served (their requests failed or their steps ran again).").add(
-                self.unserved_slots)
-            family("eaas_failed_requests_total", "counter",
-                   "Requests failed because a token of theirs had no live replica of its expert.").add(
-                self.failed_requests)
-            family("eaas_retried_steps_total", "counter",
-                   "Steps run again with the full deadline: every replica of some experts missed an adapted "
-                   "one while up.").add(self.retried_steps)
+                family = GaugeMetricFamily("eaas_server_live", "1 if the server gets traffic, 0 if routed around.",
+                                           labels=["server"])
+                per_server(family, [int(bool(x)) for x in live])
+                out.append(family)
+            counter("eaas_unserved_slots_total", "Token-expert slots no live replica served (their requests failed "
+                    "or their steps ran again).", self.unserved_slots)
+            counter("eaas_failed_requests_total", "Requests failed because a token of theirs had no live replica "
+                    "of its expert.", self.failed_requests)
+            counter("eaas_retried_steps_total", "Steps run again with the full deadline: every replica of some "
+                    "experts missed an adapted one while up.", self.retried_steps)
         if transport:
-            dropped = family("eaas_transport_dropped_messages_total", "counter",
-                             "Messages this client's transport dropped, by the check they failed.")
+            dropped = counter("eaas_transport_dropped_messages_total",
+                              "Messages this client's transport dropped, by the check they failed.", labels=["reason"])
+            events = counter("eaas_transport_events_total",
+                             "This client's other transport counters (sends, accepts, timeouts, ...).",
+                             labels=["event"])
             for name, count in transport.items():
                 if name.startswith("drop_"):
-                    dropped.add(int(count), reason=name[len("drop_"):])
-            events = family("eaas_transport_events_total", "counter",
-                            "This client's other transport counters (sends, accepts, timeouts, ...).")
-            for name, count in transport.items():
-                if not name.startswith("drop_"):
-                    events.add(int(count), event=name)
-        return "\n".join(line for f in families for line in f.lines) + "\n"
+                    dropped.add_metric([name[len("drop_"):]], int(count))
+                else:
+                    events.add_metric([name], int(count))
+        return out
+
+    def render(self, **kwargs) -> str:
+        """The exposition text of `families(**kwargs)`."""
+        return render_families(self.families(**kwargs))

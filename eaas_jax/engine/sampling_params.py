@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 MAX_LOGPROBS = 20
+#: Completions one request may ask for at most (OpenAI's limit too).
+MAX_N = 128
 
 
 @dataclasses.dataclass
@@ -57,7 +59,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(
             _is_number(self.temperature) and self.temperature >= 0,
             f"temperature must be a number >= 0, got {self.temperature!r}",
