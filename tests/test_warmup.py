@@ -6,18 +6,23 @@ need."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from eaas_jax.engine import SamplingParams
 from eaas_jax.engine.block_allocator import BlockAllocator
-from eaas_jax.engine.runner import StepShape
+from eaas_jax.engine.compile_pool import CompilePool
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepShape
 from eaas_jax.engine.scheduler import Scheduler, step_options, step_rows
 from eaas_jax.engine.warmup import plan_warmup
 
-from conftest import XLA_COMPILATIONS, compiles_once_per_step_shape
+from conftest import REPO, XLA_COMPILATIONS, compiles_once_per_step_shape, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -43,43 +48,59 @@ def _greedy(max_tokens: int, **extra) -> SamplingParams:
 
 
 def _scheduled_shapes(engine, seqs, *, max_num_seqs, budget, num_blocks):
-    """The shapes of the first prefill and the first decode that the real
-    scheduler and `prepare_inputs` give for `seqs` (nothing compiled)."""
+    """The shapes of the first prefill and the first decode (if any) that the
+    real scheduler and `prepare_inputs` give for `seqs`, the prefill's token
+    pending on the device as in the engine (nothing compiled)."""
     scheduler = Scheduler(BlockAllocator(num_blocks, engine.scheduler.allocator.block_size), max_num_seqs, budget,
                           engine.max_model_len)
     for seq in seqs:
         scheduler.add(seq)
+    prefill_step = DispatchedStep(1, (jnp.zeros((1,), jnp.int32),), (jnp.zeros((0,), jnp.int32),),
+                                  jnp.zeros((8,), jnp.int32), [], num_tokens=1, expert_arrays=None)
 
-    def shape(seqs, is_prefill):
+    def shape(seqs, is_prefill, previous=None):
         logprobs, prompt_logprobs = step_options(seqs, is_prefill)
-        rows = step_rows(seqs, is_prefill, None, engine.eos_token_ids)
-        return engine.runner.prepare_inputs(rows, logprobs, None, prompt_logprobs)[0]
+        rows = step_rows(seqs, is_prefill, previous, engine.eos_token_ids)
+        return engine.runner.prepare_inputs(rows, logprobs, prefill_step if previous else None, prompt_logprobs)[0]
 
     prefill, _ = scheduler.schedule()
-    first = shape(prefill, True)
+    shapes = [shape(prefill, True)]
     for seq in prefill:
-        seq.output_ids.append(1)  # its first token, sampled by the prefill
+        seq.num_pending = 1  # the prefill's token, still on the device
     _, decode = scheduler.schedule()
-    return len(prefill), [first, shape(decode, False)]
+    if decode:
+        shapes.append(shape(decode, False, prefill))
+    return len(prefill), shapes
 
 
-@pytest.mark.parametrize("max_num_seqs, budget, num_blocks, params", [
-    (8, 2048, 512, {}),  # every prompt at once
-    (4, 2048, 512, {"logprobs": 2}),  # rows limit the first prefill; logprobs in every step
-    (8, 20, 512, {"prompt_logprobs": 1}),  # the token budget does
-    (8, 2048, 6, {"presence_penalty": 0.5, "min_tokens": 2}),  # free KV blocks do; penalties, banned EOS
-    (8, 2048, 512, {"temperature": 0.7}),  # sampled, not greedy
-])
-def test_the_first_foreseen_shapes_are_those_the_scheduler_and_runner_give(engine, max_num_seqs, budget,
-                                                                           num_blocks, params):
+# Per case: the engine's limits, and each request's SamplingParams fields (cycled over the prompts).
+FIRST_STEP_CASES = {
+    "every prompt at once": (8, 2048, 512, [{}]),
+    "rows limit the prefill; logprobs": (4, 2048, 512, [{"logprobs": 2}]),
+    "the token budget does; prompt logprobs": (8, 20, 512, [{"prompt_logprobs": 1}]),
+    "free KV blocks do; penalties, banned EOS": (8, 2048, 6, [{"presence_penalty": 0.5, "min_tokens": 2}]),
+    "sampled": (8, 2048, 512, [{"temperature": 0.7}]),
+    # rows whose first token ends them are no decode rows
+    "some end with their first token": (8, 2048, 512, [{"max_tokens": 1}, {}, {"max_tokens": 1}]),
+    "all end with their first token (scoring)": (8, 2048, 512, [{"max_tokens": 1, "prompt_logprobs": 0}]),
+    # banned ids until min_tokens: the first decode samples the second token
+    "min_tokens 1 and many stop ids": (8, 2048, 512, [{"min_tokens": 1, "stop_token_ids": [3, 4, 5, 6, 7]}]),
+    "min_tokens 2 and many stop ids": (8, 2048, 512, [{"min_tokens": 2, "stop_token_ids": [3, 4, 5, 6, 7]}]),
+}
+
+
+@pytest.mark.parametrize("case", FIRST_STEP_CASES)
+def test_the_first_foreseen_shapes_are_those_the_scheduler_and_runner_give(engine, case):
     """Guards the plan's first prefill (the scheduler's admission by rows,
-    token budget and free blocks) and first decode, against the real
+    token budget and free blocks) and first decode (its rows, banned ids and
+    penalized tokens with the prefill's token pending), against the real
     `Scheduler` and `prepare_inputs` on the same sequences."""
+    max_num_seqs, budget, num_blocks, fields = FIRST_STEP_CASES[case]
     builder = engine._request_builder
-    seqs = [seq for prompt, n in zip(_prompts(PROMPT_LENGTHS), MAX_TOKENS)
-            for seq in builder.build(prompt, _greedy(n) if not params else
-                                     SamplingParams(**{"temperature": 0.0, "max_tokens": n, **params}),
-                                     None, {}).sequences]
+    seqs = []
+    for i, (prompt, n) in enumerate(zip(_prompts(PROMPT_LENGTHS), MAX_TOKENS)):
+        params = SamplingParams(**{"temperature": 0.0, "max_tokens": n, **fields[i % len(fields)]})
+        seqs += builder.build(prompt, params, None, {}).sequences
     plan = plan_warmup(seqs, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                        block_size=engine.scheduler.allocator.block_size, num_free_blocks=num_blocks,
                        max_model_len=engine.max_model_len, eos_token_ids=engine.eos_token_ids)
@@ -88,6 +109,18 @@ def test_the_first_foreseen_shapes_are_those_the_scheduler_and_runner_give(engin
     assert 0 < admitted
     assert plan.first == expected
     assert len(set(plan.later)) == len(plan.later) and not set(plan.later) & set(plan.first)
+
+
+def test_the_first_decode_counts_the_penalized_tokens_the_host_knows(engine):
+    """Guards the first decode's penalized tokens: a prompt of 64 distinct
+    tokens fills the 64 bucket; the prefill's token is pending (counted on
+    the device), so it does not take the row to 128."""
+    prompt = list(range(10, 74))
+    seqs = engine._request_builder.build(prompt, _greedy(8, presence_penalty=0.5), None, {}).sequences
+    plan = plan_warmup(seqs, max_num_seqs=4, max_num_batched_tokens=2048, block_size=4, num_free_blocks=512,
+                       max_model_len=128, eos_token_ids=(0,))
+    assert [s.penalized for s in plan.first] == [64, 64]
+    assert plan.first == _scheduled_shapes(engine, seqs, max_num_seqs=4, budget=2048, num_blocks=512)[1]
 
 
 def test_the_plan_covers_growth_past_a_block_bucket_and_the_drain(engine):
@@ -146,7 +179,7 @@ def test_a_step_takes_over_a_queued_background_compile_instead_of_waiting_behind
     try:
         with compiles_once_per_step_shape(engine):
             pool = engine.runner._background_pool()
-            for _ in range(pool._max_workers):
+            for _ in range(pool.num_threads):
                 pool.submit(release.wait)  # every compile thread busy: warm-up's queue stays queued
             for p, sp in zip(prompts, params):
                 engine.add_request(p, sp)
@@ -185,3 +218,74 @@ def test_step_shape_buckets_match_the_runners_key():
                               greedy=True) == (4, 1, 8, 4, 0, 0, True, -1)
     assert StepShape.bucketed(rows=5, longest=17, blocks=9, banned=5, penalized=70, logprobs=3, greedy=False,
                               prompt_logprobs=2) == (8, 32, 16, 8, 128, 3, False, 2)
+
+
+class _LabelledExperts(EmbeddedExperts):
+    """Embedded experts whose exchange labels say which trace made them."""
+
+    def __init__(self, experts):
+        super().__init__(experts)
+        self.traces = 0
+
+    def exchange(self, arrays, carry):
+        self.traces += 1
+        return super().exchange(arrays, carry)
+
+    def traced_exchanges(self):
+        return [(self.traces, 0)]
+
+
+def test_a_shape_whose_compile_failed_keeps_its_own_labels_when_compiled_again(monkeypatch):
+    """Guards the labels of a retried compile: jit keeps the trace of a
+    failed compile, so the retry does not trace again; the labels must be
+    that trace's, not those of the shape traced last."""
+    model = tiny_model(seed=5)
+    runner = ModelRunner(model.client, _LabelledExperts(model.experts), num_blocks=64, block_size=4, max_rows=4)
+    one, two = (StepShape.bucketed(rows=n, longest=1, blocks=1, banned=0, penalized=0, logprobs=0, greedy=True)
+                for n in (1, 2))
+    compile_program = jax.stages.Lowered.compile
+    failures = iter([RuntimeError("out of memory (a test's)")])
+
+    def compile_failing_once(self, *args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return compile_program(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile_failing_once)
+    with pytest.raises(RuntimeError, match="a test's"):
+        runner.compile([one])
+    assert runner.num_compilations == 0  # forgotten: the next step of its shape tries again
+    runner.compile([two])
+    first = runner.dispatch(runner._placeholder_rows(one), 0)
+    assert first._labels == [(1, 0)]  # the first trace's, not the second's
+    assert runner.dispatch(runner._placeholder_rows(two), 0)._labels == [(2, 0)]
+
+
+def test_the_compile_pool_drops_queued_work_on_stop_and_at_exit():
+    """Guards the background pool: stop() cancels what is queued without
+    waiting for what runs, and a process that never stops it exits without
+    running its queue (a thread pool would run every queued compile first)."""
+    pool = CompilePool(1, "test-pool")
+    started, release = threading.Event(), threading.Event()
+
+    def occupy():
+        started.set()
+        return release.wait()
+
+    running = pool.submit(occupy)
+    queued = [pool.submit(time.sleep, 5) for _ in range(3)]
+    assert started.wait(10)
+    start = time.monotonic()
+    pool.stop()
+    assert time.monotonic() - start < 1 and all(f.cancelled() for f in queued) and not running.done()
+    release.set()
+    pool.join()
+    assert running.result() is True
+    with pytest.raises(RuntimeError, match="stopped"):
+        pool.submit(print)
+    code = ("import time; from eaas_jax.engine.compile_pool import CompilePool; "
+            "pool = CompilePool(1, 'p'); [pool.submit(time.sleep, 2) for _ in range(10)]")
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+    assert time.monotonic() - start < 10  # one running sleep, not ten

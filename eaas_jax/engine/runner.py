@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eaas_jax.engine.compile_pool import CompilePool
 from eaas_jax.model.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
 from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.engine.scheduler import StepRows
@@ -246,8 +247,15 @@ class ModelRunner:
         self._client_leaves, client_treedef = jax.tree.flatten(client_params)
         self._expert_arrays = experts.arrays
         self._expert_leaves, self._expert_treedef = jax.tree.flatten(experts.arrays)
+        self._num_traces = 0  # traces of the step (jit calls the Python function only to trace)
+
+        def step(*args, **kwargs):
+            self._num_traces += 1
+            return _step(client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
+
+        step.__name__ = step.__qualname__ = "_step"  # the program's name in JAX's logs and events
         self._jitted = jax.jit(
-            functools.partial(_step, client_graphdef, client_treedef, self._expert_treedef, experts),
+            step,
             donate_argnums=(2,),
             static_argnames=("num_top_logprobs", "greedy_only", "num_prompt_logprobs"),
             compiler_options=custom_calls.COMPILER_OPTIONS,
@@ -261,7 +269,10 @@ class ModelRunner:
         self._compiled: dict[StepShape, concurrent.futures.Future] = {}
         self._compiled_lock = threading.RLock()  # cancelling a compile calls _forget_failed
         self._trace_lock = threading.Lock()
-        self._background: concurrent.futures.ThreadPoolExecutor | None = None
+        # Each traced shape's labels, kept when its compile fails: jit keeps
+        # the trace too, so a retry does not trace (nor give labels) again.
+        self._labels: dict[StepShape, list[tuple[int, int]]] = {}
+        self._background: CompilePool | None = None
         self.num_compile_waits = 0  # steps that waited for their program to compile
         # The KV cache as compiling sees it: shapes and placement (the cache
         # itself is donated to each step, so another thread must not hold it).
@@ -272,7 +283,8 @@ class ModelRunner:
     @property
     def num_compilations(self) -> int:
         """Step shapes compiled or being compiled."""
-        return len(self._compiled)
+        with self._compiled_lock:
+            return sum(not _failed(future) for future in self._compiled.values())
 
     def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None,
                        num_prompt_logprobs: int = -1):
@@ -359,8 +371,18 @@ class ModelRunner:
 
     def lower(self, rows: StepRows, num_top_logprobs: int = 0) -> jax.stages.Lowered:
         """The compiled step for `rows`' shapes, lowered (to inspect its HLO)."""
-        _, args, static = self.prepare_inputs(rows, num_top_logprobs, None)
-        return self._jitted.lower(*args, **static)
+        shape, args, static = self.prepare_inputs(rows, num_top_logprobs, None)
+        return self._lower(shape, args, static)[0]
+
+    def _lower(self, shape: StepShape, args, static) -> tuple[jax.stages.Lowered, list[tuple[int, int]]]:
+        """The step of `shape` lowered, and its exchanges' labels (read off the
+        backend when this traced it; a trace's are kept for the shape)."""
+        with self._trace_lock:
+            traces = self._num_traces
+            lowered = self._jitted.lower(*args, **static)
+            if self._num_traces != traces:
+                self._labels[shape] = self.experts.traced_exchanges()
+            return lowered, self._labels[shape]
 
     def _placeholder_rows(self, shape: StepShape) -> StepRows:
         """Rows whose step has `shape` (their values are never run)."""
@@ -376,39 +398,41 @@ class ModelRunner:
         # The KV cache is donated to each step: compile against its spec.
         args = (*args[:2], self._kv_cache_spec, *args[3:])
         start = time.monotonic()
-        with self._trace_lock:
-            lowered = self._jitted.lower(*args, **static)
-            labels = self.experts.traced_exchanges()
+        lowered, labels = self._lower(shape, args, static)
         lowered.compile()
         log.info("compiled model step %s in %.1f s", shape, time.monotonic() - start)
         return labels
 
-    def _compiling(self, shape: StepShape, args, static, executor=None) -> concurrent.futures.Future:
-        """The compile of `shape`: the one started before, else a new one, on
-        `executor` (None: here, now: a step needs it; one still queued in the
-        background is taken over, not waited for behind others). A failed one
-        is forgotten (the next step of that shape tries again)."""
+    def _compiling(self, shape: StepShape, args, static, pool: CompilePool | None = None
+                   ) -> tuple[concurrent.futures.Future, bool]:
+        """The compile of `shape`, and whether this call started it: the one
+        started before, else a new one on `pool` (None: here, now: a step needs
+        it; one still queued in the background is taken over, not waited for
+        behind others). A failed one is forgotten (the next step of that shape
+        tries again)."""
         with self._compiled_lock:
             future = self._compiled.get(shape)
-            if future is not None and (executor is not None or not future.cancel()):
-                return future
-            if executor is not None:
-                future = executor.submit(self._compile, shape, args, static)
-            else:
-                future = concurrent.futures.Future()
-                future.set_running_or_notify_cancel()
+            if future is not None and not _failed(future) and (pool is not None or not future.cancel()):
+                return future, False
+            future = pool.submit(self._compile, shape, args, static) if pool is not None \
+                else concurrent.futures.Future()
             self._compiled[shape] = future
         future.add_done_callback(functools.partial(self._forget_failed, shape))
-        if executor is None:
-            log.info("compiling model step #%d: %s", len(self._compiled), shape)
+        if pool is None:
+            future.set_running_or_notify_cancel()
             try:
+                log.info("compiling model step #%d: %s", len(self._compiled), shape)
                 future.set_result(self._compile(shape, args, static))
             except BaseException as e:
                 future.set_exception(e)
-        return future
+        return future, True
 
     def _forget_failed(self, shape: StepShape, future: concurrent.futures.Future) -> None:
-        if future.cancelled() or future.exception() is not None:
+        # A callback runs after the future's readers wake: until then
+        # `_compiling` and `num_compilations` tell a failed one apart themselves.
+        if _failed(future):
+            if not future.cancelled():
+                log.warning("compiling model step %s failed: %s", shape, future.exception())
             with self._compiled_lock:
                 if self._compiled.get(shape) is future:
                     del self._compiled[shape]
@@ -420,33 +444,32 @@ class ModelRunner:
         compile on a pool of threads while steps run (a step of a shape still
         compiling waits for it). `on_done(future)` is called as each finishes."""
         futures = []
-        pool = self._background_pool() if background else concurrent.futures.ThreadPoolExecutor(
-            max_workers=_compile_threads(), thread_name_prefix="eaas-compile")
+        pool = self._background_pool() if background else CompilePool(_compile_threads(), "eaas-compile")
         try:
             for shape in shapes:
                 _, args, static = self.prepare_inputs(self._placeholder_rows(shape), shape.logprobs, None,
                                                       shape.prompt_logprobs)
-                futures.append(self._compiling(shape, args, static, pool))
+                futures.append(self._compiling(shape, args, static, pool)[0])
                 if on_done is not None:
                     futures[-1].add_done_callback(on_done)
+            if not background:
+                for future in futures:
+                    future.result()  # raises a compile's error
         finally:
             if not background:
-                pool.shutdown(wait=True)
-        if not background:
-            for future in futures:
-                future.result()  # raises a compile's error
+                pool.stop()  # what is left after an error or an interrupt
         return futures
 
-    def _background_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _background_pool(self) -> CompilePool:
         if self._background is None:
-            self._background = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, _compile_threads() // 2), thread_name_prefix="eaas-compile-background")
+            self._background = CompilePool(max(1, _compile_threads() // 2), "eaas-compile-background")
         return self._background
 
     def stop_compiling(self) -> None:
-        """Drops the background compiles not started; waits for those running."""
+        """Drops the background compiles not started; those running finish on
+        their own (a step that needs one waits for it). Returns at once."""
         if self._background is not None:
-            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background.stop()
             self._background = None
 
     def dispatch(self, rows: StepRows, num_top_logprobs: int,
@@ -455,15 +478,30 @@ class ModelRunner:
         tokens `rows.token_sources` name; `num_prompt_logprobs` >= 0 also
         scores every token of the rows (prompt logprobs, with that many top ones).
         A shape met for the first time is compiled first (or waited for, if
-        warm-up is compiling it)."""
+        warm-up is compiling it; compiled here if that compile failed)."""
         shape, args, static = self.prepare_inputs(rows, num_top_logprobs, previous, num_prompt_logprobs)
-        compiled = self._compiled.get(shape)
-        if compiled is None or not compiled.done():
+        future, started = self._compiling(shape, args, static)
+        if started or not future.done():
             self.num_compile_waits += 1
-        labels = self._compiling(shape, args, static).result()
+        try:
+            labels = future.result()
+        except Exception:  # noqa: BLE001 - a background compile's failure: this step's own try says
+            if started:
+                raise
+            labels = self._compiling(shape, args, static)[0].result()
+        traces = self._num_traces
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
+        if self._num_traces != traces:
+            # Compiled for another context than this call's (a JAX setting
+            # scoped to the calling thread, e.g. default_matmul_precision).
+            log.warning("model step %s was traced again at its call: the compiled program did not match it "
+                        "(a thread-scoped JAX setting?); warm-up cannot compile ahead for this caller", shape)
         return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, labels,
                               num_tokens=shape.batch * shape.seq, expert_arrays=self._expert_arrays)
+
+
+def _failed(future: concurrent.futures.Future) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _num_cores() -> int:

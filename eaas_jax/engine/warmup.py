@@ -24,7 +24,8 @@ from eaas_jax.engine.sequence import Sequence
 class WarmupPlan(NamedTuple):
     #: the first prefill and the first decode: compiled before the first step
     first: list[StepShape]
-    #: shapes later steps are likely to meet, the likeliest and soonest first
+    #: shapes later steps are likely to meet: the full batch growing into more
+    #: KV blocks, a one-row refill, the batch draining, larger refills
     later: list[StepShape]
 
 
@@ -33,21 +34,33 @@ class _Row(NamedTuple):
 
     tokens: int  # prompt (and any earlier output) tokens
     final_tokens: int  # at the end of its completion, at most
-    banned: int  # at its first step
-    banned_later: int  # once min_tokens are out
-    penalized: int  # at its first step
+    ends_at_first_token: bool  # no decode step: the prefill's token ends it
+    # banned ids and penalized tokens by phase: prefill, first decode, later
+    banned: tuple[int, int, int]
+    penalized: tuple[int, int, int]
 
 
 def _row(seq: Sequence, max_model_len: int, eos_token_ids: tuple[int, ...]) -> _Row:
     left = seq.params.max_tokens - len(seq.output_ids) if seq.params.max_tokens is not None else max_model_len
-    sampling = seq.sampling_row(eos_token_ids)
-    banned = len(sampling["banned"])
-    return _Row(seq.num_tokens, min(seq.num_tokens + left, max_model_len), banned,
-                banned if seq.params.min_tokens >= left else 0, len(sampling.get("penalized", ())))
+    prefill = seq.sampling_row(eos_token_ids)
+    seq.num_pending += 1  # the first decode's row: the prefill's token still on the device
+    try:
+        decode = seq.sampling_row(eos_token_ids)
+    finally:
+        seq.num_pending -= 1
+    penalized = [len(r.get("penalized", ())) for r in (prefill, decode)]
+    return _Row(
+        seq.num_tokens, min(seq.num_tokens + left, max_model_len),
+        left <= 1 or seq.num_tokens + 1 >= max_model_len,
+        (len(prefill["banned"]), len(decode["banned"]), len(prefill["banned"]) if seq.params.min_tokens >= left else 0),
+        (*penalized, penalized[1] + 1 if penalized[1] else 0))
+
+
+PREFILL, FIRST_DECODE, LATER = range(3)
 
 
 def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-         num_free_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]) -> WarmupPlan:
+                num_free_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]) -> WarmupPlan:
     """The shapes a run of `waiting` (in queue order, none running) meets."""
     if not waiting:
         return WarmupPlan([], [])
@@ -56,30 +69,32 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     def blocks(num_tokens: int) -> int:
         return -(-num_tokens // block_size)
 
-    def shape(seqs: list[Sequence], is_prefill: bool, num_rows: int, *, longest: int, num_blocks: int,
-              penalized_extra: int = 0, later: bool = False) -> StepShape:
-        logprobs, prompt_logprobs = step_options(seqs, is_prefill)
+    def shape(seqs: list[Sequence], phase: int, num_rows: int, *, longest: int, num_blocks: int) -> StepShape:
+        logprobs, prompt_logprobs = step_options(seqs, phase == PREFILL)
         of = [rows[id(seq)] for seq in seqs]
         return StepShape.bucketed(
-            rows=num_rows, longest=longest, blocks=num_blocks,
-            banned=max(r.banned_later if later else r.banned for r in of),
-            penalized=max(r.penalized + penalized_extra if r.penalized else 0 for r in of), logprobs=logprobs,
+            rows=num_rows, longest=longest, blocks=num_blocks, banned=max(r.banned[phase] for r in of),
+            penalized=max(r.penalized[phase] for r in of), logprobs=logprobs,
             greedy=all(seq.params.temperature == 0 for seq in seqs), prompt_logprobs=prompt_logprobs)
 
     first = _first_admitted(waiting, rows, max_num_seqs, max_num_batched_tokens, num_free_blocks, blocks)
     prompt = max(rows[id(seq)].tokens for seq in first)
-    first_shapes = [
-        shape(first, True, len(first), longest=prompt, num_blocks=blocks(prompt)),
-        shape(first, False, len(first), longest=1, num_blocks=blocks(prompt + 1), penalized_extra=1),
-    ]
-
+    first_shapes = [shape(first, PREFILL, len(first), longest=prompt, num_blocks=blocks(prompt))]
+    decoding = [seq for seq in first if not rows[id(seq)].ends_at_first_token]
+    if decoding:
+        first_shapes.append(shape(decoding, FIRST_DECODE, len(decoding), longest=1,
+                                  num_blocks=max(blocks(rows[id(seq)].tokens + 1) for seq in decoding)))
     # Decode as the run goes on: the full batch through every block bucket its
     # sequences grow into, then each smaller batch as it drains, longest first.
-    decode_rows = bucket(min(max_num_seqs, len(waiting)))
-    block_buckets = _powers_of_two(bucket(min(blocks(rows[id(s)].tokens + 1) for s in waiting), 8),
-                                   bucket(max(blocks(r.final_tokens) for r in rows.values()), 8))
+    decoders = [seq for seq in waiting if not rows[id(seq)].ends_at_first_token]
+    decode_rows, block_buckets = 0, []
+    if decoders:
+        decode_rows = bucket(min(max_num_seqs, len(decoders)))
+        block_buckets = _powers_of_two(bucket(min(blocks(rows[id(s)].tokens + 1) for s in decoders), 8),
+                                       bucket(max(blocks(rows[id(s)].final_tokens) for s in decoders), 8))
+
     def decode(n: int, num_blocks: int) -> StepShape:
-        return shape(waiting, False, n, longest=1, num_blocks=num_blocks, penalized_extra=1, later=True)
+        return shape(decoders, LATER, n, longest=1, num_blocks=num_blocks)
 
     later = [decode(decode_rows, b) for b in block_buckets]
     # Rows admitted as others finish (one at a time is the commonest, so first).
@@ -87,7 +102,7 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     refills = []
     if remaining:
         longest = max(rows[id(seq)].tokens for seq in remaining)
-        refills = [shape(remaining, True, n, longest=longest, num_blocks=blocks(longest))
+        refills = [shape(remaining, PREFILL, n, longest=longest, num_blocks=blocks(longest))
                    for n in _powers_of_two(1, bucket(min(max_num_seqs, len(remaining))))]
     later += refills[:1]
     for n in reversed(_powers_of_two(1, decode_rows // 2)):
