@@ -15,9 +15,13 @@ import time
 from eaas_jax import compile_cache
 
 
+def _add_model_arg(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (this project's or HF safetensors)")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate completions from a checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint directory (this project's or HF safetensors)")
+    _add_model_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; its completion is printed")
     src.add_argument("--input", help="JSONL file: one prompt per line, a string or an object "
@@ -38,7 +42,7 @@ def _add_batch(sub) -> None:
                     "/v1/completions or /v1/chat/completions, body). A bad line becomes an error record naming "
                     "file:line and the run goes on. Rerunning the same command resumes: requests already in "
                     "--output are skipped. SIGINT/SIGTERM stop after the current step.")
-    p.add_argument("--model", required=True, help="checkpoint directory (this project's or HF safetensors)")
+    _add_model_arg(p)
     p.add_argument("--input", required=True, help="JSONL file of requests")
     p.add_argument("--output", required=True, help="JSONL file of results (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming it")
@@ -48,6 +52,25 @@ def _add_batch(sub) -> None:
                    "latencies); needs matplotlib (the plot extra)")
     _add_sampling_and_engine_args(p)
     p.set_defaults(func=_batch)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over the OpenAI HTTP API",
+        description="Serves --model over an OpenAI-compatible HTTP API: POST /v1/completions and "
+                    "/v1/chat/completions (streamed with stream: true), GET /v1/models, /health and /metrics "
+                    "(Prometheus). Requests that leave a sampling field out get the checkpoint's "
+                    "generation_config.json values, else the API's defaults.")
+    _add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model's name in the API (default: --model's directory name)")
+    p.add_argument("--api-key", default=os.environ.get("EAAS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EAAS_API_KEY; none: open)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests unfinished at once at most; more get 429 (retry later)")
+    _add_engine_args(p)
+    p.set_defaults(func=_serve)
 
 
 # Sampling flags -> SamplingParams fields. Unset flags take the Python API's
@@ -60,6 +83,15 @@ _SAMPLING_FLAGS = {"max_tokens": "max_tokens", "min_tokens": "min_tokens", "temp
 
 def _add_sampling_and_engine_args(p) -> None:
     """The sampling defaults (what a request line does not set) and the engine's options."""
+    _add_sampling_args(p)
+    _add_engine_args(p)
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the step shapes the requests will need before the first step (the rest in the "
+                        "background while it runs), with a progress line (default: on with --input and for "
+                        "batch, off for one --prompt)")
+
+
+def _add_sampling_args(p) -> None:
     group = p.add_argument_group(
         "sampling", "defaults of every request (a request line may set its own); unset: the checkpoint's "
         "generation_config.json, else SamplingParams' defaults, as in the Python API")
@@ -77,6 +109,9 @@ def _add_sampling_and_engine_args(p) -> None:
     group.add_argument("-n", type=int, default=unset, help="completions per prompt")
     group.add_argument("--stop", action="append", default=unset, help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", default=unset)
+
+
+def _add_engine_args(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in flight at most")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -84,10 +119,6 @@ def _add_sampling_and_engine_args(p) -> None:
                    "(started here unless --registry is given)")
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "
                    "registered; credentials and certificates from $EAAS_ETCD_* (README)")
-    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the step shapes the requests will need before the first step (the rest in the "
-                        "background while it runs), with a progress line (default: on with --input and for "
-                        "batch, off for one --prompt)")
     _add_compile_cache_arg(p)
 
 
@@ -197,6 +228,25 @@ def _batch(args) -> int:
     if summary.interrupted and summary.left:
         return 130 if summary.interrupted == "SIGINT" else 143
     return 1 if results.failed else 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from eaas_jax.serve import AsyncEngine, build_app
+
+    if args.max_queue < 1:
+        raise SystemExit(f"error: --max-queue must be >= 1, got {args.max_queue}")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    with _open_engine(args) as engine:
+        async_engine = AsyncEngine(engine, max_queue=args.max_queue)
+        try:
+            app = build_app(async_engine, model=name, api_key=args.api_key)
+            print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+            uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        finally:
+            async_engine.shutdown()
+    return 0
 
 
 def _generate(args) -> int:
@@ -464,6 +514,33 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not the stream
+    of when it was made (a caller may swap sys.stderr, as pytest does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _log_to_stderr(level: int) -> None:
+    """Log records at `level` and above to stderr, one line each. Replaces
+    the plain stream handlers of logging.basicConfig (absl, imported with
+    orbax, installs one when it first logs, which would make basicConfig here
+    a no-op) and an earlier call's; leaves any other handler alone."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) in (logging.StreamHandler, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit code. A failure is one `error: ...`
     line on stderr and exit code 2 (with --debug, an unexpected one shows its
@@ -478,15 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--debug", action="store_true", default=default,
                        help="show the traceback of an unexpected error")
     sub = _Subcommands(parser.add_subparsers(dest="command", required=True), common)
-    for add in (_add_generate, _add_batch, _add_serve_experts, _add_train, _add_convert, _add_plan_placement):
+    for add in (_add_generate, _add_batch, _add_serve, _add_serve_experts, _add_train, _add_convert, _add_plan_placement):
         add(sub)
     args = parser.parse_args(argv)
-    # force: absl (imported with orbax) logs once at import, which installs a
-    # root handler and would make this call a no-op (-v would show nothing).
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
-    )
+    _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except SystemExit as e:

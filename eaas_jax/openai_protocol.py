@@ -1,8 +1,9 @@
 """The OpenAI API as this engine speaks it: which request-body fields map to
 which ``SamplingParams``, and the response bodies of ``/v1/completions`` and
 ``/v1/chat/completions`` (choices, logprobs in each endpoint's own shape,
-usage). Used by the batch runner's OpenAI format; one place, so that the
-shapes are the same wherever a client reads them.
+usage, and the chunks of a streamed response). Used by the batch runner's
+OpenAI format and the HTTP server; one place, so that the shapes are the same
+wherever a client reads them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from eaas_jax.engine.chat_template import check_messages
 from eaas_jax.engine.outputs import CompletionOutput, RequestOutput
 from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
-__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "body_problem", "params_of_body", "parse_body", "response_body"]
+__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "body_problem", "error_body", "params_of_body", "parse_body",
+           "response_body", "stream_chunk", "usage"]
 
 #: URL -> what its body asks for.
 COMPLETION_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -88,9 +90,10 @@ def parse_body(kind: str, body: dict, defaults: SamplingParams, also_allowed: fr
     return params, body.get("prompt"), body.get("messages")
 
 
-def _completion_logprobs(c: CompletionOutput) -> dict | None:
-    """/v1/completions' shape: parallel lists of the sampled tokens' text,
-    logprob, the top candidates ({text: logprob}) and text offsets."""
+def _completion_logprobs(c: CompletionOutput, start: int = 0) -> dict | None:
+    """/v1/completions' shape, for the tokens from `start` on: parallel lists
+    of the sampled tokens' text, logprob, the top candidates ({text:
+    logprob}) and text offsets (from the completion's start)."""
     if c.logprobs is None:
         return None
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
@@ -101,12 +104,14 @@ def _completion_logprobs(c: CompletionOutput) -> dict | None:
         top.append({lp.decoded_token or "": lp.logprob for lp in sorted(step.values(), key=lambda lp: lp.rank)})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    return {"tokens": tokens[start:], "token_logprobs": token_logprobs[start:], "top_logprobs": top[start:],
+            "text_offset": offsets[start:]}
 
 
-def _chat_logprobs(c: CompletionOutput, top_n: int) -> dict | None:
-    """/v1/chat/completions' shape: per sampled token its text, logprob,
-    UTF-8 bytes and the `top_n` most likely candidates."""
+def _chat_logprobs(c: CompletionOutput, top_n: int, start: int = 0) -> dict | None:
+    """/v1/chat/completions' shape, for the tokens from `start` on: per
+    sampled token its text, logprob, UTF-8 bytes and the `top_n` most likely
+    candidates."""
     if c.logprobs is None:
         return None
 
@@ -115,28 +120,67 @@ def _chat_logprobs(c: CompletionOutput, top_n: int) -> dict | None:
         return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
 
     content = []
-    for token_id, step in zip(c.token_ids, c.logprobs):
+    for token_id, step in zip(c.token_ids[start:], c.logprobs[start:]):
         # The top_n most likely (the sampled token may share a rank in a tie).
         best = sorted((lp for lp in step.values() if lp.rank <= top_n), key=lambda lp: lp.rank)[:top_n]
         content.append({**entry(step[token_id]), "top_logprobs": [entry(lp) for lp in best]})
     return {"content": content}
 
 
-def response_body(kind: str, output: RequestOutput, model: str, top_logprobs: int = 0) -> dict:
-    """The response body of a finished request (`top_logprobs`: the candidates
-    a chat asked for per token)."""
-    prompt_tokens = len(output.prompt_token_ids)
-    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+def usage(outputs: list[RequestOutput]) -> dict:
+    """The token counts of a response to `outputs` (one per prompt)."""
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _prefix(kind: str) -> str:
+    return "cmpl" if kind == "completion" else "chatcmpl"
+
+
+def response_id(kind: str) -> str:
+    return f"{_prefix(kind)}-{uuid.uuid4().hex}"
+
+
+def response_body(kind: str, output: RequestOutput | list[RequestOutput], model: str, top_logprobs: int = 0) -> dict:
+    """The response body of a finished request, or of the requests of a
+    completion's list of prompts (choice i*n + j: prompt i's completion j).
+    `top_logprobs`: the candidates a chat asked for per token."""
+    outputs = output if isinstance(output, list) else [output]
+    choices = []
+    for i, out in enumerate(outputs):
+        for c in out.outputs:
+            index = i * len(out.outputs) + c.index
+            if kind == "completion":
+                choices.append({"index": index, "text": c.text, "finish_reason": c.finish_reason,
+                                "logprobs": _completion_logprobs(c)})
+            else:
+                choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                                "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(c, top_logprobs)})
+    return {"id": response_id(kind), "object": "text_completion" if kind == "completion" else "chat.completion",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": usage(outputs)}
+
+
+def stream_chunk(kind: str, response: str, created: int, model: str, index: int, text: str | None,
+                 finish_reason: str | None, completion: CompletionOutput | None = None, first_token: int = 0,
+                 top_logprobs: int = 0) -> dict:
+    """One server-sent event's body: choice `index`'s new `text` (a chat's
+    first chunk, `text` None, says the role), its finish reason once ended,
+    and the logprobs of `completion`'s tokens from `first_token` on."""
     if kind == "completion":
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": _completion_logprobs(c)} for c in output.outputs]
-        obj, prefix = "text_completion", "cmpl"
-    else:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(c, top_logprobs)}
-                   for c in output.outputs]
-        obj, prefix = "chat.completion", "chatcmpl"
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage}
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason,
+                  "logprobs": _completion_logprobs(completion, first_token) if completion is not None else None}
+        return {"id": response, "object": "text_completion", "created": created, "model": model,
+                "choices": [choice]}
+    delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
+              "logprobs": _chat_logprobs(completion, top_logprobs, first_token) if completion is not None else None}
+    return {"id": response, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [choice]}
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """An error response's body, as the API writes it."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

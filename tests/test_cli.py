@@ -141,15 +141,20 @@ def test_version_help_defaults_and_verbose_after_the_subcommand(capsys):
     assert re.search(r"unset:\s+the\s+checkpoint's\s+generation_config.json", shown)  # the sampling flags
     # -v and --debug after the subcommand parse: the run gets as far as reading its input.
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
     try:
         # -v logs at INFO though absl (imported with orbax) installed a root handler first
-        assert root.handlers
+        absl_like = logging.StreamHandler()
+        root.addHandler(absl_like)
         assert main(["batch", "--model", "m", "--input", "/nonexistent.jsonl", "--output", "o", "-v",
                      "--debug"]) == 2
-        assert root.level == logging.INFO
+        assert root.level == logging.INFO and absl_like not in root.handlers
+        # pytest's handlers stay; plain stream handlers (basicConfig's, an earlier run's) are replaced
+        assert [h for h in handlers if not isinstance(h, logging.StreamHandler) or h.__module__.startswith("_pytest")] \
+            == [h for h in root.handlers if not isinstance(h, logging.StreamHandler) or h.__module__.startswith("_pytest")]
     finally:
         root.setLevel(level)
+        root.handlers[:] = handlers
     assert "cannot read /nonexistent.jsonl" in capsys.readouterr().err
 
 

@@ -1,0 +1,221 @@
+"""Open-loop load on `eaas-jax serve`: requests arrive as a Poisson process
+(they do not wait for each other, as real users do not), each a streamed
+completion; reports throughput, time to first token and inter-token latency
+percentiles, and a plot. The server runs on loopback, started here once per
+setting (embedded experts, then each --deployment), or is one at --url.
+
+    python bench/serve_load.py --model checkpoints/tiny-moe [--deployment configs/deploy/tiny-moe-2-servers.toml] \\
+        [--rate 8] [--requests 200] [--max-seconds 300] [--plot serve_load.png] [--append bench/RESULTS.md]
+
+Bounded in count (--requests) and time (--max-seconds: requests not sent by
+then are not sent; the report says how many ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+from _results import append_rows, git_commit, publish  # noqa: E402
+
+WORDS = "the quick brown fox jumps over a lazy dog import os sys def class return yield".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, deployment: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "eaas_jax.cli", "serve", "--model", model, "--port", str(port), *extra]
+    if deployment:
+        command += ["--deployment", deployment]
+    proc = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode})")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("the server did not become healthy in 15 minutes")
+
+
+async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """Streams one completion; its send time, token arrival times and counts."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent = time.monotonic()
+    arrivals, usage, error = [], None, None
+    try:
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return {"sent": sent, "error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                elif chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    arrivals.append(time.monotonic())
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"sent": sent, "arrivals": arrivals, "usage": usage, "error": error}
+
+
+async def run_load(url: str, model: str, *, rate: float, requests: int, max_seconds: float, max_tokens: int,
+                   seed: int) -> tuple[list[dict], float]:
+    rng = random.Random(seed)
+    start = time.monotonic()
+    tasks = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(max_seconds + 600), limits=limits) as http:
+        at = 0.0
+        for _ in range(requests):
+            at += rng.expovariate(rate)
+            if at > max_seconds:
+                break
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 48)))
+            tasks.append(asyncio.ensure_future(one_request(http, url, model, prompt, max_tokens)))
+        results = await asyncio.gather(*tasks)
+    return results, time.monotonic() - start
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
+def summarize(results: list[dict], seconds: float) -> dict:
+    done = [r for r in results if not r.get("error") and r.get("arrivals")]
+    ttft = [r["arrivals"][0] - r["sent"] for r in done]
+    itl = [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    tokens = sum(r["usage"]["completion_tokens"] for r in done if r["usage"])
+    out = {"sent": len(results), "completed": len(done), "failed": len(results) - len(done), "seconds": seconds,
+           "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds}
+    for name, values in (("ttft_s", ttft), ("itl_s", itl)):
+        for q in (0.5, 0.9, 0.99):
+            out[f"{name}_p{round(q * 100)}"] = quantile(values, q)
+    return out
+
+
+def plot(runs: dict[str, tuple[list[dict], dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, (results, _) in runs.items():
+        done = [r for r in results if not r.get("error") and r.get("arrivals")]
+        for ax, values in ((ax_ttft, [r["arrivals"][0] - r["sent"] for r in done]),
+                           (ax_itl, [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])])):
+            values = sorted(values)
+            ax.plot([v * 1e3 for v in values], [(i + 1) / len(values) for i in range(len(values))], label=label)
+    ax_ttft.set(xlabel="time to first token, ms", ylabel="fraction of requests", xscale="log")
+    ax_itl.set(xlabel="inter-token latency, ms", ylabel="fraction of token gaps", xscale="log")
+    for ax in (ax_ttft, ax_itl):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=os.path.join(REPO, "checkpoints", "tiny-moe"))
+    ap.add_argument("--deployment", action="append", default=[],
+                    help="also serve with this deployment (repeatable); the first run is always embedded")
+    ap.add_argument("--url", help="load a running server instead (its name from /v1/models)")
+    ap.add_argument("--rate", type=float, default=8.0, help="requests per second, on average")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--max-seconds", type=float, default=300.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-args", default="", help="more `eaas-jax serve` flags, one string")
+    ap.add_argument("--plot", help="write a PNG of the latency distributions")
+    ap.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
+    args = ap.parse_args()
+    settings = [("given server", None)] if args.url else \
+        [("embedded", None)] + [(os.path.basename(d), d) for d in args.deployment]
+    runs = {}
+    for label, deployment in settings:
+        proc = None
+        if args.url:
+            url = args.url
+        else:
+            proc, url = start_server(args.model, deployment, args.server_args.split())
+        try:
+            model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+            results, seconds = asyncio.run(run_load(url, model, rate=args.rate, requests=args.requests,
+                                                    max_seconds=args.max_seconds, max_tokens=args.max_tokens,
+                                                    seed=args.seed))
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+        runs[label] = (results, summarize(results, seconds))
+        print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
+    first = next(iter(runs.values()))[1]
+
+    def ms(value):
+        return "" if value is None else f"{value * 1e3:.1f}"
+
+    lines = [
+        f"### Serving load, open loop ({datetime.date.today()}, commit {git_commit()})",
+        "",
+        f"Device: {platform.machine()}, {os.cpu_count()} cores; `python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
+        f"Poisson arrivals at {args.rate}/s, up to {args.requests} requests in {args.max_seconds:.0f} s, prompts "
+        f"of 4-48 words, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed.",
+        "",
+        "| setting | completed / sent | req/s | output tok/s | vs embedded | TTFT p50 / p90 / p99 ms | "
+        "ITL p50 / p90 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {label} | {s['completed']} / {s['sent']} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
+          f"{s['output_tokens_per_s'] / first['output_tokens_per_s']:.2f} | "
+          f"{ms(s['ttft_s_p50'])} / {ms(s['ttft_s_p90'])} / {ms(s['ttft_s_p99'])} | "
+          f"{ms(s['itl_s_p50'])} / {ms(s['itl_s_p90'])} / {ms(s['itl_s_p99'])} |"
+          for label, (_, s) in runs.items()),
+        "",
+    ]
+    if args.plot:
+        plot(runs, args.plot)
+        lines.append(f"Plot: `{args.plot}`.\n")
+    publish(lines, args.append)
+    if args.append:
+        common = dict(unit="tok/s", device=f"{platform.machine()}, {os.cpu_count()} cores", date=str(datetime.date.today()),
+                      commit=git_commit(), command="python bench/serve_load.py " + " ".join(sys.argv[1:]))
+        append_rows(os.path.join(REPO, "bench", "results", "serve_load.jsonl"), [
+            dict(metric=f"serve_output_tokens_per_s_{label}", value=s["output_tokens_per_s"], peer="embedded",
+                 peer_value=first["output_tokens_per_s"], ratio=s["output_tokens_per_s"] / first["output_tokens_per_s"],
+                 **{k: v for k, v in s.items() if k.startswith(("ttft", "itl"))}, **common)
+            for label, (_, s) in runs.items()])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""`AsyncEngine`: one thread drives an `Engine`; asyncio handlers submit
+requests to it and read their outputs as the steps produce them.
+
+The engine is not thread-safe, so everything that touches it (adding and
+aborting requests, stepping, reading its metrics) runs on the loop thread:
+handlers hand it commands and await their results. Between commands the
+thread runs steps while any request is unfinished, and sleeps otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import AsyncIterator, Callable
+
+from eaas_jax.engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class ServerBusy(Exception):
+    """The queue of unfinished requests is full (`max_queue`)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop has stopped (shut down, or a step failed)."""
+
+
+class AsyncEngine:
+    """Drives `engine` on a thread of its own; at most `max_queue` requests
+    unfinished at once (more are refused with ServerBusy)."""
+
+    def __init__(self, engine, *, max_queue: int = 256):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.failure: BaseException | None = None  #: what stopped the loop, if a step failed
+        self.num_aborted = 0  #: requests whose client went away before they finished
+        self._wake = threading.Condition()
+        self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
+        self._stopping = False
+        # request id -> (event loop, queue) of its reader: loop thread only
+        self._readers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="eaas-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests queued or running for a reader."""
+        return len(self._readers)
+
+    # ------------------------------------------------------------ handlers' side
+
+    def submit(self, fn: Callable) -> concurrent.futures.Future:
+        """Runs `fn(engine)` on the loop thread between steps; its future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if not self.running:
+                future.set_exception(EngineStopped(self._stopped_reason()))
+                return future
+            self._commands.append((fn, future))
+            self._wake.notify()
+        return future
+
+    async def call(self, fn: Callable):
+        """`submit(fn)`, awaited."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    async def generate(self, prompt, params, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queues a request and yields its output after each step that gave it
+        tokens, the last one finished. Raises ValueError (bad prompt or
+        params) or ServerBusy before yielding anything. Leaving the iteration
+        early (the client went away) aborts the request: its KV blocks are
+        freed at the next step."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def add(engine) -> str:
+            unfinished = len(self._readers)
+            if unfinished >= self.max_queue:
+                raise ServerBusy(f"the server has {unfinished} requests unfinished, its limit (--max-queue); "
+                                 "retry later")
+            rid = engine.add_request(prompt, params, request_id)
+            self._readers[rid] = (loop, outputs)
+            return rid
+
+        rid = await self.call(add)
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.submit(lambda engine: self._abort(engine, rid))
+
+    def shutdown(self) -> None:
+        """Stops the loop after the step in progress; pending commands and
+        readers get EngineStopped. The engine itself is left to its owner."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # --------------------------------------------------------------- loop thread
+
+    def _abort(self, engine, rid: str) -> None:
+        if self._readers.pop(rid, None) is not None:
+            engine.abort_request(rid)
+            self.num_aborted += 1
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._commands or self._stopping or self._readers):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    commands, self._commands = self._commands, []
+                for fn, future in commands:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn(self.engine))
+                        except BaseException as e:  # noqa: BLE001 - the caller's to handle
+                            future.set_exception(e)
+                if self._readers and self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        self._deliver(output)
+                elif self._readers:  # a bug: readers of requests the engine no longer has
+                    for rid in list(self._readers):
+                        self._deliver_to(rid, RuntimeError(f"the engine lost request {rid}"))
+                        self._readers.pop(rid)
+        except BaseException as e:  # noqa: BLE001 - a failed step stops serving; /health says so
+            log.exception("the engine loop stopped")
+            self.failure = e
+        finally:
+            with self._wake:
+                self._stopping = True
+                commands, self._commands = self._commands, []
+            stopped = EngineStopped(self._stopped_reason())
+            for _, future in commands:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(stopped)
+            for rid in list(self._readers):
+                self._deliver_to(rid, stopped)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        self._deliver_to(output.request_id, output)
+        if output.finished:
+            self._readers.pop(output.request_id, None)
+
+    def _deliver_to(self, rid: str, item) -> None:
+        reader = self._readers.get(rid)
+        if reader is None:
+            return
+        loop, queue = reader
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # its event loop closed: nobody reads it
+            self._readers.pop(rid, None)
+
+    def _stopped_reason(self) -> str:
+        if self.failure is not None:
+            return f"the engine stopped: {type(self.failure).__name__}: {self.failure}"
+        return "the engine is shutting down"

@@ -1,0 +1,265 @@
+"""`eaas-jax serve`: the OpenAI HTTP API, driven with the official `openai`
+client against a server on an ephemeral loopback port. Greedy completions
+and chats, streamed and not, equal `Engine.generate()`; a client going away
+mid-stream frees its sequence; 50 concurrent streams complete; bad bodies get
+400 naming the field and the server goes on; /metrics parses with
+prometheus_client; a full queue gets 429; a failed engine makes /health 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from eaas_jax.engine import Engine, SamplingParams
+from eaas_jax.engine.prompts import chat_prompts
+from eaas_jax.serve import AsyncEngine, build_app
+from eaas_jax.serve.streaming import sendable
+
+MODEL = "tiny"
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PROMPTS = ["def f(x):", "import os\nimport sys", "class A:", "a"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
+    """The tiny random checkpoint with a chat template."""
+    path = str(tmp_path_factory.mktemp("serve") / "tiny-chat")
+    shutil.copytree(tiny_checkpoint, path)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(TEMPLATE)
+    return path
+
+
+class Served:
+    def __init__(self, engine: Engine, async_engine: AsyncEngine, url: str):
+        self.engine, self.async_engine, self.url = engine, async_engine, url
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    engine = Engine(checkpoint, max_num_seqs=8, max_model_len=256, dtype="float32", block_size=4)
+    async_engine = AsyncEngine(engine, max_queue=64)
+    server = uvicorn.Server(uvicorn.Config(build_app(async_engine, model=MODEL), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield Served(engine, async_engine, f"http://127.0.0.1:{port}")
+    server.should_exit = True
+    thread.join(30)
+    async_engine.shutdown()
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine, checkpoint) -> dict:
+    """Greedy texts of Engine.generate() (same weights, another engine) for
+    the prompts, and for one chat rendered with the checkpoint's template."""
+    from eaas_jax.engine.tokenizer import Tokenizer
+
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    texts = {p: o.outputs[0].text for p, o in zip(PROMPTS, tiny_engine.generate(PROMPTS, params, use_tqdm=False))}
+    chat = chat_prompts(Tokenizer.from_directory(checkpoint), [{"role": "user", "content": "hello"}],
+                        add_generation_prompt=True)
+    texts["chat"] = tiny_engine.generate(chat, params, use_tqdm=False)[0].outputs[0].text
+    return texts
+
+
+def test_completions_and_chat_equal_engine_generate_streamed_or_not(served, reference):
+    client = served.client
+    for prompt in PROMPTS:
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == reference[prompt] and out.choices[0].finish_reason in ("length", "stop")
+        assert out.usage.completion_tokens <= 12 and out.object == "text_completion"
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == reference[prompt]
+        assert sum(bool(c.choices and c.choices[0].text) for c in chunks) > 1  # streamed, not one piece
+        assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    # A list of prompts: one choice per prompt, in order.
+    out = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [reference[p] for p in PROMPTS]
+    messages = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == reference["chat"] and chat.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference["chat"]
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_a_client_going_away_mid_stream_frees_its_sequence(served):
+    before = served.metrics()
+    stream = served.client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=240, temperature=0,
+                                              stream=True)
+    for _, chunk in zip(range(3), stream):
+        assert chunk.choices[0].finish_reason is None  # still running
+    stream.close()
+    deadline = time.monotonic() + 30
+    while True:
+        now = served.metrics()
+        freed = now[("eaas_kv_blocks_used", ())] == 0 and now[("eaas_requests_unfinished", ())] == 0
+        if freed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert freed
+    assert now[("eaas_http_aborted_requests", ())] == before[("eaas_http_aborted_requests", ())] + 1
+    # generated far fewer than the 240 tokens asked for
+    assert now[("eaas_generated_tokens_total", ())] - before[("eaas_generated_tokens_total", ())] < 200
+
+
+def test_fifty_concurrent_streams_all_complete(served, reference):
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(i: int) -> str:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                 stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def all_of_them():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(50)))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(all_of_them())
+    assert texts == [reference[PROMPTS[i % len(PROMPTS)]] for i in range(50)]
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature", "temperature must be"),
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, None, "best_of"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n", "n must be"),
+    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream", "stream must be"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
+    ({"model": MODEL}, 400, None, "prompt"),
+    ({"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
+    ({"model": MODEL, "prompt": "x " * 300}, 400, "prompt", "max_model_len"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
+])
+def test_bad_bodies_get_an_error_naming_the_problem_and_the_server_goes_on(served, body, status, param, words):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(f"{served.url}/v1/completions", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["param"] == param and error["type"]
+    if "max_model_len" in words:
+        assert error["code"] == "context_length_exceeded"
+    out = served.client.completions.create(model=MODEL, prompt="a", max_tokens=2, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_the_openai_client_sees_bad_parameters_as_bad_requests(served):
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=2)
+    with pytest.raises(openai.BadRequestError, match="'role' string"):
+        served.client.chat.completions.create(model=MODEL, messages=[{"content": "x"}])
+
+
+def test_metrics_parse_and_hold_the_latency_histograms_and_outcomes(served):
+    served.client.completions.create(model=MODEL, prompt="a", max_tokens=3, temperature=0)
+    samples = served.metrics()
+    names = {name for name, _ in samples}
+    for histogram in ("eaas_time_to_first_token_seconds", "eaas_inter_token_latency_seconds", "eaas_step_seconds"):
+        assert {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"} <= names
+        assert samples[(f"{histogram}_count", ())] > 0
+    assert samples[("eaas_http_requests_total", (("endpoint", "/v1/completions"), ("outcome", "completed")))] >= 1
+    assert samples[("eaas_kv_blocks", ())] > 0 and ("eaas_sequences_waiting", ()) in samples
+    assert any(name == "eaas_expert_tokens_total" for name, _ in samples)
+
+
+def test_a_full_queue_answers_429_and_the_server_goes_on(served):
+    served.async_engine.max_queue = 1
+    try:
+        stream = served.client.completions.create(model=MODEL, prompt="a", max_tokens=200, temperature=0,
+                                                  stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError, match="max-queue"):
+            served.client.completions.create(model=MODEL, prompt="b", max_tokens=2)
+        stream.close()
+    finally:
+        served.async_engine.max_queue = 64
+    deadline = time.monotonic() + 30
+    while served.async_engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.client.completions.create(model=MODEL, prompt="b", max_tokens=2).choices
+
+
+def test_an_api_key_guards_the_api_but_not_health(served):
+    app = build_app(served.async_engine, model=MODEL, api_key="s3cret")
+    with TestClient(app) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]["id"] == MODEL
+        assert http.get("/health").status_code == 200
+
+
+class _FailingEngine:
+    """An engine whose steps fail: what /health and waiting requests see."""
+
+    max_model_len = 64
+    tokenizer = None
+
+    def __init__(self):
+        self.requests = []
+
+    def default_sampling_params(self):
+        return SamplingParams()
+
+    def add_request(self, prompt, params, request_id=None):
+        self.requests.append(prompt)
+        return str(len(self.requests))
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        raise RuntimeError("the device fell over")
+
+    def unservable(self):
+        return None
+
+
+def test_a_failed_engine_makes_health_503_and_requests_fail_with_its_reason():
+    async_engine = AsyncEngine(_FailingEngine(), max_queue=4)
+    try:
+        with TestClient(build_app(async_engine, model=MODEL)) as http:
+            response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+            assert response.status_code == 503 and "the device fell over" in response.json()["error"]["message"]
+            health = http.get("/health")
+            assert health.status_code == 503 and "the device fell over" in health.json()["error"]["message"]
+    finally:
+        async_engine.shutdown()
+
+
+def test_streamed_text_holds_back_a_partial_character_and_a_stop_string_prefix():
+    assert sendable("hello wor", ["world"]) == len("hello ")
+    assert sendable("hello w\ufffd", []) == len("hello w")
+    assert sendable("abc", ["xyz"]) == 3 and sendable("ab", ["b", "abc"]) == 0
