@@ -1,13 +1,15 @@
-"""The `eaas-jax` command: generate, batch, serve-experts, train, convert, plan-placement."""
+"""The `eaas-jax` command: generate, batch, serve, serve-experts, train, convert, plan-placement."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 import tomllib
 import time
@@ -69,6 +71,10 @@ def _add_serve(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $EAAS_API_KEY; none: open)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests unfinished at once at most; more get 429 (retry later)")
+    p.add_argument("--warmup", nargs=2, type=int, metavar=("PROMPT_TOKENS", "MAX_TOKENS"), default=(128, 256),
+                   help="before serving, compile the step shapes of --max-num-seqs requests of this size arriving "
+                        "at once (the first steps' now; on a GPU host the rest in the background)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_const", const=None, help="serve at once")
     _add_engine_args(p)
     p.set_defaults(func=_serve)
 
@@ -230,20 +236,45 @@ def _batch(args) -> int:
     return 1 if results.failed else 0
 
 
+def _uvicorn_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGINT/SIGTERM only stop it: uvicorn
+        raises the signal again once stopped, which would end the process
+        before the engine shuts its expert servers down."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def _serve(args) -> int:
     import uvicorn
 
     from eaas_jax.serve import AsyncEngine, build_app
 
+    server_class = _uvicorn_server()
     if args.max_queue < 1:
         raise SystemExit(f"error: --max-queue must be >= 1, got {args.max_queue}")
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     with _open_engine(args) as engine:
+        if args.warmup is not None:
+            prompt_tokens, max_tokens = args.warmup
+            engine.warm_up(traffic=(min(prompt_tokens, engine.max_model_len - 1), max_tokens))
         async_engine = AsyncEngine(engine, max_queue=args.max_queue)
         try:
             app = build_app(async_engine, model=name, api_key=args.api_key)
             print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
-            uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+            server_class(uvicorn.Config(app, host=args.host, port=args.port,
+                                   log_level="info" if args.verbose else "warning")).run()
         finally:
             async_engine.shutdown()
     return 0

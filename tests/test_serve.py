@@ -263,3 +263,46 @@ def test_streamed_text_holds_back_a_partial_character_and_a_stop_string_prefix()
     assert sendable("hello wor", ["world"]) == len("hello ")
     assert sendable("hello w\ufffd", []) == len("hello w")
     assert sendable("abc", ["xyz"]) == 3 and sendable("ab", ["b", "abc"]) == 0
+
+
+def test_the_serve_command_warms_up_serves_and_stops_on_sigterm(checkpoint):
+    """The command line as a user runs it: healthy once warmed up, answers,
+    and exits 0 on SIGTERM; a bad --max-queue is one error line."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bad = subprocess.run([sys.executable, "-m", "eaas_jax.cli", "serve", "--model", checkpoint, "--max-queue", "0"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "--max-queue must be >= 1" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "eaas_jax.cli", "serve", "--model", checkpoint, "--port",
+                               str(port), "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "2",
+                               "--warmup", "8", "4", "--compile-cache", "off"],
+                              stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not healthy in 2 minutes"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert client.models.list().data[0].id == "tiny-chat"
+        out = client.completions.create(model="tiny-chat", prompt="def f(x):", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4 or out.choices[0].finish_reason == "stop"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

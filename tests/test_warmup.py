@@ -289,3 +289,23 @@ def test_the_compile_pool_drops_queued_work_on_stop_and_at_exit():
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
     assert time.monotonic() - start < 10  # one running sleep, not ten
+
+
+def test_warming_up_for_traffic_compiles_what_such_requests_meet_and_moves_no_seed(engine):
+    """Guards a server's warm-up: with nothing queued, the shapes of
+    max_num_seqs requests of the given size (default sampling: not greedy)
+    are compiled, and requests of that size then wait for no compile; the
+    engine's request ids and unseeded requests' seeds are those of an engine
+    that did not warm up."""
+    builder = engine._request_builder
+    rng_state, ids = builder._rng.bit_generator.state, repr(builder._ids)
+    plan = engine.warm_up(traffic=(10, 20), later="now", use_tqdm=False)
+    assert plan.first and not plan.first[0].greedy and plan.first[0].batch == engine.scheduler.max_num_seqs
+    assert builder._rng.bit_generator.state == rng_state and repr(builder._ids) == ids
+    waits = engine.runner.num_compile_waits
+    for prompt in _prompts([10] * 4):
+        engine.add_request(prompt, SamplingParams(max_tokens=20))
+    _run_queued(engine)
+    assert engine.runner.num_compile_waits == waits
+    with pytest.raises(ValueError, match="traffic must be"):
+        engine.warm_up(traffic=(engine.max_model_len, 4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -244,10 +245,14 @@ class Engine:
         """Step shapes compiled (or compiling) so far."""
         return self.runner.num_compilations
 
-    def warm_up(self, *, later: str = "auto", use_tqdm: bool = True) -> WarmupPlan:
+    def warm_up(self, *, later: str = "auto", use_tqdm: bool = True,
+                traffic: tuple[int, int] | None = None) -> WarmupPlan:
         """Compiles the step programs the queued requests will need before
         they run (`engine.warmup` says which are foreseen): the first prefill's
-        and decode's now, in parallel, with a progress bar. The shapes later
+        and decode's now, in parallel, with a progress bar. With `traffic`
+        (prompt tokens, tokens generated) nothing need be queued: the shapes
+        are those of max_num_seqs such requests arriving at once (a server
+        warming up for requests to come). The shapes later
         steps are likely to meet (`later`): "background" compiles them on
         background threads while the steps run (a step of a shape still
         compiling waits for it); "now" compiles them before returning too;
@@ -261,7 +266,18 @@ class Engine:
         if self._in_flight or self.scheduler.running:
             raise RuntimeError("warm_up foresees a run of queued requests: call it before the first step")
         allocator = self.scheduler.allocator
-        plan = plan_warmup(list(self.scheduler.waiting), max_num_seqs=self.scheduler.max_num_seqs,
+        seqs = list(self.scheduler.waiting)
+        if traffic is not None:
+            prompt_tokens, max_tokens = traffic
+            if not (1 <= prompt_tokens < self.max_model_len and max_tokens >= 1):
+                raise ValueError(f"traffic must be (prompt tokens in [1, {self.max_model_len}), tokens >= 1), "
+                                 f"got {traffic}")
+            # A seed and ids of their own: the engine's seed generator and id
+            # counter must not move for requests never run.
+            params = dataclasses.replace(self.default_sampling_params(), max_tokens=max_tokens, n=1, seed=0)
+            seqs = [seq for i in range(self.scheduler.max_num_seqs) for seq in
+                    self._request_builder.build([1] * prompt_tokens, params, f"warm-up-{i}", ()).sequences]
+        plan = plan_warmup(seqs, max_num_seqs=self.scheduler.max_num_seqs,
                            max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
                            block_size=allocator.block_size, num_free_blocks=allocator.num_free,
                            max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)

@@ -20,6 +20,16 @@ from eaas_jax.engine.outputs import RequestOutput
 log = logging.getLogger(__name__)
 
 
+def _copy_outcome(done: concurrent.futures.Future, result: asyncio.Future) -> None:
+    if result.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(done.result())
+
+
 class ServerBusy(Exception):
     """The queue of unfinished requests is full (`max_queue`)."""
 
@@ -70,8 +80,19 @@ class AsyncEngine:
         return future
 
     async def call(self, fn: Callable):
-        """`submit(fn)`, awaited."""
-        return await asyncio.wrap_future(self.submit(fn))
+        """`submit(fn)`, awaited. (Not asyncio.wrap_future: its callback raises
+        on the loop thread when the caller's event loop has closed.)"""
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+
+        def resolve(done: concurrent.futures.Future) -> None:
+            try:
+                loop.call_soon_threadsafe(_copy_outcome, done, result)
+            except RuntimeError:  # the caller's event loop has closed: nobody waits
+                pass
+
+        self.submit(fn).add_done_callback(resolve)
+        return await result
 
     async def generate(self, prompt, params, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queues a request and yields its output after each step that gave it
