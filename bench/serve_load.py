@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-load", type=int, default=0,
+                    help="requests of the same load sent first and not measured (compiles the shapes the server's "
+                         "own warm-up did not foresee)")
     ap.add_argument("--server-args", default="", help="more `eaas-jax serve` flags, one string")
     ap.add_argument("--plot", help="write a PNG of the latency distributions")
     ap.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
@@ -172,6 +175,9 @@ def main() -> None:
             proc, url = start_server(args.model, deployment, args.server_args.split())
         try:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+            if args.warmup_load:
+                asyncio.run(run_load(url, model, rate=args.rate, requests=args.warmup_load,
+                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens, seed=args.seed + 1))
             results, seconds = asyncio.run(run_load(url, model, rate=args.rate, requests=args.requests,
                                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens,
                                                     seed=args.seed))
@@ -191,7 +197,8 @@ def main() -> None:
         "",
         f"Device: {platform.machine()}, {os.cpu_count()} cores; `python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
         f"Poisson arrivals at {args.rate}/s, up to {args.requests} requests in {args.max_seconds:.0f} s, prompts "
-        f"of 4-48 words, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed.",
+        f"of 4-48 words, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed; "
+        f"{args.warmup_load} requests of the same load sent first, not measured.",
         "",
         "| setting | completed / sent | req/s | output tok/s | vs embedded | TTFT p50 / p90 / p99 ms | "
         "ITL p50 / p90 / p99 ms |",

@@ -301,6 +301,7 @@ def test_warming_up_for_traffic_compiles_what_such_requests_meet_and_moves_no_se
     rng_state, ids = builder._rng.bit_generator.state, repr(builder._ids)
     plan = engine.warm_up(traffic=(10, 20), later="now", use_tqdm=False)
     assert plan.first and not plan.first[0].greedy and plan.first[0].batch == engine.scheduler.max_num_seqs
+    assert any(s.greedy for s in plan.first)  # greedy requests run another program: foreseen too
     assert builder._rng.bit_generator.state == rng_state and repr(builder._ids) == ids
     waits = engine.runner.num_compile_waits
     for prompt in _prompts([10] * 4):

@@ -251,8 +251,8 @@ class Engine:
         they run (`engine.warmup` says which are foreseen): the first prefill's
         and decode's now, in parallel, with a progress bar. With `traffic`
         (prompt tokens, tokens generated) nothing need be queued: the shapes
-        are those of max_num_seqs such requests arriving at once (a server
-        warming up for requests to come). The shapes later
+        are those of max_num_seqs such requests arriving at once, sampled with
+        the defaults and greedy (a server warming up for requests to come). The shapes later
         steps are likely to meet (`later`): "background" compiles them on
         background threads while the steps run (a step of a shape still
         compiling waits for it); "now" compiles them before returning too;
@@ -266,21 +266,27 @@ class Engine:
         if self._in_flight or self.scheduler.running:
             raise RuntimeError("warm_up foresees a run of queued requests: call it before the first step")
         allocator = self.scheduler.allocator
-        seqs = list(self.scheduler.waiting)
+        batches = [list(self.scheduler.waiting)]
         if traffic is not None:
             prompt_tokens, max_tokens = traffic
             if not (1 <= prompt_tokens < self.max_model_len and max_tokens >= 1):
                 raise ValueError(f"traffic must be (prompt tokens in [1, {self.max_model_len}), tokens >= 1), "
                                  f"got {traffic}")
-            # A seed and ids of their own: the engine's seed generator and id
-            # counter must not move for requests never run.
-            params = dataclasses.replace(self.default_sampling_params(), max_tokens=max_tokens, n=1, seed=0)
-            seqs = [seq for i in range(self.scheduler.max_num_seqs) for seq in
-                    self._request_builder.build([1] * prompt_tokens, params, f"warm-up-{i}", ()).sequences]
-        plan = plan_warmup(seqs, max_num_seqs=self.scheduler.max_num_seqs,
-                           max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
-                           block_size=allocator.block_size, num_free_blocks=allocator.num_free,
-                           max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+            # Sampled with the defaults, and greedy (another program): a seed
+            # and ids of their own, so that the engine's seed generator and id
+            # counter do not move for requests never run.
+            default = self.default_sampling_params()
+            batches = [[seq for i in range(self.scheduler.max_num_seqs) for seq in self._request_builder.build(
+                [1] * prompt_tokens, dataclasses.replace(default, max_tokens=max_tokens, n=1, seed=0,
+                                                         temperature=temperature),
+                f"warm-up-{i}", ()).sequences] for temperature in dict.fromkeys((default.temperature, 0.0))]
+        plans = [plan_warmup(seqs, max_num_seqs=self.scheduler.max_num_seqs,
+                             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+                             block_size=allocator.block_size, num_free_blocks=allocator.num_free,
+                             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+                 for seqs in batches]
+        first = list(dict.fromkeys(s for p in plans for s in p.first))
+        plan = WarmupPlan(first, [s for s in dict.fromkeys(s for p in plans for s in p.later) if s not in first])
         if later == "auto":
             later = "background" if compiles_alongside_steps() else "when_met"
         now = plan.first + (plan.later if later == "now" else [])
