@@ -106,6 +106,15 @@ async def run_load(url: str, model: str, *, rate: float, requests: int, max_seco
     return results, time.monotonic() - start
 
 
+def compile_waits(url: str) -> float:
+    """The server's count of steps that waited for a compile (its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "eaas_step_compile_waits")
+
+
 def quantile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
@@ -178,14 +187,16 @@ def main() -> None:
             if args.warmup_load:
                 asyncio.run(run_load(url, model, rate=args.rate, requests=args.warmup_load,
                                      max_seconds=args.max_seconds, max_tokens=args.max_tokens, seed=args.seed + 1))
+            waits = compile_waits(url)
             results, seconds = asyncio.run(run_load(url, model, rate=args.rate, requests=args.requests,
                                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens,
                                                     seed=args.seed))
+            waits = compile_waits(url) - waits
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
-        runs[label] = (results, summarize(results, seconds))
+        runs[label] = (results, {**summarize(results, seconds), "compile_waits": int(waits)})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
     first = next(iter(runs.values()))[1]
 
@@ -201,12 +212,12 @@ def main() -> None:
         f"{args.warmup_load} requests of the same load sent first, not measured.",
         "",
         "| setting | completed / sent | req/s | output tok/s | vs embedded | TTFT p50 / p90 / p99 ms | "
-        "ITL p50 / p90 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "ITL p50 / p90 / p99 ms | steps waiting for a compile |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| {label} | {s['completed']} / {s['sent']} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
           f"{s['output_tokens_per_s'] / first['output_tokens_per_s']:.2f} | "
           f"{ms(s['ttft_s_p50'])} / {ms(s['ttft_s_p90'])} / {ms(s['ttft_s_p99'])} | "
-          f"{ms(s['itl_s_p50'])} / {ms(s['itl_s_p90'])} / {ms(s['itl_s_p99'])} |"
+          f"{ms(s['itl_s_p50'])} / {ms(s['itl_s_p90'])} / {ms(s['itl_s_p99'])} | {s['compile_waits']} |"
           for label, (_, s) in runs.items()),
         "",
     ]
@@ -220,7 +231,7 @@ def main() -> None:
         append_rows(os.path.join(REPO, "bench", "results", "serve_load.jsonl"), [
             dict(metric=f"serve_output_tokens_per_s_{label}", value=s["output_tokens_per_s"], peer="embedded",
                  peer_value=first["output_tokens_per_s"], ratio=s["output_tokens_per_s"] / first["output_tokens_per_s"],
-                 **{k: v for k, v in s.items() if k.startswith(("ttft", "itl"))}, **common)
+                 **{k: v for k, v in s.items() if k.startswith(("ttft", "itl", "compile"))}, **common)
             for label, (_, s) in runs.items()])
 
 

@@ -194,6 +194,9 @@ class Engine:
             "eaas_sequences_waiting": (len(self.scheduler.waiting), "Sequences waiting to be scheduled."),
             "eaas_kv_blocks_used": (allocator.num_blocks - allocator.num_free, "KV cache blocks in use."),
             "eaas_kv_blocks": (allocator.num_blocks, "KV cache blocks in all."),
+            "eaas_step_compile_waits": (self.runner.num_compile_waits,
+                                        "Steps that waited for their program to compile (a shape met first)."),
+            "eaas_step_programs": (self.runner.num_compilations, "Step programs compiled or compiling."),
         }
         if self.pool is None:
             return self.metrics.families(gauges=gauges)
