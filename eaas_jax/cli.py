@@ -273,7 +273,7 @@ def _serve(args) -> int:
         try:
             app = build_app(async_engine, model=name, api_key=args.api_key)
             print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
-            server_class(uvicorn.Config(app, host=args.host, port=args.port,
+            server_class(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=10,
                                    log_level="info" if args.verbose else "warning")).run()
         finally:
             async_engine.shutdown()

@@ -61,12 +61,18 @@ def body_problem(kind: str, body: dict, also_allowed: frozenset = frozenset()) -
     return None
 
 
+#: Tokens a /v1/completions body without max_tokens gets (the API's default;
+#: a chat without one may run to the context limit).
+COMPLETION_MAX_TOKENS = 16
+
+
 def params_of_body(kind: str, body: dict) -> dict:
     """The SamplingParams fields a body sets (body_problem(kind, body) must be
     None). A field that is null is as one left out, as in the API; without
-    max_tokens a completion may run to the context limit (the API's default)."""
+    max_tokens a completion gets COMPLETION_MAX_TOKENS and a chat may run to
+    the context limit (the API's defaults)."""
     fields = {_PARAMS[k]: v for k, v in body.items() if k in _PARAMS and v is not None}
-    fields.setdefault("max_tokens", None)
+    fields.setdefault("max_tokens", COMPLETION_MAX_TOKENS if kind == "completion" else None)
     if kind == "completion" and body.get("logprobs") is not None:
         fields["logprobs"] = body["logprobs"]
     if kind == "chat" and body.get("logprobs"):
@@ -81,13 +87,30 @@ def parse_body(kind: str, body: dict, defaults: SamplingParams, also_allowed: fr
     problem = body_problem(kind, body, also_allowed)
     if problem:
         raise ValueError(problem)
-    if kind == "chat":
-        check_messages(body["messages"])
+    messages = _text_messages(body["messages"]) if kind == "chat" else None
     try:
         params = dataclasses.replace(defaults, **params_of_body(kind, body))
     except TypeError as e:
         raise ValueError(str(e)) from None
-    return params, body.get("prompt"), body.get("messages")
+    return params, body.get("prompt"), messages
+
+
+def _text_messages(messages) -> list[dict]:
+    """A chat's messages with each content a string: the API's content parts
+    ([{"type": "text", "text": ...}, ...]) joined; other parts refused."""
+    out = []
+    for i, m in enumerate(check_messages(messages)):
+        content = m["content"]
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"message {i}: only text content parts ({{'type': 'text', 'text': ...}}) "
+                                 "are supported")
+            m = {**m, "content": "".join(p["text"] for p in content)}
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string or a list of text parts, got {content!r}")
+        out.append(m)
+    return out
 
 
 def _completion_logprobs(c: CompletionOutput, start: int = 0) -> dict | None:

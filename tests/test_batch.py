@@ -119,7 +119,7 @@ def test_bad_lines_become_error_records_and_the_run_goes_on(engine, tmp_path):
     errors = {r["custom_id"]: r["error"] for r in records(out) if "error" in r}
     assert set(errors) == {"line-3", "line-10", "line-16"}
     assert errors["line-3"].startswith(f"{inp}:3: not valid JSON")
-    assert errors["line-10"] == f"{inp}:10: temperature must be a number >= 0, got -1"
+    assert errors["line-10"] == f"{inp}:10: temperature must be a finite number >= 0, got -1"
     assert errors["line-16"].startswith(f"{inp}:16: ") and "64" in errors["line-16"]
     assert sum("outputs" in r for r in records(out)) == 17
 
@@ -233,6 +233,15 @@ def test_openai_bodies_follow_the_api_for_left_out_and_null_fields(tmp_path):
     a, b = read_requests(str(inp), SamplingParams(max_tokens=16, seed=3))
     assert a.params.max_tokens is None and a.params.seed == 3
     assert (b.params.max_tokens, b.params.presence_penalty, b.params.seed) == (7, 0.0, 3)
+    # A completion without max_tokens gets the API's 16, whatever the defaults
+    params, prompt, _ = openai_protocol.parse_body("completion", {"prompt": "x"}, SamplingParams(max_tokens=99))
+    assert (params.max_tokens, prompt) == (16, "x")
+    # A chat's text content parts are joined; other parts are refused
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert openai_protocol.parse_body("chat", parts, SamplingParams())[2][0]["content"] == "ab"
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    with pytest.raises(ValueError, match="only text content parts"):
+        openai_protocol.parse_body("chat", image, SamplingParams())
 
 
 def test_an_output_that_cannot_be_written_fails_before_any_model_work(uninterrupted, tmp_path, capsys):

@@ -10,6 +10,7 @@ from flax import nnx
 
 from eaas_jax.kernels import grouped_matmul as grouped_matmul_module
 from eaas_jax.kernels.grouped_matmul import grouped_matmul, tiled_grouped_matmul, tokamax_grouped_matmul
+from eaas_jax.model import moe
 from eaas_jax.model.moe import ExpertBank
 
 from conftest import TINY_CONFIG, tiny_model
@@ -57,6 +58,61 @@ def test_moe_layer_matches_per_token_numpy_reference():
     got, routing = moe_block(layer, bank, jnp.asarray(h))
     assert len(np.unique(np.asarray(routing.expert_ids))) > 4  # the test exercises many experts
     np.testing.assert_allclose(np.asarray(got), _reference_moe_block(layer, bank, h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2])
+def test_decode_sized_moe_layers_match_the_per_token_reference_on_the_gathered_path(num_tokens):
+    """A token or two route to fewer slots than the bank has experts: the
+    gathered path, against the same NumPy reference."""
+    model = tiny_model(seed=4)
+    layer = model.client.layers[TINY_CONFIG.first_k_dense]
+    bank = model.experts.banks[0]
+    assert moe.uses_gathered_experts(num_tokens * TINY_CONFIG.num_experts_per_tok, TINY_CONFIG.num_experts)
+    h = np.random.default_rng(num_tokens).standard_normal((num_tokens, TINY_CONFIG.hidden_size)).astype(np.float32)
+
+    @nnx.jit
+    def moe_block(layer, bank, h):
+        routing = layer.router(h)
+        return bank(h, routing.expert_ids, routing.weights) + layer.shared_expert(h)
+
+    np.testing.assert_allclose(np.asarray(moe_block(layer, bank, jnp.asarray(h))),
+                               _reference_moe_block(layer, bank, h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("num_tokens, top_k, num_experts", [(1, 8, 128), (3, 2, 16), (4, 4, 8)])
+def test_the_gathered_and_grouped_expert_paths_agree(num_tokens, top_k, num_experts, dtype, tolerance):
+    """Guards the gathered path against the grouped one, with repeated
+    experts, ids the bank does not host (skipped) and gate weights."""
+    keys = jax.random.split(jax.random.key(num_experts + top_k), 5)
+    dim, hidden = 16, 24
+    x = jax.random.normal(keys[0], (num_tokens, dim), dtype)
+    ids = jax.random.randint(keys[1], (num_tokens, top_k), -2, num_experts + 2)
+    ids = ids.at[0, :2].set(1)  # one expert twice for one token
+    weights = jax.random.uniform(keys[2], (num_tokens, top_k))
+    gate, up = (jax.random.normal(k, (num_experts, dim, hidden), dtype) / 4 for k in keys[3:5])
+    down = jax.random.normal(keys[4], (num_experts, hidden, dim), dtype) / 4
+    args = (x, ids, weights, gate, up, down)
+    gathered = np.asarray(jax.jit(moe._gathered_experts)(*args))
+    grouped = np.asarray(jax.jit(moe._grouped_experts)(*args))
+    np.testing.assert_allclose(gathered, grouped, rtol=tolerance, atol=tolerance)
+    assert np.abs(grouped).max() > 0.1  # not all skipped
+    masked = np.asarray(jax.jit(moe._gathered_experts)(
+        x, jnp.where((ids >= 0) & (ids < num_experts), ids, -1), weights, gate, up, down))
+    np.testing.assert_allclose(gathered, masked, rtol=tolerance, atol=tolerance)  # out-of-bank ids: skipped
+
+
+def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch):
+    calls = []
+    for name in ("_gathered_experts", "_grouped_experts"):
+        original = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    gate = jnp.ones((16, 4, 6))
+    down = jnp.ones((16, 6, 4))
+    for tokens, expected in ((1, "_gathered_experts"), (4, "_gathered_experts"), (5, "_grouped_experts")):
+        moe.routed_experts(jnp.ones((tokens, 4)), jnp.zeros((tokens, 2), jnp.int32), jnp.ones((tokens, 2)),
+                           gate, gate, down)
+        assert calls[-1] == expected, (tokens, calls)
 
 
 def test_expert_bank_skips_ids_it_does_not_host():

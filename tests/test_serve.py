@@ -9,6 +9,7 @@ prometheus_client; a full queue gets 429; a failed engine makes /health 503.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import threading
@@ -127,9 +128,44 @@ def test_a_client_going_away_mid_stream_frees_its_sequence(served):
             break
         time.sleep(0.1)
     assert freed
-    assert now[("eaas_http_aborted_requests", ())] == before[("eaas_http_aborted_requests", ())] + 1
+    assert now[("eaas_http_aborted_requests_total", ())] == before[("eaas_http_aborted_requests_total", ())] + 1
     # generated far fewer than the 240 tokens asked for
     assert now[("eaas_generated_tokens_total", ())] - before[("eaas_generated_tokens_total", ())] < 200
+
+
+def _wait_until_freed(served) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        now = served.metrics()
+        if now[("eaas_kv_blocks_used", ())] == 0 and now[("eaas_requests_unfinished", ())] == 0:
+            return now
+        assert time.monotonic() < deadline, "the request still holds KV blocks"
+        time.sleep(0.1)
+
+
+def test_a_client_going_away_before_a_whole_answer_frees_its_sequence(served):
+    """Not streamed: the server notices the closed connection while it
+    generates, and aborts."""
+    before = served.metrics()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "def f(x):", "max_tokens": 240,
+                                                         "temperature": 0}, timeout=httpx.Timeout(30, read=0.5))
+    now = _wait_until_freed(served)
+    assert now[("eaas_http_aborted_requests_total", ())] == before[("eaas_http_aborted_requests_total", ())] + 1
+    assert now[("eaas_generated_tokens_total", ())] - before[("eaas_generated_tokens_total", ())] < 200
+
+
+def test_streamed_completions_of_n_finish_once_each_and_equal_the_whole_answer(served):
+    body = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=10, temperature=0.8, seed=5, n=3)
+    whole = served.client.completions.create(**body)
+    chunks = list(served.client.completions.create(**body, stream=True))
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == list(range(6))  # one finish per choice
+    texts = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {c.index: c.text for c in whole.choices}
 
 
 def test_fifty_concurrent_streams_all_complete(served, reference):
@@ -163,10 +199,17 @@ def test_fifty_concurrent_streams_all_complete(served, reference):
     ({"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
     ({"model": MODEL, "prompt": "x " * 300}, 400, "prompt", "max_model_len"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
+    # hostile values must not reach (and stop) the engine's steps
+    ({"model": MODEL, "prompt": "x", "temperature": 10 ** 400}, 400, "temperature", "finite number"),
+    ({"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, 400, "stop", "at most 16"),
+    ({"model": MODEL, "prompt": "a\ud800"}, 400, "prompt", "str"),  # a lone surrogate: the tokenizer refuses
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, None, "content must be"),
 ])
 def test_bad_bodies_get_an_error_naming_the_problem_and_the_server_goes_on(served, body, status, param, words):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    response = httpx.post(f"{served.url}/v1/completions", timeout=30, **kwargs)
+    kwargs = {"content": body} if isinstance(body, bytes) else \
+        {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+    endpoint = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
+    response = httpx.post(f"{served.url}/v1/{endpoint}", timeout=30, **kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["param"] == param and error["type"]
@@ -218,6 +261,7 @@ def test_an_api_key_guards_the_api_but_not_health(served):
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]["id"] == MODEL
+        assert http.get("/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
         assert http.get("/health").status_code == 200
 
 
@@ -240,6 +284,9 @@ class _FailingEngine:
     def has_unfinished_requests(self):
         return bool(self.requests)
 
+    def abort_request(self, request_id):
+        self.requests.pop()
+
     def step(self):
         raise RuntimeError("the device fell over")
 
@@ -247,14 +294,18 @@ class _FailingEngine:
         return None
 
 
-def test_a_failed_engine_makes_health_503_and_requests_fail_with_its_reason():
-    async_engine = AsyncEngine(_FailingEngine(), max_queue=4)
+def test_a_failing_step_fails_its_requests_and_health_but_the_server_goes_on():
+    engine = _FailingEngine()
+    async_engine = AsyncEngine(engine, max_queue=4)
     try:
         with TestClient(build_app(async_engine, model=MODEL)) as http:
             response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
             assert response.status_code == 503 and "the device fell over" in response.json()["error"]["message"]
             health = http.get("/health")
             assert health.status_code == 503 and "the device fell over" in health.json()["error"]["message"]
+            assert not engine.requests  # aborted
+            assert async_engine.running  # still serving: the next request is tried
+            assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
     finally:
         async_engine.shutdown()
 

@@ -7,6 +7,13 @@ import dataclasses
 MAX_LOGPROBS = 20
 #: Completions one request may ask for at most (OpenAI's limit too).
 MAX_N = 128
+#: Stop strings one request may give, and their length at most: each is
+#: looked for in the text after every token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+# What the sampler's float32 and int32 inputs hold.
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass
@@ -62,14 +69,14 @@ class SamplingParams:
         _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(
             _is_number(self.temperature) and self.temperature >= 0,
-            f"temperature must be a number >= 0, got {self.temperature!r}",
+            f"temperature must be a finite number >= 0, got {self.temperature!r}",
         )
         _check(
             _is_number(self.top_p) and 0 < self.top_p <= 1,
             f"top_p must be in (0, 1], got {self.top_p!r}",
         )
         _check(
-            _is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
+            _is_int(self.top_k) and (0 <= self.top_k <= _INT32_MAX or self.top_k == -1),
             f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}",
         )
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
@@ -111,6 +118,10 @@ class SamplingParams:
             f"stop must be a non-empty string or a list of them, got {self.stop!r}",
         )
         _check(
+            len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_LENGTH for s in self.stop),
+            f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+        )
+        _check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
         )
@@ -130,7 +141,14 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+    """A real number the sampler's float32 inputs can hold (not NaN, not
+    infinite, not an integer too large for a float)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return abs(float(x)) <= _FLOAT32_MAX  # False for NaN and infinities
+    except OverflowError:
+        return False
 
 
 def _check(ok: bool, message: str) -> None:

@@ -126,6 +126,20 @@ def expert_token_counts(routings: list[Routing], token_mask: jax.Array, num_expe
     return jnp.stack([count(r) for r in routings])
 
 
+# A token-expert slot on the gathered path reads its expert's weights (and,
+# off the CPU, writes and reads the gathered copy); the grouped path visits
+# every expert of the bank once. Gathering wins while the slots are fewer
+# than the experts by this factor.
+GATHER_FACTOR = 2
+
+
+def uses_gathered_experts(num_slots: int, num_experts: int) -> bool:
+    """Whether `routed_experts` computes `num_slots` token-expert slots by
+    gathering each slot's expert weights (few slots: decode at small batch)
+    rather than one grouped matmul over all `num_experts`."""
+    return GATHER_FACTOR * num_slots <= num_experts
+
+
 def routed_experts(
     x: jax.Array,
     expert_ids: jax.Array,
@@ -139,9 +153,21 @@ def routed_experts(
 
     x: [N, d]; expert_ids: [N, k] in [0, E), or any value outside it to skip
     that slot; weights: [N, k]; expert weights stacked [E, d, f], [E, d, f],
-    [E, f, d]. One grouped matmul per projection over all experts. Returns
-    [N, d] in `out_dtype` (default x's dtype), summed in float32.
+    [E, f, d]. Returns [N, d] in `out_dtype` (default x's dtype), summed in
+    float32. Few slots (`uses_gathered_experts`) multiply by their own
+    experts' gathered weights, so the cost follows the routed experts, not
+    the bank's size; else one grouped matmul per projection over all experts.
     """
+    num_experts = gate_proj.shape[0]
+    if uses_gathered_experts(expert_ids.size, num_experts):
+        out = _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj)
+    else:
+        out = _grouped_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj)
+    return out.astype(out_dtype or x.dtype)
+
+
+def _grouped_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> jax.Array:
+    """`routed_experts` as grouped matmuls over every expert; float32."""
     num_experts = gate_proj.shape[0]
     num_tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)
@@ -157,5 +183,25 @@ def routed_experts(
     out_rows = grouped_matmul(hidden, down_proj, group_sizes)
     row_weights = weights.reshape(-1)[order].astype(jnp.float32)
     out = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
-    out = out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
-    return out.astype(out_dtype or x.dtype)
+    return out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
+
+
+def _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> jax.Array:
+    """`routed_experts` slot by slot, each with its own expert's weights
+    gathered; float32. Rounds as the grouped path does (each projection's
+    result in x's dtype), so the paths differ only in the order a token's k
+    slots are summed."""
+    num_experts = gate_proj.shape[0]
+    num_tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)
+    hosted = (flat_ids >= 0) & (flat_ids < num_experts)
+    ids = jnp.where(hosted, flat_ids, 0)
+    rows = jnp.repeat(x, top_k, axis=0)  # slot s is token s // top_k
+
+    def project(inputs, w):
+        return jnp.einsum("sk,skn->sn", inputs, w[ids], preferred_element_type=jnp.float32).astype(x.dtype)
+
+    hidden = jax.nn.silu(project(rows, gate_proj)) * project(rows, up_proj)
+    out_rows = project(hidden, down_proj).astype(jnp.float32)
+    slot_weights = jnp.where(hosted, weights.reshape(-1).astype(jnp.float32), 0.0)
+    return (out_rows * slot_weights[:, None]).reshape(num_tokens, top_k, -1).sum(axis=1)

@@ -19,6 +19,8 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from eaas_jax import openai_protocol
 from eaas_jax.engine.prompts import chat_prompts
@@ -58,8 +60,16 @@ class _ServerMetrics:
                                 ["endpoint", "outcome"], registry=self.registry)
         Gauge("eaas_http_requests_in_progress", "Generation requests the server is answering now.",
               registry=self.registry).set_function(lambda: async_engine.num_unfinished)
-        Gauge("eaas_http_aborted_requests", "Requests aborted because their client went away.",
-              registry=self.registry).set_function(lambda: async_engine.num_aborted)
+        self.registry.register(_AbortedRequests(async_engine))
+
+
+class _AbortedRequests(Collector):
+    def __init__(self, async_engine: AsyncEngine):
+        self.async_engine = async_engine
+
+    def collect(self):
+        yield CounterMetricFamily("eaas_http_aborted_requests", "Requests aborted because their client went away.",
+                                  value=self.async_engine.num_aborted)
 
 
 def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = None) -> FastAPI:
@@ -67,25 +77,18 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
     engine = async_engine.engine
     defaults = engine.default_sampling_params()
     metrics = _ServerMetrics(async_engine)
-    app = FastAPI(title="eaas-jax", docs_url=None, redoc_url=None)
+    app = FastAPI(title="eaas-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key is not None:
+        app.add_middleware(_RequireApiKey, key=api_key)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         return JSONResponse(e.body, status_code=e.status)
 
-    @app.middleware("http")
-    async def _authorize(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(openai_protocol.error_body("missing or wrong API key", "authentication_error",
-                                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         try:
-            problem = await asyncio.wait_for(async_engine.call(lambda e: e.unservable()), timeout=30)
+            problem = await asyncio.wait_for(async_engine.call(lambda e: async_engine.unservable()), timeout=30)
         except EngineStopped as e:
             problem = str(e)
         except asyncio.TimeoutError:
@@ -140,28 +143,83 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
             params, prompt, messages = openai_protocol.parse_body(kind, body, defaults, also_allowed=_STREAM_FIELDS)
             prompts = (_completion_prompts(prompt) if kind == "completion" else
                        chat_prompts(engine.tokenizer, [messages], add_generation_prompt=True))
-        except ValueError as e:
+        except (ValueError, TypeError, UnicodeError) as e:
             raise ApiError(400, str(e), param=_param_named(str(e), body)) from None
         top_logprobs = (params.logprobs or 0) if kind == "chat" else 0
-        streams = [async_engine.generate(p, params) for p in prompts]
-        firsts = await _until_disconnected(
-            request, asyncio.gather(*(_first_output(s, kind) for s in streams), return_exceptions=True))
-        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failed is not None:
-            for s, f in zip(streams, firsts):
-                if not isinstance(f, BaseException):
-                    await s.aclose()  # aborts it
-            raise failed
-        if stream:
-            events = _events(kind, model, streams, firsts, params, include_usage, top_logprobs)
-            return StreamingResponse(events, media_type="text/event-stream")
-        outputs = await _until_disconnected(request, asyncio.gather(*(_last(s, f) for s, f in zip(streams, firsts))))
+        # Ids chosen here, so that however this ends (an error, the client
+        # gone, a cancelled task) every request can be aborted at once
+        # (aborting one that finished does nothing).
+        rids = [f"{openai_protocol.response_id(kind)}-{i}" for i in range(len(prompts))]
+
+        def abort_all() -> None:
+            for rid in rids:
+                async_engine.abort(rid)
+
+        streams = [async_engine.generate(p, params, rid) for p, rid in zip(prompts, rids)]
+        try:
+            firsts = await _until_disconnected(request, _gather_or_fail([_first_output(s, kind) for s in streams]))
+            if stream:
+                events = _events(kind, model, streams, firsts, params, include_usage, top_logprobs)
+                return _AbortingStream(events, on_close=abort_all)
+            outputs = await _until_disconnected(
+                request, _gather_or_fail([_last(s, f) for s, f in zip(streams, firsts)]))
+        except BaseException:
+            abort_all()
+            raise
         errors = [o.error for o in outputs if o.error]
         if errors:
             raise ApiError(503, f"expert servers did not serve this request: {errors[0]}", "server_error")
         return openai_protocol.response_body(kind, outputs, model, top_logprobs)
 
     return app
+
+
+class _RequireApiKey:
+    """ASGI middleware: /v1/* need `Authorization: Bearer KEY`. (Not
+    Starlette's BaseHTTPMiddleware: it hides a client's disconnect from the
+    routes, and a request whose client left would run to its end.)"""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.expected = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
+                response = JSONResponse(openai_protocol.error_body("missing or wrong API key", "authentication_error",
+                                                                   code="invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _AbortingStream(StreamingResponse):
+    """A server-sent event stream that aborts its requests when it ends,
+    however it ends (a client gone before the first event or in a blocked
+    send included), without waiting for the garbage collector to finalise
+    the generators."""
+
+    def __init__(self, content, *, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _gather_or_fail(awaitables: list):
+    """asyncio.gather, except that the first failure cancels the others."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _json_body(request: Request) -> dict:
@@ -204,16 +262,19 @@ async def _first_output(stream: AsyncIterator, kind: str):
         return await stream.__anext__()
     except ServerBusy as e:
         raise ApiError(429, str(e), "server_busy", code="server_busy") from None
-    except EngineStopped as e:
+    except (EngineStopped, RuntimeError) as e:
         raise ApiError(503, str(e), "server_error") from None
-    except ValueError as e:
+    except (ValueError, TypeError, UnicodeError) as e:
         code = "context_length_exceeded" if "does not fit max_model_len" in str(e) else None
         raise ApiError(400, str(e), param="prompt" if kind == "completion" else "messages", code=code) from None
 
 
 async def _last(stream: AsyncIterator, output):
-    while not output.finished:
-        output = await stream.__anext__()
+    try:
+        while not output.finished:
+            output = await stream.__anext__()
+    except (EngineStopped, RuntimeError) as e:
+        raise ApiError(503, str(e), "server_error") from None
     return output
 
 
@@ -233,60 +294,70 @@ async def _until_disconnected(request: Request, work):
 
 async def _events(kind, model, streams, firsts, params, include_usage, top_logprobs) -> AsyncIterator[str]:
     """The server-sent events of a streamed response over every prompt's
-    outputs as they come; closing it (the client went away) aborts them."""
+    outputs as they come. Outputs are cumulative, so a slow reader gets the
+    latest of each request, not a backlog (memory stays bounded)."""
     response, created = openai_protocol.response_id(kind), int(time.time())
     n = params.n
-    text_streams = {}
-    queue: asyncio.Queue = asyncio.Queue()
+    latest: dict[int, object] = {}  # prompt -> its newest output (or the error that ended it)
+    changed = asyncio.Event()
 
     async def pump(i, stream, first):
-        # A task of its own per prompt: cancelling it aborts that request
-        # (its generator's cleanup), with no await needed in a cancelled scope.
+        # A task per prompt: cancelling it ends that request's iteration.
         try:
             output = first
             while True:
-                queue.put_nowait((i, output))
+                latest[i] = output
+                changed.set()
                 if output.finished:
                     return
                 output = await stream.__anext__()
         except Exception as e:  # noqa: BLE001 - handed to the response, which ends with it
-            queue.put_nowait((i, e))
+            latest[i] = e
+            changed.set()
 
     def event(chunk: dict) -> str:
         return f"data: {json.dumps(chunk)}\n\n"
 
     pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-    finished, last_outputs = 0, {}
+    texts = {}  # choice index -> its TextStream
+    ended: set[int] = set()  # choice indices whose finish was sent
+    done: dict[int, object] = {}  # prompt -> its finished output
     try:
         if kind == "chat":
             for i in range(len(streams) * n):
                 yield event(openai_protocol.stream_chunk(kind, response, created, model, i, None, None))
-        while finished < len(streams):
-            i, output = await queue.get()
-            if isinstance(output, BaseException):
-                yield event(openai_protocol.error_body(str(output), "server_error"))
-                return
-            for c in output.outputs:
-                index = i * n + c.index
-                text = text_streams.setdefault(index, TextStream(params.stop))
-                done = c.finish_reason is not None
-                delta = text.delta(c.text, done)
-                new_tokens = len(c.token_ids) - text.tokens
-                if not (delta or done or (c.logprobs is not None and new_tokens)):
-                    continue
-                yield event(openai_protocol.stream_chunk(
-                    kind, response, created, model, index, delta, c.finish_reason if done else None,
-                    c if c.logprobs is not None else None, text.tokens, top_logprobs))
-                text.tokens = len(c.token_ids)
-            if output.error:
-                yield event(openai_protocol.error_body(output.error, "server_error"))
-            if output.finished:
-                finished += 1
-                last_outputs[i] = output
+        while len(done) < len(streams):
+            await changed.wait()
+            changed.clear()
+            for i in list(latest):
+                output = latest.pop(i)  # the newest: pumps may have moved on while earlier events were sent
+                if isinstance(output, BaseException):
+                    yield event(openai_protocol.error_body(str(output), "server_error"))
+                    return
+                for c in output.outputs:
+                    index = i * n + c.index
+                    if index in ended:
+                        continue
+                    text = texts.setdefault(index, TextStream(params.stop))
+                    finished = c.finish_reason is not None
+                    delta = text.delta(c.text, finished)
+                    new_tokens = len(c.token_ids) > text.tokens
+                    if not (delta or finished or (c.logprobs is not None and new_tokens)):
+                        continue
+                    yield event(openai_protocol.stream_chunk(
+                        kind, response, created, model, index, delta, c.finish_reason if finished else None,
+                        c if c.logprobs is not None else None, text.tokens, top_logprobs))
+                    text.tokens = len(c.token_ids)
+                    if finished:
+                        ended.add(index)
+                if output.error:
+                    yield event(openai_protocol.error_body(output.error, "server_error"))
+                if output.finished:
+                    done[i] = output
         if include_usage:
             yield event({"id": response, "object": "text_completion" if kind == "completion" else
                          "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                         "usage": openai_protocol.usage(list(last_outputs.values()))})
+                         "usage": openai_protocol.usage([done[i] for i in sorted(done)])})
         yield "data: [DONE]\n\n"
     finally:
         for p in pumps:

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import uuid
 from typing import AsyncIterator, Callable
 
 from eaas_jax.engine.outputs import RequestOutput
@@ -47,7 +48,8 @@ class AsyncEngine:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.engine = engine
         self.max_queue = max_queue
-        self.failure: BaseException | None = None  #: what stopped the loop, if a step failed
+        self.failure: BaseException | None = None  #: what stopped the loop, if anything did
+        self.step_error: Exception | None = None  #: the last step's error, until a step succeeds
         self.num_aborted = 0  #: requests whose client went away before they finished
         self._wake = threading.Condition()
         self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
@@ -96,25 +98,26 @@ class AsyncEngine:
 
     async def generate(self, prompt, params, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queues a request and yields its output after each step that gave it
-        tokens, the last one finished. Raises ValueError (bad prompt or
-        params) or ServerBusy before yielding anything. Leaving the iteration
-        early (the client went away) aborts the request: its KV blocks are
-        freed at the next step."""
+        tokens, the last one finished. Raises ValueError or TypeError (bad
+        prompt or params) or ServerBusy before yielding anything. However the
+        iteration ends early (the client went away, or the caller was
+        cancelled even before the request was queued), the request is
+        aborted: its KV blocks are freed at the next step."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
+        rid = request_id or f"http-{uuid.uuid4().hex}"
 
-        def add(engine) -> str:
+        def add(engine) -> None:
             unfinished = len(self._readers)
             if unfinished >= self.max_queue:
                 raise ServerBusy(f"the server has {unfinished} requests unfinished, its limit (--max-queue); "
                                  "retry later")
-            rid = engine.add_request(prompt, params, request_id)
+            engine.add_request(prompt, params, rid)
             self._readers[rid] = (loop, outputs)
-            return rid
 
-        rid = await self.call(add)
         finished = False
         try:
+            await self.call(add)
             while not finished:
                 output = await outputs.get()
                 if isinstance(output, BaseException):
@@ -123,7 +126,12 @@ class AsyncEngine:
                 yield output
         finally:
             if not finished:
-                self.submit(lambda engine: self._abort(engine, rid))
+                self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        """Aborts request `rid` at the next step, if it is still running
+        (commands run in order: after its add)."""
+        self.submit(lambda engine: self._abort(engine, rid))
 
     def shutdown(self) -> None:
         """Stops the loop after the step in progress; pending commands and
@@ -139,6 +147,13 @@ class AsyncEngine:
         if self._readers.pop(rid, None) is not None:
             engine.abort_request(rid)
             self.num_aborted += 1
+
+    def unservable(self) -> str | None:
+        """Why requests cannot be served now (loop thread): the engine's own
+        reason, or the last step's error until a step succeeds."""
+        if self.step_error is not None:
+            return f"the last step failed: {type(self.step_error).__name__}: {self.step_error}"
+        return self.engine.unservable()
 
     def _run(self) -> None:
         try:
@@ -156,7 +171,13 @@ class AsyncEngine:
                         except BaseException as e:  # noqa: BLE001 - the caller's to handle
                             future.set_exception(e)
                 if self._readers and self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # noqa: BLE001 - see _fail_running
+                        self._fail_running(e)
+                        continue
+                    self.step_error = None
+                    for output in outputs:
                         self._deliver(output)
                 elif self._readers:  # a bug: readers of requests the engine no longer has
                     for rid in list(self._readers):
@@ -175,6 +196,18 @@ class AsyncEngine:
                     future.set_exception(stopped)
             for rid in list(self._readers):
                 self._deliver_to(rid, stopped)
+
+    def _fail_running(self, error: Exception) -> None:
+        """A step raised: the requests it held fail (with the reason) and are
+        aborted; serving goes on, so one bad request cannot stop the server.
+        Until a step succeeds again, /health reports the error."""
+        log.exception("a step failed; its %d requests fail", len(self._readers))
+        self.step_error = error
+        failure = EngineStopped(f"the step failed: {type(error).__name__}: {error}")
+        for rid in list(self._readers):
+            self._deliver_to(rid, failure)
+            del self._readers[rid]
+            self.engine.abort_request(rid)
 
     def _deliver(self, output: RequestOutput) -> None:
         self._deliver_to(output.request_id, output)
