@@ -8,7 +8,7 @@ setting (embedded experts, then each --deployment), or is one at --url.
         [--rate 8] [--requests 200] [--max-seconds 300] [--plot serve_load.png] [--append bench/RESULTS.md]
 
 Bounded in count (--requests) and time (--max-seconds: requests not sent by
-then are not sent; the report says how many ran).
+then are not sent; the report says how many ran). Needs httpx (the test extra).
 """
 
 from __future__ import annotations

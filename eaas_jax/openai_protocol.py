@@ -97,7 +97,7 @@ def parse_body(kind: str, body: dict, defaults: SamplingParams, also_allowed: fr
 
 def _text_messages(messages) -> list[dict]:
     """A chat's messages with each content a string: the API's content parts
-    ([{"type": "text", "text": ...}, ...]) joined; other parts refused."""
+    ([{"type": "text", "text": ...}, ...]) joined by newlines; other parts refused."""
     out = []
     for i, m in enumerate(check_messages(messages)):
         content = m["content"]
@@ -106,7 +106,7 @@ def _text_messages(messages) -> list[dict]:
                        for p in content):
                 raise ValueError(f"message {i}: only text content parts ({{'type': 'text', 'text': ...}}) "
                                  "are supported")
-            m = {**m, "content": "".join(p["text"] for p in content)}
+            m = {**m, "content": "\n".join(p["text"] for p in content)}  # as vLLM joins them
         elif not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string or a list of text parts, got {content!r}")
         out.append(m)

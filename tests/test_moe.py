@@ -102,6 +102,25 @@ def test_the_gathered_and_grouped_expert_paths_agree(num_tokens, top_k, num_expe
     np.testing.assert_allclose(gathered, masked, rtol=tolerance, atol=tolerance)  # out-of-bank ids: skipped
 
 
+def test_the_gathered_path_has_the_grouped_paths_gradients_and_takes_no_tokens():
+    keys = jax.random.split(jax.random.key(7), 5)
+    x = jax.random.normal(keys[0], (2, 8))
+    ids = jnp.array([[0, 3], [5, 9]], jnp.int32)  # 9: not hosted
+    weights = jnp.array([[0.6, 0.4], [0.7, 0.3]])
+    gate, up = (jax.random.normal(k, (6, 8, 12)) for k in keys[1:3])
+    down = jax.random.normal(keys[3], (6, 12, 8))
+
+    def loss(path):
+        return lambda *a: (path(a[0], ids, weights, *a[1:]) ** 2).sum()
+
+    grads = [jax.grad(loss(p), argnums=(0, 1, 2, 3))(x, gate, up, down)
+             for p in (moe._gathered_experts, moe._grouped_experts)]
+    for ours, theirs in zip(*grads):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+    empty = moe._gathered_experts(x[:0], ids[:0], weights[:0], gate, up, down)
+    assert empty.shape == (0, 8)
+
+
 def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch):
     calls = []
     for name in ("_gathered_experts", "_grouped_experts"):
@@ -109,10 +128,20 @@ def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch):
         monkeypatch.setattr(moe, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     gate = jnp.ones((16, 4, 6))
     down = jnp.ones((16, 6, 4))
-    for tokens, expected in ((1, "_gathered_experts"), (4, "_gathered_experts"), (5, "_grouped_experts")):
+
+    def path(tokens):
         moe.routed_experts(jnp.ones((tokens, 4)), jnp.zeros((tokens, 2), jnp.int32), jnp.ones((tokens, 2)),
                            gate, gate, down)
-        assert calls[-1] == expected, (tokens, calls)
+        return calls[-1]
+
+    assert [path(n) for n in (1, 4, 5)] == ["_gathered_experts", "_gathered_experts", "_grouped_experts"]
+    monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "off")
+    assert path(1) == "_grouped_experts"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # not measured there yet: off unless asked
+    monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "auto")
+    assert not moe.uses_gathered_experts(1, 16)
+    monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "on")
+    assert moe.uses_gathered_experts(1, 16)
 
 
 def test_expert_bank_skips_ids_it_does_not_host():

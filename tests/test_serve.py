@@ -28,6 +28,8 @@ from eaas_jax.serve import AsyncEngine, build_app
 from eaas_jax.serve.streaming import sendable
 
 MODEL = "tiny"
+KEY = "test-key"  # the served app checks it: every test goes through its middleware
+AUTH = {"Authorization": f"Bearer {KEY}"}
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMPTS = ["def f(x):", "import os\nimport sys", "class A:", "a"]
@@ -46,7 +48,7 @@ def checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
 class Served:
     def __init__(self, engine: Engine, async_engine: AsyncEngine, url: str):
         self.engine, self.async_engine, self.url = engine, async_engine, url
-        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
@@ -58,7 +60,7 @@ class Served:
 def served(checkpoint):
     engine = Engine(checkpoint, max_num_seqs=8, max_model_len=256, dtype="float32", block_size=4)
     async_engine = AsyncEngine(engine, max_queue=64)
-    server = uvicorn.Server(uvicorn.Config(build_app(async_engine, model=MODEL), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(build_app(async_engine, model=MODEL, api_key=KEY), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -149,15 +151,19 @@ def test_a_client_going_away_before_a_whole_answer_frees_its_sequence(served):
     before = served.metrics()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served.url}/v1/completions", json={"model": MODEL, "prompt": "def f(x):", "max_tokens": 240,
-                                                         "temperature": 0}, timeout=httpx.Timeout(30, read=0.5))
+                                                         "temperature": 0}, headers=AUTH,
+                   timeout=httpx.Timeout(30, read=0.3))
     now = _wait_until_freed(served)
     assert now[("eaas_http_aborted_requests_total", ())] == before[("eaas_http_aborted_requests_total", ())] + 1
     assert now[("eaas_generated_tokens_total", ())] - before[("eaas_generated_tokens_total", ())] < 200
 
 
 def test_streamed_completions_of_n_finish_once_each_and_equal_the_whole_answer(served):
-    body = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=10, temperature=0.8, seed=5, n=3)
+    """Choices that end at different steps (stop strings): each finishes
+    once, while the others go on."""
+    body = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=24, temperature=1.0, seed=5, n=3, stop=["e", "a", "\n"])
     whole = served.client.completions.create(**body)
+    assert len({len(c.text) for c in whole.choices}) > 1 and any(c.finish_reason == "stop" for c in whole.choices)
     chunks = list(served.client.completions.create(**body, stream=True))
     finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
     assert sorted(finishes) == list(range(6))  # one finish per choice
@@ -169,7 +175,7 @@ def test_streamed_completions_of_n_finish_once_each_and_equal_the_whole_answer(s
 
 
 def test_fifty_concurrent_streams_all_complete(served, reference):
-    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
     async def one(i: int) -> str:
         prompt = PROMPTS[i % len(PROMPTS)]
@@ -203,11 +209,11 @@ def test_fifty_concurrent_streams_all_complete(served, reference):
     ({"model": MODEL, "prompt": "x", "temperature": 10 ** 400}, 400, "temperature", "finite number"),
     ({"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, 400, "stop", "at most 16"),
     ({"model": MODEL, "prompt": "a\ud800"}, 400, "prompt", "str"),  # a lone surrogate: the tokenizer refuses
-    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, None, "content must be"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages", "content must be"),
 ])
 def test_bad_bodies_get_an_error_naming_the_problem_and_the_server_goes_on(served, body, status, param, words):
-    kwargs = {"content": body} if isinstance(body, bytes) else \
-        {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+    kwargs = {"content": body, "headers": AUTH} if isinstance(body, bytes) else \
+        {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json", **AUTH}}
     endpoint = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
     response = httpx.post(f"{served.url}/v1/{endpoint}", timeout=30, **kwargs)
     assert response.status_code == status, response.text
@@ -255,14 +261,16 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(served):
     assert served.client.completions.create(model=MODEL, prompt="b", max_tokens=2).choices
 
 
-def test_an_api_key_guards_the_api_but_not_health(served):
+@pytest.mark.parametrize("root_path", ["", "/api"])
+def test_an_api_key_guards_the_api_but_not_health(served, root_path):
     app = build_app(served.async_engine, model=MODEL, api_key="s3cret")
-    with TestClient(app) as http:
+    with TestClient(app, root_path=root_path) as http:
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]["id"] == MODEL
         assert http.get("/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
-        assert http.get("/health").status_code == 200
+        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        assert http.get("/openapi.json").status_code in (401, 404)
 
 
 class _FailingEngine:
@@ -271,41 +279,59 @@ class _FailingEngine:
     max_model_len = 64
     tokenizer = None
 
-    def __init__(self):
+    def __init__(self, recovers: bool):
         self.requests = []
+        self.recovers = recovers
+        self.recoveries = 0
 
     def default_sampling_params(self):
         return SamplingParams()
 
     def add_request(self, prompt, params, request_id=None):
-        self.requests.append(prompt)
-        return str(len(self.requests))
+        self.requests.append(request_id)
+        return request_id
 
     def has_unfinished_requests(self):
         return bool(self.requests)
 
     def abort_request(self, request_id):
-        self.requests.pop()
+        self.requests.remove(request_id)
 
     def step(self):
         raise RuntimeError("the device fell over")
+
+    def recover(self):
+        if not self.recovers:
+            raise RuntimeError("no device left")
+        self.recoveries += 1
+        self.requests.clear()
 
     def unservable(self):
         return None
 
 
-def test_a_failing_step_fails_its_requests_and_health_but_the_server_goes_on():
-    engine = _FailingEngine()
+def test_a_failing_step_fails_its_requests_and_the_engine_recovers():
+    engine = _FailingEngine(recovers=True)
     async_engine = AsyncEngine(engine, max_queue=4)
     try:
         with TestClient(build_app(async_engine, model=MODEL)) as http:
-            response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
-            assert response.status_code == 503 and "the device fell over" in response.json()["error"]["message"]
-            health = http.get("/health")
-            assert health.status_code == 503 and "the device fell over" in health.json()["error"]["message"]
-            assert not engine.requests  # aborted
-            assert async_engine.running  # still serving: the next request is tried
+            for attempt in (1, 2):  # served again after each failure
+                response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+                assert response.status_code == 503 and "the device fell over" in response.json()["error"]["message"]
+                assert engine.recoveries == attempt and not engine.requests
+                assert http.get("/health").status_code == 200
+    finally:
+        async_engine.shutdown()
+
+
+def test_an_engine_that_cannot_recover_stops_and_health_says_why():
+    async_engine = AsyncEngine(_FailingEngine(recovers=False), max_queue=4)
+    try:
+        with TestClient(build_app(async_engine, model=MODEL)) as http:
             assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
+            health = http.get("/health")
+            assert health.status_code == 503 and "no device left" in health.json()["error"]["message"]
+            assert not async_engine.running
     finally:
         async_engine.shutdown()
 

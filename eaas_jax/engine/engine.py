@@ -202,6 +202,15 @@ class Engine:
             return self.metrics.families(gauges=gauges)
         return self.metrics.families(live=self.pool.live_mask(), transport=self.pool.transport_stats(), gauges=gauges)
 
+    def recover(self) -> None:
+        """After `step()` raised: aborts every request and rebuilds the
+        device state (KV cache, carry) a failed step may have consumed, so
+        that the engine can serve again. Raises if the device cannot."""
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
+        self._in_flight = []
+        self.runner.reset()
+
     def unservable(self) -> str | None:
         """Why the engine cannot serve requests now (e.g. some expert has no
         live replica left), or None when it can."""

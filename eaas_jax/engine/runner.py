@@ -242,7 +242,9 @@ class ModelRunner:
         # ~25 s stall when the batch first shrinks).
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        self.kv_cache = jax.jit(empty_cache, out_shardings=sharding)()
+        self._empty_cache = jax.jit(empty_cache, out_shardings=sharding)
+        self._sharding = sharding
+        self.kv_cache = self._empty_cache()
         client_params = jax.device_put(client_params, sharding)
         self._client_leaves, client_treedef = jax.tree.flatten(client_params)
         self._expert_arrays = experts.arrays
@@ -348,6 +350,12 @@ class ModelRunner:
             self._carry,
         )
         return shape, args, shape.static()
+
+    def reset(self) -> None:
+        """A fresh KV cache and carry, for after a step failed (the cache it
+        was given is donated, and may be gone). The compiled programs stay."""
+        self.kv_cache = self._empty_cache()
+        self._carry = jax.device_put(self.experts.initial_carry(), self._sharding)
 
     def fetch(self, step: DispatchedStep) -> tuple[StepResult, ExchangeReport, float]:
         """Waits for `step` (fetched in dispatch order); returns its results

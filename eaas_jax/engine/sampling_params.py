@@ -11,6 +11,10 @@ MAX_N = 128
 #: looked for in the text after every token.
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+#: Stop token ids one request may give at most (each widens the steps' banned-id input).
+MAX_STOP_TOKEN_IDS = 64
+#: Temperatures below this are greedy (as vLLM's): float32 cannot divide by them.
+MIN_TEMPERATURE = 1e-5
 # What the sampler's float32 and int32 inputs hold.
 _FLOAT32_MAX = 3.4028234663852886e38
 _INT32_MAX = 2**31 - 1
@@ -125,6 +129,10 @@ class SamplingParams:
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
         )
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+               f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:

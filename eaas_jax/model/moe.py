@@ -9,6 +9,7 @@ side is stateless, so it can run in-graph (embedded) or in an expert server.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -126,17 +127,21 @@ def expert_token_counts(routings: list[Routing], token_mask: jax.Array, num_expe
     return jnp.stack([count(r) for r in routings])
 
 
-# A token-expert slot on the gathered path reads its expert's weights (and,
-# off the CPU, writes and reads the gathered copy); the grouped path visits
-# every expert of the bank once. Gathering wins while the slots are fewer
-# than the experts by this factor.
+# A token-expert slot on the gathered path reads its expert's weights (and
+# writes and reads the gathered copy); the grouped path visits every expert of
+# the bank once. Gathering wins while the slots are fewer than the experts by
+# this factor (measured on CPUs: bench/RESULTS.md).
 GATHER_FACTOR = 2
 
 
 def uses_gathered_experts(num_slots: int, num_experts: int) -> bool:
     """Whether `routed_experts` computes `num_slots` token-expert slots by
     gathering each slot's expert weights (few slots: decode at small batch)
-    rather than one grouped matmul over all `num_experts`."""
+    rather than one grouped matmul over all `num_experts`. On CPUs only until
+    measured on GPUs; EAAS_JAX_GATHERED_EXPERTS=on (or off) decides anywhere."""
+    setting = os.environ.get("EAAS_JAX_GATHERED_EXPERTS", "auto")
+    if setting == "off" or (setting == "auto" and jax.default_backend() != "cpu"):
+        return False
     return GATHER_FACTOR * num_slots <= num_experts
 
 
@@ -203,5 +208,5 @@ def _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> 
 
     hidden = jax.nn.silu(project(rows, gate_proj)) * project(rows, up_proj)
     out_rows = project(hidden, down_proj).astype(jnp.float32)
-    slot_weights = jnp.where(hosted, weights.reshape(-1).astype(jnp.float32), 0.0)
-    return (out_rows * slot_weights[:, None]).reshape(num_tokens, top_k, -1).sum(axis=1)
+    weighted = jnp.where(hosted[:, None], out_rows * weights.reshape(-1, 1).astype(jnp.float32), 0.0)
+    return weighted.reshape(num_tokens, top_k, x.shape[-1]).sum(axis=1)

@@ -48,6 +48,8 @@ class ApiError(Exception):
 def _param_named(message: str, body: dict) -> str | None:
     """The body field an error message is about (its first word), if any."""
     word = message.split(" ", 1)[0].strip("'\"")
+    if word in ("message", "conversation", "a") and "messages" in body:  # chat_template's and _text_messages'
+        return "messages"
     return word if word in body else None
 
 
@@ -151,15 +153,19 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
         # (aborting one that finished does nothing).
         rids = [f"{openai_protocol.response_id(kind)}-{i}" for i in range(len(prompts))]
 
+        streams = [async_engine.generate(p, params, rid) for p, rid in zip(prompts, rids)]
+        pumps: list[asyncio.Task] = []  # a stream's tasks, cancelled when it ends however it ends
+
         def abort_all() -> None:
+            for pump in pumps:
+                pump.cancel()
             for rid in rids:
                 async_engine.abort(rid)
 
-        streams = [async_engine.generate(p, params, rid) for p, rid in zip(prompts, rids)]
         try:
             firsts = await _until_disconnected(request, _gather_or_fail([_first_output(s, kind) for s in streams]))
             if stream:
-                events = _events(kind, model, streams, firsts, params, include_usage, top_logprobs)
+                events = _events(kind, model, streams, firsts, params, include_usage, top_logprobs, pumps)
                 return _AbortingStream(events, on_close=abort_all)
             outputs = await _until_disconnected(
                 request, _gather_or_fail([_last(s, f) for s, f in zip(streams, firsts)]))
@@ -175,16 +181,20 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
 
 
 class _RequireApiKey:
-    """ASGI middleware: /v1/* need `Authorization: Bearer KEY`. (Not
-    Starlette's BaseHTTPMiddleware: it hides a client's disconnect from the
-    routes, and a request whose client left would run to its end.)"""
+    """ASGI middleware: every path but /health and /metrics needs
+    `Authorization: Bearer KEY` (a mounted app's prefix or root_path
+    included). Not Starlette's BaseHTTPMiddleware: it hides a client's
+    disconnect from the routes, and a request whose client left would run to
+    its end."""
+
+    OPEN = frozenset({"/health", "/metrics"})
 
     def __init__(self, app, key: str):
         self.app = app
         self.expected = key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and not self._open(scope):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
@@ -193,6 +203,12 @@ class _RequireApiKey:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _open(self, scope) -> bool:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return path in self.OPEN
 
 
 class _AbortingStream(StreamingResponse):
@@ -292,10 +308,12 @@ async def _until_disconnected(request: Request, work):
         task.cancel()  # no-op once done
 
 
-async def _events(kind, model, streams, firsts, params, include_usage, top_logprobs) -> AsyncIterator[str]:
+async def _events(kind, model, streams, firsts, params, include_usage, top_logprobs, pumps: list
+                  ) -> AsyncIterator[str]:
     """The server-sent events of a streamed response over every prompt's
     outputs as they come. Outputs are cumulative, so a slow reader gets the
-    latest of each request, not a backlog (memory stays bounded)."""
+    latest of each request, not a backlog (memory stays bounded). Its tasks
+    go into `pumps` (the response cancels them when it ends)."""
     response, created = openai_protocol.response_id(kind), int(time.time())
     n = params.n
     latest: dict[int, object] = {}  # prompt -> its newest output (or the error that ended it)
@@ -318,7 +336,7 @@ async def _events(kind, model, streams, firsts, params, include_usage, top_logpr
     def event(chunk: dict) -> str:
         return f"data: {json.dumps(chunk)}\n\n"
 
-    pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+    pumps += [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
     texts = {}  # choice index -> its TextStream
     ended: set[int] = set()  # choice indices whose finish was sent
     done: dict[int, object] = {}  # prompt -> its finished output

@@ -49,7 +49,6 @@ class AsyncEngine:
         self.engine = engine
         self.max_queue = max_queue
         self.failure: BaseException | None = None  #: what stopped the loop, if anything did
-        self.step_error: Exception | None = None  #: the last step's error, until a step succeeds
         self.num_aborted = 0  #: requests whose client went away before they finished
         self._wake = threading.Condition()
         self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
@@ -115,9 +114,14 @@ class AsyncEngine:
             engine.add_request(prompt, params, rid)
             self._readers[rid] = (loop, outputs)
 
-        finished = False
+        finished, queued = False, None  # queued: None while unknown (add sent, not answered)
         try:
-            await self.call(add)
+            try:
+                await self.call(add)
+            except (ValueError, TypeError, ServerBusy, EngineStopped):
+                queued = False  # refused: the id may be another request's
+                raise
+            queued = True
             while not finished:
                 output = await outputs.get()
                 if isinstance(output, BaseException):
@@ -125,7 +129,7 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            if not finished:
+            if not finished and queued is not False:
                 self.abort(rid)
 
     def abort(self, rid: str) -> None:
@@ -149,10 +153,7 @@ class AsyncEngine:
             self.num_aborted += 1
 
     def unservable(self) -> str | None:
-        """Why requests cannot be served now (loop thread): the engine's own
-        reason, or the last step's error until a step succeeds."""
-        if self.step_error is not None:
-            return f"the last step failed: {type(self.step_error).__name__}: {self.step_error}"
+        """Why requests cannot be served now (the engine's reason; on the loop thread)."""
         return self.engine.unservable()
 
     def _run(self) -> None:
@@ -176,7 +177,6 @@ class AsyncEngine:
                     except Exception as e:  # noqa: BLE001 - see _fail_running
                         self._fail_running(e)
                         continue
-                    self.step_error = None
                     for output in outputs:
                         self._deliver(output)
                 elif self._readers:  # a bug: readers of requests the engine no longer has
@@ -198,16 +198,16 @@ class AsyncEngine:
                 self._deliver_to(rid, stopped)
 
     def _fail_running(self, error: Exception) -> None:
-        """A step raised: the requests it held fail (with the reason) and are
-        aborted; serving goes on, so one bad request cannot stop the server.
-        Until a step succeeds again, /health reports the error."""
-        log.exception("a step failed; its %d requests fail", len(self._readers))
-        self.step_error = error
+        """A step raised: every unfinished request fails with the reason (the
+        step's device state may be gone, so the engine drops all of them and
+        rebuilds it: `Engine.recover`), and serving goes on. If the engine
+        cannot recover, the loop stops and /health says so."""
+        log.exception("a step failed; the %d unfinished requests fail", len(self._readers))
         failure = EngineStopped(f"the step failed: {type(error).__name__}: {error}")
         for rid in list(self._readers):
             self._deliver_to(rid, failure)
-            del self._readers[rid]
-            self.engine.abort_request(rid)
+        self._readers.clear()
+        self.engine.recover()  # raising: the loop stops (`failure`)
 
     def _deliver(self, output: RequestOutput) -> None:
         self._deliver_to(output.request_id, output)
@@ -222,7 +222,7 @@ class AsyncEngine:
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # its event loop closed: nobody reads it
-            self._readers.pop(rid, None)
+            self._abort(self.engine, rid)
 
     def _stopped_reason(self) -> str:
         if self.failure is not None:
