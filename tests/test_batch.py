@@ -236,9 +236,9 @@ def test_openai_bodies_follow_the_api_for_left_out_and_null_fields(tmp_path):
     # A completion without max_tokens gets the API's 16, whatever the defaults
     params, prompt, _ = openai_protocol.parse_body("completion", {"prompt": "x"}, SamplingParams(max_tokens=99))
     assert (params.max_tokens, prompt) == (16, "x")
-    # A chat's text content parts are joined; other parts are refused
+    # A chat's text content parts are joined by newlines (as vLLM); other parts are refused
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
-    assert openai_protocol.parse_body("chat", parts, SamplingParams())[2][0]["content"] == "ab"
+    assert openai_protocol.parse_body("chat", parts, SamplingParams())[2][0]["content"] == "a\nb"
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
     with pytest.raises(ValueError, match="only text content parts"):
         openai_protocol.parse_body("chat", image, SamplingParams())
