@@ -99,7 +99,8 @@ def test_completions_and_chat_equal_engine_generate_streamed_or_not(served, refe
         chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
                                                 stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == reference[prompt]
-        assert sum(bool(c.choices and c.choices[0].text) for c in chunks) > 1  # streamed, not one piece
+        # (How many pieces depends on timing: a reader slower than the steps gets
+        # the newest text. That a stream comes in pieces: the disconnect test.)
         assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
     # A list of prompts: one choice per prompt, in order.
     out = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0)
