@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from _results import append_rows, git_commit, publish  # noqa: E402
 
+from eaas_jax.batch.runner import quantile  # noqa: E402
+
 WORDS = "the quick brown fox jumps over a lazy dog import os sys def class return yield".split()
 
 
@@ -113,11 +115,6 @@ def compile_waits(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=60).text
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name == "eaas_step_compile_waits")
-
-
-def quantile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
 def summarize(results: list[dict], seconds: float) -> dict:

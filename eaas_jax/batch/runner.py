@@ -21,7 +21,7 @@ from eaas_jax.batch.formats import BadLine, BatchRequest, error_record, result_r
 from eaas_jax.batch.results import ResultsFile
 from eaas_jax.engine.prompts import chat_prompts
 
-__all__ = ["BatchSummary", "describe", "report", "run_batch", "summary_dict"]
+__all__ = ["BatchSummary", "describe", "quantile", "report", "run_batch", "summary_dict"]
 
 
 @dataclasses.dataclass
@@ -146,7 +146,8 @@ def _record_latencies(summary: BatchSummary, output) -> None:
         summary.tpot_s.append((metrics.last_token_time - metrics.first_token_time) / (longest - 1))
 
 
-def _quantile(values: list[float], q: float) -> float | None:
+def quantile(values: list[float], q: float) -> float | None:
+    """The `q` quantile of `values`: the value of rank int(q * len) in order; None for none."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
@@ -158,7 +159,7 @@ def summary_dict(summary: BatchSummary) -> dict:
         "skipped": summary.skipped, "not_run": summary.left, "prompt_tokens": summary.prompt_tokens,
         "generated_tokens": summary.generated_tokens, "seconds": summary.seconds,
         "generated_tokens_per_s": summary.generated_tokens / summary.seconds if summary.seconds else None,
-        **{f"{name}_p{round(q * 100)}": _quantile(values, q)
+        **{f"{name}_p{round(q * 100)}": quantile(values, q)
            for name, values in (("ttft_s", summary.ttft_s), ("tpot_s", summary.tpot_s)) for q in (0.5, 0.9, 0.99)},
         "warmup_s": summary.warmup_s, "warmup_shapes": summary.warmup_shapes,
         "steps_waiting_for_compiles": summary.compile_waits, "interrupted_by": summary.interrupted,
