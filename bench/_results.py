@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,8 +12,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_commit() -> str:
+    """HEAD's short hash, or $BENCH_COMMIT where the tree was copied without
+    its own history (a device machine)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
+
+
+def machine() -> str:
+    """The GPUs `nvidia-smi` lists ("1 x NVIDIA H200"), else the CPU and its
+    cores: for scripts whose own process does not hold the device."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=60).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired):
+        names = []
+    names = [n.strip() for n in names if n.strip()]
+    if names:
+        return f"{len(names)} x {names[0]}"
+    return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
 def run_phase(command: list[str], *, name: str, raw: str | None = None, env: dict | None = None) -> dict:

@@ -18,7 +18,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -30,7 +29,7 @@ import httpx
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import append_rows, git_commit, publish  # noqa: E402
+from _results import append_rows, git_commit, machine, publish  # noqa: E402
 
 from eaas_jax.batch.runner import quantile  # noqa: E402
 
@@ -90,7 +89,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
 
 
 async def run_load(url: str, model: str, *, rate: float, requests: int, max_seconds: float, max_tokens: int,
-                   seed: int) -> tuple[list[dict], float]:
+                   seed: int, token_prompts: int | None = None) -> tuple[list[dict], float]:
     rng = random.Random(seed)
     start = time.monotonic()
     tasks = []
@@ -102,7 +101,9 @@ async def run_load(url: str, model: str, *, rate: float, requests: int, max_seco
             if at > max_seconds:
                 break
             await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 48)))
+            length = rng.randint(4, 48)
+            prompt = ([rng.randrange(3, token_prompts) for _ in range(length)] if token_prompts else
+                      " ".join(rng.choice(WORDS) for _ in range(length)))
             tasks.append(asyncio.ensure_future(one_request(http, url, model, prompt, max_tokens)))
         results = await asyncio.gather(*tasks)
     return results, time.monotonic() - start
@@ -163,6 +164,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-prompts", type=int, metavar="VOCAB",
+                    help="prompts of random token ids below VOCAB instead of words (a random-weight checkpoint, "
+                         "whose tokenizer knows no words)")
     ap.add_argument("--warmup-load", type=int, default=0,
                     help="requests of the same load sent first and not measured (compiles the shapes the server's "
                          "own warm-up did not foresee)")
@@ -183,11 +187,12 @@ def main() -> None:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
             if args.warmup_load:
                 asyncio.run(run_load(url, model, rate=args.rate, requests=args.warmup_load,
-                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens, seed=args.seed + 1))
+                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens, seed=args.seed + 1,
+                                     token_prompts=args.token_prompts))
             waits = compile_waits(url)
             results, seconds = asyncio.run(run_load(url, model, rate=args.rate, requests=args.requests,
                                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens,
-                                                    seed=args.seed))
+                                                    seed=args.seed, token_prompts=args.token_prompts))
             waits = compile_waits(url) - waits
         finally:
             if proc is not None:
@@ -203,9 +208,9 @@ def main() -> None:
     lines = [
         f"### Serving load, open loop ({datetime.date.today()}, commit {git_commit()})",
         "",
-        f"Device: {platform.machine()}, {os.cpu_count()} cores; `python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
+        f"Device: {machine()}; `python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
         f"Poisson arrivals at {args.rate}/s, up to {args.requests} requests in {args.max_seconds:.0f} s, prompts "
-        f"of 4-48 words, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed; "
+        f"of 4-48 {'random tokens' if args.token_prompts else 'words'}, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed; "
         f"{args.warmup_load} requests of the same load sent first, not measured.",
         "",
         "| setting | completed / sent | req/s | output tok/s | vs embedded | TTFT p50 / p90 / p99 ms | "
@@ -223,7 +228,7 @@ def main() -> None:
         lines.append(f"Plot: `{args.plot}`.\n")
     publish(lines, args.append)
     if args.append:
-        common = dict(unit="tok/s", device=f"{platform.machine()}, {os.cpu_count()} cores", date=str(datetime.date.today()),
+        common = dict(unit="tok/s", device=machine(), date=str(datetime.date.today()),
                       commit=git_commit(), command="python bench/serve_load.py " + " ".join(sys.argv[1:]))
         append_rows(os.path.join(REPO, "bench", "results", "serve_load.jsonl"), [
             dict(metric=f"serve_output_tokens_per_s_{label}", value=s["output_tokens_per_s"], peer="embedded",

@@ -73,7 +73,19 @@ def phase_make(directory: str) -> dict:
     with torch.device(_torch_device()):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory, max_shard_size="4GB")
+    write_word_tokenizer(directory, W1["vocab_size"])
     return {"params": sum(p.numel() for p in model.parameters()), "make_s": time.time() - start}
+
+
+def write_word_tokenizer(directory: str, vocab_size: int) -> None:
+    """A tokenizer.json whose token i is the word "w<i>": the random-weight
+    checkpoint has no tokenizer of its own, and serving text (stream chunks,
+    stop strings) needs one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
 
 
 def _copy_bandwidth() -> float:
@@ -113,7 +125,7 @@ def kernels() -> dict:
             "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
 
 
-def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
+def phase_eaas(directory: str, batches: list[int], steps: int, profile_batch: int | None = None) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine
 
@@ -125,7 +137,69 @@ def phase_eaas(directory: str, batches: list[int], steps: int) -> dict:
     result["load_s"] = time.time() - start
     for batch in batches:
         result[f"b{batch}"] = time_decode(engine, batch, steps)
+    if profile_batch:
+        result["profile"] = profile_decode(engine, profile_batch, steps)
     return result
+
+
+PROFILED_STEPS = 8
+
+
+def profile_decode(engine, batch: int, steps: int) -> dict:
+    """Where one decode step's device time goes at `batch`: a JAX profiler
+    trace of PROFILED_STEPS decode steps (after `time_decode` compiled their
+    shapes), its device kernels summed by name per step."""
+    import tempfile
+
+    import jax
+
+    from eaas_jax.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    for p in prompts(batch, engine.config.vocab_size):
+        engine.add_request(p, params)
+    for _ in range(4):  # prefill and the first decode steps
+        engine.step()
+    with tempfile.TemporaryDirectory(prefix="w1-profile-") as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
+                engine.step()
+            engine.step()  # brings the last profiled step's tokens back
+        summary = device_kernel_times(log_dir, PROFILED_STEPS)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch, **summary}
+
+
+def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
+    """Per-step device time by kernel name from the perfetto trace under
+    `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...")
+    of processes named after a GPU. (The same process's "XLA Ops" and "XLA
+    Modules" lines repeat the kernels' time per op and per program.)"""
+    import collections
+    import glob
+    import gzip
+
+    (path,) = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in processes.items() if "GPU" in name}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device}
+    streams = {key for key, name in threads.items() if name.startswith("Stream")}
+    by_name: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
+            by_name[e["name"]] += e.get("dur", 0)
+            count[e["name"]] += 1
+    return {"device_processes": sorted(processes[p] for p in device),
+            "device_lines": sorted(set(threads.values())),
+            "device_us_per_step": sum(by_name.values()) / steps, "kernels_per_step": sum(count.values()) / steps,
+            "top": [{"name": name[:120], "us_per_step": us / steps, "calls_per_step": count[name] / steps}
+                    for name, us in by_name.most_common(top)]}
 
 
 def time_decode(engine, batch: int, steps: int) -> dict:
@@ -214,9 +288,23 @@ def _stored_params(directory: str) -> float:
         return json.load(f)["metadata"]["total_size"] / 2  # bfloat16
 
 
+def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
+    """A `profile_decode` result as a table of its costliest kernels."""
+    return [
+        f"{label}, one decode step at batch {profile['batch']}: {profile['device_us_per_step']:.0f} µs of kernels "
+        f"({profile['kernels_per_step']:.0f} kernels on {', '.join(profile['device_processes'])}'s streams).",
+        "",
+        "| kernel | µs per step | calls per step |",
+        "|---|---|---|",
+        *(f"| `{k['name']}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} |" for k in profile["top"][:top]),
+    ]
+
+
 def run_phase(args, phase: str, env: dict | None = None, name: str | None = None) -> dict:
+    profile = ["--profile-batch", str(args.profile_batch)] if args.profile_batch and phase == "eaas" else []
     return run_in_process(
-        [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps)],
+        [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps),
+         *profile],
         name=name or phase, raw=args.raw, env=env,
     )
 
@@ -233,13 +321,18 @@ def main() -> None:
     parser.add_argument("--compare-gather", action="store_true",
                         help="also time the engine with decode attention over gathered blocks "
                              "(EAAS_JAX_PAGED_ATTENTION=gather), in the same run")
+    parser.add_argument("--compare-experts-paths", action="store_true",
+                        help="time the engine with the gathered routed-experts path for few slots "
+                             "(EAAS_JAX_GATHERED_EXPERTS=on) and without it (off), in the same run")
+    parser.add_argument("--profile-batch", type=int,
+                        help="also profile decode steps at this batch: device time by kernel")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.phase == "make":
         print(json.dumps(phase_make(args.dir)))
         return
     if args.phase == "eaas":
-        print(json.dumps(phase_eaas(args.dir, batches, args.steps)))
+        print(json.dumps(phase_eaas(args.dir, batches, args.steps, args.profile_batch)))
         return
     if args.phase == "hf":
         print(json.dumps(phase_hf(args.dir, batches)))
@@ -248,10 +341,13 @@ def main() -> None:
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         run_phase(args, "make")
     ours = run_phase(args, "eaas")
-    gathered = None
+    variant = None  # (column label, that run's result): the engine again with one setting changed
     if args.compare_gather:
-        gathered = run_phase(args, "eaas", env=dict(os.environ, EAAS_JAX_PAGED_ATTENTION="gather"),
-                             name="eaas-gather")
+        variant = ("gathered-blocks attention", run_phase(
+            args, "eaas", env=dict(os.environ, EAAS_JAX_PAGED_ATTENTION="gather"), name="eaas-gather"))
+    elif args.compare_experts_paths:
+        variant = ("gathered routed experts", run_phase(
+            args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="on"), name="eaas-gathered-experts"))
     peer = run_phase(args, "hf")
     import jax
     import torch
@@ -259,29 +355,34 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
+    flags = "".join(f" --{flag.replace('_', '-')}" for flag in ("compare_gather", "compare_experts_paths")
+                    if getattr(args, flag)) + (f" --profile-batch {args.profile_batch}" if args.profile_batch else "")
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
         "",
         f"Device: {device}; JAX {jax.__version__}, torch {torch.__version__}; "
-        f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}`; "
+        f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}`; "
         f"{_stored_params(args.dir) / 1e9:.2f}B parameters, bfloat16; "
         f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s; "
-        f"grouped matmul: {ours['grouped_matmul']}; decode attention: {ours['decode_attention']}"
-        + (f" (gathered-blocks column: {gathered['decode_attention']})" if gathered else "") + ".",
+        f"grouped matmul: {ours['grouped_matmul']}; decode attention: {ours['decode_attention']}.",
         "",
         "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
-        + (" gathered-blocks step ms |" if gathered else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if gathered else ""),
+        + (f" {variant[0]}: step ms | its tokens equal (first 32) |" if variant else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if variant else ""),
     ]
     for batch in batches:
         o, p = ours[f"b{batch}"], peer[f"b{batch}"]
         roof = roofline_bytes(batch, args.steps) / bandwidth
+        v = variant[1][f"b{batch}"] if variant else None
         lines.append(
             f"| {batch} | {step_ms(o)} | "
             f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {equal_prefix(o['tokens0'], p['tokens0'])}/32 |"
-            + (f" {step_ms(gathered[f'b{batch}'])} |" if gathered else "")
+            + (f" {step_ms(v)} | {equal_prefix(v['tokens0'], p['tokens0'])}/32 |" if variant else "")
         )
+    for label, run in (("eaas-jax", ours), *([variant] if variant else [])):
+        if "profile" in run:
+            lines += ["", *profile_lines(label, run["profile"])]
     publish(lines, args.append)
 
 
