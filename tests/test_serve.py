@@ -275,6 +275,18 @@ def test_an_api_key_guards_the_api_but_not_health(served, root_path):
         assert http.get("/openapi.json").status_code in (401, 404)
 
 
+def test_a_body_over_the_limit_gets_413_unread_and_the_server_goes_on(served):
+    with TestClient(build_app(served.async_engine, model=MODEL, max_body_bytes=2000)) as http:
+        big = json.dumps({"model": MODEL, "prompt": "a " * 1000, "max_tokens": 1}).encode()
+        for content in (big, iter([big[:1500], big[1500:]])):  # declared length, then chunked (no length)
+            response = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+            assert response.status_code == 413, response.text
+            assert "limit of 2000 bytes" in response.json()["error"]["message"]
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "a " * 200, "max_tokens": 1,
+                                                      "temperature": 0})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 1
+
+
 class _FailingEngine:
     """An engine whose steps fail: what /health and waiting requests see."""
 

@@ -33,6 +33,9 @@ _STREAM_FIELDS = frozenset({"stream", "stream_options"})
 DISCONNECT_POLL_S = 0.25
 # The status of a request whose client went away (nginx's; nobody reads it).
 CLIENT_CLOSED = 499
+# Bodies larger are refused (413) before being read whole: a prompt at a
+# 128k-token context is ~1 MB of JSON, so this bounds memory, not users.
+MAX_BODY_BYTES = 16 << 20
 
 
 class ApiError(Exception):
@@ -74,7 +77,8 @@ class _AbortedRequests(Collector):
                                   value=self.async_engine.num_aborted)
 
 
-def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = None) -> FastAPI:
+def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The API of `async_engine`'s engine, serving it under the name `model`."""
     engine = async_engine.engine
     defaults = engine.default_sampling_params()
@@ -133,7 +137,7 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
         return await generate(request, "chat")
 
     async def _generate(request: Request, kind: str):
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes)
         if isinstance(body.get("model"), str) and body["model"] != model:
             raise ApiError(404, f"the model {body['model']!r} does not exist; this server serves {model!r}",
                            param="model", code="model_not_found")
@@ -238,8 +242,18 @@ async def _gather_or_fail(awaitables: list):
             task.cancel()
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _json_body(request: Request, limit: int) -> dict:
+    too_large = ApiError(413, f"the body is larger than this server's limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():  # also bounds a chunked body, which declares no length
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:
