@@ -70,7 +70,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("EAAS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $EAAS_API_KEY; none: open)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests unfinished at once at most; more get 429 (retry later)")
+                   help="sequences unfinished at once at most (a request of n choices counts n); "
+                        "more get 429 (retry later)")
     p.add_argument("--warmup", nargs=2, type=int, metavar=("PROMPT_TOKENS", "MAX_TOKENS"), default=(128, 256),
                    help="before serving, compile the step shapes of --max-num-seqs requests of this size arriving "
                         "at once (the first steps' now; on a GPU host the rest in the background)")

@@ -247,13 +247,18 @@ def test_metrics_parse_and_hold_the_latency_histograms_and_outcomes(served):
 
 
 def test_a_full_queue_answers_429_and_the_server_goes_on(served):
-    served.async_engine.max_queue = 1
+    """The queue counts sequences: a request of n choices is n."""
+    served.async_engine.max_queue = 3
     try:
         stream = served.client.completions.create(model=MODEL, prompt="a", max_tokens=200, temperature=0,
-                                                  stream=True)
+                                                  stream=True, n=2)
         next(iter(stream))
-        with pytest.raises(openai.RateLimitError, match="max-queue"):
-            served.client.completions.create(model=MODEL, prompt="b", max_tokens=2)
+        with pytest.raises(openai.RateLimitError, match="2 sequences unfinished and 2 more"):
+            served.client.completions.create(model=MODEL, prompt="b", max_tokens=2, n=2)
+        with pytest.raises(openai.BadRequestError, match="n must be at most 3") as refused:
+            served.client.completions.create(model=MODEL, prompt="b", max_tokens=2, n=4)
+        assert refused.value.body["param"] == "n"
+        assert served.client.completions.create(model=MODEL, prompt="b", max_tokens=2).choices  # 2 + 1 fit
         stream.close()
     finally:
         served.async_engine.max_queue = 64

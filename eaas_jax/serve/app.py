@@ -151,6 +151,9 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
                        chat_prompts(engine.tokenizer, [messages], add_generation_prompt=True))
         except (ValueError, TypeError, UnicodeError) as e:
             raise ApiError(400, str(e), param=_param_named(str(e), body)) from None
+        if params.n > async_engine.max_queue:
+            raise ApiError(400, f"n must be at most {async_engine.max_queue} on this server (--max-queue), "
+                                f"got {params.n}", param="n")
         top_logprobs = (params.logprobs or 0) if kind == "chat" else 0
         # Ids chosen here, so that however this ends (an error, the client
         # gone, a cancelled task) every request can be aborted at once

@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import threading
 import uuid
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, NamedTuple
 
 from eaas_jax.engine.outputs import RequestOutput
 
@@ -32,16 +32,24 @@ def _copy_outcome(done: concurrent.futures.Future, result: asyncio.Future) -> No
 
 
 class ServerBusy(Exception):
-    """The queue of unfinished requests is full (`max_queue`)."""
+    """The queue of unfinished sequences is full (`max_queue`)."""
 
 
 class EngineStopped(RuntimeError):
     """The engine loop has stopped (shut down, or a step failed)."""
 
 
+class _Reader(NamedTuple):
+    """Where a request's outputs go, and how many sequences it is (its n)."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sequences: int
+
+
 class AsyncEngine:
-    """Drives `engine` on a thread of its own; at most `max_queue` requests
-    unfinished at once (more are refused with ServerBusy)."""
+    """Drives `engine` on a thread of its own; at most `max_queue` sequences
+    (a request of n choices is n) unfinished at once (more are refused with
+    ServerBusy)."""
 
     def __init__(self, engine, *, max_queue: int = 256):
         if max_queue < 1:
@@ -53,8 +61,8 @@ class AsyncEngine:
         self._wake = threading.Condition()
         self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
         self._stopping = False
-        # request id -> (event loop, queue) of its reader: loop thread only
-        self._readers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> its reader: loop thread only
+        self._readers: dict[str, _Reader] = {}
         self._thread = threading.Thread(target=self._run, name="eaas-engine-loop", daemon=True)
         self._thread.start()
 
@@ -107,12 +115,14 @@ class AsyncEngine:
         rid = request_id or f"http-{uuid.uuid4().hex}"
 
         def add(engine) -> None:
-            unfinished = len(self._readers)
-            if unfinished >= self.max_queue:
-                raise ServerBusy(f"the server has {unfinished} requests unfinished, its limit (--max-queue); "
-                                 "retry later")
+            if params.n > self.max_queue:
+                raise ValueError(f"n must be at most {self.max_queue} on this server (--max-queue), got {params.n}")
+            unfinished = sum(reader.sequences for reader in self._readers.values())
+            if unfinished + params.n > self.max_queue:
+                raise ServerBusy(f"the server has {unfinished} sequences unfinished and {params.n} more would pass "
+                                 f"its limit of {self.max_queue} (--max-queue); retry later")
             engine.add_request(prompt, params, rid)
-            self._readers[rid] = (loop, outputs)
+            self._readers[rid] = _Reader(loop, outputs, params.n)
 
         finished, queued = False, None  # queued: None while unknown (add sent, not answered)
         try:
@@ -218,7 +228,7 @@ class AsyncEngine:
         reader = self._readers.get(rid)
         if reader is None:
             return
-        loop, queue = reader
+        loop, queue, _ = reader
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # its event loop closed: nobody reads it
