@@ -113,22 +113,31 @@ def _text_messages(messages) -> list[dict]:
     return out
 
 
-def _completion_logprobs(c: CompletionOutput, start: int = 0) -> dict | None:
-    """/v1/completions' shape, for the tokens from `start` on: parallel lists
-    of the sampled tokens' text, logprob, the top candidates ({text:
-    logprob}) and text offsets (from the completion's start)."""
+def _completion_logprobs(c: CompletionOutput, start: int = 0, offset: int = 0) -> dict | None:
+    """/v1/completions' shape, for the tokens from `start` on (`offset`: the
+    characters of the tokens before it): parallel lists of the sampled
+    tokens' text, logprob, the top candidates ({text: logprob}) and text
+    offsets (from the completion's start)."""
     if c.logprobs is None:
         return None
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
-    for token_id, step in zip(c.token_ids, c.logprobs):
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token_id, step in zip(c.token_ids[start:], c.logprobs[start:]):
         text = step[token_id].decoded_token or ""
         tokens.append(text)
         token_logprobs.append(step[token_id].logprob)
         top.append({lp.decoded_token or "": lp.logprob for lp in sorted(step.values(), key=lambda lp: lp.rank)})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens[start:], "token_logprobs": token_logprobs[start:], "top_logprobs": top[start:],
-            "text_offset": offsets[start:]}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def text_offset_after(chunk: dict, offset: int) -> int:
+    """The text offset of the token after a streamed completion `chunk`'s
+    logprobs (`offset` if it has none): the next chunk's first."""
+    logprobs = chunk["choices"][0].get("logprobs") if chunk["object"] == "text_completion" else None
+    if not logprobs or not logprobs["tokens"]:
+        return offset
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
 
 
 def _chat_logprobs(c: CompletionOutput, top_n: int, start: int = 0) -> dict | None:
@@ -187,13 +196,16 @@ def response_body(kind: str, output: RequestOutput | list[RequestOutput], model:
 
 def stream_chunk(kind: str, response: str, created: int, model: str, index: int, text: str | None,
                  finish_reason: str | None, completion: CompletionOutput | None = None, first_token: int = 0,
-                 top_logprobs: int = 0) -> dict:
+                 top_logprobs: int = 0, first_offset: int = 0) -> dict:
     """One server-sent event's body: choice `index`'s new `text` (a chat's
     first chunk, `text` None, says the role), its finish reason once ended,
-    and the logprobs of `completion`'s tokens from `first_token` on."""
+    and the logprobs of `completion`'s tokens from `first_token` on (a
+    completion's text offsets count from `first_offset`: see
+    `text_offset_after`). Its cost follows the new tokens, not the whole
+    completion."""
     if kind == "completion":
-        choice = {"index": index, "text": text or "", "finish_reason": finish_reason,
-                  "logprobs": _completion_logprobs(completion, first_token) if completion is not None else None}
+        logprobs = _completion_logprobs(completion, first_token, first_offset) if completion is not None else None
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         return {"id": response, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice]}
     delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})

@@ -9,6 +9,7 @@ prometheus_client; a full queue gets 429; a failed engine makes /health 503.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from eaas_jax import openai_protocol
 from eaas_jax.engine import Engine, SamplingParams
 from eaas_jax.engine.prompts import chat_prompts
 from eaas_jax.serve import AsyncEngine, build_app
@@ -114,6 +116,42 @@ def test_completions_and_chat_equal_engine_generate_streamed_or_not(served, refe
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference["chat"]
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def _merged_logprobs(chunks: list[dict]) -> dict:
+    """The completion logprobs of streamed chunks, joined list by list."""
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for key, values in (chunk["choices"][0]["logprobs"] or {}).items():
+            merged[key] += values
+    return merged
+
+
+def test_streamed_logprobs_pieces_join_into_the_whole_answers(tiny_engine, served):
+    """A chunk carries only its new tokens' logprobs (its cost follows them),
+    and a completion's text offsets go on from the last chunk's: pieces cut
+    anywhere join into the non-streamed body's logprobs; so does a live stream."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2)
+    (c,) = tiny_engine.generate("def f(x):", params, use_tqdm=False)[0].outputs
+    for kind in ("completion", "chat"):
+        whole = openai_protocol.response_body(kind, tiny_engine.generate("def f(x):", params, use_tqdm=False)[0],
+                                              MODEL, top_logprobs=2)["choices"][0]["logprobs"]
+        chunks, start, offset = [], 0, 0
+        for end in (3, 4, 9, len(c.token_ids)):
+            piece = dataclasses.replace(c, token_ids=c.token_ids[:end], logprobs=c.logprobs[:end])
+            chunks.append(openai_protocol.stream_chunk(kind, "id", 0, MODEL, 0, "", None, piece, start, 2, offset))
+            start, offset = end, openai_protocol.text_offset_after(chunks[-1], offset)
+        if kind == "completion":
+            assert _merged_logprobs(chunks) == whole and whole["text_offset"][-1] > 0
+        else:
+            assert [e for chunk in chunks for e in chunk["choices"][0]["logprobs"]["content"]] == whole["content"]
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    whole = httpx.post(f"{served.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()
+    with httpx.stream("POST", f"{served.url}/v1/completions", json={**body, "stream": True}, headers=AUTH,
+                      timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert _merged_logprobs(chunks) == whole["choices"][0]["logprobs"]
 
 
 def test_a_client_going_away_mid_stream_frees_its_sequence(served):

@@ -379,10 +379,12 @@ async def _events(kind, model, streams, firsts, params, include_usage, top_logpr
                     new_tokens = len(c.token_ids) > text.tokens
                     if not (delta or finished or (c.logprobs is not None and new_tokens)):
                         continue
-                    yield event(openai_protocol.stream_chunk(
+                    chunk = openai_protocol.stream_chunk(
                         kind, response, created, model, index, delta, c.finish_reason if finished else None,
-                        c if c.logprobs is not None else None, text.tokens, top_logprobs))
+                        c if c.logprobs is not None else None, text.tokens, top_logprobs, text.token_chars)
+                    yield event(chunk)
                     text.tokens = len(c.token_ids)
+                    text.token_chars = openai_protocol.text_offset_after(chunk, text.token_chars)
                     if finished:
                         ended.add(index)
                 if output.error:

@@ -35,6 +35,7 @@ class TextStream:
         self.stop = tuple(stop)
         self.sent = 0  # characters sent
         self.tokens = 0  # tokens whose logprobs were sent
+        self.token_chars = 0  # their text's length (a completion's next text offset)
 
     def delta(self, text: str, finished: bool) -> str:
         end = len(text) if finished else sendable(text, self.stop)
