@@ -1,0 +1,187 @@
+"""Greedy parity at speed for every supported architecture family: random
+8-layer models at W1's widths in float32, this project's engine against
+transformers' float32 `generate` on the same weights, on the same device.
+
+    python bench/arch_parity.py [--architectures mixtral,qwen2_moe,...] [--tokens 32] [--batches 1,64]
+                                [--append bench/RESULTS.md]
+    python bench/arch_parity.py --tiny      # the same at the unit tests' sizes (a CPU check of the script)
+
+Per architecture, in separate processes (each gets the whole device):
+  hf    transformers builds the model from a seed on the device, saves it as
+        a HF directory (under /dev/shm where it exists: 22 GB at W1 widths),
+        and greedy-generates `tokens` tokens for `batch` prompts of
+        PROMPT_LEN random tokens, recording each step's top-2 logit margin;
+  eaas  this project's Engine loads that directory (its own importer) and
+        generates the same, greedy.
+A row counts, per prompt, the tokens before the first difference; where one
+is under `tokens`, the margin of transformers' top two logits at that step
+says whether it is a near-tie (float32 reduction order), not a bug.
+float32 matmuls run at full precision on both sides (torch's default;
+JAX_DEFAULT_MATMUL_PRECISION=highest here, since XLA's GPU default is TF32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from _results import REPO, git_commit, machine, publish, run_phase
+
+PROMPT_LEN = 32
+# W1's widths (bench/w1_decode_gpu.py, ../shared/BENCH.md): 2048 wide, 8 layers,
+# 128 experts of 768, top-8, 32 query heads of 128.
+_W1_COMMON = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=8, num_attention_heads=32,
+                  num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, tie_word_embeddings=False)
+_W1_MLA = dict(num_key_value_heads=32, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+               v_head_dim=128, moe_intermediate_size=768, intermediate_size=6144, first_k_dense_replace=1,
+               n_routed_experts=128, num_experts_per_tok=8, n_group=8, topk_group=4)
+W1_ARCHITECTURES = {
+    "mixtral": dict(num_local_experts=128, num_experts_per_tok=8, intermediate_size=768),
+    "qwen2_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                      shared_expert_intermediate_size=3072, intermediate_size=6144, norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+                      head_dim=128, norm_topk_prob=True, rope_theta=1e6),
+    "olmoe": dict(num_experts=128, num_experts_per_tok=8, intermediate_size=768),
+    "deepseek_v2": dict(**_W1_MLA, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
+                        routed_scaling_factor=1.0),
+    "deepseek_v3": dict(**_W1_MLA, q_lora_rank=1536, n_shared_experts=1, routed_scaling_factor=2.5),
+}
+
+
+def configs(tiny: bool) -> dict[str, dict]:
+    """Each architecture's transformers config keywords: W1 widths, or the
+    unit tests' tiny ones (tests/hf_models.py)."""
+    if tiny:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        import hf_models
+
+        return {name: {**hf_models._BASE, **extra} for name, extra in hf_models.ARCHITECTURES.items()}
+    return {name: {**_W1_COMMON, **extra} for name, extra in W1_ARCHITECTURES.items()}
+
+
+def prompts(batch: int, vocab_size: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, vocab_size, size=PROMPT_LEN).tolist() for _ in range(batch)]
+
+
+def phase_hf(architecture: str, directory: str, batches: list[int], tokens: int, tiny: bool) -> dict:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keywords = configs(tiny)[architecture]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(architecture, **keywords)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():  # a score-correction bias is zero at init; make it matter
+            for layer in model.model.layers:
+                bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+                if bias is not None:
+                    bias.normal_(0, 0.1)
+    model.save_pretrained(directory, max_shard_size="4GB")
+    model.generation_config.eos_token_id = None
+    result = {"params": sum(p.numel() for p in model.parameters())}
+    for batch in batches:
+        ids = torch.tensor(prompts(batch, keywords["vocab_size"]), device=device)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=0, attention_mask=torch.ones_like(ids), output_scores=True,
+                                 return_dict_in_generate=True)
+        top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values  # [batch, tokens, 2]
+        result[f"b{batch}"] = {"tokens": out.sequences[:, PROMPT_LEN:].tolist(),
+                               "margins": (top2[..., 0] - top2[..., 1]).tolist()}
+    return result
+
+
+def phase_eaas(architecture: str, directory: str, batches: list[int], tokens: int, tiny: bool) -> dict:
+    sys.path.insert(0, REPO)
+    from eaas_jax.engine import Engine, SamplingParams
+
+    vocab_size = configs(tiny)[architecture]["vocab_size"]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    with Engine(directory, dtype="float32", max_num_seqs=max(batches), max_model_len=PROMPT_LEN + tokens + 16,
+                block_size=16) as engine:
+        return {f"b{batch}": {"tokens": [o.outputs[0].token_ids for o in
+                                         engine.generate(prompts(batch, vocab_size), params, use_tqdm=False)]}
+                for batch in batches}
+
+
+def compare(ours: list[list[int]], theirs: list[list[int]], margins: list[list[float]]) -> dict:
+    """Tokens equal before the first difference, per prompt; the smallest of
+    them; and transformers' top-2 margin at each first difference."""
+    equal, at_divergence = [], []
+    for a, b, m in zip(ours, theirs, margins):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        equal.append(n)
+        if n < len(b):
+            at_divergence.append(m[n])
+    return {"min_equal": min(equal), "all_equal": sum(n == len(b) for n, b in zip(equal, theirs)),
+            "margins_at_divergence": at_divergence}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--architectures", default=",".join(W1_ARCHITECTURES))
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="the unit tests' model sizes")
+    parser.add_argument("--phase", choices=["hf", "eaas"], help=argparse.SUPPRESS)
+    parser.add_argument("--architecture", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
+    parser.add_argument("--append", help="results file to append the table to")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.phase:
+        phase = phase_hf if args.phase == "hf" else phase_eaas
+        print(json.dumps(phase(args.architecture, args.dir, batches, args.tokens, args.tiny)))
+        return
+
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
+    scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    rows = []
+    for architecture in args.architectures.split(","):
+        if architecture not in W1_ARCHITECTURES:
+            raise SystemExit(f"unknown architecture {architecture!r}; known: {', '.join(W1_ARCHITECTURES)}")
+        directory = tempfile.mkdtemp(prefix=f"parity-{architecture}-", dir=scratch)
+        try:
+            common = [__file__, "--architecture", architecture, "--dir", directory, "--batches", args.batches,
+                      "--tokens", str(args.tokens), *(["--tiny"] if args.tiny else [])]
+            theirs = run_phase([*common, "--phase", "hf"], name=f"{architecture}-hf", raw=args.raw, env=env)
+            ours = run_phase([*common, "--phase", "eaas"], name=f"{architecture}-eaas", raw=args.raw, env=env)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        for batch in batches:
+            t = theirs[f"b{batch}"]
+            rows.append((architecture, theirs["params"], batch,
+                         compare(ours[f"b{batch}"]["tokens"], t["tokens"], t["margins"])))
+    lines = [
+        f"### Greedy parity with transformers, float32, every architecture ({datetime.date.today()}, "
+        f"commit {git_commit()})",
+        "",
+        f"Device: {machine()}; `python bench/arch_parity.py {' '.join(sys.argv[1:])}`; random "
+        f"{'tiny (the unit tests’ sizes)' if args.tiny else 'W1-width 8-layer'} models, float32 on both sides, "
+        f"prompts of {PROMPT_LEN} random tokens, {args.tokens} greedy tokens each.",
+        "",
+        "| architecture | parameters | batch | prompts with all tokens equal | fewest equal tokens | "
+        "transformers' top-2 margin where they differ |",
+        "|---|---|---|---|---|---|",
+        *(f"| {a} | {p / 1e9:.3g}B | {b} | {c['all_equal']}/{b} | {c['min_equal']}/{args.tokens} | "
+          f"{', '.join(f'{m:.2g}' for m in sorted(c['margins_at_divergence'])[:5]) or '-'} |"
+          for a, p, b, c in rows),
+        "",
+    ]
+    publish(lines, args.append)
+
+
+if __name__ == "__main__":
+    main()
