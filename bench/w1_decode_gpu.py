@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 
-from _results import REPO, git_commit, publish, run_phase as run_in_process
+from _results import REPO, finished_phases, git_commit, publish, run_phase as run_in_process
 PROMPT_LEN = 128
 W1 = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -288,6 +288,17 @@ def _stored_params(directory: str) -> float:
         return json.load(f)["metadata"]["total_size"] / 2  # bfloat16
 
 
+def phase_jax_peer(directory: str, batches: list[int], steps: int, peer_dir: str) -> dict:
+    """jax-llm-examples' Qwen3 on the same directory and prompts (bench/jax_peer.py)."""
+    from jax_peer import Peer, peer_commit
+
+    peer = Peer(peer_dir, directory, max_seq_len=PROMPT_LEN + steps + 8)
+    result = {"commit": peer_commit(peer_dir)}
+    for batch in batches:
+        result[f"b{batch}"] = peer.time_decode(prompts(batch, peer.cfg.vocab_size), steps)
+    return result
+
+
 def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
     """A `profile_decode` result as a table of its costliest kernels."""
     return [
@@ -301,10 +312,14 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
 
 
 def run_phase(args, phase: str, env: dict | None = None, name: str | None = None) -> dict:
+    """`phase` in a process of its own; with --resume, what --raw holds of it."""
+    if args.resume and (name or phase) in finished_phases(args.raw):
+        return finished_phases(args.raw)[name or phase]
     profile = ["--profile-batch", str(args.profile_batch)] if args.profile_batch and phase == "eaas" else []
+    peer = ["--jax-peer", args.jax_peer] if phase == "jax" else []
     return run_in_process(
         [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps),
-         *profile],
+         *profile, *peer],
         name=name or phase, raw=args.raw, env=env,
     )
 
@@ -314,9 +329,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--dir", default="/tmp/w1-qwen3-moe-8l")
-    parser.add_argument("--phase", choices=["make", "eaas", "hf"])
+    parser.add_argument("--phase", choices=["make", "eaas", "hf", "jax"])
     parser.add_argument("--append", help="results file to append the table to")
     parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
+    parser.add_argument("--resume", action="store_true", help="take the phases --raw already holds from there")
     parser.add_argument("--commit", help="commit to record (default: git HEAD; a copied tree may lack .git)")
     parser.add_argument("--compare-gather", action="store_true",
                         help="also time the engine with decode attention over gathered blocks "
@@ -326,6 +342,8 @@ def main() -> None:
                              "(EAAS_JAX_GATHERED_EXPERTS=on) and without it (off), in the same run")
     parser.add_argument("--profile-batch", type=int,
                         help="also profile decode steps at this batch: device time by kernel")
+    parser.add_argument("--jax-peer", metavar="DIR",
+                        help="also time jax-llm-examples' Qwen3 (the qwen3 directory of a checkout): bench/jax_peer.py")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.phase == "make":
@@ -336,6 +354,9 @@ def main() -> None:
         return
     if args.phase == "hf":
         print(json.dumps(phase_hf(args.dir, batches)))
+        return
+    if args.phase == "jax":
+        print(json.dumps(phase_jax_peer(args.dir, batches, args.steps, args.jax_peer)))
         return
 
     if not os.path.exists(os.path.join(args.dir, "config.json")):
@@ -349,6 +370,12 @@ def main() -> None:
         variant = ("gathered routed experts", run_phase(
             args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="on"), name="eaas-gathered-experts"))
     peer = run_phase(args, "hf")
+    jax_peer = None
+    if args.jax_peer:
+        try:
+            jax_peer = run_phase(args, "jax")
+        except SystemExit as e:  # the peer is another project's code: its failure costs its column only
+            print(f"the JAX peer failed ({e}); its column is left out", file=sys.stderr)
     import jax
     import torch
 
@@ -356,7 +383,8 @@ def main() -> None:
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
     flags = "".join(f" --{flag.replace('_', '-')}" for flag in ("compare_gather", "compare_experts_paths")
-                    if getattr(args, flag)) + (f" --profile-batch {args.profile_batch}" if args.profile_batch else "")
+                    if getattr(args, flag)) + (f" --profile-batch {args.profile_batch}" if args.profile_batch else "") \
+        + (" --jax-peer DIR" if jax_peer else "")
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
         "",
@@ -364,20 +392,27 @@ def main() -> None:
         f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}`; "
         f"{_stored_params(args.dir) / 1e9:.2f}B parameters, bfloat16; "
         f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s; "
-        f"grouped matmul: {ours['grouped_matmul']}; decode attention: {ours['decode_attention']}.",
+        f"grouped matmul: {ours['grouped_matmul']}; decode attention: {ours['decode_attention']}"
+        + (f"; JAX peer: jax-ml/jax-llm-examples qwen3 at {jax_peer['commit']} (bench/jax_peer.py: bfloat16, "
+           "unquantized dense KV cache, greedy in its step, timed as the engine is)" if jax_peer else "") + ".",
         "",
         "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
+        + (" JAX peer step ms | eaas-jax tok/s vs JAX peer | its tokens equal to transformers' (first 32) |"
+           if jax_peer else "")
         + (f" {variant[0]}: step ms | its tokens equal (first 32) |" if variant else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if variant else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if jax_peer else "") + ("---|---|" if variant else ""),
     ]
     for batch in batches:
         o, p = ours[f"b{batch}"], peer[f"b{batch}"]
         roof = roofline_bytes(batch, args.steps) / bandwidth
         v = variant[1][f"b{batch}"] if variant else None
+        j = jax_peer[f"b{batch}"] if jax_peer else None
         lines.append(
             f"| {batch} | {step_ms(o)} | "
             f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {equal_prefix(o['tokens0'], p['tokens0'])}/32 |"
+            + (f" {step_ms(j)} | {j['median'] / o['median']:.2f}x | {equal_prefix(j['tokens0'], p['tokens0'])}/32 |"
+               if jax_peer else "")
             + (f" {step_ms(v)} | {equal_prefix(v['tokens0'], p['tokens0'])}/32 |" if variant else "")
         )
     for label, run in (("eaas-jax", ours), *([variant] if variant else [])):

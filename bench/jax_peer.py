@@ -1,0 +1,103 @@
+"""The JAX peer of the W1 decode benchmark: jax-ml/jax-llm-examples' Qwen3
+(a plain jitted decode step: dense KV cache, its MoE on `lax.ragged_dot`,
+greedy argmax in the step) on the same HF directory, the same prompts and
+the same device.
+
+Nothing of it is vendored: `--jax-peer DIR` names the `qwen3` directory of
+a jax-llm-examples checkout (Apache-2.0), whose commit the results name
+(DIR/../COMMIT, or its git HEAD). Its settings here: bfloat16 weights, an
+unquantized KV cache (its default is int8), its non-TPU kernels (none of
+its Pallas kernels runs on GPUs), a one-device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def peer_commit(peer_dir: str) -> str:
+    """The jax-llm-examples commit of `peer_dir` (its qwen3 directory)."""
+    pinned = os.path.join(os.path.dirname(os.path.abspath(peer_dir)), "COMMIT")
+    if os.path.exists(pinned):
+        with open(pinned) as f:
+            return f.read().strip()[:12]
+    return subprocess.run(["git", "-C", peer_dir, "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+class Peer:
+    """The peer's model loaded from HF `directory`, for sequences of up to
+    `max_seq_len` tokens (its dense KV cache's length: each decode step
+    attends over all of it)."""
+
+    def __init__(self, peer_dir: str, directory: str, max_seq_len: int):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import AxisType
+
+        sys.path.insert(0, peer_dir)
+        from qwen3_jax import chkpt_utils, model as q3
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        self.q3 = q3
+        self.mesh = jax.make_mesh((1, 1, 1), ("x", "y", "z"), axis_types=(AxisType.Explicit,) * 3,
+                                  devices=jax.devices()[:1])
+        # transformers 5 writes num_local_experts and rope_parameters, which its config reader misses
+        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+        self.cfg = dataclasses.replace(
+            q3.hf_to_jax_config(hf), moe_num_experts=hf.get("num_experts") or hf.get("num_local_experts"),
+            rope_theta=rope, tie_embed=bool(hf.get("tie_word_embeddings")), mesh=self.mesh,
+            max_seq_len=max_seq_len, quant_cache=False, dtype=jnp.bfloat16)
+        state = {}
+        for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+            state.update(load_file(path))
+        abstract = q3.Weights.abstract(self.cfg)
+        weights = chkpt_utils.convert_model_or_layer(abstract, state, self.cfg, sequential=False)
+        del state
+        self.weights = jax.tree.map(lambda w, a, s: jax.device_put(w.astype(a.dtype), s), weights, abstract,
+                                    q3.Weights.shardings(self.cfg), is_leaf=q3.is_param)
+
+    def time_decode(self, prompts: list[list[int]], steps: int) -> dict:
+        """Prefill `prompts` (equal lengths), then `steps` greedy decode steps
+        timed as the engine's are: host wall clock between token arrivals,
+        the next step already queued on the device. Returns w1_decode_gpu's
+        time_decode fields."""
+        import statistics
+
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        q3, cfg, weights, length = self.q3, self.cfg, self.weights, len(prompts[0])
+        step = q3.decode_step
+        compiled = getattr(step, "_cache_size", lambda: 0)
+        with jax.sharding.set_mesh(self.mesh):
+            cache = q3.KVCache.init(jax.random.key(0), cfg, len(prompts), cfg.max_seq_len)
+            # pad_id -1: no prompt token counts as padding (random ids may hit the peer's PAD_ID)
+            first, _, cache = q3.prefill(jnp.asarray(np.array(prompts, np.int32)), weights, cache, cfg, pad_id=-1)
+            current = jnp.asarray(np.asarray(first)[:, length - 1:length])
+            tokens = [np.asarray(current)[:, 0]]
+            for _ in range(2):  # compiles the decode step
+                current, cache = step(current, weights, cache, cfg)
+                tokens.append(np.asarray(current)[:, 0])
+            programs = compiled()
+            pending, cache = step(current, weights, cache, cfg)
+            times, last = [], time.perf_counter()
+            for _ in range(steps):
+                following, cache = step(pending, weights, cache, cfg)  # queued behind `pending`
+                tokens.append(np.asarray(pending)[:, 0])
+                now = time.perf_counter()
+                times.append(now - last)
+                last, pending = now, following
+            compiling = compiled() - programs
+        times = times[1:]  # the first interval began before the queue was full
+        return {"median": statistics.median(times), "min": min(times), "max": max(times),
+                "compiling_steps": compiling, "tokens0": [int(t[0]) for t in tokens[:32]]}
