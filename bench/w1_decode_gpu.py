@@ -159,22 +159,26 @@ def profile_decode(engine, batch: int, steps: int) -> dict:
     for p in prompts(batch, engine.config.vocab_size):
         engine.add_request(p, params)
     for _ in range(4):  # prefill and the first decode steps
-        engine.step()
+        engine.step_finished()
+    # Each step() queues the next step before it returns the last one's
+    # tokens: the pauses let the step queued before the trace end before it
+    # and the last one queued in it end in it, so it holds PROFILED_STEPS.
+    time.sleep(0.2)
     with tempfile.TemporaryDirectory(prefix="w1-profile-") as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
             for _ in range(PROFILED_STEPS):
-                engine.step()
-            engine.step()  # brings the last profiled step's tokens back
+                engine.step_finished()
+            time.sleep(0.2)
         summary = device_kernel_times(log_dir, PROFILED_STEPS)
     while engine.has_unfinished_requests():
-        engine.step()
+        engine.step_finished()
     return {"batch": batch, **summary}
 
 
 def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     """Per-step device time by kernel name from the perfetto trace under
-    `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...")
-    of processes named after a GPU. (The same process's "XLA Ops" and "XLA
+    `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...",
+    copies left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
     Modules" lines repeat the kernels' time per op and per program.)"""
     import collections
     import glob
@@ -188,7 +192,7 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     device = {pid for pid, name in processes.items() if "GPU" in name}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device}
-    streams = {key for key, name in threads.items() if name.startswith("Stream")}
+    streams = {key for key, name in threads.items() if name.startswith("Stream") and "Memcpy" not in name}
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
     for e in events:
@@ -219,9 +223,8 @@ def time_decode(engine, batch: int, steps: int) -> dict:
     while engine.has_unfinished_requests():
         compiled = engine.num_compilations
         t0 = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out.outputs[0].token_ids
+        for out in engine.step_finished():  # no detokenizing of running requests: the peers do none
+            outputs[out.request_id] = out.outputs[0].token_ids
         if engine.num_compilations == compiled:
             times.append(time.perf_counter() - t0)
         else:
@@ -346,6 +349,10 @@ def main() -> None:
                         help="also time jax-llm-examples' Qwen3 (the qwen3 directory of a checkout): bench/jax_peer.py")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.profile_batch and args.profile_batch not in batches:
+        parser.error("--profile-batch must be one of --batches (a shape compiled before the trace)")
+    if args.compare_gather and args.compare_experts_paths:
+        parser.error("--compare-gather and --compare-experts-paths: one variant a run")
     if args.phase == "make":
         print(json.dumps(phase_make(args.dir)))
         return
@@ -361,7 +368,9 @@ def main() -> None:
 
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         run_phase(args, "make")
-    ours = run_phase(args, "eaas")
+    # the base run's settings explicit: a variant changes one
+    ours = run_phase(args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="off")
+                     if args.compare_experts_paths else None)
     variant = None  # (column label, that run's result): the engine again with one setting changed
     if args.compare_gather:
         variant = ("gathered-blocks attention", run_phase(

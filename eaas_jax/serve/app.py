@@ -151,9 +151,9 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
                        chat_prompts(engine.tokenizer, [messages], add_generation_prompt=True))
         except (ValueError, TypeError, UnicodeError) as e:
             raise ApiError(400, str(e), param=_param_named(str(e), body)) from None
-        if params.n > async_engine.max_queue:
-            raise ApiError(400, f"n must be at most {async_engine.max_queue} on this server (--max-queue), "
-                                f"got {params.n}", param="n")
+        if len(prompts) * params.n > async_engine.max_queue:  # could never be admitted: not a 429
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={params.n} sequences are more than this server "
+                                f"holds at once ({async_engine.max_queue}, --max-queue)", param="n")
         top_logprobs = (params.logprobs or 0) if kind == "chat" else 0
         # Ids chosen here, so that however this ends (an error, the client
         # gone, a cancelled task) every request can be aborted at once
