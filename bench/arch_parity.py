@@ -7,8 +7,9 @@ transformers' float32 `generate` on the same weights, on the same device.
     python bench/arch_parity.py --tiny      # the same at the unit tests' sizes (a CPU check of the script)
 
 Per architecture, in separate processes (each gets the whole device):
-  hf    transformers builds the model from a seed on the device, saves it as
-        a HF directory (under /dev/shm where it exists: 22 GB at W1 widths),
+  hf    transformers builds the model from a seed on the device (norm
+        weights and biases drawn too), saves it as a HF directory (under
+        /dev/shm where it has room: 22 GB at W1 widths),
         and greedy-generates `tokens` tokens for `batch` prompts of
         PROMPT_LEN random tokens, recording each step's top-2 logit margin;
   eaas  this project's Engine loads that directory (its own importer) and
@@ -41,16 +42,23 @@ _W1_COMMON = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=8, num_
 _W1_MLA = dict(num_key_value_heads=32, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                v_head_dim=128, moe_intermediate_size=768, intermediate_size=6144, first_k_dense_replace=1,
                n_routed_experts=128, num_experts_per_tok=8, n_group=8, topk_group=4)
+# What published DeepSeek checkpoints use (YaRN with mscale); the tiny tests' variants of it.
+_W1_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 32,
+            "beta_slow": 1}
 W1_ARCHITECTURES = {
     "mixtral": dict(num_local_experts=128, num_experts_per_tok=8, intermediate_size=768),
     "qwen2_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                      shared_expert_intermediate_size=3072, intermediate_size=6144, norm_topk_prob=False),
+                      shared_expert_intermediate_size=3072, intermediate_size=6144, norm_topk_prob=False,
+                      mlp_only_layers=[1]),
     "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-                      head_dim=128, norm_topk_prob=True, rope_theta=1e6),
-    "olmoe": dict(num_experts=128, num_experts_per_tok=8, intermediate_size=768),
+                      head_dim=128, norm_topk_prob=True, rope_theta=1e6, mlp_only_layers=[0]),
+    # clip_qkv at 1: q, k and v are ~N(0, 0.9) here, so the clipping acts
+    "olmoe": dict(num_experts=128, num_experts_per_tok=8, intermediate_size=768, clip_qkv=1.0),
     "deepseek_v2": dict(**_W1_MLA, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
-                        routed_scaling_factor=1.0),
-    "deepseek_v3": dict(**_W1_MLA, q_lora_rank=1536, n_shared_experts=1, routed_scaling_factor=2.5),
+                        routed_scaling_factor=1.5,
+                        rope_scaling={**_W1_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "deepseek_v3": dict(**_W1_MLA, q_lora_rank=1536, n_shared_experts=1, routed_scaling_factor=2.5,
+                        rope_scaling={**_W1_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
 
 
@@ -72,6 +80,32 @@ def prompts(batch: int, vocab_size: int) -> list[list[int]]:
     return [rng.integers(3, vocab_size, size=PROMPT_LEN).tolist() for _ in range(batch)]
 
 
+def randomize_defaults(model) -> None:
+    """Norm weights are 1 and biases 0 at init, so a model that ignored them
+    (q/k norms, MLA's latent norms, Qwen2's qkv biases) would still agree:
+    draw them at random, and DeepSeek-V3's score-correction bias (a buffer)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+        for layer in model.model.layers:
+            bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+            if bias is not None:
+                bias.normal_(0, 0.1)
+
+
+def scratch_directory(bytes_needed: int) -> str | None:
+    """/dev/shm if it has room for the checkpoint (with a margin), else the
+    default temporary directory."""
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 1.2 * bytes_needed:
+        return "/dev/shm"
+    return None
+
+
 def phase_hf(architecture: str, directory: str, batches: list[int], tokens: int, tiny: bool) -> dict:
     import torch
     import transformers
@@ -82,11 +116,7 @@ def phase_hf(architecture: str, directory: str, batches: list[int], tokens: int,
     config = transformers.AutoConfig.for_model(architecture, **keywords)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        with torch.no_grad():  # a score-correction bias is zero at init; make it matter
-            for layer in model.model.layers:
-                bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
-                if bias is not None:
-                    bias.normal_(0, 0.1)
+        randomize_defaults(model)
     model.save_pretrained(directory, max_shard_size="4GB")
     model.generation_config.eos_token_id = None
     result = {"params": sum(p.numel() for p in model.parameters())}
@@ -147,7 +177,7 @@ def main() -> None:
         return
 
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
-    scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    scratch = scratch_directory(4 * 6_000_000_000 if not args.tiny else 0)  # float32, < 6B parameters
     rows = []
     for architecture in args.architectures.split(","):
         if architecture not in W1_ARCHITECTURES:

@@ -315,9 +315,11 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
 
 
 def run_phase(args, phase: str, env: dict | None = None, name: str | None = None) -> dict:
-    """`phase` in a process of its own; with --resume, what --raw holds of it."""
-    if args.resume and (name or phase) in finished_phases(args.raw):
-        return finished_phases(args.raw)[name or phase]
+    """`phase` in a process of its own; with --resume, what --raw holds of it
+    if that covers this run's batches."""
+    done = finished_phases(args.raw).get(name or phase) if args.resume else None
+    if done and phase != "make" and all(f"b{b}" in done for b in args.batches.split(",")):
+        return done
     profile = ["--profile-batch", str(args.profile_batch)] if args.profile_batch and phase == "eaas" else []
     peer = ["--jax-peer", args.jax_peer] if phase == "jax" else []
     return run_in_process(
