@@ -4,6 +4,8 @@ one decode step dispatched and fetched against a full forward pass."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,3 +260,21 @@ def test_prefill_then_decode_steps_match_a_full_forward_pass(model, runner):
         row = order.index(i)
         assert second.tokens[row] == at_decode.argmax()
         np.testing.assert_allclose(second.logprobs[row], at_decode.max(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, None)])
+def test_float32_models_trace_float32_matmuls(dtype, precision):
+    """JAX's default precision computes float32 dots in TF32 on NVIDIA GPUs;
+    a float32 model's step asks for float32 in every dot (bfloat16 ones keep
+    the default)."""
+    model = tiny_model(seed=3, dtype=dtype)
+    runner = ModelRunner(model.client, EmbeddedExperts(model.experts), num_blocks=NUM_BLOCKS, block_size=BLOCK,
+                         max_rows=MAX_ROWS)
+    with jax.default_matmul_precision("default"):  # not conftest's "highest"
+        text = runner.lower(_rows([[5, 6]], [0], [[0]])).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert dots
+    if precision:
+        assert all(f"precision = [{precision}, {precision}]" in d for d in dots)
+    else:
+        assert not any("HIGHEST" in d for d in dots)

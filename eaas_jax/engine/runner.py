@@ -26,6 +26,7 @@ from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.engine.scheduler import StepRows
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
 from eaas_jax.model.moe import expert_token_counts
+from eaas_jax.model.precision import matmul_precision
 from eaas_jax.model.transformer import AttentionClientModel, ExpertStack, KVCache, micro_batch_rows
 from eaas_jax.transport import custom_calls
 
@@ -253,7 +254,8 @@ class ModelRunner:
 
         def step(*args, **kwargs):
             self._num_traces += 1
-            return _step(client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
+            with matmul_precision(dtype):
+                return _step(client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
 
         step.__name__ = step.__qualname__ = "_step"  # the program's name in JAX's logs and events
         self._jitted = jax.jit(

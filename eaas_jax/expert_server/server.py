@@ -42,6 +42,7 @@ from eaas_jax.checkpoint.directory import load_config, load_expert_banks
 from eaas_jax.kernels import grouped_matmul
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.moe import routed_experts
+from eaas_jax.model.precision import matmul_precision
 from eaas_jax.attention_client.remote_backend import transport_anomalies
 from eaas_jax.control_plane.deployment import Deployment, DeploymentError
 from eaas_jax.expert_server.parent_watch import ParentWatch
@@ -162,7 +163,8 @@ class ExpertServer:
         # is up: on GPUs the jitted call traced the round again at the serve
         # loop's first round (2026-11-30, tokamax), ~3 s in which a restarted
         # server that had announced itself ready missed its first exchange.
-        self._compiled = self._round.lower(*self._args, **self._static).compile()
+        with matmul_precision(experts.gate_proj.dtype):
+            self._compiled = self._round.lower(*self._args, **self._static).compile()
         # Rounds queued at once: on the CPU the poll handler blocks one of
         # XLA's few host threads while it waits, so a second queued round
         # would starve the client's and other servers' handlers.
