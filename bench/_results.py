@@ -24,11 +24,14 @@ def machine() -> str:
     """The GPUs `nvidia-smi` lists ("1 x NVIDIA H200"), else the CPU and its
     cores: for scripts whose own process does not hold the device."""
     try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=60).stdout.split("\n")
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+        names = [n.strip() for n in out.stdout.splitlines() if n.strip()] if out.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired):
         names = []
-    names = [n.strip() for n in names if n.strip()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names and visible is not None:
+        names = names[:len([d for d in visible.split(",") if d.strip()])]
     if names:
         return f"{len(names)} x {names[0]}"
     return f"{platform.machine()}, {os.cpu_count()} cores"
