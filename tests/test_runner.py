@@ -4,7 +4,9 @@ one decode step dispatched and fetched against a full forward pass."""
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -278,3 +280,35 @@ def test_float32_models_trace_float32_matmuls(dtype, precision):
         assert all(f"precision = [{precision}, {precision}]" in d for d in dots)
     else:
         assert not any("HIGHEST" in d for d in dots)
+
+
+def test_a_trace_in_another_thread_is_not_this_calls_retrace(runner, caplog):
+    """Warm-up traces other shapes on background threads while steps run: a
+    step whose program was compiled must not be reported as traced again
+    because another thread traced meanwhile; a step that does trace again at
+    its call (a setting scoped to the calling thread) still is."""
+    rows = _rows([[5, 6, 7]], [0], [[1]])
+    runner.dispatch(rows, 0).fetch()  # compiled
+    jitted = runner._jitted
+
+    class TracesElsewhereFirst:
+        """The step's jit, except that a call first lets another thread trace
+        another shape (the interleaving a background compile makes)."""
+        lower = jitted.lower
+
+        def __call__(self, *args, **kwargs):
+            other = threading.Thread(target=runner.lower, args=(_rows([[5] * 9] * 3, [0] * 3, [[2, 3, 4]] * 3),))
+            other.start()
+            other.join()
+            return jitted(*args, **kwargs)
+
+    runner._jitted = TracesElsewhereFirst()
+    try:
+        with caplog.at_level(logging.WARNING, logger="eaas_jax.engine.runner"):
+            runner.dispatch(rows, 0).fetch()
+            assert "traced again" not in caplog.text
+            with jax.default_matmul_precision("bfloat16"):  # this thread's setting: another program
+                runner.dispatch(rows, 0).fetch()
+            assert "traced again" in caplog.text
+    finally:
+        runner._jitted = jitted

@@ -250,10 +250,14 @@ class ModelRunner:
         self._client_leaves, client_treedef = jax.tree.flatten(client_params)
         self._expert_arrays = experts.arrays
         self._expert_leaves, self._expert_treedef = jax.tree.flatten(experts.arrays)
-        self._num_traces = 0  # traces of the step (jit calls the Python function only to trace)
+        # Traces of the step by each thread (jit calls the Python function only
+        # to trace, in the calling thread): per thread, so that a background
+        # compile tracing another shape is not taken for this thread's call
+        # tracing again.
+        self._traces = threading.local()
 
         def step(*args, **kwargs):
-            self._num_traces += 1
+            self._traces.count = self._thread_traces() + 1
             with matmul_precision(dtype):
                 return _step(client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
 
@@ -283,6 +287,10 @@ class ModelRunner:
         self._kv_cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                            self.kv_cache)
         self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
+
+    def _thread_traces(self) -> int:
+        """How many times this thread has traced the step."""
+        return getattr(self._traces, "count", 0)
 
     @property
     def num_compilations(self) -> int:
@@ -388,9 +396,9 @@ class ModelRunner:
         """The step of `shape` lowered, and its exchanges' labels (read off the
         backend when this traced it; a trace's are kept for the shape)."""
         with self._trace_lock:
-            traces = self._num_traces
+            traces = self._thread_traces()
             lowered = self._jitted.lower(*args, **static)
-            if self._num_traces != traces:
+            if self._thread_traces() != traces:
                 self._labels[shape] = self.experts.traced_exchanges()
             return lowered, self._labels[shape]
 
@@ -499,9 +507,9 @@ class ModelRunner:
             if started:
                 raise
             labels = self._compiling(shape, args, static)[0].result()
-        traces = self._num_traces
+        traces = self._thread_traces()
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
-        if self._num_traces != traces:
+        if self._thread_traces() != traces:
             # Compiled for another context than this call's (a JAX setting
             # scoped to the calling thread, e.g. default_matmul_precision).
             log.warning("model step %s was traced again at its call: the compiled program did not match it "
