@@ -14,9 +14,9 @@ import uuid
 
 from eaas_jax.engine.chat_template import check_messages
 from eaas_jax.engine.outputs import CompletionOutput, RequestOutput
-from eaas_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from eaas_jax.engine.sampling_params import MAX_LOGPROBS, InvalidParam, SamplingParams
 
-__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "body_problem", "error_body", "params_of_body", "parse_body",
+__all__ = ["COMPLETION_URLS", "IGNORED_FIELDS", "BodyError", "check_body", "error_body", "params_of_body", "parse_body",
            "response_body", "stream_chunk", "usage"]
 
 #: URL -> what its body asks for.
@@ -36,29 +36,45 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def body_problem(kind: str, body: dict, also_allowed: frozenset = frozenset()) -> str | None:
-    """Why `body` (of a `kind` request: "completion" or "chat") cannot be
-    served, naming the fields; None when it can. `also_allowed`: fields the
+class BodyError(ValueError):
+    """A request body that cannot be served; `param` is the body field at
+    fault (None: the body as a whole), for the API's error body."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def check_body(kind: str, body: dict, also_allowed: frozenset = frozenset()) -> None:
+    """Raises BodyError naming the field if `body` (of a `kind` request:
+    "completion" or "chat") cannot be served. `also_allowed`: fields the
     caller handles itself (e.g. ``stream``)."""
     text_key = "prompt" if kind == "completion" else "messages"
     unsupported = sorted(set(body) - set(_PARAMS) - IGNORED_FIELDS - _LOGPROB_FIELDS[kind] - also_allowed
                          - {text_key})
     if unsupported:
-        return f"body field(s) {unsupported} are not supported"
+        raise BodyError(f"body field(s) {unsupported} are not supported", unsupported[0])
     if text_key not in body:
-        return f"body needs '{text_key}'"
+        raise BodyError(f"body needs '{text_key}'", text_key)
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-        return "body gives both max_tokens and max_completion_tokens"
+        raise BodyError("body gives both max_tokens and max_completion_tokens", "max_completion_tokens")
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     # Completions' `logprobs` is SamplingParams.logprobs itself: its check says what is wrong.
     if kind == "chat":
         if logprobs is not None and not isinstance(logprobs, bool):
-            return f"logprobs must be true or false, got {logprobs!r}"
+            raise BodyError(f"logprobs must be true or false, got {logprobs!r}", "logprobs")
         if top is not None and not (_is_int(top) and 0 <= top <= MAX_LOGPROBS):
-            return f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {top!r}"
+            raise BodyError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {top!r}",
+                            "top_logprobs")
         if top is not None and not logprobs:
-            return "top_logprobs needs logprobs: true"
-    return None
+            raise BodyError("top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def _body_field(kind: str, body: dict, field: str) -> str | None:
+    """The field of `body` that set SamplingParams' `field` (None: a server default)."""
+    if field == "logprobs":
+        return "logprobs" if kind == "completion" or body.get("top_logprobs") is None else "top_logprobs"
+    return next((k for k, f in _PARAMS.items() if f == field and body.get(k) is not None), None)
 
 
 #: Tokens a /v1/completions body without max_tokens gets (the API's default;
@@ -67,8 +83,8 @@ COMPLETION_MAX_TOKENS = 16
 
 
 def params_of_body(kind: str, body: dict) -> dict:
-    """The SamplingParams fields a body sets (body_problem(kind, body) must be
-    None). A field that is null is as one left out, as in the API; without
+    """The SamplingParams fields a body sets (check_body(kind, body) must
+    pass). A field that is null is as one left out, as in the API; without
     max_tokens a completion gets COMPLETION_MAX_TOKENS and a chat may run to
     the context limit (the API's defaults)."""
     fields = {_PARAMS[k]: v for k, v in body.items() if k in _PARAMS and v is not None}
@@ -83,15 +99,16 @@ def params_of_body(kind: str, body: dict) -> dict:
 def parse_body(kind: str, body: dict, defaults: SamplingParams, also_allowed: frozenset = frozenset()
                ) -> tuple[SamplingParams, str | list | None, list | None]:
     """A `kind` body's (sampling params over `defaults`, prompt, messages).
-    Raises ValueError naming the field for a body that cannot be served."""
-    problem = body_problem(kind, body, also_allowed)
-    if problem:
-        raise ValueError(problem)
-    messages = _text_messages(body["messages"]) if kind == "chat" else None
+    Raises BodyError naming the field for a body that cannot be served."""
+    check_body(kind, body, also_allowed)
+    try:
+        messages = _text_messages(body["messages"]) if kind == "chat" else None
+    except ValueError as e:
+        raise BodyError(str(e), "messages") from None
     try:
         params = dataclasses.replace(defaults, **params_of_body(kind, body))
-    except TypeError as e:
-        raise ValueError(str(e)) from None
+    except InvalidParam as e:
+        raise BodyError(str(e), _body_field(kind, body, e.field)) from None
     return params, body.get("prompt"), messages
 
 

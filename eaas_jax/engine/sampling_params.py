@@ -68,69 +68,76 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _check(self.stop is None or isinstance(self.stop, (list, tuple)),
+               "stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        _check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
+               "stop_token_ids", f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(
             _is_number(self.temperature) and self.temperature >= 0,
-            f"temperature must be a finite number >= 0, got {self.temperature!r}",
+            "temperature", f"temperature must be a finite number >= 0, got {self.temperature!r}",
         )
         _check(
             _is_number(self.top_p) and 0 < self.top_p <= 1,
-            f"top_p must be in (0, 1], got {self.top_p!r}",
+            "top_p", f"top_p must be in (0, 1], got {self.top_p!r}",
         )
         _check(
             _is_int(self.top_k) and (0 <= self.top_k <= _INT32_MAX or self.top_k == -1),
-            f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}",
+            "top_k", f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}",
         )
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
         _check(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-            f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}",
+            "max_tokens", f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}",
         )
         _check(
             _is_int(self.min_tokens) and self.min_tokens >= 0,
-            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
+            "min_tokens", f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
         )
         _check(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
-            f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+            "min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
         )
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}",
+            "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}",
         )
         _check(
             self.prompt_logprobs is None
             or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
             f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.prompt_logprobs!r}",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+            _check(_is_number(value) and -2 <= value <= 2, name, f"{name} must be in [-2, 2], got {value!r}")
         _check(
             _is_number(self.repetition_penalty) and self.repetition_penalty > 0
             and self.repetition_penalty != float("inf"),
-            f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
+            "repetition_penalty", f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
         )
         _check(
             self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32),
-            f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}",
+            "seed", f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}",
         )
         _check(
             all(isinstance(s, str) and s for s in self.stop),
-            f"stop must be a non-empty string or a list of them, got {self.stop!r}",
+            "stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}",
         )
         _check(
             len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_LENGTH for s in self.stop),
-            f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+            "stop", f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
         )
         _check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-            f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
+            "stop_token_ids", f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
         )
-        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-               f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        _check(
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
+        )
         if 0 < self.temperature < MIN_TEMPERATURE:
             self.temperature = 0.0
 
@@ -159,6 +166,15 @@ def _is_number(x) -> bool:
         return False
 
 
-def _check(ok: bool, message: str) -> None:
+class InvalidParam(ValueError):
+    """A sampling parameter out of range; `field` is its SamplingParams name
+    (the HTTP server names the request's field from it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise InvalidParam(field, message)

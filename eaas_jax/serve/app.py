@@ -48,14 +48,6 @@ class ApiError(Exception):
         self.body = openai_protocol.error_body(message, kind, param, code)
 
 
-def _param_named(message: str, body: dict) -> str | None:
-    """The body field an error message is about (its first word), if any."""
-    word = message.split(" ", 1)[0].strip("'\"")
-    if word in ("message", "conversation", "a") and "messages" in body:  # chat_template's and _text_messages'
-        return "messages"
-    return word if word in body else None
-
-
 class _ServerMetrics:
     """What the HTTP layer counts (the engine counts the rest)."""
 
@@ -147,10 +139,13 @@ def build_app(async_engine: AsyncEngine, *, model: str, api_key: str | None = No
         include_usage = _include_usage(body, stream)
         try:
             params, prompt, messages = openai_protocol.parse_body(kind, body, defaults, also_allowed=_STREAM_FIELDS)
+        except openai_protocol.BodyError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        try:
             prompts = (_completion_prompts(prompt) if kind == "completion" else
                        chat_prompts(engine.tokenizer, [messages], add_generation_prompt=True))
-        except (ValueError, TypeError, UnicodeError) as e:
-            raise ApiError(400, str(e), param=_param_named(str(e), body)) from None
+        except (ValueError, TypeError, UnicodeError) as e:  # the prompt's or the conversation's
+            raise ApiError(400, str(e), param="prompt" if kind == "completion" else "messages") from None
         if len(prompts) * params.n > async_engine.max_queue:  # could never be admitted: not a 429
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={params.n} sequences are more than this server "
                                 f"holds at once ({async_engine.max_queue}, --max-queue)", param="n")
