@@ -136,10 +136,35 @@ def phase_eaas(directory: str, batches: list[int], steps: int, profile_batch: in
                     max_num_batched_tokens=8192)
     result["load_s"] = time.time() - start
     for batch in batches:
-        result[f"b{batch}"] = time_decode(engine, batch, steps)
+        result[f"b{batch}"] = {**time_decode(engine, batch, steps), "step_memory": decode_step_memory(engine, batch)}
+    result["memory"] = memory_facts(engine)
     if profile_batch:
         result["profile"] = profile_decode(engine, profile_batch, steps)
     return result
+
+
+def decode_step_memory(engine, batch: int) -> dict:
+    """The device memory of the costliest decode program compiled for
+    `batch` rows (XLA's accounting: runner.StepMemory)."""
+    from eaas_jax.engine.runner import bucket
+
+    decode = [m for shape, m in engine.runner.step_memory.items() if m and shape.seq == 1
+              and shape.batch == bucket(batch)]
+    return max(decode, key=lambda m: m.peak)._asdict()
+
+
+def memory_facts(engine) -> dict:
+    """What the largest batch that fits is computed from: the allocator's
+    limit (JAX's default: 75% of the device's memory), the KV cache as
+    allocated, and its bytes per token."""
+    import jax
+
+    from eaas_jax.model.attention import kv_cache_bytes_per_token
+
+    stats = jax.local_devices()[0].memory_stats() or {}  # none on CPU
+    return {"bytes_limit": stats.get("bytes_limit"),
+            "kv_cache_bytes": sum(x.nbytes for x in jax.tree.leaves(engine.runner.kv_cache)),
+            "kv_bytes_per_token": kv_cache_bytes_per_token(engine.config, engine.dtype.itemsize)}
 
 
 PROFILED_STEPS = 8
@@ -302,6 +327,53 @@ def phase_jax_peer(directory: str, batches: list[int], steps: int, peer_dir: str
     return result
 
 
+#: W2 (../shared/BENCH.md): W1 with all 48 of Qwen3-30B-A3B's layers.
+W2_LAYERS = 48
+#: Contexts (tokens a sequence holds) the largest batch is computed for.
+FIT_CONTEXTS = (1024, 4096)
+
+
+def memory_lines(ours: dict, batches: list[int]) -> list[str]:
+    """Each batch's decode program's device memory, and the largest batch of
+    W1 and W2 whose weights, KV cache and decode step fit under the
+    allocator's limit. The step's own bytes (scratch, new outputs) grow
+    linearly in rows: the line through the two largest batches. W2 repeats
+    W1's layers: its weights and KV bytes per token scale with the layer
+    count; its step's own bytes are taken as W1's (layers run one after
+    another and reuse their temporaries)."""
+    facts = ours["memory"]
+    memory = {b: ours[f"b{b}"]["step_memory"] for b in batches}
+    own = {b: m["new_outputs"] + m["scratch"] for b, m in memory.items()}
+    weights = memory[batches[-1]]["arguments"] - facts["kv_cache_bytes"]  # with the step's few inputs
+    lines = ["", "Decode step device memory (XLA's accounting; the engine's KV cache, "
+             f"{facts['kv_cache_bytes'] / 2**30:.2f} GiB, is allocated once for {max(batches)} sequences):", "",
+             "| batch | step peak GiB (weights, KV cache, new outputs, scratch) | scratch + new outputs MiB |",
+             "|---|---|---|",
+             *(f"| {b} | {(memory[b]['arguments'] + own[b]) / 2**30:.2f} | {own[b] / 2**20:.0f} |" for b in batches)]
+    if len(batches) < 2 or not facts["bytes_limit"]:
+        return lines
+    b1, b2 = sorted(batches)[-2:]
+    per_row = (own[b2] - own[b1]) / (b2 - b1)
+    fixed = own[b2] - per_row * b2
+    d, V = W1["hidden_size"], W1["vocab_size"]
+    outside_layers = 2 * (2 * V * d + d)  # embedding, LM head, final norm (bfloat16)
+    limit = facts["bytes_limit"]
+    lines += ["", f"Largest batch whose weights, KV cache and decode step fit in {limit / 2**30:.1f} GiB (JAX's "
+              f"allocator limit on this device), computed from the measured step memory ({per_row / 2**10:.0f} KiB "
+              f"a row beyond weights and KV cache, through batches {b1} and {b2}):", "",
+              "| model | weights GiB | KV KiB per token | "
+              + " | ".join(f"largest batch at {c} tokens" for c in FIT_CONTEXTS) + " |",
+              "|---|---|---|" + "---|" * len(FIT_CONTEXTS)]
+    for name, layers in (("W1", W1["num_hidden_layers"]), ("W2", W2_LAYERS)):
+        scale = layers / W1["num_hidden_layers"]
+        w = outside_layers + (weights - outside_layers) * scale
+        per_token = facts["kv_bytes_per_token"] * scale
+        fits = [max(0, int((limit - w - fixed) // (c * per_token + per_row))) for c in FIT_CONTEXTS]
+        lines.append(f"| {name} ({layers} layers) | {w / 2**30:.1f} | {per_token / 2**10:.0f} | "
+                     + " | ".join(map(str, fits)) + " |")
+    return lines
+
+
 def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
     """A `profile_decode` result as a table of its costliest kernels."""
     return [
@@ -426,6 +498,7 @@ def main() -> None:
                if jax_peer else "")
             + (f" {step_ms(v)} | {equal_prefix(v['tokens0'], p['tokens0'])}/32 |" if variant else "")
         )
+    lines += memory_lines(ours, batches)
     for label, run in (("eaas-jax", ours), *([variant] if variant else [])):
         if "profile" in run:
             lines += ["", *profile_lines(label, run["profile"])]

@@ -312,3 +312,19 @@ def test_a_trace_in_another_thread_is_not_this_calls_retrace(runner, caplog):
             assert "traced again" in caplog.text
     finally:
         runner._jitted = jitted
+
+
+def test_each_compiled_step_records_its_device_memory(model, runner):
+    """What fits on a device is read off compiled steps (bench/): a step's
+    arguments hold the weights and the whole KV cache, which it updates in
+    place (donated: no second copy among its outputs); a step of more rows
+    holds more."""
+    small, large = (runner.prepare_inputs(_rows([[5]] * n, [3] * n, [[1]] * n), 0, None)[0] for n in (1, MAX_ROWS))
+    for n in (1, MAX_ROWS):
+        runner.dispatch(_rows([[5]] * n, [3] * n, [[1]] * n), 0).fetch()
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    kv_cache = sum(x.nbytes for x in jax.tree.leaves(runner.kv_cache))
+    one, many = runner.step_memory[small], runner.step_memory[large]
+    assert weights + kv_cache <= one.arguments < weights + kv_cache + 4096
+    assert one.new_outputs < kv_cache
+    assert many.peak > one.peak and many.scratch + many.new_outputs > one.scratch + one.new_outputs

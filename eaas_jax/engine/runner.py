@@ -83,6 +83,27 @@ class StepResult(NamedTuple):
     prompt_top_logprobs: np.ndarray | None = None  # [rows, seq - 1, K]
 
 
+class StepMemory(NamedTuple):
+    """Device memory of one compiled step program, by XLA's own accounting."""
+
+    arguments: int  # weights, KV cache and inputs
+    new_outputs: int  # outputs not written in place of a donated argument (the KV cache is)
+    scratch: int  # temporaries
+
+    @property
+    def peak(self) -> int:
+        """What the program holds at once at most (its arguments live throughout)."""
+        return self.arguments + self.new_outputs + self.scratch
+
+    @classmethod
+    def of(cls, compiled: jax.stages.Compiled) -> "StepMemory | None":
+        stats = compiled.memory_analysis()  # None where the backend does not say
+        if stats is None:
+            return None
+        return cls(stats.argument_size_in_bytes, stats.output_size_in_bytes - stats.alias_size_in_bytes,
+                   stats.temp_size_in_bytes)
+
+
 class DispatchedStep:
     """A step queued on the device; `fetch()` waits for and returns its results.
 
@@ -281,6 +302,8 @@ class ModelRunner:
         # the trace too, so a retry does not trace (nor give labels) again.
         self._labels: dict[StepShape, list[tuple[int, int]]] = {}
         self._background: CompilePool | None = None
+        # Each compiled shape's device memory (what fits on a device: bench/).
+        self.step_memory: dict[StepShape, StepMemory | None] = {}
         self.num_compile_waits = 0  # steps that waited for their program to compile
         # The KV cache as compiling sees it: shapes and placement (the cache
         # itself is donated to each step, so another thread must not hold it).
@@ -417,8 +440,9 @@ class ModelRunner:
         args = (*args[:2], self._kv_cache_spec, *args[3:])
         start = time.monotonic()
         lowered, labels = self._lower(shape, args, static)
-        lowered.compile()
-        log.info("compiled model step %s in %.1f s", shape, time.monotonic() - start)
+        memory = self.step_memory[shape] = StepMemory.of(lowered.compile())
+        log.info("compiled model step %s in %.1f s%s", shape, time.monotonic() - start,
+                 f" ({memory.peak / 2**30:.2f} GiB of device memory at its peak)" if memory else "")
         return labels
 
     def _compiling(self, shape: StepShape, args, static, pool: CompilePool | None = None
