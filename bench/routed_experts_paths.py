@@ -10,7 +10,7 @@ pass over them (the package's einsum may copy them out first).
         [--layers 8] [--dtype bfloat16] [--append bench/RESULTS.md]
 
 One call runs --layers MoE layers in a row, each with its own expert weights
-and routing (as a decode step does: no layer finds its weights in a cache),
+(an array per layer) and routing (as a decode step does: no layer finds its weights in a cache),
 in one compiled program; times are per layer, medians of --iters calls after
 one warm-up call. On GPUs also against the HBM roofline: the bytes of the
 experts the routing touched, at the measured copy bandwidth.
@@ -73,8 +73,8 @@ def layers_of(path):
     """`path` over layers in a row: layer l's output, normalized, is layer
     l + 1's input; each layer has its own weights and routing."""
     def run(x, expert_ids, weights, gate, up, down):
-        for layer in range(gate.shape[0]):
-            out = path(x, expert_ids[layer], weights, gate[layer], up[layer], down[layer])
+        for layer, (g, u, d) in enumerate(zip(gate, up, down)):
+            out = path(x, expert_ids[layer], weights, g, u, d)
             x = (out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
         return x
     return jax.jit(run)
@@ -98,9 +98,12 @@ def main() -> None:
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 4)
-    bank = (args.layers, args.experts)
-    gate, up = (jax.random.normal(k, (*bank, args.dim, args.hidden), dtype) for k in keys[:2])
-    down = jax.random.normal(keys[2], (*bank, args.hidden, args.dim), dtype)
+    # One array per layer, as the model holds them: slicing a stacked bank
+    # would copy each layer's slice before a kernel reads it.
+    def bank(key, shape):
+        return [jax.random.normal(k, (args.experts, *shape), dtype) for k in jax.random.split(key, args.layers)]
+    gate, up = (bank(k, (args.dim, args.hidden)) for k in keys[:2])
+    down = bank(keys[2], (args.hidden, args.dim))
     paths = {name: layers_of(path) for name, path in PATHS.items()}
     on_gpu = jax.devices()[0].platform == "gpu"
     bandwidth = w1._copy_bandwidth() if on_gpu else None
