@@ -12,6 +12,8 @@ x[s] @ w[ids[s]]. Forms:
                                 (a column sum parallelizes over its columns only: slots x hidden);
   row sum, [E, hidden, dim]     weights stored transposed, sum over the minor axis;
   per-slot matvec, [E, hidden, dim]  one dynamic slice and matvec per slot, unrolled;
+  Pallas matvec, [E, dim, hidden]    a kernel of this script's: reads each slot's expert's
+                                rows whole, parallel over slots, output tiles and 8 parts of dim;
   grouped matmul                eaas_jax's grouped_matmul over every expert (tokamax on GPUs).
 A call runs --rounds projections, each with its own routing, in one compiled
 loop (one projection is shorter than a host dispatch); time per projection,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import sys
@@ -31,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -68,6 +72,47 @@ def per_slot_matvec(x, w_t, ids):
                               preferred_element_type=jnp.float32) for s in range(x.shape[0])])
 
 
+PALLAS_BLOCK_K, PALLAS_BLOCK_N, PALLAS_SPLITS = 32, 128, 8
+
+
+def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int):
+    """One slot, one tile of `PALLAS_BLOCK_N` outputs, one of `PALLAS_SPLITS`
+    parts of the contraction: rows of the slot's expert's [in, out] weights
+    read whole (contiguous), times the slot's input, summed over the rows."""
+    expert, j, part = ids_ref[0], pl.program_id(1), pl.program_id(2)
+    columns = pl.ds(j * PALLAS_BLOCK_N, PALLAS_BLOCK_N)
+
+    def rows(i, acc):
+        k = pl.ds(part * chunk + i * PALLAS_BLOCK_K, PALLAS_BLOCK_K)
+        tile = w_ref[expert, k, columns].astype(jnp.float32)
+        return acc + jnp.sum(x_ref[k].astype(jnp.float32)[:, None] * tile, axis=0)
+
+    out_ref[...] = jax.lax.fori_loop(0, chunk // PALLAS_BLOCK_K, rows, jnp.zeros((PALLAS_BLOCK_N,), jnp.float32))
+
+
+def pallas_matvec(x, w, ids):
+    """A Pallas (Triton on GPUs, interpreted elsewhere) matvec per slot over
+    the [E, in, out] layout: parallel over slots, output tiles and
+    contraction parts (the parts summed after), so few slots still fill the
+    GPU."""
+    slots, dim = x.shape
+    num_experts, _, hidden = w.shape
+    chunk = dim // PALLAS_SPLITS
+    if hidden % PALLAS_BLOCK_N or chunk % PALLAS_BLOCK_K:
+        raise NotImplementedError(f"needs out % {PALLAS_BLOCK_N} == 0 and in % {PALLAS_SPLITS * PALLAS_BLOCK_K} == 0")
+    parts = pl.pallas_call(
+        functools.partial(_matvec_kernel, chunk=chunk),
+        grid=(slots, hidden // PALLAS_BLOCK_N, PALLAS_SPLITS),
+        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)),
+                  pl.BlockSpec((None, dim), lambda s, j, p: (s, 0)),
+                  pl.BlockSpec((num_experts, dim, hidden), lambda s, j, p: (0, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, PALLAS_BLOCK_N), lambda s, j, p: (p, s, j)),
+        out_shape=jax.ShapeDtypeStruct((PALLAS_SPLITS, slots, hidden), jnp.float32),
+        interpret=jax.default_backend() != "gpu",
+    )(ids.astype(jnp.int32), x, w)
+    return parts.sum(axis=0)
+
+
 def grouped(x, w, ids):
     order = jnp.argsort(ids)
     sizes = jnp.bincount(ids, length=w.shape[0]).astype(jnp.int32)
@@ -78,7 +123,8 @@ def grouped(x, w, ids):
 #: name -> (function, whether it takes the weights transposed: [E, hidden, dim])
 FORMS = {"einsum": (einsum, False), "column sum": (column_sum, False),
          "split column sum": (split_column_sum, False), "row sum (transposed)": (row_sum, True),
-         "per-slot matvec (transposed)": (per_slot_matvec, True), "grouped matmul": (grouped, False)}
+         "per-slot matvec (transposed)": (per_slot_matvec, True), "Pallas matvec": (pallas_matvec, False),
+         "grouped matmul": (grouped, False)}
 
 
 def rounds_of(form, rounds: int, hidden: int):
@@ -139,7 +185,7 @@ def main() -> None:
                    else device.device_kind)
     names = list(FORMS)
     lines = [
-        f"### One expert projection for few slots, six formulations ({datetime.date.today()}, commit {git_commit()})",
+        f"### One expert projection for few slots, seven formulations ({datetime.date.today()}, commit {git_commit()})",
         "",
         f"Device: {device_text}; JAX {jax.__version__}; `python bench/expert_projection_forms.py "
         f"{' '.join(sys.argv[1:])}`; {args.experts} experts, {args.dim} x {args.hidden}, {args.dtype}; "
