@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -108,6 +109,8 @@ def pallas_matvec(x, w, ids):
                   pl.BlockSpec((num_experts, dim, hidden), lambda s, j, p: (0, 0, 0))],
         out_specs=pl.BlockSpec((None, None, PALLAS_BLOCK_N), lambda s, j, p: (p, s, j)),
         out_shape=jax.ShapeDtypeStruct((PALLAS_SPLITS, slots, hidden), jnp.float32),
+        # Triton, not Mosaic GPU (which would stage the whole bank in shared memory)
+        compiler_params=pltriton.CompilerParams(num_warps=4),
         interpret=jax.default_backend() != "gpu",
     )(ids.astype(jnp.int32), x, w)
     return parts.sum(axis=0)

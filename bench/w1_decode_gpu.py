@@ -143,14 +143,15 @@ def phase_eaas(directory: str, batches: list[int], steps: int, profile_batch: in
     return result
 
 
-def decode_step_memory(engine, batch: int) -> dict:
+def decode_step_memory(engine, batch: int) -> dict | None:
     """The device memory of the costliest decode program compiled for
-    `batch` rows (XLA's accounting: runner.StepMemory)."""
+    `batch` rows (XLA's accounting: runner.StepMemory); None where the
+    backend gives none."""
     from eaas_jax.engine.runner import bucket
 
     decode = [m for shape, m in engine.runner.step_memory.items() if m and shape.seq == 1
               and shape.batch == bucket(batch)]
-    return max(decode, key=lambda m: m.peak)._asdict()
+    return max(decode, key=lambda m: m.peak)._asdict() if decode else None
 
 
 def memory_facts(engine) -> dict:
@@ -357,8 +358,13 @@ def memory_lines(ours: dict, batches: list[int]) -> list[str]:
     W1's layers: its weights and KV bytes per token scale with the layer
     count; its step's own bytes are taken as W1's (layers run one after
     another and reuse their temporaries)."""
+    sys.path.insert(0, REPO)
+    from eaas_jax.engine.runner import bucket
+
     facts = ours["memory"]
     memory = {b: ours[f"b{b}"]["step_memory"] for b in batches}
+    if None in memory.values():
+        return ["", "Decode step device memory: not reported by this backend."]
     own = {b: m["new_outputs"] + m["scratch"] for b, m in memory.items()}
     weights = memory[batches[-1]]["arguments"] - facts["kv_cache_bytes"]  # with the step's few inputs
     lines = ["", "Decode step device memory (XLA's accounting; the engine's KV cache, "
@@ -369,8 +375,11 @@ def memory_lines(ours: dict, batches: list[int]) -> list[str]:
     if len(batches) < 2 or not facts["bytes_limit"]:
         return lines
     b1, b2 = sorted(batches)[-2:]
-    per_row = (own[b2] - own[b1]) / (b2 - b1)
-    fixed = own[b2] - per_row * b2
+    rows1, rows2 = bucket(b1), bucket(b2)  # what the programs were compiled for
+    if rows1 == rows2:
+        return lines
+    per_row = (own[b2] - own[b1]) / (rows2 - rows1)
+    fixed = own[b2] - per_row * rows2
     d, V = W1["hidden_size"], W1["vocab_size"]
     outside_layers = 2 * (2 * V * d + d)  # embedding, LM head, final norm (bfloat16)
     limit = facts["bytes_limit"]

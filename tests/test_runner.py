@@ -326,5 +326,5 @@ def test_each_compiled_step_records_its_device_memory(model, runner):
     kv_cache = sum(x.nbytes for x in jax.tree.leaves(runner.kv_cache))
     one, many = runner.step_memory[small], runner.step_memory[large]
     assert weights + kv_cache <= one.arguments < weights + kv_cache + 4096
-    assert one.new_outputs < kv_cache
+    assert one.new_outputs < kv_cache // 2
     assert many.peak > one.peak and many.scratch + many.new_outputs > one.scratch + one.new_outputs

@@ -98,7 +98,7 @@ class SamplingParams:
         )
         _check(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
-            "min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+            "max_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
         )
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
