@@ -440,8 +440,8 @@ def main() -> None:
                         help="also time the engine with decode attention over gathered blocks "
                              "(EAAS_JAX_PAGED_ATTENTION=gather), in the same run")
     parser.add_argument("--compare-experts-paths", action="store_true",
-                        help="time the engine with the gathered routed-experts path for few slots "
-                             "(EAAS_JAX_GATHERED_EXPERTS=on) and without it (off), in the same run")
+                        help="also time the engine with the grouped routed-experts path only "
+                             "(EAAS_JAX_GATHERED_EXPERTS=off: no gathered path for few slots), in the same run")
     parser.add_argument("--profile-batch", type=int,
                         help="also profile decode steps at this batch: device time by kernel")
     parser.add_argument("--jax-peer", metavar="DIR",
@@ -467,16 +467,14 @@ def main() -> None:
 
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         run_phase(args, "make")
-    # the base run's settings explicit: a variant changes one
-    ours = run_phase(args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="off")
-                     if args.compare_experts_paths else None)
+    ours = run_phase(args, "eaas")  # the defaults; a variant changes one setting
     variant = None  # (column label, that run's result): the engine again with one setting changed
     if args.compare_gather:
         variant = ("gathered-blocks attention", run_phase(
             args, "eaas", env=dict(os.environ, EAAS_JAX_PAGED_ATTENTION="gather"), name="eaas-gather"))
     elif args.compare_experts_paths:
-        variant = ("gathered routed experts", run_phase(
-            args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="on"), name="eaas-gathered-experts"))
+        variant = ("grouped routed experts only", run_phase(
+            args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="off"), name="eaas-grouped-experts"))
     peer = run_phase(args, "hf")
     jax_peer = None
     if args.jax_peer:

@@ -137,11 +137,13 @@ def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch):
     assert [path(n) for n in (1, 4, 5)] == ["_gathered_experts", "_gathered_experts", "_grouped_experts"]
     monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "off")
     assert path(1) == "_grouped_experts"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # not measured there yet: off unless asked
     monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # its own measured crossover: 8x fewer slots
+    assert moe.uses_gathered_experts(16, 128) and not moe.uses_gathered_experts(17, 128)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # unmeasured: grouped unless asked
     assert not moe.uses_gathered_experts(1, 16)
     monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "on")
-    assert moe.uses_gathered_experts(1, 16)
+    assert moe.uses_gathered_experts(16, 16) and not moe.uses_gathered_experts(17, 16)
 
 
 def test_expert_bank_skips_ids_it_does_not_host():

@@ -130,19 +130,28 @@ def expert_token_counts(routings: list[Routing], token_mask: jax.Array, num_expe
 # A token-expert slot on the gathered path reads its expert's weights (and
 # writes and reads the gathered copy); the grouped path visits every expert of
 # the bank once. Gathering wins while the slots are fewer than the experts by
-# this factor (measured on CPUs: bench/RESULTS.md).
-GATHER_FACTOR = 2
+# a factor per backend, measured (bench/RESULTS.md, 2026-12-05): on CPUs 2; on
+# an H100 8, where XLA's gathered matmul reads a slot's weights about 9x slower
+# than tokamax's grouped kernel reads the whole bank (W1's 128 experts, per
+# layer: 230 µs against about 500 at 8 slots, 422 at 16, 840 at 32). Other
+# backends are unmeasured: grouped.
+GATHER_FACTOR = {"cpu": 2, "gpu": 8}
 
 
 def uses_gathered_experts(num_slots: int, num_experts: int) -> bool:
     """Whether `routed_experts` computes `num_slots` token-expert slots by
     gathering each slot's expert weights (few slots: decode at small batch)
-    rather than one grouped matmul over all `num_experts`. On CPUs only until
-    measured on GPUs; EAAS_JAX_GATHERED_EXPERTS=on (or off) decides anywhere."""
+    rather than one grouped matmul over all `num_experts`: while the slots
+    are fewer than the experts by the backend's GATHER_FACTOR.
+    EAAS_JAX_GATHERED_EXPERTS=on gathers whenever the slots are at most the
+    experts, =off never (benchmarks compare the paths with them)."""
     setting = os.environ.get("EAAS_JAX_GATHERED_EXPERTS", "auto")
-    if setting == "off" or (setting == "auto" and jax.default_backend() != "cpu"):
+    if setting == "off":
         return False
-    return GATHER_FACTOR * num_slots <= num_experts
+    if setting == "on":
+        return num_slots <= num_experts
+    factor = GATHER_FACTOR.get(jax.default_backend())
+    return factor is not None and factor * num_slots <= num_experts
 
 
 def routed_experts(
