@@ -257,7 +257,11 @@ def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_
 
 
 def test_killing_the_only_replica_of_an_expert_fails_just_the_requests_routed_to_it(
-        tiny_checkpoint, reference, tmp_path):
+        tiny_checkpoint, reference, tmp_path, monkeypatch):
+    # The death is to be found by the exchange's deadline: no membership check
+    # (which would route around the dead process before any step waits) may
+    # fall between the kill and the next step.
+    monkeypatch.setattr(server_pool, "MEMBERSHIP_CHECK_S", 3600.0)
     # The least used (MoE layer, expert) of the run, alone on "solo"; every
     # other pair on one server of its layer.
     with Engine(tiny_checkpoint, **ENGINE_ARGS) as engine:
