@@ -25,6 +25,7 @@ import pytest
 
 from eaas_jax.engine import Engine, ExpertServerError, SamplingParams
 from eaas_jax.engine.runner import StepRows
+from eaas_jax.control_plane import server_pool
 from eaas_jax.control_plane.cluster import KEEP_LOGS_ENV_VAR, LocalCluster
 from eaas_jax.transport import hidden_codec
 
@@ -209,7 +210,9 @@ def test_client_step_is_one_program_with_every_exchange_and_no_host_callback(sha
     assert compiled.count('custom_call_target="eaas_shm_combine"') == len(expected) // 2
 
 
-def test_killed_server_is_named_within_the_deadline(shared_cluster, tiny_checkpoint):
+def test_killed_server_is_named_within_the_deadline(shared_cluster, tiny_checkpoint, monkeypatch):
+    # The deadline, not a membership check between the kill and the step, is to find the death.
+    monkeypatch.setattr(server_pool, "MEMBERSHIP_CHECK_S", 3600.0)
     engine = Engine(tiny_checkpoint, deployment=shared_cluster, **ENGINE_ARGS)
     try:
         assert token_ids(engine.generate(PROMPTS[:2], GREEDY, use_tqdm=False))  # warm: compiled

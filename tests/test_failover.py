@@ -227,7 +227,9 @@ def test_a_failure_carried_to_later_steps_holds_until_the_host_readmits_the_serv
     assert backend.exchange(backend.arrays, jnp.full((4,), 1, jnp.int32)).live.tolist() == [True, False, False, False]
 
 
-def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_checkpoint, tmp_path):
+def test_experts_without_a_live_replica_fail_fast_after_the_first_deadline(tiny_checkpoint, tmp_path, monkeypatch):
+    # The deadline, not a membership check between the kill and the step, is to find the death.
+    monkeypatch.setattr(server_pool, "MEMBERSHIP_CHECK_S", 3600.0)
     path = tmp_path / "disjoint.toml"
     path.write_text('name = "disjoint"\ntimeout_ms = 2000\ncapacity = 64\n'
                     '[[servers]]\nname = "low"\nexperts = ["0-3"]\n'
