@@ -37,6 +37,33 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
+def jax_device() -> str:
+    """This process's first JAX device: its kind ("NVIDIA H100 80GB HBM3"),
+    or the CPU and its cores."""
+    import jax
+
+    device = jax.devices()[0]
+    return (f"{platform.machine()}, {os.cpu_count()} cores (CPU)" if device.platform == "cpu"
+            else device.device_kind)
+
+
+def median_seconds(fn, args, iters: int) -> float:
+    """Median wall time of `iters` calls of the jitted `fn(*args)`, each waited
+    for, after one warm-up call."""
+    import time
+
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def run_phase(command: list[str], *, name: str, raw: str | None = None, env: dict | None = None) -> dict:
     """Runs one phase of a bench in its own process (each gets the devices to
     itself); its result is the JSON object on its last stdout line. With

@@ -27,9 +27,7 @@ import argparse
 import datetime
 import functools
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, REPO)
 
-from _results import append_rows, git_commit, publish  # noqa: E402
+from _results import append_rows, git_commit, jax_device, median_seconds, publish  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
 from eaas_jax.kernels.grouped_matmul import grouped_matmul  # noqa: E402
@@ -138,16 +136,6 @@ def rounds_of(form, rounds: int, hidden: int):
     return jax.jit(run)
 
 
-def timed(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, default=128)
@@ -175,7 +163,7 @@ def main() -> None:
             fn = rounds_of(form, args.rounds, args.hidden)
             inputs = (x, w_t if transposed else w, ids)
             results[name] = np.asarray(fn(*inputs))
-            times[name] = timed(fn, inputs, args.iters) / args.rounds
+            times[name] = median_seconds(fn, inputs, args.iters) / args.rounds
         reference = results["einsum"]
         scale = np.abs(reference).max()
         for name, out in results.items():  # one function: a wrong form would time nothing useful
@@ -183,9 +171,7 @@ def main() -> None:
         touched = np.mean([len(np.unique(np.asarray(r))) for r in ids])
         ideal = touched * args.dim * args.hidden * dtype.itemsize / bandwidth if bandwidth else None
         rows.append((slots, times, ideal))
-    device = jax.devices()[0]
-    device_text = (f"{platform.machine()}, {os.cpu_count()} cores (CPU)" if device.platform == "cpu"
-                   else device.device_kind)
+    device_text = jax_device()
     names = list(FORMS)
     lines = [
         f"### One expert projection for few slots, seven formulations ({datetime.date.today()}, commit {git_commit()})",

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +30,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import append_rows, git_commit, publish  # noqa: E402
+from _results import append_rows, git_commit, jax_device, median_seconds, publish  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
 from eaas_jax.model import moe  # noqa: E402
-
-
-def timed(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def gathered_by_reduce(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> jax.Array:
@@ -117,14 +105,12 @@ def main() -> None:
         tolerance = 0.05 if dtype == jnp.float32 else 0.5  # on outputs normalized to RMS 1, over all layers
         for name, out in outputs.items():  # the same function: a wrong formulation would time nothing useful
             np.testing.assert_allclose(out, outputs["grouped"], rtol=tolerance, atol=tolerance, err_msg=name)
-        times = {name: timed(fn, inputs, args.iters) / args.layers for name, fn in paths.items()}
+        times = {name: median_seconds(fn, inputs, args.iters) / args.layers for name, fn in paths.items()}
         touched = sum(len(np.unique(np.asarray(layer))) for layer in ids) / args.layers
         roofline = touched * 3 * args.dim * args.hidden * dtype.itemsize / bandwidth if bandwidth else None
         picked = "gathered" if moe.uses_gathered_experts(batch * args.top_k, args.experts) else "grouped"
         rows.append((batch, times, roofline, picked))
-    device = jax.devices()[0]
-    device_text = (f"{platform.machine()}, {os.cpu_count()} cores (CPU)" if device.platform == "cpu"
-                   else device.device_kind)
+    device_text = jax_device()
     names = list(PATHS)
     lines = [
         f"### Routed experts at decode batch sizes: gathered vs grouped path ({datetime.date.today()}, "
