@@ -89,6 +89,15 @@ def finished_phases(raw: str | None) -> dict[str, dict]:
         return {r["phase"]: r for r in map(json.loads, filter(str.strip, f))}
 
 
+def run_facts(device: str, unit: str) -> dict:
+    """The fields every row of this run shares: unit, device, date, commit,
+    and the command as it was typed."""
+    import datetime
+
+    return dict(unit=unit, device=device, date=str(datetime.date.today()), commit=git_commit(),
+                command=f"python bench/{os.path.basename(sys.argv[0])} " + " ".join(sys.argv[1:]))
+
+
 def append_rows(path: str, rows: list[dict]) -> None:
     """Appends machine-readable rows (metric, batch, value, unit, peer,
     peer_value, ratio, device, date, commit, command) to `path`

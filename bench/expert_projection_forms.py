@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, REPO)
 
-from _results import append_rows, git_commit, jax_device, median_seconds, publish  # noqa: E402
+from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
 from eaas_jax.kernels.grouped_matmul import grouped_matmul  # noqa: E402
@@ -190,8 +190,7 @@ def main() -> None:
     ]
     publish(lines, args.append)
     if args.append:
-        common = dict(unit="s", device=device_text, date=str(datetime.date.today()), commit=git_commit(),
-                      command="python bench/expert_projection_forms.py " + " ".join(sys.argv[1:]))
+        common = run_facts(device_text, "s")
         append_rows(os.path.join(REPO, "bench", "results", "expert_projection_forms.jsonl"), [
             dict(metric=f"expert_projection_{name.split(' (')[0].replace(' ', '_')}", batch=s, value=t[name],
                  peer="grouped matmul", peer_value=t["grouped matmul"], ratio=t[name] / t["grouped matmul"],

@@ -30,7 +30,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import append_rows, git_commit, jax_device, median_seconds, publish  # noqa: E402
+from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
 from eaas_jax.model import moe  # noqa: E402
@@ -133,8 +133,7 @@ def main() -> None:
     ]
     publish(lines, args.append)
     if args.append:
-        common = dict(unit="s", device=device_text, date=str(datetime.date.today()), commit=git_commit(),
-                      command="python bench/routed_experts_paths.py " + " ".join(sys.argv[1:]))
+        common = run_facts(device_text, "s")
         append_rows(os.path.join(REPO, "bench", "results", "routed_experts_paths.jsonl"), [
             dict(metric="routed_experts_gathered", batch=b, value=t["gathered"], peer="grouped",
                  peer_value=t["grouped"], ratio=t["gathered"] / t["grouped"], picked=p,

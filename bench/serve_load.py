@@ -29,7 +29,7 @@ import httpx
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import append_rows, git_commit, machine, publish  # noqa: E402
+from _results import append_rows, git_commit, machine, publish, run_facts  # noqa: E402
 
 from eaas_jax.batch.runner import quantile  # noqa: E402
 
@@ -228,8 +228,7 @@ def main() -> None:
         lines.append(f"Plot: `{args.plot}`.\n")
     publish(lines, args.append)
     if args.append:
-        common = dict(unit="tok/s", device=machine(), date=str(datetime.date.today()),
-                      commit=git_commit(), command="python bench/serve_load.py " + " ".join(sys.argv[1:]))
+        common = run_facts(machine(), "tok/s")
         append_rows(os.path.join(REPO, "bench", "results", "serve_load.jsonl"), [
             dict(metric=f"serve_output_tokens_per_s_{label}", value=s["output_tokens_per_s"], peer="embedded",
                  peer_value=first["output_tokens_per_s"], ratio=s["output_tokens_per_s"] / first["output_tokens_per_s"],
