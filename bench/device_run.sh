@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed to bench/RESULTS.md, in parts that fit a
+# lent device call (10 minutes at most). Run from the checkout's root on the
+# GPU machine, with DIR (bench/device_prepare.sh's output) carried along:
+#
+#   [DIR=.devrun] [LIMIT=590] [USE_CARRIED=1] bash bench/device_run.sh PART...
+#
+# Parts (each logs to $OUT/PART.log; the W1 checkpoint is made once per
+# machine, in /tmp):
+#   ibgda_tests  tests/test_ibgda_gpu.py
+#   ibgda_bench  bench/ibgda_gpu.py: round trips and the W1 step, ibgda vs cuda_ipc
+#   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS)
+#   forms        bench/expert_projection_forms.py at W1's two projection shapes
+#   paths        bench/routed_experts_paths.py at W1's shapes
+#   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES, W1FLAGS)
+#   parity       bench/arch_parity.py
+# LIMIT is the call's time in seconds: each part gets what is left, and the
+# W1 runs keep their finished phases in /tmp/raw/COMMIT, so the same part in a next
+# call on the still-warm machine resumes. What comes back under $OUT: the
+# logs, RESULTS.new.md (what the parts appended to bench/RESULTS.md; paste it
+# there), results/ (bench/results with the new rows) and raw/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+LIMIT=${LIMIT:-590}
+DIR=${DIR:-.devrun}
+left() { echo $(( LIMIT - ($(date +%s) - T0) - 15 )); }
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/device-out}
+# A copied tree has no .git: the commit to record, written before the call
+# (`git rev-parse --short HEAD > DIR/commit`).
+COMMIT=$(cat "$DIR/commit" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+W1=/tmp/w1-qwen3-moe-8l
+RAW=/tmp/raw/$COMMIT  # finished W1 phases of this commit, for --resume
+mkdir -p "$OUT" "$RAW"
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$DIR"/wheels/*.whl || { echo "installing $DIR/wheels failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD:$PWD/bench
+python3 -c "import tokamax, fastapi, jax; print('jax', jax.__version__, jax.devices()[0].device_kind)" 2>&1 | tail -1
+cp bench/RESULTS.md /tmp/RESULTS.before
+
+finish() {
+  diff /tmp/RESULTS.before bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new.md"
+  mkdir -p "$OUT/results"
+  cp -r bench/results/. "$OUT/results/"
+  cp -r "$RAW" "$OUT/raw"
+}
+trap finish EXIT
+
+# The FFI library with its CUDA part: the carried build (USE_CARRIED=1), else
+# built here, unless this warm machine built it from the same sources.
+SRC_HASH=$(cat CMakeLists.txt ffi/* | sha1sum | cut -c1-12)
+if [ "$(cat /tmp/eaas-build.hash 2>/dev/null)" != "$SRC_HASH" ] || [ ! -f eaas_jax/libeaas_ffi.so ]; then
+  if [ -n "${USE_CARRIED:-}" ] && cp "$DIR/lib/libeaas_ffi.so" eaas_jax/ \
+      && python3 -c "from eaas_jax.transport import native; assert native.has_cuda_handlers()"; then
+    echo "using the carried FFI library"
+  else
+    t=$(date +%s)
+    cmake -S . -B /tmp/eaas-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" \
+        > "$OUT/build.log" 2>&1 \
+      && cmake --build /tmp/eaas-build -j"$(nproc)" >> "$OUT/build.log" 2>&1 \
+      && cp /tmp/eaas-build/libeaas_ffi.so eaas_jax/ \
+      || { echo "the FFI build failed"; tail -30 "$OUT/build.log"; exit 1; }
+    echo "built the FFI library in $(( $(date +%s) - t )) s"
+  fi
+  echo "$SRC_HASH" > /tmp/eaas-build.hash
+fi
+
+checkpoint() {
+  [ -f "$W1/config.json" ] && return 0
+  local t; t=$(date +%s)
+  timeout "$(left)" python3 bench/w1_decode_gpu.py --phase make --dir "$W1" > "$OUT/make.log" 2>&1 \
+    || { echo "making the W1 checkpoint failed"; tail -20 "$OUT/make.log"; return 1; }
+  echo "W1 checkpoint made in $(( $(date +%s) - t )) s"
+}
+
+part() {  # NAME COMMAND...: runs COMMAND in the time left, its output in $OUT/NAME.log
+  local name=$1 t rc
+  shift
+  t=$(date +%s)
+  echo "== $name ($(left) s left)"
+  timeout "$(left)" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t )) s"
+  tail -25 "$OUT/$name.log"
+  return $rc
+}
+
+for p in "$@"; do
+  [ "$(left)" -gt 20 ] || { echo "no time left for $p"; break; }
+  case $p in
+    ibgda_tests) part ibgda_tests python3 -m pytest -q -x tests/test_ibgda_gpu.py ;;
+    ibgda_bench) checkpoint && part ibgda_bench python3 bench/ibgda_gpu.py --tokens 16,64,256 --batches 64 \
+        --steps 16 --dir "$W1" --commit "$COMMIT" --raw "$RAW/ibgda.jsonl" --resume --append bench/RESULTS.md ;;
+    serve)
+      checkpoint || continue
+      # every expert in one server process on this GPU, beside the client
+      printf '%s\n' 'name = "w1"' 'transport = "cuda_ipc"' 'capacity = 256' 'timeout_ms = 120000' \
+        'dispatch_dtype = "bfloat16"' '[[servers]]' 'name = "experts"' 'device = 0' > /tmp/w1-cuda-ipc.toml
+      XLA_PYTHON_CLIENT_PREALLOCATE=false part serve python3 bench/serve_load.py --model "$W1" \
+        --deployment /tmp/w1-cuda-ipc.toml --token-prompts "$(python3 -c "import json; print(json.load(open('$W1/config.json'))['vocab_size'])")" \
+        --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
+        --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512" \
+        --plot bench/results/serve_load_w1.png --append bench/RESULTS.md ;;
+    forms)
+      part forms_gate_up python3 bench/expert_projection_forms.py --dim 2048 --hidden 768 --append bench/RESULTS.md
+      part forms_down python3 bench/expert_projection_forms.py --dim 768 --hidden 2048 --append bench/RESULTS.md ;;
+    paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
+        --batches 1,2,4,8,16,32,64,128,256 --iters 20 --append bench/RESULTS.md ;;
+    w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
+        --dir "$W1" ${W1FLAGS:---compare-experts-paths} --jax-peer "$PWD/$DIR/peers/jax-llm-examples/qwen3" \
+        --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
+    parity) part parity python3 bench/arch_parity.py --append bench/RESULTS.md ;;
+    *) echo "unknown part $p (see the top of bench/device_run.sh)" ;;
+  esac
+done
