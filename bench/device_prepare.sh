@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gets what bench/device_run.sh needs on a GPU machine that cannot reach any
 # package index (the team's lent H100/H200 machines: Python 3.12, JAX, torch,
-# transformers, cupy and nvcc installed; no fastapi, pydantic or tokamax):
+# transformers, cupy and nvcc installed; no fastapi, pydantic or tokamax;
+# what it has: ../.library/device/KINDS.md):
 #
 #   bash bench/device_prepare.sh [DIR] [PEER_QWEN3_DIR]
 #
@@ -21,13 +22,15 @@ DIR=${1:-.devrun}
 mkdir -p "$DIR/wheels" "$DIR/lib" .git/info
 grep -qx "/$DIR/" .git/info/exclude 2>/dev/null || echo "/$DIR/" >> .git/info/exclude
 
-# tokamax 0.0.12: newer ones import xprof (30 MB and its own tree) at import
-# time; 0.0.12 needs typeguard 2.x instead. The rest: the HTTP server.
+# tokamax at the gpu extra's minimum, the version of the earlier GPU rows in
+# RESULTS.md; it imports xprof at import time (its benchmarking module), and
+# xprof's import needs fire and termcolor (the rest it needs is on the
+# machine). Then the HTTP server's packages.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform any -d "$DIR/wheels" \
-  fastapi starlette pydantic pydantic_core annotated-types typing-inspection opentelemetry-api uvicorn \
-  "tokamax==0.0.12" "typeguard==2.13.3" einshape qwix immutabledict
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform any -d "$DIR/wheels" \
+  "tokamax==0.0.17" einshape qwix immutabledict xprof fire termcolor \
+  fastapi starlette pydantic pydantic_core annotated-types typing-inspection opentelemetry-api uvicorn
 
 # PYTHON: one whose jaxlib holds the XLA FFI headers (this checkout's .venv).
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || command -v python3 )}
