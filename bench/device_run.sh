@@ -109,7 +109,7 @@ for p in "$@"; do
     paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
         --batches 1,2,4,8,16,32,64,128,256 --iters 20 --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
-        --dir "$W1" ${W1FLAGS:---compare-experts-paths} --jax-peer "$PWD/$DIR/peers/jax-llm-examples/qwen3" \
+        --dir "$W1" ${W1FLAGS:---compare-experts-paths} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
         --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
     parity) part parity python3 bench/arch_parity.py --append bench/RESULTS.md ;;
     *) echo "unknown part $p (see the top of bench/device_run.sh)" ;;
