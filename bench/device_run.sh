@@ -95,11 +95,12 @@ for p in "$@"; do
         --steps 16 --dir "$W1" --commit "$COMMIT" --raw "$RAW/ibgda.jsonl" --resume --append bench/RESULTS.md ;;
     serve)
       checkpoint || continue
-      # every expert in one server process on this GPU, beside the client
-      printf '%s\n' 'name = "w1"' 'transport = "cuda_ipc"' 'capacity = 256' 'timeout_ms = 120000' \
-        'dispatch_dtype = "bfloat16"' '[[servers]]' 'name = "experts"' 'device = 0' > /tmp/w1-cuda-ipc.toml
+      # ibgda_gpu.py's deployment (every expert in one server process on this
+      # GPU, beside the client) and W1's vocabulary for the random prompts
+      read -r toml vocab < <(python3 -c "import ibgda_gpu, w1_decode_gpu as w1
+print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w1.W1['vocab_size'])")
       XLA_PYTHON_CLIENT_PREALLOCATE=false part serve python3 bench/serve_load.py --model "$W1" \
-        --deployment /tmp/w1-cuda-ipc.toml --token-prompts "$(python3 -c "import json; print(json.load(open('$W1/config.json'))['vocab_size'])")" \
+        --deployment "$toml" --token-prompts "$vocab" \
         --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
         --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512" \
         --plot bench/results/serve_load_w1.png --append bench/RESULTS.md ;;
