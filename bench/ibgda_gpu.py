@@ -166,14 +166,14 @@ def main() -> None:
         f"ibgda {exchanges['ibgda']['drops'] or 'none'}.",
         "",
         "| batch | W1 step ms, embedded (1 GPU) | disaggregated, cuda_ipc | disaggregated, ibgda | ibgda / cuda_ipc | "
-        "greedy tokens equal to embedded (cuda_ipc, ibgda; first 32) |",
+        "greedy tokens equal to embedded (cuda_ipc, ibgda; leading equal / generated, prompt 0) |",
         "|---|---|---|---|---|---|",
     ]
     for b in batches:
         one, cu, ib = (steps[name][f"b{b}"] for name in PHASES)
         lines.append(f"| {b} | {w1.step_ms(one)} | {w1.step_ms(cu)} | {w1.step_ms(ib)} | "
-                     f"{ib['median'] / cu['median']:.2f} | {w1.equal_prefix(one['tokens0'], cu['tokens0'])}/32, "
-                     f"{w1.equal_prefix(one['tokens0'], ib['tokens0'])}/32 |")
+                     f"{ib['median'] / cu['median']:.2f} | {w1.tokens_equal(one['tokens0'], cu['tokens0'])}, "
+                     f"{w1.tokens_equal(one['tokens0'], ib['tokens0'])} |")
     publish(lines, args.append)
     if args.append:
         common = dict(device=f"1 x {device}{' (MPS)' if mps else ''}", date=str(datetime.date.today()),

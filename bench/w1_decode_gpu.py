@@ -270,11 +270,17 @@ def equal_prefix(a: list[int], b: list[int]) -> int:
     return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b)))
 
 
+def tokens_equal(a: list[int], b: list[int]) -> str:
+    """'n/m': n leading tokens equal of the m both generations have (a phase
+    with fewer steps records fewer than 32)."""
+    return f"{equal_prefix(a, b)}/{min(len(a), len(b))}"
+
+
 def agreement(a: list[int], b: list[int], margins: list[float] | None) -> str:
-    """'n/32' leading tokens equal, and where they differ transformers' top-2
-    logit margin there (small: a near-tie that bfloat16 rounding decides)."""
+    """`tokens_equal`, and where they differ transformers' top-2 logit margin
+    there (small: a near-tie that bfloat16 rounding decides)."""
     n = equal_prefix(a, b)
-    return f"{n}/32" + (f" (margin {margins[n]:.3f})" if margins and n < min(len(a), len(b), 32) else "")
+    return tokens_equal(a, b) + (f" (margin {margins[n]:.3f})" if margins and n < min(len(a), len(b)) else "")
 
 
 def phase_hf(directory: str, batches: list[int]) -> dict:
