@@ -6,15 +6,16 @@ which formulation reads only the routed experts' weights at memory speed.
 
 Each slot s multiplies its row x[s] ([dim]) by its expert's weights: out[s] =
 x[s] @ w[ids[s]]. Forms:
-  einsum, [E, dim, hidden]      the package's gathered path today: w[ids], then a batched matmul;
+  einsum, [E, dim, hidden]      w[ids], then a batched matmul (the gathered path off GPUs);
   column sum, [E, dim, hidden]  multiply by w[ids], sum over dim (not the minor axis);
   split column sum              the same with dim cut into 16 parts summed apart, then together
                                 (a column sum parallelizes over its columns only: slots x hidden);
   row sum, [E, hidden, dim]     weights stored transposed, sum over the minor axis;
   per-slot matvec, [E, hidden, dim]  one dynamic slice and matvec per slot, unrolled;
-  Pallas matvec, [E, dim, hidden]    a kernel of this script's: reads each slot's expert's
-                                rows whole, parallel over slots, output tiles (128) and 8 parts of dim,
-                                4 warps; "Pallas N/P/Ww" the same with tiles of N, P parts, W warps;
+  Pallas matvec, [E, dim, hidden]    the package's expert_matvec kernel (the gathered path on GPUs):
+                                reads each slot's expert's rows whole, parallel over slots, output
+                                tiles (128) and 8 parts of dim, 4 warps; "Pallas N/P/Ww" the same
+                                with tiles of N, P parts, W warps;
   grouped matmul                eaas_jax's grouped_matmul over every expert (tokamax on GPUs).
 A call runs --rounds projections, each with its own routing, in one compiled
 loop (one projection is shorter than a host dispatch); time per projection,
@@ -33,8 +34,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -43,6 +42,7 @@ sys.path.insert(0, REPO)
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
+from eaas_jax.kernels.expert_matvec import ROWS, pallas_expert_matvec  # noqa: E402
 from eaas_jax.kernels.grouped_matmul import grouped_matmul  # noqa: E402
 
 SPLITS = 16
@@ -72,47 +72,15 @@ def per_slot_matvec(x, w_t, ids):
                               preferred_element_type=jnp.float32) for s in range(x.shape[0])])
 
 
-PALLAS_BLOCK_K = 32
-
-
-def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int, block_n: int):
-    """One slot, one tile of `block_n` outputs, one part (`chunk` rows) of
-    the contraction: rows of the slot's expert's [in, out] weights read whole
-    (contiguous), times the slot's input, summed over the rows."""
-    expert, j, part = ids_ref[0], pl.program_id(1), pl.program_id(2)
-    columns = pl.ds(j * block_n, block_n)
-
-    def rows(i, acc):
-        k = pl.ds(part * chunk + i * PALLAS_BLOCK_K, PALLAS_BLOCK_K)
-        tile = w_ref[expert, k, columns].astype(jnp.float32)
-        return acc + jnp.sum(x_ref[k].astype(jnp.float32)[:, None] * tile, axis=0)
-
-    out_ref[...] = jax.lax.fori_loop(0, chunk // PALLAS_BLOCK_K, rows, jnp.zeros((block_n,), jnp.float32))
-
-
-def pallas_matvec(x, w, ids, *, block_n: int = 128, splits: int = 8, num_warps: int = 4):
-    """A Pallas (Triton on GPUs, interpreted elsewhere) matvec per slot over
-    the [E, in, out] layout: parallel over slots, output tiles of `block_n`
-    and `splits` parts of the contraction (the parts summed after), so few
-    slots still fill the GPU."""
-    slots, dim = x.shape
-    num_experts, _, hidden = w.shape
-    chunk = dim // splits
-    if hidden % block_n or chunk % PALLAS_BLOCK_K:
-        raise NotImplementedError(f"needs out % {block_n} == 0 and in % {splits * PALLAS_BLOCK_K} == 0")
-    parts = pl.pallas_call(
-        functools.partial(_matvec_kernel, chunk=chunk, block_n=block_n),
-        grid=(slots, hidden // block_n, splits),
-        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)),
-                  pl.BlockSpec((None, dim), lambda s, j, p: (s, 0)),
-                  pl.BlockSpec((num_experts, dim, hidden), lambda s, j, p: (0, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, block_n), lambda s, j, p: (p, s, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, slots, hidden), jnp.float32),
-        # Triton, not Mosaic GPU (which would stage the whole bank in shared memory)
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps),
-        interpret=jax.default_backend() != "gpu",
-    )(ids.astype(jnp.int32), x, w)
-    return parts.sum(axis=0)
+def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, num_warps: int = 4):
+    """The package's expert matvec kernel (`eaas_jax.kernels.expert_matvec`,
+    which picks its tile and parts by `kernel_plan`, with 4 warps) at a given
+    setting; interpreted off GPUs."""
+    k, n = w.shape[1:]
+    if n % tile or k % (parts * ROWS):
+        raise NotImplementedError(f"needs out % {tile} == 0 and in % {parts * ROWS} == 0")
+    return pallas_expert_matvec(x, w, ids, tile, parts, num_warps=num_warps,
+                                interpret=jax.default_backend() != "gpu")
 
 
 def grouped(x, w, ids):
@@ -127,9 +95,9 @@ FORMS = {"einsum": (einsum, False), "column sum": (column_sum, False),
          "split column sum": (split_column_sum, False), "row sum (transposed)": (row_sum, True),
          "per-slot matvec (transposed)": (per_slot_matvec, True), "Pallas matvec": (pallas_matvec, False),
          # its tile shape, contraction parts and warps varied: which setting reads at memory speed
-         "Pallas 256/8/8w": (functools.partial(pallas_matvec, block_n=256, num_warps=8), False),
-         "Pallas 128/16/4w": (functools.partial(pallas_matvec, splits=16), False),
-         "Pallas 64/16/2w": (functools.partial(pallas_matvec, block_n=64, splits=16, num_warps=2), False),
+         "Pallas 256/8/8w": (functools.partial(pallas_matvec, tile=256, num_warps=8), False),
+         "Pallas 128/16/4w": (functools.partial(pallas_matvec, parts=16), False),
+         "Pallas 64/16/2w": (functools.partial(pallas_matvec, tile=64, parts=16, num_warps=2), False),
          "grouped matmul": (grouped, False)}
 
 

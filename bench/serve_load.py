@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import json
 import os
@@ -109,22 +110,54 @@ async def run_load(url: str, model: str, *, rate: float, requests: int, max_seco
     return results, time.monotonic() - start
 
 
-def compile_waits(url: str) -> float:
-    """The server's count of steps that waited for a compile (its /metrics)."""
+#: the server's /metrics samples read before and after the measured load;
+#: their differences say where its time went
+SERVER_COUNTERS = {"eaas_step_compile_waits": "compile_waits", "eaas_step_programs": "programs_compiled",
+                   "eaas_steps_total": "steps", "eaas_step_seconds_sum": "step_seconds",
+                   "eaas_preemptions": "preemptions"}
+
+
+def server_samples(url: str, names) -> dict[str, float]:
+    """The samples of `names` off the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=60).text
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "eaas_step_compile_waits")
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names}
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """SERVER_COUNTERS' samples, by their short names."""
+    return {SERVER_COUNTERS[name]: value for name, value in server_samples(url, SERVER_COUNTERS).items()}
+
+
+def wait_for_warm_up(url: str, limit: float) -> float:
+    """Waits (at most `limit` s) until the server's background warm-up has
+    compiled every step program it foresaw; the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        left = server_samples(url, {"eaas_step_programs_compiling"})["eaas_step_programs_compiling"]
+        if not left:
+            break
+        print(f"waiting for the server's warm-up: {left:.0f} step programs compiling", file=sys.stderr)
+        time.sleep(5)
+    return time.monotonic() - start
+
+
+def completed(results: list[dict]) -> list[dict]:
+    """The requests that streamed tokens and no error."""
+    return [r for r in results if not r.get("error") and r.get("arrivals")]
 
 
 def summarize(results: list[dict], seconds: float) -> dict:
-    done = [r for r in results if not r.get("error") and r.get("arrivals")]
+    done = completed(results)
+    # why the others failed: "HTTP 429" (queue full), a stream's error, ...
+    errors = collections.Counter((r.get("error") or "no tokens").split(":")[0] for r in results
+                                 if r.get("error") or not r.get("arrivals"))
     ttft = [r["arrivals"][0] - r["sent"] for r in done]
     itl = [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     tokens = sum(r["usage"]["completion_tokens"] for r in done if r["usage"])
     out = {"sent": len(results), "completed": len(done), "failed": len(results) - len(done), "seconds": seconds,
-           "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds}
+           "requests_per_s": len(done) / seconds, "output_tokens_per_s": tokens / seconds, "errors": dict(errors)}
     for name, values in (("ttft_s", ttft), ("itl_s", itl)):
         for q in (0.5, 0.9, 0.99):
             out[f"{name}_p{round(q * 100)}"] = quantile(values, q)
@@ -139,7 +172,7 @@ def plot(runs: dict[str, tuple[list[dict], dict]], path: str) -> None:
 
     fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11, 4))
     for label, (results, _) in runs.items():
-        done = [r for r in results if not r.get("error") and r.get("arrivals")]
+        done = completed(results)
         for ax, values in ((ax_ttft, [r["arrivals"][0] - r["sent"] for r in done]),
                            (ax_itl, [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])])):
             values = sorted(values)
@@ -185,20 +218,23 @@ def main() -> None:
             proc, url = start_server(args.model, deployment, args.server_args.split())
         try:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+            warm_up_seconds = wait_for_warm_up(url, args.max_seconds)
             if args.warmup_load:
                 asyncio.run(run_load(url, model, rate=args.rate, requests=args.warmup_load,
                                      max_seconds=args.max_seconds, max_tokens=args.max_tokens, seed=args.seed + 1,
                                      token_prompts=args.token_prompts))
-            waits = compile_waits(url)
+            before = server_counters(url)
             results, seconds = asyncio.run(run_load(url, model, rate=args.rate, requests=args.requests,
                                                     max_seconds=args.max_seconds, max_tokens=args.max_tokens,
                                                     seed=args.seed, token_prompts=args.token_prompts))
-            waits = compile_waits(url) - waits
+            after = server_counters(url)
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
-        runs[label] = (results, {**summarize(results, seconds), "compile_waits": int(waits)})
+        server = {name: after[name] - before[name] for name in before}
+        runs[label] = (results, {**summarize(results, seconds), **server, "warm_up_wait_s": warm_up_seconds,
+                                 "step_time_share": server["step_seconds"] / seconds})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
     first = next(iter(runs.values()))[1]
 
@@ -214,12 +250,16 @@ def main() -> None:
         f"{args.warmup_load} requests of the same load sent first, not measured.",
         "",
         "| setting | completed / sent | req/s | output tok/s | vs embedded | TTFT p50 / p90 / p99 ms | "
-        "ITL p50 / p90 / p99 ms | steps waiting for a compile |",
-        "|---|---|---|---|---|---|---|---|",
+        "ITL p50 / p90 / p99 ms | steps (mean ms, step time / wall) | steps waiting for a compile (programs compiled) | "
+        "preemptions | failed, why |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {label} | {s['completed']} / {s['sent']} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
           f"{s['output_tokens_per_s'] / first['output_tokens_per_s']:.2f} | "
           f"{ms(s['ttft_s_p50'])} / {ms(s['ttft_s_p90'])} / {ms(s['ttft_s_p99'])} | "
-          f"{ms(s['itl_s_p50'])} / {ms(s['itl_s_p90'])} / {ms(s['itl_s_p99'])} | {s['compile_waits']} |"
+          f"{ms(s['itl_s_p50'])} / {ms(s['itl_s_p90'])} / {ms(s['itl_s_p99'])} | "
+          f"{s['steps']:.0f} ({ms(s['step_seconds'] / max(s['steps'], 1))}, {s['step_time_share']:.0%}) | "
+          f"{s['compile_waits']:.0f} ({s['programs_compiled']:.0f}) | {s['preemptions']:.0f} | "
+          f"{', '.join(f'{n} {why}' for why, n in s['errors'].items()) or '0'} |"
           for label, (_, s) in runs.items()),
         "",
     ]
@@ -232,7 +272,8 @@ def main() -> None:
         append_rows(os.path.join(REPO, "bench", "results", "serve_load.jsonl"), [
             dict(metric=f"serve_output_tokens_per_s_{label}", value=s["output_tokens_per_s"], peer="embedded",
                  peer_value=first["output_tokens_per_s"], ratio=s["output_tokens_per_s"] / first["output_tokens_per_s"],
-                 **{k: v for k, v in s.items() if k.startswith(("ttft", "itl", "compile"))}, **common)
+                 **{k: v for k, v in s.items() if k.startswith(("ttft", "itl", "compile"))
+                    or k in (*SERVER_COUNTERS.values(), "step_time_share", "errors")}, **common)
             for label, (_, s) in runs.items()])
 
 

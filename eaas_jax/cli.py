@@ -73,8 +73,9 @@ def _add_serve(sub) -> None:
                    help="sequences unfinished at once at most (a request of n choices counts n); "
                         "more get 429 (retry later)")
     p.add_argument("--warmup", nargs=2, type=int, metavar=("PROMPT_TOKENS", "MAX_TOKENS"), default=(128, 256),
-                   help="before serving, compile the step shapes of --max-num-seqs requests of this size arriving "
-                        "at once (the first steps' now; on a GPU host the rest in the background)")
+                   help="before serving, compile the step shapes of requests up to this size, --max-num-seqs "
+                        "arriving at once or a few at a time (the first steps' now; on a GPU host the rest in the "
+                        "background: /metrics' eaas_step_programs_compiling counts them down)")
     p.add_argument("--no-warmup", dest="warmup", action="store_const", const=None, help="serve at once")
     _add_engine_args(p)
     p.set_defaults(func=_serve)

@@ -70,6 +70,7 @@ def test_preemption_when_the_kv_pool_runs_out_loses_nothing(tiny_checkpoint, tin
     small = Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4, num_kv_blocks=40)
     got = _ids(small.generate(prompts, params, use_tqdm=False))
     assert small.scheduler.num_preemptions > 0
+    assert f"eaas_preemptions {float(small.scheduler.num_preemptions)}" in small.metrics_text()
     assert got == _ids(tiny_engine.generate(prompts, params, use_tqdm=False))
     assert small.scheduler.allocator.num_free == 40
 

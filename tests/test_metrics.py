@@ -98,4 +98,5 @@ def test_embedded_engine_counts_every_real_token_once_per_routed_expert(tiny_eng
     assert samples[("eaas_kv_blocks_used", "")] == 0 < samples[("eaas_kv_blocks", "")]
     assert samples[("eaas_sequences_running", "")] == samples[("eaas_requests_unfinished", "")] == 0
     assert samples[("eaas_step_programs", "")] == tiny_engine.num_compilations > 0
+    assert samples[("eaas_step_programs_compiling", "")] == 0  # the run's own compiles: done
     assert samples[("eaas_step_compile_waits", "")] == tiny_engine.runner.num_compile_waits

@@ -138,8 +138,8 @@ def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch):
     monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "off")
     assert path(1) == "_grouped_experts"
     monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "auto")
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # its own measured crossover: 8x fewer slots
-    assert moe.uses_gathered_experts(16, 128) and not moe.uses_gathered_experts(17, 128)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # its own measured crossover: as many slots
+    assert moe.uses_gathered_experts(128, 128) and not moe.uses_gathered_experts(129, 128)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # unmeasured: grouped unless asked
     assert not moe.uses_gathered_experts(1, 16)
     monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "on")

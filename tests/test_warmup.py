@@ -6,6 +6,7 @@ need."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -310,3 +311,21 @@ def test_warming_up_for_traffic_compiles_what_such_requests_meet_and_moves_no_se
     assert engine.runner.num_compile_waits == waits
     with pytest.raises(ValueError, match="traffic must be"):
         engine.warm_up(traffic=(engine.max_model_len, 4))
+
+
+def test_warming_up_for_traffic_covers_requests_arriving_apart(engine):
+    """Guards a server under open traffic: requests no longer than the
+    warm-up's, arriving a few at a time while others run (prefills of 1-3
+    rows, decodes of every batch size as they come and go), greedy or
+    sampled, wait for no compile."""
+    engine.warm_up(traffic=(12, 24), later="now", use_tqdm=False)
+    waits = engine.runner.num_compile_waits
+    rng = random.Random(0)
+    arriving = [([7 + rng.randrange(900) for _ in range(rng.randint(1, 12))],
+                 SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 1.0])))
+                for _ in range(16)]
+    while arriving or engine.has_unfinished_requests():
+        for _ in range(min(len(arriving), rng.choice([0, 0, 1, 1, 2, 3]))):
+            engine.add_request(*arriving.pop())
+        engine.step_finished()
+    assert engine.runner.num_compile_waits == waits

@@ -197,6 +197,10 @@ class Engine:
             "eaas_step_compile_waits": (self.runner.num_compile_waits,
                                         "Steps that waited for their program to compile (a shape met first)."),
             "eaas_step_programs": (self.runner.num_compilations, "Step programs compiled or compiling."),
+            "eaas_step_programs_compiling": (self.runner.num_compiling,
+                                             "Step programs queued for a compile or compiling (warm-up)."),
+            "eaas_preemptions": (self.scheduler.num_preemptions,
+                                 "Sequences preempted since start (KV cache full: recomputed later)."),
         }
         if self.pool is None:
             return self.metrics.families(gauges=gauges)
@@ -263,8 +267,9 @@ class Engine:
         they run (`engine.warmup` says which are foreseen): the first prefill's
         and decode's now, in parallel, with a progress bar. With `traffic`
         (prompt tokens, tokens generated) nothing need be queued: the shapes
-        are those of max_num_seqs such requests arriving at once, sampled with
-        the defaults and greedy (a server warming up for requests to come). The shapes later
+        are those of max_num_seqs such requests arriving at once, and of
+        requests at most that long arriving apart, sampled with the defaults
+        and greedy (a server warming up for requests to come). The shapes later
         steps are likely to meet (`later`): "background" compiles them on
         background threads while the steps run (a step of a shape still
         compiling waits for it); "now" compiles them before returning too;
@@ -295,7 +300,8 @@ class Engine:
         plans = [plan_warmup(seqs, max_num_seqs=self.scheduler.max_num_seqs,
                              max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
                              block_size=allocator.block_size, num_free_blocks=allocator.num_free,
-                             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+                             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+                             arrivals=traffic is not None)
                  for seqs in batches]
         first = list(dict.fromkeys(s for p in plans for s in p.first))
         plan = WarmupPlan(first, [s for s in dict.fromkeys(s for p in plans for s in p.later) if s not in first])

@@ -321,6 +321,12 @@ class ModelRunner:
         with self._compiled_lock:
             return sum(not _failed(future) for future in self._compiled.values())
 
+    @property
+    def num_compiling(self) -> int:
+        """Step shapes queued for a compile or compiling now."""
+        with self._compiled_lock:
+            return sum(not future.done() for future in self._compiled.values())
+
     def prepare_inputs(self, rows: StepRows, num_top_logprobs: int, previous: DispatchedStep | None,
                        num_prompt_logprobs: int = -1):
         """The step's inputs for `rows`, built on the host without compiling:

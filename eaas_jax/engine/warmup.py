@@ -6,7 +6,11 @@ it the first time each shape comes up.
 What is foreseen: the first prefill exactly (the scheduler's admission rule);
 the first decode of those rows; decode steps at every batch bucket as the run
 drains, at every KV-block bucket its sequences grow through; prefills of the
-rows admitted later, at the longest remaining prompt's bucket. The sampling
+rows admitted later, at the longest remaining prompt's bucket. For a
+server's open traffic (requests arriving one by one, `arrivals`), also
+prefills of any number of rows at every prompt-length bucket up to the
+longest prompt, and decodes of any number of rows at every KV-block bucket
+up to the longest completion. The sampling
 options are the whole batch's (greedy, logprobs, banned and penalized tokens
 at their first values): a step whose rows differ from the batch in those, or
 penalized rows that outgrow their first bucket, still compile when first met.
@@ -60,8 +64,11 @@ PREFILL, FIRST_DECODE, LATER = range(3)
 
 
 def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-                num_free_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]) -> WarmupPlan:
-    """The shapes a run of `waiting` (in queue order, none running) meets."""
+                num_free_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...],
+                arrivals: bool = False) -> WarmupPlan:
+    """The shapes a run of `waiting` (in queue order, none running) meets;
+    with `arrivals`, also those of requests like them (at most as long)
+    arriving at any time, a few at once."""
     if not waiting:
         return WarmupPlan([], [])
     rows = {id(seq): _row(seq, max_model_len, eos_token_ids) for seq in waiting}
@@ -108,8 +115,32 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     for n in reversed(_powers_of_two(1, decode_rows // 2)):
         later += [decode(n, b) for b in reversed(block_buckets)]
     later += refills[1:]
+    if arrivals:
+        later += _arrival_shapes(waiting, decoders, shape, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens, blocks=blocks,
+                                 final_tokens=max(r.final_tokens for r in rows.values()))
     later = [s for s in dict.fromkeys(later) if s not in first_shapes]
     return WarmupPlan(list(dict.fromkeys(first_shapes)), later)
+
+
+def _arrival_shapes(waiting, decoders, shape, *, max_num_seqs, max_num_batched_tokens, blocks,
+                    final_tokens) -> list[StepShape]:
+    """Requests arriving apart: a prefill admits however many have arrived
+    (any prompt length up to the longest, within the token budget), and
+    decodes run with however many are running (any KV length up to the
+    longest completion). Fewest rows and shortest first: the commonest at a
+    light load."""
+    longest = max(seq.num_tokens for seq in waiting)
+    out = []
+    for n in _powers_of_two(1, bucket(max_num_seqs)):
+        # a prompt in length bucket L (> 16) has more than L / 2 tokens
+        out += [shape(waiting, PREFILL, n, longest=length, num_blocks=blocks(length))
+                for length in _powers_of_two(16, bucket(longest, 16))
+                if n == 1 or n * (length // 2 + 1 if length > 16 else 1) <= max_num_batched_tokens]
+        if decoders:
+            out += [shape(decoders, LATER, n, longest=1, num_blocks=b)
+                    for b in _powers_of_two(bucket(1, 8), bucket(blocks(final_tokens), 8))]
+    return out
 
 
 def _first_admitted(waiting, rows, max_num_seqs, max_num_batched_tokens, num_free_blocks, blocks) -> list[Sequence]:

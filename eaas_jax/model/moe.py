@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eaas_jax.kernels.expert_matvec import expert_matvec
 from eaas_jax.kernels.grouped_matmul import grouped_matmul
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import SwiGLU, linear
@@ -127,15 +128,15 @@ def expert_token_counts(routings: list[Routing], token_mask: jax.Array, num_expe
     return jnp.stack([count(r) for r in routings])
 
 
-# A token-expert slot on the gathered path reads its expert's weights (and
-# writes and reads the gathered copy); the grouped path visits every expert of
-# the bank once. Gathering wins while the slots are fewer than the experts by
-# a factor per backend, measured (bench/RESULTS.md, 2026-12-05): on CPUs 2; on
-# an H100 8, where XLA's gathered matmul reads a slot's weights about 9x slower
-# than tokamax's grouped kernel reads the whole bank (W1's 128 experts, per
-# layer: 230 µs against about 500 at 8 slots, 422 at 16, 840 at 32). Other
-# backends are unmeasured: grouped.
-GATHER_FACTOR = {"cpu": 2, "gpu": 8}
+# A token-expert slot on the gathered path reads its expert's weights
+# (`expert_matvec`); the grouped path visits every expert of the bank once.
+# Gathering wins while the slots are fewer than the experts by a factor per
+# backend, measured (bench/RESULTS.md): on CPUs 2 (2026-12-05); on an H200 1
+# (2026-12-06, W1's 128 experts in bfloat16, per projection: expert_matvec's
+# kernel against tokamax's grouped matmul 25 / 44 µs at 8 slots, 76 / 96 at
+# 64, 103 / 111 at 128, 175 / 136 at 256). Other backends are unmeasured:
+# grouped.
+GATHER_FACTOR = {"cpu": 2, "gpu": 1}
 
 
 def uses_gathered_experts(num_slots: int, num_experts: int) -> bool:
@@ -213,7 +214,7 @@ def _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> 
     rows = jnp.repeat(x, top_k, axis=0)  # slot s is token s // top_k
 
     def project(inputs, w):
-        return jnp.einsum("sk,skn->sn", inputs, w[ids], preferred_element_type=jnp.float32).astype(x.dtype)
+        return expert_matvec(inputs, w, ids).astype(x.dtype)
 
     hidden = jax.nn.silu(project(rows, gate_proj)) * project(rows, up_proj)
     out_rows = project(hidden, down_proj).astype(jnp.float32)

@@ -1,0 +1,126 @@
+"""Expert matvec: `x[s] @ w[ids[s]]` for a few token-expert slots, reading
+only the routed experts' weights.
+
+This is the gathered path of `routed_experts` (decode at small batch: fewer
+slots than experts). Every platform goes through `expert_matvec`, which picks:
+
+- on GPUs, a Pallas kernel (Triton) that reads each slot's expert's rows of
+  the [E, in, out] bank in place: no gathered copy of the weights is written
+  and read again. Measured on an H200 (bench/RESULTS.md, 2026-12-06) for 128
+  experts of 2048 x 768 / 768 x 2048 in bfloat16 at 8 slots: 25 / 18 µs per
+  projection, against 75 / 67 µs for XLA's gather-then-einsum (what the
+  gathered path ran before) and 44 / 39 µs for tokamax's grouped matmul over
+  the whole bank; a row sum over weights stored transposed took 21 / 23 µs;
+- elsewhere (and for shapes the kernel does not tile), gather and einsum: on
+  the CPU that reads only the routed experts too, and is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+#: rows of the contraction a kernel iteration multiplies (one [ROWS, tile] load)
+ROWS = 32
+#: output tile widths tried, widest first (a program computes one tile of a slot)
+TILES = (128, 64, 32, 16)
+#: parts of the contraction tried, most first: parts run in parallel and are
+#: summed after, so that few slots still fill the GPU
+PARTS = (8, 4, 2, 1)
+
+
+def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array) -> jax.Array:
+    """out[s] = x[s] @ w[ids[s]].
+
+    Args:
+      x: [S, K] one row per slot.
+      w: [E, K, N] the expert bank.
+      ids: [S] int, each in [0, E).
+
+    Returns:
+      [S, N] float32.
+    """
+    plan = kernel_plan(*w.shape[1:])
+    if jax.default_backend() == "gpu" and plan is not None:
+        return differentiable_kernel(x, w, ids, *plan, False)
+    return gathered_einsum(x, w, ids)
+
+
+def gathered_einsum(x: jax.Array, w: jax.Array, ids: jax.Array) -> jax.Array:
+    """`expert_matvec` by XLA: the slots' weights gathered, then a batched matmul."""
+    return jnp.einsum("sk,skn->sn", x, w[ids], preferred_element_type=jnp.float32)
+
+
+def kernel_plan(k: int, n: int) -> tuple[int, int] | None:
+    """(output tile, contraction parts) for a [K, N] expert projection, or
+    None when K is not a multiple of ROWS or N of the narrowest tile."""
+    tile = next((t for t in TILES if n % t == 0), None)
+    parts = next((p for p in PARTS if k % (p * ROWS) == 0), None)
+    return None if tile is None or parts is None else (tile, parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def differentiable_kernel(x, w, ids, tile: int, parts: int, interpret: bool) -> jax.Array:
+    """`pallas_expert_matvec` with gradients: a pallas_call has no
+    differentiation rule, so the backward pass is the einsum's (training
+    steps of few tokens also take the gathered path)."""
+    return pallas_expert_matvec(x, w, ids, tile, parts, interpret=interpret)
+
+
+def _kernel_forward(x, w, ids, tile, parts, interpret):
+    return differentiable_kernel(x, w, ids, tile, parts, interpret), (x, w, ids)
+
+
+def _kernel_backward(tile, parts, interpret, residuals, cotangent):
+    x, w, ids = residuals
+    _, vjp = jax.vjp(lambda x, w: gathered_einsum(x, w, ids), x, w)
+    return (*vjp(cotangent), None)
+
+
+differentiable_kernel.defvjp(_kernel_forward, _kernel_backward)
+
+
+def pallas_expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, tile: int, parts: int, *,
+                         num_warps: int = 4, interpret: bool = False) -> jax.Array:
+    """`expert_matvec` as a Pallas kernel: a program per (slot, output tile,
+    contraction part), its partial sums added after. `kernel_plan` gives a
+    valid (tile, parts); num_warps per program on GPUs (4 measured best
+    overall of 2/4/8); interpret=True runs it anywhere (tests)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    slots, k = x.shape
+    num_experts, _, n = w.shape
+    out = pl.pallas_call(
+        functools.partial(_matvec_kernel, chunk=k // parts, tile=tile),
+        grid=(slots, n // tile, parts),
+        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)),
+                  pl.BlockSpec((None, k), lambda s, j, p: (s, 0)),
+                  # the whole bank: the kernel loads its slot's expert's tiles itself
+                  pl.BlockSpec((num_experts, k, n), lambda s, j, p: (0, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, tile), lambda s, j, p: (p, s, j)),
+        out_shape=jax.ShapeDtypeStruct((parts, slots, n), jnp.float32),
+        # Triton, not Mosaic GPU (which would stage the whole bank in shared memory)
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+        interpret=interpret,
+    )(ids.astype(jnp.int32), x, w)
+    return out.sum(axis=0)
+
+
+def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int, tile: int):
+    """One slot, one tile of outputs, one part (`chunk` rows) of the
+    contraction: ROWS rows of the expert's weights at a time, each row's
+    tile contiguous in memory, times the slot's inputs, summed over rows."""
+    from jax.experimental import pallas as pl
+
+    expert, j, part = ids_ref[0], pl.program_id(1), pl.program_id(2)
+    columns = pl.ds(j * tile, tile)
+
+    def add_rows(i, acc):
+        rows = pl.ds(part * chunk + i * ROWS, ROWS)
+        weights = w_ref[expert, rows, columns].astype(jnp.float32)
+        return acc + jnp.sum(x_ref[rows].astype(jnp.float32)[:, None] * weights, axis=0)
+
+    out_ref[...] = jax.lax.fori_loop(0, chunk // ROWS, add_rows, jnp.zeros((tile,), jnp.float32))

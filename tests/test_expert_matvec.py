@@ -1,0 +1,79 @@
+"""The expert matvec kernel (the gathered expert path's projection on GPUs),
+run by Pallas' interpreter here: its tiling against a float64 reference, its
+gradients against the einsum's, and which shapes and platforms get it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eaas_jax.kernels import expert_matvec as em
+
+
+def _inputs(slots, k, n, experts, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(keys[0], (slots, k), dtype)
+    w = jax.random.normal(keys[1], (experts, k, n), dtype)
+    ids = jax.random.randint(keys[2], (slots,), 0, experts).at[1].set(0).at[2].set(0)  # one expert twice
+    return x, w, ids
+
+
+def _reference(x, w, ids):
+    x, w = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w))
+    return np.einsum("sk,skn->sn", x, w[np.asarray(ids)])
+
+
+@pytest.mark.parametrize("k, n, plan", [(2048, 768, (128, 8)), (768, 2048, (128, 8)), (96, 48, (16, 1)),
+                                        (128, 64, (64, 4)), (100, 48, None), (64, 24, None)])
+def test_kernel_plan_takes_the_widest_tile_and_most_parts_that_divide(k, n, plan):
+    assert em.kernel_plan(k, n) == plan
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("k, n", [(256, 64), (96, 48), (128, 96)])
+def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, tolerance):
+    """Guards the kernel's indexing: each slot's own expert, every output
+    tile, every part of the contraction summed once."""
+    x, w, ids = _inputs(5, k, n, experts=6, dtype=dtype)
+    tile, parts = em.kernel_plan(k, n)
+    got = em.pallas_expert_matvec(x, w, ids, tile, parts, interpret=True)
+    assert got.dtype == jnp.float32 and got.shape == (5, n)
+    expected = _reference(x, w, ids)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+def test_the_kernels_gradients_are_the_einsums():
+    x, w, ids = _inputs(3, 64, 32, experts=4, dtype=jnp.float32, seed=1)
+    probe = jax.random.normal(jax.random.key(2), (3, 32))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w) * probe)
+
+    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, w, ids, *em.kernel_plan(64, 32), True)),
+                    argnums=(0, 1))(x, w)
+    theirs = jax.grad(loss(lambda x, w: em.gathered_einsum(x, w, ids)), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(ours[1])).sum(axis=(1, 2)).min() == 0  # an expert no slot used gets no gradient
+
+
+def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatch):
+    calls = []
+    monkeypatch.setattr(em, "differentiable_kernel", lambda *a: calls.append(a[3:]) or em.gathered_einsum(*a[:3]))
+    x, w, ids = _inputs(2, 64, 32, experts=3, dtype=jnp.float32)
+    em.expert_matvec(x, w, ids)
+    assert calls == []  # the CPU: the einsum
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    em.expert_matvec(x, w, ids)
+    assert calls == [(32, 2, False)]
+    em.expert_matvec(x[:, :60], w[:, :60], ids)  # 60 rows do not tile: the einsum
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel runs on GPUs (bench/device_run.sh gpu_tests)")
+@pytest.mark.parametrize("k, n", [(2048, 768), (768, 2048), (96, 48)])
+def test_the_compiled_kernel_matches_the_reference_on_a_gpu(k, n):
+    x, w, ids = _inputs(8, k, n, experts=16, dtype=jnp.bfloat16)
+    got = jax.jit(em.expert_matvec)(x, w, ids)
+    expected = _reference(x, w, ids)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
