@@ -15,7 +15,8 @@ x[s] @ w[ids[s]]. Forms:
   Pallas matvec, [E, dim, hidden]    the package's expert_matvec kernel (the gathered path on GPUs):
                                 reads each slot's expert's rows whole, parallel over slots, output
                                 tiles (128) and 8 parts of dim, 4 warps; "Pallas N/P/Ww" the same
-                                with tiles of N, P parts, W warps;
+                                with tiles of N, P parts, W warps; "r64" loads of 64 rows (not 32),
+                                "S stages" Triton's software pipelining of the loads;
   grouped matmul                eaas_jax's grouped_matmul over every expert (tokamax on GPUs).
 A call runs --rounds projections, each with its own routing, in one compiled
 loop (one projection is shorter than a host dispatch); time per projection,
@@ -72,14 +73,15 @@ def per_slot_matvec(x, w_t, ids):
                               preferred_element_type=jnp.float32) for s in range(x.shape[0])])
 
 
-def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, num_warps: int = 4):
+def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, rows: int = ROWS, num_warps: int = 4,
+                  num_stages: int | None = None):
     """The package's expert matvec kernel (`eaas_jax.kernels.expert_matvec`,
     which picks its tile and parts by `kernel_plan`, with 4 warps) at a given
     setting; interpreted off GPUs."""
     k, n = w.shape[1:]
-    if n % tile or k % (parts * ROWS):
-        raise NotImplementedError(f"needs out % {tile} == 0 and in % {parts * ROWS} == 0")
-    return pallas_expert_matvec(x, w, ids, tile, parts, num_warps=num_warps,
+    if n % tile or k % (parts * rows):
+        raise NotImplementedError(f"needs out % {tile} == 0 and in % {parts * rows} == 0")
+    return pallas_expert_matvec(x, w, ids, tile, parts, rows=rows, num_warps=num_warps, num_stages=num_stages,
                                 interpret=jax.default_backend() != "gpu")
 
 
@@ -98,6 +100,10 @@ FORMS = {"einsum": (einsum, False), "column sum": (column_sum, False),
          "Pallas 256/8/8w": (functools.partial(pallas_matvec, tile=256, num_warps=8), False),
          "Pallas 128/16/4w": (functools.partial(pallas_matvec, parts=16), False),
          "Pallas 64/16/2w": (functools.partial(pallas_matvec, tile=64, parts=16, num_warps=2), False),
+         # more bytes in flight per program: loads of 64 rows, Triton's pipelining of the loads
+         "Pallas r64": (functools.partial(pallas_matvec, rows=64), False),
+         "Pallas 3 stages": (functools.partial(pallas_matvec, num_stages=3), False),
+         "Pallas r64, 4 stages": (functools.partial(pallas_matvec, rows=64, num_stages=4), False),
          "grouped matmul": (grouped, False)}
 
 

@@ -83,18 +83,21 @@ differentiable_kernel.defvjp(_kernel_forward, _kernel_backward)
 
 
 def pallas_expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, tile: int, parts: int, *,
-                         num_warps: int = 4, interpret: bool = False) -> jax.Array:
+                         rows: int = ROWS, num_warps: int = 4, num_stages: int | None = None,
+                         interpret: bool = False) -> jax.Array:
     """`expert_matvec` as a Pallas kernel: a program per (slot, output tile,
     contraction part), its partial sums added after. `kernel_plan` gives a
-    valid (tile, parts); num_warps per program on GPUs (4 measured best
-    overall of 2/4/8); interpret=True runs it anywhere (tests)."""
+    valid (tile, parts) for the default `rows` per load; num_warps (4
+    measured best overall of 2/4/8) and num_stages (Triton's software
+    pipelining of the loads; None: its default) per program on GPUs;
+    interpret=True runs it anywhere (tests)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     slots, k = x.shape
     num_experts, _, n = w.shape
     out = pl.pallas_call(
-        functools.partial(_matvec_kernel, chunk=k // parts, tile=tile),
+        functools.partial(_matvec_kernel, chunk=k // parts, tile=tile, rows=rows),
         grid=(slots, n // tile, parts),
         in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)),
                   pl.BlockSpec((None, k), lambda s, j, p: (s, 0)),
@@ -103,15 +106,15 @@ def pallas_expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, tile: int, 
         out_specs=pl.BlockSpec((None, None, tile), lambda s, j, p: (p, s, j)),
         out_shape=jax.ShapeDtypeStruct((parts, slots, n), jnp.float32),
         # Triton, not Mosaic GPU (which would stage the whole bank in shared memory)
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(ids.astype(jnp.int32), x, w)
     return out.sum(axis=0)
 
 
-def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int, tile: int):
+def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int, tile: int, rows: int):
     """One slot, one tile of outputs, one part (`chunk` rows) of the
-    contraction: ROWS rows of the expert's weights at a time, each row's
+    contraction: `rows` rows of the expert's weights at a time, each row's
     tile contiguous in memory, times the slot's inputs, summed over rows."""
     from jax.experimental import pallas as pl
 
@@ -119,8 +122,8 @@ def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int, tile: int):
     columns = pl.ds(j * tile, tile)
 
     def add_rows(i, acc):
-        rows = pl.ds(part * chunk + i * ROWS, ROWS)
-        weights = w_ref[expert, rows, columns].astype(jnp.float32)
-        return acc + jnp.sum(x_ref[rows].astype(jnp.float32)[:, None] * weights, axis=0)
+        block = pl.ds(part * chunk + i * rows, rows)
+        weights = w_ref[expert, block, columns].astype(jnp.float32)
+        return acc + jnp.sum(x_ref[block].astype(jnp.float32)[:, None] * weights, axis=0)
 
-    out_ref[...] = jax.lax.fori_loop(0, chunk // ROWS, add_rows, jnp.zeros((tile,), jnp.float32))
+    out_ref[...] = jax.lax.fori_loop(0, chunk // rows, add_rows, jnp.zeros((tile,), jnp.float32))
