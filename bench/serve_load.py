@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--warmup-load", type=int, default=0,
                     help="requests of the same load sent first and not measured (compiles the shapes the server's "
                          "own warm-up did not foresee)")
+    ap.add_argument("--warm-up-wait", type=float, default=900.0,
+                    help="seconds to wait at most for the server's background warm-up before loading it")
     ap.add_argument("--server-args", default="", help="more `eaas-jax serve` flags, one string")
     ap.add_argument("--plot", help="write a PNG of the latency distributions")
     ap.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
@@ -218,7 +220,7 @@ def main() -> None:
             proc, url = start_server(args.model, deployment, args.server_args.split())
         try:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-            warm_up_seconds = wait_for_warm_up(url, args.max_seconds)
+            warm_up_seconds = wait_for_warm_up(url, args.warm_up_wait)
             if args.warmup_load:
                 asyncio.run(run_load(url, model, rate=args.rate, requests=args.warmup_load,
                                      max_seconds=args.max_seconds, max_tokens=args.max_tokens, seed=args.seed + 1,
@@ -241,13 +243,15 @@ def main() -> None:
     def ms(value):
         return "" if value is None else f"{value * 1e3:.1f}"
 
+    waited = ", ".join(f"{label} {s['warm_up_wait_s']:.0f} s" for label, (_, s) in runs.items())
     lines = [
         f"### Serving load, open loop ({datetime.date.today()}, commit {git_commit()})",
         "",
         f"Device: {machine()}; `python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
         f"Poisson arrivals at {args.rate}/s, up to {args.requests} requests in {args.max_seconds:.0f} s, prompts "
         f"of 4-48 {'random tokens' if args.token_prompts else 'words'}, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed; "
-        f"{args.warmup_load} requests of the same load sent first, not measured.",
+        f"{args.warmup_load} requests of the same load sent first, not measured, after the server's background "
+        f"warm-up ({waited}).",
         "",
         "| setting | completed / sent | req/s | output tok/s | vs embedded | TTFT p50 / p90 / p99 ms | "
         "ITL p50 / p90 / p99 ms | steps (mean ms, step time / wall) | steps waiting for a compile (programs compiled) | "
