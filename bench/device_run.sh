@@ -13,7 +13,8 @@
 #   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS)
 #   forms        bench/expert_projection_forms.py at W1's two projection shapes
 #   paths        bench/routed_experts_paths.py at W1's shapes
-#   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES, W1FLAGS)
+#   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: the grouped path
+#                compared, batch 1 profiled)
 #   parity       bench/arch_parity.py
 # LIMIT is the call's time in seconds: each part gets what is left, and the
 # W1 runs keep their finished phases in /tmp/raw/COMMIT, so the same part in a next
@@ -110,9 +111,9 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
       part forms_gate_up python3 bench/expert_projection_forms.py --dim 2048 --hidden 768 --append bench/RESULTS.md
       part forms_down python3 bench/expert_projection_forms.py --dim 768 --hidden 2048 --append bench/RESULTS.md ;;
     paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
-        --batches 1,2,4,8,16,32,64,128,256 --iters 20 --append bench/RESULTS.md ;;
+        --batches 1,4,16,32 --iters 10 --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
-        --dir "$W1" ${W1FLAGS:---compare-experts-paths} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
+        --dir "$W1" ${W1FLAGS:---compare-experts-paths --profile-batch 1} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
         --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
     parity) part parity python3 bench/arch_parity.py --append bench/RESULTS.md ;;
     *) echo "unknown part $p (see the top of bench/device_run.sh)" ;;
