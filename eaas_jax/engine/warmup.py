@@ -115,10 +115,10 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     for n in reversed(_powers_of_two(1, decode_rows // 2)):
         later += [decode(n, b) for b in reversed(block_buckets)]
     later += refills[1:]
-    if arrivals:
-        later += _arrival_shapes(waiting, decoders, shape, max_num_seqs=max_num_seqs,
-                                 max_num_batched_tokens=max_num_batched_tokens, blocks=blocks,
-                                 final_tokens=max(r.final_tokens for r in rows.values()))
+    if arrivals:  # first: a server's load starts light
+        later = _arrival_shapes(waiting, decoders, shape, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, blocks=blocks,
+                                final_tokens=max(r.final_tokens for r in rows.values())) + later
     later = [s for s in dict.fromkeys(later) if s not in first_shapes]
     return WarmupPlan(list(dict.fromkeys(first_shapes)), later)
 
