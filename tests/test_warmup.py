@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from eaas_jax.engine import SamplingParams
+from eaas_jax.engine import SamplingParams, gil
 from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.compile_pool import CompilePool
 from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepShape
@@ -177,9 +177,14 @@ def test_a_step_takes_over_a_queued_background_compile_instead_of_waiting_behind
     release = threading.Event()
     safety = threading.Timer(120, release.set)  # a regression hangs for 2 minutes, then fails below
     safety.start()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # the interpreter's default
+    engine.runner.stop_compiling()  # the next background pool is a new one
     try:
         with compiles_once_per_step_shape(engine):
             pool = engine.runner._background_pool()
+            # its tracing threads would hold the GIL for 5 ms at a time against the steps' thread
+            assert sys.getswitchinterval() == pytest.approx(gil.SWITCH_INTERVAL_S)
             for _ in range(pool.num_threads):
                 pool.submit(release.wait)  # every compile thread busy: warm-up's queue stays queued
             for p, sp in zip(prompts, params):
@@ -196,6 +201,7 @@ def test_a_step_takes_over_a_queued_background_compile_instead_of_waiting_behind
     finally:
         release.set()
         safety.cancel()
+        sys.setswitchinterval(switch_interval)
     assert elapsed < 100, "a step waited behind the blocked background compiles"
     assert sorted(len(t) for t in tokens.values()) == sorted(MAX_TOKENS)
 

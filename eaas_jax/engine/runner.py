@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from eaas_jax.engine.compile_pool import CompilePool
+from eaas_jax.engine.gil import shorten_switch_interval
 from eaas_jax.model.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
 from eaas_jax.engine.sampler import SamplingInputs, sample
 from eaas_jax.engine.scheduler import StepRows
@@ -510,6 +511,7 @@ class ModelRunner:
 
     def _background_pool(self) -> CompilePool:
         if self._background is None:
+            shorten_switch_interval()  # its compiles trace the model in Python while steps run
             self._background = CompilePool(max(1, _compile_threads() // 2), "eaas-compile-background")
         return self._background
 
