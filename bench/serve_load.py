@@ -127,7 +127,8 @@ def server_samples(url: str, names) -> dict[str, float]:
 
 def server_counters(url: str) -> dict[str, float]:
     """SERVER_COUNTERS' samples, by their short names."""
-    return {SERVER_COUNTERS[name]: value for name, value in server_samples(url, SERVER_COUNTERS).items()}
+    samples = server_samples(url, SERVER_COUNTERS)
+    return {short: samples.get(name, 0.0) for name, short in SERVER_COUNTERS.items()}  # 0: an older server
 
 
 def wait_for_warm_up(url: str, limit: float) -> float:
@@ -135,7 +136,7 @@ def wait_for_warm_up(url: str, limit: float) -> float:
     compiled every step program it foresaw; the seconds waited."""
     start = time.monotonic()
     while time.monotonic() - start < limit:
-        left = server_samples(url, {"eaas_step_programs_compiling"})["eaas_step_programs_compiling"]
+        left = server_samples(url, {"eaas_step_programs_compiling"}).get("eaas_step_programs_compiling", 0)
         if not left:
             break
         print(f"waiting for the server's warm-up: {left:.0f} step programs compiling", file=sys.stderr)
@@ -243,6 +244,7 @@ def main() -> None:
     def ms(value):
         return "" if value is None else f"{value * 1e3:.1f}"
 
+    peer = first["output_tokens_per_s"] or float("nan")  # embedded completed nothing: no ratio
     waited = ", ".join(f"{label} {s['warm_up_wait_s']:.0f} s" for label, (_, s) in runs.items())
     lines = [
         f"### Serving load, open loop ({datetime.date.today()}, commit {git_commit()})",
@@ -258,7 +260,7 @@ def main() -> None:
         "preemptions | failed, why |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {label} | {s['completed']} / {s['sent']} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
-          f"{s['output_tokens_per_s'] / first['output_tokens_per_s']:.2f} | "
+          f"{s['output_tokens_per_s'] / peer:.2f} | "
           f"{ms(s['ttft_s_p50'])} / {ms(s['ttft_s_p90'])} / {ms(s['ttft_s_p99'])} | "
           f"{ms(s['itl_s_p50'])} / {ms(s['itl_s_p90'])} / {ms(s['itl_s_p99'])} | "
           f"{s['steps']:.0f} ({ms(s['step_seconds'] / max(s['steps'], 1))}, {s['step_time_share']:.0%}) | "
@@ -275,7 +277,7 @@ def main() -> None:
         common = run_facts(machine(), "tok/s")
         append_rows(os.path.join(REPO, "bench", "results", "serve_load.jsonl"), [
             dict(metric=f"serve_output_tokens_per_s_{label}", value=s["output_tokens_per_s"], peer="embedded",
-                 peer_value=first["output_tokens_per_s"], ratio=s["output_tokens_per_s"] / first["output_tokens_per_s"],
+                 peer_value=first["output_tokens_per_s"], ratio=s["output_tokens_per_s"] / peer,
                  **{k: v for k, v in s.items() if k.startswith(("ttft", "itl", "compile"))
                     or k in (*SERVER_COUNTERS.values(), "step_time_share", "errors")}, **common)
             for label, (_, s) in runs.items()])

@@ -30,7 +30,7 @@ def test_kernel_plan_takes_the_widest_tile_and_most_parts_that_divide(k, n, plan
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-@pytest.mark.parametrize("k, n", [(256, 64), (96, 48), (128, 96)])
+@pytest.mark.parametrize("k, n", [(256, 64), (96, 48), (128, 96), (512, 64)])  # 512: parts of 2 loads
 def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, tolerance):
     """Guards the kernel's indexing: each slot's own expert, every output
     tile, every part of the contraction summed once."""
@@ -40,6 +40,12 @@ def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, toleranc
     assert got.dtype == jnp.float32 and got.shape == (5, n)
     expected = _reference(x, w, ids)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+def test_the_kernel_refuses_a_tiling_that_would_drop_rows():
+    x, w, ids = _inputs(2, 96, 32, experts=2, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="does not tile"):
+        em.pallas_expert_matvec(x, w, ids, 32, 1, rows=64, interpret=True)
 
 
 def test_the_kernels_gradients_are_the_einsums():
@@ -67,6 +73,7 @@ def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatc
     em.expert_matvec(x, w, ids)
     assert calls == [(32, 2, False)]
     em.expert_matvec(x[:, :60], w[:, :60], ids)  # 60 rows do not tile: the einsum
+    assert em.expert_matvec(x[:0], w, ids[:0]).shape == (0, 32)  # no slots: no kernel of 0 programs
     assert len(calls) == 1
 
 

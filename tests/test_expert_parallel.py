@@ -64,3 +64,31 @@ def test_bad_expert_parallel_settings_are_refused(tiny_checkpoint):
     stack = ExpertStack(replace_config(num_experts=3, num_experts_per_tok=1), dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="3 experts do not split evenly over 2 devices"):
         ExpertParallelExperts(stack, expert_mesh(2))
+
+
+def test_the_expert_kernel_runs_inside_the_expert_parallel_shard_map(tiny_checkpoint, tiny_engine, monkeypatch):
+    """Guards the shard_map around each device's experts against the Pallas
+    expert kernel (the gathered path's projection on GPUs, interpreted here):
+    a pallas_call's output type names no mesh axes it varies over, which
+    shard_map's default check refuses."""
+    from eaas_jax.kernels import expert_matvec as em
+    from eaas_jax.model import moe
+
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    reference = [o.outputs[0].token_ids for o in tiny_engine.generate(prompts, params, use_tqdm=False)]
+    kernel_calls = []
+
+    def kernel_where_it_tiles(x, w, ids):
+        plan = em.kernel_plan(*w.shape[1:])
+        if plan is None:
+            return em.gathered_einsum(x, w, ids)
+        kernel_calls.append(plan)
+        return em.differentiable_kernel(x, w, ids, *plan, True)
+
+    monkeypatch.setattr(moe, "expert_matvec", kernel_where_it_tiles)
+    monkeypatch.setenv("EAAS_JAX_GATHERED_EXPERTS", "on")  # decode's 4 slots: each device's 4 experts gathered
+    engine = Engine(tiny_checkpoint, expert_parallel=2, **ENGINE_ARGS)
+    ours = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    assert kernel_calls
+    assert ours == reference

@@ -85,12 +85,12 @@ def test_the_gathered_and_grouped_expert_paths_agree(num_tokens, top_k, num_expe
     """Guards the gathered path against the grouped one, with repeated
     experts, ids the bank does not host (skipped) and gate weights."""
     keys = jax.random.split(jax.random.key(num_experts + top_k), 5)
-    dim, hidden = 16, 24
+    dim, hidden = 64, 32  # sizes the GPU's expert kernel tiles (expert_matvec.kernel_plan)
     x = jax.random.normal(keys[0], (num_tokens, dim), dtype)
     ids = jax.random.randint(keys[1], (num_tokens, top_k), -2, num_experts + 2)
     ids = ids.at[0, :2].set(1)  # one expert twice for one token
     weights = jax.random.uniform(keys[2], (num_tokens, top_k))
-    gate, up = (jax.random.normal(k, (num_experts, dim, hidden), dtype) / 4 for k in keys[3:5])
+    gate, up = (jax.random.normal(k, (num_experts, dim, hidden), dtype) / 8 for k in keys[3:5])  # products ~1
     down = jax.random.normal(keys[4], (num_experts, hidden, dim), dtype) / 4
     args = (x, ids, weights, gate, up, down)
     gathered = np.asarray(jax.jit(moe._gathered_experts)(*args))

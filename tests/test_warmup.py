@@ -178,9 +178,9 @@ def test_a_step_takes_over_a_queued_background_compile_instead_of_waiting_behind
     safety = threading.Timer(120, release.set)  # a regression hangs for 2 minutes, then fails below
     safety.start()
     switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)  # the interpreter's default
-    engine.runner.stop_compiling()  # the next background pool is a new one
     try:
+        sys.setswitchinterval(0.005)  # the interpreter's default
+        engine.runner.stop_compiling()  # the next background pool is a new one
         with compiles_once_per_step_shape(engine):
             pool = engine.runner._background_pool()
             # its tracing threads would hold the GIL for 5 ms at a time against the steps' thread

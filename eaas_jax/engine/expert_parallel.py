@@ -95,6 +95,10 @@ class _ShardedExperts:
             mesh=self._mesh,
             in_specs=(P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
             out_specs=P(),
+            # The Pallas expert kernel (the gathered path on GPUs) gives no
+            # type for how its output varies over the mesh, which the check
+            # requires; the psum above makes the result the same on every device.
+            check_vma=False,
         )
         return sharded(x, routing.expert_ids, routing.weights,
                        bank.gate_proj[...], bank.up_proj[...], bank.down_proj[...])

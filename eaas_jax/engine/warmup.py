@@ -133,10 +133,12 @@ def _arrival_shapes(waiting, decoders, shape, *, max_num_seqs, max_num_batched_t
     longest = max(seq.num_tokens for seq in waiting)
     out = []
     for n in _powers_of_two(1, bucket(max_num_seqs)):
-        # a prompt in length bucket L (> 16) has more than L / 2 tokens
+        # A prefill in row bucket n (> 1) has more than n / 2 rows; in length
+        # bucket L (> 16) its longest has more than L / 2 tokens, the others
+        # one at least. Its first row is admitted whatever the budget.
         out += [shape(waiting, PREFILL, n, longest=length, num_blocks=blocks(length))
                 for length in _powers_of_two(16, bucket(longest, 16))
-                if n == 1 or n * (length // 2 + 1 if length > 16 else 1) <= max_num_batched_tokens]
+                if n == 1 or (length // 2 + 1 if length > 16 else 1) + n // 2 <= max_num_batched_tokens]
         if decoders:
             out += [shape(decoders, LATER, n, longest=1, num_blocks=b)
                     for b in _powers_of_two(bucket(1, 8), bucket(blocks(final_tokens), 8))]

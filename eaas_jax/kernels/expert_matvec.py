@@ -43,7 +43,7 @@ def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array) -> jax.Array:
       [S, N] float32.
     """
     plan = kernel_plan(*w.shape[1:])
-    if jax.default_backend() == "gpu" and plan is not None:
+    if jax.default_backend() == "gpu" and plan is not None and x.shape[0]:  # (no grid of 0 programs)
         return differentiable_kernel(x, w, ids, *plan, False)
     return gathered_einsum(x, w, ids)
 
@@ -96,6 +96,9 @@ def pallas_expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, tile: int, 
 
     slots, k = x.shape
     num_experts, _, n = w.shape
+    if n % tile or k % parts or (k // parts) % rows:
+        raise ValueError(f"a [{k}, {n}] projection does not tile into {parts} parts of {rows}-row loads "
+                         f"and outputs of {tile}")
     out = pl.pallas_call(
         functools.partial(_matvec_kernel, chunk=k // parts, tile=tile, rows=rows),
         grid=(slots, n // tile, parts),
