@@ -97,6 +97,7 @@ for p in "$@"; do
     ibgda_bench) checkpoint && part ibgda_bench python3 bench/ibgda_gpu.py --tokens 16,64,256 --batches 64 \
         --steps 16 --dir "$W1" --commit "$COMMIT" --raw "$RAW/ibgda.jsonl" --resume --append bench/RESULTS.md ;;
     serve)
+      # the server's warm-up sized to the load's requests (prompts of 4-48 tokens, 64 generated): fewer shapes
       checkpoint || continue
       # ibgda_gpu.py's deployment (every expert in one server process on this
       # GPU, beside the client) and W1's vocabulary for the random prompts
@@ -105,7 +106,7 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
       XLA_PYTHON_CLIENT_PREALLOCATE=false part serve python3 bench/serve_load.py --model "$W1" \
         --deployment "$toml" --token-prompts "$vocab" \
         --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
-        --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512" \
+        --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512 --warmup 48 64" \
         --plot bench/results/serve_load_w1.png --append bench/RESULTS.md ;;
     forms)
       part forms_gate_up python3 bench/expert_projection_forms.py --dim 2048 --hidden 768 --append bench/RESULTS.md
