@@ -3,7 +3,7 @@
 # lent device call (10 minutes at most). Run from the checkout's root on the
 # GPU machine, with DIR (bench/device_prepare.sh's output) carried along:
 #
-#   [DIR=.devrun] [LIMIT=590] [USE_CARRIED=1] bash bench/device_run.sh PART...
+#   [DIR=.devrun] [LIMIT=590] [USE_CARRIED=1] [MPS=1] bash bench/device_run.sh PART...
 #
 # Parts (each logs to $OUT/PART.log; the W1 checkpoint is made once per
 # machine, in /tmp):
@@ -42,7 +42,18 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/bench
 python3 -c "import tokamax, fastapi, jax; print('jax', jax.__version__, jax.devices()[0].device_kind)" 2>&1 | tail -1
 cp bench/RESULTS.md /tmp/RESULTS.before
 
+# MPS=1: client and server processes on the one GPU run side by side under
+# an MPS daemon started for this call (and stopped at its end), instead of
+# taking turns in the driver's time slices (which then bound every exchange).
+MPS_STARTED=
+if [ -n "${MPS:-}" ] && [ ! -e /tmp/nvidia-mps/control ]; then
+  mkdir -p /tmp/nvidia-mps /tmp/nvidia-mps-log
+  CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log nvidia-cuda-mps-control -d \
+    && MPS_STARTED=1 && echo "started an MPS daemon" || echo "could not start an MPS daemon: time-sliced"
+fi
+
 finish() {
+  [ -n "$MPS_STARTED" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps nvidia-cuda-mps-control
   diff /tmp/RESULTS.before bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new.md"
   mkdir -p "$OUT/results"
   cp -r bench/results/. "$OUT/results/"

@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from _results import append_rows, git_commit, machine, publish, run_facts  # noqa: E402
+from failover import mps_running  # noqa: E402
 
 from eaas_jax.batch.runner import quantile  # noqa: E402
 
@@ -249,7 +250,8 @@ def main() -> None:
     lines = [
         f"### Serving load, open loop ({datetime.date.today()}, commit {git_commit()})",
         "",
-        f"Device: {machine()}; `python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
+        f"Device: {machine()} (MPS daemon: {'yes' if mps_running() else 'no'}); "
+        f"`python bench/serve_load.py {' '.join(sys.argv[1:])}`; "
         f"Poisson arrivals at {args.rate}/s, up to {args.requests} requests in {args.max_seconds:.0f} s, prompts "
         f"of 4-48 {'random tokens' if args.token_prompts else 'words'}, {args.max_tokens} tokens each at most (greedy, EOS allowed), streamed; "
         f"{args.warmup_load} requests of the same load sent first, not measured, after the server's background "
