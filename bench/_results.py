@@ -37,6 +37,13 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon serves this user's processes (then
+    server processes on one GPU run side by side instead of time-sliced)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
 def jax_device() -> str:
     """This process's first JAX device: its kind ("NVIDIA H100 80GB HBM3"),
     or the CPU and its cores."""

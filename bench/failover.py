@@ -35,7 +35,7 @@ import platform
 import tempfile
 import time
 
-from _results import REPO, git_commit, publish
+from _results import REPO, git_commit, mps_running, publish
 
 MODEL = os.path.join(REPO, "checkpoints", "tiny-moe")
 PROMPTS = ["def parse_args(argv):", "import os\n", "class Queue:\n    def __init__(self", "x = 1",
@@ -146,13 +146,6 @@ def per_tenth(timeline, span: float) -> list[float]:
         return done
     edges = [span * i / 10 for i in range(11)]
     return [(tokens_at(b) - tokens_at(a)) / (b - a) for a, b in zip(edges, edges[1:])]
-
-
-def mps_running() -> bool:
-    """Whether a CUDA MPS control daemon serves this user's processes (then
-    server processes on one GPU run side by side instead of time-sliced)."""
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    return os.path.exists(os.path.join(pipe, "control"))
 
 
 def main() -> None:

@@ -33,8 +33,7 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-from _results import REPO, append_rows, finished_phases, git_commit, publish, run_phase
-from failover import mps_running
+from _results import REPO, append_rows, finished_phases, git_commit, mps_running, publish, run_phase
 import token_exchange_gpu as exchange
 import w1_decode_gpu as w1
 

@@ -30,8 +30,7 @@ import httpx
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from _results import append_rows, git_commit, machine, publish, run_facts  # noqa: E402
-from failover import mps_running  # noqa: E402
+from _results import append_rows, git_commit, machine, mps_running, publish, run_facts  # noqa: E402
 
 from eaas_jax.batch.runner import quantile  # noqa: E402
 
@@ -145,16 +144,15 @@ def wait_for_warm_up(url: str, limit: float) -> float:
     return time.monotonic() - start
 
 
-def completed(results: list[dict]) -> list[dict]:
-    """The requests that streamed tokens and no error."""
-    return [r for r in results if not r.get("error") and r.get("arrivals")]
+def completed(result: dict) -> bool:
+    """Whether a request streamed tokens and no error."""
+    return not result.get("error") and bool(result.get("arrivals"))
 
 
 def summarize(results: list[dict], seconds: float) -> dict:
-    done = completed(results)
+    done = [r for r in results if completed(r)]
     # why the others failed: "HTTP 429" (queue full), a stream's error, ...
-    errors = collections.Counter((r.get("error") or "no tokens").split(":")[0] for r in results
-                                 if r.get("error") or not r.get("arrivals"))
+    errors = collections.Counter((r.get("error") or "no tokens").split(":")[0] for r in results if not completed(r))
     ttft = [r["arrivals"][0] - r["sent"] for r in done]
     itl = [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     tokens = sum(r["usage"]["completion_tokens"] for r in done if r["usage"])
@@ -174,7 +172,7 @@ def plot(runs: dict[str, tuple[list[dict], dict]], path: str) -> None:
 
     fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11, 4))
     for label, (results, _) in runs.items():
-        done = completed(results)
+        done = [r for r in results if completed(r)]
         for ax, values in ((ax_ttft, [r["arrivals"][0] - r["sent"] for r in done]),
                            (ax_itl, [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])])):
             values = sorted(values)
