@@ -12,15 +12,16 @@
 #   ibgda_bench  bench/ibgda_gpu.py: round trips and the W1 step, ibgda vs cuda_ipc
 #   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS)
 #   forms        bench/expert_projection_forms.py at W1's two projection shapes
+#   dense_forms  the same for W1's query and output projections (one "expert") at 1-16 rows
 #   paths        bench/routed_experts_paths.py at W1's shapes
 #   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: the grouped path
 #                compared, batch 1 profiled)
 #   parity       bench/arch_parity.py
 # LIMIT is the call's time in seconds: each part gets what is left, and the
 # W1 runs keep their finished phases in /tmp/raw/COMMIT, so the same part in a next
-# call on the still-warm machine resumes. What comes back under $OUT: the
-# logs, RESULTS.new.md (what the parts appended to bench/RESULTS.md; paste it
-# there), results/ (bench/results with the new rows) and raw/.
+# call on the still-warm machine resumes. What comes back under $OUT:
+# RESULTS.new.md (what the parts appended to bench/RESULTS.md; paste it there)
+# and back.tar.gz (the logs, the results files and raw phases: see finish()).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -40,7 +41,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     "$DIR"/wheels/*.whl || { echo "installing $DIR/wheels failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD:$PWD/bench
 python3 -c "import tokamax, fastapi, jax; print('jax', jax.__version__, jax.devices()[0].device_kind)" 2>&1 | tail -1
-cp bench/RESULTS.md /tmp/RESULTS.before
+cp bench/RESULTS.md /tmp/RESULTS.before  # (also the mark the results written after it are newer than)
 
 # MPS=1: client and server processes on the one GPU run side by side under
 # an MPS daemon started for this call (and stopped at its end), instead of
@@ -52,12 +53,18 @@ if [ -n "${MPS:-}" ] && [ ! -e /tmp/nvidia-mps/control ]; then
     && MPS_STARTED=1 && echo "started an MPS daemon" || echo "could not start an MPS daemon: time-sliced"
 fi
 
+# What comes back: RESULTS.new.md, and back.tar.gz with the logs, the files
+# of bench/results this call wrote, and the raw phases (a call returns at most
+# 8 files, so they travel as one archive: `tar xzf back.tar.gz ./bench` in
+# the checkout's root puts the results in place; ./device-logs holds the rest).
 finish() {
   [ -n "$MPS_STARTED" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps nvidia-cuda-mps-control
   diff /tmp/RESULTS.before bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new.md"
-  mkdir -p "$OUT/results"
-  cp -r bench/results/. "$OUT/results/"
-  cp -r "$RAW" "$OUT/raw"
+  mkdir -p /tmp/back/device-logs /tmp/back/bench/results
+  cp "$OUT"/*.log /tmp/back/device-logs/ 2>/dev/null
+  cp -r "$RAW" /tmp/back/device-logs/raw
+  find bench/results -type f -newer /tmp/RESULTS.before -exec cp {} /tmp/back/bench/results/ \;
+  tar czf "$OUT/back.tar.gz" -C /tmp/back . && rm -rf /tmp/back "$OUT"/*.log
 }
 trap finish EXIT
 
@@ -104,7 +111,7 @@ for p in "$@"; do
   [ "$(left)" -gt 20 ] || { echo "no time left for $p"; break; }
   case $p in
     ibgda_tests) part ibgda_tests python3 -m pytest -q -x tests/test_ibgda_gpu.py ;;
-    gpu_tests) part gpu_tests python3 -m pytest -q -x -rs tests/test_expert_matvec.py tests/test_moe.py ;;
+    gpu_tests) part gpu_tests python3 -m pytest -q -rfEs --tb=short tests/test_expert_matvec.py tests/test_moe.py ;;
     ibgda_bench) checkpoint && part ibgda_bench python3 bench/ibgda_gpu.py --tokens 16,64,256 --batches 64 \
         --steps 16 --dir "$W1" --commit "$COMMIT" --raw "$RAW/ibgda.jsonl" --resume --append bench/RESULTS.md ;;
     serve)
@@ -118,10 +125,15 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
         --deployment "$toml" --token-prompts "$vocab" \
         --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
         --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512 --warmup 48 64" \
-        --plot bench/results/serve_load_w1.png --append bench/RESULTS.md ;;
+        --plot bench/results/serve_load_w1.png --raw "$RAW/serve_load.json" --append bench/RESULTS.md ;;
     forms)
       part forms_gate_up python3 bench/expert_projection_forms.py --dim 2048 --hidden 768 --append bench/RESULTS.md
       part forms_down python3 bench/expert_projection_forms.py --dim 768 --hidden 2048 --append bench/RESULTS.md ;;
+    dense_forms)  # W1's query and output projections (dense) at decode's few rows: XLA's dot against the kernels
+      part dense_forms_q python3 bench/expert_projection_forms.py --experts 1 --dim 2048 --hidden 4096 \
+        --slots 1,4,16 --append bench/RESULTS.md
+      part dense_forms_o python3 bench/expert_projection_forms.py --experts 1 --dim 4096 --hidden 2048 \
+        --slots 1,4,16 --append bench/RESULTS.md ;;
     paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
         --batches 1,4,16,32 --iters 10 --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \

@@ -17,7 +17,10 @@ x[s] @ w[ids[s]]. Forms:
                                 tiles (128) and 8 parts of dim, 4 warps; "Pallas N/P/Ww" the same
                                 with tiles of N, P parts, W warps; "r64" loads of 64 rows (not 32),
                                 "S stages" Triton's software pipelining of the loads;
-  grouped matmul                eaas_jax's grouped_matmul over every expert (tokamax on GPUs).
+  grouped matmul                eaas_jax's grouped_matmul over every expert (tokamax on GPUs);
+  dense dot                     with --experts 1 only: x @ w[0], what XLA makes of a dense layer's
+                                projection at these rows (the other forms then time a dense
+                                projection too: is a kernel of theirs faster than XLA's).
 A call runs --rounds projections, each with its own routing, in one compiled
 loop (one projection is shorter than a host dispatch); time per projection,
 median of --iters calls. Ideal: the routed experts' bytes (distinct ones
@@ -102,6 +105,8 @@ FORMS = {"einsum": (einsum, False), "column sum": (column_sum, False),
          "Pallas 3 stages": (functools.partial(pallas_matvec, num_stages=3), False),
          "Pallas r64, 4 stages": (functools.partial(pallas_matvec, rows=64, num_stages=4), False),
          "grouped matmul": (grouped, False)}
+#: with --experts 1 (a dense projection: the attention's, at decode's few rows)
+DENSE_FORMS = {"dense dot": (lambda x, w, ids: jnp.dot(x, w[0], preferred_element_type=jnp.float32), False)}
 
 
 def rounds_of(form, rounds: int, hidden: int):
@@ -128,6 +133,7 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype)
     w = jax.random.normal(jax.random.key(0), (args.experts, args.dim, args.hidden), dtype)
     w_t = jnp.swapaxes(w, 1, 2).copy()
+    forms = {**FORMS, **(DENSE_FORMS if args.experts == 1 else {})}
     on_gpu = jax.devices()[0].platform == "gpu"
     bandwidth = w1._copy_bandwidth() if on_gpu else None
     rows = []
@@ -135,7 +141,7 @@ def main() -> None:
         x = jax.random.normal(jax.random.key(1), (slots, args.dim), dtype)
         ids = jnp.sort(jax.random.randint(jax.random.key(slots), (args.rounds, slots), 0, args.experts), axis=1)
         results, times = {}, {}
-        for name, (form, transposed) in FORMS.items():
+        for name, (form, transposed) in forms.items():
             fn = rounds_of(form, args.rounds, args.hidden)
             inputs = (x, w_t if transposed else w, ids)
             try:
@@ -152,9 +158,9 @@ def main() -> None:
         ideal = touched * args.dim * args.hidden * dtype.itemsize / bandwidth if bandwidth else None
         rows.append((slots, times, ideal))
     device_text = jax_device()
-    names = list(FORMS)
+    names = list(forms)
     lines = [
-        f"### One expert projection for few slots, {len(FORMS)} formulations ({datetime.date.today()}, commit {git_commit()})",
+        f"### One expert projection for few slots, {len(forms)} formulations ({datetime.date.today()}, commit {git_commit()})",
         "",
         f"Device: {device_text}; JAX {jax.__version__}; `python bench/expert_projection_forms.py "
         f"{' '.join(sys.argv[1:])}`; {args.experts} experts, {args.dim} x {args.hidden}, {args.dtype}; "

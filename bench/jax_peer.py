@@ -7,7 +7,8 @@ Nothing of it is vendored: `--jax-peer DIR` names the `qwen3` directory of
 a jax-llm-examples checkout (Apache-2.0), whose commit the results name
 (DIR/../COMMIT, or its git HEAD). Its settings here: bfloat16 weights, an
 unquantized KV cache (its default is int8), its non-TPU kernels (none of
-its Pallas kernels runs on GPUs), a one-device mesh.
+its Pallas kernels runs on GPUs), a one-device mesh; one helper of its
+replaced (`segment_ids_to_positions`, below) to run under JAX 0.11.
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ def peer_commit(peer_dir: str) -> str:
                           capture_output=True, text=True).stdout.strip() or "unknown"
 
 
+def segment_ids_to_positions(segment_ids):
+    """The peer's `segment_ids_to_positions` for the segment ids it makes
+    (per row, a run of ones with padding zeros before or after it: each
+    token's index within its run; checked equal to the original's on such
+    rows under JAX 0.10), from ops that keep their input's sharding.
+    Under JAX 0.11 the peer's own (an `associative_scan` over the ids and
+    `zeros_like` of them) raises "All operands should have the same
+    sharding" on its explicit-axes mesh; it costs nothing in a decode step
+    either way (one [batch, 1] row)."""
+    import jax
+    import jax.numpy as jnp
+
+    ones = (segment_ids == segment_ids).astype(jnp.int32)
+    index = jnp.cumsum(ones, axis=-1) - 1
+    run_starts = jnp.concatenate([ones[:, :1], (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)],
+                                 axis=-1)
+    return index - jax.lax.cummax(index * run_starts, axis=segment_ids.ndim - 1)
+
+
 class Peer:
     """The peer's model loaded from HF `directory`, for sequences of up to
     `max_seq_len` tokens (its dense KV cache's length: each decode step
@@ -44,6 +64,8 @@ class Peer:
         sys.path.insert(0, peer_dir)
         from qwen3_jax import chkpt_utils, model as q3
         from safetensors.torch import load_file
+
+        q3.segment_ids_to_positions = segment_ids_to_positions
 
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)

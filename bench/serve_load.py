@@ -5,7 +5,9 @@ percentiles, and a plot. The server runs on loopback, started here once per
 setting (embedded experts, then each --deployment), or is one at --url.
 
     python bench/serve_load.py --model checkpoints/tiny-moe [--deployment configs/deploy/tiny-moe-2-servers.toml] \\
-        [--rate 8] [--requests 200] [--max-seconds 300] [--plot serve_load.png] [--append bench/RESULTS.md]
+        [--rate 8] [--requests 200] [--max-seconds 300] [--plot serve_load.png] [--raw requests.json]
+        [--append bench/RESULTS.md]
+    python bench/serve_load.py --plot-from requests.json --plot serve_load.png   # redraw an earlier run's plot
 
 Bounded in count (--requests) and time (--max-seconds: requests not sent by
 then are not sent; the report says how many ran). Needs httpx (the test extra).
@@ -207,8 +209,17 @@ def main() -> None:
                     help="seconds to wait at most for the server's background warm-up before loading it")
     ap.add_argument("--server-args", default="", help="more `eaas-jax serve` flags, one string")
     ap.add_argument("--plot", help="write a PNG of the latency distributions")
+    ap.add_argument("--raw", help="write each setting's requests (send and token arrival times) and summary here, "
+                                  "as JSON, to redraw the plot elsewhere")
+    ap.add_argument("--plot-from", metavar="RAW", help="only draw --plot from a --raw file of an earlier run")
     ap.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
     args = ap.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            ap.error("--plot-from needs --plot")
+        with open(args.plot_from) as f:
+            plot({label: (run["requests"], run["summary"]) for label, run in json.load(f).items()}, args.plot)
+        return
     settings = [("given server", None)] if args.url else \
         [("embedded", None)] + [(os.path.basename(d), d) for d in args.deployment]
     runs = {}
@@ -238,6 +249,10 @@ def main() -> None:
         runs[label] = (results, {**summarize(results, seconds), **server, "warm_up_wait_s": warm_up_seconds,
                                  "step_time_share": server["step_seconds"] / seconds})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
+    if args.raw:
+        with open(args.raw, "w") as f:
+            json.dump({label: {"requests": results, "summary": summary}
+                       for label, (results, summary) in runs.items()}, f)
     first = next(iter(runs.values()))[1]
 
     def ms(value):

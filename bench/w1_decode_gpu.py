@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 
-from _results import REPO, finished_phases, git_commit, publish, run_phase as run_in_process
+from _results import REPO, append_rows, finished_phases, git_commit, publish, run_phase as run_in_process
 PROMPT_LEN = 128
 W1 = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -198,7 +198,72 @@ def profile_decode(engine, batch: int, steps: int) -> dict:
         summary = device_kernel_times(log_dir, PROFILED_STEPS)
     while engine.has_unfinished_requests():
         engine.step_finished()
+    origins = {}
+    for shape in decode_shapes(engine, batch):
+        origins.update(fusion_origins(engine.runner.optimized_hlo(shape)))
+    for kernel in summary["top"]:
+        kernel["origin"] = origins.get(kernel["name"], "")
     return {"batch": batch, **summary}
+
+
+def decode_shapes(engine, batch: int) -> list:
+    """The greedy decode programs compiled for `batch` rows (runner.StepShape)."""
+    from eaas_jax.engine.runner import bucket
+
+    return [shape for shape in engine.runner.step_memory if shape.seq == 1 and shape.batch == bucket(batch)
+            and shape.greedy]
+
+
+def fusion_origins(hlo: str) -> dict[str, str]:
+    """Kernel name -> the source line its fusion came from ("file.py:line
+    function", the innermost frame, and the innermost in eaas_jax/ when that
+    one is in a library), read off a compiled program's HLO text. A GPU
+    kernel is named after its fusion with '.' and '-' as '_'; custom calls
+    (Pallas kernels) are named by their own code and are not here."""
+    import re
+
+    def table(name: str) -> dict[int, str]:
+        found = re.search(rf"^{name}\n((?:\d+ .*\n)+)", hlo, re.M)
+        return dict((int(i), rest) for i, rest in (line.split(" ", 1) for line in found.group(1).splitlines())) \
+            if found else {}
+
+    def fields(text: str) -> dict[str, int]:
+        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
+
+    files = {i: v.strip('"') for i, v in table("FileNames").items()}
+    functions = {i: v.strip('"') for i, v in table("FunctionNames").items()}
+    locations = {i: fields(v) for i, v in table("FileLocations").items()}
+    frames = {i: fields(v) for i, v in table("StackFrames").items()}
+
+    def where(path: str, line: int, function: str = "") -> str:
+        return f"{os.path.basename(path)}:{line} {function}".strip()
+
+    def frame_origin(frame: int) -> str:
+        chain, seen = [], set()
+        while frame in frames and frame not in seen:  # innermost first
+            seen.add(frame)
+            loc = locations[frames[frame]["file_location_id"]]
+            chain.append((files[loc["file_name_id"]], loc["line"], functions[loc["function_name_id"]]))
+            # printed one past its parent's id (read off programs of this
+            # repo: a frame's parent is then its caller's line); 0: none
+            frame = frames[frame]["parent_frame_id"] - 1
+        ours = next((c for c in chain if "eaas_jax" in c[0]), None)
+        names = [where(*chain[0])] if chain else []
+        return " < ".join(names + ([where(*ours)] if ours and ours != chain[0] else []))
+
+    origins = {}
+    for line in hlo.splitlines():
+        found = re.match(r"\s*%?([\w.\-]+) = .*\bfusion\(.*metadata=\{([^}]*)\}", line)
+        if not found:
+            continue
+        metadata = found.group(2)
+        frame = re.search(r"stack_frame_id=(\d+)", metadata)
+        source = re.search(r'source_file="([^"]*)" source_line=(\d+)', metadata)  # older HLO text
+        origin = frame_origin(int(frame.group(1))) if frame else where(source.group(1), int(source.group(2))) \
+            if source else ""
+        if origin:
+            origins[re.sub(r"[.\-]", "_", found.group(1))] = origin
+    return origins
 
 
 def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
@@ -411,9 +476,10 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
         f"{label}, one decode step at batch {profile['batch']}: {profile['device_us_per_step']:.0f} µs of kernels "
         f"({profile['kernels_per_step']:.0f} kernels on {', '.join(profile['device_processes'])}'s streams).",
         "",
-        "| kernel | µs per step | calls per step |",
-        "|---|---|---|",
-        *(f"| `{k['name']}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} |" for k in profile["top"][:top]),
+        "| kernel | µs per step | calls per step | from (the fusion's source line) |",
+        "|---|---|---|---|",
+        *(f"| `{k['name']}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} | {k.get('origin', '')} |"
+          for k in profile["top"][:top]),
     ]
 
 
@@ -536,6 +602,34 @@ def main() -> None:
         if "profile" in run:
             lines += ["", *profile_lines(label, run["profile"])]
     publish(lines, args.append)
+    if args.append:
+        command = f"python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}"
+        append_rows(os.path.join(REPO, "bench", "results", "w1_decode_gpu.jsonl"), result_rows(
+            ours, peer, jax_peer, batches, args.steps, dict(device=f"1 x {device}", date=str(datetime.date.today()),
+                                                          commit=commit, command=command)))
+
+
+def result_rows(ours: dict, hf: dict, jax_peer: dict | None, batches: list[int], steps: int, common: dict) -> list[dict]:
+    """bench/results rows of a run: the engine's step per batch against the
+    JAX peer's (else transformers'; ratio: ours / the peer's, under 1 is
+    faster), with the roofline's share, transformers' step and the greedy
+    agreement beside it."""
+    rows = []
+    for batch in batches:
+        o, h = ours[f"b{batch}"], hf[f"b{batch}"]
+        j = jax_peer[f"b{batch}"] if jax_peer else None
+        peer_step = j["median"] if j else h["step"]
+        roofline = roofline_bytes(batch, steps) / ours["bandwidth"]
+        memory = o.get("step_memory")
+        rows.append(dict(
+            metric="w1_decode_step", batch=batch, value=o["median"] * 1e3, unit="ms",
+            peer="jax-llm-examples qwen3" if j else "transformers", peer_value=peer_step * 1e3,
+            ratio=o["median"] / peer_step, roofline_ms=roofline * 1e3, of_roofline=roofline / o["median"],
+            transformers_ms=h["step"] * 1e3, tokens_equal_transformers=tokens_equal(o["tokens0"], h["tokens0"]),
+            **({"jax_peer_tokens_equal_transformers": tokens_equal(j["tokens0"], h["tokens0"])} if j else {}),
+            step_peak_bytes=memory and memory["arguments"] + memory["new_outputs"] + memory["scratch"],
+            compiling_steps=o["compiling_steps"], **common))
+    return rows
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatc
     calls = []
     monkeypatch.setattr(em, "differentiable_kernel", lambda *a: calls.append(a[3:]) or em.gathered_einsum(*a[:3]))
     x, w, ids = _inputs(2, 64, 32, experts=3, dtype=jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     em.expert_matvec(x, w, ids)
     assert calls == []  # the CPU: the einsum
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

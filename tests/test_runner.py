@@ -328,3 +328,13 @@ def test_each_compiled_step_records_its_device_memory(model, runner):
     assert weights + kv_cache <= one.arguments < weights + kv_cache + 4096
     assert one.new_outputs < kv_cache // 2
     assert many.peak > one.peak and many.scratch + many.new_outputs > one.scratch + one.new_outputs
+
+
+def test_optimized_hlo_names_the_compiled_steps_fusions_and_their_source(runner):
+    """A device profile names a step's kernels after XLA's fusions; the
+    optimized HLO says which model line each came from (bench/w1_decode_gpu.py)."""
+    shape = runner.prepare_inputs(_rows([[5]], [3], [[1]]), 0, None)[0]
+    runner.dispatch(_rows([[5]], [3], [[1]]), 0).fetch()
+    hlo = runner.optimized_hlo(shape)
+    assert hlo.startswith("HloModule") and re.search(r"= .*\bfusion\(.*metadata=", hlo)  # optimized: fused
+    assert "eaas_jax/model/attention.py" in hlo  # where its ops came from

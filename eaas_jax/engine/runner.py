@@ -432,6 +432,18 @@ class ModelRunner:
                 self._labels[shape] = self.experts.traced_exchanges()
             return lowered, self._labels[shape]
 
+    def _lower_against_cache_spec(self, shape: StepShape, args, static):
+        # The KV cache is donated to each step: lower against its spec.
+        return self._lower(shape, (*args[:2], self._kv_cache_spec, *args[3:]), static)
+
+    def optimized_hlo(self, shape: StepShape) -> str:
+        """The step program of `shape` as XLA optimized it, as HLO text: its
+        fusions are the kernels a device profile names, each with the source
+        line it came from (bench/w1_decode_gpu.py's profile reads them). Lowers
+        and compiles it again (quick where the compile cache is on)."""
+        args, static = self._placeholder_inputs(shape)
+        return self._lower_against_cache_spec(shape, args, static)[0].compile().as_text()
+
     def _placeholder_rows(self, shape: StepShape) -> StepRows:
         """Rows whose step has `shape` (their values are never run)."""
         row = {"temperature": 0.0 if shape.greedy else 1.0, "banned": [0] * shape.banned}
@@ -440,13 +452,17 @@ class ModelRunner:
         return StepRows([[0] * shape.seq] * shape.batch, [0] * shape.batch, [[0] * shape.blocks] * shape.batch,
                         [row] * shape.batch)
 
+    def _placeholder_inputs(self, shape: StepShape) -> tuple[tuple, dict]:
+        """The step's (args, static options) for `shape`, of placeholder rows."""
+        _, args, static = self.prepare_inputs(self._placeholder_rows(shape), shape.logprobs, None,
+                                              shape.prompt_logprobs)
+        return args, static
+
     def _compile(self, shape: StepShape, args, static) -> list[tuple[int, int]]:
         """Compiles the step program of `shape` (jit's caches keep it for the
         step's own call); returns its exchanges' labels."""
-        # The KV cache is donated to each step: compile against its spec.
-        args = (*args[:2], self._kv_cache_spec, *args[3:])
         start = time.monotonic()
-        lowered, labels = self._lower(shape, args, static)
+        lowered, labels = self._lower_against_cache_spec(shape, args, static)
         memory = self.step_memory[shape] = StepMemory.of(lowered.compile())
         log.info("compiled model step %s in %.1f s%s", shape, time.monotonic() - start,
                  f" ({memory.peak / 2**30:.2f} GiB of device memory at its peak)" if memory else "")
@@ -496,8 +512,7 @@ class ModelRunner:
         pool = self._background_pool() if background else CompilePool(_compile_threads(), "eaas-compile")
         try:
             for shape in shapes:
-                _, args, static = self.prepare_inputs(self._placeholder_rows(shape), shape.logprobs, None,
-                                                      shape.prompt_logprobs)
+                args, static = self._placeholder_inputs(shape)
                 futures.append(self._compiling(shape, args, static, pool)[0])
                 if on_done is not None:
                     futures[-1].add_done_callback(on_done)
