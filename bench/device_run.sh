@@ -5,7 +5,7 @@
 #
 #   [DIR=.devrun] [LIMIT=590] [USE_CARRIED=1] [MPS=1] bash bench/device_run.sh PART...
 #
-# Parts (each logs to $OUT/PART.log; the W1 checkpoint is made once per
+# Parts (each logs to PART.log, in back.tar.gz; the W1 checkpoint is made once per
 # machine, in /tmp):
 #   ibgda_tests  tests/test_ibgda_gpu.py
 #   gpu_tests    the expert kernels' tests compiled for the GPU (tests/test_expert_matvec.py, tests/test_moe.py)
@@ -34,7 +34,7 @@ OUT=${OUT:-/tmp/device-out}
 # (`git rev-parse --short HEAD > DIR/commit`).
 COMMIT=$(cat "$DIR/commit" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
 W1=/tmp/w1-qwen3-moe-8l
-RAW=/tmp/raw/$COMMIT  # finished W1 phases of this commit, for --resume
+RAW=/tmp/raw/$COMMIT  # finished W1 phases of this commit (for --resume), and serve_load's requests
 mkdir -p "$OUT" "$RAW"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -60,6 +60,7 @@ fi
 finish() {
   [ -n "$MPS_STARTED" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps nvidia-cuda-mps-control
   diff /tmp/RESULTS.before bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new.md"
+  rm -rf /tmp/back  # (what an earlier call on this machine left, if it was cut)
   mkdir -p /tmp/back/device-logs /tmp/back/bench/results
   cp "$OUT"/*.log /tmp/back/device-logs/ 2>/dev/null
   cp -r "$RAW" /tmp/back/device-logs/raw

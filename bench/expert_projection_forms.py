@@ -17,6 +17,8 @@ x[s] @ w[ids[s]]. Forms:
                                 tiles (128) and 8 parts of dim, 4 warps; "Pallas N/P/Ww" the same
                                 with tiles of N, P parts, W warps; "r64" loads of 64 rows (not 32),
                                 "S stages" Triton's software pipelining of the loads;
+                                "2 banks" the default setting over two banks in one call (the
+                                gathered path's gate and up), its time halved: per projection;
   grouped matmul                eaas_jax's grouped_matmul over every expert (tokamax on GPUs);
   dense dot                     with --experts 1 only: x @ w[0], what XLA makes of a dense layer's
                                 projection at these rows (the other forms then time a dense
@@ -46,7 +48,7 @@ sys.path.insert(0, REPO)
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
-from eaas_jax.kernels.expert_matvec import ROWS, pallas_expert_matvec  # noqa: E402
+from eaas_jax.kernels.expert_matvec import ROWS, kernel_plan, pallas_expert_matvec  # noqa: E402
 from eaas_jax.kernels.grouped_matmul import grouped_matmul  # noqa: E402
 
 SPLITS = 16
@@ -81,8 +83,18 @@ def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, rows: int = ROW
     """The package's expert matvec kernel (`eaas_jax.kernels.expert_matvec`,
     which picks its tile and parts by `kernel_plan`, with 4 warps) at a given
     setting (a ValueError where it does not tile the shape); interpreted off GPUs."""
-    return pallas_expert_matvec(x, w, ids, tile, parts, rows=rows, num_warps=num_warps, num_stages=num_stages,
-                                interpret=jax.default_backend() != "gpu")
+    return pallas_expert_matvec(x, (w,), ids, tile, parts, rows=rows, num_warps=num_warps, num_stages=num_stages,
+                                interpret=jax.default_backend() != "gpu")[0]
+
+
+def pallas_two_banks(x, banks, ids):
+    """The package's kernel over two banks in one call (the gathered path's
+    gate and up projections); the first bank's product (the second's is
+    computed all the same: a kernel's outputs are not dropped)."""
+    plan = kernel_plan(*banks[0].shape[1:])
+    if plan is None:
+        raise ValueError(f"the kernel does not tile a {list(banks[0].shape[1:])} projection")
+    return pallas_expert_matvec(x, banks, ids, *plan, interpret=jax.default_backend() != "gpu")[0]
 
 
 def grouped(x, w, ids):
@@ -92,10 +104,13 @@ def grouped(x, w, ids):
     return jnp.zeros_like(out).at[order].set(out)
 
 
-#: name -> (function, whether it takes the weights transposed: [E, hidden, dim])
+#: name -> (function, the weights it takes: False [E, dim, hidden], True
+#: transposed [E, hidden, dim], TWO_BANKS two [E, dim, hidden] banks, timed per projection)
+TWO_BANKS = "two banks"
 FORMS = {"einsum": (einsum, False), "column sum": (column_sum, False),
          "split column sum": (split_column_sum, False), "row sum (transposed)": (row_sum, True),
          "per-slot matvec (transposed)": (per_slot_matvec, True), "Pallas matvec": (pallas_matvec, False),
+         "Pallas 2 banks": (pallas_two_banks, TWO_BANKS),
          # its tile shape, contraction parts and warps varied: which setting reads at memory speed
          "Pallas 256/8/8w": (functools.partial(pallas_matvec, tile=256, num_warps=8), False),
          "Pallas 128/16/4w": (functools.partial(pallas_matvec, parts=16), False),
@@ -132,7 +147,7 @@ def main() -> None:
         ap.error(f"--dim must be a multiple of {SPLITS}")
     dtype = jnp.dtype(args.dtype)
     w = jax.random.normal(jax.random.key(0), (args.experts, args.dim, args.hidden), dtype)
-    w_t = jnp.swapaxes(w, 1, 2).copy()
+    weights = {False: w, True: jnp.swapaxes(w, 1, 2).copy(), TWO_BANKS: (w, w[::-1].copy())}
     forms = {**FORMS, **(DENSE_FORMS if args.experts == 1 else {})}
     on_gpu = jax.devices()[0].platform == "gpu"
     bandwidth = w1._copy_bandwidth() if on_gpu else None
@@ -141,15 +156,15 @@ def main() -> None:
         x = jax.random.normal(jax.random.key(1), (slots, args.dim), dtype)
         ids = jnp.sort(jax.random.randint(jax.random.key(slots), (args.rounds, slots), 0, args.experts), axis=1)
         results, times = {}, {}
-        for name, (form, transposed) in forms.items():
+        for name, (form, layout) in forms.items():
             fn = rounds_of(form, args.rounds, args.hidden)
-            inputs = (x, w_t if transposed else w, ids)
+            inputs = (x, weights[layout], ids)
             try:
                 results[name] = np.asarray(fn(*inputs))
             except ValueError as e:  # a kernel setting this shape does not divide
                 print(f"{name}: {e}", file=sys.stderr)
                 continue
-            times[name] = median_seconds(fn, inputs, args.iters) / args.rounds
+            times[name] = median_seconds(fn, inputs, args.iters) / args.rounds / (2 if layout == TWO_BANKS else 1)
         reference = results["einsum"]
         scale = np.abs(reference).max()
         for name, out in results.items():  # one function: a wrong form would time nothing useful
@@ -180,7 +195,8 @@ def main() -> None:
         append_rows(os.path.join(REPO, "bench", "results", "expert_projection_forms.jsonl"), [
             dict(metric=f"expert_projection_{name.split(' (')[0].replace(' ', '_').replace('/', '_')}", batch=s, value=t[name],
                  peer="grouped matmul", peer_value=t["grouped matmul"], ratio=t[name] / t["grouped matmul"],
-                 ideal=i, **common) for s, t, i in rows for name in names if name in t])
+                 ideal=i, experts=args.experts, dim=args.dim, hidden=args.hidden, **common)
+            for s, t, i in rows for name in names if name in t])
 
 
 if __name__ == "__main__":

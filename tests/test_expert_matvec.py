@@ -36,7 +36,7 @@ def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, toleranc
     tile, every part of the contraction summed once."""
     x, w, ids = _inputs(5, k, n, experts=6, dtype=dtype)
     tile, parts = em.kernel_plan(k, n)
-    got = em.pallas_expert_matvec(x, w, ids, tile, parts, interpret=True)
+    (got,) = em.pallas_expert_matvec(x, (w,), ids, tile, parts, interpret=True)
     assert got.dtype == jnp.float32 and got.shape == (5, n)
     expected = _reference(x, w, ids)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
@@ -45,7 +45,9 @@ def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, toleranc
 def test_the_kernel_refuses_a_tiling_that_would_drop_rows():
     x, w, ids = _inputs(2, 96, 32, experts=2, dtype=jnp.float32)
     with pytest.raises(ValueError, match="does not tile"):
-        em.pallas_expert_matvec(x, w, ids, 32, 1, rows=64, interpret=True)
+        em.pallas_expert_matvec(x, (w,), ids, 32, 1, rows=64, interpret=True)
+    with pytest.raises(ValueError, match="shapes differ"):
+        em.pallas_expert_matvec(x, (w, w[:, :64]), ids, 16, 1, interpret=True)
 
 
 def test_the_kernels_gradients_are_the_einsums():
@@ -55,7 +57,7 @@ def test_the_kernels_gradients_are_the_einsums():
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w) * probe)
 
-    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, w, ids, *em.kernel_plan(64, 32), True)),
+    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, (w,), ids, *em.kernel_plan(64, 32), True)[0]),
                     argnums=(0, 1))(x, w)
     theirs = jax.grad(loss(lambda x, w: em.gathered_einsum(x, w, ids)), argnums=(0, 1))(x, w)
     for a, b in zip(ours, theirs):
@@ -63,9 +65,36 @@ def test_the_kernels_gradients_are_the_einsums():
     assert np.abs(np.asarray(ours[1])).sum(axis=(1, 2)).min() == 0  # an expert no slot used gets no gradient
 
 
+def test_one_kernel_over_several_banks_gives_each_banks_product_and_gradients():
+    """Guards the kernel's bank and output order (gate and up in one call):
+    each output is its own bank's product, and so are the gradients."""
+    x, w, ids = _inputs(4, 128, 64, experts=5, dtype=jnp.float32, seed=3)
+    other = jax.random.normal(jax.random.key(9), w.shape)
+    plan = em.kernel_plan(128, 64)
+    first, second = em.pallas_expert_matvec(x, (w, other), ids, *plan, interpret=True)
+    for got, bank in ((first, w), (second, other)):
+        expected = _reference(x, bank, ids)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    probes = jax.random.normal(jax.random.key(4), (2, 4, 64))
+
+    def loss(f):
+        return lambda x, w, other: sum(jnp.sum(out * probe) for out, probe in zip(f(x, w, other), probes))
+
+    ours = jax.grad(loss(lambda x, w, other: em.differentiable_kernel(x, (w, other), ids, *plan, True)),
+                    argnums=(0, 1, 2))(x, w, other)
+    theirs = jax.grad(loss(lambda x, w, other: (em.gathered_einsum(x, w, ids), em.gathered_einsum(x, other, ids))),
+                      argnums=(0, 1, 2))(x, w, other)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatch):
     calls = []
-    monkeypatch.setattr(em, "differentiable_kernel", lambda *a: calls.append(a[3:]) or em.gathered_einsum(*a[:3]))
+    def recording(x, banks, ids, *plan):
+        calls.append(plan)
+        return tuple(em.gathered_einsum(x, w, ids) for w in banks)
+
+    monkeypatch.setattr(em, "differentiable_kernel", recording)
     x, w, ids = _inputs(2, 64, 32, experts=3, dtype=jnp.float32)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     em.expert_matvec(x, w, ids)
@@ -82,6 +111,9 @@ def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatc
 @pytest.mark.parametrize("k, n", [(2048, 768), (768, 2048), (96, 48)])
 def test_the_compiled_kernel_matches_the_reference_on_a_gpu(k, n):
     x, w, ids = _inputs(8, k, n, experts=16, dtype=jnp.bfloat16)
-    got = jax.jit(em.expert_matvec)(x, w, ids)
-    expected = _reference(x, w, ids)
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+    other = jax.random.normal(jax.random.key(5), w.shape, w.dtype)
+    one = jax.jit(em.expert_matvec)(x, w, ids)
+    pair = jax.jit(em.expert_matvecs)(x, (w, other), ids)  # the gate and up projections' call
+    for got, bank in ((one, w), (pair[0], w), (pair[1], other)):
+        expected = _reference(x, bank, ids)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())

@@ -432,15 +432,18 @@ class ModelRunner:
                 self._labels[shape] = self.experts.traced_exchanges()
             return lowered, self._labels[shape]
 
-    def _lower_against_cache_spec(self, shape: StepShape, args, static):
-        # The KV cache is donated to each step: lower against its spec.
+    def _lower_against_cache_spec(self, shape: StepShape, args, static
+                                  ) -> tuple[jax.stages.Lowered, list[tuple[int, int]]]:
+        """`_lower` with the KV cache's spec for the cache (which each step is
+        donated, so the program is compiled against its spec, not an array)."""
         return self._lower(shape, (*args[:2], self._kv_cache_spec, *args[3:]), static)
 
     def optimized_hlo(self, shape: StepShape) -> str:
         """The step program of `shape` as XLA optimized it, as HLO text: its
         fusions are the kernels a device profile names, each with the source
         line it came from (bench/w1_decode_gpu.py's profile reads them). Lowers
-        and compiles it again (quick where the compile cache is on)."""
+        it again; JAX's in-memory cache of compiled programs then returns the
+        step's own executable, without compiling."""
         args, static = self._placeholder_inputs(shape)
         return self._lower_against_cache_spec(shape, args, static)[0].compile().as_text()
 

@@ -2,7 +2,9 @@
 only the routed experts' weights.
 
 This is the gathered path of `routed_experts` (decode at small batch: fewer
-slots than experts). Every platform goes through `expert_matvec`, which picks:
+slots than experts). Every platform goes through `expert_matvec` (one bank)
+or `expert_matvecs` (several banks of one shape, the same rows and ids: an
+expert's gate and up projections), which pick:
 
 - on GPUs, a Pallas kernel (Triton) that reads each slot's expert's rows of
   the [E, in, out] bank in place: no gathered copy of the weights is written
@@ -31,21 +33,32 @@ TILES = (128, 64, 32, 16)
 PARTS = (8, 4, 2, 1)
 
 
-def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array) -> jax.Array:
+def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, *, interpret: bool = False) -> jax.Array:
     """out[s] = x[s] @ w[ids[s]].
 
     Args:
       x: [S, K] one row per slot.
       w: [E, K, N] the expert bank.
       ids: [S] int, each in [0, E).
+      interpret: run the kernel on any platform, interpreted, where the
+        shape tiles (tests).
 
     Returns:
       [S, N] float32.
     """
-    plan = kernel_plan(*w.shape[1:])
-    if jax.default_backend() == "gpu" and plan is not None and x.shape[0]:  # (no grid of 0 programs)
-        return differentiable_kernel(x, w, ids, *plan, False)
-    return gathered_einsum(x, w, ids)
+    return expert_matvecs(x, (w,), ids, interpret=interpret)[0]
+
+
+def expert_matvecs(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, *,
+                   interpret: bool = False) -> tuple[jax.Array, ...]:
+    """`expert_matvec` of the same rows and ids by several banks of one shape
+    (an expert's gate and up projections): on GPUs one kernel reads them all,
+    so a layer launches fewer kernels and each program has more bytes in
+    flight (unmeasured against a call per bank as of 2026-12-06)."""
+    plan = kernel_plan(*banks[0].shape[1:])
+    if (interpret or jax.default_backend() == "gpu") and plan is not None and x.shape[0]:  # (no grid of 0 programs)
+        return differentiable_kernel(x, tuple(banks), ids, *plan, interpret)
+    return tuple(gathered_einsum(x, w, ids) for w in banks)
 
 
 def gathered_einsum(x: jax.Array, w: jax.Array, ids: jax.Array) -> jax.Array:
@@ -62,71 +75,80 @@ def kernel_plan(k: int, n: int) -> tuple[int, int] | None:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def differentiable_kernel(x, w, ids, tile: int, parts: int, interpret: bool) -> jax.Array:
+def differentiable_kernel(x, banks, ids, tile: int, parts: int, interpret: bool) -> tuple[jax.Array, ...]:
     """`pallas_expert_matvec` with gradients: a pallas_call has no
     differentiation rule, so the backward pass is the einsum's (training
     steps of few tokens also take the gathered path)."""
-    return pallas_expert_matvec(x, w, ids, tile, parts, interpret=interpret)
+    return pallas_expert_matvec(x, banks, ids, tile, parts, interpret=interpret)
 
 
-def _kernel_forward(x, w, ids, tile, parts, interpret):
-    return differentiable_kernel(x, w, ids, tile, parts, interpret), (x, w, ids)
+def _kernel_forward(x, banks, ids, tile, parts, interpret):
+    return differentiable_kernel(x, banks, ids, tile, parts, interpret), (x, banks, ids)
 
 
-def _kernel_backward(tile, parts, interpret, residuals, cotangent):
-    x, w, ids = residuals
-    _, vjp = jax.vjp(lambda x, w: gathered_einsum(x, w, ids), x, w)
-    return (*vjp(cotangent), None)
+def _kernel_backward(tile, parts, interpret, residuals, cotangents):
+    x, banks, ids = residuals
+    _, vjp = jax.vjp(lambda x, banks: tuple(gathered_einsum(x, w, ids) for w in banks), x, banks)
+    return (*vjp(tuple(cotangents)), None)
 
 
 differentiable_kernel.defvjp(_kernel_forward, _kernel_backward)
 
 
-def pallas_expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, tile: int, parts: int, *,
+def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, tile: int, parts: int, *,
                          rows: int = ROWS, num_warps: int = 4, num_stages: int | None = None,
-                         interpret: bool = False) -> jax.Array:
-    """`expert_matvec` as a Pallas kernel: a program per (slot, output tile,
-    contraction part), its partial sums added after. `kernel_plan` gives a
-    valid (tile, parts) for the default `rows` per load; num_warps (4
-    measured best overall of 2/4/8) and num_stages (Triton's software
-    pipelining of the loads; None: its default) per program on GPUs;
-    interpret=True runs it anywhere (tests)."""
+                         interpret: bool = False) -> tuple[jax.Array, ...]:
+    """`expert_matvecs` as a Pallas kernel: a program per (slot, output tile,
+    contraction part) reads that part of the slot's expert's rows in every
+    bank; the parts' sums are added after. `kernel_plan` gives a valid
+    (tile, parts) for the default `rows` per load; num_warps (4 measured best
+    overall of 2/4/8) and num_stages (Triton's software pipelining of the
+    loads; None: its default) per program on GPUs; interpret=True runs it
+    anywhere (tests)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     slots, k = x.shape
-    num_experts, _, n = w.shape
+    num_experts, _, n = banks[0].shape
+    if any(w.shape != banks[0].shape for w in banks):
+        raise ValueError(f"the banks' shapes differ: {[w.shape for w in banks]}")
     if n % tile or k % parts or (k // parts) % rows:
         raise ValueError(f"a [{k}, {n}] projection does not tile into {parts} parts of {rows}-row loads "
                          f"and outputs of {tile}")
-    out = pl.pallas_call(
+    # the whole bank: the kernel loads its slot's expert's tiles itself
+    bank_spec = pl.BlockSpec((num_experts, k, n), lambda s, j, p: (0, 0, 0))
+    out_spec = pl.BlockSpec((None, None, tile), lambda s, j, p: (p, s, j))
+    outs = pl.pallas_call(
         functools.partial(_matvec_kernel, chunk=k // parts, tile=tile, rows=rows),
         grid=(slots, n // tile, parts),
-        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)),
-                  pl.BlockSpec((None, k), lambda s, j, p: (s, 0)),
-                  # the whole bank: the kernel loads its slot's expert's tiles itself
-                  pl.BlockSpec((num_experts, k, n), lambda s, j, p: (0, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, tile), lambda s, j, p: (p, s, j)),
-        out_shape=jax.ShapeDtypeStruct((parts, slots, n), jnp.float32),
+        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)), pl.BlockSpec((None, k), lambda s, j, p: (s, 0)),
+                  *[bank_spec] * len(banks)],
+        out_specs=[out_spec] * len(banks),
+        out_shape=[jax.ShapeDtypeStruct((parts, slots, n), jnp.float32)] * len(banks),
         # Triton, not Mosaic GPU (which would stage the whole bank in shared memory)
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(ids.astype(jnp.int32), x, w)
-    return out.sum(axis=0)
+    )(ids.astype(jnp.int32), x, *banks)
+    return tuple(out.sum(axis=0) for out in outs)
 
 
-def _matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, chunk: int, tile: int, rows: int):
+def _matvec_kernel(ids_ref, x_ref, *refs, chunk: int, tile: int, rows: int):
     """One slot, one tile of outputs, one part (`chunk` rows) of the
-    contraction: `rows` rows of the expert's weights at a time, each row's
-    tile contiguous in memory, times the slot's inputs, summed over rows."""
+    contraction, in each bank (`refs`: the banks, then their outputs):
+    `rows` rows of the expert's weights at a time, each row's tile
+    contiguous in memory, times the slot's inputs, summed over rows."""
     from jax.experimental import pallas as pl
 
+    w_refs, out_refs = refs[:len(refs) // 2], refs[len(refs) // 2:]
     expert, j, part = ids_ref[0], pl.program_id(1), pl.program_id(2)
     columns = pl.ds(j * tile, tile)
 
-    def add_rows(i, acc):
+    def add_rows(i, sums):
         block = pl.ds(part * chunk + i * rows, rows)
-        weights = w_ref[expert, block, columns].astype(jnp.float32)
-        return acc + jnp.sum(x_ref[block].astype(jnp.float32)[:, None] * weights, axis=0)
+        inputs = x_ref[block].astype(jnp.float32)[:, None]
+        return tuple(total + jnp.sum(inputs * w_ref[expert, block, columns].astype(jnp.float32), axis=0)
+                     for total, w_ref in zip(sums, w_refs))
 
-    out_ref[...] = jax.lax.fori_loop(0, chunk // rows, add_rows, jnp.zeros((tile,), jnp.float32))
+    sums = jax.lax.fori_loop(0, chunk // rows, add_rows, tuple(jnp.zeros((tile,), jnp.float32) for _ in w_refs))
+    for out_ref, total in zip(out_refs, sums):
+        out_ref[...] = total

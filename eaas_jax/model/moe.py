@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eaas_jax.kernels.expert_matvec import expert_matvec
+from eaas_jax.kernels.expert_matvec import expert_matvec, expert_matvecs
 from eaas_jax.kernels.grouped_matmul import grouped_matmul
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import SwiGLU, linear
@@ -213,10 +213,8 @@ def _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> 
     ids = jnp.where(hosted, flat_ids, 0)
     rows = jnp.repeat(x, top_k, axis=0)  # slot s is token s // top_k
 
-    def project(inputs, w):
-        return expert_matvec(inputs, w, ids).astype(x.dtype)
-
-    hidden = jax.nn.silu(project(rows, gate_proj)) * project(rows, up_proj)
-    out_rows = project(hidden, down_proj).astype(jnp.float32)
+    gate, up = (out.astype(x.dtype) for out in expert_matvecs(rows, (gate_proj, up_proj), ids))
+    hidden = jax.nn.silu(gate) * up
+    out_rows = expert_matvec(hidden, down_proj, ids).astype(x.dtype).astype(jnp.float32)
     weighted = jnp.where(hosted[:, None], out_rows * weights.reshape(-1, 1).astype(jnp.float32), 0.0)
     return weighted.reshape(num_tokens, top_k, x.shape[-1]).sum(axis=1)
