@@ -11,6 +11,8 @@
 #   gpu_tests    the expert kernels' tests compiled for the GPU (tests/test_expert_matvec.py, tests/test_moe.py)
 #   ibgda_bench  bench/ibgda_gpu.py: round trips and the W1 step, ibgda vs cuda_ipc
 #   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS)
+#   disagg_profile  bench/disaggregated_profile.py: W1's step at batch 64, embedded vs client + expert server
+#                (cuda_ipc, one GPU: use MPS=1), each profiled
 #   forms        bench/expert_projection_forms.py at W1's two projection shapes
 #   dense_forms  the same for W1's query and output projections (one "expert") at 1-16 rows
 #   paths        bench/routed_experts_paths.py at W1's shapes
@@ -127,6 +129,8 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
         --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
         --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512 --warmup 48 64" \
         --plot bench/results/serve_load_w1.png --raw "$RAW/serve_load.json" --append bench/RESULTS.md ;;
+    disagg_profile) checkpoint && XLA_PYTHON_CLIENT_PREALLOCATE=false part disagg_profile \
+        python3 bench/disaggregated_profile.py --dir "$W1" --batch 64 --steps 16 --append bench/RESULTS.md ;;
     forms)
       part forms_gate_up python3 bench/expert_projection_forms.py --dim 2048 --hidden 768 --append bench/RESULTS.md
       part forms_down python3 bench/expert_projection_forms.py --dim 768 --hidden 2048 --append bench/RESULTS.md ;;

@@ -41,14 +41,15 @@ TRANSPORTS = ("cuda_ipc", "ibgda")
 PHASES = ("one", *TRANSPORTS)
 
 
-def deployment_file(directory: str, transport: str, dispatch_dtype: str, capacity: int) -> str:
-    """Every expert in one server process, on this GPU."""
+def deployment_file(directory: str, transport: str, dispatch_dtype: str, capacity: int, device: int = 0) -> str:
+    """Every expert in one server process, on GPU `device` (0: the client's;
+    shm: on the CPU)."""
     path = os.path.join(directory, f"w1-{transport}.toml")
     with open(path, "w") as f:
         f.write(f'name = "w1{transport.replace("_", "")}"\ntransport = "{transport}"\ncapacity = {capacity}\n'
                 f'timeout_ms = 120000\ndispatch_dtype = "{dispatch_dtype}"\n'
                 + ('nic = "model"\n' if transport == "ibgda" else "")
-                + '[[servers]]\nname = "experts"\ndevice = 0\n')
+                + '[[servers]]\nname = "experts"\n' + (f'device = {device}\n' if transport != "shm" else ""))
     return path
 
 
