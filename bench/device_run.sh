@@ -17,7 +17,7 @@
 #   dense_forms  the same for W1's query and output projections (one "expert") at 1-16 rows
 #   paths        bench/routed_experts_paths.py at W1's shapes
 #   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: the grouped path
-#                compared, batch 1 profiled)
+#                compared, batches 1 and 256 profiled)
 #   parity       bench/arch_parity.py
 # LIMIT is the call's time in seconds: each part gets what is left, and the
 # W1 runs keep their finished phases in /tmp/raw/COMMIT, so the same part in a next
@@ -142,7 +142,7 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
     paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
         --batches 1,4,16,32 --iters 10 --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
-        --dir "$W1" ${W1FLAGS:---compare-experts-paths --profile-batch 1} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
+        --dir "$W1" ${W1FLAGS:---compare-experts-paths --profile-batches 1,256} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
         --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
     parity) part parity python3 bench/arch_parity.py --append bench/RESULTS.md ;;
     *) echo "unknown part $p (see the top of bench/device_run.sh)" ;;

@@ -126,7 +126,7 @@ def kernels() -> dict:
             "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
 
 
-def phase_eaas(directory: str, batches: list[int], steps: int, profile_batch: int | None = None) -> dict:
+def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = ()) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine
 
@@ -139,8 +139,7 @@ def phase_eaas(directory: str, batches: list[int], steps: int, profile_batch: in
     for batch in batches:
         result[f"b{batch}"] = {**time_decode(engine, batch, steps), "step_memory": decode_step_memory(engine, batch)}
     result["memory"] = memory_facts(engine)
-    if profile_batch:
-        result["profile"] = profile_decode(engine, profile_batch, steps)
+    result["profiles"] = [profile_decode(engine, batch, steps) for batch in profile_batches]
     return result
 
 
@@ -185,7 +184,10 @@ def profile_decode(engine, batch: int, steps: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     for p in prompts(batch, engine.config.vocab_size):
         engine.add_request(p, params)
-    for _ in range(4):  # prefill and the first decode steps
+    prefilled: set[str] = set()
+    while len(prefilled) < batch:  # (in several steps at large batches)
+        prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    for _ in range(2):  # the first decode steps
         engine.step_finished()
     # Each step() queues the next step before it returns the last one's
     # tokens: the pauses let the step queued before the trace end before it
@@ -493,7 +495,7 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
     done = finished_phases(args.raw).get(name or phase) if args.resume else None
     if done and phase != "make" and all(f"b{b}" in done for b in args.batches.split(",")):
         return done
-    profile = ["--profile-batch", str(args.profile_batch)] if args.profile_batch and phase == "eaas" else []
+    profile = ["--profile-batches", args.profile_batches] if args.profile_batches and phase == "eaas" else []
     peer = ["--jax-peer", args.jax_peer] if phase == "jax" else []
     return run_in_process(
         [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps),
@@ -518,21 +520,22 @@ def main() -> None:
     parser.add_argument("--compare-experts-paths", action="store_true",
                         help="also time the engine with the grouped routed-experts path only "
                              "(EAAS_JAX_GATHERED_EXPERTS=off: no gathered path for few slots), in the same run")
-    parser.add_argument("--profile-batch", type=int,
-                        help="also profile decode steps at this batch: device time by kernel")
+    parser.add_argument("--profile-batches", default="",
+                        help="also profile decode steps at these batches (comma-separated): device time by kernel")
     parser.add_argument("--jax-peer", metavar="DIR",
                         help="also time jax-llm-examples' Qwen3 (the qwen3 directory of a checkout): bench/jax_peer.py")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    if args.profile_batch and args.profile_batch not in batches:
-        parser.error("--profile-batch must be one of --batches (a shape compiled before the trace)")
+    profile_batches = [int(b) for b in args.profile_batches.split(",") if b]
+    if not set(profile_batches) <= set(batches):
+        parser.error("--profile-batches must be among --batches (shapes compiled before the trace)")
     if args.compare_gather and args.compare_experts_paths:
         parser.error("--compare-gather and --compare-experts-paths: one variant a run")
     if args.phase == "make":
         print(json.dumps(phase_make(args.dir)))
         return
     if args.phase == "eaas":
-        print(json.dumps(phase_eaas(args.dir, batches, args.steps, args.profile_batch)))
+        print(json.dumps(phase_eaas(args.dir, batches, args.steps, profile_batches)))
         return
     if args.phase == "hf":
         print(json.dumps(phase_hf(args.dir, batches)))
@@ -565,7 +568,7 @@ def main() -> None:
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
     flags = "".join(f" --{flag.replace('_', '-')}" for flag in ("compare_gather", "compare_experts_paths")
-                    if getattr(args, flag)) + (f" --profile-batch {args.profile_batch}" if args.profile_batch else "") \
+                    if getattr(args, flag)) + (f" --profile-batches {args.profile_batches}" if args.profile_batches else "") \
         + (" --jax-peer DIR" if jax_peer else "")
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
@@ -603,8 +606,8 @@ def main() -> None:
         )
     lines += memory_lines(ours, batches)
     for label, run in (("eaas-jax", ours), *([variant] if variant else [])):
-        if "profile" in run:
-            lines += ["", *profile_lines(label, run["profile"])]
+        for profile in run.get("profiles", []):
+            lines += ["", *profile_lines(label, profile)]
     publish(lines, args.append)
     if args.append:
         command = f"python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}"
