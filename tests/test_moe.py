@@ -157,7 +157,10 @@ def test_expert_bank_skips_ids_it_does_not_host():
     np.testing.assert_allclose(got, only_valid)
     np.testing.assert_array_equal(got[3], 0.0)  # both of token 3's experts are foreign
     single = np.asarray(bank(x[1:2], jnp.array([[2, -1]]), jnp.array([[0.5, 0.5]])))
-    np.testing.assert_allclose(got[1], single[0], rtol=1e-6)
+    # 10 slots took the grouped path, these 2 the gathered one (on GPUs
+    # different kernels, summing in other orders): near-zero outputs need an
+    # absolute bound
+    np.testing.assert_allclose(got[1], single[0], rtol=1e-6, atol=1e-6 * np.abs(single).max())
 
 
 @pytest.mark.parametrize(
