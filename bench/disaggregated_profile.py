@@ -39,8 +39,7 @@ def phase(args) -> dict:
     from eaas_jax.control_plane.cluster import LocalCluster
     from eaas_jax.engine import Engine
 
-    engine_args = dict(dtype="bfloat16", max_num_seqs=args.batch, max_model_len=w1.PROMPT_LEN + args.steps + 16,
-                       block_size=16)
+    engine_args = w1.engine_options(args.batch, args.steps)
 
     def measure(**extra) -> dict:
         with Engine(args.dir, **engine_args, **extra) as engine:

@@ -48,7 +48,7 @@ sys.path.insert(0, REPO)
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
-from eaas_jax.kernels.expert_matvec import ROWS, kernel_plan, pallas_expert_matvec  # noqa: E402
+from eaas_jax.kernels.expert_matvec import ROWS, pallas_expert_matvec  # noqa: E402
 from eaas_jax.kernels.grouped_matmul import grouped_matmul  # noqa: E402
 
 SPLITS = 16
@@ -82,19 +82,13 @@ def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, rows: int = ROW
                   num_stages: int | None = None):
     """The package's expert matvec kernel (`eaas_jax.kernels.expert_matvec`,
     which picks its tile and parts by `kernel_plan`, with 4 warps) at a given
-    setting (a ValueError where it does not tile the shape); interpreted off GPUs."""
-    return pallas_expert_matvec(x, (w,), ids, tile, parts, rows=rows, num_warps=num_warps, num_stages=num_stages,
-                                interpret=jax.default_backend() != "gpu")[0]
-
-
-def pallas_two_banks(x, banks, ids):
-    """The package's kernel over two banks in one call (the gathered path's
-    gate and up projections); the first bank's product (the second's is
+    setting (a ValueError where it does not tile the shape); interpreted off
+    GPUs. `w` a tuple of banks: one call over all of them (the gathered
+    path's gate and up), the first one's product returned (the others' are
     computed all the same: a kernel's outputs are not dropped)."""
-    plan = kernel_plan(*banks[0].shape[1:])
-    if plan is None:
-        raise ValueError(f"the kernel does not tile a {list(banks[0].shape[1:])} projection")
-    return pallas_expert_matvec(x, banks, ids, *plan, interpret=jax.default_backend() != "gpu")[0]
+    banks = w if isinstance(w, tuple) else (w,)
+    return pallas_expert_matvec(x, banks, ids, tile, parts, rows=rows, num_warps=num_warps, num_stages=num_stages,
+                                interpret=jax.default_backend() != "gpu")[0]
 
 
 def grouped(x, w, ids):
@@ -110,7 +104,7 @@ TWO_BANKS = "two banks"
 FORMS = {"einsum": (einsum, False), "column sum": (column_sum, False),
          "split column sum": (split_column_sum, False), "row sum (transposed)": (row_sum, True),
          "per-slot matvec (transposed)": (per_slot_matvec, True), "Pallas matvec": (pallas_matvec, False),
-         "Pallas 2 banks": (pallas_two_banks, TWO_BANKS),
+         "Pallas 2 banks": (pallas_matvec, TWO_BANKS),
          # its tile shape, contraction parts and warps varied: which setting reads at memory speed
          "Pallas 256/8/8w": (functools.partial(pallas_matvec, tile=256, num_warps=8), False),
          "Pallas 128/16/4w": (functools.partial(pallas_matvec, parts=16), False),

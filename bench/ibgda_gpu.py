@@ -60,8 +60,7 @@ def phase(args) -> dict:
     from eaas_jax.engine import Engine
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine_args = dict(dtype="bfloat16", max_num_seqs=max(batches), max_model_len=w1.PROMPT_LEN + args.steps + 16,
-                       block_size=16, max_num_batched_tokens=8192)
+    engine_args = w1.engine_options(max(batches), args.steps)
 
     def measure(**extra) -> dict:
         with Engine(args.dir, **engine_args, **extra) as engine:

@@ -126,15 +126,21 @@ def kernels() -> dict:
             "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
 
 
+def engine_options(max_batch: int, steps: int) -> dict:
+    """The W1 benches' `Engine` options: bfloat16, room for `max_batch`
+    prompts of PROMPT_LEN and `steps` tokens, each batch's prompts prefilled
+    in few steps."""
+    return dict(dtype="bfloat16", max_num_seqs=max_batch, max_model_len=PROMPT_LEN + steps + 16, block_size=16,
+                max_num_batched_tokens=8192)
+
+
 def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = ()) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine
 
     result = {"bandwidth": _copy_bandwidth(), **kernels()}
     start = time.time()
-    engine = Engine(directory, dtype="bfloat16", max_num_seqs=max(batches),
-                    max_model_len=PROMPT_LEN + steps + 16, block_size=16,
-                    max_num_batched_tokens=8192)
+    engine = Engine(directory, **engine_options(max(batches), steps))
     result["load_s"] = time.time() - start
     for batch in batches:
         result[f"b{batch}"] = {**time_decode(engine, batch, steps), "step_memory": decode_step_memory(engine, batch)}
@@ -181,12 +187,7 @@ def profile_decode(engine, batch: int, steps: int) -> dict:
 
     from eaas_jax.engine import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
-    for p in prompts(batch, engine.config.vocab_size):
-        engine.add_request(p, params)
-    prefilled: set[str] = set()
-    while len(prefilled) < batch:  # (in several steps at large batches)
-        prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
     for _ in range(2):  # the first decode steps
         engine.step_finished()
     # Each step() queues the next step before it returns the last one's
@@ -303,17 +304,24 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
                     for name, us in by_name.most_common(top)]}
 
 
+def prefill(engine, batch: int, params) -> list[str]:
+    """Adds `batch` W1 prompts to `engine` and steps until each has its
+    first token (one prefill step or several: the token budget; the first
+    of a shape compiles); their request ids."""
+    ids = [engine.add_request(p, params) for p in prompts(batch, engine.config.vocab_size)]
+    prefilled: set[str] = set()
+    while len(prefilled) < batch:
+        prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    return ids
+
+
 def time_decode(engine, batch: int, steps: int) -> dict:
     """Prefill `batch` W1 prompts, then time `steps` greedy decode steps of
     `engine` one by one; steps that compiled a new program are left out."""
     from eaas_jax.engine import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts(batch, engine.config.vocab_size)]
+    ids = prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True))
     outputs: dict[str, list[int]] = {}
-    prefilled: set[str] = set()
-    while len(prefilled) < batch:  # prefill (compiles)
-        prefilled.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
     engine.step()
     engine.step()  # decode shapes compiled
     times, compiling = [], 0

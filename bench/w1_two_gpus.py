@@ -53,8 +53,7 @@ def phase(args, config: str) -> dict:
     from eaas_jax.control_plane.cluster import LocalCluster
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine_args = dict(dtype="bfloat16", max_num_seqs=max(batches), max_model_len=w1.PROMPT_LEN + args.steps + 16,
-                       block_size=16, max_num_batched_tokens=8192)
+    engine_args = w1.engine_options(max(batches), args.steps)
 
     def measure(**extra) -> dict:
         start = time.time()
