@@ -127,8 +127,8 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
       XLA_PYTHON_CLIENT_PREALLOCATE=false part serve python3 bench/serve_load.py --model "$W1" \
         --deployment "$toml" --token-prompts "$vocab" \
         --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
-        --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512 --warmup 48 64" \
-        --plot bench/results/serve_load_w1.png --raw "$RAW/serve_load.json" --append bench/RESULTS.md ;;
+        --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512 --warmup 48 64 -v" \
+        --plot bench/results/serve_load_w1.png --raw "$RAW/serve_load.json" --resume --append bench/RESULTS.md ;;
     disagg_profile) checkpoint && XLA_PYTHON_CLIENT_PREALLOCATE=false part disagg_profile \
         python3 bench/disaggregated_profile.py --dir "$W1" --batch 64 --steps 16 --append bench/RESULTS.md ;;
     forms)

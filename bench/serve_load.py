@@ -9,6 +9,9 @@ setting (embedded experts, then each --deployment), or is one at --url.
         [--append bench/RESULTS.md]
     python bench/serve_load.py --plot-from requests.json --plot serve_load.png   # redraw an earlier run's plot
 
+With --raw F --resume, the settings F already holds (a run cut short: F is
+written as each setting ends) are taken from it and only the others run.
+
 Bounded in count (--requests) and time (--max-seconds: requests not sent by
 then are not sent; the report says how many ran). Needs httpx (the test extra).
 """
@@ -188,6 +191,12 @@ def plot(runs: dict[str, tuple[list[dict], dict]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def read_raw(path: str) -> dict[str, tuple[list[dict], dict]]:
+    """The settings' requests and summaries of a --raw file."""
+    with open(path) as f:
+        return {label: (run["requests"], run["summary"]) for label, run in json.load(f).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.join(REPO, "checkpoints", "tiny-moe"))
@@ -210,20 +219,26 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="more `eaas-jax serve` flags, one string")
     ap.add_argument("--plot", help="write a PNG of the latency distributions")
     ap.add_argument("--raw", help="write each setting's requests (send and token arrival times) and summary here, "
-                                  "as JSON, to redraw the plot elsewhere")
+                                  "as JSON, as each setting ends, to redraw the plot elsewhere")
+    ap.add_argument("--resume", action="store_true",
+                    help="take the settings already in --raw (a run of this command cut short) from it; run the rest")
     ap.add_argument("--plot-from", metavar="RAW", help="only draw --plot from a --raw file of an earlier run")
     ap.add_argument("--append", help="append the table to this file (bench/RESULTS.md)")
     args = ap.parse_args()
+    if args.resume and not args.raw:
+        ap.error("--resume needs --raw")
     if args.plot_from:
         if not args.plot:
             ap.error("--plot-from needs --plot")
-        with open(args.plot_from) as f:
-            plot({label: (run["requests"], run["summary"]) for label, run in json.load(f).items()}, args.plot)
+        plot(read_raw(args.plot_from), args.plot)
         return
     settings = [("given server", None)] if args.url else \
         [("embedded", None)] + [(os.path.basename(d), d) for d in args.deployment]
-    runs = {}
+    runs = read_raw(args.raw) if args.resume and os.path.exists(args.raw) else {}
     for label, deployment in settings:
+        if label in runs:
+            print(f"{label}: taken from {args.raw}", file=sys.stderr)
+            continue
         proc = None
         if args.url:
             url = args.url
@@ -249,10 +264,10 @@ def main() -> None:
         runs[label] = (results, {**summarize(results, seconds), **server, "warm_up_wait_s": warm_up_seconds,
                                  "step_time_share": server["step_seconds"] / seconds})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
-    if args.raw:
-        with open(args.raw, "w") as f:
-            json.dump({label: {"requests": results, "summary": summary}
-                       for label, (results, summary) in runs.items()}, f)
+        if args.raw:  # after each setting: a run cut short keeps those done (--resume)
+            with open(args.raw, "w") as f:
+                json.dump({label: {"requests": results, "summary": summary}
+                           for label, (results, summary) in runs.items()}, f)
     first = next(iter(runs.values()))[1]
 
     def ms(value):

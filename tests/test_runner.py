@@ -4,6 +4,7 @@ one decode step dispatched and fetched against a full forward pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -15,8 +16,9 @@ import pytest
 from flax import nnx
 
 from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows, bucket
+from eaas_jax.model import moe
 
-from conftest import tiny_model
+from conftest import TINY_CONFIG, tiny_model
 
 BLOCK = 4
 NUM_BLOCKS = 16
@@ -338,3 +340,25 @@ def test_optimized_hlo_names_the_compiled_steps_fusions_and_their_source(runner)
     hlo = runner.optimized_hlo(shape)
     assert hlo.startswith("HloModule") and re.search(r"= .*\bfusion\(.*metadata=", hlo)  # optimized: fused
     assert "eaas_jax/model/attention.py" in hlo  # where its ops came from
+
+
+def test_a_step_traces_its_routed_experts_once_for_all_layers(monkeypatch):
+    """Tracing and lowering the expert kernels is what makes a GPU step
+    program slow to compile (W1's server warm-up took minutes): the MoE
+    layers share one trace of them per program, not one each."""
+    # 3 MoE layers, of an expert size no other test traces (jit's trace cache
+    # is the process's).
+    model = tiny_model(dataclasses.replace(TINY_CONFIG, num_layers=4, moe_intermediate_size=20))
+    runner = ModelRunner(model.client, EmbeddedExperts(model.experts), num_blocks=NUM_BLOCKS, block_size=BLOCK,
+                         max_rows=MAX_ROWS)
+    traced = []
+    for name in ("_gathered_experts", "_grouped_experts"):
+        original = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _f=original, _n=name: traced.append(_n) or _f(*a))
+    shapes = [runner.prepare_inputs(rows, 0, None)[0]
+              for rows in (_rows([[5]], [3], [[1]]), _rows([[5] * 9] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]]))]
+    runner.compile(shapes)
+    assert len(traced) == len(shapes), traced
+    for rows in (_rows([[5]], [3], [[1]]), _rows([[5] * 9] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]])):
+        runner.dispatch(rows, 0).fetch()  # the compiled programs run, and nothing traces again
+    assert len(traced) == len(shapes)

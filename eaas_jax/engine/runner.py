@@ -426,10 +426,14 @@ class ModelRunner:
         """The step of `shape` lowered, and its exchanges' labels (read off the
         backend when this traced it; a trace's are kept for the shape)."""
         with self._trace_lock:
+            start = time.monotonic()
             traces = self._thread_traces()
             lowered = self._jitted.lower(*args, **static)
             if self._thread_traces() != traces:
                 self._labels[shape] = self.experts.traced_exchanges()
+                # Traces take turns (this lock, and Python's GIL) while XLA's
+                # compiles run side by side: this bounds a warm-up's pace.
+                log.info("traced and lowered model step %s in %.1f s", shape, time.monotonic() - start)
             return lowered, self._labels[shape]
 
     def _lower_against_cache_spec(self, shape: StepShape, args, static

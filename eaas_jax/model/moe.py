@@ -9,6 +9,7 @@ side is stateless, so it can run in-graph (embedded) or in an expert server.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -173,12 +174,24 @@ def routed_experts(
     experts' gathered weights, so the cost follows the routed experts, not
     the bank's size; else one grouped matmul per projection over all experts.
     """
-    num_experts = gate_proj.shape[0]
-    if uses_gathered_experts(expert_ids.size, num_experts):
-        out = _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj)
-    else:
-        out = _grouped_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj)
-    return out.astype(out_dtype or x.dtype)
+    gathered = uses_gathered_experts(expert_ids.size, gate_proj.shape[0])
+    return _routed_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj,
+                           gathered=gathered, out_dtype=jnp.dtype(out_dtype or x.dtype))
+
+
+# One jitted function for every layer. A model's MoE layers call it with the
+# same shapes, so a step program traces and lowers it once, not once per
+# layer (jit's trace cache; equal calls lower to one function, which XLA
+# inlines: the compiled program is the same). Tracing and lowering the expert
+# kernels is what costs on GPUs (tokamax's Mosaic GPU grouped matmul, the
+# Pallas matvec): W1's 8 layers made each step program seconds of Python,
+# one program at a time, and a server's warm-up minutes (bench/RESULTS.md).
+# The path is chosen outside (an environment setting read in the trace would
+# not reach programs traced before).
+@functools.partial(jax.jit, static_argnames=("gathered", "out_dtype"))
+def _routed_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj, *, gathered: bool, out_dtype):
+    path = _gathered_experts if gathered else _grouped_experts
+    return path(x, expert_ids, weights, gate_proj, up_proj, down_proj).astype(out_dtype)
 
 
 def _grouped_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> jax.Array:
