@@ -3,14 +3,15 @@
 # lent device call (10 minutes at most). Run from the checkout's root on the
 # GPU machine, with DIR (bench/device_prepare.sh's output) carried along:
 #
-#   [DIR=.devrun] [LIMIT=590] [USE_CARRIED=1] [MPS=1] bash bench/device_run.sh PART...
+#   [DIR=.devrun] [LIMIT=580] [USE_CARRIED=1] [MPS=1] bash bench/device_run.sh PART...
 #
 # Parts (each logs to PART.log, in back.tar.gz; the W1 checkpoint is made once per
 # machine, in /tmp):
 #   ibgda_tests  tests/test_ibgda_gpu.py
 #   gpu_tests    the expert kernels' tests compiled for the GPU (tests/test_expert_matvec.py, tests/test_moe.py)
 #   ibgda_bench  bench/ibgda_gpu.py: round trips and the W1 step, ibgda vs cuda_ipc
-#   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS)
+#   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS); a
+#                setting finished by a cut call on the still-warm machine is not run again
 #   disagg_profile  bench/disaggregated_profile.py: W1's step at batch 64, embedded vs client + expert server
 #                (cuda_ipc, one GPU: use MPS=1), each profiled
 #   forms        bench/expert_projection_forms.py at W1's two projection shapes
@@ -27,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-LIMIT=${LIMIT:-590}
+LIMIT=${LIMIT:-580}
 DIR=${DIR:-.devrun}
 left() { echo $(( LIMIT - ($(date +%s) - T0) - 15 )); }
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -103,7 +104,9 @@ part() {  # NAME COMMAND...: runs COMMAND in the time left, its output in $OUT/N
   shift
   t=$(date +%s)
   echo "== $name ($(left) s left)"
-  timeout "$(left)" "$@" > "$OUT/$name.log" 2>&1
+  # -k: a part cleaning up after TERM (serve_load stopping its server waits
+  # up to a minute) is killed 10 s on, so that finish() still runs in the call.
+  timeout -k 10 "$(left)" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - t )) s"
   tail -25 "$OUT/$name.log"
