@@ -234,7 +234,15 @@ def main() -> None:
         return
     settings = [("given server", None)] if args.url else \
         [("embedded", None)] + [(os.path.basename(d), d) for d in args.deployment]
+    # What a setting's numbers depend on besides its deployment: a resumed
+    # run takes only settings measured under the same load.
+    load = {name: getattr(args, name) for name in ("model", "rate", "requests", "max_seconds", "max_tokens", "seed",
+                                                    "token_prompts", "warmup_load", "server_args")}
     runs = read_raw(args.raw) if args.resume and os.path.exists(args.raw) else {}
+    for label, (_, summary) in runs.items():
+        if summary.get("load") != load:
+            sys.exit(f"error: {args.raw}'s setting {label!r} ran another load ({summary.get('load')}, not {load}): "
+                     "resume with the same arguments, or drop --resume")
     for label, deployment in settings:
         if label in runs:
             print(f"{label}: taken from {args.raw}", file=sys.stderr)
@@ -262,7 +270,7 @@ def main() -> None:
                 proc.wait(60)
         server = {name: after[name] - before[name] for name in before}
         runs[label] = (results, {**summarize(results, seconds), **server, "warm_up_wait_s": warm_up_seconds,
-                                 "step_time_share": server["step_seconds"] / seconds})
+                                 "step_time_share": server["step_seconds"] / seconds, "load": load})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
         if args.raw:  # after each setting: a run cut short keeps those done (--resume)
             with open(args.raw, "w") as f:
