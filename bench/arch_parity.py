@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 
-from _results import REPO, git_commit, machine, publish, run_phase
+from _results import REPO, finished_phases, git_commit, machine, publish, run_phase
 
 PROMPT_LEN = 32
 # W1's widths (bench/w1_decode_gpu.py, ../shared/BENCH.md): 2048 wide, 8 layers,
@@ -145,6 +145,14 @@ def phase_eaas(architecture: str, directory: str, batches: list[int], tokens: in
                 for batch in batches}
 
 
+def _covers(phase: dict | None, batches: list[int], tokens: int) -> bool:
+    """Whether a phase's kept result has `tokens` tokens for every prompt of
+    every batch in `batches`."""
+    return phase is not None and all(
+        len(phase.get(f"b{batch}", {}).get("tokens", ())) == batch
+        and all(len(row) == tokens for row in phase[f"b{batch}"]["tokens"]) for batch in batches)
+
+
 def compare(ours: list[list[int]], theirs: list[list[int]], margins: list[list[float]]) -> dict:
     """Tokens equal before the first difference, per prompt; the smallest of
     them; and transformers' top-2 margin at each first difference."""
@@ -168,6 +176,9 @@ def main() -> None:
     parser.add_argument("--architecture", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the architectures whose two phases --raw holds, at these batches and tokens, "
+                             "from there (a run cut short: device calls are 10 minutes)")
     parser.add_argument("--append", help="results file to append the table to")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -176,19 +187,27 @@ def main() -> None:
         print(json.dumps(phase(args.architecture, args.dir, batches, args.tokens, args.tiny)))
         return
 
+    if args.resume and not args.raw:
+        parser.error("--resume needs --raw")
     scratch = scratch_directory(4 * 6_000_000_000 if not args.tiny else 0)  # float32, < 6B parameters
+    done = finished_phases(args.raw) if args.resume else {}
     rows = []
     for architecture in args.architectures.split(","):
         if architecture not in W1_ARCHITECTURES:
             raise SystemExit(f"unknown architecture {architecture!r}; known: {', '.join(W1_ARCHITECTURES)}")
-        directory = tempfile.mkdtemp(prefix=f"parity-{architecture}-", dir=scratch)
-        try:
-            common = [__file__, "--architecture", architecture, "--dir", directory, "--batches", args.batches,
-                      "--tokens", str(args.tokens), *(["--tiny"] if args.tiny else [])]
-            theirs = run_phase([*common, "--phase", "hf"], name=f"{architecture}-hf", raw=args.raw)
-            ours = run_phase([*common, "--phase", "eaas"], name=f"{architecture}-eaas", raw=args.raw)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+        names = f"{architecture}-hf", f"{architecture}-eaas"
+        if all(_covers(done.get(name), batches, args.tokens) for name in names):
+            theirs, ours = (done[name] for name in names)
+            print(f"{architecture}: taken from {args.raw}", file=sys.stderr)
+        else:  # (the eaas phase loads the hf phase's directory: both run again)
+            directory = tempfile.mkdtemp(prefix=f"parity-{architecture}-", dir=scratch)
+            try:
+                common = [__file__, "--architecture", architecture, "--dir", directory, "--batches", args.batches,
+                          "--tokens", str(args.tokens), *(["--tiny"] if args.tiny else [])]
+                theirs = run_phase([*common, "--phase", "hf"], name=names[0], raw=args.raw)
+                ours = run_phase([*common, "--phase", "eaas"], name=names[1], raw=args.raw)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
         for batch in batches:
             t = theirs[f"b{batch}"]
             rows.append((architecture, theirs["params"], batch,

@@ -19,7 +19,8 @@
 #   paths        bench/routed_experts_paths.py at W1's shapes
 #   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: the grouped path
 #                compared, batches 1 and 256 profiled)
-#   parity       bench/arch_parity.py
+#   parity       bench/arch_parity.py (ARCHS: some architectures, comma-separated; default all); the
+#                architectures a cut call finished on the still-warm machine are not run again
 # LIMIT is the call's time in seconds: each part gets what is left, and the
 # W1 runs keep their finished phases in /tmp/raw/COMMIT, so the same part in a next
 # call on the still-warm machine resumes. What comes back under $OUT:
@@ -147,7 +148,8 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
         --dir "$W1" ${W1FLAGS:---compare-experts-paths --profile-batches 1,256} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
         --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
-    parity) part parity python3 bench/arch_parity.py --append bench/RESULTS.md ;;
+    parity) part parity python3 bench/arch_parity.py ${ARCHS:+--architectures "$ARCHS"} \
+        --raw "$RAW/parity.jsonl" --resume --append bench/RESULTS.md ;;
     *) echo "unknown part $p (see the top of bench/device_run.sh)" ;;
   esac
 done
