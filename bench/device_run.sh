@@ -104,6 +104,7 @@ part() {  # NAME COMMAND...: runs COMMAND in the time left, its output in $OUT/N
   local name=$1 t rc
   shift
   t=$(date +%s)
+  [ "$(left)" -gt 5 ] || { echo "== $name: no time left"; return 124; }  # (timeout 0 would not time out)
   echo "== $name ($(left) s left)"
   # -k: a part cleaning up after TERM (serve_load stopping its server waits
   # up to a minute) is killed 10 s on, so that finish() still runs in the call.
@@ -132,7 +133,7 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
         --deployment "$toml" --token-prompts "$vocab" \
         --rate "${RATE:-24}" --requests "${REQS:-400}" --max-seconds 60 --max-tokens 64 \
         --warmup-load "${WARM_REQS:-64}" --server-args "--dtype bfloat16 --max-num-seqs 64 --max-model-len 512 --warmup 48 64 -v" \
-        --plot bench/results/serve_load_w1.png --raw "$RAW/serve_load.json" --resume --append bench/RESULTS.md ;;
+        --plot bench/results/serve_load_w1.png --raw "$RAW/serve_load-${RATE:-24}-${REQS:-400}-${WARM_REQS:-64}.json" --resume --append bench/RESULTS.md ;;
     disagg_profile) checkpoint && XLA_PYTHON_CLIENT_PREALLOCATE=false part disagg_profile \
         python3 bench/disaggregated_profile.py --dir "$W1" --batch 64 --steps 16 --append bench/RESULTS.md ;;
     forms)

@@ -238,7 +238,9 @@ def main() -> None:
     # run takes only settings measured under the same load.
     load = {name: getattr(args, name) for name in ("model", "rate", "requests", "max_seconds", "max_tokens", "seed",
                                                     "token_prompts", "warmup_load", "server_args")}
-    runs = read_raw(args.raw) if args.resume and os.path.exists(args.raw) else {}
+    labels = [label for label, _ in settings]
+    kept = read_raw(args.raw) if args.resume and os.path.exists(args.raw) else {}
+    runs = {label: kept[label] for label in labels if label in kept}
     for label, (_, summary) in runs.items():
         if summary.get("load") != load:
             sys.exit(f"error: {args.raw}'s setting {label!r} ran another load ({summary.get('load')}, not {load}): "
@@ -272,10 +274,12 @@ def main() -> None:
         runs[label] = (results, {**summarize(results, seconds), **server, "warm_up_wait_s": warm_up_seconds,
                                  "step_time_share": server["step_seconds"] / seconds, "load": load})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
-        if args.raw:  # after each setting: a run cut short keeps those done (--resume)
-            with open(args.raw, "w") as f:
+        if args.raw:  # after each setting, whole or not at all: a run cut short keeps those done (--resume)
+            with open(args.raw + ".tmp", "w") as f:
                 json.dump({label: {"requests": results, "summary": summary}
                            for label, (results, summary) in runs.items()}, f)
+            os.replace(args.raw + ".tmp", args.raw)
+    runs = {label: runs[label] for label in labels}  # embedded first: the peer of the others
     first = next(iter(runs.values()))[1]
 
     def ms(value):

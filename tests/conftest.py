@@ -91,6 +91,19 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture
+def fresh_expert_traces():
+    """A test that watches the routed experts being traced (or patches what
+    the trace calls) starts and ends with no trace of them kept: their jit's
+    cache is the process's, so another test's trace of the same shapes would
+    be reused instead, and this test's patched one reused after it."""
+    from eaas_jax.model import moe
+
+    moe._routed_experts.clear_cache()
+    yield
+    moe._routed_experts.clear_cache()
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
     from eaas_jax.engine import Engine

@@ -68,7 +68,8 @@ def test_bad_expert_parallel_settings_are_refused(tiny_checkpoint):
         ExpertParallelExperts(stack, expert_mesh(2))
 
 
-def test_the_expert_kernel_runs_inside_the_expert_parallel_shard_map(tiny_checkpoint, tiny_engine, monkeypatch):
+def test_the_expert_kernel_runs_inside_the_expert_parallel_shard_map(tiny_checkpoint, tiny_engine, monkeypatch,
+                                                                    fresh_expert_traces):
     """Guards the shard_map around each device's experts against the Pallas
     expert kernel (the gathered path's projection on GPUs, interpreted here):
     a pallas_call's output type names no mesh axes it varies over, which

@@ -125,7 +125,7 @@ def test_the_gathered_path_has_the_grouped_paths_gradients_and_takes_no_tokens()
     assert empty.shape == (0, 8)
 
 
-def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch):
+def test_routed_experts_gathers_only_for_fewer_slots_than_experts(monkeypatch, fresh_expert_traces):
     calls = []
     for name in ("_gathered_experts", "_grouped_experts"):
         original = getattr(moe, name)

@@ -342,12 +342,11 @@ def test_optimized_hlo_names_the_compiled_steps_fusions_and_their_source(runner)
     assert "eaas_jax/model/attention.py" in hlo  # where its ops came from
 
 
-def test_a_step_traces_its_routed_experts_once_for_all_layers(monkeypatch):
+def test_a_step_traces_its_routed_experts_once_for_all_layers(monkeypatch, fresh_expert_traces):
     """Tracing and lowering the expert kernels is what makes a GPU step
     program slow to compile (W1's server warm-up took minutes): the MoE
     layers share one trace of them per program, not one each."""
-    # 3 MoE layers, of an expert size no other test traces (jit's trace cache
-    # is the process's).
+    # 3 MoE layers
     model = tiny_model(dataclasses.replace(TINY_CONFIG, num_layers=4, moe_intermediate_size=20))
     runner = ModelRunner(model.client, EmbeddedExperts(model.experts), num_blocks=NUM_BLOCKS, block_size=BLOCK,
                          max_rows=MAX_ROWS)

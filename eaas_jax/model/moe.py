@@ -175,8 +175,8 @@ def routed_experts(
     the bank's size; else one grouped matmul per projection over all experts.
     """
     gathered = uses_gathered_experts(expert_ids.size, gate_proj.shape[0])
-    return _routed_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj,
-                           gathered=gathered, out_dtype=jnp.dtype(out_dtype or x.dtype))
+    return _routed_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj, gathered=gathered,
+                           out_dtype=jnp.dtype(out_dtype or x.dtype), backend=jax.default_backend())
 
 
 # One jitted function for every layer. A model's MoE layers call it with the
@@ -186,10 +186,13 @@ def routed_experts(
 # kernels is what costs on GPUs (tokamax's Mosaic GPU grouped matmul, the
 # Pallas matvec): W1's 8 layers made each step program seconds of Python,
 # one program at a time, and a server's warm-up minutes (bench/RESULTS.md).
-# The path is chosen outside (an environment setting read in the trace would
-# not reach programs traced before).
-@functools.partial(jax.jit, static_argnames=("gathered", "out_dtype"))
-def _routed_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj, *, gathered: bool, out_dtype):
+# What the trace depends on besides the arguments is in the key: the path,
+# chosen outside (an environment setting read in the trace would not reach
+# programs traced before), and the backend the kernels are picked for.
+@functools.partial(jax.jit, static_argnames=("gathered", "out_dtype", "backend"))
+def _routed_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj, *, gathered: bool, out_dtype,
+                    backend: str):
+    del backend  # (read again by the kernels' own choice)
     path = _gathered_experts if gathered else _grouped_experts
     return path(x, expert_ids, weights, gate_proj, up_proj, down_proj).astype(out_dtype)
 
