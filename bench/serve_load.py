@@ -197,6 +197,15 @@ def read_raw(path: str) -> dict[str, tuple[list[dict], dict]]:
         return {label: (run["requests"], run["summary"]) for label, run in json.load(f).items()}
 
 
+def write_raw(path: str, runs: dict[str, tuple[list[dict], dict]]) -> None:
+    """`read_raw`'s file, whole or not at all (a run cut short keeps the
+    settings it finished, for --resume)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump({label: {"requests": requests, "summary": summary}
+                   for label, (requests, summary) in runs.items()}, f)
+    os.replace(path + ".tmp", path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.join(REPO, "checkpoints", "tiny-moe"))
@@ -274,11 +283,8 @@ def main() -> None:
         runs[label] = (results, {**summarize(results, seconds), **server, "warm_up_wait_s": warm_up_seconds,
                                  "step_time_share": server["step_seconds"] / seconds, "load": load})
         print(json.dumps({"setting": label, **runs[label][1]}), file=sys.stderr)
-        if args.raw:  # after each setting, whole or not at all: a run cut short keeps those done (--resume)
-            with open(args.raw + ".tmp", "w") as f:
-                json.dump({label: {"requests": results, "summary": summary}
-                           for label, (results, summary) in runs.items()}, f)
-            os.replace(args.raw + ".tmp", args.raw)
+        if args.raw:  # after each setting
+            write_raw(args.raw, runs)
     runs = {label: runs[label] for label in labels}  # embedded first: the peer of the others
     first = next(iter(runs.values()))[1]
 

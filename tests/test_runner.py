@@ -355,11 +355,11 @@ def test_a_step_traces_its_routed_experts_once_for_all_layers(monkeypatch, fresh
     for name in ("_gathered_experts", "_grouped_experts"):
         original = getattr(moe, name)
         monkeypatch.setattr(moe, name, lambda *a, _f=original, _n=name: traced.append(_n) or _f(*a))
-    shapes = [runner.prepare_inputs(rows, 0, None)[0]
-              for rows in (_rows([[5]], [3], [[1]]), _rows([[5] * 9] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]]))]
+    steps = (_rows([[5]], [3], [[1]]), _rows([[5] * 9] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]]))  # decode, prefill
+    shapes = [runner.prepare_inputs(rows, 0, None)[0] for rows in steps]
     runner.compile(shapes)
     assert len(traced) == len(shapes), traced
-    for rows in (_rows([[5]], [3], [[1]]), _rows([[5] * 9] * 2, [0, 0], [[1, 2, 3], [4, 5, 6]])):
+    for rows in steps:
         runner.dispatch(rows, 0).fetch()  # the compiled programs run, and nothing traces again
     assert len(traced) == len(shapes)
 
