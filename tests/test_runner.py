@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import re
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -362,19 +361,3 @@ def test_a_step_traces_its_routed_experts_once_for_all_layers(monkeypatch, fresh
     for rows in steps:
         runner.dispatch(rows, 0).fetch()  # the compiled programs run, and nothing traces again
     assert len(traced) == len(shapes)
-
-
-def test_background_compiles_take_every_thread_only_while_no_step_runs(runner, monkeypatch):
-    """A server warming up before its first requests compiles with every
-    compile thread; once steps run, with half, leaving cores to them."""
-    from eaas_jax.engine import runner as runner_module
-
-    monkeypatch.setattr(runner_module, "_compile_threads", lambda: 8)
-    monkeypatch.setattr(runner_module, "IDLE_SECONDS", 0.2)
-    monkeypatch.setattr(runner, "_last_dispatched_at", -float("inf"))
-    monkeypatch.setattr(runner, "_last_fetched_at", -float("inf"))
-    assert runner.background_compile_limit() == 8
-    runner.dispatch(_rows([[5]], [3], [[1]]), 0).fetch()
-    assert runner.background_compile_limit() == 4
-    time.sleep(0.3)
-    assert runner.background_compile_limit() == 8

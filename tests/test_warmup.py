@@ -335,31 +335,3 @@ def test_warming_up_for_traffic_covers_requests_arriving_apart(engine):
             engine.add_request(*arriving.pop())
         engine.step_finished()
     assert engine.runner.num_compile_waits == waits
-
-
-def test_the_compile_pool_runs_at_most_its_limit_at_once_and_follows_it_as_it_changes():
-    """The background pool takes every compile thread while no step runs and
-    half while steps run: it asks its limit again while calls wait."""
-    limit = [1]
-    pool = CompilePool(4, "test-pool", limit=lambda: limit[0], recheck=0.01)
-    release = threading.Event()
-    futures = [pool.submit(release.wait) for _ in range(4)]
-
-    def settles_at(n):
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if pool.num_running == n:
-                time.sleep(0.05)  # and stays there
-                return pool.num_running == n
-            time.sleep(0.005)
-        return False
-
-    assert settles_at(1)
-    limit[0] = 3  # more may start without a call ending
-    assert settles_at(3)
-    limit[0] = 1  # fewer: those running finish, no new one starts until under it
-    release.set()
-    assert all(f.result(timeout=10) is True for f in futures)
-    assert pool.num_running == 0
-    pool.stop()
-    pool.join()

@@ -18,15 +18,10 @@ __all__ = ["CompilePool"]
 
 
 class CompilePool:
-    """`num_threads` threads running submitted calls in submission order;
-    with `limit`, at most `limit()` of them at once (asked again as calls
-    end, and every `recheck` seconds while calls wait: it may change)."""
+    """`num_threads` threads running submitted calls in submission order."""
 
-    def __init__(self, num_threads: int, name: str, limit: Callable[[], int] | None = None, recheck: float = 0.1):
+    def __init__(self, num_threads: int, name: str):
         self.num_threads = num_threads
-        self._limit = limit
-        self._recheck = recheck
-        self._running = 0
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
@@ -64,32 +59,17 @@ class CompilePool:
         for thread in self._threads:
             thread.join()
 
-    @property
-    def num_running(self) -> int:
-        """Calls running now."""
-        with self._wake:
-            return self._running
-
-    def _may_start(self) -> bool:
-        return self._limit is None or self._running < self._limit()
-
     def _work(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not (self._queue and self._may_start()):
-                    # (an empty queue waits for submit's notice; a limit changes without one)
-                    self._wake.wait(self._recheck if self._queue else None)
+                while not self._queue and not self._stopped:
+                    self._wake.wait()
                 if not self._queue:
                     return
                 future, fn, args = self._queue.popleft()
-                self._running += 1
+            if not future.set_running_or_notify_cancel():
+                continue
             try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args))
-                    except BaseException as e:  # noqa: BLE001 - the future's reader gets it
-                        future.set_exception(e)
-            finally:
-                with self._wake:
-                    self._running -= 1
-                    self._wake.notify()
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - the future's reader gets it
+                future.set_exception(e)

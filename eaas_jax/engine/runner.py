@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -167,10 +166,6 @@ def _rows_with(token_counts, labels, rows: list[slice], shape: tuple[int, int]) 
     return flagged
 
 
-# Seconds without a dispatched step after which the background compiles may
-# take every compile thread (`ModelRunner.background_compile_limit`).
-IDLE_SECONDS = 1.0
-
 # Positions the LM head scores at once for prompt logprobs: bounds the
 # [positions, vocabulary] float32 arrays (256 x 152k: 155 MB) whatever the
 # batch and prompt lengths.
@@ -316,7 +311,6 @@ class ModelRunner:
         self._kv_cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                            self.kv_cache)
         self._last_fetched_at = 0.0  # monotonic time the host last had a step's results
-        self._last_dispatched_at = -math.inf  # monotonic time the last step was queued
 
     def _thread_traces(self) -> int:
         """How many times this thread has traced the step."""
@@ -540,19 +534,8 @@ class ModelRunner:
     def _background_pool(self) -> CompilePool:
         if self._background is None:
             shorten_switch_interval()  # its compiles trace the model in Python while steps run
-            self._background = CompilePool(_compile_threads(), "eaas-compile-background",
-                                           limit=self.background_compile_limit)
+            self._background = CompilePool(max(1, _compile_threads() // 2), "eaas-compile-background")
         return self._background
-
-    def background_compile_limit(self) -> int:
-        """Background compiles at once: every compile thread while no step
-        has been dispatched or fetched for IDLE_SECONDS (a server warming up before
-        its first requests: W1's 52 programs took 128 s at 4 at a time on
-        an H100, XLA-bound), half of them while steps run, so that the steps'
-        host thread and the transport keep cores."""
-        threads = _compile_threads()
-        idle = time.monotonic() - max(self._last_dispatched_at, self._last_fetched_at) > IDLE_SECONDS
-        return threads if idle else max(1, threads // 2)
 
     def stop_compiling(self) -> None:
         """Drops the background compiles not started; those running finish on
@@ -580,7 +563,6 @@ class ModelRunner:
             labels = self._compiling(shape, args, static)[0].result()
         traces = self._thread_traces()
         sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
-        self._last_dispatched_at = time.monotonic()
         if self._thread_traces() != traces:
             # Compiled for another context than this call's (a JAX setting
             # scoped to the calling thread, e.g. default_matmul_precision).
