@@ -33,22 +33,20 @@ def peer_commit(peer_dir: str) -> str:
 
 
 def segment_ids_to_positions(segment_ids):
-    """The peer's `segment_ids_to_positions` for the segment ids it makes
-    (per row, a run of ones with padding zeros before or after it: each
-    token's index within its run; checked equal to the original's on such
-    rows under JAX 0.10), from ops that keep their input's sharding.
-    Under JAX 0.11 the peer's own (an `associative_scan` over the ids and
-    `zeros_like` of them) raises "All operands should have the same
-    sharding" on its explicit-axes mesh; it costs nothing in a decode step
-    either way (one [batch, 1] row)."""
-    import jax
+    """The peer's `segment_ids_to_positions` for the segment ids it makes:
+    per row, one run of ones and one of padding zeros, before or after it,
+    so a token's index within its run is how many tokens of its id precede
+    it. Under JAX 0.11 the peer's own (an `associative_scan` over the ids
+    and `zeros_like` of them) raises "All operands should have the same
+    sharding" on its explicit-axes mesh, and so did a version that
+    concatenated slices of the ids; this one uses only elementwise ops and
+    cumulative sums along the row, which keep their input's sharding. It
+    costs nothing in a decode step either way (one [batch, 1] row)."""
     import jax.numpy as jnp
 
-    ones = (segment_ids == segment_ids).astype(jnp.int32)
-    index = jnp.cumsum(ones, axis=-1) - 1
-    run_starts = jnp.concatenate([ones[:, :1], (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)],
-                                 axis=-1)
-    return index - jax.lax.cummax(index * run_starts, axis=segment_ids.ndim - 1)
+    real = segment_ids != 0
+    counts = jnp.where(real, jnp.cumsum(real, axis=-1), jnp.cumsum(~real, axis=-1))
+    return (counts - 1).astype(jnp.int32)
 
 
 class Peer:
