@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,8 +21,52 @@ class RMSNorm(nnx.Module):
         return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(
+# A projection of one row (decode at batch 1) is a matrix-vector product.
+# XLA's GPU dot makes it a reduction over the weights' major axis: on an H100
+# 17 µs for 2048 -> 4096 and 40 µs for 4096 -> 2048 in bfloat16, against 6 µs
+# for the weights' bytes; in W1's decode step the output projection became
+# two kernels, a multiply that writes the product and its reduction (28.6 µs
+# a layer). The same product written as a multiply and a sum over the
+# contraction cut into CONTRACTION_PARTS parts, summed apart and then
+# together, took 12 µs at both shapes; from 4 rows on the dot was as fast or
+# faster (bench/RESULTS.md, "One expert projection for few slots", 2026-12-06,
+# `--experts 1`). So only single rows are written out, on the backends where
+# that was measured. The LM head's dot at one row was already at its bytes'
+# time there (a GEMM kernel, not a reduction): it keeps the dot.
+ONE_ROW_SPLIT_BACKENDS = frozenset({"gpu"})
+CONTRACTION_PARTS = 16
+
+
+def one_row_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] holding one row, times kernel [in, out]: [..., out] in
+    float32, summed over the contraction's CONTRACTION_PARTS parts apart, then
+    together (in a multiple of CONTRACTION_PARTS)."""
+    d_in, d_out = kernel.shape
+    parts = x.reshape(CONTRACTION_PARTS, d_in // CONTRACTION_PARTS, 1).astype(jnp.float32) \
+        * kernel.reshape(CONTRACTION_PARTS, d_in // CONTRACTION_PARTS, d_out).astype(jnp.float32)
+    return parts.sum(axis=1).sum(axis=0).reshape(*x.shape[:-1], d_out)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear, with its parameters, whose product for a single row is
+    `one_row_product` on the backends in ONE_ROW_SPLIT_BACKENDS (see above)."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if (out_sharding is not None or math.prod(inputs.shape[:-1]) != 1
+                or jax.default_backend() not in ONE_ROW_SPLIT_BACKENDS or self.in_features % CONTRACTION_PARTS
+                or self.precision is not None or self.preferred_element_type is not None):
+            return super().__call__(inputs) if out_sharding is None else super().__call__(inputs, out_sharding)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        y = one_row_product(inputs, kernel).astype(kernel.dtype)
+        return y if bias is None else y + bias
+
+
+def linear(in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs, bias: bool = False,
+           one_row_split: bool = True) -> nnx.Linear:
+    """A projection; `one_row_split=False` keeps XLA's dot for single rows too."""
+    return (Linear if one_row_split else nnx.Linear)(
         in_dim, out_dim, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs
     )
 
