@@ -212,9 +212,13 @@ def _grouped_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> j
     hidden = jax.nn.silu(grouped_matmul(rows, gate_proj, group_sizes))
     hidden = hidden * grouped_matmul(rows, up_proj, group_sizes)
     out_rows = grouped_matmul(hidden, down_proj, group_sizes)
-    row_weights = weights.reshape(-1)[order].astype(jnp.float32)
-    out = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
-    return out.at[token_of_row].add(out_rows.astype(jnp.float32) * row_weights[:, None])
+    # Back to slot order by a gather, then each token's k slots summed, in
+    # the gathered path's order: not a scatter-add into the tokens, whose
+    # float atomics on GPUs sum in no fixed order (and which took 75 µs over
+    # W1's 8 layers at batch 256 on an H100, bench/RESULTS.md 2026-12-06).
+    row_of_slot = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    slots = out_rows[row_of_slot].astype(jnp.float32) * weights.reshape(-1, 1).astype(jnp.float32)
+    return slots.reshape(num_tokens, top_k, x.shape[-1]).sum(axis=1)
 
 
 def _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> jax.Array:
