@@ -51,6 +51,15 @@ def test_a_single_row_takes_the_split_product_on_gpus_only(monkeypatch, bias):
     assert _dots(theirs, one) == 1  # the LM head's kind keeps the dot
 
 
+@pytest.mark.parametrize("setting", [dict(precision=jax.lax.Precision.HIGHEST),
+                                     dict(preferred_element_type=jnp.float32),
+                                     dict(dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k))])
+def test_a_layer_with_its_own_product_keeps_the_dot(monkeypatch, setting):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    layer = Linear(64, 48, rngs=nnx.Rngs(0), **setting)
+    assert _dots(layer, jnp.ones((1, 64))) == 1
+
+
 def test_the_split_product_keeps_the_layers_dtype(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     ours, theirs = _pair(256, 32, True, jnp.bfloat16)
@@ -70,4 +79,5 @@ def test_the_split_product_matches_the_dot_compiled_on_a_gpu(d_in, d_out):
     expected = jnp.dot(x.astype(jnp.float32), theirs.kernel[...].astype(jnp.float32))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-2,
                                atol=1e-2 * float(jnp.abs(expected).max()))
-    assert "dot(" not in jax.jit(lambda x: ours(x)).lower(x).compile().as_text()  # not made a dot again
+    compiled = jax.jit(lambda x: ours(x)).lower(x).compile().as_text()
+    assert "dot(" not in compiled and "gemm" not in compiled  # not made a dot or a GEMM again

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eaas_jax.engine import sampler
 from eaas_jax.engine.sampler import SamplingInputs, filtered_logits, sample
 
 # Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 for tokens 3, 0, 4, 1, 2.
@@ -90,6 +91,27 @@ def test_greedy_rows_take_the_argmax_and_respect_bans():
     assert np.asarray(rank).tolist() == [1, 2]
     assert np.asarray(top_ids).tolist() == [[3, 0], [3, 0]]
     np.testing.assert_allclose(np.asarray(top_lp)[0], np.log([0.4, 0.3]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [0, 4, sampler.COMPARED_BANNED_IDS, sampler.COMPARED_BANNED_IDS + 1, 40])
+def test_banned_ids_are_suppressed_whichever_form(width):
+    """Compared in place (few ids) or through a mask (many): the same logits
+    at -inf, padding (-1) and ids past the vocabulary banning nothing."""
+    rng = np.random.default_rng(width)
+    vocab, batch = 50, 3
+    logits = rng.normal(size=(batch, vocab)).astype(np.float32)
+    banned = np.full((batch, width), -1, np.int32)
+    for row in range(batch):
+        n = rng.integers(0, width + 1)
+        banned[row, :n] = rng.choice(vocab + 20, size=n, replace=False)  # some past the vocabulary
+    if width:
+        banned[0, -1] = 7  # (one id banned for sure; repeating one is allowed)
+    expected = logits.copy()
+    for row in range(batch):
+        expected[row, [i for i in banned[row] if 0 <= i < vocab]] = -np.inf
+    got = np.asarray(jax.jit(sampler._suppress)(jnp.asarray(logits), jnp.asarray(banned)))
+    np.testing.assert_array_equal(got, expected)
+    assert width == 0 or np.isinf(got[0, 7])
 
 
 def test_all_greedy_batch_takes_the_argmax_path_with_the_same_tokens():

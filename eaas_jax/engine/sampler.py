@@ -75,17 +75,28 @@ class SamplingInputs(NamedTuple):
         )
 
 
+# Banned ids per row (a step's width, bucketed: 4 and up) compared in place,
+# one column at a time, up to this many; more are written into a mask first.
+# Compared, the test fuses into the argmax that reads the logits next and no
+# [B, V] mask is written: zeroing that mask alone took 47 µs of W1's decode
+# step at batch 256 on an H100 (bench/RESULTS.md, 2026-12-06). Each column
+# costs a comparison per logit, so wide rows (many stop ids while min_tokens
+# is unmet: up to MAX_STOP_TOKEN_IDS and the EOS ids) keep the mask.
+COMPARED_BANNED_IDS = 8
+
+
 def _suppress(logits: jax.Array, banned: jax.Array) -> jax.Array:
-    """[B, V] logits with each row's banned ids ([B, K], -1 = none) at -inf.
-    Compared one banned column at a time, elementwise, so that the test fuses
-    into what reads the logits next (the argmax, the sort) and no [B, V]
-    mask is written: zeroing that mask alone took 47 µs of W1's decode step at
-    batch 256 on an H100 (bench/RESULTS.md, 2026-12-06). K is a few ids: a
-    request's stop tokens, while its min_tokens are not reached."""
-    ids = jnp.arange(logits.shape[-1], dtype=banned.dtype)[None, :]
-    hit = functools.reduce(jnp.logical_or, (ids == banned[:, j, None] for j in range(banned.shape[1])),
-                           jnp.zeros((), bool))
-    return jnp.where(hit, -jnp.inf, logits)
+    """[B, V] logits with each row's banned ids ([B, K], -1 = none) at -inf."""
+    vocab = logits.shape[-1]
+    banned = banned.astype(jnp.int32)
+    if banned.shape[1] <= COMPARED_BANNED_IDS:
+        ids = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+        hits = functools.reduce(jnp.logical_or, (ids == banned[:, j, None] for j in range(banned.shape[1])),
+                                jnp.zeros((), bool))
+    else:
+        rows = jnp.arange(logits.shape[0])[:, None]
+        hits = jnp.zeros(logits.shape, bool).at[rows, jnp.where(banned >= 0, banned, vocab)].set(True, mode="drop")
+    return jnp.where(hits, -jnp.inf, logits)
 
 
 def apply_penalties(logits: jax.Array, params: SamplingInputs, pending: jax.Array | None = None) -> jax.Array:

@@ -30,9 +30,10 @@ class RMSNorm(nnx.Module):
 # contraction cut into CONTRACTION_PARTS parts, summed apart and then
 # together, took 12 µs at both shapes; from 4 rows on the dot was as fast or
 # faster (bench/RESULTS.md, "One expert projection for few slots", 2026-12-06,
-# `--experts 1`). So only single rows are written out, on the backends where
-# that was measured. The LM head's dot at one row was already at its bytes'
-# time there (a GEMM kernel, not a reduction): it keeps the dot.
+# `--experts 1`). So only single rows are written out, on GPUs (measured on an
+# H100 only). The LM head's dot at one row was already at its bytes' time
+# there (a GEMM kernel, not a reduction): it keeps the dot. The split product
+# is float32 throughout, whatever the matmul precision setting.
 ONE_ROW_SPLIT_BACKENDS = frozenset({"gpu"})
 CONTRACTION_PARTS = 16
 
@@ -49,13 +50,21 @@ def one_row_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 class Linear(nnx.Linear):
     """nnx.Linear, with its parameters, whose product for a single row is
-    `one_row_product` on the backends in ONE_ROW_SPLIT_BACKENDS (see above)."""
+    `one_row_product` on the backends in ONE_ROW_SPLIT_BACKENDS (see above),
+    where the layer keeps nnx.Linear's default product (no precision, output
+    type or dot_general of its own)."""
+
+    def _splits(self, inputs: jax.Array) -> bool:
+        return (math.prod(inputs.shape[:-1]) == 1 and jax.default_backend() in ONE_ROW_SPLIT_BACKENDS
+                and self.in_features % CONTRACTION_PARTS == 0 and self.precision is None
+                and getattr(self, "preferred_element_type", None) is None
+                and self.dot_general is jax.lax.dot_general)
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        if (out_sharding is not None or math.prod(inputs.shape[:-1]) != 1
-                or jax.default_backend() not in ONE_ROW_SPLIT_BACKENDS or self.in_features % CONTRACTION_PARTS
-                or self.precision is not None or self.preferred_element_type is not None):
-            return super().__call__(inputs) if out_sharding is None else super().__call__(inputs, out_sharding)
+        if out_sharding is not None:
+            return super().__call__(inputs, out_sharding)
+        if not self._splits(inputs):
+            return super().__call__(inputs)
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)

@@ -216,7 +216,8 @@ def _grouped_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> j
     # the gathered path's order: not a scatter-add into the tokens, whose
     # float atomics on GPUs sum in no fixed order (and which took 75 µs over
     # W1's 8 layers at batch 256 on an H100, bench/RESULTS.md 2026-12-06).
-    row_of_slot = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    row_of_slot = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype),
+                                                   unique_indices=True)  # (a permutation)
     slots = out_rows[row_of_slot].astype(jnp.float32) * weights.reshape(-1, 1).astype(jnp.float32)
     return slots.reshape(num_tokens, top_k, x.shape[-1]).sum(axis=1)
 
