@@ -278,7 +278,10 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     """Per-step device time by kernel name from the perfetto trace under
     `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...",
     copies left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
-    Modules" lines repeat the kernels' time per op and per program.)"""
+    Modules" lines repeat the kernels' time per op and per program.) Also the
+    programs' spans per step, off the "XLA Modules" line: kernels and the gaps
+    between them, so that a step's wall time splits into kernels, gaps inside
+    its program and the device idle between programs."""
     import glob
     import gzip
 
@@ -291,15 +294,21 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device}
     streams = {key for key, name in threads.items() if name.startswith("Stream") and "Memcpy" not in name}
+    modules = {key for key, name in threads.items() if name == "XLA Modules"}
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
+    program_us = 0.0
     for e in events:
         if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
             by_name[e["name"]] += e.get("dur", 0)
             count[e["name"]] += 1
+        elif e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in modules:
+            program_us += e.get("dur", 0)
     return {"device_processes": sorted(processes[p] for p in device),
             "device_lines": sorted(set(threads.values())),
             "device_us_per_step": sum(by_name.values()) / steps, "kernels_per_step": sum(count.values()) / steps,
+            # a program's span on the device, first kernel to last: its kernels and the gaps between them
+            "program_us_per_step": program_us / steps,
             "top": [{"name": name[:120], "us_per_step": us / steps, "calls_per_step": count[name] / steps}
                     for name, us in by_name.most_common(top)]}
 
@@ -488,7 +497,9 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
     """A `profile_decode` result as a table of its costliest kernels."""
     return [
         f"{label}, one decode step at batch {profile['batch']}: {profile['device_us_per_step']:.0f} µs of kernels "
-        f"({profile['kernels_per_step']:.0f} kernels on {', '.join(profile['device_processes'])}'s streams).",
+        f"({profile['kernels_per_step']:.0f} kernels on {', '.join(profile['device_processes'])}'s streams)"
+        + (f", in {profile['program_us_per_step']:.0f} µs of its programs' spans on the device (the rest of the "
+           "step's time: the device waiting for the host)." if profile.get("program_us_per_step") else "."),
         "",
         "| kernel | µs per step | calls per step | from (the fusion's source line) |",
         "|---|---|---|---|",
