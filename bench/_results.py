@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -41,7 +42,21 @@ def mps_running() -> bool:
     """Whether a CUDA MPS control daemon serves this user's processes (then
     server processes on one GPU run side by side instead of time-sliced)."""
     pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    return os.path.exists(os.path.join(pipe, "control"))
+    return os.path.exists(os.path.join(pipe, "control")) and _process_named("nvidia-cuda-mps-control")
+
+
+def _process_named(name: str) -> bool:
+    """Whether a process runs whose program is `name` (a daemon's pipe
+    outlives it; /proc's comm cuts names at 15 characters: the command line's)."""
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                program = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:  # (it ended while read)
+            continue
+        if os.path.basename(program) == name:
+            return True
+    return False
 
 
 def jax_device() -> str:

@@ -51,8 +51,11 @@ cp bench/RESULTS.md /tmp/RESULTS.before  # (also the mark the results written af
 # MPS=1: client and server processes on the one GPU run side by side under
 # an MPS daemon started for this call (and stopped at its end), instead of
 # taking turns in the driver's time slices (which then bound every exchange).
+# A daemon is started unless one runs; the pipe directory of one that is
+# gone is removed first (its control pipe would still count as a daemon).
 MPS_STARTED=
-if [ -n "${MPS:-}" ] && [ ! -e /tmp/nvidia-mps/control ]; then
+if [ -n "${MPS:-}" ] && ! pgrep -f "^nvidia-cuda-mps-control" > /dev/null; then
+  rm -rf /tmp/nvidia-mps
   mkdir -p /tmp/nvidia-mps /tmp/nvidia-mps-log
   CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log nvidia-cuda-mps-control -d \
     && MPS_STARTED=1 && echo "started an MPS daemon" || echo "could not start an MPS daemon: time-sliced"
@@ -63,7 +66,6 @@ fi
 # 8 files, so they travel as one archive: `tar xzf back.tar.gz ./bench` in
 # the checkout's root puts the results in place; ./device-logs holds the rest).
 finish() {
-  [ -n "$MPS_STARTED" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps nvidia-cuda-mps-control
   diff /tmp/RESULTS.before bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.new.md"
   rm -rf /tmp/back  # (what an earlier call on this machine left, if it was cut)
   mkdir -p /tmp/back/device-logs /tmp/back/bench/results
@@ -71,6 +73,14 @@ finish() {
   cp -r "$RAW" /tmp/back/device-logs/raw
   find bench/results -type f -newer /tmp/RESULTS.before -exec cp {} /tmp/back/bench/results/ \;
   tar czf "$OUT/back.tar.gz" -C /tmp/back . && rm -rf /tmp/back "$OUT"/*.log
+  # Last, and bounded: the daemon's quit waits for its clients, and a cut
+  # part's expert servers may still be one (a call of 2026-12-06 ran out its
+  # time here, with nothing packed, and left the next call a dying daemon).
+  if [ -n "$MPS_STARTED" ]; then
+    echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps timeout 20 nvidia-cuda-mps-control \
+      || pkill -9 -f nvidia-cuda-mps
+    rm -rf /tmp/nvidia-mps
+  fi
 }
 trap finish EXIT
 
