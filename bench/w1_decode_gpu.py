@@ -539,6 +539,9 @@ def main() -> None:
     parser.add_argument("--compare-experts-paths", action="store_true",
                         help="also time the engine with the grouped routed-experts path only "
                              "(EAAS_JAX_GATHERED_EXPERTS=off: no gathered path for few slots), in the same run")
+    parser.add_argument("--compare-one-row-dot", action="store_true",
+                        help="also time the engine with XLA's dot for single-row projections "
+                             "(EAAS_JAX_ONE_ROW_SPLIT=off: not eaas_jax.model.layers' split product), in the same run")
     parser.add_argument("--profile-batches", default="",
                         help="also profile decode steps at these batches (comma-separated): device time by kernel")
     parser.add_argument("--jax-peer", metavar="DIR",
@@ -548,8 +551,8 @@ def main() -> None:
     profile_batches = [int(b) for b in args.profile_batches.split(",") if b]
     if not set(profile_batches) <= set(batches):
         parser.error("--profile-batches must be among --batches (shapes compiled before the trace)")
-    if args.compare_gather and args.compare_experts_paths:
-        parser.error("--compare-gather and --compare-experts-paths: one variant a run")
+    if args.compare_gather + args.compare_experts_paths + args.compare_one_row_dot > 1:
+        parser.error("--compare-gather, --compare-experts-paths, --compare-one-row-dot: one variant a run")
     if args.phase == "make":
         print(json.dumps(phase_make(args.dir)))
         return
@@ -573,6 +576,9 @@ def main() -> None:
     elif args.compare_experts_paths:
         variant = ("grouped routed experts only", run_phase(
             args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="off"), name="eaas-grouped-experts"))
+    elif args.compare_one_row_dot:
+        variant = ("XLA's dot for single rows", run_phase(
+            args, "eaas", env=dict(os.environ, EAAS_JAX_ONE_ROW_SPLIT="off"), name="eaas-one-row-dot"))
     peer = run_phase(args, "hf")
     jax_peer = None
     if args.jax_peer:
@@ -586,8 +592,9 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
-    flags = "".join(f" --{flag.replace('_', '-')}" for flag in ("compare_gather", "compare_experts_paths")
-                    if getattr(args, flag)) + (f" --profile-batches {args.profile_batches}" if args.profile_batches else "") \
+    variant_flags = ("compare_gather", "compare_experts_paths", "compare_one_row_dot")
+    flags = "".join(f" --{flag.replace('_', '-')}" for flag in variant_flags if getattr(args, flag)) \
+        + (f" --profile-batches {args.profile_batches}" if args.profile_batches else "") \
         + (" --jax-peer DIR" if jax_peer else "")
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",

@@ -49,6 +49,8 @@ def test_a_single_row_takes_the_split_product_on_gpus_only(monkeypatch, bias):
     odd, _ = _pair(60, 48, bias)  # a contraction not in parts: the dot
     assert _dots(odd, one[..., :60]) == 1
     assert _dots(theirs, one) == 1  # the LM head's kind keeps the dot
+    monkeypatch.setenv("EAAS_JAX_ONE_ROW_SPLIT", "off")  # (benchmarks' comparison)
+    assert _dots(ours, one) == 1
 
 
 @pytest.mark.parametrize("setting", [dict(precision=jax.lax.Precision.HIGHEST),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,8 @@ class RMSNorm(nnx.Module):
 # H100 only). The LM head's dot at one row was already at its bytes' time
 # there (a GEMM kernel, not a reduction): it keeps the dot. The split product
 # is float32 throughout, whatever the matmul precision setting.
+# EAAS_JAX_ONE_ROW_SPLIT=off keeps the dot everywhere (benchmarks compare the
+# two in one run with it; read when a program is traced).
 ONE_ROW_SPLIT_BACKENDS = frozenset({"gpu"})
 CONTRACTION_PARTS = 16
 
@@ -56,6 +59,7 @@ class Linear(nnx.Linear):
 
     def _splits(self, inputs: jax.Array) -> bool:
         return (math.prod(inputs.shape[:-1]) == 1 and jax.default_backend() in ONE_ROW_SPLIT_BACKENDS
+                and os.environ.get("EAAS_JAX_ONE_ROW_SPLIT", "auto") != "off"
                 and self.in_features % CONTRACTION_PARTS == 0 and self.precision is None
                 and getattr(self, "preferred_element_type", None) is None
                 and self.dot_general is jax.lax.dot_general)
