@@ -3,6 +3,9 @@ CPU, compiled on a GPU) and the gathered reference against a NumPy reference."""
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +73,18 @@ def test_kernel_equals_numpy_reference():
     tol = 2e-3 if ON_GPU else 1e-5  # tf32 / bf16 partial outputs on the GPU
     np.testing.assert_allclose(np.asarray(out), _numpy_reference(q, k, v, tables, lengths, 64**-0.5),
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("partition", [(1, 1), (1, 8), (2, 2), (8, 1)])
+def test_every_partition_the_kernel_takes_gives_the_same_attention(partition):
+    """A partition other than kernel_partition's (bench/paged_attention_partitions.py times them)."""
+    q, k, v, tables, lengths = _case(seed=5)
+    call = functools.partial(pallas_paged_attention, scale=0.25, interpret=not ON_GPU, partition=partition)
+    grid = re.search(r"grid=\(([\d, ]+)\)", str(jax.make_jaxpr(call)(q, k, v, tables, lengths)))
+    assert int(grid.group(1).split(",")[-1]) == partition[0]  # the grid's last axis: each sequence's splits
+    out = call(q, k, v, tables, lengths)
+    tol = 2e-3 if ON_GPU else 1e-5
+    np.testing.assert_allclose(np.asarray(out), _numpy_reference(q, k, v, tables, lengths, 0.25), rtol=tol, atol=tol)
 
 
 def test_kernel_ignores_the_cache_past_each_length():

@@ -81,12 +81,14 @@ def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
 
 
 def pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: float,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, partition: tuple[int, int] | None = None) -> jax.Array:
     """JAX's Pallas paged-attention kernel with its partitioning chosen for
-    these shapes (`interpret=True` runs it on the CPU, for tests)."""
+    these shapes (`interpret=True` runs it on the CPU, for tests). `partition`
+    (sequence splits, cache blocks per iteration) overrides `kernel_partition`'s
+    choice (bench/paged_attention_partitions.py times them)."""
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-    splits, pages_per_block = kernel_partition(block_tables.shape[1])
+    splits, pages_per_block = partition or kernel_partition(block_tables.shape[1])
     # The kernel does not scale scores: scale the queries (in float32, once).
     scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
     return paged_attention(
