@@ -274,14 +274,20 @@ def fusion_origins(hlo: str) -> dict[str, str]:
     return origins
 
 
+#: Bounds (µs) the idle gaps between kernels are summed under (`device_kernel_times`).
+GAP_BOUNDS_US = (10, 100)
+
+
 def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     """Per-step device time by kernel name from the perfetto trace under
     `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...",
     copies left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
-    Modules" lines repeat the kernels' time per op and per program.) Also the
-    programs' spans per step, off the "XLA Modules" line: kernels and the gaps
-    between them, so that a step's wall time splits into kernels, gaps inside
-    its program and the device idle between programs."""
+    Modules" lines repeat the kernels' time per op and per program, where a
+    backend writes them; JAX 0.11's GPU traces have neither.) Also the idle
+    time between one kernel's end and the next one's start on those streams,
+    per step, by length (GAP_BOUNDS_US): launch gaps inside a program are
+    microseconds, the device waiting for the host to queue the next step is
+    longer."""
     import glob
     import gzip
 
@@ -294,21 +300,27 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device}
     streams = {key for key, name in threads.items() if name.startswith("Stream") and "Memcpy" not in name}
-    modules = {key for key, name in threads.items() if name == "XLA Modules"}
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
-    program_us = 0.0
+    spans = []
     for e in events:
         if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
             by_name[e["name"]] += e.get("dur", 0)
             count[e["name"]] += 1
-        elif e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in modules:
-            program_us += e.get("dur", 0)
+            spans.append((e["ts"], e["ts"] + e.get("dur", 0)))
+    gaps = collections.Counter()  # idle µs by the bound of GAP_BOUNDS_US it is under (None: longer)
+    busy_until = None
+    for start, end in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            gaps[next((b for b in GAP_BOUNDS_US if gap < b), None)] += gap
+        busy_until = end if busy_until is None else max(busy_until, end)
     return {"device_processes": sorted(processes[p] for p in device),
             "device_lines": sorted(set(threads.values())),
             "device_us_per_step": sum(by_name.values()) / steps, "kernels_per_step": sum(count.values()) / steps,
-            # a program's span on the device, first kernel to last: its kernels and the gaps between them
-            "program_us_per_step": program_us / steps,
+            "gaps_us_per_step": {f"{low}-{high} µs": gaps[high] / steps
+                                 for low, high in zip((0,) + GAP_BOUNDS_US, GAP_BOUNDS_US)}
+            | {f"{GAP_BOUNDS_US[-1]} µs or more": gaps[None] / steps},
             "top": [{"name": name[:120], "us_per_step": us / steps, "calls_per_step": count[name] / steps}
                     for name, us in by_name.most_common(top)]}
 
@@ -498,8 +510,10 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
     return [
         f"{label}, one decode step at batch {profile['batch']}: {profile['device_us_per_step']:.0f} µs of kernels "
         f"({profile['kernels_per_step']:.0f} kernels on {', '.join(profile['device_processes'])}'s streams)"
-        + (f", in {profile['program_us_per_step']:.0f} µs of its programs' spans on the device (the rest of the "
-           "step's time: the device waiting for the host)." if profile.get("program_us_per_step") else "."),
+        + ("; the device idle between kernels, µs a step: "
+           + ", ".join(f"{v:.0f} in gaps {k}" for k, v in profile["gaps_us_per_step"].items()) + " (short gaps: "
+           "kernel launches inside the step's program; long ones: the device waiting for the host)."
+           if "gaps_us_per_step" in profile else "."),
         "",
         "| kernel | µs per step | calls per step | from (the fusion's source line) |",
         "|---|---|---|---|",
