@@ -1,6 +1,7 @@
 """Decode attention over the paged KV cache at W1's shapes, for every
-partition JAX's Pallas paged kernel takes: which (sequence splits, cache
-blocks per iteration) reads the cache fastest, against the package's choice.
+partition `kernel_partition` chooses among (sequence splits up to 16, cache
+blocks per kernel iteration up to 8): which reads the cache fastest, against
+the one it chooses.
 
     python bench/paged_attention_partitions.py [--batches 1,64,256] [--contexts 192,2048]
         [--heads 32 --kv-heads 4 --head-dim 128] [--dtype bfloat16] [--append bench/RESULTS.md]
@@ -8,15 +9,17 @@ blocks per iteration) reads the cache fastest, against the package's choice.
 Each of `batch` sequences holds `context` tokens in its own shuffled blocks of
 16; its block table is as wide as the runner pads it (the next power of two
 of its blocks, at least 8) and its padding entries are block 0, as the
-runner sends. The kernel's grid is (kv heads, sequences, splits); each split
-loops over its blocks a few at a time and skips those past the sequence's
-length. W1's decode step at batch 256 spent 502 µs in this kernel over 8
-layers on an H100 (bench/RESULTS.md, 2026-12-06), about twice the bytes'
-time. A call runs --rounds kernels (a model's layers) in one compiled loop;
-µs per kernel, median of --iters calls; ideal: the cache bytes the
+runner sends. JAX's Pallas kernel's grid is (sequences, KV heads, query-head
+blocks, splits); each split loops over its blocks a few at a time and skips
+those past the sequence's length. W1's decode step at batch 256 spent 502 µs
+in the kernel over 8 layers on an H100 (bench/RESULTS.md, 2026-12-06), about
+twice the bytes' time. A call runs --rounds attention calls (a model's
+layers), each on queries of its own, in one compiled loop; µs per call,
+median of --iters calls: what a layer pays, the kernel with its query scaling
+and head padding and the splits' combine. Ideal: the cache bytes the
 sequences hold (keys and values) at the measured copy bandwidth. Every
-partition's output is checked against the package's choice. Off GPUs the
-kernel runs interpreted: small sizes only, a check of this script.
+partition's output is checked against the chosen one's. Off GPUs the kernel
+runs interpreted: small sizes only, a check of this script.
 """
 
 from __future__ import annotations
@@ -47,15 +50,15 @@ MAX_SPLITS = 16
 
 
 def partitions(table_blocks: int) -> list[tuple[int, int]]:
-    """Every (splits, blocks per iteration) the kernel takes for a table of
-    `table_blocks`: splits dividing it, iterations dividing a split."""
+    """Every (splits, blocks per iteration) of kernel_partition's space for a
+    table of `table_blocks`: splits dividing it, iterations dividing a split."""
     return [(s, p) for s in range(1, min(MAX_SPLITS, table_blocks) + 1) if table_blocks % s == 0
             for p in PAGES if (table_blocks // s) % p == 0]
 
 
-def case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, dtype, seed: int = 0):
-    """Queries, the two block pools, block tables and lengths for `batch`
-    sequences of `context` tokens each."""
+def case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, rounds: int, dtype, seed: int = 0):
+    """`rounds` sets of queries, the two block pools, block tables and
+    lengths for `batch` sequences of `context` tokens each."""
     rng = np.random.default_rng(seed)
     blocks = -(-context // BLOCK_SIZE)
     table_blocks = bucket(blocks, MIN_TABLE_BLOCKS)
@@ -63,22 +66,22 @@ def case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, dty
     tables = np.zeros((batch, table_blocks), np.int32)
     tables[:, :blocks] = 1 + rng.permutation(batch * blocks).reshape(batch, blocks)
     keys = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(keys[0], (batch, heads, head_dim), dtype)
+    q = jax.random.normal(keys[0], (rounds, batch, heads, head_dim), dtype)
     k = jax.random.normal(keys[1], (kv_heads, num_blocks, BLOCK_SIZE, head_dim), dtype)
     v = jax.random.normal(keys[2], (kv_heads, num_blocks, BLOCK_SIZE, head_dim), dtype)
     return q, k, v, jnp.asarray(tables), jnp.full((batch,), context, jnp.int32)
 
 
-def rounds_of(partition: tuple[int, int], rounds: int, interpret: bool):
-    """`rounds` kernels with `partition` in one compiled loop, each on
-    queries of its own (so that none is hoisted out of the loop), outputs summed."""
-    def run(q, k, v, tables, lengths):
+def rounds_of(partition: tuple[int, int], interpret: bool):
+    """One attention call with `partition` per row of `queries` ([rounds,
+    batch, heads, head_dim]: queries of its own, so that no call equals
+    another), in one compiled loop, outputs summed."""
+    def run(queries, k, v, tables, lengths):
         def body(i, acc):
-            qi = q * (1 + i.astype(q.dtype) * 1e-3)
-            out = pallas_paged_attention(qi, k, v, tables, lengths, scale=q.shape[-1] ** -0.5,
+            out = pallas_paged_attention(queries[i], k, v, tables, lengths, scale=queries.shape[-1] ** -0.5,
                                          interpret=interpret, partition=partition)
             return acc + out.astype(jnp.float32)
-        return jax.lax.fori_loop(0, rounds, body, jnp.zeros(q.shape, jnp.float32))
+        return jax.lax.fori_loop(0, queries.shape[0], body, jnp.zeros(queries.shape[1:], jnp.float32))
     return jax.jit(run)
 
 
@@ -100,14 +103,14 @@ def main() -> None:
     rows = []
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            inputs = case(batch, context, args.heads, args.kv_heads, args.head_dim, dtype)
+            inputs = case(batch, context, args.heads, args.kv_heads, args.head_dim, args.rounds, dtype)
             table_blocks = inputs[3].shape[1]
             chosen = kernel_partition(table_blocks)
-            reference = np.asarray(rounds_of(chosen, args.rounds, not on_gpu)(*inputs))
+            functions = {partition: rounds_of(partition, not on_gpu) for partition in partitions(table_blocks)}
+            reference = np.asarray(functions[chosen](*inputs))
             scale = np.abs(reference).max()
             times = {}
-            for partition in partitions(table_blocks):
-                fn = rounds_of(partition, args.rounds, not on_gpu)
+            for partition, fn in functions.items():
                 np.testing.assert_allclose(np.asarray(fn(*inputs)) / scale, reference / scale, atol=2e-2,
                                            err_msg=f"partition {partition}")
                 times[partition] = median_seconds(fn, inputs, args.iters) / args.rounds
@@ -126,8 +129,9 @@ def main() -> None:
         "",
         f"Device: {device_text}; JAX {jax.__version__}; `python bench/paged_attention_partitions.py "
         f"{' '.join(sys.argv[1:])}`; {args.heads} query heads, {args.kv_heads} KV heads, head_dim {args.head_dim}, "
-        f"{args.dtype}, blocks of {BLOCK_SIZE}; µs per kernel (one layer), median of {args.iters} calls of "
-        f"{args.rounds} in one compiled loop; partitions as splits/blocks per iteration"
+        f"{args.dtype}, blocks of {BLOCK_SIZE}; µs per attention call (one layer's: the kernel, its query scaling "
+        f"and head padding, the splits' combine), median of {args.iters} calls of {args.rounds} in one compiled "
+        f"loop; partitions as splits/blocks per iteration, among kernel_partition's"
         + (f"; ideal: the cache bytes held at {bandwidth / 1e12:.2f} TB/s (copy, read+write)" if bandwidth else "")
         + ".",
         "",

@@ -284,10 +284,13 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
     copies left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
     Modules" lines repeat the kernels' time per op and per program, where a
     backend writes them; JAX 0.11's GPU traces have neither.) Also the idle
-    time between one kernel's end and the next one's start on those streams,
-    per step, by length (GAP_BOUNDS_US): launch gaps inside a program are
-    microseconds, the device waiting for the host to queue the next step is
-    longer."""
+    time between one kernel's end and the next one's start on those streams
+    (all GPUs' as one timeline: W1 runs on one), by length (GAP_BOUNDS_US),
+    per step: launch gaps inside a program are microseconds, the device
+    waiting for the host to queue the next step is longer (a heuristic:
+    copies and a loop's predicate also leave the streams idle). `steps`
+    steps have steps - 1 gaps between them: the long gaps a step are
+    understated by 1 / steps."""
     import glob
     import gzip
 
@@ -512,7 +515,7 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
         f"({profile['kernels_per_step']:.0f} kernels on {', '.join(profile['device_processes'])}'s streams)"
         + ("; the device idle between kernels, µs a step: "
            + ", ".join(f"{v:.0f} in gaps {k}" for k, v in profile["gaps_us_per_step"].items()) + " (short gaps: "
-           "kernel launches inside the step's program; long ones: the device waiting for the host)."
+           "mostly kernel launches inside the step's program; long ones: mostly the device waiting for the host)."
            if "gaps_us_per_step" in profile else "."),
         "",
         "| kernel | µs per step | calls per step | from (the fusion's source line) |",

@@ -80,8 +80,10 @@ def test_every_partition_the_kernel_takes_gives_the_same_attention(partition):
     """A partition other than kernel_partition's (bench/paged_attention_partitions.py times them)."""
     q, k, v, tables, lengths = _case(seed=5)
     call = functools.partial(pallas_paged_attention, scale=0.25, interpret=not ON_GPU, partition=partition)
-    grid = re.search(r"grid=\(([\d, ]+)\)", str(jax.make_jaxpr(call)(q, k, v, tables, lengths)))
+    jaxpr = str(jax.make_jaxpr(call)(q, k, v, tables, lengths))
+    grid = re.search(r"grid=\(([\d, ]+)\)", jaxpr)
     assert int(grid.group(1).split(",")[-1]) == partition[0]  # the grid's last axis: each sequence's splits
+    assert f"pages_per_compute_block={partition[1]}" in jaxpr  # (the kernel's name)
     out = call(q, k, v, tables, lengths)
     tol = 2e-3 if ON_GPU else 1e-5
     np.testing.assert_allclose(np.asarray(out), _numpy_reference(q, k, v, tables, lengths, 0.25), rtol=tol, atol=tol)
