@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
@@ -42,21 +41,10 @@ def mps_running() -> bool:
     """Whether a CUDA MPS control daemon serves this user's processes (then
     server processes on one GPU run side by side instead of time-sliced)."""
     pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    return os.path.exists(os.path.join(pipe, "control")) and _process_named("nvidia-cuda-mps-control")
-
-
-def _process_named(name: str) -> bool:
-    """Whether a process runs whose program is `name` (a daemon's pipe
-    outlives it; /proc's comm cuts names at 15 characters: the command line's)."""
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(cmdline, "rb") as f:
-                program = f.read().split(b"\0", 1)[0].decode(errors="replace")
-        except OSError:  # (it ended while read)
-            continue
-        if os.path.basename(program) == name:
-            return True
-    return False
+    if not os.path.exists(os.path.join(pipe, "control")):
+        return False
+    # (a pipe outlives its daemon: the daemon's process too, as device_run.sh asks)
+    return subprocess.run(["pgrep", "-f", "^nvidia-cuda-mps-control"], capture_output=True).returncode == 0
 
 
 def jax_device() -> str:

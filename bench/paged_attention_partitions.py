@@ -40,20 +40,18 @@ sys.path.insert(0, REPO)
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
-from eaas_jax.engine.runner import bucket  # noqa: E402
-from eaas_jax.kernels.paged_attention import kernel_partition, pallas_paged_attention  # noqa: E402
+from eaas_jax.engine.runner import StepShape  # noqa: E402
+from eaas_jax.kernels.paged_attention import (  # noqa: E402
+    MAX_SPLITS, PAGES_PER_ITERATION, kernel_partition, pallas_paged_attention)
 
 BLOCK_SIZE = 16
-MIN_TABLE_BLOCKS = 8  # the runner's smallest block bucket (StepShape.bucketed)
-PAGES = (1, 2, 4, 8)  # blocks per kernel iteration the package may choose (kernel_partition)
-MAX_SPLITS = 16
 
 
 def partitions(table_blocks: int) -> list[tuple[int, int]]:
     """Every (splits, blocks per iteration) of kernel_partition's space for a
     table of `table_blocks`: splits dividing it, iterations dividing a split."""
     return [(s, p) for s in range(1, min(MAX_SPLITS, table_blocks) + 1) if table_blocks % s == 0
-            for p in PAGES if (table_blocks // s) % p == 0]
+            for p in PAGES_PER_ITERATION if (table_blocks // s) % p == 0]
 
 
 def case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, rounds: int, dtype, seed: int = 0):
@@ -61,7 +59,8 @@ def case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, rou
     lengths for `batch` sequences of `context` tokens each."""
     rng = np.random.default_rng(seed)
     blocks = -(-context // BLOCK_SIZE)
-    table_blocks = bucket(blocks, MIN_TABLE_BLOCKS)
+    table_blocks = StepShape.bucketed(rows=batch, longest=1, blocks=blocks, banned=0, penalized=0, logprobs=0,
+                                      greedy=True).blocks  # (the runner's padding)
     num_blocks = batch * blocks + 1  # (block 0: the padding entries')
     tables = np.zeros((batch, table_blocks), np.int32)
     tables[:, :blocks] = 1 + rng.permutation(batch * blocks).reshape(batch, blocks)

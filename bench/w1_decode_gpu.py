@@ -540,6 +540,15 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
     )
 
 
+#: --compare-FLAG: the engine timed again in the same run with one setting
+#: changed: FLAG -> (its column's label, the environment it runs in, its phase's name).
+VARIANTS = {
+    "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
+    "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
+    "one-row-dot": ("XLA's dot for single rows", {"EAAS_JAX_ONE_ROW_SPLIT": "off"}, "eaas-one-row-dot"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,16,64,256")
@@ -550,15 +559,10 @@ def main() -> None:
     parser.add_argument("--raw", help="JSONL file to append each phase's raw numbers to")
     parser.add_argument("--resume", action="store_true", help="take the phases --raw already holds from there")
     parser.add_argument("--commit", help="commit to record (default: git HEAD; a copied tree may lack .git)")
-    parser.add_argument("--compare-gather", action="store_true",
-                        help="also time the engine with decode attention over gathered blocks "
-                             "(EAAS_JAX_PAGED_ATTENTION=gather), in the same run")
-    parser.add_argument("--compare-experts-paths", action="store_true",
-                        help="also time the engine with the grouped routed-experts path only "
-                             "(EAAS_JAX_GATHERED_EXPERTS=off: no gathered path for few slots), in the same run")
-    parser.add_argument("--compare-one-row-dot", action="store_true",
-                        help="also time the engine with XLA's dot for single-row projections "
-                             "(EAAS_JAX_ONE_ROW_SPLIT=off: not eaas_jax.model.layers' split product), in the same run")
+    for flag, (label, env, _) in VARIANTS.items():
+        parser.add_argument(f"--compare-{flag}", action="store_true",
+                            help=f"also time the engine with {label} ({' '.join(f'{k}={v}' for k, v in env.items())}), "
+                                 "in the same run")
     parser.add_argument("--profile-batches", default="",
                         help="also profile decode steps at these batches (comma-separated): device time by kernel")
     parser.add_argument("--jax-peer", metavar="DIR",
@@ -568,8 +572,9 @@ def main() -> None:
     profile_batches = [int(b) for b in args.profile_batches.split(",") if b]
     if not set(profile_batches) <= set(batches):
         parser.error("--profile-batches must be among --batches (shapes compiled before the trace)")
-    if args.compare_gather + args.compare_experts_paths + args.compare_one_row_dot > 1:
-        parser.error("--compare-gather, --compare-experts-paths, --compare-one-row-dot: one variant a run")
+    compared = [flag for flag in VARIANTS if getattr(args, f"compare_{flag.replace('-', '_')}")]
+    if len(compared) > 1:
+        parser.error(f"{', '.join(f'--compare-{flag}' for flag in compared)}: one variant a run")
     if args.phase == "make":
         print(json.dumps(phase_make(args.dir)))
         return
@@ -587,15 +592,9 @@ def main() -> None:
         run_phase(args, "make")
     ours = run_phase(args, "eaas")  # the defaults; a variant changes one setting
     variant = None  # (column label, that run's result): the engine again with one setting changed
-    if args.compare_gather:
-        variant = ("gathered-blocks attention", run_phase(
-            args, "eaas", env=dict(os.environ, EAAS_JAX_PAGED_ATTENTION="gather"), name="eaas-gather"))
-    elif args.compare_experts_paths:
-        variant = ("grouped routed experts only", run_phase(
-            args, "eaas", env=dict(os.environ, EAAS_JAX_GATHERED_EXPERTS="off"), name="eaas-grouped-experts"))
-    elif args.compare_one_row_dot:
-        variant = ("XLA's dot for single rows", run_phase(
-            args, "eaas", env=dict(os.environ, EAAS_JAX_ONE_ROW_SPLIT="off"), name="eaas-one-row-dot"))
+    if compared:
+        label, env, name = VARIANTS[compared[0]]
+        variant = (label, run_phase(args, "eaas", env=dict(os.environ, **env), name=name))
     peer = run_phase(args, "hf")
     jax_peer = None
     if args.jax_peer:
@@ -609,8 +608,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
-    variant_flags = ("compare_gather", "compare_experts_paths", "compare_one_row_dot")
-    flags = "".join(f" --{flag.replace('_', '-')}" for flag in variant_flags if getattr(args, flag)) \
+    flags = "".join(f" --compare-{flag}" for flag in compared) \
         + (f" --profile-batches {args.profile_batches}" if args.profile_batches else "") \
         + (" --jax-peer DIR" if jax_peer else "")
     lines = [

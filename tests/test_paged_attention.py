@@ -133,7 +133,7 @@ def test_kernel_partition_meets_the_kernels_constraints(max_blocks):
     splits, pages = kernel_partition(max_blocks)
     assert max_blocks % splits == 0 and 1 <= splits <= 16
     per_split = max_blocks // splits
-    assert per_split % pages == 0 and pages in (1, 2, 4, 8)
+    assert per_split % pages == 0 and pages in (1, 2, 4, 8)  # (Triton tiles: powers of two up to 8)
     assert per_split >= min(4, max_blocks) or splits == 1
 
 

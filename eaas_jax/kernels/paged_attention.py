@@ -30,8 +30,8 @@ from eaas_jax.kernels.attention import grouped_query_attention
 
 log = logging.getLogger(__name__)
 
-_MAX_SPLITS = 16  # sequence partitions per (sequence, kv head), combined at the end
-_MAX_PAGES_PER_BLOCK = 8  # cache blocks one kernel iteration loads
+MAX_SPLITS = 16  # sequence partitions per (sequence, kv head), combined at the end
+PAGES_PER_ITERATION = (1, 2, 4, 8)  # cache blocks one kernel iteration may load (Triton tiles: powers of two)
 
 
 def paged_decode_attention(
@@ -103,10 +103,10 @@ def kernel_partition(max_blocks: int) -> tuple[int, int]:
     at least 4 blocks each where M allows (more splits = more parallelism for
     few long sequences, fewer = less combining); blocks per iteration are the
     largest power of two <= 8 dividing a split (Triton tiles are powers of two)."""
-    splits = max(d for d in range(1, min(_MAX_SPLITS, max_blocks) + 1)
+    splits = max(d for d in range(1, min(MAX_SPLITS, max_blocks) + 1)
                  if max_blocks % d == 0 and (max_blocks // d >= 4 or d == 1))
     per_split = max_blocks // splits
-    pages = max(p for p in (1, 2, 4, 8) if p <= _MAX_PAGES_PER_BLOCK and per_split % p == 0)
+    pages = max(p for p in PAGES_PER_ITERATION if per_split % p == 0)
     return splits, pages
 
 
