@@ -49,6 +49,10 @@ def segment_ids_to_positions(segment_ids):
     return (counts - 1).astype(jnp.int32)
 
 
+# Prompt tokens the peer prefills in one call (see Peer._prefill).
+PREFILL_TOKENS = 2048
+
+
 class Peer:
     """The peer's model loaded from HF `directory`, for sequences of up to
     `max_seq_len` tokens (its dense KV cache's length: each decode step
@@ -85,6 +89,35 @@ class Peer:
         self.weights = jax.tree.map(lambda w, a, s: jax.device_put(w.astype(a.dtype), s), weights, abstract,
                                     q3.Weights.shardings(self.cfg), is_leaf=q3.is_param)
 
+    def _prefill(self, prompts: list[list[int]]):
+        """The peer's prefill of `prompts` (equal lengths), PREFILL_TOKENS of
+        prompt at a time, each part into a KV cache of its own, the caches
+        then joined along the batch: (its greedy tokens [batch, length],
+        the cache). In parts because the peer's `lax.ragged_dot` compiles on
+        GPUs under JAX 0.11 to a dense masked product over every expert:
+        256 prompts of 128 tokens asked 48 GiB of an H100 at once."""
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        q3, cfg = self.q3, self.cfg
+        rows = max(1, PREFILL_TOKENS // len(prompts[0]))
+        firsts, caches = [], []
+        for start in range(0, len(prompts), rows):
+            part = prompts[start:start + rows]
+            cache = q3.KVCache.init(jax.random.key(0), cfg, len(part), cfg.max_seq_len)
+            # pad_id -1: no prompt token counts as padding (random ids may hit the peer's PAD_ID)
+            first, _, cache = q3.prefill(jnp.asarray(np.array(part, np.int32)), self.weights, cache, cfg, pad_id=-1)
+            firsts.append(np.asarray(first))
+            caches.append(cache)
+        if len(caches) == 1:
+            return firsts[0], caches[0]
+        joined = dataclasses.replace(  # (equal lengths: every part's `iter` is the same)
+            caches[0], k=[jnp.concatenate(layer) for layer in zip(*(c.k for c in caches))],
+            v=[jnp.concatenate(layer) for layer in zip(*(c.v for c in caches))],
+            starts=jnp.concatenate([c.starts for c in caches]))
+        return np.concatenate(firsts), joined
+
     def time_decode(self, prompts: list[list[int]], steps: int) -> dict:
         """Prefill `prompts` (equal lengths), then `steps` greedy decode steps
         timed as the engine's are: host wall clock between token arrivals,
@@ -100,10 +133,8 @@ class Peer:
         step = q3.decode_step
         compiled = getattr(step, "_cache_size", lambda: 0)
         with jax.sharding.set_mesh(self.mesh):
-            cache = q3.KVCache.init(jax.random.key(0), cfg, len(prompts), cfg.max_seq_len)
-            # pad_id -1: no prompt token counts as padding (random ids may hit the peer's PAD_ID)
-            first, _, cache = q3.prefill(jnp.asarray(np.array(prompts, np.int32)), weights, cache, cfg, pad_id=-1)
-            current = jnp.asarray(np.asarray(first)[:, length - 1:length])
+            first, cache = self._prefill(prompts)
+            current = jnp.asarray(first[:, length - 1:length])
             tokens = [np.asarray(current)[:, 0]]
             for _ in range(2):  # compiles the decode step
                 current, cache = step(current, weights, cache, cfg)

@@ -104,7 +104,7 @@ def main() -> None:
         for context in map(int, args.contexts.split(",")):
             inputs = case(batch, context, args.heads, args.kv_heads, args.head_dim, args.rounds, dtype)
             table_blocks = inputs[3].shape[1]
-            chosen = kernel_partition(table_blocks)
+            chosen = kernel_partition(table_blocks, batch * args.kv_heads)
             functions = {partition: rounds_of(partition, not on_gpu) for partition in partitions(table_blocks)}
             reference = np.asarray(functions[chosen](*inputs))
             scale = np.abs(reference).max()

@@ -348,19 +348,40 @@ def time_decode(engine, batch: int, steps: int) -> dict:
     outputs: dict[str, list[int]] = {}
     engine.step()
     engine.step()  # decode shapes compiled
-    times, compiling = [], 0
-    while engine.has_unfinished_requests():
-        compiled = engine.num_compilations
-        t0 = time.perf_counter()
-        for out in engine.step_finished():  # no detokenizing of running requests: the peers do none
-            outputs[out.request_id] = out.outputs[0].token_ids
-        if engine.num_compilations == compiled:
-            times.append(time.perf_counter() - t0)
-        else:
-            compiling += 1
-    times = times[:-1]  # the last step only collects
+    times, busy, compiling = [], [], 0
+    waits = []  # seconds each fetch of a step's results waited for the device
+    fetch = engine.runner.fetch
+
+    def timed_fetch(step):
+        start = time.perf_counter()
+        try:
+            return fetch(step)
+        finally:
+            waits.append(time.perf_counter() - start)
+
+    engine.runner.fetch = timed_fetch
+    try:
+        while engine.has_unfinished_requests():
+            compiled, waited = engine.num_compilations, len(waits)
+            t0 = time.perf_counter()
+            for out in engine.step_finished():  # no detokenizing of running requests: the peers do none
+                outputs[out.request_id] = out.outputs[0].token_ids
+            if engine.num_compilations == compiled:
+                times.append(time.perf_counter() - t0)
+                busy.append(times[-1] - sum(waits[waited:]))
+            else:
+                compiling += 1
+    finally:
+        del engine.runner.fetch  # (the instance's attribute: the class's method again)
+    times, busy = times[:-1], busy[:-1]  # the last step only collects
     return {"median": statistics.median(times), "min": min(times), "max": max(times),
-            "compiling_steps": compiling, "tokens0": outputs[ids[0]][:32]}
+            "host_busy": statistics.median(busy), "compiling_steps": compiling, "tokens0": outputs[ids[0]][:32]}
+
+
+def host_ms(timing: dict) -> str:
+    """The host's median busy time a step in ms, of a `time_decode` result
+    ('-' for one recorded before it was measured)."""
+    return f"{timing['host_busy'] * 1e3:.2f}" if "host_busy" in timing else "-"
 
 
 def step_ms(timing: dict) -> str:
@@ -545,7 +566,7 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
 VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
-    "one-row-dot": ("XLA's dot for single rows", {"EAAS_JAX_ONE_ROW_SPLIT": "off"}, "eaas-one-row-dot"),
+    "one-row-dot": ("single rows not padded to a GEMM", {"EAAS_JAX_ONE_ROW_GEMM": "off"}, "eaas-one-row-dot"),
 }
 
 
@@ -622,12 +643,12 @@ def main() -> None:
         + (f"; JAX peer: jax-ml/jax-llm-examples qwen3 at {jax_peer['commit']} (bench/jax_peer.py: bfloat16, "
            "unquantized dense KV cache, greedy in its step, timed as the engine is)" if jax_peer else "") + ".",
         "",
-        "| batch | eaas-jax step ms median (min-max) | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
+        "| batch | eaas-jax step ms median (min-max) | its host ms a step, not waiting for the device | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
         + (" JAX peer step ms | eaas-jax tok/s vs JAX peer | its tokens equal to transformers' (first 32) |"
            if jax_peer else "")
         + (f" {variant[0]}: step ms | its tokens equal (first 32) |" if variant else "")
         + " eaas-jax steps that compiled (left out of the timing) |",
-        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if jax_peer else "") + ("---|---|" if variant else "")
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if jax_peer else "") + ("---|---|" if variant else "")
         + "---|",
     ]
     margins = peer.get("margins0")
@@ -637,7 +658,7 @@ def main() -> None:
         v = variant[1][f"b{batch}"] if variant else None
         j = jax_peer[f"b{batch}"] if jax_peer else None
         lines.append(
-            f"| {batch} | {step_ms(o)} | "
+            f"| {batch} | {step_ms(o)} | {host_ms(o)} | "
             f"{batch / o['median']:.0f} | {p['step'] * 1e3:.2f} | {p['step'] / o['median']:.2f}x | "
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {agreement(o['tokens0'], p['tokens0'], margins)} |"
             + (f" {step_ms(j)} | {j['median'] / o['median']:.2f}x | {agreement(j['tokens0'], p['tokens0'], margins)} |"

@@ -128,13 +128,23 @@ def test_off_the_gpu_decode_attention_gathers():
                                _numpy_reference(q, k, v, tables, lengths, 64**-0.5), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("programs", [1, 4, 32, 256, 4096])
 @pytest.mark.parametrize("max_blocks", [1, 2, 3, 8, 12, 16, 24, 40, 64, 256, 1000])
-def test_kernel_partition_meets_the_kernels_constraints(max_blocks):
-    splits, pages = kernel_partition(max_blocks)
+def test_kernel_partition_meets_the_kernels_constraints(max_blocks, programs):
+    splits, pages = kernel_partition(max_blocks, programs, multiprocessors=132)
     assert max_blocks % splits == 0 and 1 <= splits <= 16
     per_split = max_blocks // splits
     assert per_split % pages == 0 and pages in (1, 2, 4, 8)  # (Triton tiles: powers of two up to 8)
-    assert per_split >= min(4, max_blocks) or splits == 1
+    assert per_split >= 2 or splits == 1
+
+
+@pytest.mark.parametrize("programs, max_blocks, expected", [
+    (4, 16, (8, 2)), (4, 128, (16, 8)),  # one sequence: split as far as blocks allow, a split per iteration
+    (256, 16, (1, 4)), (256, 128, (1, 8)), (1024, 128, (1, 8)),  # many: no split, >= 4 iterations
+    (32, 16, (8, 2)), (64, 16, (4, 4)),  # a few: the fewest splits that fill the multiprocessors
+])
+def test_kernel_partition_splits_only_to_fill_the_device(programs, max_blocks, expected):
+    assert kernel_partition(max_blocks, programs, multiprocessors=132) == expected
 
 
 def test_an_unknown_decode_attention_choice_is_refused(monkeypatch):

@@ -88,7 +88,8 @@ def pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: f
     choice (bench/paged_attention_partitions.py times them)."""
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-    splits, pages_per_block = partition or kernel_partition(block_tables.shape[1])
+    splits, pages_per_block = partition or kernel_partition(block_tables.shape[1],
+                                                             block_tables.shape[0] * k_pool.shape[0])
     # The kernel does not scale scores: scale the queries (in float32, once).
     scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
     return paged_attention(
@@ -97,17 +98,40 @@ def pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: f
     )
 
 
-def kernel_partition(max_blocks: int) -> tuple[int, int]:
+def kernel_partition(max_blocks: int, programs: int, multiprocessors: int | None = None) -> tuple[int, int]:
     """(sequence splits, cache blocks per kernel iteration) for M blocks per
-    sequence: splits divide M (the kernel's requirement), at most 16 and leaving
-    at least 4 blocks each where M allows (more splits = more parallelism for
-    few long sequences, fewer = less combining); blocks per iteration are the
-    largest power of two <= 8 dividing a split (Triton tiles are powers of two)."""
-    splits = max(d for d in range(1, min(MAX_SPLITS, max_blocks) + 1)
-                 if max_blocks % d == 0 and (max_blocks // d >= 4 or d == 1))
+    sequence and `programs` (sequence, KV head) pairs; the kernel runs one
+    program per pair and split, on `multiprocessors` (default: the device's).
+
+    Splits: the fewest that give every multiprocessor a program, dividing M
+    (the kernel's requirement), at most MAX_SPLITS and leaving at least 2
+    blocks each: each split costs a combine, so with enough sequences none
+    pays. Blocks per iteration (powers of two up to 8, dividing a split): a
+    whole split at once when split (few, short loops); else the most that
+    leave at least 4 iterations, since a sequence's last iteration loads up
+    to a whole iteration's blocks past its end. On an H100 at W1's heads
+    this is the fastest partition at batches 1, 64 and 256 and tables of 16
+    and 128 blocks (bench/RESULTS.md, "Paged decode attention: the kernel's
+    partitions", 2026-12-06); the rule before it, splitting whatever the
+    batch, was 8-34% slower there."""
+    multiprocessors = multiprocessors or _multiprocessors()
+    allowed = [d for d in range(1, min(MAX_SPLITS, max_blocks) + 1)
+               if max_blocks % d == 0 and (max_blocks // d >= 2 or d == 1)]
+    enough = [d for d in allowed if programs * d >= multiprocessors]
+    splits = min(enough) if enough else max(allowed)
     per_split = max_blocks // splits
-    pages = max(p for p in PAGES_PER_ITERATION if per_split % p == 0)
+    limit = per_split if splits > 1 else max(1, per_split // 4)
+    pages = max(p for p in PAGES_PER_ITERATION if per_split % p == 0 and p <= limit)
     return splits, pages
+
+
+# What kernel_partition assumes where the device does not say (an H100 has 132).
+DEFAULT_MULTIPROCESSORS = 128
+
+
+@functools.cache
+def _multiprocessors() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or DEFAULT_MULTIPROCESSORS
 
 
 def _kernel_supports(k_shape, v_shape) -> bool:

@@ -122,7 +122,7 @@ class AttentionClientModel(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs, one_row_split=False)
+            else linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs, pad_one_row=False)
         )
 
     def hidden_states(
