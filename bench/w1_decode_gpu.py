@@ -146,6 +146,7 @@ def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: 
         result[f"b{batch}"] = {**time_decode(engine, batch, steps), "step_memory": decode_step_memory(engine, batch)}
     result["memory"] = memory_facts(engine)
     result["profiles"] = [profile_decode(engine, batch, steps) for batch in profile_batches]
+    result["host_profiles"] = [host_profile(engine, batch, steps) for batch in profile_batches]
     return result
 
 
@@ -212,6 +213,44 @@ def profile_decode(engine, batch: int, steps: int) -> dict:
     except Exception as e:  # noqa: BLE001 - e.g. an HLO text this parser does not know
         print(f"the profiled kernels' source lines are left out: {e!r}", file=sys.stderr)
     return {"batch": batch, **summary}
+
+
+def host_profile(engine, batch: int, steps: int, top: int = 15) -> dict:
+    """Where the host's time a decode step goes at `batch`: Python's
+    profiler over `steps` decode steps, functions by their own time (a call
+    into JAX's C++ that waits, e.g. a dispatch blocked on the device, counts
+    in its Python caller's own time)."""
+    import cProfile
+    import pstats
+
+    from eaas_jax.engine import SamplingParams
+
+    prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
+    for _ in range(2):  # the first decode steps
+        engine.step_finished()
+    profiler, done, start = cProfile.Profile(), 0, time.perf_counter()
+    profiler.enable()
+    while engine.has_unfinished_requests():
+        engine.step_finished()
+        done += 1
+    profiler.disable()
+    seconds = time.perf_counter() - start
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"batch": batch, "steps": done, "ms_per_step": seconds / done * 1e3,
+            "top": [{"function": f"{os.path.basename(file)}:{line} {name}" if line else name,
+                     "own_us_per_step": own / done * 1e6, "calls_per_step": calls / done}
+                    for (file, line, name), (_, calls, own, _, _) in ranked]}
+
+
+def host_profile_lines(label: str, profile: dict) -> list[str]:
+    """A `host_profile` as a RESULTS paragraph and table."""
+    return [f"{label}, the host's time at batch {profile['batch']} under Python's profiler: "
+            f"{profile['ms_per_step']:.2f} ms a step over {profile['steps']} steps (the profiler's own cost "
+            "included); functions by their own time (a C++ call that waits counts in its caller's):", "",
+            "| function | own µs per step | calls per step |", "|---|---|---|",
+            *(f"| `{row['function']}` | {row['own_us_per_step']:.1f} | {row['calls_per_step']:.1f} |"
+              for row in profile["top"])]
 
 
 def decode_shapes(engine, batch: int) -> list:
@@ -670,6 +709,8 @@ def main() -> None:
     for label, run in (("eaas-jax", ours), *([variant] if variant else [])):
         for profile in run.get("profiles", []):
             lines += ["", *profile_lines(label, profile)]
+        for profile in run.get("host_profiles", []):
+            lines += ["", *host_profile_lines(label, profile)]
     publish(lines, args.append)
     if args.append:
         command = f"python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}"
