@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows, bucket
+from eaas_jax.engine import packed
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepRows, TracedStep, bucket
 from eaas_jax.model import moe
 
 from conftest import TINY_CONFIG, tiny_model
@@ -51,8 +52,10 @@ def _rows(tokens, starts, tables, sampling=None, token_sources=None) -> StepRows
 def _inputs(runner, rows, num_top_logprobs=0, previous=None):
     """prepare_inputs' shape key, its step arguments by name (numpy), and static options."""
     shape, args, static = runner.prepare_inputs(rows, num_top_logprobs, previous)
-    _, _, kv_cache, tokens, positions, paged, last_index, sampling, previous_tokens, sources, _ = args
-    assert kv_cache is runner.kv_cache
+    _, _, kv_cache, buffer, previous_tokens, _ = args
+    assert kv_cache is runner.kv_cache and isinstance(buffer, np.ndarray) and buffer.dtype == np.int32
+    tokens, positions, paged, last_index, sampling, sources = jax.tree.map(
+        np.asarray, packed.unpack(jnp.asarray(buffer), static.pop("host_layout")))
     named = dict(tokens=tokens, positions=positions, slots=paged.slot_mapping, tables=paged.block_tables,
                  last_index=last_index, sampling=sampling, previous_tokens=previous_tokens, sources=sources)
     return shape, named, static
@@ -60,8 +63,9 @@ def _inputs(runner, rows, num_top_logprobs=0, previous=None):
 
 def _previous_step(next_tokens) -> DispatchedStep:
     """A stand-in for a dispatched step: only its device `next_tokens` are read."""
-    return DispatchedStep(1, (jnp.zeros((1,), jnp.int32),), (jnp.zeros((0,), jnp.int32),),
-                          jnp.asarray(next_tokens, jnp.int32), [], num_tokens=1, expert_arrays=None)
+    nothing, layout = packed.pack_on_device(())
+    return DispatchedStep(1, nothing, jnp.asarray(next_tokens, jnp.int32), TracedStep([], layout), num_tokens=1,
+                          expert_arrays=None)
 
 
 def test_bucket_is_the_next_power_of_two_above_a_minimum():
@@ -112,6 +116,14 @@ def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, ba
     assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6], "num_prompt_logprobs": -1}
     for name in ("tokens", "positions", "slots", "tables", "last_index", "sources"):
         assert x[name].dtype == np.int32, name
+
+
+def test_the_step_takes_one_host_array(runner):
+    """Each host array of a jitted call is a transfer of its own while it
+    dispatches (engine.packed): the step's are packed into one."""
+    rows = _rows([[5], [6, 7]], [3, 0], [[1], [2]], [_sampling(banned=[3]), _sampling(temperature=1.0)])
+    _, args, _ = runner.prepare_inputs(rows, 2, None)
+    assert sum(isinstance(x, np.ndarray) for x in jax.tree.leaves(args)) == 1
 
 
 def test_prefill_tokens_tables_positions_slots_and_last_index(runner):

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from eaas_jax.engine import SamplingParams, gil
+from eaas_jax.engine import SamplingParams, gil, packed
 from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.compile_pool import CompilePool
-from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepShape
+from eaas_jax.engine.runner import DispatchedStep, EmbeddedExperts, ModelRunner, StepShape, TracedStep
 from eaas_jax.engine.scheduler import Scheduler, step_options, step_rows
 from eaas_jax.engine.warmup import plan_warmup
 
@@ -56,8 +56,9 @@ def _scheduled_shapes(engine, seqs, *, max_num_seqs, budget, num_blocks):
                           engine.max_model_len)
     for seq in seqs:
         scheduler.add(seq)
-    prefill_step = DispatchedStep(1, (jnp.zeros((1,), jnp.int32),), (jnp.zeros((0,), jnp.int32),),
-                                  jnp.zeros((8,), jnp.int32), [], num_tokens=1, expert_arrays=None)
+    nothing, layout = packed.pack_on_device(())
+    prefill_step = DispatchedStep(1, nothing, jnp.zeros((8,), jnp.int32), TracedStep([], layout), num_tokens=1,
+                                  expert_arrays=None)
 
     def shape(seqs, is_prefill, previous=None):
         logprobs, prompt_logprobs = step_options(seqs, is_prefill)
@@ -265,8 +266,8 @@ def test_a_shape_whose_compile_failed_keeps_its_own_labels_when_compiled_again(m
     assert runner.num_compilations == 0  # forgotten: the next step of its shape tries again
     runner.compile([two])
     first = runner.dispatch(runner._placeholder_rows(one), 0)
-    assert first._labels == [(1, 0)]  # the first trace's, not the second's
-    assert runner.dispatch(runner._placeholder_rows(two), 0)._labels == [(2, 0)]
+    assert first._traced.labels == [(1, 0)]  # the first trace's, not the second's
+    assert runner.dispatch(runner._placeholder_rows(two), 0)._traced.labels == [(2, 0)]
 
 
 def test_the_compile_pool_drops_queued_work_on_stop_and_at_exit():

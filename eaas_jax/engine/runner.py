@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eaas_jax.engine import packed
 from eaas_jax.engine.compile_pool import CompilePool
 from eaas_jax.engine.gil import shorten_switch_interval
 from eaas_jax.model.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
@@ -105,29 +106,38 @@ class StepMemory(NamedTuple):
                    stats.temp_size_in_bytes)
 
 
+class TracedStep(NamedTuple):
+    """What tracing a step program told the host about it."""
+
+    labels: list[tuple[int, int]]  # the (moe_layer, micro_batch) of each of its exchanges
+    results: packed.Layout  # its results' buffer: (sampled, exchanges)
+
+
 class DispatchedStep:
     """A step queued on the device; `fetch()` waits for and returns its results.
 
+    `results` (device) are its sampled tokens and exchange reports packed
+    into one buffer (`traced.results` unpacks it: one copy to the host).
     `next_tokens` (device, [max_rows]) are its sampled tokens, padded, for the
     `token_sources` of a step dispatched before this one is fetched.
     """
 
-    def __init__(self, num_rows: int, sampled, exchanges, next_tokens, labels: list[tuple[int, int]], *,
+    def __init__(self, num_rows: int, results: jax.Array, next_tokens, traced: TracedStep, *,
                  num_tokens: int, expert_arrays):
         self.num_rows = num_rows
         self.next_tokens = next_tokens
         self.num_tokens = num_tokens  # rows x tokens per row, padded as compiled
         self.expert_arrays = expert_arrays  # what the step was given (remote: its deadline)
         self.dispatched_at = time.monotonic()
-        self._outputs = (sampled, exchanges)
-        self._labels = labels
-        for x in jax.tree.leaves(self._outputs):  # start the copies as soon as the step ends
-            x.copy_to_host_async()
+        self._results = results
+        self._traced = traced
+        results.copy_to_host_async()  # starts as soon as the step ends
 
     def fetch(self) -> tuple[StepResult, ExchangeReport]:
-        sampled, (statuses, unserved, unserved_rows, *rest) = jax.device_get(self._outputs)
+        sampled, (statuses, unserved, unserved_rows, *rest) = packed.unpack_on_host(
+            np.asarray(self._results), self._traced.results)
         return (StepResult(*(x[: self.num_rows] for x in sampled)),
-                ExchangeReport(statuses, self._labels, unserved, unserved_rows[: self.num_rows], *rest))
+                ExchangeReport(statuses, self._traced.labels, unserved, unserved_rows[: self.num_rows], *rest))
 
 
 class EmbeddedExperts:
@@ -197,10 +207,12 @@ def _prompt_logprobs(client, hidden: jax.Array, tokens: jax.Array, k: int) -> tu
 
 
 def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
-          tokens, positions, paged, last_index, sampling, previous_tokens, token_sources, exchange_carry, *,
-          num_top_logprobs, greedy_only, num_prompt_logprobs):
+          host_buffer, previous_tokens, exchange_carry, *, host_layout, num_top_logprobs, greedy_only,
+          num_prompt_logprobs):
     # Parameters arrive as flat leaves: flattening nnx state in Python on
-    # every call would cost the host ~0.5 ms per step.
+    # every call would cost the host ~0.5 ms per step. The host's inputs
+    # arrive as one buffer (engine.packed).
+    tokens, positions, paged, last_index, sampling, token_sources = packed.unpack(host_buffer, host_layout)
     client = nnx.merge(client_graphdef, jax.tree.unflatten(client_treedef, client_leaves))
     expert_arrays = jax.tree.unflatten(expert_treedef, expert_leaves)
     from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
@@ -281,13 +293,16 @@ class ModelRunner:
         def step(*args, **kwargs):
             self._traces.count = self._thread_traces() + 1
             with matmul_precision(dtype):
-                return _step(client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
+                sampled, kv_cache, exchanges, next_tokens, carry = _step(
+                    client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
+            results, self._traces.results_layout = packed.pack_on_device((sampled, exchanges))
+            return results, kv_cache, next_tokens, carry
 
         step.__name__ = step.__qualname__ = "_step"  # the program's name in JAX's logs and events
         self._jitted = jax.jit(
             step,
             donate_argnums=(2,),
-            static_argnames=("num_top_logprobs", "greedy_only", "num_prompt_logprobs"),
+            static_argnames=("host_layout", "num_top_logprobs", "greedy_only", "num_prompt_logprobs"),
             compiler_options=custom_calls.COMPILER_OPTIONS,
         )
         self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
@@ -299,9 +314,10 @@ class ModelRunner:
         self._compiled: dict[StepShape, concurrent.futures.Future] = {}
         self._compiled_lock = threading.RLock()  # cancelling a compile calls _forget_failed
         self._trace_lock = threading.Lock()
-        # Each traced shape's labels, kept when its compile fails: jit keeps
-        # the trace too, so a retry does not trace (nor give labels) again.
-        self._labels: dict[StepShape, list[tuple[int, int]]] = {}
+        # What each shape's trace told (its exchanges' labels, its results'
+        # layout), kept when its compile fails: jit keeps the trace too, so a
+        # retry does not trace (nor tell) again.
+        self._traced: dict[StepShape, TracedStep] = {}
         self._background: CompilePool | None = None
         # Each compiled shape's device memory (what fits on a device: bench/).
         self.step_memory: dict[StepShape, StepMemory | None] = {}
@@ -334,11 +350,14 @@ class ModelRunner:
         `(shape, args, static)`. `shape` is the compiled program's key
         (`StepShape.bucketed` of the rows' sizes, with `num_top_logprobs`,
         whether every row is greedy, and `num_prompt_logprobs`). `args` are the
-        step's positional arguments, padded: padding tokens and rows
-        get position 0 and the invalid slot `num_blocks * block_size` (their
-        cache writes are dropped); `last_index` is each row's last real token;
-        `token_sources` (-1 where absent) need `previous` and one token per
-        row (ValueError otherwise). `static` holds the jit's static options."""
+        step's positional arguments, the host's inputs packed into one buffer
+        (`packed.pack`; `static["host_layout"]` unpacks them: tokens, positions,
+        paged-attention inputs, last_index, sampling inputs, token_sources),
+        padded: padding tokens and rows get position 0 and the invalid slot
+        `num_blocks * block_size` (their cache writes are dropped);
+        `last_index` is each row's last real token; `token_sources` (-1 where
+        absent) need `previous` and one token per row (ValueError otherwise).
+        `static` holds the jit's static options."""
         n = len(rows.tokens)
         shape = StepShape.bucketed(
             rows=n, longest=max(len(t) for t in rows.tokens), blocks=max(len(b) for b in rows.block_tables),
@@ -376,20 +395,17 @@ class ModelRunner:
             self._expert_leaves, treedef = jax.tree.flatten(self._expert_arrays)
             if treedef != self._expert_treedef:
                 raise ValueError("the experts backend changed the structure of its arrays")
+        buffer, layout = packed.pack(
+            (tokens, positions, PagedAttentionInputs(slots, tables), last_index, sampling, sources))
         args = (
             self._client_leaves,
             self._expert_leaves,
             self.kv_cache,
-            tokens,
-            positions,
-            PagedAttentionInputs(slots, tables),
-            last_index,
-            sampling,
+            buffer,
             self._no_previous_tokens if previous is None else previous.next_tokens,
-            sources,
             self._carry,
         )
-        return shape, args, shape.static()
+        return shape, args, {**shape.static(), "host_layout": layout}
 
     def reset(self) -> None:
         """A fresh KV cache and carry, for after a step failed (the cache it
@@ -422,22 +438,23 @@ class ModelRunner:
         shape, args, static = self.prepare_inputs(rows, num_top_logprobs, None)
         return self._lower(shape, args, static)[0]
 
-    def _lower(self, shape: StepShape, args, static) -> tuple[jax.stages.Lowered, list[tuple[int, int]]]:
-        """The step of `shape` lowered, and its exchanges' labels (read off the
-        backend when this traced it; a trace's are kept for the shape)."""
+    def _lower(self, shape: StepShape, args, static) -> tuple[jax.stages.Lowered, TracedStep]:
+        """The step of `shape` lowered, and what its trace told (its
+        exchanges' labels, read off the backend, and its results' layout;
+        kept for the shape)."""
         with self._trace_lock:
             start = time.monotonic()
             traces = self._thread_traces()
             lowered = self._jitted.lower(*args, **static)
             if self._thread_traces() != traces:
-                self._labels[shape] = self.experts.traced_exchanges()
+                self._traced[shape] = TracedStep(self.experts.traced_exchanges(), self._traces.results_layout)
                 # Traces take turns (this lock, and Python's GIL) while XLA's
                 # compiles run side by side: this bounds a warm-up's pace.
                 log.info("traced and lowered model step %s in %.1f s", shape, time.monotonic() - start)
-            return lowered, self._labels[shape]
+            return lowered, self._traced[shape]
 
     def _lower_against_cache_spec(self, shape: StepShape, args, static
-                                  ) -> tuple[jax.stages.Lowered, list[tuple[int, int]]]:
+                                  ) -> tuple[jax.stages.Lowered, TracedStep]:
         """`_lower` with the KV cache's spec for the cache (which each step is
         donated, so the program is compiled against its spec, not an array)."""
         return self._lower(shape, (*args[:2], self._kv_cache_spec, *args[3:]), static)
@@ -465,15 +482,15 @@ class ModelRunner:
                                               shape.prompt_logprobs)
         return args, static
 
-    def _compile(self, shape: StepShape, args, static) -> list[tuple[int, int]]:
+    def _compile(self, shape: StepShape, args, static) -> TracedStep:
         """Compiles the step program of `shape` (jit's caches keep it for the
-        step's own call); returns its exchanges' labels."""
+        step's own call); returns what its trace told."""
         start = time.monotonic()
-        lowered, labels = self._lower_against_cache_spec(shape, args, static)
+        lowered, traced = self._lower_against_cache_spec(shape, args, static)
         memory = self.step_memory[shape] = StepMemory.of(lowered.compile())
         log.info("compiled model step %s in %.1f s%s", shape, time.monotonic() - start,
                  f" ({memory.peak / 2**30:.2f} GiB of device memory at its peak)" if memory else "")
-        return labels
+        return traced
 
     def _compiling(self, shape: StepShape, args, static, pool: CompilePool | None = None
                    ) -> tuple[concurrent.futures.Future, bool]:
@@ -556,19 +573,19 @@ class ModelRunner:
         if started or not future.done():
             self.num_compile_waits += 1
         try:
-            labels = future.result()
+            traced = future.result()
         except Exception:  # noqa: BLE001 - a background compile's failure: this step's own try says
             if started:
                 raise
-            labels = self._compiling(shape, args, static)[0].result()
+            traced = self._compiling(shape, args, static)[0].result()
         traces = self._thread_traces()
-        sampled, self.kv_cache, exchanges, next_tokens, self._carry = self._jitted(*args, **static)
+        results, self.kv_cache, next_tokens, self._carry = self._jitted(*args, **static)
         if self._thread_traces() != traces:
             # Compiled for another context than this call's (a JAX setting
             # scoped to the calling thread, e.g. default_matmul_precision).
             log.warning("model step %s was traced again at its call: the compiled program did not match it "
                         "(a thread-scoped JAX setting?); warm-up cannot compile ahead for this caller", shape)
-        return DispatchedStep(len(rows.tokens), sampled, exchanges, next_tokens, labels,
+        return DispatchedStep(len(rows.tokens), results, next_tokens, traced,
                               num_tokens=shape.batch * shape.seq, expert_arrays=self._expert_arrays)
 
 
