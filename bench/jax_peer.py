@@ -101,6 +101,7 @@ class Peer:
         import numpy as np
 
         q3, cfg = self.q3, self.cfg
+        assert not cfg.quant_cache, "the parts' caches are joined as plain arrays"
         rows = max(1, PREFILL_TOKENS // len(prompts[0]))
         firsts, caches = [], []
         for start in range(0, len(prompts), rows):

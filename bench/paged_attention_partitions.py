@@ -42,7 +42,7 @@ import w1_decode_gpu as w1  # noqa: E402
 
 from eaas_jax.engine.runner import StepShape  # noqa: E402
 from eaas_jax.kernels.paged_attention import (  # noqa: E402
-    MAX_SPLITS, PAGES_PER_ITERATION, kernel_partition, pallas_paged_attention)
+    MAX_SPLITS, PAGES_PER_ITERATION, kernel_partition, kernel_programs, pallas_paged_attention)
 
 BLOCK_SIZE = 16
 
@@ -104,7 +104,7 @@ def main() -> None:
         for context in map(int, args.contexts.split(",")):
             inputs = case(batch, context, args.heads, args.kv_heads, args.head_dim, args.rounds, dtype)
             table_blocks = inputs[3].shape[1]
-            chosen = kernel_partition(table_blocks, batch * args.kv_heads)
+            chosen = kernel_partition(table_blocks, kernel_programs(inputs[0][0], inputs[1]))
             functions = {partition: rounds_of(partition, not on_gpu) for partition in partitions(table_blocks)}
             reference = np.asarray(functions[chosen](*inputs))
             scale = np.abs(reference).max()

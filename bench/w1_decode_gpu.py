@@ -235,7 +235,8 @@ def host_profile(engine, batch: int, steps: int, top: int = 15) -> dict:
         done += 1
     profiler.disable()
     seconds = time.perf_counter() - start
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    done = max(done, 1)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
     ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     return {"batch": batch, "steps": done, "ms_per_step": seconds / done * 1e3,
             "top": [{"function": f"{os.path.basename(file)}:{line} {name}" if line else name,
@@ -380,7 +381,10 @@ def prefill(engine, batch: int, params) -> list[str]:
 
 def time_decode(engine, batch: int, steps: int) -> dict:
     """Prefill `batch` W1 prompts, then time `steps` greedy decode steps of
-    `engine` one by one; steps that compiled a new program are left out."""
+    `engine` one by one; steps that compiled a new program are left out.
+    `host_busy`: a step's time less its wait for the device's results."""
+    import jax
+
     from eaas_jax.engine import SamplingParams
 
     ids = prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True))
@@ -393,10 +397,9 @@ def time_decode(engine, batch: int, steps: int) -> dict:
 
     def timed_fetch(step):
         start = time.perf_counter()
-        try:
-            return fetch(step)
-        finally:
-            waits.append(time.perf_counter() - start)
+        jax.block_until_ready(step.next_tokens)  # (an output of the step's program: its end)
+        waits.append(time.perf_counter() - start)
+        return fetch(step)
 
     engine.runner.fetch = timed_fetch
     try:

@@ -65,6 +65,9 @@ def test_the_padded_row_keeps_the_layers_own_product(monkeypatch, setting):
     x = jax.random.normal(jax.random.key(4), (1, 256), jnp.bfloat16)
     got, expected = ours(x), theirs(x)
     assert _dot_rows(ours, x) == [GEMM_ROWS]
+    name, value = next(iter(setting.items()))
+    (dot,) = [e for e in jax.make_jaxpr(lambda x: ours(x))(x).eqns if e.primitive.name == "dot_general"]
+    assert dot.params[name] in (value, (value, value))  # (precision is one per operand)
     assert got.dtype == expected.dtype and got.shape == expected.shape == (1, 32)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=1e-2, atol=1e-2)
 

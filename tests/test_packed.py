@@ -66,12 +66,17 @@ def test_layouts_of_equal_shapes_are_equal_and_hash_alike():
     _, b = packed.pack(jax.tree.map(lambda x: x.copy(), _tree()))
     assert a == b and hash(a) == hash(b)
     _, c = packed.pack((np.zeros((4, 4), np.int32), *_tree()[1:]))
-    assert c != a
+    _, d = packed.pack((_tree()[0].view(np.float32), *_tree()[1:]))  # same shapes, another dtype
+    assert c != a and d != a
 
 
 def test_a_field_of_another_width_is_refused():
-    with pytest.raises(TypeError, match="4-byte dtype or be bool, not int64"):
+    with pytest.raises(TypeError, match="4-byte number dtype or be bool, not int64"):
         packed.pack((np.zeros(3, np.int32), np.zeros(2, np.int64)))
+    with pytest.raises(TypeError, match="not <U1"):
+        packed.pack((np.array(["a"]),))
+    with pytest.raises(TypeError, match="takes host"):
+        packed.pack((jnp.zeros(3, jnp.int32),))
     with pytest.raises(TypeError, match="not float16"):
         packed.pack_on_device((jnp.zeros(2, jnp.float16),))
 

@@ -14,6 +14,7 @@ import pytest
 from eaas_jax.kernels.paged_attention import (
     gathered_paged_attention,
     kernel_partition,
+    kernel_programs,
     pallas_paged_attention,
     paged_decode_attention,
 )
@@ -136,6 +137,12 @@ def test_kernel_partition_meets_the_kernels_constraints(max_blocks, programs):
     per_split = max_blocks // splits
     assert per_split % pages == 0 and pages in (1, 2, 4, 8)  # (Triton tiles: powers of two up to 8)
     assert per_split >= 2 or splits == 1
+
+
+@pytest.mark.parametrize("heads, kv_heads, expected", [(32, 4, 2 * 4), (128, 4, 2 * 4 * 2), (4, 4, 2 * 4)])
+def test_kernel_programs_count_blocks_of_16_query_heads(heads, kv_heads, expected):
+    q = jnp.zeros((2, heads, 64), jnp.bfloat16)
+    assert kernel_programs(q, jnp.zeros((kv_heads, 3, 16, 64), jnp.bfloat16)) == expected
 
 
 @pytest.mark.parametrize("programs, max_blocks, expected", [

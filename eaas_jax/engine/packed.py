@@ -38,14 +38,16 @@ class Layout(NamedTuple):
 
 def _field(shape, dtype) -> tuple[tuple[int, ...], np.dtype]:
     dtype = np.dtype(dtype)
-    if dtype.itemsize != 4 and dtype != np.bool_:
-        raise TypeError(f"a packed array must have a 4-byte dtype or be bool, not {dtype} {tuple(shape)}")
+    if not (dtype.itemsize == 4 and dtype.kind in "iuf") and dtype != np.bool_:
+        raise TypeError(f"a packed array must have a 4-byte number dtype or be bool, not {dtype} {tuple(shape)}")
     return tuple(shape), dtype
 
 
 def pack(tree) -> tuple[np.ndarray, Layout]:
     """A pytree of numpy arrays as one int32 array, and its layout (host side)."""
     leaves, treedef = jax.tree.flatten(tree)
+    if not all(isinstance(leaf, np.ndarray) for leaf in leaves):  # (a device array would be fetched first)
+        raise TypeError("pack takes host (numpy) arrays; pack_on_device packs device arrays")
     fields = tuple(_field(leaf.shape, leaf.dtype) for leaf in leaves)
     parts = [leaf.reshape(-1).astype(np.int32) if leaf.dtype == np.bool_ else leaf.reshape(-1).view(np.int32)
              for leaf in leaves]

@@ -307,8 +307,8 @@ class ModelRunner:
         )
         self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
         self._carry = jax.device_put(experts.initial_carry(), sharding)
-        # What compiling each step shape gave (or will): the (moe_layer,
-        # micro_batch) of its exchanges. Warm-up fills it ahead of the steps,
+        # What compiling each step shape gave (or will): what its trace told
+        # (a TracedStep). Warm-up fills it ahead of the steps,
         # from other threads; tracing is one at a time (a trace's exchanges are
         # read off the backend after it), XLA's compiles run in parallel.
         self._compiled: dict[StepShape, concurrent.futures.Future] = {}
@@ -585,6 +585,7 @@ class ModelRunner:
             # scoped to the calling thread, e.g. default_matmul_precision).
             log.warning("model step %s was traced again at its call: the compiled program did not match it "
                         "(a thread-scoped JAX setting?); warm-up cannot compile ahead for this caller", shape)
+            traced = traced._replace(results=self._traces.results_layout)  # (this program's own)
         return DispatchedStep(len(rows.tokens), results, next_tokens, traced,
                               num_tokens=shape.batch * shape.seq, expert_arrays=self._expert_arrays)
 

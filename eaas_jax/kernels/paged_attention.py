@@ -31,6 +31,7 @@ from eaas_jax.kernels.attention import grouped_query_attention
 log = logging.getLogger(__name__)
 
 MAX_SPLITS = 16  # sequence partitions per (sequence, kv head), combined at the end
+QUERY_HEADS_PER_PROGRAM = 16  # the kernel's block of a KV head's query heads (it pads fewer to 16)
 PAGES_PER_ITERATION = (1, 2, 4, 8)  # cache blocks one kernel iteration may load (Triton tiles: powers of two)
 
 
@@ -88,8 +89,7 @@ def pallas_paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale: f
     choice (bench/paged_attention_partitions.py times them)."""
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-    splits, pages_per_block = partition or kernel_partition(block_tables.shape[1],
-                                                             block_tables.shape[0] * k_pool.shape[0])
+    splits, pages_per_block = partition or kernel_partition(block_tables.shape[1], kernel_programs(q, k_pool))
     # The kernel does not scale scores: scale the queries (in float32, once).
     scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
     return paged_attention(
@@ -106,8 +106,8 @@ def kernel_partition(max_blocks: int, programs: int, multiprocessors: int | None
     Splits: the fewest that give every multiprocessor a program, dividing M
     (the kernel's requirement), at most MAX_SPLITS and leaving at least 2
     blocks each: each split costs a combine, so with enough sequences none
-    pays. Blocks per iteration (powers of two up to 8, dividing a split): a
-    whole split at once when split (few, short loops); else the most that
+    pays. Blocks per iteration (powers of two up to 8, dividing a split): as
+    many as a split holds when split (few, short loops); else the most that
     leave at least 4 iterations, since a sequence's last iteration loads up
     to a whole iteration's blocks past its end. On an H100 at W1's heads
     this is the fastest partition at batches 1, 64 and 256 and tables of 16
@@ -123,6 +123,14 @@ def kernel_partition(max_blocks: int, programs: int, multiprocessors: int | None
     limit = per_split if splits > 1 else max(1, per_split // 4)
     pages = max(p for p in PAGES_PER_ITERATION if per_split % p == 0 and p <= limit)
     return splits, pages
+
+
+def kernel_programs(q: jax.Array, k_pool: jax.Array) -> int:
+    """The kernel's programs a split: one per sequence, KV head and block of
+    up to QUERY_HEADS_PER_PROGRAM of the KV head's query heads."""
+    batch, heads, _ = q.shape
+    kv_heads = k_pool.shape[0]
+    return batch * kv_heads * -(-(heads // kv_heads) // QUERY_HEADS_PER_PROGRAM)
 
 
 # What kernel_partition assumes where the device does not say (an H100 has 132).
