@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,15 +79,19 @@ def run_phase(command: list[str], *, name: str, raw: str | None = None, env: dic
     """Runs one phase of a bench in its own process (each gets the devices to
     itself); its result is the JSON object on its last stdout line. With
     `raw`, the result is also appended there, so a later phase failing does
-    not lose it."""
+    not lose it. The phase's wall time is logged, and kept in the raw record
+    as "phase_seconds" (what plans a device call's parts)."""
+    start = time.monotonic()
     out = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
+    seconds = time.monotonic() - start
     sys.stderr.write(out.stderr[-3000:])
+    print(f"phase {name}: {seconds:.0f} s", file=sys.stderr)
     if out.returncode:
         raise SystemExit(f"phase {name} failed ({out.returncode})")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if raw:
         with open(raw, "a") as f:
-            f.write(json.dumps({"phase": name, **result}) + "\n")
+            f.write(json.dumps({"phase": name, "phase_seconds": round(seconds, 1), **result}) + "\n")
     return result
 
 
