@@ -163,7 +163,7 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
     dispatch) part dispatch python3 bench/dispatch_host_arrays.py ;;
     attn_parts) part attn_parts python3 bench/paged_attention_partitions.py --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
-        --dir "$W1" ${W1FLAGS:---compare-one-row-dot --profile-batches 1,256} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
+        --dir "$W1" ${W1FLAGS:---compare-one-row-dot --profile-batches 1,256 --profile-top 40} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
         --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
     parity) part parity python3 bench/arch_parity.py ${ARCHS:+--architectures "$ARCHS"} \
         --raw "$RAW/parity.jsonl" --resume --append bench/RESULTS.md ;;

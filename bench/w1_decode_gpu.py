@@ -134,7 +134,8 @@ def engine_options(max_batch: int, steps: int) -> dict:
                 max_num_batched_tokens=8192)
 
 
-def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = ()) -> dict:
+def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = (),
+               profile_top: int = 12) -> dict:
     sys.path.insert(0, REPO)
     from eaas_jax.engine import Engine
 
@@ -145,7 +146,7 @@ def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: 
     for batch in batches:
         result[f"b{batch}"] = {**time_decode(engine, batch, steps), "step_memory": decode_step_memory(engine, batch)}
     result["memory"] = memory_facts(engine)
-    result["profiles"] = [profile_decode(engine, batch, steps) for batch in profile_batches]
+    result["profiles"] = [profile_decode(engine, batch, steps, profile_top) for batch in profile_batches]
     result["host_profiles"] = [host_profile(engine, batch, steps) for batch in profile_batches]
     return result
 
@@ -178,10 +179,10 @@ def memory_facts(engine) -> dict:
 PROFILED_STEPS = 8
 
 
-def profile_decode(engine, batch: int, steps: int) -> dict:
+def profile_decode(engine, batch: int, steps: int, top: int = 12) -> dict:
     """Where one decode step's device time goes at `batch`: a JAX profiler
     trace of PROFILED_STEPS decode steps (after `time_decode` compiled their
-    shapes), its device kernels summed by name per step."""
+    shapes), its `top` device kernels summed by name per step."""
     import tempfile
 
     import jax
@@ -200,7 +201,7 @@ def profile_decode(engine, batch: int, steps: int) -> dict:
             for _ in range(PROFILED_STEPS):
                 engine.step_finished()
             time.sleep(0.2)
-        summary = device_kernel_times(log_dir, PROFILED_STEPS)
+        summary = device_kernel_times(log_dir, PROFILED_STEPS, top)
     while engine.has_unfinished_requests():
         engine.step_finished()
     try:  # a help to read the profile: its failure costs the column, not the phase's timings
@@ -318,7 +319,7 @@ def fusion_origins(hlo: str) -> dict[str, str]:
 GAP_BOUNDS_US = (10, 100)
 
 
-def device_kernel_times(log_dir: str, steps: int, top: int = 20) -> dict:
+def device_kernel_times(log_dir: str, steps: int, top: int = 12) -> dict:
     """Per-step device time by kernel name from the perfetto trace under
     `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...",
     copies left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
@@ -571,7 +572,7 @@ def memory_lines(ours: dict, batches: list[int]) -> list[str]:
     return lines
 
 
-def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
+def profile_lines(label: str, profile: dict) -> list[str]:
     """A `profile_decode` result as a table of its costliest kernels."""
     return [
         f"{label}, one decode step at batch {profile['batch']}: {profile['device_us_per_step']:.0f} µs of kernels "
@@ -584,7 +585,7 @@ def profile_lines(label: str, profile: dict, top: int = 12) -> list[str]:
         "| kernel | µs per step | calls per step | from (the fusion's source line) |",
         "|---|---|---|---|",
         *(f"| `{k['name']}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} | "
-          + (f"`{k['origin']}` |" if k.get("origin") else " |") for k in profile["top"][:top]),
+          + (f"`{k['origin']}` |" if k.get("origin") else " |") for k in profile["top"]),
     ]
 
 
@@ -594,7 +595,8 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
     done = finished_phases(args.raw).get(name or phase) if args.resume else None
     if done and phase != "make" and all(f"b{b}" in done for b in args.batches.split(",")):
         return done
-    profile = ["--profile-batches", args.profile_batches] if args.profile_batches and phase == "eaas" else []
+    profile = ["--profile-batches", args.profile_batches, "--profile-top", str(args.profile_top)] \
+        if args.profile_batches and phase == "eaas" else []
     peer = ["--jax-peer", args.jax_peer] if phase == "jax" else []
     return run_in_process(
         [__file__, "--phase", phase, "--dir", args.dir, "--batches", args.batches, "--steps", str(args.steps),
@@ -628,6 +630,7 @@ def main() -> None:
                                  "in the same run")
     parser.add_argument("--profile-batches", default="",
                         help="also profile decode steps at these batches (comma-separated): device time by kernel")
+    parser.add_argument("--profile-top", type=int, default=12, help="kernels a profile lists (the costliest)")
     parser.add_argument("--jax-peer", metavar="DIR",
                         help="also time jax-llm-examples' Qwen3 (the qwen3 directory of a checkout): bench/jax_peer.py")
     args = parser.parse_args()
@@ -642,7 +645,7 @@ def main() -> None:
         print(json.dumps(phase_make(args.dir)))
         return
     if args.phase == "eaas":
-        print(json.dumps(phase_eaas(args.dir, batches, args.steps, profile_batches)))
+        print(json.dumps(phase_eaas(args.dir, batches, args.steps, profile_batches, args.profile_top)))
         return
     if args.phase == "hf":
         print(json.dumps(phase_hf(args.dir, batches)))
@@ -672,7 +675,7 @@ def main() -> None:
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
     flags = "".join(f" --compare-{flag}" for flag in compared) \
-        + (f" --profile-batches {args.profile_batches}" if args.profile_batches else "") \
+        + (f" --profile-batches {args.profile_batches} --profile-top {args.profile_top}" if args.profile_batches else "") \
         + (" --jax-peer DIR" if jax_peer else "")
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
