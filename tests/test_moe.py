@@ -44,6 +44,26 @@ def _reference_moe_block(layer, bank, h):
     return out
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_bfloat16_router_scores_are_float32_sums_of_exact_products(monkeypatch, backend):
+    """The router's logits: a bfloat16 model's products (exact in float32)
+    summed in float32, one row padded to a GEMM's on GPUs like any projection
+    (layers.Linear) rather than a float32 copy of inputs and weights."""
+    from eaas_jax.model.layers import GEMM_ROWS
+
+    config = TINY_CONFIG
+    router = moe.Router(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, config.hidden_size), jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    (dot,) = [e for e in jax.make_jaxpr(lambda x: router(x).probs)(x).eqns if e.primitive.name == "dot_general"]
+    assert dot.invars[0].aval.dtype == jnp.bfloat16 and dot.params["preferred_element_type"] == jnp.float32
+    assert dot.invars[0].aval.shape[0] == (GEMM_ROWS if backend == "gpu" else 1)
+    w = np.asarray(router.gate.kernel.get_value(), np.float32)
+    expected = np.asarray(x, np.float32).astype(np.float64) @ w.astype(np.float64)
+    probs = np.exp(expected - expected.max())
+    np.testing.assert_allclose(np.asarray(router(x).probs), probs / probs.sum(), rtol=1e-5, atol=1e-7)
+
+
 def test_moe_layer_matches_per_token_numpy_reference():
     model = tiny_model(seed=3)
     layer = model.client.layers[TINY_CONFIG.first_k_dense]

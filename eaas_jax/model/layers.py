@@ -58,10 +58,12 @@ class Linear(nnx.Linear):
 
 
 def linear(in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs, bias: bool = False,
-           pad_one_row: bool = True) -> nnx.Linear:
-    """A projection; `pad_one_row=False` keeps XLA's dot for single rows too."""
+           pad_one_row: bool = True, preferred_element_type=None) -> nnx.Linear:
+    """A projection; `pad_one_row=False` keeps XLA's dot for single rows too;
+    `preferred_element_type` is its product's dtype (default: the inputs')."""
     return (Linear if pad_one_row else nnx.Linear)(
-        in_dim, out_dim, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs
+        in_dim, out_dim, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
+        preferred_element_type=preferred_element_type,
     )
 
 
