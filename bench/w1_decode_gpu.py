@@ -179,6 +179,16 @@ def memory_facts(engine) -> dict:
 PROFILED_STEPS = 8
 
 
+def start_decoding(engine, batch: int, steps: int) -> None:
+    """`batch` W1 prompts of `steps` greedy tokens each, prefilled, and their
+    first decode steps run (their shapes compiled): what a profile observes next."""
+    from eaas_jax.engine import SamplingParams
+
+    prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
+    for _ in range(2):
+        engine.step_finished()
+
+
 def profile_decode(engine, batch: int, steps: int, top: int = 12) -> dict:
     """Where one decode step's device time goes at `batch`: a JAX profiler
     trace of PROFILED_STEPS decode steps (after `time_decode` compiled their
@@ -187,11 +197,7 @@ def profile_decode(engine, batch: int, steps: int, top: int = 12) -> dict:
 
     import jax
 
-    from eaas_jax.engine import SamplingParams
-
-    prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
-    for _ in range(2):  # the first decode steps
-        engine.step_finished()
+    start_decoding(engine, batch, steps)
     # Each step() queues the next step before it returns the last one's
     # tokens: the pauses let the step queued before the trace end before it
     # and the last one queued in it end in it, so it holds PROFILED_STEPS.
@@ -224,11 +230,7 @@ def host_profile(engine, batch: int, steps: int, top: int = 15) -> dict:
     import cProfile
     import pstats
 
-    from eaas_jax.engine import SamplingParams
-
-    prefill(engine, batch, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
-    for _ in range(2):  # the first decode steps
-        engine.step_finished()
+    start_decoding(engine, batch, steps)
     profiler, done, start = cProfile.Profile(), 0, time.perf_counter()
     profiler.enable()
     while engine.has_unfinished_requests():
