@@ -404,25 +404,28 @@ class Engine:
             error = (None if self.pool is None else
                      self.pool.after_step(exchanges, step.expert_arrays, step.num_tokens, seconds))
             now = time.time()
+            # Python values once, not a numpy scalar per row: this loop runs
+            # for every row of every step, and bounds the host at large batches.
+            tokens, logprobs, ranks = result.tokens.tolist(), result.logprobs.tolist(), result.ranks.tolist()
+            unserved = exchanges.unserved_rows.tolist()
+            requests, tokenizer, eos_ids, max_model_len = self._requests, self.tokenizer, self.eos_token_ids, \
+                self.max_model_len
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1
                 request = seq.request
-                if seq.finished or self._requests.get(request.request_id) is not request:
+                if seq.finish_reason is not None or requests.get(request.request_id) is not request:
                     continue  # a token past a stop, or of an aborted request
-                if exchanges.unserved_rows[i]:
+                if unserved[i]:
                     # Its token missed an expert: the request fails. Rows are
                     # independent, so the step's other rows are exact.
                     self._fail(request, error)
                     touched[request.request_id] = request
                     continue
                 if result.prompt_logprobs is not None and request.wants_prompt_logprobs:
-                    request.set_prompt_logprobs(result, i, self.tokenizer)
+                    request.set_prompt_logprobs(result, i, tokenizer)
                 top = (list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
                        if seq.params.logprobs is not None else [])
-                seq.append(
-                    int(result.tokens[i]), float(result.logprobs[i]), int(result.ranks[i]), top,
-                    self.tokenizer, self.eos_token_ids, self.max_model_len,
-                )
+                seq.append(tokens[i], logprobs[i], ranks[i], top, tokenizer, eos_ids, max_model_len)
                 self.metrics.generated_tokens += 1
                 metrics = request.metrics
                 if metrics.first_token_time is None:
@@ -432,7 +435,7 @@ class Engine:
                 elif metrics.last_token_time != now:  # once per step for the completions of one request
                     self.metrics.itl_seconds.observe(now - metrics.last_token_time)
                 metrics.last_token_time = now
-                if seq.finished:
+                if seq.finish_reason is not None:
                     self.scheduler.remove(seq)
                 touched[request.request_id] = request
 

@@ -12,6 +12,7 @@ without resetting.
 
 from __future__ import annotations
 
+import bisect
 import collections
 from typing import Mapping, Sequence
 
@@ -73,7 +74,9 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[np.searchsorted(self.bounds, seconds)] += 1
+        # bisect, not np.searchsorted: this runs for every row of every step,
+        # and numpy's call on a tuple costs ~3 µs of converting it each time.
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
     def family(self, name: str, help_text: str) -> HistogramMetricFamily:

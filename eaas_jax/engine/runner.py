@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ from eaas_jax.engine import packed
 from eaas_jax.engine.compile_pool import CompilePool
 from eaas_jax.engine.gil import shorten_switch_interval
 from eaas_jax.model.experts_backend import ExchangeOutputs, ExchangeReport, ExpertsBackend
-from eaas_jax.engine.sampler import SamplingInputs, sample
+from eaas_jax.engine.sampler import NEUTRAL_ROW, SamplingInputs, sample
 from eaas_jax.engine.scheduler import StepRows
 from eaas_jax.model.attention import PagedAttentionInputs, init_layer_cache
 from eaas_jax.model.moe import expert_token_counts
@@ -359,20 +360,25 @@ class ModelRunner:
         absent) need `previous` and one token per row (ValueError otherwise).
         `static` holds the jit's static options."""
         n = len(rows.tokens)
+        row_lengths = [len(t) for t in rows.tokens]
+        table_lengths = [len(b) for b in rows.block_tables]
         shape = StepShape.bucketed(
-            rows=n, longest=max(len(t) for t in rows.tokens), blocks=max(len(b) for b in rows.block_tables),
+            rows=n, longest=max(row_lengths), blocks=max(table_lengths),
             banned=max(len(s["banned"]) for s in rows.sampling),
             penalized=max(len(s.get("penalized", ())) for s in rows.sampling), logprobs=num_top_logprobs,
             greedy=all(s["temperature"] == 0 for s in rows.sampling), prompt_logprobs=num_prompt_logprobs)
         batch, seq, max_blocks, num_banned, num_penalized = shape[:5]
 
+        # Ragged rows laid into padded arrays in one numpy call each (not a
+        # call per row: at hundreds of rows those bound the host's step).
         tokens = np.zeros((batch, seq), np.int32)
         tables = np.zeros((batch, max_blocks), np.int32)
-        for i, (toks, table) in enumerate(zip(rows.tokens, rows.block_tables)):
-            tokens[i, : len(toks)] = toks
-            tables[i, : len(table)] = table
         lengths = np.zeros((batch,), np.int32)
-        lengths[:n] = [len(t) for t in rows.tokens]
+        lengths[:n] = row_lengths
+        tokens[:n][np.arange(seq) < lengths[:n, None]] = np.fromiter(
+            itertools.chain.from_iterable(rows.tokens), np.int32, sum(row_lengths))
+        tables[:n][np.arange(max_blocks) < np.asarray(table_lengths)[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(rows.block_tables), np.int32, sum(table_lengths))
         starts = np.zeros((batch,), np.int32)
         starts[:n] = rows.start_positions
         positions = starts[:, None] + np.arange(seq, dtype=np.int32)[None, :]
@@ -470,7 +476,7 @@ class ModelRunner:
 
     def _placeholder_rows(self, shape: StepShape) -> StepRows:
         """Rows whose step has `shape` (their values are never run)."""
-        row = {"temperature": 0.0 if shape.greedy else 1.0, "banned": [0] * shape.banned}
+        row = {**NEUTRAL_ROW, "temperature": 0.0 if shape.greedy else 1.0, "banned": [0] * shape.banned}
         if shape.penalized:
             row["penalized"] = [(0, 0)] * shape.penalized
         return StepRows([[0] * shape.seq] * shape.batch, [0] * shape.batch, [[0] * shape.blocks] * shape.batch,

@@ -12,6 +12,7 @@ model's raw distribution (before any of the above), as vLLM reports them.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -41,20 +42,29 @@ class SamplingInputs(NamedTuple):
 
     @classmethod
     def padded(cls, rows: list[dict], batch: int, num_banned: int, num_penalized: int = 0) -> "SamplingInputs":
-        """Host-side arrays for `rows` (dicts of the fields; the penalty ones
-        may be missing: none), padded to `batch` rows. A row's "penalized" is
-        its (token id, output count) pairs, at most `num_penalized`."""
+        """Host-side arrays for `rows` (dicts of the fields, at least
+        NEUTRAL_ROW's; the penalty ones may be missing: none), padded to
+        `batch` rows. A row's "penalized" is its (token id, output count)
+        pairs, at most `num_penalized`."""
+        n = len(rows)
+        # The fields every row has, read in one pass (this runs every step, for
+        # every row): float64 holds each of them exactly, seeds included.
+        fixed = np.array([_FIXED_FIELDS(r) for r in rows], np.float64).reshape(n, len(_FIXED))
 
         def column(name, dtype, fill):
             out = np.full((batch,), fill, dtype)
-            out[: len(rows)] = [r.get(name, fill) for r in rows]
+            if name in _FIXED:
+                out[:n] = fixed[:, _FIXED.index(name)]
+            elif num_penalized:  # (P = 0: no row is penalized, the penalty columns are left out)
+                out[:n] = [r.get(name, fill) for r in rows]
             return out
 
         banned = np.full((batch, num_banned), -1, np.int32)
         penalty_ids = np.full((batch, num_penalized), -1, np.int32)
         penalty_counts = np.zeros((batch, num_penalized), np.int32)
         for i, r in enumerate(rows):
-            banned[i, : len(r["banned"])] = r["banned"]
+            if r["banned"]:
+                banned[i, : len(r["banned"])] = r["banned"]
             pairs = r.get("penalized", ())
             if pairs:
                 penalty_ids[i, : len(pairs)], penalty_counts[i, : len(pairs)] = zip(*pairs)
@@ -73,6 +83,13 @@ class SamplingInputs(NamedTuple):
             penalty_ids,
             penalty_counts,
         )
+
+
+_FIXED = ("temperature", "top_p", "top_k", "min_p", "seed", "stream", "step")
+_FIXED_FIELDS = operator.itemgetter(*_FIXED)
+# A row's fields with nothing set (greedy): `padded`'s rows have at least these.
+NEUTRAL_ROW = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 0, "stream": 0, "step": 0,
+               "banned": []}
 
 
 # Banned ids per row (a step's width, bucketed: 4 and up) compared in place,

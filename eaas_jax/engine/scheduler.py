@@ -80,13 +80,14 @@ class Scheduler:
 
     def _reserve_decode_blocks(self) -> list[Sequence]:
         decode, preempted = [], set()
+        block_size = self.allocator.block_size
         for seq in list(self.running):
-            if seq in preempted:  # preempted below for an earlier sequence
+            if preempted and seq in preempted:  # preempted below for an earlier sequence
                 continue
-            if seq.ends_with_pending_token(self.max_model_len):
+            if seq.num_pending and seq.ends_with_pending_token(self.max_model_len):
                 continue
             position = seq.num_tokens - 1  # the last sampled token, not yet cached
-            while position // self.allocator.block_size >= len(seq.blocks):
+            while position // block_size >= len(seq.blocks):
                 if self.allocator.num_free:
                     seq.blocks += self.allocator.allocate(1)
                 else:
@@ -128,8 +129,10 @@ def step_rows(seqs: list[Sequence], is_prefill: bool, previous: list[Sequence] |
     sequences in row order) instead; `token_sources` is None when no row does."""
     source_row = {id(seq): i for i, seq in enumerate(previous)} if previous else {}
     rows = StepRows([], [], [], [], [])
+    any_pending = False
     for seq in seqs:
         if seq.num_pending:
+            any_pending = True
             rows.tokens.append([0])  # placeholder for the token on the device
             rows.token_sources.append(source_row[id(seq)])
         else:
@@ -138,9 +141,7 @@ def step_rows(seqs: list[Sequence], is_prefill: bool, previous: list[Sequence] |
         rows.start_positions.append(0 if is_prefill else seq.num_tokens - 1)
         rows.block_tables.append(seq.blocks)
         rows.sampling.append(seq.sampling_row(eos_token_ids))
-    if not any(seq.num_pending for seq in seqs):
-        rows = rows._replace(token_sources=None)
-    return rows
+    return rows if any_pending else rows._replace(token_sources=None)
 
 
 def step_options(seqs: list[Sequence], is_prefill: bool) -> tuple[int, int]:

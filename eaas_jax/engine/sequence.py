@@ -27,12 +27,25 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # How often each token occurs in output_ids (the penalties' counts).
+    # How often each token occurs in output_ids (the penalties' counts; kept
+    # for penalized requests only).
     output_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # The request's, kept here: read for every row of every step.
+    params: SamplingParams = dataclasses.field(init=False, repr=False)
+    # sampling_row's fields that stay the same at every step.
+    _fixed_sampling: dict = dataclasses.field(init=False, repr=False)
+    _penalized: bool = dataclasses.field(init=False, repr=False)
+    _prompt_len: int = dataclasses.field(init=False, repr=False)
 
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
+    def __post_init__(self):
+        self.params = p = self.request.params
+        self._penalized = p.penalized
+        self._prompt_len = len(self.request.prompt_ids)
+        self._fixed_sampling = {"temperature": p.temperature, "top_p": p.top_p, "top_k": max(p.top_k, 0),
+                                "min_p": p.min_p, "seed": self.request.seed, "stream": self.index}
+        if self._penalized:
+            self._fixed_sampling.update(presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                                        repetition_penalty=p.repetition_penalty)
 
     @property
     def all_ids(self) -> list[int]:
@@ -45,7 +58,7 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         """Prompt, sampled and pending tokens: the position of the next one."""
-        return len(self.request.prompt_ids) + len(self.output_ids) + self.num_pending
+        return self._prompt_len + len(self.output_ids) + self.num_pending
 
     @property
     def finished(self) -> bool:
@@ -63,22 +76,13 @@ class Sequence:
             banned = list(p.stop_token_ids)
             if not p.ignore_eos:
                 banned.extend(eos_ids)
-        row = {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": max(p.top_k, 0),
-            "min_p": p.min_p,
-            "seed": self.request.seed,
-            "stream": self.index,
-            "step": num_sampled,
-            "banned": banned,
-        }
-        if p.penalized:
+        row = dict(self._fixed_sampling)
+        row["step"] = num_sampled
+        row["banned"] = banned
+        if self._penalized:
             # The tokens known here; a pending one is counted on the device.
             counts = self.output_counts
-            row.update(presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                       repetition_penalty=p.repetition_penalty,
-                       penalized=[(t, counts.get(t, 0)) for t in self.request.prompt_token_set | counts.keys()])
+            row["penalized"] = [(t, counts.get(t, 0)) for t in self.request.prompt_token_set | counts.keys()]
         return row
 
     def append(
@@ -94,7 +98,8 @@ class Sequence:
         """Records a sampled token and decides whether the completion has ended."""
         p = self.params
         self.output_ids.append(token)
-        self.output_counts[token] += 1
+        if self._penalized:
+            self.output_counts[token] += 1
         self.cumulative_logprob += logprob
         if p.logprobs is not None:
             entry = {
@@ -110,19 +115,18 @@ class Sequence:
             self.finish_reason = "stop"
         elif can_stop and token in p.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token
-        if p.stop or self.finished or self._at_length_limit(max_model_len):
+        at_length_limit = self._at_length_limit(max_model_len)
+        if p.stop or self.finished or at_length_limit:
             self.text = tokenizer.decode(self.output_ids, p.skip_special_tokens)
         if can_stop and p.stop and not self.finished:
             self._check_stop_strings()
-        if not self.finished and self._at_length_limit(max_model_len):
+        if not self.finished and at_length_limit:
             self.finish_reason = "length"
 
     def _at_length_limit(self, max_model_len: int, num_pending: int = 0) -> bool:
-        p = self.params
+        max_tokens = self.params.max_tokens
         num_sampled = len(self.output_ids) + num_pending
-        return (p.max_tokens is not None and num_sampled >= p.max_tokens) or (
-            len(self.request.prompt_ids) + num_sampled >= max_model_len
-        )
+        return (max_tokens is not None and num_sampled >= max_tokens) or self._prompt_len + num_sampled >= max_model_len
 
     def _check_stop_strings(self) -> None:
         found = [(self.text.find(s), s) for s in self.params.stop]
@@ -191,7 +195,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.sequences)
+        for seq in self.sequences:  # (a loop: asked for every request of every step)
+            if seq.finish_reason is None:
+                return False
+        return True
 
     def fail(self, error: str) -> list["Sequence"]:
         """Ends every completion not finished yet with `error`; returns those."""
