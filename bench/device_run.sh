@@ -18,7 +18,8 @@
 #   forms        bench/expert_projection_forms.py at W1's two projection shapes
 #   dense_forms  the same for W1's query and output projections (one "expert") at 1-16 rows
 #   paths        bench/routed_experts_paths.py at W1's shapes
-#   dispatch     bench/dispatch_host_arrays.py: a jitted call's dispatch with a host array against none
+#   dispatch     bench/dispatch_host_arrays.py: a jitted call's dispatch with a host array against none,
+#                with JAX's default GPU client and with its TFRT one
 #   attn_parts   bench/paged_attention_partitions.py: the paged decode kernel's partitions at W1's shapes
 #   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: XLA's dot for
 #                single-row projections compared, batches 1 and 256 profiled)
@@ -160,7 +161,8 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
         --slots 1,4,16 --append bench/RESULTS.md ;;
     paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
         --batches 1,4,16,32 --iters 10 --append bench/RESULTS.md ;;
-    dispatch) part dispatch python3 bench/dispatch_host_arrays.py ;;
+    dispatch) part dispatch python3 bench/dispatch_host_arrays.py
+      XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT=1 part dispatch_tfrt python3 bench/dispatch_host_arrays.py ;;
     attn_parts) part attn_parts python3 bench/paged_attention_partitions.py --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
         --dir "$W1" ${W1FLAGS:---compare-one-row-dot --profile-batches 1,256 --profile-top 40} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
