@@ -7,8 +7,10 @@ program is replaced by a replay of the program's own first results for each
 shape (the KV cache passed through), so a step costs what the engine does
 around the program: scheduling, the rows' inputs, the call, fetching and
 appending the tokens, the metrics. Best of three runs of `--steps` steps.
+With `--decode-window K` a step program samples K tokens a row: the time is
+given a token (a call's over the tokens it brought each row).
 
-    python bench/host_bookkeeping.py [--batches 1,64,256] [--steps 100] [--profile BATCH]
+    python bench/host_bookkeeping.py [--batches 1,64,256] [--steps 100] [--decode-window 1] [--profile BATCH]
 """
 
 from __future__ import annotations
@@ -45,15 +47,15 @@ def replay_step_program(runner) -> None:
 
 
 def decode(engine, batch: int, steps: int, profiler: cProfile.Profile | None = None) -> tuple[float, int]:
-    """Seconds a decode step of `batch` sequences of `steps` tokens (their
-    prefill and first steps left out), and the steps timed."""
+    """Seconds a decoded token of `batch` sequences of `steps` tokens
+    (their prefill and first steps left out), and the engine steps timed."""
     from eaas_jax.engine import SamplingParams
 
     for i in range(batch):
         engine.add_request([1 + i % 50] * 8, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
     for _ in range(3):
         engine.step_finished()
-    done, start = 0, time.perf_counter()
+    done, generated, start = 0, engine.metrics.generated_tokens, time.perf_counter()
     if profiler:
         profiler.enable()
     while engine.has_unfinished_requests():
@@ -61,13 +63,15 @@ def decode(engine, batch: int, steps: int, profiler: cProfile.Profile | None = N
         done += 1
     if profiler:
         profiler.disable()
-    return (time.perf_counter() - start) / done, done
+    tokens_a_row = (engine.metrics.generated_tokens - generated) / batch
+    return (time.perf_counter() - start) / tokens_a_row, done
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,64,256")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--decode-window", type=int, default=1, help="the engine's decode_window")
     parser.add_argument("--profile", type=int, help="also list the functions' own time at this batch")
     args = parser.parse_args()
     from conftest import SHIPPED, tiny_model
@@ -79,11 +83,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="host-bookkeeping-") as path:
         save_checkpoint(path, tiny_model(), tokenizer_file=os.path.join(SHIPPED, "tokenizer.json"))
         print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; {os.cpu_count()} cores; "
-              f"{args.steps} steps a run, best of 3")
-        print("| batch | host ms a step | µs a row |\n|---|---|---|")
+              f"{args.steps} tokens a sequence a run, best of 3; decode_window={args.decode_window}")
+        print("| batch | host ms a token step | µs a row |\n|---|---|---|")
         for batch in batches:
             engine = Engine(path, max_num_seqs=batch, max_model_len=args.steps + 16, dtype="float32",
-                            block_size=4)
+                            block_size=4, decode_window=args.decode_window)
             replay_step_program(engine.runner)
             decode(engine, batch, args.steps)  # compiles
             best = min(decode(engine, batch, args.steps)[0] for _ in range(3))

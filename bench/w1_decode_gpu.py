@@ -126,12 +126,15 @@ def kernels() -> dict:
             "decode_attention": "Pallas paged kernel" if kernel_enabled() else "gathered blocks"}
 
 
+DECODE_WINDOW_VARIABLE = "W1_DECODE_WINDOW"  # (this script's: the engine's decode_window in a variant's run)
+
+
 def engine_options(max_batch: int, steps: int) -> dict:
     """The W1 benches' `Engine` options: bfloat16, room for `max_batch`
     prompts of PROMPT_LEN and `steps` tokens, each batch's prompts prefilled
     in few steps."""
     return dict(dtype="bfloat16", max_num_seqs=max_batch, max_model_len=PROMPT_LEN + steps + 16, block_size=16,
-                max_num_batched_tokens=8192)
+                max_num_batched_tokens=8192, decode_window=int(os.environ.get(DECODE_WINDOW_VARIABLE, "1")))
 
 
 def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = (),
@@ -385,7 +388,9 @@ def prefill(engine, batch: int, params) -> list[str]:
 def time_decode(engine, batch: int, steps: int) -> dict:
     """Prefill `batch` W1 prompts, then time `steps` greedy decode steps of
     `engine` one by one; steps that compiled a new program are left out.
-    `host_busy`: a step's time less its wait for the device's results."""
+    `host_busy`: a step's time less its wait for the device's results. An
+    engine call that collects a decode window's tokens counts as that many
+    steps (its time divided among them)."""
     import jax
 
     from eaas_jax.engine import SamplingParams
@@ -407,14 +412,16 @@ def time_decode(engine, batch: int, steps: int) -> dict:
     engine.runner.fetch = timed_fetch
     try:
         while engine.has_unfinished_requests():
-            compiled, waited = engine.num_compilations, len(waits)
+            compiled, waited, generated = engine.num_compilations, len(waits), engine.metrics.generated_tokens
             t0 = time.perf_counter()
             for out in engine.step_finished():  # no detokenizing of running requests: the peers do none
                 outputs[out.request_id] = out.outputs[0].token_ids
-            if engine.num_compilations == compiled:
-                times.append(time.perf_counter() - t0)
-                busy.append(times[-1] - sum(waits[waited:]))
-            else:
+            seconds = time.perf_counter() - t0
+            per_row = (engine.metrics.generated_tokens - generated) / batch  # (1 a call without windows)
+            if engine.num_compilations == compiled and per_row >= 1:
+                times.append(seconds / per_row)
+                busy.append((seconds - sum(waits[waited:])) / per_row)
+            elif engine.num_compilations != compiled:
                 compiling += 1
     finally:
         del engine.runner.fetch  # (the instance's attribute: the class's method again)
@@ -613,6 +620,8 @@ VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
     "one-row-dot": ("single rows not padded to a GEMM", {"EAAS_JAX_ONE_ROW_GEMM": "off"}, "eaas-one-row-dot"),
+    "decode-window": ("decode windows of 4 tokens (decode_window=4)", {DECODE_WINDOW_VARIABLE: "4"},
+                      "eaas-decode-window"),
 }
 
 

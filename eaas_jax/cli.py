@@ -123,6 +123,9 @@ def _add_engine_args(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in flight at most")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--decode-window", type=int, default=1,
+                   help="decode tokens a sequence samples per step program: the host's per-step cost once per "
+                        "window, tokens then arriving that many at a time (experts in the engine only)")
     p.add_argument("--deployment", help="deployment TOML: run the experts in expert servers "
                    "(started here unless --registry is given)")
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "
@@ -182,7 +185,7 @@ def _open_engine(args):
     try:
         return Engine(
             args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-            deployment=args.deployment, registry=args.registry,
+            deployment=args.deployment, registry=args.registry, decode_window=args.decode_window,
         )
     except (DeploymentError, RegistryError) as e:  # a bad file, etcd refusing or unreachable: no traceback
         raise SystemExit(f"error: {e}")

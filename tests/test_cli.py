@@ -23,14 +23,18 @@ from conftest import REPO, replace_config
 
 
 def test_generate_one_prompt_prints_prompt_and_completion(tiny_checkpoint, capsys):
-    """Also: --warmup (off by default for one prompt) changes nothing printed."""
+    """Also: --warmup (off by default for one prompt) and --decode-window
+    change nothing printed; a bad window is one error line."""
     outs = []
-    for warmup in ("--no-warmup", "--warmup"):
+    for options in (["--no-warmup"], ["--warmup"], ["--decode-window", "3"]):
         assert main(["generate", "--model", tiny_checkpoint, "--prompt", "def f(x):", "--max-tokens", "5",
-                     "--max-model-len", "64", "--max-num-seqs", "2", "--temperature", "0", warmup]) == 0
+                     "--max-model-len", "64", "--max-num-seqs", "2", "--temperature", "0", *options]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0].startswith("def f(x):") and len(outs[0].strip()) > len("def f(x):")
-    assert outs[1] == outs[0]
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+    assert main(["generate", "--model", tiny_checkpoint, "--prompt", "x", "--decode-window", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "decode_window" in err and "Traceback" not in err
 
 
 def test_generate_batch_from_jsonl(tiny_checkpoint, tmp_path, capsys):

@@ -54,10 +54,11 @@ def _inputs(runner, rows, num_top_logprobs=0, previous=None):
     shape, args, static = runner.prepare_inputs(rows, num_top_logprobs, previous)
     _, _, kv_cache, buffer, previous_tokens, _ = args
     assert kv_cache is runner.kv_cache and isinstance(buffer, np.ndarray) and buffer.dtype == np.int32
-    tokens, positions, paged, last_index, sampling, sources = jax.tree.map(
+    tokens, positions, paged, last_index, sampling, sources, window_tokens = jax.tree.map(
         np.asarray, packed.unpack(jnp.asarray(buffer), static.pop("host_layout")))
     named = dict(tokens=tokens, positions=positions, slots=paged.slot_mapping, tables=paged.block_tables,
-                 last_index=last_index, sampling=sampling, previous_tokens=previous_tokens, sources=sources)
+                 last_index=last_index, sampling=sampling, previous_tokens=previous_tokens, sources=sources,
+                 window_tokens=window_tokens)
     return shape, named, static
 
 
@@ -102,7 +103,7 @@ def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, ba
                             **({"repetition_penalty": 1.5, "penalized": [(i, 0) for i in range(p)]} if p else {}))
                   for k, p, t in zip(banned, penalized, temperatures)])
     shape, x, static = _inputs(runner, rows, logprobs)
-    assert shape == key
+    assert shape[:8] == key and shape.window == 1
     batch, seq, blocks, num_banned, num_penalized = key[:5]
     assert x["tokens"].shape == x["positions"].shape == x["slots"].shape == (batch, seq)
     assert x["tables"].shape == (batch, blocks)
@@ -113,8 +114,9 @@ def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, ba
     assert sampling.banned.shape == (batch, num_banned)
     assert sampling.penalty_ids.shape == sampling.penalty_counts.shape == (batch, num_penalized)
     assert x["previous_tokens"].shape == (bucket(MAX_ROWS),)
-    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6], "num_prompt_logprobs": -1}
-    for name in ("tokens", "positions", "slots", "tables", "last_index", "sources"):
+    assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6], "num_prompt_logprobs": -1, "window": 1}
+    assert x["window_tokens"].tolist() == [1] * len(lengths) + [0] * (batch - len(lengths))
+    for name in ("tokens", "positions", "slots", "tables", "last_index", "sources", "window_tokens"):
         assert x[name].dtype == np.int32, name
 
 
@@ -216,8 +218,8 @@ def test_sampling_inputs_are_padded_with_neutral_rows(runner):
     np.testing.assert_allclose(s.repetition_penalty, [1, 1.2, 1, 1])
     np.testing.assert_array_equal(s.penalty_ids[:, :3], [[-1] * 3, [4, 8, -1], [-1] * 3, [-1] * 3])
     np.testing.assert_array_equal(s.penalty_counts[:, :3], [[0] * 3, [0, 3, 0], [0] * 3, [0] * 3])
-    assert shape == (4, 1, 8, 8, 64, 2, False, -1)
-    assert static == {"num_top_logprobs": 2, "greedy_only": False, "num_prompt_logprobs": -1}
+    assert shape == (4, 1, 8, 8, 64, 2, False, -1, 1)
+    assert static == {"num_top_logprobs": 2, "greedy_only": False, "num_prompt_logprobs": -1, "window": 1}
 
 
 def test_prompt_logprobs_of_a_prefill_match_a_full_forward_pass(model, runner, monkeypatch):
@@ -229,8 +231,8 @@ def test_prompt_logprobs_of_a_prefill_match_a_full_forward_pass(model, runner, m
 
     monkeypatch.setattr(runner_module, "PROMPT_LOGPROBS_CHUNK", 7)  # read when the step is traced (here)
     prompts = [[11, 12, 13, 14, 15], [21, 22, 23]]
-    result, _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0, num_prompt_logprobs=3).fetch()
-    plain, _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0).fetch()
+    [result], _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0, num_prompt_logprobs=3).fetch()
+    [plain], _ = runner.dispatch(_rows(prompts, [0, 0], [[1, 2], [3, 4]]), 0).fetch()
     assert plain.prompt_logprobs is None and result.tokens.tolist() == plain.tokens.tolist()
     padded = jnp.asarray([p + [0] * (5 - len(p)) for p in prompts], jnp.int32)
     logprobs = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, t: m(t))(model, padded), axis=-1))
@@ -255,14 +257,14 @@ def test_prefill_then_decode_steps_match_a_full_forward_pass(model, runner):
     tables = [[7, 2], [0, 9], [4, 12]]
     compiled = runner.num_compilations
     prefill = runner.dispatch(_rows(prompts, [0, 0, 0], tables), 0)
-    first, _ = prefill.fetch()
+    [first], _ = prefill.fetch()
     assert first.tokens.shape == (3,)  # padding rows dropped
 
     # Decode rows in reverse order: row i reads prefill row 2 - i.
     order = [2, 1, 0]
     rows = _rows([[0]] * 3, [len(prompts[i]) for i in order], [tables[i] for i in order],
                  [_sampling(step=1)] * 3, token_sources=order)
-    second, _ = runner.dispatch(rows, 0, prefill).fetch()
+    [second], _ = runner.dispatch(rows, 0, prefill).fetch()
     assert runner.num_compilations - compiled == 2
 
     full = [p + [int(first.tokens[i])] for i, p in enumerate(prompts)]

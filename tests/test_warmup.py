@@ -223,9 +223,9 @@ def test_step_shape_buckets_match_the_runners_key():
     """StepShape.bucketed is the runner's key: minimum buckets and no
     penalties when no row has them."""
     assert StepShape.bucketed(rows=3, longest=1, blocks=2, banned=0, penalized=0, logprobs=0,
-                              greedy=True) == (4, 1, 8, 4, 0, 0, True, -1)
+                              greedy=True) == (4, 1, 8, 4, 0, 0, True, -1, 1)
     assert StepShape.bucketed(rows=5, longest=17, blocks=9, banned=5, penalized=70, logprobs=3, greedy=False,
-                              prompt_logprobs=2) == (8, 32, 16, 8, 128, 3, False, 2)
+                              prompt_logprobs=2) == (8, 32, 16, 8, 128, 3, False, 2, 1)
 
 
 class _LabelledExperts(EmbeddedExperts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -58,6 +59,13 @@ class Engine:
       expert_parallel: without a deployment, the number of local devices the
         routed experts are sharded over (the rest of the model is replicated;
         `eaas_jax.engine.expert_parallel`); 1 runs on one device.
+      decode_window: decode tokens a row samples in one step program (its
+        tokens fed back on the device), for the host's per-step cost once per
+        window: tokens then arrive that many at a time. Steps whose rows have
+        penalties or have not reached min_tokens run one token (while such
+        a sequence runs, the whole batch's steps do). Experts in the
+        engine's graph only (expert servers report each token's step). Step
+        metrics (step time, steps) count program calls, a window each.
 
     With a deployment, call `shutdown()` (or use the engine as a context
     manager) to stop the servers it started and remove their shared memory.
@@ -79,9 +87,15 @@ class Engine:
         registry: str | None = None,
         double_batching: bool | None = None,
         expert_parallel: int = 1,
+        decode_window: int = 1,
     ):
         if max_num_seqs < 1 or block_size < 1:
             raise ValueError("max_num_seqs and block_size must be >= 1")
+        if not isinstance(decode_window, int) or isinstance(decode_window, bool) or decode_window < 1:
+            raise ValueError(f"decode_window must be an integer >= 1, got {decode_window!r}")
+        if decode_window > 1 and deployment is not None:
+            raise ValueError("decode_window > 1 needs the experts in the engine (no deployment): expert servers "
+                             "report each token's step")
         if expert_parallel != 1 and deployment is not None:
             raise ValueError("expert_parallel shards the experts inside the engine; a deployment runs them in servers")
         if registry is not None and deployment is None:
@@ -109,7 +123,7 @@ class Engine:
                                   max_model_len=max_model_len, block_size=block_size,
                                   num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
                                   max_num_batched_tokens=max_num_batched_tokens, seed=seed,
-                                  sharding=sharding)
+                                  sharding=sharding, decode_window=decode_window)
         except BaseException:
             self.shutdown()
             raise
@@ -120,7 +134,7 @@ class Engine:
         return None if self.pool is None else self.pool.cluster
 
     def _init_scheduling(self, model_path, client, experts, *, max_num_seqs, max_model_len, block_size,
-                         num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, seed, sharding):
+                         num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, seed, sharding, decode_window):
         limit = self.config.max_position_embeddings
         self.max_model_len = max_model_len or limit
         if not 2 <= self.max_model_len <= limit:
@@ -141,6 +155,7 @@ class Engine:
             max_num_seqs,
             max_num_batched_tokens or max(self.max_model_len, 2048),
             self.max_model_len,
+            decode_window,
         )
         # The steps queued on the device whose tokens have not been collected:
         # (their sequences in row order, the dispatched step).
@@ -301,7 +316,7 @@ class Engine:
                              max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
                              block_size=allocator.block_size, num_free_blocks=allocator.num_free,
                              max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
-                             arrivals=traffic is not None)
+                             arrivals=traffic is not None, decode_window=self.scheduler.decode_window)
                  for seqs in batches]
         first = list(dict.fromkeys(s for p in plans for s in p.first))
         plan = WarmupPlan(first, [s for s in dict.fromkeys(s for p in plans for s in p.later) if s not in first])
@@ -337,8 +352,8 @@ class Engine:
         only then waits for that step's tokens, so the host's bookkeeping runs
         while the device computes. A call therefore returns the tokens of the
         step queued by the call before it (the first returns none). A sequence
-        ended by a stop token or string has computed one token past its end,
-        which is dropped.
+        ended by a stop token or string has computed one token past its end
+        (with `decode_window`, up to a window's), which is dropped.
         """
         return [request.output(self.tokenizer) for request in self._advance()]
 
@@ -387,18 +402,19 @@ class Engine:
     def _dispatch(self, seqs: list[Sequence], is_prefill: bool, previous) -> DispatchedStep:
         """Queues a step for `seqs`; a decode row whose last token is pending
         reads it from `previous` (sequences, step) on the device."""
-        rows = step_rows(seqs, is_prefill, previous[0] if previous else None, self.eos_token_ids)
+        rows = step_rows(seqs, is_prefill, previous[0] if previous else None, self.eos_token_ids,
+                         1 if is_prefill else self.scheduler.window, self.max_model_len)
         num_top_logprobs, num_prompt_logprobs = step_options(seqs, is_prefill)
         step = self.runner.dispatch(rows, num_top_logprobs, previous[1] if rows.token_sources is not None else None,
                                     num_prompt_logprobs)
-        for seq in seqs:
-            seq.num_pending += 1
+        for seq, n in zip(seqs, rows.window_tokens or itertools.repeat(1)):
+            seq.num_pending += n
         return step
 
     def _collect(self, in_flight, touched: dict[str, "Request"]) -> None:
         """Waits for the dispatched steps' tokens and appends them."""
         for seqs, step in in_flight:
-            result, exchanges, seconds = self.runner.fetch(step)
+            results, exchanges, seconds = self.runner.fetch(step)
             self.metrics.observe(exchanges)
             self.metrics.observe_step_time(seconds)
             error = (None if self.pool is None else
@@ -406,12 +422,12 @@ class Engine:
             now = time.time()
             # Python values once, not a numpy scalar per row: this loop runs
             # for every row of every step, and bounds the host at large batches.
-            tokens, logprobs, ranks = result.tokens.tolist(), result.logprobs.tolist(), result.ranks.tolist()
+            sampled = [(r.tokens.tolist(), r.logprobs.tolist(), r.ranks.tolist()) for r in results]
             unserved = exchanges.unserved_rows.tolist()
             requests, tokenizer, eos_ids, max_model_len = self._requests, self.tokenizer, self.eos_token_ids, \
                 self.max_model_len
-            for i, seq in enumerate(seqs):
-                seq.num_pending -= 1
+            for i, (seq, num_sampled) in enumerate(zip(seqs, step.row_tokens or itertools.repeat(1))):
+                seq.num_pending -= num_sampled
                 request = seq.request
                 if seq.finish_reason is not None or requests.get(request.request_id) is not request:
                     continue  # a token past a stop, or of an aborted request
@@ -421,19 +437,26 @@ class Engine:
                     self._fail(request, error)
                     touched[request.request_id] = request
                     continue
-                if result.prompt_logprobs is not None and request.wants_prompt_logprobs:
-                    request.set_prompt_logprobs(result, i, tokenizer)
-                top = (list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
-                       if seq.params.logprobs is not None else [])
-                seq.append(tokens[i], logprobs[i], ranks[i], top, tokenizer, eos_ids, max_model_len)
-                self.metrics.generated_tokens += 1
+                if results[0].prompt_logprobs is not None and request.wants_prompt_logprobs:
+                    request.set_prompt_logprobs(results[0], i, tokenizer)
+                appended = 0
+                while appended < num_sampled and seq.finish_reason is None:  # (a window's past a stop: dropped)
+                    tokens, logprobs, ranks = sampled[appended]
+                    result = results[appended]
+                    top = (list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
+                           if seq.params.logprobs is not None else [])
+                    seq.append(tokens[i], logprobs[i], ranks[i], top, tokenizer, eos_ids, max_model_len)
+                    appended += 1
+                self.metrics.generated_tokens += appended
                 metrics = request.metrics
                 if metrics.first_token_time is None:
                     metrics.first_token_time = now
                     self.metrics.ttft_seconds.observe(now - metrics.arrival_time)
                     self.metrics.prompt_tokens += len(request.prompt_ids)
                 elif metrics.last_token_time != now:  # once per step for the completions of one request
-                    self.metrics.itl_seconds.observe(now - metrics.last_token_time)
+                    # A window's tokens arrive together: each counts the
+                    # window's mean time a token.
+                    self.metrics.itl_seconds.observe((now - metrics.last_token_time) / appended, appended)
                 metrics.last_token_time = now
                 if seq.finish_reason is not None:
                     self.scheduler.remove(seq)

@@ -53,23 +53,24 @@ class StepShape(NamedTuple):
     logprobs: int  # top logprobs returned per row
     greedy: bool  # every row greedy
     prompt_logprobs: int  # -1: none; else top ones per prompt token
+    window: int = 1  # decode tokens each row samples, one after another, in the program
 
     @classmethod
     def bucketed(cls, *, rows: int, longest: int, blocks: int, banned: int, penalized: int, logprobs: int,
-                 greedy: bool, prompt_logprobs: int = -1) -> "StepShape":
+                 greedy: bool, prompt_logprobs: int = -1, window: int = 1) -> "StepShape":
         """The shape of a step of `rows` rows, the longest of `longest` new
         tokens, of `blocks` KV blocks, `banned` banned ids and `penalized`
         penalized tokens at most: each size bucketed (`bucket`; minimum 16
         tokens unless every row has one, 8 blocks, 4 banned ids, 64 penalized
         tokens, 0 of those when no row has penalties). A few padded rows or
-        tokens cost less than a recompile."""
+        tokens cost less than a recompile. `window` is not bucketed."""
         return cls(bucket(rows), 1 if longest == 1 else bucket(longest, 16), bucket(blocks, 8), bucket(banned, 4),
-                   bucket(penalized, 64) if penalized else 0, logprobs, greedy, prompt_logprobs)
+                   bucket(penalized, 64) if penalized else 0, logprobs, greedy, prompt_logprobs, window)
 
     def static(self) -> dict:
         """The jit's static options of this shape."""
         return dict(num_top_logprobs=self.logprobs, greedy_only=self.greedy,
-                    num_prompt_logprobs=self.prompt_logprobs)
+                    num_prompt_logprobs=self.prompt_logprobs, window=self.window)
 
 
 class StepResult(NamedTuple):
@@ -120,12 +121,15 @@ class DispatchedStep:
     `results` (device) are its sampled tokens and exchange reports packed
     into one buffer (`traced.results` unpacks it: one copy to the host).
     `next_tokens` (device, [max_rows]) are its sampled tokens, padded, for the
-    `token_sources` of a step dispatched before this one is fetched.
+    `token_sources` of a step dispatched before this one is fetched (a
+    window's last ones).
     """
 
     def __init__(self, num_rows: int, results: jax.Array, next_tokens, traced: TracedStep, *,
-                 num_tokens: int, expert_arrays):
+                 num_tokens: int, expert_arrays, window: int = 1, row_tokens: list[int] | None = None):
         self.num_rows = num_rows
+        self.window = window
+        self.row_tokens = row_tokens  # the tokens each row samples (StepRows.window_tokens; None: one)
         self.next_tokens = next_tokens
         self.num_tokens = num_tokens  # rows x tokens per row, padded as compiled
         self.expert_arrays = expert_arrays  # what the step was given (remote: its deadline)
@@ -134,11 +138,15 @@ class DispatchedStep:
         self._traced = traced
         results.copy_to_host_async()  # starts as soon as the step ends
 
-    def fetch(self) -> tuple[StepResult, ExchangeReport]:
+    def fetch(self) -> tuple[list[StepResult], ExchangeReport]:
+        """Its results, one StepResult per token of its window (one but for
+        a decode window), and what its exchanges reported."""
         sampled, (statuses, unserved, unserved_rows, *rest) = packed.unpack_on_host(
             np.asarray(self._results), self._traced.results)
-        return (StepResult(*(x[: self.num_rows] for x in sampled)),
-                ExchangeReport(statuses, self._traced.labels, unserved, unserved_rows[: self.num_rows], *rest))
+        n = self.num_rows
+        results = ([StepResult(*(x[:n] for x in sampled))] if self.window == 1 else
+                   [StepResult(*(x[k, :n] for x in sampled)) for k in range(self.window)])
+        return results, ExchangeReport(statuses, self._traced.labels, unserved, unserved_rows[:n], *rest)
 
 
 class EmbeddedExperts:
@@ -207,18 +215,26 @@ def _prompt_logprobs(client, hidden: jax.Array, tokens: jax.Array, k: int) -> tu
     return tuple(x.reshape(-1, *x.shape[2:])[:n].reshape(rows, seq - 1, *x.shape[2:]) for x in scored)
 
 
-def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leaves, expert_leaves, kv_cache,
-          host_buffer, previous_tokens, exchange_carry, *, host_layout, num_top_logprobs, greedy_only,
-          num_prompt_logprobs):
+def _step(client_graphdef, client_treedef, expert_treedef, backend, block_size, client_leaves, expert_leaves,
+          kv_cache, host_buffer, previous_tokens, exchange_carry, *, host_layout, num_top_logprobs, greedy_only,
+          num_prompt_logprobs, window):
     # Parameters arrive as flat leaves: flattening nnx state in Python on
     # every call would cost the host ~0.5 ms per step. The host's inputs
     # arrive as one buffer (engine.packed).
-    tokens, positions, paged, last_index, sampling, token_sources = packed.unpack(host_buffer, host_layout)
+    tokens, positions, paged, last_index, sampling, token_sources, window_tokens = packed.unpack(
+        host_buffer, host_layout)
     client = nnx.merge(client_graphdef, jax.tree.unflatten(client_treedef, client_leaves))
     expert_arrays = jax.tree.unflatten(expert_treedef, expert_leaves)
     from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
     tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
     experts = backend.exchange(expert_arrays, exchange_carry)
+    # A row's input token read from the previous step is its latest output
+    # token, which the host's penalty counts do not have yet.
+    pending = jnp.where(token_sources >= 0, from_previous, -1)
+    if window > 1:
+        return _decode_window(client, experts, backend, block_size, kv_cache, tokens, positions, paged, sampling,
+                              pending, window_tokens, previous_tokens, exchange_carry, window=window,
+                              num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
     token_mask = paged.slot_mapping < kv_cache[0].num_slots
     num_micro_batches = backend.num_micro_batches(tokens.shape[0])
     hidden, kv_cache, routings = client.hidden_states(
@@ -234,14 +250,47 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, client_leave
                                micro_batch_rows(tokens.shape[0], num_micro_batches), tokens.shape)
     expert_tokens = expert_token_counts(routings, token_mask, client.config.num_experts)
     exchanges = (statuses, unserved, unserved_rows, expert_tokens, traced.server_slots, traced.server_wait_us)
-    # A row's input token read from the previous step is its latest output
-    # token, which the host's penalty counts do not have yet.
-    pending = jnp.where(token_sources >= 0, from_previous, -1)
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only, pending)
     if num_prompt_logprobs >= 0:
         sampled += _prompt_logprobs(client, hidden, tokens, num_prompt_logprobs)
     next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
     return sampled, kv_cache, exchanges, next_tokens, traced.carry
+
+
+def _decode_window(client, experts, backend, block_size, kv_cache, tokens, positions, paged, sampling, pending,
+                   window_tokens, previous_tokens, exchange_carry, *, window, num_top_logprobs, greedy_only):
+    """`window` decode tokens a row, one after another, each row's sampled
+    token the next one's input: a window of decode steps in one program, for
+    experts in the client's graph (no exchanges to report, no carry). Row b
+    samples its first `window_tokens[b]` tokens (cache writes for the rest
+    are dropped, their tokens ignored by the host); its token k has position
+    positions[b] + k, its cache slot read off the row's block table here.
+    Returns what `_step` does, its sampled arrays [window, B, ...]."""
+    num_slots = kv_cache[0].num_slots
+    tables = paged.block_tables
+
+    def one_token(carry, k):
+        kv_cache, tokens, pending = carry
+        valid = (k < window_tokens)[:, None]
+        position = jnp.where(valid, positions + k, 0)
+        block = jnp.minimum(position // block_size, tables.shape[1] - 1)
+        slots = jnp.where(valid, jnp.take_along_axis(tables, block, axis=1) * block_size + position % block_size,
+                          num_slots)
+        hidden, kv_cache, routings = client.hidden_states(
+            tokens, position, experts, kv_cache, paged._replace(slot_mapping=slots), token_mask=valid)
+        sampled = sample(client.logits(hidden[:, 0]), sampling._replace(step=sampling.step + k), num_top_logprobs,
+                         greedy_only, pending)
+        counts = expert_token_counts(routings, valid, client.config.num_experts)
+        return (kv_cache, sampled[0][:, None], sampled[0]), (sampled, counts)
+
+    (kv_cache, _, last), (sampled, counts) = jax.lax.scan(
+        one_token, (kv_cache, tokens, pending), jnp.arange(window, dtype=jnp.int32))
+    traced = backend.outputs(experts)
+    rows = tokens.shape[0]
+    exchanges = (jnp.zeros((0, 0), jnp.int32), jnp.zeros((0,), jnp.int32), jnp.zeros((rows,), bool),
+                 counts.sum(axis=0), traced.server_slots, traced.server_wait_us)
+    next_tokens = jnp.zeros_like(previous_tokens).at[:rows].set(last)
+    return sampled, kv_cache, exchanges, next_tokens, exchange_carry
 
 
 class ModelRunner:
@@ -295,7 +344,7 @@ class ModelRunner:
             self._traces.count = self._thread_traces() + 1
             with matmul_precision(dtype):
                 sampled, kv_cache, exchanges, next_tokens, carry = _step(
-                    client_graphdef, client_treedef, self._expert_treedef, experts, *args, **kwargs)
+                    client_graphdef, client_treedef, self._expert_treedef, experts, block_size, *args, **kwargs)
             results, self._traces.results_layout = packed.pack_on_device((sampled, exchanges))
             return results, kv_cache, next_tokens, carry
 
@@ -303,7 +352,7 @@ class ModelRunner:
         self._jitted = jax.jit(
             step,
             donate_argnums=(2,),
-            static_argnames=("host_layout", "num_top_logprobs", "greedy_only", "num_prompt_logprobs"),
+            static_argnames=("host_layout", "num_top_logprobs", "greedy_only", "num_prompt_logprobs", "window"),
             compiler_options=custom_calls.COMPILER_OPTIONS,
         )
         self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
@@ -366,8 +415,13 @@ class ModelRunner:
             rows=n, longest=max(row_lengths), blocks=max(table_lengths),
             banned=max(len(s["banned"]) for s in rows.sampling),
             penalized=max(len(s.get("penalized", ())) for s in rows.sampling), logprobs=num_top_logprobs,
-            greedy=all(s["temperature"] == 0 for s in rows.sampling), prompt_logprobs=num_prompt_logprobs)
+            greedy=all(s["temperature"] == 0 for s in rows.sampling), prompt_logprobs=num_prompt_logprobs,
+            window=rows.window)
         batch, seq, max_blocks, num_banned, num_penalized = shape[:5]
+        window_tokens = np.zeros((batch,), np.int32)
+        window_tokens[:n] = 1 if rows.window_tokens is None else rows.window_tokens
+        if rows.window > 1:
+            self._check_window(rows, window_tokens[:n], seq, num_penalized, num_prompt_logprobs)
 
         # Ragged rows laid into padded arrays in one numpy call each (not a
         # call per row: at hundreds of rows those bound the host's step).
@@ -402,7 +456,7 @@ class ModelRunner:
             if treedef != self._expert_treedef:
                 raise ValueError("the experts backend changed the structure of its arrays")
         buffer, layout = packed.pack(
-            (tokens, positions, PagedAttentionInputs(slots, tables), last_index, sampling, sources))
+            (tokens, positions, PagedAttentionInputs(slots, tables), last_index, sampling, sources, window_tokens))
         args = (
             self._client_leaves,
             self._expert_leaves,
@@ -413,22 +467,48 @@ class ModelRunner:
         )
         return shape, args, {**shape.static(), "host_layout": layout}
 
+    @property
+    def runs_windows(self) -> bool:
+        """Whether a step may decode a window of several tokens a row: its
+        experts are in the client's graph. Expert servers' exchanges report
+        each step to the host (failover, deadlines), so they run one."""
+        return self.experts.initial_carry() is None
+
+    def _check_window(self, rows: StepRows, window_tokens: np.ndarray, seq: int, num_penalized: int,
+                      num_prompt_logprobs: int) -> None:
+        """A decode window's rows are what `_decode_window` computes."""
+        if not self.runs_windows:
+            raise ValueError("decode windows need the experts in the client's graph")
+        if seq != 1 or num_prompt_logprobs >= 0:
+            raise ValueError("a decode window is of decode rows (one new token each, no prompt logprobs)")
+        if num_penalized or any(s["banned"] for s in rows.sampling):
+            raise ValueError("a decode window's rows must have no penalties and no banned tokens (the host "
+                             "updates those between tokens)")
+        if not ((window_tokens >= 1) & (window_tokens <= rows.window)).all():
+            raise ValueError(f"each row samples 1 to {rows.window} tokens of the window, got {window_tokens.tolist()}")
+        # (a row's window writes the cache at positions start .. start + its tokens - 1)
+        short = [i for i, (start, k, table) in enumerate(zip(rows.start_positions, window_tokens.tolist(),
+                                                             rows.block_tables))
+                 if (start + k - 1) // self.block_size >= len(table)]
+        if short:
+            raise ValueError(f"rows {short} lack KV blocks for their window's tokens")
+
     def reset(self) -> None:
         """A fresh KV cache and carry, for after a step failed (the cache it
         was given is donated, and may be gone). The compiled programs stay."""
         self.kv_cache = self._empty_cache()
         self._carry = jax.device_put(self.experts.initial_carry(), self._sharding)
 
-    def fetch(self, step: DispatchedStep) -> tuple[StepResult, ExchangeReport, float]:
+    def fetch(self, step: DispatchedStep) -> tuple[list[StepResult], ExchangeReport, float]:
         """Waits for `step` (fetched in dispatch order); returns its results
-        and its time on the device: from when it was queued or the step before
+        (`DispatchedStep.fetch`) and its time on the device: from when it was queued or the step before
         it ended, whichever came later, to now (an upper bound when the host
         fetches late)."""
-        result, report = step.fetch()
+        results, report = step.fetch()
         fetched_at = time.monotonic()
         seconds = fetched_at - max(step.dispatched_at, self._last_fetched_at)
         self._last_fetched_at = fetched_at
-        return result, report, seconds
+        return results, report, seconds
 
     def wait(self) -> None:
         """Blocks until every dispatched step has run. A failure is logged, not
@@ -476,11 +556,13 @@ class ModelRunner:
 
     def _placeholder_rows(self, shape: StepShape) -> StepRows:
         """Rows whose step has `shape` (their values are never run)."""
-        row = {**NEUTRAL_ROW, "temperature": 0.0 if shape.greedy else 1.0, "banned": [0] * shape.banned}
+        # (a window's rows ban nothing: their banned ids pad to the same bucket)
+        row = {**NEUTRAL_ROW, "temperature": 0.0 if shape.greedy else 1.0,
+               "banned": [0] * shape.banned if shape.window == 1 else []}
         if shape.penalized:
             row["penalized"] = [(0, 0)] * shape.penalized
         return StepRows([[0] * shape.seq] * shape.batch, [0] * shape.batch, [[0] * shape.blocks] * shape.batch,
-                        [row] * shape.batch)
+                        [row] * shape.batch, window=shape.window)
 
     def _placeholder_inputs(self, shape: StepShape) -> tuple[tuple, dict]:
         """The step's (args, static options) for `shape`, of placeholder rows."""
@@ -592,8 +674,8 @@ class ModelRunner:
             log.warning("model step %s was traced again at its call: the compiled program did not match it "
                         "(a thread-scoped JAX setting?); warm-up cannot compile ahead for this caller", shape)
             traced = traced._replace(results=self._traces.results_layout)  # (this program's own)
-        return DispatchedStep(len(rows.tokens), results, next_tokens, traced,
-                              num_tokens=shape.batch * shape.seq, expert_arrays=self._expert_arrays)
+        return DispatchedStep(len(rows.tokens), results, next_tokens, traced, num_tokens=shape.batch * shape.seq,
+                              expert_arrays=self._expert_arrays, window=shape.window, row_tokens=rows.window_tokens)
 
 
 def _failed(future: concurrent.futures.Future) -> bool:

@@ -6,10 +6,11 @@ blocks are freed and they go back to the front of the queue, to be recomputed
 later, so nothing is lost); then waiting sequences are admitted for prefill
 while there are free rows, free blocks and prefill token budget.
 
-Sequences may have a token pending (sampled by a step still on the device):
-it counts for positions and blocks; a sequence whose pending token ends it by
+Sequences may have tokens pending (sampled by a step still on the device):
+they count for positions and blocks; a sequence whose pending tokens end it by
 length is not scheduled again, and a preempted one is not re-prefilled before
-its pending token has arrived.
+its pending tokens have arrived. With a decode window, a decode row's blocks
+cover every position its window writes.
 """
 
 from __future__ import annotations
@@ -37,12 +38,22 @@ class StepRows(NamedTuple):
     # is this row's (single) new token: a token still on the device, in place
     # of the placeholder in `tokens`.
     token_sources: list[int] | None = None
+    # Decode tokens each row samples in the step, one after another (a decode
+    # window: ModelRunner.runs_windows), at most `window`; None: one each.
+    window: int = 1
+    window_tokens: list[int] | None = None
 
 
 class Scheduler:
+    """`decode_window` > 1: decode steps sample up to that many tokens a row
+    (`window` says the last scheduled one's), when every running sequence
+    `can_decode_window`; each row's KV blocks are reserved for its window."""
+
     def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, decode_window: int = 1):
         self.allocator = allocator
+        self.decode_window = decode_window
+        self.window = 1
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -81,12 +92,17 @@ class Scheduler:
     def _reserve_decode_blocks(self) -> list[Sequence]:
         decode, preempted = [], set()
         block_size = self.allocator.block_size
+        self.window = window = (self.decode_window if self.decode_window > 1 and
+                                all(seq.can_decode_window() for seq in self.running) else 1)
         for seq in list(self.running):
             if preempted and seq in preempted:  # preempted below for an earlier sequence
                 continue
             if seq.num_pending and seq.ends_with_pending_token(self.max_model_len):
                 continue
-            position = seq.num_tokens - 1  # the last sampled token, not yet cached
+            # The last sampled token, not yet cached, and the window's next ones
+            position = seq.num_tokens - 1
+            if window > 1:
+                position += window_tokens(seq, window, self.max_model_len) - 1
             while position // block_size >= len(seq.blocks):
                 if self.allocator.num_free:
                     seq.blocks += self.allocator.allocate(1)
@@ -121,10 +137,18 @@ class Scheduler:
             self.waiting.remove(seq)
 
 
+def window_tokens(seq: Sequence, window: int, max_model_len: int) -> int:
+    """The tokens `seq` samples in a decode step of `window`: all, or what
+    its length limits leave."""
+    return 1 if window == 1 else min(window, seq.tokens_left(max_model_len))
+
+
 def step_rows(seqs: list[Sequence], is_prefill: bool, previous: list[Sequence] | None,
-              eos_token_ids: tuple[int, ...]) -> StepRows:
+              eos_token_ids: tuple[int, ...], window: int = 1, max_model_len: int | None = None) -> StepRows:
     """The runner's rows for a step of `seqs`: a prefill of every token, or a
-    decode of the last one. A decode row whose last token is still pending on
+    decode of the last one (and of the `window` - 1 tokens after it that the
+    step samples: `Scheduler.window`, with the engine's `max_model_len`). A
+    decode row whose last token is still pending on
     the device names its row in the step of `previous` (that step's
     sequences in row order) instead; `token_sources` is None when no row does."""
     source_row = {id(seq): i for i, seq in enumerate(previous)} if previous else {}
@@ -141,6 +165,10 @@ def step_rows(seqs: list[Sequence], is_prefill: bool, previous: list[Sequence] |
         rows.start_positions.append(0 if is_prefill else seq.num_tokens - 1)
         rows.block_tables.append(seq.blocks)
         rows.sampling.append(seq.sampling_row(eos_token_ids))
+    if window > 1:
+        if max_model_len is None:
+            raise ValueError("a decode window's rows need max_model_len (their length limit)")
+        rows = rows._replace(window=window, window_tokens=[window_tokens(seq, window, max_model_len) for seq in seqs])
     return rows if any_pending else rows._replace(token_sources=None)
 
 

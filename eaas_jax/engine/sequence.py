@@ -64,6 +64,19 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def tokens_left(self, max_model_len: int) -> int:
+        """Tokens it may still sample by its length limits, pending ones counted."""
+        limit = max_model_len - self._prompt_len
+        if self.params.max_tokens is not None:
+            limit = min(limit, self.params.max_tokens)
+        return limit - len(self.output_ids) - self.num_pending
+
+    def can_decode_window(self) -> bool:
+        """Whether its next tokens need nothing of the host between them (a
+        decode window): no penalties (their counts) and, pending tokens
+        counted, min_tokens reached (no banned ids)."""
+        return not self._penalized and len(self.output_ids) + self.num_pending >= self.params.min_tokens
+
     def ends_with_pending_token(self, max_model_len: int) -> bool:
         """Whether a pending token reaches the length limit: nothing to run after it."""
         return self.num_pending > 0 and self._at_length_limit(max_model_len, self.num_pending)

@@ -65,10 +65,11 @@ PREFILL, FIRST_DECODE, LATER = range(3)
 
 def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
                 num_free_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...],
-                arrivals: bool = False) -> WarmupPlan:
+                arrivals: bool = False, decode_window: int = 1) -> WarmupPlan:
     """The shapes a run of `waiting` (in queue order, none running) meets;
     with `arrivals`, also those of requests like them (at most as long)
-    arriving at any time, a few at once."""
+    arriving at any time, a few at once. Decodes of rows with no banned and
+    no penalized tokens run windows of `decode_window` (`Scheduler`)."""
     if not waiting:
         return WarmupPlan([], [])
     rows = {id(seq): _row(seq, max_model_len, eos_token_ids) for seq in waiting}
@@ -79,18 +80,22 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     def shape(seqs: list[Sequence], phase: int, num_rows: int, *, longest: int, num_blocks: int) -> StepShape:
         logprobs, prompt_logprobs = step_options(seqs, phase == PREFILL)
         of = [rows[id(seq)] for seq in seqs]
+        banned, penalized = max(r.banned[phase] for r in of), max(r.penalized[phase] for r in of)
         return StepShape.bucketed(
-            rows=num_rows, longest=longest, blocks=num_blocks, banned=max(r.banned[phase] for r in of),
-            penalized=max(r.penalized[phase] for r in of), logprobs=logprobs,
-            greedy=all(seq.params.temperature == 0 for seq in seqs), prompt_logprobs=prompt_logprobs)
+            rows=num_rows, longest=longest, blocks=num_blocks, banned=banned, penalized=penalized, logprobs=logprobs,
+            greedy=all(seq.params.temperature == 0 for seq in seqs), prompt_logprobs=prompt_logprobs,
+            window=decode_window if phase != PREFILL and not banned and not penalized else 1)
 
     first = _first_admitted(waiting, rows, max_num_seqs, max_num_batched_tokens, num_free_blocks, blocks)
     prompt = max(rows[id(seq)].tokens for seq in first)
     first_shapes = [shape(first, PREFILL, len(first), longest=prompt, num_blocks=blocks(prompt))]
     decoding = [seq for seq in first if not rows[id(seq)].ends_at_first_token]
     if decoding:
-        first_shapes.append(shape(decoding, FIRST_DECODE, len(decoding), longest=1,
-                                  num_blocks=max(blocks(rows[id(seq)].tokens + 1) for seq in decoding)))
+        # Its rows hold the blocks of the positions it writes: a window's, as
+        # far as the rows' lengths allow.
+        window = shape(decoding, FIRST_DECODE, 1, longest=1, num_blocks=1).window
+        written = [min(window, max(r.final_tokens - r.tokens, 1)) + r.tokens for r in (rows[id(s)] for s in decoding)]
+        first_shapes.append(shape(decoding, FIRST_DECODE, len(decoding), longest=1, num_blocks=blocks(max(written))))
     # Decode as the run goes on: the full batch through every block bucket its
     # sequences grow into, then each smaller batch as it drains, longest first.
     decoders = [seq for seq in waiting if not rows[id(seq)].ends_at_first_token]
