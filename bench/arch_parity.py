@@ -16,7 +16,14 @@ Per architecture, in separate processes (each gets the whole device):
         generates the same, greedy.
 A row counts, per prompt, the tokens before the first difference; where one
 is under `tokens`, the margin of transformers' top two logits at that step
-says whether it is a near-tie (float32 reduction order), not a bug.
+says whether it is a near-tie (float32 reduction order), not a bug; and so
+does the routers' smallest top-k margin up to it (every layer, every
+position the forwards up to that token computed: the k-th largest router
+logit less the (k+1)-th, the gap a rounding difference must cross to send a
+token to another expert, which changes the hidden state by far more than
+rounding). That margin is exact for the softmax-of-logits routers (Mixtral,
+Qwen2/3-MoE, OLMoE); DeepSeek's select by group and, in V3, by biased
+sigmoids, so there it only approximates the selection's gap.
 float32 matmuls run at full precision on both sides (torch's default; the
 engine's for float32 weights, where JAX's GPU default would be TF32).
 """
@@ -123,14 +130,59 @@ def phase_hf(architecture: str, directory: str, batches: list[int], tokens: int,
     result = {"params": sum(p.numel() for p in model.parameters())}
     for batch in batches:
         ids = torch.tensor(prompts(batch, keywords["vocab_size"]), device=device)
-        with torch.no_grad():
+        with torch.no_grad(), RouterMargins(model, batch, config.num_experts_per_tok) as routers:
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                  pad_token_id=0, attention_mask=torch.ones_like(ids), output_scores=True,
                                  return_dict_in_generate=True)
         top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values  # [batch, tokens, 2]
         result[f"b{batch}"] = {"tokens": out.sequences[:, PROMPT_LEN:].tolist(),
-                               "margins": (top2[..., 0] - top2[..., 1]).tolist()}
+                               "margins": (top2[..., 0] - top2[..., 1]).tolist(),
+                               "router_margins": routers.per_token(tokens)}
     return result
+
+
+class RouterMargins:
+    """Records, for each forward of a `generate` over `batch` rows (the
+    prompt's, then one a token), each row's smallest router top-k margin
+    over its positions and the model's MoE layers: the k-th largest router
+    logit less the (k+1)-th. The routers are the modules named `*.gate`
+    returning (router logits [tokens, experts], ...) (transformers 5's)."""
+
+    def __init__(self, model, batch: int, top_k: int):
+        self.model, self.batch, self.top_k = model, batch, top_k
+        self.forwards: list = []  # per forward: [batch] smallest margin so far in it
+        self._hooks = []
+
+    def __enter__(self) -> "RouterMargins":
+        self._hooks.append(self.model.register_forward_pre_hook(self._start_forward))
+        for name, module in self.model.named_modules():
+            if name.endswith(".gate"):
+                self._hooks.append(module.register_forward_hook(self._record))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _start_forward(self, module, inputs) -> None:
+        import torch
+
+        self.forwards.append(torch.full((self.batch,), float("inf")))
+
+    def _record(self, module, inputs, output) -> None:
+        if not (isinstance(output, tuple) and output and output[0].dim() == 2):
+            return  # (not a router)
+        top = output[0].float().topk(self.top_k + 1, dim=-1).values
+        margin = (top[:, -2] - top[:, -1]).reshape(self.batch, -1).min(dim=1).values.cpu()
+        self.forwards[-1] = self.forwards[-1].minimum(margin)
+
+    def per_token(self, tokens: int) -> list[list[float]]:
+        """[batch, tokens]: the smallest margin in the forwards up to the
+        one that scored each generated token (the prompt's for the first)."""
+        import torch
+
+        steps = torch.stack(self.forwards[:tokens], dim=1)  # [batch, tokens]
+        return torch.cummin(steps, dim=1).values.tolist()
 
 
 def phase_eaas(architecture: str, directory: str, batches: list[int], tokens: int, tiny: bool) -> dict:
@@ -154,17 +206,20 @@ def _covers(phase: dict | None, batches: list[int], tokens: int) -> bool:
         and all(len(row) == tokens for row in phase[f"b{batch}"]["tokens"]) for batch in batches)
 
 
-def compare(ours: list[list[int]], theirs: list[list[int]], margins: list[list[float]]) -> dict:
+def compare(ours: list[list[int]], theirs: list[list[int]], margins: list[list[float]],
+            router_margins: list[list[float]] | None = None) -> dict:
     """Tokens equal before the first difference, per prompt; the smallest of
-    them; and transformers' top-2 margin at each first difference."""
-    equal, at_divergence = [], []
-    for a, b, m in zip(ours, theirs, margins):
+    them; transformers' top-2 margin at each first difference, and its
+    routers' smallest top-k margin up to there (None where not recorded)."""
+    equal, at_divergence, routers_at_divergence = [], [], []
+    for row, (a, b, m) in enumerate(zip(ours, theirs, margins)):
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         equal.append(n)
         if n < len(b):
             at_divergence.append(m[n])
+            routers_at_divergence.append(router_margins[row][n] if router_margins else None)
     return {"min_equal": min(equal), "all_equal": sum(n == len(b) for n, b in zip(equal, theirs)),
-            "margins_at_divergence": at_divergence}
+            "margins_at_divergence": at_divergence, "router_margins_at_divergence": routers_at_divergence}
 
 
 def main() -> None:
@@ -215,7 +270,7 @@ def main() -> None:
         for batch in batches:
             t = theirs[f"b{batch}"]
             rows.append((architecture, theirs["params"], batch,
-                         compare(ours[f"b{batch}"]["tokens"], t["tokens"], t["margins"])))
+                         compare(ours[f"b{batch}"]["tokens"], t["tokens"], t["margins"], t.get("router_margins"))))
     lines = [
         f"### Greedy parity with transformers, float32, every architecture ({datetime.date.today()}, "
         f"commit {git_commit()})",
@@ -225,10 +280,11 @@ def main() -> None:
         f"prompts of {PROMPT_LEN} random tokens, {args.tokens} greedy tokens each.",
         "",
         "| architecture | parameters | batch | prompts with all tokens equal | fewest equal tokens | "
-        "transformers' top-2 margin where they differ |",
-        "|---|---|---|---|---|---|",
+        "transformers' top-2 margin where they differ | its routers' smallest top-k margin up to there |",
+        "|---|---|---|---|---|---|---|",
         *(f"| {a} | {p / 1e9:.3g}B | {b} | {c['all_equal']}/{b} | {c['min_equal']}/{args.tokens} | "
-          f"{', '.join(f'{m:.2g}' for m in sorted(c['margins_at_divergence'])[:5]) or '-'} |"
+          f"{', '.join(f'{m:.2g}' for m in sorted(c['margins_at_divergence'])[:5]) or '-'} | "
+          f"{', '.join('?' if m is None else f'{m:.2g}' for m in c['router_margins_at_divergence'][:5]) or '-'} |"
           for a, p, b, c in rows),
         "",
     ]
