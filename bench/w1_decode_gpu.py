@@ -210,7 +210,8 @@ def profile_decode(engine, batch: int, steps: int, top: int = 12) -> dict:
             for _ in range(PROFILED_STEPS):
                 engine.step_finished()
             time.sleep(0.2)
-        summary = device_kernel_times(log_dir, PROFILED_STEPS, top)
+        # (with decode windows each call decodes a window: per token step, as time_decode)
+        summary = device_kernel_times(log_dir, PROFILED_STEPS * engine.scheduler.decode_window, top)
     while engine.has_unfinished_requests():
         engine.step_finished()
     try:  # a help to read the profile: its failure costs the column, not the phase's timings
@@ -234,14 +235,13 @@ def host_profile(engine, batch: int, steps: int, top: int = 15) -> dict:
     import pstats
 
     start_decoding(engine, batch, steps)
-    profiler, done, start = cProfile.Profile(), 0, time.perf_counter()
+    profiler, generated, start = cProfile.Profile(), engine.metrics.generated_tokens, time.perf_counter()
     profiler.enable()
     while engine.has_unfinished_requests():
         engine.step_finished()
-        done += 1
     profiler.disable()
     seconds = time.perf_counter() - start
-    done = max(done, 1)
+    done = max((engine.metrics.generated_tokens - generated) / batch, 1)  # token steps (a window's count each)
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
     ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     return {"batch": batch, "steps": done, "ms_per_step": seconds / done * 1e3,
@@ -253,7 +253,7 @@ def host_profile(engine, batch: int, steps: int, top: int = 15) -> dict:
 def host_profile_lines(label: str, profile: dict) -> list[str]:
     """A `host_profile` as a RESULTS paragraph and table."""
     return [f"{label}, the host's time at batch {profile['batch']} under Python's profiler: "
-            f"{profile['ms_per_step']:.2f} ms a step over {profile['steps']} steps (the profiler's own cost "
+            f"{profile['ms_per_step']:.2f} ms a step over {profile['steps']:.0f} steps (the profiler's own cost "
             "included); functions by their own time (a C++ call that waits counts in its caller's):", "",
             "| function | own µs per step | calls per step |", "|---|---|---|",
             *(f"| `{row['function']}` | {row['own_us_per_step']:.1f} | {row['calls_per_step']:.1f} |"
