@@ -5,6 +5,7 @@ and finish reason equal, whatever stops a row inside a window."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -89,6 +90,19 @@ def test_windows_preempted_when_the_kv_pool_runs_out_lose_nothing(tiny_checkpoin
     assert small.scheduler.num_preemptions > 0
     assert _completions(got) == _completions(tiny_engine.generate(prompts, params, use_tqdm=False))
     assert small.scheduler.allocator.num_free == 40
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two devices")
+def test_windows_with_experts_sharded_over_devices(tiny_checkpoint, tiny_engine):
+    """The window's scan over the expert-parallel model (its all-reduce inside the loop)."""
+    prompts = _prompts(3, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    parallel = Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
+                      expert_parallel=2, decode_window=WINDOW)
+    got = parallel.generate(prompts, params, use_tqdm=False)
+    assert WINDOW in _windows_run(parallel)
+    expected = tiny_engine.generate(prompts, params, use_tqdm=False)
+    assert [c[0] for c in _completions(got)] == [c[0] for c in _completions(expected)]
 
 
 def test_warm_up_foresees_the_window_programs(window_engine):
