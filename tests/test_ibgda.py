@@ -351,7 +351,7 @@ def second_host():
         pytest.skip("needs root and iproute2 to create a network namespace")
     tag = f"{os.getpid() % 100000}{next(_count)}"
     ns, near_if, far_if = f"eaas-ib{tag}", f"eib{tag}a", f"eib{tag}b"
-    octet = (os.getpid() + int(tag)) % 250 + 1
+    octet = _free_octet((os.getpid() + int(tag)) % 250 + 1)
     near, far = f"10.231.{octet}.1", f"10.231.{octet}.2"
     try:
         _ip("netns", "add", ns)
@@ -369,6 +369,18 @@ def second_host():
     finally:
         subprocess.run(["ip", "link", "del", near_if], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def _free_octet(first: int) -> int:
+    """The first X from `first` on (1-250, wrapping) whose 10.231.X.0/30 no
+    interface here has: a link another run left behind (killed before its
+    cleanup) would otherwise take this one's traffic."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, timeout=30).stdout
+    for step in range(250):
+        octet = (first - 1 + step) % 250 + 1
+        if f" 10.231.{octet}." not in used:
+            return octet
+    pytest.skip("every 10.231.X.0/30 test subnet is taken on this host")
 
 
 def _in_namespace(ns: str, far: str, names: set[str]):
