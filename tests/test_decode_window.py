@@ -18,10 +18,15 @@ from eaas_jax.engine.sequence import Request
 WINDOW = 4
 
 
+def _engine(checkpoint, **options) -> Engine:
+    """An engine of decode windows with `tiny_engine`'s other settings (and `options`)."""
+    return Engine(checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
+                  decode_window=WINDOW, **options)
+
+
 @pytest.fixture(scope="module")
 def window_engine(tiny_checkpoint):
-    return Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
-                  decode_window=WINDOW)
+    return _engine(tiny_checkpoint)
 
 
 def _prompts(n, seed=0):
@@ -84,8 +89,7 @@ def test_rows_needing_the_host_between_tokens_run_one_token_steps(window_engine,
 def test_windows_preempted_when_the_kv_pool_runs_out_lose_nothing(tiny_checkpoint, tiny_engine):
     prompts = _prompts(4, seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    small = Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
-                   num_kv_blocks=40, decode_window=WINDOW)
+    small = _engine(tiny_checkpoint, num_kv_blocks=40)
     got = small.generate(prompts, params, use_tqdm=False)
     assert small.scheduler.num_preemptions > 0
     assert _completions(got) == _completions(tiny_engine.generate(prompts, params, use_tqdm=False))
@@ -97,8 +101,7 @@ def test_windows_with_experts_sharded_over_devices(tiny_checkpoint, tiny_engine)
     """The window's scan over the expert-parallel model (its all-reduce inside the loop)."""
     prompts = _prompts(3, seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    parallel = Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
-                      expert_parallel=2, decode_window=WINDOW)
+    parallel = _engine(tiny_checkpoint, expert_parallel=2)
     got = parallel.generate(prompts, params, use_tqdm=False)
     assert WINDOW in _windows_run(parallel)
     expected = tiny_engine.generate(prompts, params, use_tqdm=False)

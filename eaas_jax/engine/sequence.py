@@ -64,12 +64,14 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def _output_limit(self, max_model_len: int) -> int:
+        """The most tokens it may sample: max_tokens, and what the context leaves."""
+        limit = max_model_len - self._prompt_len
+        return limit if self.params.max_tokens is None else min(limit, self.params.max_tokens)
+
     def tokens_left(self, max_model_len: int) -> int:
         """Tokens it may still sample by its length limits, pending ones counted."""
-        limit = max_model_len - self._prompt_len
-        if self.params.max_tokens is not None:
-            limit = min(limit, self.params.max_tokens)
-        return limit - len(self.output_ids) - self.num_pending
+        return self._output_limit(max_model_len) - len(self.output_ids) - self.num_pending
 
     def can_decode_window(self) -> bool:
         """Whether its next tokens need nothing of the host between them (a
@@ -137,9 +139,7 @@ class Sequence:
             self.finish_reason = "length"
 
     def _at_length_limit(self, max_model_len: int, num_pending: int = 0) -> bool:
-        max_tokens = self.params.max_tokens
-        num_sampled = len(self.output_ids) + num_pending
-        return (max_tokens is not None and num_sampled >= max_tokens) or self._prompt_len + num_sampled >= max_model_len
+        return len(self.output_ids) + num_pending >= self._output_limit(max_model_len)
 
     def _check_stop_strings(self) -> None:
         found = [(self.text.find(s), s) for s in self.params.stop]

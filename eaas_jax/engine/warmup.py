@@ -77,14 +77,19 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     def blocks(num_tokens: int) -> int:
         return -(-num_tokens // block_size)
 
+    def window_of(seqs: list[Sequence], phase: int) -> int:
+        """Decode tokens a row in a step of `seqs` in `phase` (the Scheduler's rule)."""
+        return decode_window if phase != PREFILL and not any(
+            rows[id(seq)].banned[phase] or rows[id(seq)].penalized[phase] for seq in seqs) else 1
+
     def shape(seqs: list[Sequence], phase: int, num_rows: int, *, longest: int, num_blocks: int) -> StepShape:
         logprobs, prompt_logprobs = step_options(seqs, phase == PREFILL)
         of = [rows[id(seq)] for seq in seqs]
-        banned, penalized = max(r.banned[phase] for r in of), max(r.penalized[phase] for r in of)
         return StepShape.bucketed(
-            rows=num_rows, longest=longest, blocks=num_blocks, banned=banned, penalized=penalized, logprobs=logprobs,
+            rows=num_rows, longest=longest, blocks=num_blocks, banned=max(r.banned[phase] for r in of),
+            penalized=max(r.penalized[phase] for r in of), logprobs=logprobs,
             greedy=all(seq.params.temperature == 0 for seq in seqs), prompt_logprobs=prompt_logprobs,
-            window=decode_window if phase != PREFILL and not banned and not penalized else 1)
+            window=window_of(seqs, phase))
 
     first = _first_admitted(waiting, rows, max_num_seqs, max_num_batched_tokens, num_free_blocks, blocks)
     prompt = max(rows[id(seq)].tokens for seq in first)
@@ -93,8 +98,9 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     if decoding:
         # Its rows hold the blocks of the positions it writes: a window's, as
         # far as the rows' lengths allow.
-        window = shape(decoding, FIRST_DECODE, 1, longest=1, num_blocks=1).window
-        written = [min(window, max(r.final_tokens - r.tokens, 1)) + r.tokens for r in (rows[id(s)] for s in decoding)]
+        first_window = window_of(decoding, FIRST_DECODE)
+        written = [r.tokens + min(first_window, max(r.final_tokens - r.tokens, 1))
+                   for r in (rows[id(seq)] for seq in decoding)]
         first_shapes.append(shape(decoding, FIRST_DECODE, len(decoding), longest=1, num_blocks=blocks(max(written))))
     # Decode as the run goes on: the full batch through every block bucket its
     # sequences grow into, then each smaller batch as it drains, longest first.
