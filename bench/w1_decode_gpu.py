@@ -140,9 +140,13 @@ def engine_options(max_batch: int, steps: int) -> dict:
 def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = (),
                profile_top: int = 12) -> dict:
     sys.path.insert(0, REPO)
+    import jax
+
     from eaas_jax.engine import Engine
 
-    result = {"bandwidth": _copy_bandwidth(), **kernels()}
+    # (what the run's header names, kept with its phase: a run composed later from --raw is this one's)
+    result = {"bandwidth": _copy_bandwidth(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "params": _stored_params(directory), **kernels()}
     start = time.time()
     engine = Engine(directory, **engine_options(max(batches), steps))
     result["load_s"] = time.time() - start
@@ -465,7 +469,7 @@ def phase_hf(directory: str, batches: list[int]) -> dict:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(_torch_device())
     model.generation_config.eos_token_id = None
-    result = {}
+    result = {"torch": torch.__version__}
 
     def generate(batch, new_tokens):
         ids = torch.tensor(prompts(batch), device=_torch_device())
@@ -604,6 +608,8 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
     done = finished_phases(args.raw).get(name or phase) if args.resume else None
     if done and phase != "make" and all(f"b{b}" in done for b in args.batches.split(",")):
         return done
+    if phase != "make" and not os.path.exists(os.path.join(args.dir, "config.json")):
+        run_phase(args, "make")
     profile = ["--profile-batches", args.profile_batches, "--profile-top", str(args.profile_top)] \
         if args.profile_batches and phase == "eaas" else []
     peer = ["--jax-peer", args.jax_peer] if phase == "jax" else []
@@ -665,8 +671,6 @@ def main() -> None:
         print(json.dumps(phase_jax_peer(args.dir, batches, args.steps, args.jax_peer)))
         return
 
-    if not os.path.exists(os.path.join(args.dir, "config.json")):
-        run_phase(args, "make")
     ours = run_phase(args, "eaas")  # the defaults; a variant changes one setting
     variant = None  # (column label, that run's result): the engine again with one setting changed
     if compared:
@@ -682,7 +686,9 @@ def main() -> None:
     import jax
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU"
+    # (the device the engine ran on: a run composed later from --raw records that one)
+    device = ours.get("device") or (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                                    else platform.processor() or "CPU")
     commit = args.commit or git_commit()
     bandwidth = ours["bandwidth"]
     flags = "".join(f" --compare-{flag}" for flag in compared) \
@@ -691,9 +697,9 @@ def main() -> None:
     lines = [
         f"### W1 decode, embedded engine vs transformers vs HBM roofline ({datetime.date.today()}, commit {commit})",
         "",
-        f"Device: {device}; JAX {jax.__version__}, torch {torch.__version__}; "
+        f"Device: {device}; JAX {ours.get('jax', jax.__version__)}, torch {peer.get('torch', torch.__version__)}; "
         f"`python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}`; "
-        f"{_stored_params(args.dir) / 1e9:.2f}B parameters, bfloat16; "
+        f"{(ours.get('params') or _stored_params(args.dir)) / 1e9:.2f}B parameters, bfloat16; "
         f"copy bandwidth measured {bandwidth / 1e12:.2f} TB/s (read+write); engine load {ours['load_s']:.0f} s; "
         f"grouped matmul: {ours['grouped_matmul']}; decode attention: {ours['decode_attention']}"
         + (f"; JAX peer: jax-ml/jax-llm-examples qwen3 at {jax_peer['commit']} (bench/jax_peer.py: bfloat16, "
@@ -702,9 +708,11 @@ def main() -> None:
         "| batch | eaas-jax step ms median (min-max) | its host ms a step, not waiting for the device | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
         + (" JAX peer step ms | eaas-jax tok/s vs JAX peer | its tokens equal to transformers' (first 32) |"
            if jax_peer else "")
-        + (f" {variant[0]}: step ms | its tokens equal (first 32) |" if variant else "")
+        + (f" {variant[0]}: step ms (a token) | its share of roofline |"
+           + (" its tok/s vs JAX peer |" if jax_peer else "") + " its tokens equal (first 32) |" if variant else "")
         + " eaas-jax steps that compiled (left out of the timing) |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if jax_peer else "") + ("---|---|" if variant else "")
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if jax_peer else "")
+        + ("---|---|" + ("---|" if jax_peer else "") + "---|" if variant else "")
         + "---|",
     ]
     margins = peer.get("margins0")
@@ -719,7 +727,9 @@ def main() -> None:
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {agreement(o['tokens0'], p['tokens0'], margins)} |"
             + (f" {step_ms(j)} | {j['median'] / o['median']:.2f}x | {agreement(j['tokens0'], p['tokens0'], margins)} |"
                if jax_peer else "")
-            + (f" {step_ms(v)} | {agreement(v['tokens0'], p['tokens0'], margins)} |" if variant else "")
+            + (f" {step_ms(v)} | {roof / v['median'] * 100:.0f}% |"
+               + (f" {j['median'] / v['median']:.2f}x |" if jax_peer else "")
+               + f" {agreement(v['tokens0'], p['tokens0'], margins)} |" if variant else "")
             + f" {o['compiling_steps']} |"
         )
     lines += memory_lines(ours, batches)
@@ -731,14 +741,17 @@ def main() -> None:
     publish(lines, args.append)
     if args.append:
         command = f"python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}"
-        append_rows(os.path.join(REPO, "bench", "results", "w1_decode_gpu.jsonl"), result_rows(
-            ours, peer, jax_peer, batches, args.steps, dict(device=f"1 x {device}", date=str(datetime.date.today()),
-                                                          commit=commit, command=command)))
+        common = dict(device=f"1 x {device}", date=str(datetime.date.today()), commit=commit, command=command)
+        rows = result_rows(ours, peer, jax_peer, batches, args.steps, common)
+        if variant:
+            rows += result_rows({**variant[1], "bandwidth": bandwidth}, peer, jax_peer, batches, args.steps, dict(common, variant=variant[0]))
+        append_rows(os.path.join(REPO, "bench", "results", "w1_decode_gpu.jsonl"), rows)
 
 
 def result_rows(ours: dict, hf: dict, jax_peer: dict | None, batches: list[int], steps: int,
                 common: dict) -> list[dict]:
-    """bench/results rows of a run: the engine's step per batch against the
+    """bench/results rows of a run (`ours`: the engine's, or a variant's, with
+    `common` naming it): the engine's step per batch against the
     JAX peer's (else transformers'; ratio: ours / the peer's, under 1 is
     faster), with the roofline's share, transformers' step and the greedy
     agreement beside it."""
