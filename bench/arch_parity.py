@@ -127,7 +127,8 @@ def phase_hf(architecture: str, directory: str, batches: list[int], tokens: int,
         randomize_defaults(model)
     model.save_pretrained(directory, max_shard_size="4GB")
     model.generation_config.eos_token_id = None
-    result = {"params": sum(p.numel() for p in model.parameters())}
+    # (machine: what the run's header names; a run composed later from --raw is this one's)
+    result = {"params": sum(p.numel() for p in model.parameters()), "machine": machine()}
     for batch in batches:
         ids = torch.tensor(prompts(batch, keywords["vocab_size"]), device=device)
         with torch.no_grad(), RouterMargins(model, batch, config.num_experts_per_tok) as routers:
@@ -206,11 +207,24 @@ def _covers(phase: dict | None, batches: list[int], tokens: int) -> bool:
         and all(len(row) == tokens for row in phase[f"b{batch}"]["tokens"]) for batch in batches)
 
 
+#: A router top-k margin under this (~100 float32 ulps of a unit-scale logit)
+#: is a near-tie that the two sides' reduction orders may decide either way: a
+#: prompt whose transformers run meets one, at any token, is set apart before
+#: the comparison (from transformers' margins alone, not from where the
+#: tokens differ). Measured at f4f1d24: the one Qwen3-MoE prompt that differs
+#: (at token 14) had met a margin of 2e-6 by then, the second smallest of
+#: its 64 prompts; the smallest logit margin of the prompts clear of router
+#: near-ties was 1.8e-4, and all of those agreed.
+ROUTER_NEAR_TIE = 1e-5
+
+
 def compare(ours: list[list[int]], theirs: list[list[int]], margins: list[list[float]],
             router_margins: list[list[float]] | None = None) -> dict:
     """Tokens equal before the first difference, per prompt; the smallest of
     them; transformers' top-2 margin at each first difference, and its
-    routers' smallest top-k margin up to there (None where not recorded)."""
+    routers' smallest top-k margin up to there (None where not recorded);
+    how many prompts are clear of router near-ties (`ROUTER_NEAR_TIE`; None
+    where not recorded) and how many of those have all tokens equal."""
     equal, at_divergence, routers_at_divergence = [], [], []
     for row, (a, b, m) in enumerate(zip(ours, theirs, margins)):
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -218,8 +232,19 @@ def compare(ours: list[list[int]], theirs: list[list[int]], margins: list[list[f
         if n < len(b):
             at_divergence.append(m[n])
             routers_at_divergence.append(router_margins[row][n] if router_margins else None)
+    clear = [min(r) >= ROUTER_NEAR_TIE for r in router_margins] if router_margins else None
     return {"min_equal": min(equal), "all_equal": sum(n == len(b) for n, b in zip(equal, theirs)),
-            "margins_at_divergence": at_divergence, "router_margins_at_divergence": routers_at_divergence}
+            "margins_at_divergence": at_divergence, "router_margins_at_divergence": routers_at_divergence,
+            "clear": None if clear is None else sum(clear),
+            "clear_all_equal": None if clear is None else sum(
+                c and n == len(b) for c, n, b in zip(clear, equal, theirs))}
+
+
+def clear_cell(comparison: dict) -> str:
+    """'equal/clear' of `compare`'s prompts clear of router near-ties ('?': not recorded)."""
+    if comparison["clear"] is None:
+        return "?"
+    return f"{comparison['clear_all_equal']}/{comparison['clear']}"
 
 
 def main() -> None:
@@ -236,6 +261,7 @@ def main() -> None:
                         help="take the architectures whose two phases --raw holds, at these batches and tokens, "
                              "from there (a run cut short: device calls are 10 minutes)")
     parser.add_argument("--append", help="results file to append the table to")
+    parser.add_argument("--commit", help="commit to record (default: git HEAD; a copied tree may lack .git)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.phase:
@@ -250,7 +276,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     scratch = scratch_directory(4 * 6_000_000_000 if not args.tiny else 0)  # float32, < 6B parameters
     done = finished_phases(args.raw) if args.resume else {}
-    rows = []
+    rows, machines = [], set()
     for architecture in args.architectures.split(","):
         if architecture not in W1_ARCHITECTURES:
             raise SystemExit(f"unknown architecture {architecture!r}; known: {', '.join(W1_ARCHITECTURES)}")
@@ -267,24 +293,28 @@ def main() -> None:
                 ours = run_phase([*common, "--phase", "eaas"], name=names[1], raw=args.raw)
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
+        machines.add(theirs.get("machine") or machine())
         for batch in batches:
             t = theirs[f"b{batch}"]
             rows.append((architecture, theirs["params"], batch,
                          compare(ours[f"b{batch}"]["tokens"], t["tokens"], t["margins"], t.get("router_margins"))))
     lines = [
         f"### Greedy parity with transformers, float32, every architecture ({datetime.date.today()}, "
-        f"commit {git_commit()})",
+        f"commit {args.commit or git_commit()})",
         "",
-        f"Device: {machine()}; `python bench/arch_parity.py {' '.join(sys.argv[1:])}`; random "
+        f"Device: {', '.join(sorted(machines))}; `python bench/arch_parity.py {' '.join(sys.argv[1:])}`; random "
         f"{'tiny (the unit tests’ sizes)' if args.tiny else 'W1-width 8-layer'} models, float32 on both sides, "
         f"prompts of {PROMPT_LEN} random tokens, {args.tokens} greedy tokens each.",
         "",
         "| architecture | parameters | batch | prompts with all tokens equal | fewest equal tokens | "
-        "transformers' top-2 margin where they differ | its routers' smallest top-k margin up to there |",
-        "|---|---|---|---|---|---|---|",
+        "transformers' top-2 margin where they differ | its routers' smallest top-k margin up to there | "
+        f"prompts clear of router near-ties (transformers' top-k margins all >= {ROUTER_NEAR_TIE:g}): "
+        "all tokens equal |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| {a} | {p / 1e9:.3g}B | {b} | {c['all_equal']}/{b} | {c['min_equal']}/{args.tokens} | "
           f"{', '.join(f'{m:.2g}' for m in sorted(c['margins_at_divergence'])[:5]) or '-'} | "
-          f"{', '.join('?' if m is None else f'{m:.2g}' for m in c['router_margins_at_divergence'][:5]) or '-'} |"
+          f"{', '.join('?' if m is None else f'{m:.2g}' for m in c['router_margins_at_divergence'][:5]) or '-'} | "
+          f"{clear_cell(c)} |"
           for a, p, b, c in rows),
         "",
     ]
