@@ -21,7 +21,7 @@
 #   dispatch     bench/dispatch_host_arrays.py: a jitted call's dispatch with a host array against none,
 #                with JAX's default GPU client and with its TFRT one
 #   attn_parts   bench/paged_attention_partitions.py: the paged decode kernel's partitions at W1's shapes
-#   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: decode windows of 4
+#   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: one-token steps
 #                compared, batches 1 and 256 profiled)
 #   parity       bench/arch_parity.py (ARCHS: some architectures, comma-separated; default all); the
 #                architectures a cut call finished on the still-warm machine are not run again
@@ -165,7 +165,7 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
       XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT=1 part dispatch_tfrt python3 bench/dispatch_host_arrays.py ;;
     attn_parts) part attn_parts python3 bench/paged_attention_partitions.py --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
-        --dir "$W1" ${W1FLAGS:---compare-decode-window --profile-batches 1,256 --profile-top 40} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
+        --dir "$W1" ${W1FLAGS:---compare-one-token-steps --profile-batches 1,256 --profile-top 40} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
         --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
     parity) part parity python3 bench/arch_parity.py ${ARCHS:+--architectures "$ARCHS"} \
         --raw "$RAW/parity.jsonl" --resume --append bench/RESULTS.md ;;

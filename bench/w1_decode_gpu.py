@@ -134,7 +134,8 @@ def engine_options(max_batch: int, steps: int) -> dict:
     prompts of PROMPT_LEN and `steps` tokens, each batch's prompts prefilled
     in few steps."""
     return dict(dtype="bfloat16", max_num_seqs=max_batch, max_model_len=PROMPT_LEN + steps + 16, block_size=16,
-                max_num_batched_tokens=8192, decode_window=int(os.environ.get(DECODE_WINDOW_VARIABLE, "1")))
+                max_num_batched_tokens=8192,
+                decode_window=int(os.environ[DECODE_WINDOW_VARIABLE]) if DECODE_WINDOW_VARIABLE in os.environ else None)
 
 
 def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = (),
@@ -626,8 +627,7 @@ VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
     "one-row-dot": ("single rows not padded to a GEMM", {"EAAS_JAX_ONE_ROW_GEMM": "off"}, "eaas-one-row-dot"),
-    "decode-window": ("decode windows of 4 tokens (decode_window=4)", {DECODE_WINDOW_VARIABLE: "4"},
-                      "eaas-decode-window"),
+    "one-token-steps": ("one-token steps (decode_window=1)", {DECODE_WINDOW_VARIABLE: "1"}, "eaas-one-token-steps"),
 }
 
 

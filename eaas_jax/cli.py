@@ -123,9 +123,10 @@ def _add_engine_args(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences in flight at most")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--decode-window", type=int, default=1,
+    p.add_argument("--decode-window", type=int, default=None,
                    help="decode tokens a sequence samples per step program: the host's per-step cost once per "
-                        "window, tokens then arriving that many at a time (experts in the engine only)")
+                        "window, tokens then arriving that many at a time (experts in the engine only; default: "
+                        "4 without a deployment, else 1)")
     p.add_argument("--deployment", help="deployment TOML: run the experts in expert servers "
                    "(started here unless --registry is given)")
     p.add_argument("--registry", help="etcd://HOST:PORT (etcds:// for TLS) where the deployment's servers "

@@ -108,7 +108,10 @@ def fresh_expert_traces():
 def tiny_engine(tiny_checkpoint):
     from eaas_jax.engine import Engine
 
-    return Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4)
+    # One-token steps (not the default's windows): the reference that
+    # tests/test_decode_window.py's windows are compared against.
+    return Engine(tiny_checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
+                  decode_window=1)
 
 
 def replace_config(**changes) -> ModelConfig:

@@ -1,7 +1,8 @@
-"""Decode windows (Engine(decode_window=K)): K decode tokens a row in one
-step program, each fed back on the device. The reference is the same
-engine's one-token steps (the session's `tiny_engine`): every token, logprob
-and finish reason equal, whatever stops a row inside a window."""
+"""Decode windows (Engine(decode_window=K), the default without expert
+servers): K decode tokens a row in one step program, each fed back on the
+device. The reference is the same engine's one-token steps (the session's
+`tiny_engine`): every token, logprob and finish reason equal, whatever stops
+a row inside a window."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ import numpy as np
 import pytest
 
 from eaas_jax.engine import Engine, SamplingParams
+from eaas_jax.engine.engine import DEFAULT_DECODE_WINDOW
 from eaas_jax.engine.block_allocator import BlockAllocator
 from eaas_jax.engine.runner import StepShape
 from eaas_jax.engine.scheduler import Scheduler, StepRows, step_rows
 from eaas_jax.engine.sequence import Request
 
-WINDOW = 4
+WINDOW = DEFAULT_DECODE_WINDOW
 
 
 def _engine(checkpoint, **options) -> Engine:
-    """An engine of decode windows with `tiny_engine`'s other settings (and `options`)."""
-    return Engine(checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4,
-                  decode_window=WINDOW, **options)
+    """An engine of the default decode windows with `tiny_engine`'s other settings (and `options`)."""
+    return Engine(checkpoint, max_num_seqs=8, max_model_len=128, dtype="float32", block_size=4, **options)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,10 @@ def test_the_runner_refuses_a_window_it_cannot_compute(window_engine):
         runner.prepare_inputs(rows(tokens=[[5, 6]]), 0, None)
     assert StepShape.bucketed(rows=1, longest=1, blocks=2, banned=0, penalized=0, logprobs=0, greedy=True,
                               window=WINDOW).static()["window"] == WINDOW
+
+
+def test_windows_are_the_default_without_expert_servers(window_engine):
+    assert window_engine.scheduler.decode_window == WINDOW > 1
 
 
 @pytest.mark.parametrize("window", [0, -1, 2.0, True])

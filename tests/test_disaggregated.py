@@ -93,6 +93,7 @@ def test_disaggregated_greedy_equals_embedded(model, servers, references, tiny_c
         assert len(cluster._procs) == servers
         for double_batching in (True, False):
             with Engine(path, deployment=cluster, double_batching=double_batching, **ENGINE_ARGS) as engine:
+                assert engine.scheduler.decode_window == 1  # (the default with expert servers)
                 with compiles_once_per_step_shape(engine):
                     got = token_ids(engine.generate(PROMPTS, GREEDY, use_tqdm=False))
                     # Again: the first step now takes the KV cache and exchange

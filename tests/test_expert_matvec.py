@@ -57,7 +57,7 @@ def test_the_kernels_gradients_are_the_einsums():
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w) * probe)
 
-    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, (w,), ids, *em.kernel_plan(64, 32), True)[0]),
+    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, (w,), ids, *em.kernel_plan(64, 32), 1, True)[0]),
                     argnums=(0, 1))(x, w)
     theirs = jax.grad(loss(lambda x, w: em.gathered_einsum(x, w, ids)), argnums=(0, 1))(x, w)
     for a, b in zip(ours, theirs):
@@ -80,7 +80,7 @@ def test_one_kernel_over_several_banks_gives_each_banks_product_and_gradients():
     def loss(f):
         return lambda x, w, other: sum(jnp.sum(out * probe) for out, probe in zip(f(x, w, other), probes))
 
-    ours = jax.grad(loss(lambda x, w, other: em.differentiable_kernel(x, (w, other), ids, *plan, True)),
+    ours = jax.grad(loss(lambda x, w, other: em.differentiable_kernel(x, (w, other), ids, *plan, 1, True)),
                     argnums=(0, 1, 2))(x, w, other)
     theirs = jax.grad(loss(lambda x, w, other: (em.gathered_einsum(x, w, ids), em.gathered_einsum(x, other, ids))),
                       argnums=(0, 1, 2))(x, w, other)
@@ -101,10 +101,31 @@ def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatc
     assert calls == []  # the CPU: the einsum
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     em.expert_matvec(x, w, ids)
-    assert calls == [(32, 2, False)]
+    assert calls == [(32, 2, 1, False)]
     em.expert_matvec(x[:, :60], w[:, :60], ids)  # 60 rows do not tile: the einsum
     assert em.expert_matvec(x[:0], w, ids[:0]).shape == (0, 32)  # no slots: no kernel of 0 programs
     assert len(calls) == 1
+
+
+def test_slots_sharing_a_row_read_it_in_place_with_the_repeated_rows_products_and_gradients():
+    """slots_per_row=k (a token's k routed slots): slot s takes row s // k,
+    as if the rows were repeated k times; the rows' gradients sum their slots'."""
+    k = 3
+    x, w, ids = _inputs(4 * k, 128, 64, experts=5, dtype=jnp.float32, seed=6)
+    x = x[:4]
+    repeated = jnp.repeat(x, k, axis=0)
+    plan = em.kernel_plan(128, 64)
+    (got,) = em.pallas_expert_matvec(x, (w,), ids, *plan, slots_per_row=k, interpret=True)
+    expected = _reference(repeated, w, ids)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(em.gathered_einsum(x, w, ids, k)), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
+    probe = jax.random.normal(jax.random.key(7), (4 * k, 64))
+    ours = jax.grad(lambda x: jnp.sum(em.differentiable_kernel(x, (w,), ids, *plan, k, True)[0] * probe))(x)
+    theirs = jax.grad(lambda x: jnp.sum(em.gathered_einsum(jnp.repeat(x, k, axis=0), w, ids) * probe))(x)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="12 slots for 4 rows of 2 slots each"):
+        em.expert_matvec(x, w, ids, slots_per_row=2)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel runs on GPUs (bench/device_run.sh gpu_tests)")
@@ -116,4 +137,9 @@ def test_the_compiled_kernel_matches_the_reference_on_a_gpu(k, n):
     pair = jax.jit(em.expert_matvecs)(x, (w, other), ids)  # the gate and up projections' call
     for got, bank in ((one, w), (pair[0], w), (pair[1], other)):
         expected = _reference(x, bank, ids)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+    # Two tokens' 4 slots each, the tokens' rows read in place (the MoE layer's call)
+    shared = jax.jit(em.expert_matvecs, static_argnames="slots_per_row")(x[:2], (w, other), ids, slots_per_row=4)
+    for got, bank in zip(shared, (w, other)):
+        expected = _reference(jnp.repeat(x[:2], 4, axis=0), bank, ids)
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())

@@ -244,3 +244,23 @@ def test_tokamax_grouped_matmul_equals_ragged_dot_on_gpu():
     expected = np.asarray(jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32), np.float32)
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
     assert (got[500:] == 0).all()
+
+
+def test_expert_token_counts_count_each_layers_real_routed_slots_apart():
+    """Per layer and expert, the masked-in tokens' slots with an id in the
+    bank; ids outside it (negative: skipped; past the bank) count nowhere,
+    not in another layer's experts (the layers share one scatter)."""
+    rng = np.random.default_rng(0)
+    num_experts, tokens, top_k = 6, 5, 3
+    ids = [rng.integers(-2, num_experts + 3, size=(tokens, top_k)).astype(np.int32) for _ in range(3)]
+    mask = np.array([True, False, True, True, False])
+    routings = [moe.Routing(jnp.asarray(i), jnp.ones((tokens, top_k)), jnp.zeros((tokens, num_experts)))
+                for i in ids]
+    expected = np.zeros((3, num_experts), np.int32)
+    for layer, layer_ids in enumerate(ids):
+        for expert in layer_ids[mask].reshape(-1):
+            if 0 <= expert < num_experts:
+                expected[layer, expert] += 1
+    got = moe.expert_token_counts(routings, jnp.asarray(mask), num_experts)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    assert moe.expert_token_counts([], jnp.asarray(mask), num_experts).shape == (0, num_experts)

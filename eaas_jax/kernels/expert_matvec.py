@@ -33,11 +33,13 @@ TILES = (128, 64, 32, 16)
 PARTS = (8, 4, 2, 1)
 
 
-def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """out[s] = x[s] @ w[ids[s]].
+def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, *, slots_per_row: int = 1,
+                  interpret: bool = False) -> jax.Array:
+    """out[s] = x[s // slots_per_row] @ w[ids[s]].
 
     Args:
-      x: [S, K] one row per slot.
+      x: [S / slots_per_row, K] one row per `slots_per_row` consecutive slots
+        (a token's top-k slots share its row: not copied k times).
       w: [E, K, N] the expert bank.
       ids: [S] int, each in [0, E).
       interpret: run the kernel on any platform, interpreted, where the
@@ -46,24 +48,27 @@ def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, *, interpret: bool
     Returns:
       [S, N] float32.
     """
-    return expert_matvecs(x, (w,), ids, interpret=interpret)[0]
+    return expert_matvecs(x, (w,), ids, slots_per_row=slots_per_row, interpret=interpret)[0]
 
 
-def expert_matvecs(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, *,
+def expert_matvecs(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, *, slots_per_row: int = 1,
                    interpret: bool = False) -> tuple[jax.Array, ...]:
     """`expert_matvec` of the same rows and ids by several banks of one shape
     (an expert's gate and up projections): on GPUs one kernel reads them all,
     so a layer launches fewer kernels and each program has more bytes in
     flight (unmeasured against a call per bank as of 2026-12-06)."""
+    if ids.shape[0] != x.shape[0] * slots_per_row:
+        raise ValueError(f"{ids.shape[0]} slots for {x.shape[0]} rows of {slots_per_row} slots each")
     plan = kernel_plan(*banks[0].shape[1:])
-    if (interpret or jax.default_backend() == "gpu") and plan is not None and x.shape[0]:  # (no grid of 0 programs)
-        return differentiable_kernel(x, tuple(banks), ids, *plan, interpret)
-    return tuple(gathered_einsum(x, w, ids) for w in banks)
+    if (interpret or jax.default_backend() == "gpu") and plan is not None and ids.shape[0]:  # (no grid of 0 programs)
+        return differentiable_kernel(x, tuple(banks), ids, *plan, slots_per_row, interpret)
+    return tuple(gathered_einsum(x, w, ids, slots_per_row) for w in banks)
 
 
-def gathered_einsum(x: jax.Array, w: jax.Array, ids: jax.Array) -> jax.Array:
+def gathered_einsum(x: jax.Array, w: jax.Array, ids: jax.Array, slots_per_row: int = 1) -> jax.Array:
     """`expert_matvec` by XLA: the slots' weights gathered, then a batched matmul."""
-    return jnp.einsum("sk,skn->sn", x, w[ids], preferred_element_type=jnp.float32)
+    return jnp.einsum("sk,skn->sn", jnp.repeat(x, slots_per_row, axis=0), w[ids],
+                      preferred_element_type=jnp.float32)
 
 
 def kernel_plan(k: int, n: int) -> tuple[int, int] | None:
@@ -74,21 +79,22 @@ def kernel_plan(k: int, n: int) -> tuple[int, int] | None:
     return None if tile is None or parts is None else (tile, parts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def differentiable_kernel(x, banks, ids, tile: int, parts: int, interpret: bool) -> tuple[jax.Array, ...]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def differentiable_kernel(x, banks, ids, tile: int, parts: int, slots_per_row: int,
+                          interpret: bool) -> tuple[jax.Array, ...]:
     """`pallas_expert_matvec` with gradients: a pallas_call has no
     differentiation rule, so the backward pass is the einsum's (training
     steps of few tokens also take the gathered path)."""
-    return pallas_expert_matvec(x, banks, ids, tile, parts, interpret=interpret)
+    return pallas_expert_matvec(x, banks, ids, tile, parts, slots_per_row=slots_per_row, interpret=interpret)
 
 
-def _kernel_forward(x, banks, ids, tile, parts, interpret):
-    return differentiable_kernel(x, banks, ids, tile, parts, interpret), (x, banks, ids)
+def _kernel_forward(x, banks, ids, tile, parts, slots_per_row, interpret):
+    return differentiable_kernel(x, banks, ids, tile, parts, slots_per_row, interpret), (x, banks, ids)
 
 
-def _kernel_backward(tile, parts, interpret, residuals, cotangents):
+def _kernel_backward(tile, parts, slots_per_row, interpret, residuals, cotangents):
     x, banks, ids = residuals
-    _, vjp = jax.vjp(lambda x, banks: tuple(gathered_einsum(x, w, ids) for w in banks), x, banks)
+    _, vjp = jax.vjp(lambda x, banks: tuple(gathered_einsum(x, w, ids, slots_per_row) for w in banks), x, banks)
     return (*vjp(tuple(cotangents)), None)
 
 
@@ -96,8 +102,8 @@ differentiable_kernel.defvjp(_kernel_forward, _kernel_backward)
 
 
 def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, tile: int, parts: int, *,
-                         rows: int = ROWS, num_warps: int = 4, num_stages: int | None = None,
-                         interpret: bool = False) -> tuple[jax.Array, ...]:
+                         slots_per_row: int = 1, rows: int = ROWS, num_warps: int = 4,
+                         num_stages: int | None = None, interpret: bool = False) -> tuple[jax.Array, ...]:
     """`expert_matvecs` as a Pallas kernel: a program per (slot, output tile,
     contraction part) reads that part of the slot's expert's rows in every
     bank; the parts' sums are added after. `kernel_plan` gives a valid
@@ -108,7 +114,7 @@ def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Ar
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    slots, k = x.shape
+    slots, k = ids.shape[0], x.shape[1]
     num_experts, _, n = banks[0].shape
     if any(w.shape != banks[0].shape for w in banks):
         raise ValueError(f"the banks' shapes differ: {[w.shape for w in banks]}")
@@ -121,7 +127,8 @@ def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Ar
     outs = pl.pallas_call(
         functools.partial(_matvec_kernel, chunk=k // parts, tile=tile, rows=rows),
         grid=(slots, n // tile, parts),
-        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)), pl.BlockSpec((None, k), lambda s, j, p: (s, 0)),
+        in_specs=[pl.BlockSpec((1,), lambda s, j, p: (s,)),
+                  pl.BlockSpec((None, k), lambda s, j, p: (s // slots_per_row, 0)),
                   *[bank_spec] * len(banks)],
         out_specs=[out_spec] * len(banks),
         out_shape=[jax.ShapeDtypeStruct((parts, slots, n), jnp.float32)] * len(banks),

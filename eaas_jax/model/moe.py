@@ -122,16 +122,17 @@ def expert_token_counts(routings: list[Routing], token_mask: jax.Array, num_expe
     """[len(routings), num_experts] int32: the real tokens (`token_mask`, [N]
     or any shape of N elements) that each MoE layer's routing sent to each
     expert; a token counts once for each of its top-k experts."""
-    mask = token_mask.reshape(-1)
-
-    def count(routing: Routing) -> jax.Array:
-        ids = routing.expert_ids
-        ids = jnp.where(mask[:, None] & (ids >= 0), ids, num_experts)  # out of range: dropped
-        return jnp.zeros((num_experts,), jnp.int32).at[ids.reshape(-1)].add(1, mode="drop")
-
-    if not routings:
+    # One scatter for every layer (layer l's expert e at l * num_experts + e),
+    # not one a layer: at decode's few tokens each is a kernel launch of its own.
+    num_layers = len(routings)
+    if not num_layers:
         return jnp.zeros((0, num_experts), jnp.int32)
-    return jnp.stack([count(r) for r in routings])
+    ids = jnp.stack([r.expert_ids.reshape(token_mask.size, -1) for r in routings])  # [L, N, k]
+    counted = token_mask.reshape(1, -1, 1) & (ids >= 0) & (ids < num_experts)
+    layer_base = num_experts * jnp.arange(num_layers, dtype=jnp.int32)[:, None, None]
+    flat = jnp.where(counted, layer_base + ids, num_layers * num_experts)  # out of range: dropped
+    counts = jnp.zeros((num_layers * num_experts,), jnp.int32).at[flat.reshape(-1)].add(1, mode="drop")
+    return counts.reshape(num_layers, num_experts)
 
 
 # A token-expert slot on the gathered path reads its expert's weights
@@ -237,9 +238,8 @@ def _gathered_experts(x, expert_ids, weights, gate_proj, up_proj, down_proj) -> 
     flat_ids = expert_ids.reshape(-1)
     hosted = (flat_ids >= 0) & (flat_ids < num_experts)
     ids = jnp.where(hosted, flat_ids, 0)
-    rows = jnp.repeat(x, top_k, axis=0)  # slot s is token s // top_k
-
-    gate, up = (out.astype(x.dtype) for out in expert_matvecs(rows, (gate_proj, up_proj), ids))
+    # slot s is token s // top_k (the kernel reads the token's row k times)
+    gate, up = (out.astype(x.dtype) for out in expert_matvecs(x, (gate_proj, up_proj), ids, slots_per_row=top_k))
     hidden = jax.nn.silu(gate) * up
     out_rows = expert_matvec(hidden, down_proj, ids).astype(x.dtype).astype(jnp.float32)
     weighted = jnp.where(hosted[:, None], out_rows * weights.reshape(-1, 1).astype(jnp.float32), 0.0)
