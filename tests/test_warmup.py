@@ -48,12 +48,12 @@ def _greedy(max_tokens: int, **extra) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
 
 
-def _scheduled_shapes(engine, seqs, *, max_num_seqs, budget, num_blocks):
+def _scheduled_shapes(engine, seqs, *, max_num_seqs, budget, num_blocks, decode_window=1):
     """The shapes of the first prefill and the first decode (if any) that the
     real scheduler and `prepare_inputs` give for `seqs`, the prefill's token
     pending on the device as in the engine (nothing compiled)."""
     scheduler = Scheduler(BlockAllocator(num_blocks, engine.scheduler.allocator.block_size), max_num_seqs, budget,
-                          engine.max_model_len)
+                          engine.max_model_len, decode_window=decode_window)
     for seq in seqs:
         scheduler.add(seq)
     nothing, layout = packed.pack_on_device(())
@@ -62,7 +62,8 @@ def _scheduled_shapes(engine, seqs, *, max_num_seqs, budget, num_blocks):
 
     def shape(seqs, is_prefill, previous=None):
         logprobs, prompt_logprobs = step_options(seqs, is_prefill)
-        rows = step_rows(seqs, is_prefill, previous, engine.eos_token_ids)
+        rows = step_rows(seqs, is_prefill, previous, engine.eos_token_ids, 1 if is_prefill else scheduler.window,
+                         engine.max_model_len)
         return engine.runner.prepare_inputs(rows, logprobs, prefill_step if previous else None, prompt_logprobs)[0]
 
     prefill, _ = scheduler.schedule()
@@ -88,15 +89,18 @@ FIRST_STEP_CASES = {
     # banned ids until min_tokens: the first decode samples the second token
     "min_tokens 1 and many stop ids": (8, 2048, 512, [{"min_tokens": 1, "stop_token_ids": [3, 4, 5, 6, 7]}]),
     "min_tokens 2 and many stop ids": (8, 2048, 512, [{"min_tokens": 2, "stop_token_ids": [3, 4, 5, 6, 7]}]),
+    # short of min_tokens with nothing to ban: no window all the same
+    "min_tokens 2, EOS ignored": (8, 2048, 512, [{"min_tokens": 2, "ignore_eos": True}]),
 }
 
 
+@pytest.mark.parametrize("decode_window", [1, 4])
 @pytest.mark.parametrize("case", FIRST_STEP_CASES)
-def test_the_first_foreseen_shapes_are_those_the_scheduler_and_runner_give(engine, case):
+def test_the_first_foreseen_shapes_are_those_the_scheduler_and_runner_give(engine, case, decode_window):
     """Guards the plan's first prefill (the scheduler's admission by rows,
-    token budget and free blocks) and first decode (its rows, banned ids and
-    penalized tokens with the prefill's token pending), against the real
-    `Scheduler` and `prepare_inputs` on the same sequences."""
+    token budget and free blocks) and first decode (its rows, banned ids,
+    penalized tokens with the prefill's token pending, and its window),
+    against the real `Scheduler` and `prepare_inputs` on the same sequences."""
     max_num_seqs, budget, num_blocks, fields = FIRST_STEP_CASES[case]
     builder = engine._request_builder
     seqs = []
@@ -105,9 +109,10 @@ def test_the_first_foreseen_shapes_are_those_the_scheduler_and_runner_give(engin
         seqs += builder.build(prompt, params, None, {}).sequences
     plan = plan_warmup(seqs, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                        block_size=engine.scheduler.allocator.block_size, num_free_blocks=num_blocks,
-                       max_model_len=engine.max_model_len, eos_token_ids=engine.eos_token_ids)
+                       max_model_len=engine.max_model_len, eos_token_ids=engine.eos_token_ids,
+                       decode_window=decode_window)
     admitted, expected = _scheduled_shapes(engine, seqs, max_num_seqs=max_num_seqs, budget=budget,
-                                           num_blocks=num_blocks)
+                                           num_blocks=num_blocks, decode_window=decode_window)
     assert 0 < admitted
     assert plan.first == expected
     assert len(set(plan.later)) == len(plan.later) and not set(plan.later) & set(plan.first)

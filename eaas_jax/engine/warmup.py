@@ -77,19 +77,26 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     def blocks(num_tokens: int) -> int:
         return -(-num_tokens // block_size)
 
-    def window_of(seqs: list[Sequence], phase: int) -> int:
-        """Decode tokens a row in a step of `seqs` in `phase` (the Scheduler's rule)."""
-        return decode_window if phase != PREFILL and not any(
-            rows[id(seq)].banned[phase] or rows[id(seq)].penalized[phase] for seq in seqs) else 1
+    def short_at_first_decode(seq: Sequence) -> bool:
+        """Whether its first decode samples short of its min_tokens (the prefill's token pending)."""
+        return seq.params.min_tokens > len(seq.output_ids) + 1
 
-    def shape(seqs: list[Sequence], phase: int, num_rows: int, *, longest: int, num_blocks: int) -> StepShape:
+    def window_of(seqs: list[Sequence], phase: int) -> int:
+        """Decode tokens a row in a step of `seqs` in `phase` (the Scheduler's
+        rule, `Sequence.can_decode_window`: no penalties, min_tokens reached)."""
+        if phase == PREFILL or any(rows[id(seq)].penalized[phase] for seq in seqs):
+            return 1
+        return 1 if phase == FIRST_DECODE and any(short_at_first_decode(seq) for seq in seqs) else decode_window
+
+    def shape(seqs: list[Sequence], phase: int, num_rows: int, *, longest: int, num_blocks: int,
+              window: int | None = None) -> StepShape:
         logprobs, prompt_logprobs = step_options(seqs, phase == PREFILL)
         of = [rows[id(seq)] for seq in seqs]
         return StepShape.bucketed(
             rows=num_rows, longest=longest, blocks=num_blocks, banned=max(r.banned[phase] for r in of),
             penalized=max(r.penalized[phase] for r in of), logprobs=logprobs,
             greedy=all(seq.params.temperature == 0 for seq in seqs), prompt_logprobs=prompt_logprobs,
-            window=window_of(seqs, phase))
+            window=window_of(seqs, phase) if window is None else window)
 
     first = _first_admitted(waiting, rows, max_num_seqs, max_num_batched_tokens, num_free_blocks, blocks)
     prompt = max(rows[id(seq)].tokens for seq in first)
@@ -111,10 +118,19 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
         block_buckets = _powers_of_two(bucket(min(blocks(rows[id(s)].tokens + 1) for s in decoders), 8),
                                        bucket(max(blocks(rows[id(s)].final_tokens) for s in decoders), 8))
 
-    def decode(n: int, num_blocks: int) -> StepShape:
-        return shape(decoders, LATER, n, longest=1, num_blocks=num_blocks)
+    # A row short of its min_tokens at its first decode runs one-token steps
+    # (so does everyone running with it), and refills start their first
+    # decodes at any batch and blocks: each later decode shape in windows
+    # has its one-token twin then.
+    one_token_too = any(short_at_first_decode(seq) for seq in decoders)
 
-    later = [decode(decode_rows, b) for b in block_buckets]
+    def decode(n: int, num_blocks: int) -> list[StepShape]:
+        windowed = shape(decoders, LATER, n, longest=1, num_blocks=num_blocks)
+        if windowed.window == 1 or not one_token_too:
+            return [windowed]
+        return [windowed, shape(decoders, LATER, n, longest=1, num_blocks=num_blocks, window=1)]
+
+    later = [s for b in block_buckets for s in decode(decode_rows, b)]
     # Rows admitted as others finish (one at a time is the commonest, so first).
     remaining = waiting[len(first):]
     refills = []
@@ -124,23 +140,23 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
                    for n in _powers_of_two(1, bucket(min(max_num_seqs, len(remaining))))]
     later += refills[:1]
     for n in reversed(_powers_of_two(1, decode_rows // 2)):
-        later += [decode(n, b) for b in reversed(block_buckets)]
+        later += [s for b in reversed(block_buckets) for s in decode(n, b)]
     later += refills[1:]
     if arrivals:  # first: a server's load starts light
-        later = _arrival_shapes(waiting, decoders, shape, max_num_seqs=max_num_seqs,
+        later = _arrival_shapes(waiting, decoders, shape, decode, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, blocks=blocks,
                                 final_tokens=max(r.final_tokens for r in rows.values())) + later
     later = [s for s in dict.fromkeys(later) if s not in first_shapes]
     return WarmupPlan(list(dict.fromkeys(first_shapes)), later)
 
 
-def _arrival_shapes(waiting, decoders, shape, *, max_num_seqs, max_num_batched_tokens, blocks,
+def _arrival_shapes(waiting, decoders, shape, decode, *, max_num_seqs, max_num_batched_tokens, blocks,
                     final_tokens) -> list[StepShape]:
     """Requests arriving apart: a prefill admits however many have arrived
     (any prompt length up to the longest, within the token budget), and
     decodes run with however many are running (any KV length up to the
-    longest completion). Fewest rows and shortest first: the commonest at a
-    light load."""
+    longest completion: `decode(rows, blocks)`'s shapes). Fewest rows and
+    shortest first: the commonest at a light load."""
     longest = max(seq.num_tokens for seq in waiting)
     out = []
     for n in _powers_of_two(1, bucket(max_num_seqs)):
@@ -151,8 +167,7 @@ def _arrival_shapes(waiting, decoders, shape, *, max_num_seqs, max_num_batched_t
                 for length in _powers_of_two(16, bucket(longest, 16))
                 if n == 1 or (length // 2 + 1 if length > 16 else 1) + n // 2 <= max_num_batched_tokens]
         if decoders:
-            out += [shape(decoders, LATER, n, longest=1, num_blocks=b)
-                    for b in _powers_of_two(bucket(1, 8), bucket(blocks(final_tokens), 8))]
+            out += [s for b in _powers_of_two(bucket(1, 8), bucket(blocks(final_tokens), 8)) for s in decode(n, b)]
     return out
 
 
