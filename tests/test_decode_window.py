@@ -70,21 +70,42 @@ def test_windows_give_the_one_token_steps_tokens_logprobs_and_stops(window_engin
     assert allocator.num_free == allocator.num_blocks  # the windows' reserved blocks came back
 
 
-def test_rows_needing_the_host_between_tokens_run_one_token_steps(window_engine, tiny_engine):
-    """Penalties count each token on the host, and min_tokens bans EOS until
-    reached: a step with such a row runs one token, and the tokens are still
-    the one-token engine's."""
-    prompts = _prompts(3, seed=1)
+def test_penalties_count_every_token_of_a_window_and_the_window_before(window_engine, tiny_engine):
+    """Penalties inside windows: each token the window samples counts for the
+    next ones, and the previous window's tokens, still on the device when
+    the next window is queued, count too (the host's counts lack them). A
+    prompt of one repeated token makes a greedy model repeat without them,
+    so every penalty changes the tokens; they are the one-token engine's."""
+    prompts = [[11] * 6, [23] * 5] + _prompts(2, seed=1)
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=1.8),
+              SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True, presence_penalty=2.0),
+              SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True, frequency_penalty=1.5),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=12, ignore_eos=True, frequency_penalty=1.0,
+                             presence_penalty=0.5, repetition_penalty=1.2)]
+    before = window_engine.metrics.steps
+    got = window_engine.generate(prompts, params, use_tqdm=False)
+    assert _completions(got) == _completions(tiny_engine.generate(prompts, params, use_tqdm=False))
+    assert window_engine.metrics.steps - before == 5  # a prefill (the first token), 4 windows (14 more at most)
+    unpenalized = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)]
+    assert _completions(tiny_engine.generate(prompts[:1], unpenalized, use_tqdm=False)) != _completions(got[:1])
+
+
+def test_rows_short_of_min_tokens_run_one_token_steps(window_engine, tiny_engine):
+    """min_tokens bans EOS (and stop ids) until reached: a step with such a
+    row runs one token, and the tokens are still the one-token engine's."""
+    prompts = _prompts(2, seed=1)
     params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=9, repetition_penalty=1.5, presence_penalty=0.5),
-              SamplingParams(temperature=0.0, max_tokens=9, min_tokens=6)]
+              SamplingParams(temperature=0.0, max_tokens=9, min_tokens=9)]
     before = window_engine.metrics.steps
     got = window_engine.generate(prompts, params, use_tqdm=False)
     assert _completions(got) == _completions(tiny_engine.generate(prompts, params, use_tqdm=False))
     # A prefill and 8 one-token decodes (windows would have taken 2)
     assert window_engine.metrics.steps - before == 9
-    got = window_engine.generate(prompts[2:], params[2:], use_tqdm=False)  # min_tokens alone: windows after it
-    assert _completions(got) == _completions(tiny_engine.generate(prompts[2:], params[2:], use_tqdm=False))
+    got = window_engine.generate(prompts[1:], [SamplingParams(temperature=0.0, max_tokens=9, min_tokens=3)],
+                                 use_tqdm=False)  # windows once min_tokens is reached
+    assert _completions(got) == _completions(
+        tiny_engine.generate(prompts[1:], [SamplingParams(temperature=0.0, max_tokens=9, min_tokens=3)],
+                             use_tqdm=False))
 
 
 def test_windows_preempted_when_the_kv_pool_runs_out_lose_nothing(tiny_checkpoint, tiny_engine):
@@ -143,12 +164,12 @@ def test_the_scheduler_reserves_each_rows_window_and_the_rows_say_its_tokens():
     # a samples 4 (positions 3..6 written), b the 2 its max_tokens leave, c the 3 the context leaves
     assert rows.window == WINDOW and rows.window_tokens == [4, 2, 3]
     assert [len(s.blocks) for s in decode] == [2, 2, 16]  # blocks of 4 for the last position each writes
-    penalized = _seq("p", 3, presence_penalty=1.0)
-    scheduler.add(penalized)
+    short = _seq("p", 3, min_tokens=5)
+    scheduler.add(short)
     prefill, _ = scheduler.schedule()
-    assert prefill == [penalized] and scheduler.window == WINDOW  # (it was not running yet)
+    assert prefill == [short] and scheduler.window == WINDOW  # (it was not running yet)
     scheduler.schedule()
-    assert scheduler.window == 1  # a running penalized row: one-token steps
+    assert scheduler.window == 1  # a running row short of its min_tokens: one-token steps
 
 
 def test_the_runner_refuses_a_window_it_cannot_compute(window_engine):
@@ -163,8 +184,10 @@ def test_the_runner_refuses_a_window_it_cannot_compute(window_engine):
     runner.prepare_inputs(rows(), 0, None)  # positions 3..6: blocks 0 and 1
     with pytest.raises(ValueError, match="lack KV blocks"):
         runner.prepare_inputs(rows(block_tables=[[1]]), 0, None)
-    with pytest.raises(ValueError, match="no penalties and no banned"):
+    with pytest.raises(ValueError, match="no banned tokens"):
         runner.prepare_inputs(rows(sampling=[dict(row, banned=[0])]), 0, None)
+    with pytest.raises(ValueError, match="over this runner's 4"):
+        runner.prepare_inputs(rows(window=WINDOW + 1, window_tokens=[1]), 0, None)
     with pytest.raises(ValueError, match="1 to 4 tokens"):
         runner.prepare_inputs(rows(window_tokens=[5]), 0, None)
     with pytest.raises(ValueError, match="one new token each"):

@@ -72,8 +72,8 @@ class Engine:
       decode_window: decode tokens a row samples in one step program (its
         tokens fed back on the device), for the host's per-step cost once per
         window: tokens then arrive that many at a time. Steps whose rows have
-        penalties or have not reached min_tokens run one token (while such
-        a sequence runs, the whole batch's steps do). Experts in the
+        not reached min_tokens run one token (while such a sequence runs,
+        the whole batch's steps do). Experts in the
         engine's graph only (expert servers report each token's step). Step
         metrics (step time, steps) count program calls, a window each.
         Default (None): DEFAULT_DECODE_WINDOW without a deployment, else 1.
@@ -162,7 +162,7 @@ class Engine:
                                        max_num_seqs=max_num_seqs, kv_cache_bytes=kv_cache_bytes,
                                        bytes_per_token=kv_cache_bytes_per_token(self.config, self.dtype.itemsize))
         self.runner = ModelRunner(client, experts, num_blocks=num_kv_blocks, block_size=block_size,
-                                  max_rows=max_num_seqs, sharding=sharding)
+                                  max_rows=max_num_seqs, sharding=sharding, max_window=decode_window)
         self.scheduler = Scheduler(
             BlockAllocator(num_kv_blocks, block_size),
             max_num_seqs,

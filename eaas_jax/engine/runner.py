@@ -120,9 +120,10 @@ class DispatchedStep:
 
     `results` (device) are its sampled tokens and exchange reports packed
     into one buffer (`traced.results` unpacks it: one copy to the host).
-    `next_tokens` (device, [max_rows]) are its sampled tokens, padded, for the
-    `token_sources` of a step dispatched before this one is fetched (a
-    window's last ones).
+    `next_tokens` (device, [max_rows, max_window]) are its sampled tokens,
+    each row's in order and -1 past its last, for the `token_sources` of a
+    step dispatched before this one is fetched: that step's input is a row's
+    last, and all of them are pending for its penalties.
     """
 
     def __init__(self, num_rows: int, results: jax.Array, next_tokens, traced: TracedStep, *,
@@ -225,12 +226,15 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, block_size, 
         host_buffer, host_layout)
     client = nnx.merge(client_graphdef, jax.tree.unflatten(client_treedef, client_leaves))
     expert_arrays = jax.tree.unflatten(expert_treedef, expert_leaves)
-    from_previous = previous_tokens[jnp.maximum(token_sources, 0)]
+    # A row read from the previous step takes that step's tokens for it
+    # ([rows, max_window], -1 past its last): its input is the last, and all
+    # are pending for its penalties (the host's counts lack them until it
+    # fetches that step).
+    pending = jnp.where(token_sources[:, None] >= 0, previous_tokens[jnp.maximum(token_sources, 0)], -1)
+    last = jnp.maximum(jnp.sum(pending >= 0, axis=1) - 1, 0)
+    from_previous = jnp.take_along_axis(pending, last[:, None], axis=1)[:, 0]
     tokens = tokens.at[:, 0].set(jnp.where(token_sources >= 0, from_previous, tokens[:, 0]))
     experts = backend.exchange(expert_arrays, exchange_carry)
-    # A row's input token read from the previous step is its latest output
-    # token, which the host's penalty counts do not have yet.
-    pending = jnp.where(token_sources >= 0, from_previous, -1)
     if window > 1:
         return _decode_window(client, experts, backend, block_size, kv_cache, tokens, positions, paged, sampling,
                               pending, window_tokens, previous_tokens, exchange_carry, window=window,
@@ -253,7 +257,7 @@ def _step(client_graphdef, client_treedef, expert_treedef, backend, block_size, 
     sampled = sample(logits, sampling, num_top_logprobs, greedy_only, pending)
     if num_prompt_logprobs >= 0:
         sampled += _prompt_logprobs(client, hidden, tokens, num_prompt_logprobs)
-    next_tokens = jnp.zeros_like(previous_tokens).at[: sampled[0].shape[0]].set(sampled[0])
+    next_tokens = jnp.full_like(previous_tokens, -1).at[: sampled[0].shape[0], 0].set(sampled[0])
     return sampled, kv_cache, exchanges, next_tokens, traced.carry
 
 
@@ -265,9 +269,13 @@ def _decode_window(client, experts, backend, block_size, kv_cache, tokens, posit
     samples its first `window_tokens[b]` tokens (cache writes for the rest
     are dropped, their tokens ignored by the host); its token k has position
     positions[b] + k, its cache slot read off the row's block table here.
+    `pending` ([B, P]: the previous step's tokens of each row) grows by each
+    token the window samples, for the next one's penalties.
     Returns what `_step` does, its sampled arrays [window, B, ...]."""
     num_slots = kv_cache[0].num_slots
     tables = paged.block_tables
+    rows, earlier = pending.shape
+    pending = jnp.concatenate([pending, jnp.full((rows, window), -1, pending.dtype)], axis=1)
 
     def one_token(carry, k):
         kv_cache, tokens, pending = carry
@@ -281,15 +289,15 @@ def _decode_window(client, experts, backend, block_size, kv_cache, tokens, posit
         sampled = sample(client.logits(hidden[:, 0]), sampling._replace(step=sampling.step + k), num_top_logprobs,
                          greedy_only, pending)
         counts = expert_token_counts(routings, valid, client.config.num_experts)
-        return (kv_cache, sampled[0][:, None], sampled[0]), (sampled, counts)
+        pending = pending.at[:, earlier + k].set(jnp.where(valid[:, 0], sampled[0], -1))
+        return (kv_cache, sampled[0][:, None], pending), (sampled, counts)
 
-    (kv_cache, _, last), (sampled, counts) = jax.lax.scan(
+    (kv_cache, _, pending), (sampled, counts) = jax.lax.scan(
         one_token, (kv_cache, tokens, pending), jnp.arange(window, dtype=jnp.int32))
     traced = backend.outputs(experts)
-    rows = tokens.shape[0]
     exchanges = (jnp.zeros((0, 0), jnp.int32), jnp.zeros((0,), jnp.int32), jnp.zeros((rows,), bool),
                  counts.sum(axis=0), traced.server_slots, traced.server_wait_us)
-    next_tokens = jnp.zeros_like(previous_tokens).at[:rows].set(last)
+    next_tokens = jnp.full_like(previous_tokens, -1).at[:rows, :window].set(pending[:, earlier:])
     return sampled, kv_cache, exchanges, next_tokens, exchange_carry
 
 
@@ -302,13 +310,14 @@ class ModelRunner:
 
     Steps are dispatched without waiting (`dispatch`), so that the host can
     prepare step n+1, feeding it step n's tokens on the device, while step n
-    runs; `max_rows` bounds the rows of any step. `sharding` places the client's
+    runs; `max_rows` bounds the rows of any step, `max_window` the tokens a
+    decode window samples a row. `sharding` places the client's
     parameters, the KV cache and the step's other device inputs (default: the
     default device).
     """
 
     def __init__(self, client: AttentionClientModel, experts: ExpertsBackend, *, num_blocks: int, block_size: int,
-                 max_rows: int, sharding: jax.sharding.Sharding | None = None):
+                 max_rows: int, sharding: jax.sharding.Sharding | None = None, max_window: int = 1):
         self.config = client.config
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -355,7 +364,8 @@ class ModelRunner:
             static_argnames=("host_layout", "num_top_logprobs", "greedy_only", "num_prompt_logprobs", "window"),
             compiler_options=custom_calls.COMPILER_OPTIONS,
         )
-        self._no_previous_tokens = jax.device_put(jnp.zeros((bucket(max_rows),), jnp.int32), sharding)
+        self.max_window = max_window
+        self._no_previous_tokens = jax.device_put(jnp.full((bucket(max_rows), max_window), -1, jnp.int32), sharding)
         self._carry = jax.device_put(experts.initial_carry(), sharding)
         # What compiling each step shape gave (or will): what its trace told
         # (a TracedStep). Warm-up fills it ahead of the steps,
@@ -421,7 +431,7 @@ class ModelRunner:
         window_tokens = np.zeros((batch,), np.int32)
         window_tokens[:n] = 1 if rows.window_tokens is None else rows.window_tokens
         if rows.window > 1:
-            self._check_window(rows, window_tokens[:n], seq, num_penalized, num_prompt_logprobs)
+            self._check_window(rows, window_tokens[:n], seq, num_prompt_logprobs)
 
         # Ragged rows laid into padded arrays in one numpy call each (not a
         # call per row: at hundreds of rows those bound the host's step).
@@ -474,16 +484,17 @@ class ModelRunner:
         each step to the host (failover, deadlines), so they run one."""
         return self.experts.initial_carry() is None
 
-    def _check_window(self, rows: StepRows, window_tokens: np.ndarray, seq: int, num_penalized: int,
-                      num_prompt_logprobs: int) -> None:
+    def _check_window(self, rows: StepRows, window_tokens: np.ndarray, seq: int, num_prompt_logprobs: int) -> None:
         """A decode window's rows are what `_decode_window` computes."""
         if not self.runs_windows:
             raise ValueError("decode windows need the experts in the client's graph")
         if seq != 1 or num_prompt_logprobs >= 0:
             raise ValueError("a decode window is of decode rows (one new token each, no prompt logprobs)")
-        if num_penalized or any(s["banned"] for s in rows.sampling):
-            raise ValueError("a decode window's rows must have no penalties and no banned tokens (the host "
-                             "updates those between tokens)")
+        if rows.window > self.max_window:
+            raise ValueError(f"a decode window of {rows.window} tokens is over this runner's {self.max_window}")
+        if any(s["banned"] for s in rows.sampling):
+            raise ValueError("a decode window's rows must have no banned tokens (the host updates those "
+                             "between tokens)")
         if not ((window_tokens >= 1) & (window_tokens <= rows.window)).all():
             raise ValueError(f"each row samples 1 to {rows.window} tokens of the window, got {window_tokens.tolist()}")
         # (a row's window writes the cache at positions start .. start + its tokens - 1)

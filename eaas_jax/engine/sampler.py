@@ -121,8 +121,8 @@ def apply_penalties(logits: jax.Array, params: SamplingInputs, pending: jax.Arra
     row's prompt or output is divided by repetition_penalty if positive, else
     multiplied by it; then frequency_penalty x its output count and
     presence_penalty (if it occurs in the output) are subtracted. `pending`
-    [B]: each row's latest output token where it is still on the device (the
-    host's counts lack it), -1 = none. Rows without penalties are unchanged."""
+    [B] or [B, P]: each row's latest output tokens still on the device (the
+    host's counts lack them), -1 = none. Rows without penalties are unchanged."""
     batch, vocab = logits.shape
     if params.penalty_ids.shape[1] == 0:
         return logits
@@ -131,7 +131,7 @@ def apply_penalties(logits: jax.Array, params: SamplingInputs, pending: jax.Arra
     counts = jnp.zeros(logits.shape, jnp.float32).at[rows, ids].add(params.penalty_counts, mode="drop")
     seen = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
     if pending is not None:
-        extra = jnp.where(pending >= 0, pending, vocab)[:, None]
+        extra = jnp.where(pending >= 0, pending, vocab).reshape(batch, -1)
         counts = counts.at[rows, extra].add(1.0, mode="drop")
         seen = seen.at[rows, extra].set(True, mode="drop")
     repetition = jnp.where(seen, params.repetition_penalty[:, None], 1.0)

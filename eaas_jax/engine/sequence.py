@@ -75,9 +75,9 @@ class Sequence:
 
     def can_decode_window(self) -> bool:
         """Whether its next tokens need nothing of the host between them (a
-        decode window): no penalties (their counts) and, pending tokens
-        counted, min_tokens reached (no banned ids)."""
-        return not self._penalized and len(self.output_ids) + self.num_pending >= self.params.min_tokens
+        decode window): min_tokens reached, pending tokens counted (no banned
+        ids; penalties count a window's tokens on the device)."""
+        return len(self.output_ids) + self.num_pending >= self.params.min_tokens
 
     def ends_with_pending_token(self, max_model_len: int) -> bool:
         """Whether a pending token reaches the length limit: nothing to run after it."""

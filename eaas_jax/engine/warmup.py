@@ -68,8 +68,8 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
                 arrivals: bool = False, decode_window: int = 1) -> WarmupPlan:
     """The shapes a run of `waiting` (in queue order, none running) meets;
     with `arrivals`, also those of requests like them (at most as long)
-    arriving at any time, a few at once. Decodes of rows with no banned and
-    no penalized tokens run windows of `decode_window` (`Scheduler`)."""
+    arriving at any time, a few at once. Decodes of rows past their
+    min_tokens run windows of `decode_window` (`Scheduler`)."""
     if not waiting:
         return WarmupPlan([], [])
     rows = {id(seq): _row(seq, max_model_len, eos_token_ids) for seq in waiting}
@@ -83,10 +83,10 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
 
     def window_of(seqs: list[Sequence], phase: int) -> int:
         """Decode tokens a row in a step of `seqs` in `phase` (the Scheduler's
-        rule, `Sequence.can_decode_window`: no penalties, min_tokens reached)."""
-        if phase == PREFILL or any(rows[id(seq)].penalized[phase] for seq in seqs):
+        rule, `Sequence.can_decode_window`: min_tokens reached)."""
+        if phase == PREFILL or phase == FIRST_DECODE and any(short_at_first_decode(seq) for seq in seqs):
             return 1
-        return 1 if phase == FIRST_DECODE and any(short_at_first_decode(seq) for seq in seqs) else decode_window
+        return decode_window
 
     def shape(seqs: list[Sequence], phase: int, num_rows: int, *, longest: int, num_blocks: int,
               window: int | None = None) -> StepShape:
