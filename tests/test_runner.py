@@ -113,7 +113,7 @@ def test_shape_key_and_array_shapes_are_bucketed(runner, lengths, num_blocks, ba
                if name not in ("banned", "penalty_ids", "penalty_counts"))
     assert sampling.banned.shape == (batch, num_banned)
     assert sampling.penalty_ids.shape == sampling.penalty_counts.shape == (batch, num_penalized)
-    assert x["previous_tokens"].shape == (bucket(MAX_ROWS),)
+    assert x["previous_tokens"].shape == (bucket(MAX_ROWS), 1)  # (a row's tokens: one, no decode windows)
     assert static == {"num_top_logprobs": logprobs, "greedy_only": key[6], "num_prompt_logprobs": -1, "window": 1}
     assert x["window_tokens"].tolist() == [1] * len(lengths) + [0] * (batch - len(lengths))
     for name in ("tokens", "positions", "slots", "tables", "last_index", "sources", "window_tokens"):
@@ -169,15 +169,15 @@ def test_decode_rows_start_at_their_position(runner):
 
 def test_token_sources_name_rows_of_the_previous_step(runner):
     """Guards token_sources: padded with -1 (no source), the previous step's
-    device tokens passed as the step's `previous_tokens` (the runner's zero
-    buffer without a previous step), and a ValueError for sources without a
+    device tokens passed as the step's `previous_tokens` (the runner's
+    buffer of none, -1, without a previous step), and a ValueError for sources without a
     previous step or with more than one new token in a row (the device token
     only replaces a row's single token)."""
     _, x, _ = _inputs(runner, _rows([[5], [6]], [4, 8], [[0, 1], [2, 3, 4]]))
     np.testing.assert_array_equal(x["sources"], [-1, -1])
-    np.testing.assert_array_equal(x["previous_tokens"], np.zeros(bucket(MAX_ROWS)))
+    np.testing.assert_array_equal(x["previous_tokens"], np.full((bucket(MAX_ROWS), 1), -1))
 
-    previous = _previous_step(np.arange(100, 100 + bucket(MAX_ROWS)))
+    previous = _previous_step(np.arange(100, 100 + bucket(MAX_ROWS))[:, None])
     rows = _rows([[0], [0], [9]], [4, 8, 2], [[0, 1], [2, 3, 4], [5]], token_sources=[2, 0, -1])
     _, x, _ = _inputs(runner, rows, previous=previous)
     np.testing.assert_array_equal(x["sources"], [2, 0, -1, -1])
