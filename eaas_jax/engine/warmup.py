@@ -42,6 +42,8 @@ class _Row(NamedTuple):
     # banned ids and penalized tokens by phase: prefill, first decode, later
     banned: tuple[int, int, int]
     penalized: tuple[int, int, int]
+    # its first decode may sample a window (`Sequence.can_decode_window`)
+    windows_at_first_decode: bool
 
 
 def _row(seq: Sequence, max_model_len: int, eos_token_ids: tuple[int, ...]) -> _Row:
@@ -50,6 +52,7 @@ def _row(seq: Sequence, max_model_len: int, eos_token_ids: tuple[int, ...]) -> _
     seq.num_pending += 1  # the first decode's row: the prefill's token still on the device
     try:
         decode = seq.sampling_row(eos_token_ids)
+        windows_at_first_decode = seq.can_decode_window()
     finally:
         seq.num_pending -= 1
     penalized = [len(r.get("penalized", ())) for r in (prefill, decode)]
@@ -57,7 +60,7 @@ def _row(seq: Sequence, max_model_len: int, eos_token_ids: tuple[int, ...]) -> _
         seq.num_tokens, min(seq.num_tokens + left, max_model_len),
         left <= 1 or seq.num_tokens + 1 >= max_model_len,
         (len(prefill["banned"]), len(decode["banned"]), len(prefill["banned"]) if seq.params.min_tokens >= left else 0),
-        (*penalized, penalized[1] + 1 if penalized[1] else 0))
+        (*penalized, penalized[1] + 1 if penalized[1] else 0), windows_at_first_decode)
 
 
 PREFILL, FIRST_DECODE, LATER = range(3)
@@ -77,14 +80,12 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     def blocks(num_tokens: int) -> int:
         return -(-num_tokens // block_size)
 
-    def short_at_first_decode(seq: Sequence) -> bool:
-        """Whether its first decode samples short of its min_tokens (the prefill's token pending)."""
-        return seq.params.min_tokens > len(seq.output_ids) + 1
-
     def window_of(seqs: list[Sequence], phase: int) -> int:
         """Decode tokens a row in a step of `seqs` in `phase` (the Scheduler's
         rule, `Sequence.can_decode_window`: min_tokens reached)."""
-        if phase == PREFILL or phase == FIRST_DECODE and any(short_at_first_decode(seq) for seq in seqs):
+        if phase == PREFILL:
+            return 1
+        if phase == FIRST_DECODE and not all(rows[id(seq)].windows_at_first_decode for seq in seqs):
             return 1
         return decode_window
 
@@ -122,7 +123,7 @@ def plan_warmup(waiting: list[Sequence], *, max_num_seqs: int, max_num_batched_t
     # (so does everyone running with it), and refills start their first
     # decodes at any batch and blocks: each later decode shape in windows
     # has its one-token twin then.
-    one_token_too = any(short_at_first_decode(seq) for seq in decoders)
+    one_token_too = not all(rows[id(seq)].windows_at_first_decode for seq in decoders)
 
     def decode(n: int, num_blocks: int) -> list[StepShape]:
         windowed = shape(decoders, LATER, n, longest=1, num_blocks=num_blocks)
