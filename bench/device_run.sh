@@ -18,6 +18,7 @@
 #   forms        bench/expert_projection_forms.py at W1's two projection shapes
 #   dense_forms  the same for W1's query and output projections (one "expert") at 1-16 rows
 #   paths        bench/routed_experts_paths.py at W1's shapes
+#   plans        bench/expert_matvec_plans.py at W1's gate/up (two banks) and down projections
 #   dispatch     bench/dispatch_host_arrays.py: a jitted call's dispatch with a host array against none,
 #                with JAX's default GPU client and with its TFRT one
 #   attn_parts   bench/paged_attention_partitions.py: the paged decode kernel's partitions at W1's shapes
@@ -159,6 +160,9 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
         --slots 1,4,16 --append bench/RESULTS.md
       part dense_forms_o python3 bench/expert_projection_forms.py --experts 1 --dim 4096 --hidden 2048 \
         --slots 1,4,16 --append bench/RESULTS.md ;;
+    plans)
+      part plans_gate_up python3 bench/expert_matvec_plans.py --dim 2048 --hidden 768 --banks 2 --append bench/RESULTS.md
+      part plans_down python3 bench/expert_matvec_plans.py --dim 768 --hidden 2048 --banks 1 --append bench/RESULTS.md ;;
     paths) part paths python3 bench/routed_experts_paths.py --dim 2048 --hidden 768 --dtype bfloat16 \
         --batches 1,4,16,32 --iters 10 --append bench/RESULTS.md ;;
     dispatch) part dispatch python3 bench/dispatch_host_arrays.py
