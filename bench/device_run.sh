@@ -42,6 +42,7 @@ OUT=${OUT:-/tmp/device-out}
 # A copied tree has no .git: the commit to record, written before the call
 # (`git rev-parse --short HEAD > DIR/commit`).
 COMMIT=$(cat "$DIR/commit" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export BENCH_COMMIT=$COMMIT  # (bench/_results.py's git_commit: a copied tree's .git may be stale)
 W1=/tmp/w1-qwen3-moe-8l
 RAW=/tmp/raw/$COMMIT  # finished W1 phases of this commit (for --resume), and serve_load's requests
 mkdir -p "$OUT" "$RAW"

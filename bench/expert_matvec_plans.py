@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
-from eaas_jax.kernels.expert_matvec import gathered_einsum, kernel_plan, pallas_expert_matvec  # noqa: E402
+from eaas_jax.kernels.expert_matvec import Plan, gathered_einsum, kernel_plan, pallas_expert_matvec  # noqa: E402
 
 TILES = (64, 128, 256)
 PARTS = (4, 8, 16, 32)
@@ -44,10 +44,10 @@ WARPS = (4, 8)
 
 
 def settings(dim: int, hidden: int):
-    """(tile, parts, rows, warps) that tile a [dim, hidden] projection."""
+    """The kernel's plans that tile a [dim, hidden] projection."""
     for tile, parts, rows, warps in itertools.product(TILES, PARTS, ROWS, WARPS):
         if hidden % tile == 0 and dim % parts == 0 and (dim // parts) % rows == 0:
-            yield tile, parts, rows, warps
+            yield Plan(tile, parts, rows, warps)
 
 
 def rounds_of(matvecs, rounds: int):
@@ -59,10 +59,8 @@ def rounds_of(matvecs, rounds: int):
     return jax.jit(run)
 
 
-def kernel(setting, interpret: bool):
-    tile, parts, rows, warps = setting
-    return lambda x, banks, ids: pallas_expert_matvec(x, banks, ids, tile, parts, rows=rows, num_warps=warps,
-                                                      interpret=interpret)
+def kernel(plan: Plan, interpret: bool):
+    return lambda x, banks, ids: pallas_expert_matvec(x, banks, ids, plan, interpret=interpret)
 
 
 def main() -> None:
@@ -83,18 +81,18 @@ def main() -> None:
                   for b in range(args.banks))
     on_gpu = jax.devices()[0].platform == "gpu"
     bandwidth = w1._copy_bandwidth() if on_gpu else None
-    default = kernel_plan(args.dim, args.hidden)
-    all_settings = list(settings(args.dim, args.hidden))
-    print(f"{len(all_settings)} settings; kernel_plan: {default} with the default rows and warps", file=sys.stderr)
+    grid = list(settings(args.dim, args.hidden))
     tables = []
     for slots in map(int, args.slots.split(",")):
+        chosen = kernel_plan(args.dim, args.hidden, slots)
+        print(f"{len(grid)} settings; kernel_plan at {slots} slots: {chosen}", file=sys.stderr)
         x = jax.random.normal(jax.random.key(1), (slots, args.dim), dtype)
         ids = jax.random.randint(jax.random.key(slots), (args.rounds, slots), 0, args.experts)
         einsums = rounds_of(lambda x, banks, ids: tuple(gathered_einsum(x, w, ids) for w in banks), args.rounds)
         reference = np.asarray(einsums(x, banks, ids))
         scale = np.abs(reference).max()
         times = {}
-        for setting in all_settings:
+        for setting in grid + ([chosen] if chosen and chosen not in grid else []):
             fn = rounds_of(kernel(setting, not on_gpu), args.rounds)
             # (a wrong setting would time nothing useful)
             np.testing.assert_allclose(np.asarray(fn(x, banks, ids)) / scale, reference / scale, atol=0.02,
@@ -103,7 +101,7 @@ def main() -> None:
             print(f"slots {slots} {setting}: {times[setting] * 1e6:.1f} µs", file=sys.stderr, flush=True)
         touched = np.mean([len(np.unique(np.asarray(r))) for r in ids])
         ideal = (touched * args.banks * args.dim * args.hidden * dtype.itemsize / bandwidth) if bandwidth else None
-        tables.append((slots, times, ideal))
+        tables.append((slots, times, ideal, chosen))
 
     device_text = jax_device()
     lines = [f"### Expert matvec settings, {args.banks} bank(s) of {args.experts} x {args.dim} x {args.hidden} "
@@ -112,13 +110,12 @@ def main() -> None:
              f"{' '.join(sys.argv[1:])}`; {args.dtype}; {args.rounds} routings in one compiled loop, µs per call "
              f"(all banks), median of {args.iters} calls"
              + (f"; ideal: the routed experts' bytes at {bandwidth / 1e12:.2f} TB/s (copy, read+write)"
-                if bandwidth else "") + f". The {args.top} fastest of {len(all_settings)} settings, and "
-             f"kernel_plan's (tile {default[0]}, {default[1]} parts, 32 rows a load, 4 warps), per slot count.",
+                if bandwidth else "") + f". The {args.top} fastest of {len(grid)} settings, and "
+             f"kernel_plan's, per slot count.",
              "", "| slots | tile | parts | rows a load | warps | µs | of ideal |", "|---|---|---|---|---|---|---|"]
     rows = []
-    for slots, times, ideal in tables:
+    for slots, times, ideal, chosen in tables:
         ranked = sorted(times, key=times.get)
-        chosen = (default[0], default[1], 32, 4)
         shown = ranked[:args.top] + ([chosen] if chosen in times and chosen not in ranked[:args.top] else [])
         for setting in shown:
             mark = " (kernel_plan)" if setting == chosen else ""

@@ -48,7 +48,7 @@ sys.path.insert(0, REPO)
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
 
-from eaas_jax.kernels.expert_matvec import ROWS, pallas_expert_matvec  # noqa: E402
+from eaas_jax.kernels.expert_matvec import Plan, pallas_expert_matvec  # noqa: E402
 from eaas_jax.kernels.grouped_matmul import grouped_matmul  # noqa: E402
 
 SPLITS = 16
@@ -78,16 +78,17 @@ def per_slot_matvec(x, w_t, ids):
                               preferred_element_type=jnp.float32) for s in range(x.shape[0])])
 
 
-def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, rows: int = ROWS, num_warps: int = 4,
+def pallas_matvec(x, w, ids, *, tile: int = 128, parts: int = 8, rows: int = 32, num_warps: int = 4,
                   num_stages: int | None = None):
     """The package's expert matvec kernel (`eaas_jax.kernels.expert_matvec`,
-    which picks its tile and parts by `kernel_plan`, with 4 warps) at a given
-    setting (a ValueError where it does not tile the shape); interpreted off
+    whose `kernel_plan` picks its setting; bench/expert_matvec_plans.py sweeps
+    them) at a given setting, by default the plan of 2026-12-06 before that
+    sweep (a ValueError where it does not tile the shape); interpreted off
     GPUs. `w` a tuple of banks: one call over all of them (the gathered
     path's gate and up), the first one's product returned (the others' are
     computed all the same: a kernel's outputs are not dropped)."""
     banks = w if isinstance(w, tuple) else (w,)
-    return pallas_expert_matvec(x, banks, ids, tile, parts, rows=rows, num_warps=num_warps, num_stages=num_stages,
+    return pallas_expert_matvec(x, banks, ids, Plan(tile, parts, rows, num_warps), num_stages=num_stages,
                                 interpret=jax.default_backend() != "gpu")[0]
 
 

@@ -332,7 +332,7 @@ GAP_BOUNDS_US = (10, 100)
 def device_kernel_times(log_dir: str, steps: int, top: int = 12) -> dict:
     """Per-step device time by kernel name from the perfetto trace under
     `log_dir`: complete events ("X") on the CUDA stream lines ("Stream #...",
-    copies left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
+    streams of copies alone left out) of processes named after a GPU. (The same process's "XLA Ops" and "XLA
     Modules" lines repeat the kernels' time per op and per program, where a
     backend writes them; JAX 0.11's GPU traces have neither.) Also the idle
     time between one kernel's end and the next one's start on those streams
@@ -353,7 +353,9 @@ def device_kernel_times(log_dir: str, steps: int, top: int = 12) -> dict:
     device = {pid for pid, name in processes.items() if "GPU" in name}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device}
-    streams = {key for key, name in threads.items() if name.startswith("Stream") and "Memcpy" not in name}
+    # (a stream that ran kernels and copies is "Stream #14(Compute,MemcpyD2D)": its kernels count)
+    streams = {key for key, name in threads.items()
+               if name.startswith("Stream") and ("Compute" in name or "Memcpy" not in name)}
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
     spans = []
@@ -627,6 +629,8 @@ VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
     "one-row-dot": ("single rows not padded to a GEMM", {"EAAS_JAX_ONE_ROW_GEMM": "off"}, "eaas-one-row-dot"),
+    "one-row-matvec": ("single rows by the matvec kernel", {"EAAS_JAX_ONE_ROW_GEMM": "matvec"},
+                       "eaas-one-row-matvec"),
     "one-token-steps": ("one-token steps (decode_window=1)", {DECODE_WINDOW_VARIABLE: "1"}, "eaas-one-token-steps"),
 }
 

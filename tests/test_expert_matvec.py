@@ -23,20 +23,25 @@ def _reference(x, w, ids):
     return np.einsum("sk,skn->sn", x, w[np.asarray(ids)])
 
 
-@pytest.mark.parametrize("k, n, plan", [(2048, 768, (128, 8)), (768, 2048, (128, 8)), (96, 48, (16, 1)),
-                                        (128, 64, (64, 4)), (100, 48, None), (64, 24, None)])
-def test_kernel_plan_takes_the_widest_tile_and_most_parts_that_divide(k, n, plan):
-    assert em.kernel_plan(k, n) == plan
+@pytest.mark.parametrize("k, n, slots, plan", [
+    (2048, 768, 8, (256, 16, 64, 8)),  # 16 parts: 384 programs (8 would make 192) of 2 loads
+    (2048, 768, 32, (256, 8, 64, 8)),  # 768 programs already at 8 parts, each of 4 loads (4 parts: 8)
+    (768, 2048, 8, (256, 4, 64, 8)),  # 3 loads a program; 256 programs
+    (768, 2048, 512, (256, 4, 64, 8)),  # enough programs at 1 part, but 12 loads each: 4 parts
+    (96, 48, 8, (16, 1, 32, 4)),  # 96 = 3 loads of 32 rows: one part (2 would not divide into loads)
+    (128, 64, 4, (64, 2, 64, 4)),  # too few slots for MIN_PROGRAMS: the most parts
+    (100, 48, 8, None), (64, 24, 8, None)])
+def test_kernel_plan_fills_the_gpu_with_programs_of_few_loads(k, n, slots, plan):
+    assert em.kernel_plan(k, n, slots) == plan
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-@pytest.mark.parametrize("k, n", [(256, 64), (96, 48), (128, 96), (512, 64)])  # 512: parts of 2 loads
+@pytest.mark.parametrize("k, n", [(256, 64), (96, 48), (128, 96), (512, 64)])  # 512: 2 parts of 4 loads
 def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, tolerance):
     """Guards the kernel's indexing: each slot's own expert, every output
     tile, every part of the contraction summed once."""
     x, w, ids = _inputs(5, k, n, experts=6, dtype=dtype)
-    tile, parts = em.kernel_plan(k, n)
-    (got,) = em.pallas_expert_matvec(x, (w,), ids, tile, parts, interpret=True)
+    (got,) = em.pallas_expert_matvec(x, (w,), ids, em.kernel_plan(k, n, 5), interpret=True)
     assert got.dtype == jnp.float32 and got.shape == (5, n)
     expected = _reference(x, w, ids)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
@@ -45,9 +50,9 @@ def test_the_kernel_matches_the_reference_for_every_tiling(k, n, dtype, toleranc
 def test_the_kernel_refuses_a_tiling_that_would_drop_rows():
     x, w, ids = _inputs(2, 96, 32, experts=2, dtype=jnp.float32)
     with pytest.raises(ValueError, match="does not tile"):
-        em.pallas_expert_matvec(x, (w,), ids, 32, 1, rows=64, interpret=True)
+        em.pallas_expert_matvec(x, (w,), ids, em.Plan(32, 1, 64, 4), interpret=True)
     with pytest.raises(ValueError, match="shapes differ"):
-        em.pallas_expert_matvec(x, (w, w[:, :64]), ids, 16, 1, interpret=True)
+        em.pallas_expert_matvec(x, (w, w[:, :64]), ids, em.Plan(16, 1, 32, 4), interpret=True)
 
 
 def test_the_kernels_gradients_are_the_einsums():
@@ -57,7 +62,7 @@ def test_the_kernels_gradients_are_the_einsums():
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w) * probe)
 
-    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, (w,), ids, *em.kernel_plan(64, 32), 1, True)[0]),
+    ours = jax.grad(loss(lambda x, w: em.differentiable_kernel(x, (w,), ids, em.kernel_plan(64, 32, 3), 1, True)[0]),
                     argnums=(0, 1))(x, w)
     theirs = jax.grad(loss(lambda x, w: em.gathered_einsum(x, w, ids)), argnums=(0, 1))(x, w)
     for a, b in zip(ours, theirs):
@@ -70,8 +75,8 @@ def test_one_kernel_over_several_banks_gives_each_banks_product_and_gradients():
     each output is its own bank's product, and so are the gradients."""
     x, w, ids = _inputs(4, 128, 64, experts=5, dtype=jnp.float32, seed=3)
     other = jax.random.normal(jax.random.key(9), w.shape)
-    plan = em.kernel_plan(128, 64)
-    first, second = em.pallas_expert_matvec(x, (w, other), ids, *plan, interpret=True)
+    plan = em.kernel_plan(128, 64, 4)
+    first, second = em.pallas_expert_matvec(x, (w, other), ids, plan, interpret=True)
     for got, bank in ((first, w), (second, other)):
         expected = _reference(x, bank, ids)
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -80,7 +85,7 @@ def test_one_kernel_over_several_banks_gives_each_banks_product_and_gradients():
     def loss(f):
         return lambda x, w, other: sum(jnp.sum(out * probe) for out, probe in zip(f(x, w, other), probes))
 
-    ours = jax.grad(loss(lambda x, w, other: em.differentiable_kernel(x, (w, other), ids, *plan, 1, True)),
+    ours = jax.grad(loss(lambda x, w, other: em.differentiable_kernel(x, (w, other), ids, plan, 1, True)),
                     argnums=(0, 1, 2))(x, w, other)
     theirs = jax.grad(loss(lambda x, w, other: (em.gathered_einsum(x, w, ids), em.gathered_einsum(x, other, ids))),
                       argnums=(0, 1, 2))(x, w, other)
@@ -90,8 +95,8 @@ def test_one_kernel_over_several_banks_gives_each_banks_product_and_gradients():
 
 def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatch):
     calls = []
-    def recording(x, banks, ids, *plan):
-        calls.append(plan)
+    def recording(x, banks, ids, *args):
+        calls.append(args)
         return tuple(em.gathered_einsum(x, w, ids) for w in banks)
 
     monkeypatch.setattr(em, "differentiable_kernel", recording)
@@ -101,7 +106,7 @@ def test_expert_matvec_takes_the_kernel_on_gpus_where_the_shape_tiles(monkeypatc
     assert calls == []  # the CPU: the einsum
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     em.expert_matvec(x, w, ids)
-    assert calls == [(32, 2, 1, False)]
+    assert calls == [(em.kernel_plan(64, 32, 2), 1, False)]
     em.expert_matvec(x[:, :60], w[:, :60], ids)  # 60 rows do not tile: the einsum
     assert em.expert_matvec(x[:0], w, ids[:0]).shape == (0, 32)  # no slots: no kernel of 0 programs
     assert len(calls) == 1
@@ -114,14 +119,14 @@ def test_slots_sharing_a_row_read_it_in_place_with_the_repeated_rows_products_an
     x, w, ids = _inputs(4 * k, 128, 64, experts=5, dtype=jnp.float32, seed=6)
     x = x[:4]
     repeated = jnp.repeat(x, k, axis=0)
-    plan = em.kernel_plan(128, 64)
-    (got,) = em.pallas_expert_matvec(x, (w,), ids, *plan, slots_per_row=k, interpret=True)
+    plan = em.kernel_plan(128, 64, 4 * k)
+    (got,) = em.pallas_expert_matvec(x, (w,), ids, plan, slots_per_row=k, interpret=True)
     expected = _reference(repeated, w, ids)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     np.testing.assert_allclose(np.asarray(em.gathered_einsum(x, w, ids, k)), expected, rtol=1e-5,
                                atol=1e-5 * np.abs(expected).max())
     probe = jax.random.normal(jax.random.key(7), (4 * k, 64))
-    ours = jax.grad(lambda x: jnp.sum(em.differentiable_kernel(x, (w,), ids, *plan, k, True)[0] * probe))(x)
+    ours = jax.grad(lambda x: jnp.sum(em.differentiable_kernel(x, (w,), ids, plan, k, True)[0] * probe))(x)
     theirs = jax.grad(lambda x: jnp.sum(em.gathered_einsum(jnp.repeat(x, k, axis=0), w, ids) * probe))(x)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="12 slots for 4 rows of 2 slots each"):

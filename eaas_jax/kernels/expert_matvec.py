@@ -20,17 +20,40 @@ expert's gate and up projections), which pick:
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-#: rows of the contraction a kernel iteration multiplies (one [ROWS, tile] load)
-ROWS = 32
+class Plan(NamedTuple):
+    """How the kernel cuts one call: a program per (slot, output tile of
+    `tile`, contraction part of `parts`), loading `rows` rows of weights at a
+    time, with `warps` warps."""
+
+    tile: int
+    parts: int
+    rows: int
+    warps: int
+
+
 #: output tile widths tried, widest first (a program computes one tile of a slot)
-TILES = (128, 64, 32, 16)
-#: parts of the contraction tried, most first: parts run in parallel and are
-#: summed after, so that few slots still fill the GPU
-PARTS = (8, 4, 2, 1)
+TILES = (256, 128, 64, 32, 16)
+#: rows of the contraction one load takes, most first
+ROWS = (64, 32, 16)
+#: contraction parts tried, fewest first: parts run in parallel and are summed
+#: after, so that few slots still fill the GPU
+PARTS = (1, 2, 4, 8, 16, 32)
+#: a call's programs that fill an H100 or H200 (132 SMs: about two each), and
+#: the loads a program makes at most. A program's loads run one after another,
+#: so few long programs leave the memory system idle; many short ones write
+#: more partial sums. Swept on an H100 (bench/RESULTS.md, "Expert matvec
+#: settings", 2026-12-06): for 8 slots of 2048 x 768 (gate and up) the plan
+#: these give (tiles of 256, 16 parts of 2 loads of 64 rows, 8 warps) took
+#: 30.8 µs against 41.6 for the earlier fixed plan (tiles of 128, 8 parts of 8
+#: loads of 32 rows, 4 warps); it was the fastest of 72 settings at 8 slots of
+#: both projections, and within 1% of it at 32.
+MIN_PROGRAMS = 256
+MAX_LOADS = 4
 
 
 def expert_matvec(x: jax.Array, w: jax.Array, ids: jax.Array, *, slots_per_row: int = 1,
@@ -59,9 +82,9 @@ def expert_matvecs(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, *
     flight (unmeasured against a call per bank as of 2026-12-06)."""
     if ids.shape[0] != x.shape[0] * slots_per_row:
         raise ValueError(f"{ids.shape[0]} slots for {x.shape[0]} rows of {slots_per_row} slots each")
-    plan = kernel_plan(*banks[0].shape[1:])
+    plan = kernel_plan(*banks[0].shape[1:], slots=ids.shape[0])
     if (interpret or jax.default_backend() == "gpu") and plan is not None and ids.shape[0]:  # (no grid of 0 programs)
-        return differentiable_kernel(x, tuple(banks), ids, *plan, slots_per_row, interpret)
+        return differentiable_kernel(x, tuple(banks), ids, plan, slots_per_row, interpret)
     return tuple(gathered_einsum(x, w, ids, slots_per_row) for w in banks)
 
 
@@ -71,28 +94,35 @@ def gathered_einsum(x: jax.Array, w: jax.Array, ids: jax.Array, slots_per_row: i
                       preferred_element_type=jnp.float32)
 
 
-def kernel_plan(k: int, n: int) -> tuple[int, int] | None:
-    """(output tile, contraction parts) for a [K, N] expert projection, or
-    None when K is not a multiple of ROWS or N of the narrowest tile."""
+def kernel_plan(k: int, n: int, slots: int) -> Plan | None:
+    """The kernel's plan for `slots` slots of a [K, N] expert projection, or
+    None when N is not a multiple of the narrowest tile or K of the fewest
+    rows a load: the widest tile (8 warps for the widest, else 4), the most
+    rows a load, and the fewest parts that give MIN_PROGRAMS programs of at
+    most MAX_LOADS loads each (where none does, the most parts)."""
     tile = next((t for t in TILES if n % t == 0), None)
-    parts = next((p for p in PARTS if k % (p * ROWS) == 0), None)
-    return None if tile is None or parts is None else (tile, parts)
+    rows = next((r for r in ROWS if k % r == 0), None)
+    if tile is None or rows is None:
+        return None
+    fitting = [p for p in PARTS if k % (p * rows) == 0]
+    parts = next((p for p in fitting if k // p <= MAX_LOADS * rows and slots * (n // tile) * p >= MIN_PROGRAMS),
+                 fitting[-1])
+    return Plan(tile, parts, rows, 8 if tile == TILES[0] else 4)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def differentiable_kernel(x, banks, ids, tile: int, parts: int, slots_per_row: int,
-                          interpret: bool) -> tuple[jax.Array, ...]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def differentiable_kernel(x, banks, ids, plan: Plan, slots_per_row: int, interpret: bool) -> tuple[jax.Array, ...]:
     """`pallas_expert_matvec` with gradients: a pallas_call has no
     differentiation rule, so the backward pass is the einsum's (training
     steps of few tokens also take the gathered path)."""
-    return pallas_expert_matvec(x, banks, ids, tile, parts, slots_per_row=slots_per_row, interpret=interpret)
+    return pallas_expert_matvec(x, banks, ids, plan, slots_per_row=slots_per_row, interpret=interpret)
 
 
-def _kernel_forward(x, banks, ids, tile, parts, slots_per_row, interpret):
-    return differentiable_kernel(x, banks, ids, tile, parts, slots_per_row, interpret), (x, banks, ids)
+def _kernel_forward(x, banks, ids, plan, slots_per_row, interpret):
+    return differentiable_kernel(x, banks, ids, plan, slots_per_row, interpret), (x, banks, ids)
 
 
-def _kernel_backward(tile, parts, slots_per_row, interpret, residuals, cotangents):
+def _kernel_backward(plan, slots_per_row, interpret, residuals, cotangents):
     x, banks, ids = residuals
     _, vjp = jax.vjp(lambda x, banks: tuple(gathered_einsum(x, w, ids, slots_per_row) for w in banks), x, banks)
     return (*vjp(tuple(cotangents)), None)
@@ -101,21 +131,20 @@ def _kernel_backward(tile, parts, slots_per_row, interpret, residuals, cotangent
 differentiable_kernel.defvjp(_kernel_forward, _kernel_backward)
 
 
-def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, tile: int, parts: int, *,
-                         slots_per_row: int = 1, rows: int = ROWS, num_warps: int = 4,
-                         num_stages: int | None = None, interpret: bool = False) -> tuple[jax.Array, ...]:
+def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Array, plan: Plan, *,
+                         slots_per_row: int = 1, num_stages: int | None = None,
+                         interpret: bool = False) -> tuple[jax.Array, ...]:
     """`expert_matvecs` as a Pallas kernel: a program per (slot, output tile,
     contraction part) reads that part of the slot's expert's rows in every
-    bank; the parts' sums are added after. `kernel_plan` gives a valid
-    (tile, parts) for the default `rows` per load; num_warps (4 measured best
-    overall of 2/4/8) and num_stages (Triton's software pipelining of the
-    loads; None: its default) per program on GPUs; interpret=True runs it
-    anywhere (tests)."""
+    bank; the parts' sums are added after. `kernel_plan` gives a valid plan;
+    num_stages is Triton's software pipelining of the loads (None: its
+    default); interpret=True runs it anywhere (tests)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     slots, k = ids.shape[0], x.shape[1]
     num_experts, _, n = banks[0].shape
+    tile, parts, rows, warps = plan
     if any(w.shape != banks[0].shape for w in banks):
         raise ValueError(f"the banks' shapes differ: {[w.shape for w in banks]}")
     if n % tile or k % parts or (k // parts) % rows:
@@ -133,7 +162,7 @@ def pallas_expert_matvec(x: jax.Array, banks: tuple[jax.Array, ...], ids: jax.Ar
         out_specs=[out_spec] * len(banks),
         out_shape=[jax.ShapeDtypeStruct((parts, slots, n), jnp.float32)] * len(banks),
         # Triton, not Mosaic GPU (which would stage the whole bank in shared memory)
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=num_stages),
         interpret=interpret,
     )(ids.astype(jnp.int32), x, *banks)
     return tuple(out.sum(axis=0) for out in outs)
