@@ -629,8 +629,6 @@ VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
     "one-row-dot": ("single rows not padded to a GEMM", {"EAAS_JAX_ONE_ROW_GEMM": "off"}, "eaas-one-row-dot"),
-    "one-row-matvec": ("single rows by the matvec kernel", {"EAAS_JAX_ONE_ROW_GEMM": "matvec"},
-                       "eaas-one-row-matvec"),
     "one-token-steps": ("one-token steps (decode_window=1)", {DECODE_WINDOW_VARIABLE: "1"}, "eaas-one-token-steps"),
 }
 

@@ -72,33 +72,6 @@ def test_the_padded_row_keeps_the_layers_own_product(monkeypatch, setting):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("bias, dtype, setting", [(True, jnp.float32, {}), (False, jnp.bfloat16, {}),
-                                                   (True, jnp.bfloat16, dict(preferred_element_type=jnp.float32))])
-def test_a_single_row_by_the_matvec_kernel_is_the_layers_product(monkeypatch, bias, dtype, setting):
-    """EAAS_JAX_ONE_ROW_GEMM=matvec (benchmarks' comparison): one row by the
-    expert matvec kernel (interpreted here), the weights a bank of one
-    expert; the layer's dtype, bias and product type kept."""
-    import functools
-
-    from eaas_jax.kernels import expert_matvec as em
-
-    kernel_calls = []
-    kernel = em.expert_matvec
-    monkeypatch.setattr(em, "expert_matvec", lambda *a, **k: kernel_calls.append(a[1].shape) or
-                        functools.partial(kernel, interpret=True)(*a, **k))
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setenv("EAAS_JAX_ONE_ROW_GEMM", "matvec")
-    ours, theirs = _pair(256, 64, bias, dtype, **setting)
-    x = jax.random.normal(jax.random.key(6), (1, 1, 256), dtype)
-    assert _dot_rows(ours, x) == []  # no dot: the kernel
-    got, expected = ours(x), theirs(x)
-    assert kernel_calls and kernel_calls[-1] == (1, 256, 64)
-    assert got.dtype == expected.dtype and got.shape == expected.shape == (1, 1, 64)
-    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=tolerance,
-                               atol=tolerance * float(jnp.abs(expected).max()))
-
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA's GPU compile of the padded row "
                     "(bench/device_run.sh gpu_tests)")
 @pytest.mark.parametrize("d_in, d_out", [(2048, 4096), (4096, 2048)])

@@ -36,10 +36,11 @@ class RMSNorm(nnx.Module):
 # 1.49 against 1.36 ms of kernels at batch 1 (RESULTS, W1 decode, commit
 # abdbd76). The LM head's dot at one row is a GEMM already (its vocabulary
 # is past XLA's size threshold): it is left alone.
-# EAAS_JAX_ONE_ROW_GEMM=off keeps the plain dot everywhere, =matvec takes the
-# expert matvec kernel (kernels/expert_matvec.py) with the weights as a bank
-# of one expert instead of the padded GEMM (benchmarks compare them in one
-# run with it; read when a program is traced).
+# The expert matvec kernel (kernels/expert_matvec.py) with the weights as a
+# bank of one expert was slower in the step too: 0.94 against 0.85 ms a
+# token at batch 1 (RESULTS, W1 decode, commit 07d3021).
+# EAAS_JAX_ONE_ROW_GEMM=off keeps the plain dot everywhere (benchmarks compare
+# the two in one run with it; read when a program is traced).
 ONE_ROW_GEMM_BACKENDS = frozenset({"gpu"})
 GEMM_ROWS = 4
 
@@ -48,30 +49,15 @@ class Linear(nnx.Linear):
     """nnx.Linear, with its parameters and product, whose single row is padded
     to GEMM_ROWS rows on the backends in ONE_ROW_GEMM_BACKENDS (see above)."""
 
-    def _one_row_form(self, inputs: jax.Array) -> str:
-        if math.prod(inputs.shape[:-1]) != 1 or jax.default_backend() not in ONE_ROW_GEMM_BACKENDS:
-            return "off"
-        return os.environ.get("EAAS_JAX_ONE_ROW_GEMM", "auto")
+    def _pads(self, inputs: jax.Array) -> bool:
+        return (math.prod(inputs.shape[:-1]) == 1 and jax.default_backend() in ONE_ROW_GEMM_BACKENDS
+                and os.environ.get("EAAS_JAX_ONE_ROW_GEMM", "auto") != "off")
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        form = "off" if out_sharding is not None else self._one_row_form(inputs)
-        if form == "off":
+        if out_sharding is not None or not self._pads(inputs):
             return super().__call__(inputs, out_sharding)
-        row = inputs.reshape(1, self.in_features)
-        if form == "matvec":
-            return self._matvec(row).reshape(*inputs.shape[:-1], self.out_features)
-        rows = jnp.pad(row, ((0, GEMM_ROWS - 1), (0, 0)))
+        rows = jnp.pad(inputs.reshape(1, self.in_features), ((0, GEMM_ROWS - 1), (0, 0)))
         return super().__call__(rows)[:1].reshape(*inputs.shape[:-1], self.out_features)
-
-    def _matvec(self, row: jax.Array) -> jax.Array:
-        """nnx.Linear's product of one row, by the expert matvec kernel."""
-        from eaas_jax.kernels.expert_matvec import expert_matvec
-
-        bias = self.bias[...] if self.bias is not None else None
-        row, kernel, bias = self.promote_dtype((row, self.kernel[...], bias), dtype=self.dtype)
-        y = expert_matvec(row, kernel[None], jnp.zeros((1,), jnp.int32))
-        y = y.astype(self.preferred_element_type or jnp.result_type(row, kernel))
-        return y if bias is None else y + bias
 
 
 def linear(in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs, bias: bool = False,
