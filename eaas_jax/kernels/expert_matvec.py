@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+
 class Plan(NamedTuple):
     """How the kernel cuts one call: a program per (slot, output tile of
     `tile`, contraction part of `parts`), loading `rows` rows of weights at a
