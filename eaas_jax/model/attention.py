@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eaas_jax.kernels.attention import grouped_query_attention
+from eaas_jax.kernels.cache_write import write_kv
 from eaas_jax.kernels.paged_attention import gather_blocks, paged_decode_attention
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import RMSNorm, linear
@@ -69,18 +70,11 @@ def kv_cache_bytes_per_token(config: ModelConfig, itemsize: int) -> int:
     return config.num_layers * per_layer * itemsize
 
 
-def _write(pool: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """values [B, T, kv_heads, head_dim] into flat slots [B, T] (out of range: dropped)."""
-    kv_heads, num_blocks, block_size, head_dim = pool.shape
-    flat = pool.reshape(kv_heads, num_blocks * block_size, head_dim)
-    rows = values.reshape(slots.size, kv_heads, head_dim).astype(pool.dtype).transpose(1, 0, 2)
-    flat = flat.at[:, slots.reshape(-1)].set(rows, mode="drop")
-    return flat.reshape(pool.shape)
-
-
 def write_cache(cache: LayerCache, paged: PagedAttentionInputs, k, v) -> LayerCache:
     """The cache with this step's keys/values [B, T, kv_heads, *] in their slots."""
-    return LayerCache(_write(cache.k, paged.slot_mapping, k), _write(cache.v, paged.slot_mapping, v))
+    slots = paged.slot_mapping.reshape(-1)
+    return LayerCache(*write_kv(cache.k, cache.v, slots, k.reshape(slots.size, *k.shape[2:]),
+                                v.reshape(slots.size, *v.shape[2:])))
 
 
 def attend_to(cache: LayerCache | None, paged: PagedAttentionInputs | None, k, v, positions):
