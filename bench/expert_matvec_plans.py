@@ -34,6 +34,7 @@ sys.path.insert(0, REPO)
 
 from _results import append_rows, git_commit, jax_device, median_seconds, publish, run_facts  # noqa: E402
 import w1_decode_gpu as w1  # noqa: E402
+from expert_projection_forms import rounds_of  # noqa: E402
 
 from eaas_jax.kernels.expert_matvec import Plan, gathered_einsum, kernel_plan, pallas_expert_matvec  # noqa: E402
 
@@ -50,17 +51,13 @@ def settings(dim: int, hidden: int):
             yield Plan(tile, parts, rows, warps)
 
 
-def rounds_of(matvecs, rounds: int):
-    """`matvecs(x, banks, ids)` (a tuple, one product per bank) for `rounds`
-    routings in one compiled loop, every product summed."""
-    def run(x, banks, ids):
-        return jax.lax.fori_loop(0, rounds, lambda r, acc: acc + sum(matvecs(x, banks, ids[r])),
-                                 jnp.zeros((x.shape[0], banks[0].shape[-1]), jnp.float32))
-    return jax.jit(run)
+def summed(matvecs):
+    """`matvecs(x, banks, ids)` (one product per bank) as one product: their sum."""
+    return lambda x, banks, ids: sum(matvecs(x, banks, ids))
 
 
 def kernel(plan: Plan, interpret: bool):
-    return lambda x, banks, ids: pallas_expert_matvec(x, banks, ids, plan, interpret=interpret)
+    return summed(lambda x, banks, ids: pallas_expert_matvec(x, banks, ids, plan, interpret=interpret))
 
 
 def main() -> None:
@@ -88,12 +85,13 @@ def main() -> None:
         print(f"{len(grid)} settings; kernel_plan at {slots} slots: {chosen}", file=sys.stderr)
         x = jax.random.normal(jax.random.key(1), (slots, args.dim), dtype)
         ids = jax.random.randint(jax.random.key(slots), (args.rounds, slots), 0, args.experts)
-        einsums = rounds_of(lambda x, banks, ids: tuple(gathered_einsum(x, w, ids) for w in banks), args.rounds)
+        einsums = rounds_of(summed(lambda x, banks, ids: [gathered_einsum(x, w, ids) for w in banks]),
+                            args.rounds, args.hidden)
         reference = np.asarray(einsums(x, banks, ids))
         scale = np.abs(reference).max()
         times = {}
         for setting in grid + ([chosen] if chosen and chosen not in grid else []):
-            fn = rounds_of(kernel(setting, not on_gpu), args.rounds)
+            fn = rounds_of(kernel(setting, not on_gpu), args.rounds, args.hidden)
             # (a wrong setting would time nothing useful)
             np.testing.assert_allclose(np.asarray(fn(x, banks, ids)) / scale, reference / scale, atol=0.02,
                                        err_msg=str(setting))
