@@ -29,7 +29,10 @@ from eaas_jax.transport.nic_model import NicModel, QpState, Violation
 GUARD, SIZE, GUARD_BYTE = 256, 16384, 0xA5  # tests/nic_peer.py's buffer
 FRAME = struct.Struct("<IHHIIIIQII")  # nic_link.h's FrameHeader
 MAGIC, VERSION, KIND_WRITE, KIND_HELLO = 0x4B4E4C45, 1, 1, 4
-WAIT_S = 5.0
+WAIT_S = 5.0  # a command's answer, a process's exit
+# The peer's first line comes after it imported JAX (eaas_jax.transport.native):
+# about 4 s under CI's ASan build on an idle machine, more on a loaded one.
+STARTUP_S = 60.0
 
 
 class Peer:
@@ -44,7 +47,7 @@ class Peer:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self._take(self._reply())
+        self._take(self._reply(STARTUP_S))
 
     def _take(self, info: dict) -> None:
         self.port, self.key = info["port"], info["key"]
@@ -58,9 +61,9 @@ class Peer:
         for line in self.proc.stdout:
             self.lines.put(line)
 
-    def _reply(self) -> dict:
+    def _reply(self, wait_s: float = WAIT_S) -> dict:
         try:
-            return json.loads(self.lines.get(timeout=WAIT_S))
+            return json.loads(self.lines.get(timeout=wait_s))
         except queue.Empty:
             raise AssertionError("the peer NIC process does not answer") from None
 
