@@ -48,6 +48,18 @@ def compiles_once_per_step_shape(engine):
     yield
     assert XLA_COMPILATIONS["jit(_step)"] - xla == engine.num_compilations - shapes
 
+
+def triton_kernels_lowered_for_cuda(fn, *args, donate_argnums=()) -> list[str]:
+    """The Triton kernels (Pallas' GPU custom calls, one StableHLO line each)
+    of `fn` lowered for CUDA here, with no GPU: Pallas lowers a kernel to
+    Triton's IR when the program is lowered, so a kernel Pallas cannot lower
+    (a block of a shape Triton does not take, say) fails here, in CI, not at
+    the GPU's compile. `args` may be jax.ShapeDtypeStructs: nothing is
+    allocated. What Triton and XLA then compile runs only on a GPU (gpu_tests)."""
+    lowered = jax.jit(fn, donate_argnums=donate_argnums).trace(*args).lower(lowering_platforms=("cuda",))
+    return [line for line in lowered.as_text().splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "checkpoints", "tiny-moe")
 

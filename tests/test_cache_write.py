@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import triton_kernels_lowered_for_cuda
 from eaas_jax.kernels import cache_write as cw
 
 
@@ -112,6 +113,21 @@ def test_an_engine_writing_its_cache_by_the_kernel_generates_the_same_tokens(mon
     ours = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
     assert ours == reference
     assert max(kernel_rows) > 2 and min(kernel_rows) <= 2  # prefill's rows and decode's (traced per shape)
+
+
+@pytest.mark.parametrize("kv_heads, dim, rows", [(4, 128, 1), (4, 128, 256), (8, 64, 7), (1, 16, 3)])
+def test_the_kernel_lowers_for_cuda_to_one_triton_kernel_writing_the_pools_in_place(kv_heads, dim, rows):
+    """Lowered for CUDA here (no GPU): one Triton kernel, a program per row,
+    whose two results are its pool operands (slots, keys, values, then the
+    pools: operands 3 and 4), so XLA need not copy a pool to write a row."""
+    pool = jax.ShapeDtypeStruct((kv_heads, 4096, 16, dim), jnp.bfloat16)  # nothing allocated
+    values = jax.ShapeDtypeStruct((rows, kv_heads, dim), jnp.float32)
+    (kernel,) = triton_kernels_lowered_for_cuda(cw.pallas_write_kv, pool, pool,
+                                                jax.ShapeDtypeStruct((rows,), jnp.int32), values, values,
+                                                donate_argnums=(0, 1))
+    assert re.search(rf"\bgrid_x = {rows}\b", kernel)
+    aliases = re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d)", kernel)
+    assert aliases == [("0", "3"), ("1", "4")]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel runs on GPUs (bench/device_run.sh gpu_tests)")

@@ -4,9 +4,12 @@ gradients against the einsum's, and which shapes and platforms get it."""
 
 import jax
 import jax.numpy as jnp
+import re
+
 import numpy as np
 import pytest
 
+from conftest import triton_kernels_lowered_for_cuda
 from eaas_jax.kernels import expert_matvec as em
 
 
@@ -131,6 +134,37 @@ def test_slots_sharing_a_row_read_it_in_place_with_the_repeated_rows_products_an
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="12 slots for 4 rows of 2 slots each"):
         em.expert_matvec(x, w, ids, slots_per_row=2)
+
+
+@pytest.mark.parametrize("banks", [1, 2])
+@pytest.mark.parametrize("k, n, slots, slots_per_row", [
+    (2048, 768, 8, 1), (2048, 768, 32, 8), (768, 2048, 8, 1), (768, 2048, 512, 1), (96, 48, 8, 4), (128, 64, 4, 1)])
+def test_every_plan_lowers_to_one_triton_kernel_for_cuda(k, n, slots, slots_per_row, banks):
+    """The plans of the plan rule's shapes above, lowered for CUDA here: each
+    is one Triton kernel of its plan's grid and warps (what XLA and Triton
+    then compile runs in gpu_tests)."""
+    plan = em.kernel_plan(k, n, slots)
+    rows = jax.ShapeDtypeStruct((slots // slots_per_row, k), jnp.bfloat16)
+    bank = jax.ShapeDtypeStruct((128, k, n), jnp.bfloat16)  # nothing allocated
+    ids = jax.ShapeDtypeStruct((slots,), jnp.int32)
+    (kernel,) = triton_kernels_lowered_for_cuda(
+        lambda x, ids, *banks: em.pallas_expert_matvec(x, banks, ids, plan, slots_per_row=slots_per_row),
+        rows, ids, *[bank] * banks)
+    settings = dict(re.findall(r"\b(grid_[xyz]|num_warps) = (\d+)", kernel))
+    assert settings == {"grid_x": str(slots), "grid_y": str(n // plan.tile), "grid_z": str(plan.parts),
+                        "num_warps": str(plan.warps)}
+
+
+def test_a_tile_triton_cannot_take_fails_when_lowered_here():
+    """What the test above guards against: a plan that tiles the shape (so
+    interpreted tests pass) but whose loads Triton cannot make (96 columns:
+    not a power of two) fails at lowering, with no GPU."""
+    plan = em.Plan(96, 1, 32, 4)
+    with pytest.raises(ValueError, match="power of 2"):
+        triton_kernels_lowered_for_cuda(lambda x, w, ids: em.pallas_expert_matvec(x, (w,), ids, plan),
+                                        jax.ShapeDtypeStruct((8, 96), jnp.float32),
+                                        jax.ShapeDtypeStruct((4, 96, 96), jnp.float32),
+                                        jax.ShapeDtypeStruct((8,), jnp.int32))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel runs on GPUs (bench/device_run.sh gpu_tests)")
