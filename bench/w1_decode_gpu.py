@@ -632,6 +632,8 @@ VARIANTS = {
     "one-token-steps": ("one-token steps (decode_window=1)", {DECODE_WINDOW_VARIABLE: "1"}, "eaas-one-token-steps"),
     "cache-write-kernel": ("the KV cache written by the Pallas kernel", {"EAAS_JAX_CACHE_WRITE": "kernel"},
                            "eaas-cache-write-kernel"),
+    "router-kernel": ("the router's softmax and top k by the Pallas kernel", {"EAAS_JAX_ROUTER": "kernel"},
+                      "eaas-router-kernel"),
 }
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from eaas_jax.kernels.expert_matvec import expert_matvec, expert_matvecs
 from eaas_jax.kernels.grouped_matmul import grouped_matmul
+from eaas_jax.kernels.router_top_k import softmax_top_k
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import SwiGLU, linear
 
@@ -52,6 +53,12 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array) -> Routing:
         c = self.config
         logits = self.gate(x)
+        if c.router_scoring == "softmax" and not c.router_score_bias and c.router_num_groups <= 1:
+            ids, weights, probs = softmax_top_k(
+                logits.reshape(-1, c.num_experts), c.num_experts_per_tok, normalize=c.norm_topk_prob,
+                scale=c.routed_scaling_factor)
+            lead = logits.shape[:-1]
+            return Routing(ids.reshape(*lead, -1), weights.reshape(*lead, -1), probs.reshape(logits.shape))
         if c.router_scoring == "softmax":
             probs = jax.nn.softmax(logits, axis=-1)
         else:
