@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import triton_kernels_lowered_for_cuda
+from eaas_jax.kernels.switch import kernel_switched_on
 from eaas_jax.kernels import cache_write as cw
 
 
@@ -61,25 +62,25 @@ def test_write_kv_takes_the_kernel_only_on_gpus_when_switched_on_and_for_shapes_
     k_pool, v_pool = _pools()
     k, v = _rows(3)
     slots = jnp.array([1, 2, 3], jnp.int32)
-    cw._kernel_switched_on.cache_clear()
+    kernel_switched_on.cache_clear()
     try:
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         cw.write_kv(k_pool, v_pool, slots, k, v)
         assert calls == []  # the default: XLA's scatter
         monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "kernel")
-        cw._kernel_switched_on.cache_clear()
+        kernel_switched_on.cache_clear()
         cw.write_kv(k_pool, v_pool, slots, k, v)
         assert calls == [k_pool.shape]
         monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
         cw.write_kv(k_pool, v_pool, slots, k, v)
         assert len(calls) == 1  # not on the CPU
         monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "kernal")
-        cw._kernel_switched_on.cache_clear()
+        kernel_switched_on.cache_clear()
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         with pytest.raises(ValueError, match="'xla' or 'kernel', got 'kernal'"):
             cw.write_kv(k_pool, v_pool, slots, k, v)
     finally:
-        cw._kernel_switched_on.cache_clear()
+        kernel_switched_on.cache_clear()
     with pytest.raises(ValueError, match="3 slots for 2 key and 3 value rows"):
         cw.write_kv(k_pool, v_pool, slots, k[:2], v)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import triton_kernels_lowered_for_cuda
+from eaas_jax.kernels.switch import kernel_switched_on
 from eaas_jax.kernels import router_top_k as rt
 
 
@@ -44,13 +45,13 @@ def test_softmax_top_k_takes_the_kernel_only_on_gpus_when_switched_on_and_for_sh
     monkeypatch.setattr(rt, "pallas_softmax_top_k", lambda logits, k, **kw: calls.append(logits.shape) or
                         rt.xla_softmax_top_k(logits, k, normalize=kw["normalize"], scale=kw["scale"]))
     logits = _logits(3, 8)
-    rt._kernel_switched_on.cache_clear()
+    kernel_switched_on.cache_clear()
     try:
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
         assert calls == []  # the default: XLA's
         monkeypatch.setenv("EAAS_JAX_ROUTER", "kernel")
-        rt._kernel_switched_on.cache_clear()
+        kernel_switched_on.cache_clear()
         rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
         assert calls == [(3, 8)]
         rt.softmax_top_k(logits[:, :6], 2, normalize=True, scale=1.0)  # six experts: XLA's
@@ -59,12 +60,12 @@ def test_softmax_top_k_takes_the_kernel_only_on_gpus_when_switched_on_and_for_sh
         rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
         assert len(calls) == 1  # not on the CPU
         monkeypatch.setenv("EAAS_JAX_ROUTER", "kernal")
-        rt._kernel_switched_on.cache_clear()
+        kernel_switched_on.cache_clear()
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         with pytest.raises(ValueError, match="'xla' or 'kernel', got 'kernal'"):
             rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
     finally:
-        rt._kernel_switched_on.cache_clear()
+        kernel_switched_on.cache_clear()
 
 
 @pytest.mark.parametrize("experts, k, takes", [(128, 8, True), (8, 2, True), (8, 8, True), (60, 4, False),

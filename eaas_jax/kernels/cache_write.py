@@ -24,10 +24,11 @@ must agree bit for bit: tests/test_cache_write.py.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
+
+from eaas_jax.kernels.switch import kernel_switched_on
 
 
 def write_kv(k_pool: jax.Array, v_pool: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -37,7 +38,7 @@ def write_kv(k_pool: jax.Array, v_pool: jax.Array, slots: jax.Array, k: jax.Arra
     interpreted on any platform, where the shapes take it (tests)."""
     if slots.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
         raise ValueError(f"{slots.shape[0]} slots for {k.shape[0]} key and {v.shape[0]} value rows")
-    if (interpret or (jax.default_backend() == "gpu" and _kernel_switched_on())) \
+    if (interpret or (jax.default_backend() == "gpu" and kernel_switched_on("EAAS_JAX_CACHE_WRITE"))) \
             and kernel_supports(k_pool.shape, v_pool.shape) and slots.shape[0]:
         return pallas_write_kv(k_pool, v_pool, slots, k, v, interpret=interpret)
     return xla_write(k_pool, slots, k), xla_write(v_pool, slots, v)
@@ -58,14 +59,6 @@ def kernel_supports(k_shape, v_shape) -> bool:
     latent of 576 and its empty values are not)."""
     kv_heads, _, _, dim = k_shape
     return tuple(k_shape) == tuple(v_shape) and all(n >= 1 and n & (n - 1) == 0 for n in (kv_heads, dim))
-
-
-@functools.cache
-def _kernel_switched_on() -> bool:
-    choice = os.environ.get("EAAS_JAX_CACHE_WRITE", "xla")
-    if choice not in ("xla", "kernel"):
-        raise ValueError(f"EAAS_JAX_CACHE_WRITE must be 'xla' or 'kernel', got {choice!r}")
-    return choice == "kernel"
 
 
 def pallas_write_kv(k_pool: jax.Array, v_pool: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array, *,

@@ -22,10 +22,11 @@ two probabilities are within the softmax's last-bit rounding of each other
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
+
+from eaas_jax.kernels.switch import kernel_switched_on
 
 
 def softmax_top_k(logits: jax.Array, k: int, *, normalize: bool, scale: float,
@@ -35,7 +36,7 @@ def softmax_top_k(logits: jax.Array, k: int, *, normalize: bool, scale: float,
     (divided by their sum when `normalize`) times `scale`, and the softmax.
     interpret=True runs the kernel interpreted on any platform, where the
     shapes take it (tests)."""
-    if (interpret or (jax.default_backend() == "gpu" and _kernel_switched_on())) \
+    if (interpret or (jax.default_backend() == "gpu" and kernel_switched_on("EAAS_JAX_ROUTER"))) \
             and kernel_supports(logits.shape[-1], k) and logits.shape[0]:
         return pallas_softmax_top_k(logits, k, normalize=normalize, scale=scale, interpret=interpret)
     return xla_softmax_top_k(logits, k, normalize=normalize, scale=scale)
@@ -55,14 +56,6 @@ def kernel_supports(num_experts: int, k: int) -> bool:
     """Whether the kernel takes E experts and a top k: powers of two (Triton's
     vectors), k at most E."""
     return all(n >= 1 and n & (n - 1) == 0 for n in (num_experts, k)) and k <= num_experts
-
-
-@functools.cache
-def _kernel_switched_on() -> bool:
-    choice = os.environ.get("EAAS_JAX_ROUTER", "xla")
-    if choice not in ("xla", "kernel"):
-        raise ValueError(f"EAAS_JAX_ROUTER must be 'xla' or 'kernel', got {choice!r}")
-    return choice == "kernel"
 
 
 def pallas_softmax_top_k(logits: jax.Array, k: int, *, normalize: bool, scale: float,
