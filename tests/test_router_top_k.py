@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import triton_kernels_lowered_for_cuda
-from eaas_jax.kernels.switch import kernel_switched_on
+from eaas_jax.kernels.common import kernel_switched_on
 from eaas_jax.kernels import router_top_k as rt
 
 

@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from eaas_jax.kernels.switch import kernel_switched_on
+from eaas_jax.kernels.common import kernel_switched_on, powers_of_two
 
 
 def write_kv(k_pool: jax.Array, v_pool: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -58,7 +58,7 @@ def kernel_supports(k_shape, v_shape) -> bool:
     and head count that are powers of two (Triton's loads; an MLA cache's
     latent of 576 and its empty values are not)."""
     kv_heads, _, _, dim = k_shape
-    return tuple(k_shape) == tuple(v_shape) and all(n >= 1 and n & (n - 1) == 0 for n in (kv_heads, dim))
+    return tuple(k_shape) == tuple(v_shape) and powers_of_two(kv_heads, dim)
 
 
 def pallas_write_kv(k_pool: jax.Array, v_pool: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array, *,

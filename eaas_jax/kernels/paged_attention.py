@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from eaas_jax.kernels.attention import grouped_query_attention
+from eaas_jax.kernels.common import powers_of_two
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,7 @@ def _multiprocessors() -> int:
 
 def _kernel_supports(k_shape, v_shape) -> bool:
     _, _, block_size, dim = k_shape
-    power_of_two = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, dim))
-    return power_of_two and tuple(k_shape) == tuple(v_shape)
+    return powers_of_two(block_size, dim, at_least=16) and tuple(k_shape) == tuple(v_shape)
 
 
 def kernel_enabled() -> bool:

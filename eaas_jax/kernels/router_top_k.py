@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from eaas_jax.kernels.switch import kernel_switched_on
+from eaas_jax.kernels.common import kernel_switched_on, powers_of_two
 
 
 def softmax_top_k(logits: jax.Array, k: int, *, normalize: bool, scale: float,
@@ -46,16 +46,22 @@ def xla_softmax_top_k(logits: jax.Array, k: int, *, normalize: bool, scale: floa
     """`softmax_top_k` by XLA's softmax and top_k."""
     probs = jax.nn.softmax(logits, axis=-1)
     _, ids = jax.lax.top_k(probs, k)
+    return ids.astype(jnp.int32), gate_weights(probs, ids, normalize=normalize, scale=scale), probs
+
+
+def gate_weights(probs: jax.Array, ids: jax.Array, *, normalize: bool, scale: float) -> jax.Array:
+    """The chosen experts' probabilities ([..., E] at `ids` [..., k]), divided
+    by their sum when `normalize`, times `scale` (every router's last step)."""
     weights = jnp.take_along_axis(probs, ids, axis=-1)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return ids.astype(jnp.int32), weights * scale, probs
+    return weights * scale
 
 
 def kernel_supports(num_experts: int, k: int) -> bool:
     """Whether the kernel takes E experts and a top k: powers of two (Triton's
     vectors), k at most E."""
-    return all(n >= 1 and n & (n - 1) == 0 for n in (num_experts, k)) and k <= num_experts
+    return powers_of_two(num_experts, k) and k <= num_experts
 
 
 def pallas_softmax_top_k(logits: jax.Array, k: int, *, normalize: bool, scale: float,

@@ -19,7 +19,7 @@ from flax import nnx
 
 from eaas_jax.kernels.expert_matvec import expert_matvec, expert_matvecs
 from eaas_jax.kernels.grouped_matmul import grouped_matmul
-from eaas_jax.kernels.router_top_k import softmax_top_k
+from eaas_jax.kernels.router_top_k import gate_weights, softmax_top_k
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import SwiGLU, linear
 
@@ -67,10 +67,7 @@ class Router(nnx.Module):
         if c.router_num_groups > 1:
             choice = self._keep_best_groups(choice)
         _, ids = jax.lax.top_k(choice, c.num_experts_per_tok)
-        weights = jnp.take_along_axis(probs, ids, axis=-1)
-        if c.norm_topk_prob:
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        weights = weights * c.routed_scaling_factor
+        weights = gate_weights(probs, ids, normalize=c.norm_topk_prob, scale=c.routed_scaling_factor)
         return Routing(ids.astype(jnp.int32), weights, probs)
 
     def _keep_best_groups(self, choice: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
-"""The environment switches between XLA's form of an operation and a kernel
-of ours that is not yet the default (measured in the step first)."""
+"""What the kernel modules share: the environment switches between XLA's form
+of an operation and a kernel of ours not yet the default (measured in the step
+first), and the sizes Triton's blocks take."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ def kernel_switched_on(variable: str) -> bool:
     if choice not in ("xla", "kernel"):
         raise ValueError(f"{variable} must be 'xla' or 'kernel', got {choice!r}")
     return choice == "kernel"
+
+
+def powers_of_two(*sizes: int, at_least: int = 1) -> bool:
+    """Whether every size is a power of two, at least `at_least` (a Triton
+    block's dimensions are powers of two)."""
+    return all(n >= at_least and n & (n - 1) == 0 for n in sizes)
