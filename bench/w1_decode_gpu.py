@@ -623,8 +623,9 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
     )
 
 
-#: --compare-FLAG: the engine timed again in the same run with one setting
-#: changed: FLAG -> (its column's label, the environment it runs in, its phase's name).
+#: --compare-FLAG (any number of them): the engine timed again in the same run with
+#: one setting changed, each a group of columns: FLAG -> (its columns' label, the
+#: environment it runs in, its phase's name).
 VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
@@ -662,8 +663,6 @@ def main() -> None:
     if not set(profile_batches) <= set(batches):
         parser.error("--profile-batches must be among --batches (shapes compiled before the trace)")
     compared = [flag for flag in VARIANTS if getattr(args, f"compare_{flag.replace('-', '_')}")]
-    if len(compared) > 1:
-        parser.error(f"{', '.join(f'--compare-{flag}' for flag in compared)}: one variant a run")
     if args.phase == "make":
         print(json.dumps(phase_make(args.dir)))
         return
@@ -678,10 +677,9 @@ def main() -> None:
         return
 
     ours = run_phase(args, "eaas")  # the defaults; a variant changes one setting
-    variant = None  # (column label, that run's result): the engine again with one setting changed
-    if compared:
-        label, env, name = VARIANTS[compared[0]]
-        variant = (label, run_phase(args, "eaas", env=dict(os.environ, **env), name=name))
+    # (column label, that run's result) a variant: the engine again with one setting changed
+    variants = [(VARIANTS[flag][0], run_phase(args, "eaas", env=dict(os.environ, **VARIANTS[flag][1]),
+                                              name=VARIANTS[flag][2])) for flag in compared]
     peer = run_phase(args, "hf")
     jax_peer = None
     if args.jax_peer:
@@ -714,18 +712,18 @@ def main() -> None:
         "| batch | eaas-jax step ms median (min-max) | its host ms a step, not waiting for the device | tok/s | transformers step ms | vs transformers | roofline step ms | of roofline | greedy tokens equal (first 32, prompt 0) |"
         + (" JAX peer step ms | eaas-jax tok/s vs JAX peer | its tokens equal to transformers' (first 32) |"
            if jax_peer else "")
-        + (f" {variant[0]}: step ms (a token) | its share of roofline |"
-           + (" its tok/s vs JAX peer |" if jax_peer else "") + " its tokens equal (first 32) |" if variant else "")
+        + "".join(f" {label}: step ms (a token) | its share of roofline |"
+                  + (" its tok/s vs JAX peer |" if jax_peer else "") + " its tokens equal (first 32) |"
+                  for label, _ in variants)
         + " eaas-jax steps that compiled (left out of the timing) |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if jax_peer else "")
-        + ("---|---|" + ("---|" if jax_peer else "") + "---|" if variant else "")
+        + ("---|---|" + ("---|" if jax_peer else "") + "---|") * len(variants)
         + "---|",
     ]
     margins = peer.get("margins0")
     for batch in batches:
         o, p = ours[f"b{batch}"], peer[f"b{batch}"]
         roof = roofline_bytes(batch, args.steps) / bandwidth
-        v = variant[1][f"b{batch}"] if variant else None
         j = jax_peer[f"b{batch}"] if jax_peer else None
         lines.append(
             f"| {batch} | {step_ms(o)} | {host_ms(o)} | "
@@ -733,13 +731,14 @@ def main() -> None:
             f"{roof * 1e3:.2f} | {roof / o['median'] * 100:.0f}% | {agreement(o['tokens0'], p['tokens0'], margins)} |"
             + (f" {step_ms(j)} | {j['median'] / o['median']:.2f}x | {agreement(j['tokens0'], p['tokens0'], margins)} |"
                if jax_peer else "")
-            + (f" {step_ms(v)} | {roof / v['median'] * 100:.0f}% |"
-               + (f" {j['median'] / v['median']:.2f}x |" if jax_peer else "")
-               + f" {agreement(v['tokens0'], p['tokens0'], margins)} |" if variant else "")
+            + "".join(f" {step_ms(v)} | {roof / v['median'] * 100:.0f}% |"
+                      + (f" {j['median'] / v['median']:.2f}x |" if jax_peer else "")
+                      + f" {agreement(v['tokens0'], p['tokens0'], margins)} |"
+                      for v in (run[f"b{batch}"] for _, run in variants))
             + f" {o['compiling_steps']} |"
         )
     lines += memory_lines(ours, batches)
-    for label, run in (("eaas-jax", ours), *([variant] if variant else [])):
+    for label, run in (("eaas-jax", ours), *variants):
         for profile in run.get("profiles", []):
             lines += ["", *profile_lines(label, profile)]
         for profile in run.get("host_profiles", []):
@@ -749,8 +748,9 @@ def main() -> None:
         command = f"python bench/w1_decode_gpu.py --batches {args.batches} --steps {args.steps}{flags}"
         common = dict(device=f"1 x {device}", date=str(datetime.date.today()), commit=commit, command=command)
         rows = result_rows(ours, peer, jax_peer, batches, args.steps, common)
-        if variant:
-            rows += result_rows({**variant[1], "bandwidth": bandwidth}, peer, jax_peer, batches, args.steps, dict(common, variant=variant[0]))
+        for label, run in variants:
+            rows += result_rows({**run, "bandwidth": bandwidth}, peer, jax_peer, batches, args.steps,
+                                dict(common, variant=label))
         append_rows(os.path.join(REPO, "bench", "results", "w1_decode_gpu.jsonl"), rows)
 
 
