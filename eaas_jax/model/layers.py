@@ -41,22 +41,38 @@ class RMSNorm(nnx.Module):
 # token at batch 1 (RESULTS, W1 decode, commit 07d3021).
 # EAAS_JAX_ONE_ROW_GEMM=off keeps the plain dot everywhere (benchmarks compare
 # the two in one run with it; read when a program is traced).
+# EAAS_JAX_ONE_ROW_GEMM=broadcast repeats the row GEMM_ROWS times instead of
+# padding it with zeros (the same row's product: rows are independent): in
+# W1's step at batch 1 each pad was a kernel of its own (~1.5 µs, 3 a layer,
+# RESULTS, commit 07d3021), where a broadcast may fuse into the GEMM's
+# operand; unmeasured, so not the default.
 ONE_ROW_GEMM_BACKENDS = frozenset({"gpu"})
+ONE_ROW_GEMM_FORMS = ("auto", "broadcast", "off")
 GEMM_ROWS = 4
+
+
+def one_row_gemm_form() -> str:
+    """EAAS_JAX_ONE_ROW_GEMM's value, one of ONE_ROW_GEMM_FORMS."""
+    form = os.environ.get("EAAS_JAX_ONE_ROW_GEMM", "auto")
+    if form not in ONE_ROW_GEMM_FORMS:
+        raise ValueError(f"EAAS_JAX_ONE_ROW_GEMM={form!r}: expected one of {', '.join(ONE_ROW_GEMM_FORMS)}")
+    return form
 
 
 class Linear(nnx.Linear):
     """nnx.Linear, with its parameters and product, whose single row is padded
     to GEMM_ROWS rows on the backends in ONE_ROW_GEMM_BACKENDS (see above)."""
 
-    def _pads(self, inputs: jax.Array) -> bool:
-        return (math.prod(inputs.shape[:-1]) == 1 and jax.default_backend() in ONE_ROW_GEMM_BACKENDS
-                and os.environ.get("EAAS_JAX_ONE_ROW_GEMM", "auto") != "off")
-
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        if out_sharding is not None or not self._pads(inputs):
+        if (out_sharding is not None or math.prod(inputs.shape[:-1]) != 1
+                or jax.default_backend() not in ONE_ROW_GEMM_BACKENDS):
             return super().__call__(inputs, out_sharding)
-        rows = jnp.pad(inputs.reshape(1, self.in_features), ((0, GEMM_ROWS - 1), (0, 0)))
+        form = one_row_gemm_form()
+        if form == "off":
+            return super().__call__(inputs)
+        row = inputs.reshape(1, self.in_features)
+        rows = (jnp.broadcast_to(row, (GEMM_ROWS, self.in_features)) if form == "broadcast"
+                else jnp.pad(row, ((0, GEMM_ROWS - 1), (0, 0))))
         return super().__call__(rows)[:1].reshape(*inputs.shape[:-1], self.out_features)
 
 
