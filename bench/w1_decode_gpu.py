@@ -630,13 +630,10 @@ VARIANTS = {
     "gather": ("gathered-blocks attention", {"EAAS_JAX_PAGED_ATTENTION": "gather"}, "eaas-gather"),
     "experts-paths": ("grouped routed experts only", {"EAAS_JAX_GATHERED_EXPERTS": "off"}, "eaas-grouped-experts"),
     "one-row-dot": ("single rows not padded to a GEMM", {"EAAS_JAX_ONE_ROW_GEMM": "off"}, "eaas-one-row-dot"),
-    "one-row-broadcast": ("single rows repeated to a GEMM's rows, not padded", {"EAAS_JAX_ONE_ROW_GEMM": "broadcast"},
-                          "eaas-one-row-broadcast"),
     "one-token-steps": ("one-token steps (decode_window=1)", {DECODE_WINDOW_VARIABLE: "1"}, "eaas-one-token-steps"),
-    "cache-write-kernel": ("the KV cache written by the Pallas kernel", {"EAAS_JAX_CACHE_WRITE": "kernel"},
-                           "eaas-cache-write-kernel"),
-    "router-kernel": ("the router's softmax and top k by the Pallas kernel", {"EAAS_JAX_ROUTER": "kernel"},
-                      "eaas-router-kernel"),
+    "cache-write-xla": ("the KV cache written by XLA's scatters", {"EAAS_JAX_CACHE_WRITE": "xla"},
+                        "eaas-cache-write-xla"),
+    "router-xla": ("the router's softmax and top k by XLA", {"EAAS_JAX_ROUTER": "xla"}, "eaas-router-xla"),
     # XLA launches a decode window's loop body kernel by kernel from the host
     # (~1.4 ms of a window's host time at batch 1 on an H100, commit 07d3021);
     # with WHILE (and CONDITIONAL) among its command buffers' types, the loop

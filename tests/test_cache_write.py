@@ -66,18 +66,18 @@ def test_write_kv_takes_the_kernel_only_on_gpus_when_switched_on_and_for_shapes_
     try:
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         cw.write_kv(k_pool, v_pool, slots, k, v)
-        assert calls == []  # the default: XLA's scatter
-        monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "kernel")
-        kernel_switched_on.cache_clear()
-        cw.write_kv(k_pool, v_pool, slots, k, v)
-        assert calls == [k_pool.shape]
+        assert calls == [k_pool.shape]  # the default: the kernel
         monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
         cw.write_kv(k_pool, v_pool, slots, k, v)
         assert len(calls) == 1  # not on the CPU
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "xla")
+        kernel_switched_on.cache_clear()
+        cw.write_kv(k_pool, v_pool, slots, k, v)
+        assert len(calls) == 1  # switched off: XLA's scatter
         monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "kernal")
         kernel_switched_on.cache_clear()
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        with pytest.raises(ValueError, match="'xla' or 'kernel', got 'kernal'"):
+        with pytest.raises(ValueError, match="'kernel' or 'xla', got 'kernal'"):
             cw.write_kv(k_pool, v_pool, slots, k, v)
     finally:
         kernel_switched_on.cache_clear()

@@ -49,20 +49,20 @@ def test_softmax_top_k_takes_the_kernel_only_on_gpus_when_switched_on_and_for_sh
     try:
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
-        assert calls == []  # the default: XLA's
-        monkeypatch.setenv("EAAS_JAX_ROUTER", "kernel")
-        kernel_switched_on.cache_clear()
-        rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
-        assert calls == [(3, 8)]
+        assert calls == [(3, 8)]  # the default: the kernel
         rt.softmax_top_k(logits[:, :6], 2, normalize=True, scale=1.0)  # six experts: XLA's
         assert len(calls) == 1
         monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
         rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
         assert len(calls) == 1  # not on the CPU
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setenv("EAAS_JAX_ROUTER", "xla")
+        kernel_switched_on.cache_clear()
+        rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
+        assert len(calls) == 1  # switched off: XLA's
         monkeypatch.setenv("EAAS_JAX_ROUTER", "kernal")
         kernel_switched_on.cache_clear()
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        with pytest.raises(ValueError, match="'xla' or 'kernel', got 'kernal'"):
+        with pytest.raises(ValueError, match="'kernel' or 'xla', got 'kernal'"):
             rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
     finally:
         kernel_switched_on.cache_clear()

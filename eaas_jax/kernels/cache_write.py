@@ -7,15 +7,21 @@ padding row's: the runner gives them the pool's size) writes nothing. Slots
 are never negative (XLA's scatter would count a negative one from the end).
 Two forms:
 
+- On GPUs (EAAS_JAX_CACHE_WRITE=xla turns it off; read once a process): one
+  Pallas kernel (Triton) writes both pools in place (its outputs alias the
+  pools), a program per row, where the head dim and head count are powers
+  of two.
 - XLA's scatter, one per pool. At one row a token (decode at batch 1) XLA
   turns each into a dynamic-update-slice, with a select for the dropped
   slots: in W1's decode step at batch 1 on an H100 the write took 4 kernels
   and ~53 µs a token over 8 layers (bench/RESULTS.md, W1 decode, commit
   07d3021), for 16 KiB of new keys and values.
-- On GPUs, with EAAS_JAX_CACHE_WRITE=kernel (unmeasured in the step as of
-  2026-12-06, so not the default): one Pallas kernel (Triton) writes both
-  pools in place (its outputs alias the pools), a program per row, where
-  the head dim and head count are powers of two. Read once a process.
+
+In that step the kernel took 20 µs a token, but its inputs are whole arrays
+where XLA fused their producers into its write (the keys' rotary embedding,
+the values' slice of their padded projection): 2 kernels more, ~20 µs. Net,
+912 against 920 µs of kernels a token, and steps as fast or slightly faster
+at batches 1, 64 and 256 (RESULTS, W1 decode, commit 521125b).
 
 Both are exact copies (the values cast to the pool's dtype), so the forms
 must agree bit for bit: tests/test_cache_write.py.

@@ -1,6 +1,6 @@
-"""What the kernel modules share: the environment switches between XLA's form
-of an operation and a kernel of ours not yet the default (measured in the step
-first), and the sizes Triton's blocks take."""
+"""What the kernel modules share: the environment switches between a kernel of
+ours (the default) and XLA's form of the same operation (what benchmarks
+compare it with, and a way back), and the sizes Triton's blocks take."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import os
 
 @functools.cache
 def kernel_switched_on(variable: str) -> bool:
-    """Whether environment `variable` ('xla', the default, or 'kernel') asks
+    """Whether environment `variable` ('kernel', the default, or 'xla') asks
     for the kernel. Read once a process (a program traced later sees the same)."""
-    choice = os.environ.get(variable, "xla")
-    if choice not in ("xla", "kernel"):
-        raise ValueError(f"{variable} must be 'xla' or 'kernel', got {choice!r}")
+    choice = os.environ.get(variable, "kernel")
+    if choice not in ("kernel", "xla"):
+        raise ValueError(f"{variable} must be 'kernel' or 'xla', got {choice!r}")
     return choice == "kernel"
 
 

@@ -3,15 +3,18 @@ their gate weights, from the gate's logits [N, E] (float32).
 
 Two forms:
 
+- On GPUs (EAAS_JAX_ROUTER=xla turns it off; read once a process): one
+  Pallas kernel (Triton), a program per row, where E and k are powers of
+  two. In W1's decode step at batch 1 on an H100 it took 18 µs a token over
+  8 layers, where XLA's three took ~50; with the kernels XLA then made
+  around it, 908 against 920 µs of kernels a token, and steps as fast or
+  slightly faster at batches 1, 64 and 256 (bench/RESULTS.md, W1 decode,
+  commit 521125b).
 - XLA's: `jax.nn.softmax`, `jax.lax.top_k`, a gather and the renormalising
-  division. In W1's decode step at batch 1 on an H100 these were 3 kernels a
-  layer, ~50 µs a token over 8 layers, for 128 scores a layer: a Triton
-  softmax (13.7 µs), a sort (26.4; its kernels name no source line, but one
-  a layer and no other sort in a greedy step: the top_k's) and a select
-  (9.4; bench/RESULTS.md, W1 decode, commit 07d3021).
-- On GPUs, with EAAS_JAX_ROUTER=kernel (unmeasured in the step as of
-  2026-12-06, so not the default): one Pallas kernel (Triton), a program per
-  row, where E and k are powers of two. Read once a process.
+  division. In that step these were 3 kernels a layer, for 128 scores a
+  layer: a Triton softmax (13.7 µs), a sort (26.4; its kernels name no
+  source line, but one a layer and no other sort in a greedy step: the
+  top_k's) and a select (9.4; RESULTS, commit 07d3021).
 
 Both pick the k largest probabilities, the lower expert first among equal
 ones (as `lax.top_k` does), so the forms choose the same experts but where

@@ -41,13 +41,12 @@ class RMSNorm(nnx.Module):
 # token at batch 1 (RESULTS, W1 decode, commit 07d3021).
 # EAAS_JAX_ONE_ROW_GEMM=off keeps the plain dot everywhere (benchmarks compare
 # the two in one run with it; read when a program is traced).
-# EAAS_JAX_ONE_ROW_GEMM=broadcast repeats the row GEMM_ROWS times instead of
-# padding it with zeros (the same row's product: rows are independent): in
-# W1's step at batch 1 each pad was a kernel of its own (~1.5 µs, 3 a layer,
-# RESULTS, commit 07d3021), where a broadcast may fuse into the GEMM's
-# operand; unmeasured, so not the default.
+# The row repeated GEMM_ROWS times (a broadcast) instead of padded was no
+# better: XLA kept it a kernel of its own too, as each pad is (~1.5 µs, 3 a
+# layer), 927 against 920 µs of kernels a token at batch 1 (RESULTS, W1
+# decode, commit 521125b).
 ONE_ROW_GEMM_BACKENDS = frozenset({"gpu"})
-ONE_ROW_GEMM_FORMS = ("auto", "broadcast", "off")
+ONE_ROW_GEMM_FORMS = ("auto", "off")
 GEMM_ROWS = 4
 
 
@@ -67,12 +66,9 @@ class Linear(nnx.Linear):
         if (out_sharding is not None or math.prod(inputs.shape[:-1]) != 1
                 or jax.default_backend() not in ONE_ROW_GEMM_BACKENDS):
             return super().__call__(inputs, out_sharding)
-        form = one_row_gemm_form()
-        if form == "off":
+        if one_row_gemm_form() == "off":
             return super().__call__(inputs)
-        row = inputs.reshape(1, self.in_features)
-        rows = (jnp.broadcast_to(row, (GEMM_ROWS, self.in_features)) if form == "broadcast"
-                else jnp.pad(row, ((0, GEMM_ROWS - 1), (0, 0))))
+        rows = jnp.pad(inputs.reshape(1, self.in_features), ((0, GEMM_ROWS - 1), (0, 0)))
         return super().__call__(rows)[:1].reshape(*inputs.shape[:-1], self.out_features)
 
 
