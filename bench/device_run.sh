@@ -25,7 +25,8 @@
 #                with JAX's default GPU client and with its TFRT one
 #   attn_parts   bench/paged_attention_partitions.py: the paged decode kernel's partitions at W1's shapes
 #   w1           bench/w1_decode_gpu.py with the JAX peer (BATCHES; W1FLAGS, default: one-token steps
-#                compared, batches 1 and 256 profiled)
+#                compared, batches 1 and 256 profiled; the profiled programs' optimized HLO comes back
+#                in the raw phases' hlo/)
 #   parity       bench/arch_parity.py (ARCHS: some architectures, comma-separated; default all); the
 #                architectures a cut call finished on the still-warm machine are not run again
 # LIMIT is the call's time in seconds: each part gets what is left, and the
@@ -173,7 +174,7 @@ print(ibgda_gpu.deployment_file('/tmp', 'cuda_ipc', 'bfloat16', capacity=256), w
     attn_parts) part attn_parts python3 bench/paged_attention_partitions.py --append bench/RESULTS.md ;;
     w1) checkpoint && part w1 python3 bench/w1_decode_gpu.py --batches "${BATCHES:-1,16,64,256}" --steps 64 \
         --dir "$W1" ${W1FLAGS:---compare-one-token-steps --profile-batches 1,256 --profile-top 40} --jax-peer "$(cd "$DIR" && pwd)/peers/jax-llm-examples/qwen3" \
-        --commit "$COMMIT" --raw "$RAW/w1.jsonl" --resume --append bench/RESULTS.md ;;
+        --commit "$COMMIT" --raw "$RAW/w1.jsonl" --hlo-dir "$RAW/hlo" --resume --append bench/RESULTS.md ;;
     parity) part parity python3 bench/arch_parity.py ${ARCHS:+--architectures "$ARCHS"} \
         --raw "$RAW/parity.jsonl" --resume --append bench/RESULTS.md ;;
     *) echo "unknown part $p (see the top of bench/device_run.sh)" ;;

@@ -139,7 +139,7 @@ def engine_options(max_batch: int, steps: int) -> dict:
 
 
 def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: list[int] = (),
-               profile_top: int = 12) -> dict:
+               profile_top: int = 12, hlo_dir: str | None = None) -> dict:
     sys.path.insert(0, REPO)
     import jax
 
@@ -154,7 +154,7 @@ def phase_eaas(directory: str, batches: list[int], steps: int, profile_batches: 
     for batch in batches:
         result[f"b{batch}"] = {**time_decode(engine, batch, steps), "step_memory": decode_step_memory(engine, batch)}
     result["memory"] = memory_facts(engine)
-    result["profiles"] = [profile_decode(engine, batch, steps, profile_top) for batch in profile_batches]
+    result["profiles"] = [profile_decode(engine, batch, steps, profile_top, hlo_dir) for batch in profile_batches]
     result["host_profiles"] = [host_profile(engine, batch, steps) for batch in profile_batches]
     return result
 
@@ -197,10 +197,12 @@ def start_decoding(engine, batch: int, steps: int) -> None:
         engine.step_finished()
 
 
-def profile_decode(engine, batch: int, steps: int, top: int = 12) -> dict:
+def profile_decode(engine, batch: int, steps: int, top: int = 12, hlo_dir: str | None = None) -> dict:
     """Where one decode step's device time goes at `batch`: a JAX profiler
     trace of PROFILED_STEPS decode steps (after `time_decode` compiled their
-    shapes), its `top` device kernels summed by name per step."""
+    shapes), its `top` device kernels summed by name per step. With
+    `hlo_dir`, each profiled program's optimized HLO is written there too
+    (what each kernel's fusion holds: to plan fusions off the device)."""
     import tempfile
 
     import jax
@@ -221,8 +223,13 @@ def profile_decode(engine, batch: int, steps: int, top: int = 12) -> dict:
         engine.step_finished()
     try:  # a help to read the profile: its failure costs the column, not the phase's timings
         origins = collections.defaultdict(set)  # a kernel name's origins in each program that has it
-        for shape in decode_shapes(engine, batch):
-            for name, origin in fusion_origins(engine.runner.optimized_hlo(shape)).items():
+        for i, shape in enumerate(decode_shapes(engine, batch)):
+            hlo = engine.runner.optimized_hlo(shape)
+            if hlo_dir:
+                os.makedirs(hlo_dir, exist_ok=True)
+                with open(os.path.join(hlo_dir, f"decode-b{batch}-{i}.hlo.txt"), "w") as f:
+                    f.write(hlo)
+            for name, origin in fusion_origins(hlo).items():
                 origins[name].add(origin)
         for kernel in summary["top"]:
             kernel["origin"] = " or ".join(sorted(origins.get(kernel["name"], ())))
@@ -614,6 +621,7 @@ def run_phase(args, phase: str, env: dict | None = None, name: str | None = None
     if phase != "make" and not os.path.exists(os.path.join(args.dir, "config.json")):
         run_phase(args, "make")
     profile = ["--profile-batches", args.profile_batches, "--profile-top", str(args.profile_top)] \
+        + (["--hlo-dir", os.path.join(args.hlo_dir, name or phase)] if args.hlo_dir else []) \
         if args.profile_batches and phase == "eaas" else []
     peer = ["--jax-peer", args.jax_peer] if phase == "jax" else []
     return run_in_process(
@@ -670,6 +678,8 @@ def main() -> None:
     parser.add_argument("--profile-batches", default="",
                         help="also profile decode steps at these batches (comma-separated): device time by kernel")
     parser.add_argument("--profile-top", type=int, default=12, help="kernels a profile lists (the costliest)")
+    parser.add_argument("--hlo-dir", help="also write each profiled decode program's optimized HLO text under "
+                                          "DIR/PHASE (what the profile's kernels hold)")
     parser.add_argument("--jax-peer", metavar="DIR",
                         help="also time jax-llm-examples' Qwen3 (the qwen3 directory of a checkout): bench/jax_peer.py")
     args = parser.parse_args()
@@ -682,7 +692,7 @@ def main() -> None:
         print(json.dumps(phase_make(args.dir)))
         return
     if args.phase == "eaas":
-        print(json.dumps(phase_eaas(args.dir, batches, args.steps, profile_batches, args.profile_top)))
+        print(json.dumps(phase_eaas(args.dir, batches, args.steps, profile_batches, args.profile_top, args.hlo_dir)))
         return
     if args.phase == "hf":
         print(json.dumps(phase_hf(args.dir, batches)))
