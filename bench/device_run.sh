@@ -9,9 +9,9 @@
 # machine, in /tmp):
 #   ibgda_tests  tests/test_ibgda_gpu.py
 #   gpu_tests    the tests that compile for the GPU: the expert kernels, the one-row projection, the
-#                cache write, the router's top k (tests/test_expert_matvec.py, tests/test_moe.py,
-#                tests/test_layers.py, tests/test_cache_write.py, tests/test_router_top_k.py; GPU_TESTS:
-#                some of them)
+#                cache write, the router's top k, the decode prologue (tests/test_expert_matvec.py,
+#                tests/test_moe.py, tests/test_layers.py, tests/test_cache_write.py,
+#                tests/test_router_top_k.py, tests/test_decode_prologue.py; GPU_TESTS: some of them)
 #   ibgda_bench  bench/ibgda_gpu.py: round trips and the W1 step, ibgda vs cuda_ipc
 #   serve        bench/serve_load.py on W1: embedded vs cuda_ipc expert servers (RATE, REQS, WARM_REQS); a
 #                setting finished by a cut call on the still-warm machine is not run again
@@ -139,7 +139,7 @@ for p in "$@"; do
   case $p in
     ibgda_tests) part ibgda_tests python3 -m pytest -q -x tests/test_ibgda_gpu.py ;;
     gpu_tests) part gpu_tests python3 -m pytest -q -rfEs --tb=short \
-        ${GPU_TESTS:-tests/test_expert_matvec.py tests/test_moe.py tests/test_layers.py tests/test_cache_write.py tests/test_router_top_k.py} ;;
+        ${GPU_TESTS:-tests/test_expert_matvec.py tests/test_moe.py tests/test_layers.py tests/test_cache_write.py tests/test_router_top_k.py tests/test_decode_prologue.py} ;;
     ibgda_bench) checkpoint && part ibgda_bench python3 bench/ibgda_gpu.py --tokens 16,64,256 --batches 64 \
         --steps 16 --dir "$W1" --commit "$COMMIT" --raw "$RAW/ibgda.jsonl" --resume --append bench/RESULTS.md ;;
     serve)

@@ -642,6 +642,8 @@ VARIANTS = {
     "cache-write-xla": ("the KV cache written by XLA's scatters", {"EAAS_JAX_CACHE_WRITE": "xla"},
                         "eaas-cache-write-xla"),
     "router-xla": ("the router's softmax and top k by XLA", {"EAAS_JAX_ROUTER": "xla"}, "eaas-router-xla"),
+    "decode-prologue": ("norms, rotation and cache write by the decode prologue kernel",
+                        {"EAAS_JAX_DECODE_PROLOGUE": "kernel"}, "eaas-decode-prologue"),
     # XLA launches a decode window's loop body kernel by kernel from the host
     # (~1.4 ms of a window's host time at batch 1 on an H100, commit 07d3021);
     # with WHILE (and CONDITIONAL) among its command buffers' types, the loop

@@ -1,6 +1,6 @@
 """What the kernel modules share: the environment switches between a kernel of
-ours (the default) and XLA's form of the same operation (what benchmarks
-compare it with, and a way back), and the sizes Triton's blocks take."""
+ours and XLA's form of the same operation (what benchmarks compare it with,
+and a way back), and the sizes Triton's blocks take."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import os
 
 
 @functools.cache
-def kernel_switched_on(variable: str) -> bool:
-    """Whether environment `variable` ('kernel', the default, or 'xla') asks
-    for the kernel. Read once a process (a program traced later sees the same)."""
-    choice = os.environ.get(variable, "kernel")
+def kernel_switched_on(variable: str, default: str = "kernel") -> bool:
+    """Whether environment `variable` ('kernel' or 'xla'; unset: `default`,
+    'xla' for a kernel not yet measured in the step) asks for the kernel.
+    Read once a process (a program traced later sees the same)."""
+    choice = os.environ.get(variable, default)
     if choice not in ("kernel", "xla"):
         raise ValueError(f"{variable} must be 'kernel' or 'xla', got {choice!r}")
     return choice == "kernel"

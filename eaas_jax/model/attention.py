@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eaas_jax.kernels import decode_prologue
 from eaas_jax.kernels.attention import grouped_query_attention
 from eaas_jax.kernels.cache_write import write_kv
 from eaas_jax.kernels.paged_attention import gather_blocks, paged_decode_attention
 from eaas_jax.model.config import ModelConfig
 from eaas_jax.model.layers import RMSNorm, linear
-from eaas_jax.model.rope import apply_rope, rope_frequencies
+from eaas_jax.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 
 class LayerCache(NamedTuple):
@@ -124,6 +125,32 @@ class Attention(nnx.Module):
             v,
         )
 
+    def _prologue_kernel_takes(self, batch: int, cache: LayerCache) -> bool:
+        """Whether a decode step's norms, rotation and cache write go by
+        kernels/decode_prologue.py: switched on, for per-head norms or none,
+        no clipping, shapes it takes."""
+        c = self.config
+        return (decode_prologue.kernel_chosen() and (c.qk_norm_per_head or not c.qk_norm) and c.clip_qkv is None
+                and decode_prologue.kernel_supports((batch, c.num_heads, c.head_dim), cache.k.shape, cache.v.shape))
+
+    def _decode_by_prologue_kernel(self, x, positions, cache: LayerCache, paged: PagedAttentionInputs):
+        """A decode step's attention [B, H, D] and cache: the projections, then
+        one kernel for the norms, the rotation, the queries' score scale and
+        the cache write, then the paged attention (over queries scaled already)."""
+        c = self.config
+        batch = x.shape[0]
+        q = self.q_proj(x).reshape(batch, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(batch, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, c.num_kv_heads, c.head_dim)
+        inv_freq, rope_scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        cos, sin = rope_cos_sin(positions[:, 0], inv_freq, rope_scale)
+        norms = dict(q_norm=self.q_norm.weight[...], k_norm=self.k_norm.weight[...]) if c.qk_norm else {}
+        q, k_pool, v_pool = decode_prologue.pallas_rope_write_kv(
+            q, k, v, cos, sin, paged.slot_mapping.reshape(-1), cache.k, cache.v, eps=c.rms_norm_eps,
+            q_scale=c.head_dim ** -0.5, **norms)
+        out = paged_decode_attention(q, k_pool, v_pool, paged.block_tables, positions[:, 0] + 1, scale=1.0)
+        return out, LayerCache(k_pool, v_pool)
+
     def __call__(
         self,
         x: jax.Array,
@@ -137,8 +164,11 @@ class Attention(nnx.Module):
         With one, writes the new keys/values to their slots and attends over each
         sequence's blocks up to its own position.
         """
-        q, k, v = self._qkv(x, positions)
         batch, seq = x.shape[:2]
+        if cache is not None and seq == 1 and self._prologue_kernel_takes(batch, cache):
+            out, cache = self._decode_by_prologue_kernel(x, positions, cache, paged)
+            return self.o_proj(out.reshape(batch, seq, -1)), cache
+        q, k, v = self._qkv(x, positions)
         if cache is not None and seq == 1:  # decode: read the blocks in place
             cache = write_cache(cache, paged, k, v)
             out = paged_decode_attention(q[:, 0], cache.k, cache.v, paged.block_tables, positions[:, 0] + 1)

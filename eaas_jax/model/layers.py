@@ -16,10 +16,16 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Normalise in float32: bf16 sums of squares lose too much precision.
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x over its last axis divided by its root mean square, times `weight`,
+    in x's dtype. Normalised in float32: bf16 sums of squares lose too much
+    precision."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
 # A projection of one row (decode at batch 1) is a matrix-vector product,

@@ -102,10 +102,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
     x: [..., T, H, D]; positions: [..., T] integer positions; inv_freq: [D / 2].
     `scale` multiplies cos and sin (YaRN's attention factor).
     """
+    cos, sin = rope_cos_sin(positions, inv_freq, scale)
+    return rotate_half(x, cos[..., None, :], sin[..., None, :])
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., D / 2] (float32, times `scale`) of `positions`' angles."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., D] rotated by cos and sin [..., D / 2] (broadcast against x's
+    leading axes) in float32, in x's dtype: the first half pairs with the second."""
     dim = x.shape[-1]
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., T, D/2]
-    cos = (jnp.cos(angles) * scale)[..., None, :]
-    sin = (jnp.sin(angles) * scale)[..., None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : dim // 2], x32[..., dim // 2 :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
