@@ -116,6 +116,23 @@ def fresh_expert_traces():
     moe._routed_experts.clear_cache()
 
 
+@pytest.fixture
+def kernel_switch(monkeypatch):
+    """Sets a kernel switch (`kernels.common.kernel_switched_on`'s variable:
+    'kernel' or 'xla', or a bad value) for one test: the environment and the
+    cached reading of it, which starts and ends the test empty (a process
+    reads a switch once)."""
+    from eaas_jax.kernels.common import kernel_switched_on
+
+    def switch(variable: str, value: str) -> None:
+        monkeypatch.setenv(variable, value)
+        kernel_switched_on.cache_clear()
+
+    kernel_switched_on.cache_clear()
+    yield switch
+    kernel_switched_on.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
     from eaas_jax.engine import Engine

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from conftest import triton_kernels_lowered_for_cuda
-from eaas_jax.kernels.common import kernel_switched_on
 from eaas_jax.kernels import cache_write as cw
 
 
@@ -55,32 +54,27 @@ def test_the_kernel_writes_each_row_at_its_slot_and_drops_slots_past_the_pool(kv
         np.testing.assert_array_equal(np.asarray(xla), expected)  # (the reference form agrees too)
 
 
-def test_write_kv_takes_the_kernel_only_on_gpus_when_switched_on_and_for_shapes_it_takes(monkeypatch):
+def test_write_kv_takes_the_kernel_only_on_gpus_when_switched_on_and_for_shapes_it_takes(monkeypatch,
+                                                                                         kernel_switch):
     calls = []
     monkeypatch.setattr(cw, "pallas_write_kv", lambda *a, **k: calls.append(a[0].shape) or
                         (cw.xla_write(a[0], a[2], a[3]), cw.xla_write(a[1], a[2], a[4])))
     k_pool, v_pool = _pools()
     k, v = _rows(3)
     slots = jnp.array([1, 2, 3], jnp.int32)
-    kernel_switched_on.cache_clear()
-    try:
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cw.write_kv(k_pool, v_pool, slots, k, v)
+    assert calls == [k_pool.shape]  # the default: the kernel
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    cw.write_kv(k_pool, v_pool, slots, k, v)
+    assert len(calls) == 1  # not on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kernel_switch("EAAS_JAX_CACHE_WRITE", "xla")
+    cw.write_kv(k_pool, v_pool, slots, k, v)
+    assert len(calls) == 1  # switched off: XLA's scatter
+    kernel_switch("EAAS_JAX_CACHE_WRITE", "kernal")
+    with pytest.raises(ValueError, match="'kernel' or 'xla', got 'kernal'"):
         cw.write_kv(k_pool, v_pool, slots, k, v)
-        assert calls == [k_pool.shape]  # the default: the kernel
-        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-        cw.write_kv(k_pool, v_pool, slots, k, v)
-        assert len(calls) == 1  # not on the CPU
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "xla")
-        kernel_switched_on.cache_clear()
-        cw.write_kv(k_pool, v_pool, slots, k, v)
-        assert len(calls) == 1  # switched off: XLA's scatter
-        monkeypatch.setenv("EAAS_JAX_CACHE_WRITE", "kernal")
-        kernel_switched_on.cache_clear()
-        with pytest.raises(ValueError, match="'kernel' or 'xla', got 'kernal'"):
-            cw.write_kv(k_pool, v_pool, slots, k, v)
-    finally:
-        kernel_switched_on.cache_clear()
     with pytest.raises(ValueError, match="3 slots for 2 key and 3 value rows"):
         cw.write_kv(k_pool, v_pool, slots, k[:2], v)
 

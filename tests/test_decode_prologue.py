@@ -14,7 +14,6 @@ import pytest
 from conftest import triton_kernels_lowered_for_cuda
 from eaas_jax.kernels import decode_prologue as dp
 from eaas_jax.kernels.cache_write import xla_write
-from eaas_jax.kernels.common import kernel_switched_on
 from eaas_jax.model.layers import rms_norm
 from eaas_jax.model.rope import rope_cos_sin, rope_frequencies, rotate_half
 
@@ -90,23 +89,17 @@ def test_the_kernel_takes_power_of_two_heads_and_dims(q_shape, pool_shape, takes
     assert dp.kernel_supports(q_shape, pool_shape, pool_shape) is takes
 
 
-def test_the_kernel_is_chosen_on_gpus_only_when_switched_on(monkeypatch):
-    kernel_switched_on.cache_clear()
-    try:
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        assert not dp.kernel_chosen()  # the default: XLA's ops
-        monkeypatch.setenv("EAAS_JAX_DECODE_PROLOGUE", "kernel")
-        kernel_switched_on.cache_clear()
-        assert dp.kernel_chosen()
-        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-        assert not dp.kernel_chosen()
-        monkeypatch.setenv("EAAS_JAX_DECODE_PROLOGUE", "on")
-        kernel_switched_on.cache_clear()
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        with pytest.raises(ValueError, match="EAAS_JAX_DECODE_PROLOGUE must be 'kernel' or 'xla', got 'on'"):
-            dp.kernel_chosen()
-    finally:
-        kernel_switched_on.cache_clear()
+def test_the_kernel_is_chosen_on_gpus_only_when_switched_on(monkeypatch, kernel_switch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not dp.kernel_chosen()  # the default: XLA's ops
+    kernel_switch("EAAS_JAX_DECODE_PROLOGUE", "kernel")
+    assert dp.kernel_chosen()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert not dp.kernel_chosen()
+    kernel_switch("EAAS_JAX_DECODE_PROLOGUE", "on")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="EAAS_JAX_DECODE_PROLOGUE must be 'kernel' or 'xla', got 'on'"):
+        dp.kernel_chosen()
 
 
 @pytest.mark.parametrize("setting, takes", [({}, True), ({"qk_norm": False}, True),

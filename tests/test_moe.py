@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from eaas_jax.kernels import grouped_matmul as grouped_matmul_module
-from eaas_jax.kernels.common import kernel_switched_on
 from eaas_jax.kernels.grouped_matmul import grouped_matmul, tiled_grouped_matmul, tokamax_grouped_matmul
 from eaas_jax.model import moe
 from eaas_jax.model.moe import ExpertBank
@@ -46,7 +45,7 @@ def _reference_moe_block(layer, bank, h):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_bfloat16_router_scores_are_float32_sums_of_exact_products(monkeypatch, backend):
+def test_bfloat16_router_scores_are_float32_sums_of_exact_products(monkeypatch, kernel_switch, backend):
     """The router's logits: a bfloat16 model's products (exact in float32)
     summed in float32, one row padded to a GEMM's on GPUs like any projection
     (layers.Linear) rather than a float32 copy of inputs and weights."""
@@ -58,18 +57,14 @@ def test_bfloat16_router_scores_are_float32_sums_of_exact_products(monkeypatch, 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     # XLA's softmax and top k after the logits: the router's kernel, a GPU's
     # default, does not run on a CPU that poses as one
-    monkeypatch.setenv("EAAS_JAX_ROUTER", "xla")
-    kernel_switched_on.cache_clear()
-    try:
-        (dot,) = [e for e in jax.make_jaxpr(lambda x: router(x).probs)(x).eqns if e.primitive.name == "dot_general"]
-        assert dot.invars[0].aval.dtype == jnp.bfloat16 and dot.params["preferred_element_type"] == jnp.float32
-        assert dot.invars[0].aval.shape[0] == (GEMM_ROWS if backend == "gpu" else 1)
-        w = np.asarray(router.gate.kernel.get_value(), np.float32)
-        expected = np.asarray(x, np.float32).astype(np.float64) @ w.astype(np.float64)
-        probs = np.exp(expected - expected.max())
-        np.testing.assert_allclose(np.asarray(router(x).probs), probs / probs.sum(), rtol=1e-5, atol=1e-7)
-    finally:
-        kernel_switched_on.cache_clear()
+    kernel_switch("EAAS_JAX_ROUTER", "xla")
+    (dot,) = [e for e in jax.make_jaxpr(lambda x: router(x).probs)(x).eqns if e.primitive.name == "dot_general"]
+    assert dot.invars[0].aval.dtype == jnp.bfloat16 and dot.params["preferred_element_type"] == jnp.float32
+    assert dot.invars[0].aval.shape[0] == (GEMM_ROWS if backend == "gpu" else 1)
+    w = np.asarray(router.gate.kernel.get_value(), np.float32)
+    expected = np.asarray(x, np.float32).astype(np.float64) @ w.astype(np.float64)
+    probs = np.exp(expected - expected.max())
+    np.testing.assert_allclose(np.asarray(router(x).probs), probs / probs.sum(), rtol=1e-5, atol=1e-7)
 
 
 def test_moe_layer_matches_per_token_numpy_reference():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import triton_kernels_lowered_for_cuda
-from eaas_jax.kernels.common import kernel_switched_on
 from eaas_jax.kernels import router_top_k as rt
 
 
@@ -40,32 +39,27 @@ def test_the_kernel_chooses_the_experts_and_weights_xla_does_ties_to_the_lower_e
     np.testing.assert_allclose(np.asarray(weights), expected * scale, rtol=1e-6)
 
 
-def test_softmax_top_k_takes_the_kernel_only_on_gpus_when_switched_on_and_for_shapes_it_takes(monkeypatch):
+def test_softmax_top_k_takes_the_kernel_only_on_gpus_when_switched_on_and_for_shapes_it_takes(monkeypatch,
+                                                                                             kernel_switch):
     calls = []
     monkeypatch.setattr(rt, "pallas_softmax_top_k", lambda logits, k, **kw: calls.append(logits.shape) or
                         rt.xla_softmax_top_k(logits, k, normalize=kw["normalize"], scale=kw["scale"]))
     logits = _logits(3, 8)
-    kernel_switched_on.cache_clear()
-    try:
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
+    assert calls == [(3, 8)]  # the default: the kernel
+    rt.softmax_top_k(logits[:, :6], 2, normalize=True, scale=1.0)  # six experts: XLA's
+    assert len(calls) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
+    assert len(calls) == 1  # not on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kernel_switch("EAAS_JAX_ROUTER", "xla")
+    rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
+    assert len(calls) == 1  # switched off: XLA's
+    kernel_switch("EAAS_JAX_ROUTER", "kernal")
+    with pytest.raises(ValueError, match="'kernel' or 'xla', got 'kernal'"):
         rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
-        assert calls == [(3, 8)]  # the default: the kernel
-        rt.softmax_top_k(logits[:, :6], 2, normalize=True, scale=1.0)  # six experts: XLA's
-        assert len(calls) == 1
-        monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-        rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
-        assert len(calls) == 1  # not on the CPU
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        monkeypatch.setenv("EAAS_JAX_ROUTER", "xla")
-        kernel_switched_on.cache_clear()
-        rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
-        assert len(calls) == 1  # switched off: XLA's
-        monkeypatch.setenv("EAAS_JAX_ROUTER", "kernal")
-        kernel_switched_on.cache_clear()
-        with pytest.raises(ValueError, match="'kernel' or 'xla', got 'kernal'"):
-            rt.softmax_top_k(logits, 2, normalize=True, scale=1.0)
-    finally:
-        kernel_switched_on.cache_clear()
 
 
 @pytest.mark.parametrize("experts, k, takes", [(128, 8, True), (8, 2, True), (8, 8, True), (60, 4, False),

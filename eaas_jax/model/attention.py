@@ -118,12 +118,17 @@ class Attention(nnx.Module):
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
         if c.qk_norm and c.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq, scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        inv_freq, scale = self._rotary()
         return (
             apply_rope(q, positions, inv_freq, scale),
             apply_rope(k, positions, inv_freq, scale),
             v,
         )
+
+    def _rotary(self):
+        """The rotary embedding's inverse frequencies and cos/sin scale."""
+        c = self.config
+        return rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
 
     def _prologue_kernel_takes(self, batch: int, cache: LayerCache) -> bool:
         """Whether a decode step's norms, rotation and cache write go by
@@ -142,8 +147,7 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, c.num_heads, c.head_dim)
         k = self.k_proj(x).reshape(batch, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(batch, c.num_kv_heads, c.head_dim)
-        inv_freq, rope_scale = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-        cos, sin = rope_cos_sin(positions[:, 0], inv_freq, rope_scale)
+        cos, sin = rope_cos_sin(positions[:, 0], *self._rotary())
         norms = dict(q_norm=self.q_norm.weight[...], k_norm=self.k_norm.weight[...]) if c.qk_norm else {}
         q, k_pool, v_pool = decode_prologue.pallas_rope_write_kv(
             q, k, v, cos, sin, paged.slot_mapping.reshape(-1), cache.k, cache.v, eps=c.rms_norm_eps,
@@ -165,14 +169,15 @@ class Attention(nnx.Module):
         sequence's blocks up to its own position.
         """
         batch, seq = x.shape[:2]
-        if cache is not None and seq == 1 and self._prologue_kernel_takes(batch, cache):
-            out, cache = self._decode_by_prologue_kernel(x, positions, cache, paged)
+        if cache is not None and seq == 1:  # decode: read the blocks in place
+            if self._prologue_kernel_takes(batch, cache):
+                out, cache = self._decode_by_prologue_kernel(x, positions, cache, paged)
+            else:
+                q, k, v = self._qkv(x, positions)
+                cache = write_cache(cache, paged, k, v)
+                out = paged_decode_attention(q[:, 0], cache.k, cache.v, paged.block_tables, positions[:, 0] + 1)
             return self.o_proj(out.reshape(batch, seq, -1)), cache
         q, k, v = self._qkv(x, positions)
-        if cache is not None and seq == 1:  # decode: read the blocks in place
-            cache = write_cache(cache, paged, k, v)
-            out = paged_decode_attention(q[:, 0], cache.k, cache.v, paged.block_tables, positions[:, 0] + 1)
-            return self.o_proj(out.reshape(batch, seq, -1)), cache
         keys, values, key_positions, cache = attend_to(cache, paged, k, v, positions)
         out = grouped_query_attention(q, keys, values, positions, key_positions)
         return self.o_proj(out.reshape(batch, seq, -1)), cache
